@@ -1,0 +1,210 @@
+"""The run configuration: one typed tree of pydantic models, filled from YAML plus ``dotted.key=value`` overrides.
+
+Every field has a default that runs, so an empty YAML file is a valid (tiny) run. Unknown keys and bad values are
+refused with a ``ConfigError`` whose one-line message names the key.
+
+Batch units, used everywhere: an RL step takes ``rollout.prompts_per_step`` prompts and samples
+``rollout.samples_per_prompt`` responses for each; their product is the step's number of *rollout rows*, which
+must split evenly across trainer ranks (``trainer.num_ranks``) and rollout workers (``rollout.num_workers``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rlhf.algorithms import ADVANTAGE_ESTIMATORS
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a one-line message naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """The student. Either a local Hugging Face directory, or a Qwen2 of the given size built with random weights."""
+
+    model_name_or_path: str | None = None
+    tokenizer: Literal["char", "qwen2.5"] = "char"
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(3, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(512, gt=0)
+    max_position_embeddings: int = Field(128, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
+        return self
+
+
+class TaskConfig(_Section):
+    """The quickstart arithmetic task: prompt pools for RL and a held-out evaluation set."""
+
+    name: Literal["arithmetic"] = "arithmetic"
+    train_prompts: int = Field(4000, gt=0)
+    eval_prompts: int = Field(250, gt=0)
+
+
+class WarmupConfig(_Section):
+    """Supervised distillation of the teacher's solutions into the student before RL."""
+
+    steps: int = Field(300, ge=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    # Share of teacher solutions written as a bare answer; the rest show their running totals. A mixture, so the
+    # student knows both ways to answer and RL has a real choice to learn: when to write the steps out.
+    terse_fraction: float = Field(0.6, ge=0, le=1)
+
+
+class RolloutConfig(_Section):
+    num_workers: int = Field(1, gt=0)
+    prompts_per_step: int = Field(16, gt=0)
+    samples_per_prompt: int = Field(8, gt=1)
+    max_new_tokens: int = Field(48, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    threads: int = Field(2, gt=0)
+
+
+class RewardConfig(_Section):
+    num_workers: int = Field(1, gt=0)
+    # Reward for a correct final answer, and for a response that does not even end in a parseable answer.
+    correct: float = 1.0
+    unparseable: float = 0.0
+
+
+class TrainerConfig(_Section):
+    """The policy trainer group: one DeepSpeed data-parallel rank per Ray actor."""
+
+    num_ranks: int = Field(2, gt=0)
+    zero_stage: Literal[2, 3] = 2
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(64, gt=0)
+    threads: int = Field(1, gt=0)
+
+
+class AlgorithmConfig(_Section):
+    """GRPO: group-normalised advantages, clipped token-level policy loss, KL to the reference."""
+
+    steps: int = Field(60, ge=0)
+    advantage: str = "grpo"
+    loss_aggregation: Literal["token-mean", "seq-mean", "dr-grpo"] = "token-mean"
+    clip_low: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.2, ge=0)
+    kl_coef: float = Field(0.0, ge=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+
+    @model_validator(mode="after")
+    def _known_estimator(self) -> "AlgorithmConfig":
+        if self.advantage not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"unknown advantage estimator {self.advantage!r}: use {', '.join(ADVANTAGE_ESTIMATORS)}")
+        return self
+
+
+class EvalConfig(_Section):
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(256, gt=0)
+
+
+class RunConfig(_Section):
+    output_dir: str = "runs/quickstart"
+    seed: int = 0
+    stages: list[Literal["warmup", "rl", "eval"]] = ["warmup", "rl", "eval"]
+    # Seconds any single remote call (generate, score, train, weight sync) may take before the run stops.
+    call_timeout_s: float = Field(600.0, gt=0)
+    save_every: int = Field(0, ge=0)  # checkpoint the policy every N RL steps (0: only at the end)
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    warmup: WarmupConfig = WarmupConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _batch_units_divide(self) -> "RunConfig":
+        rows = self.rollout_rows
+        for name, parts in (("trainer.num_ranks", self.trainer.num_ranks),
+                            ("rollout.num_workers", self.rollout.num_workers)):
+            if rows % parts:
+                raise ValueError(f"rollout rows per step ({self.rollout.prompts_per_step} prompts x "
+                                 f"{self.rollout.samples_per_prompt} samples = {rows}) do not divide by {name}={parts}")
+        if self.rollout.prompts_per_step % self.rollout.num_workers:
+            raise ValueError(f"rollout.prompts_per_step={self.rollout.prompts_per_step} does not divide by "
+                             f"rollout.num_workers={self.rollout.num_workers} (a prompt's samples stay together)")
+        return self
+
+    @property
+    def rollout_rows(self) -> int:
+        return self.rollout.prompts_per_step * self.rollout.samples_per_prompt
+
+    def describe_batches(self) -> str:
+        """The derived batch figures printed at start, so nobody has to guess the units."""
+        rows = self.rollout_rows
+        per_rank = rows // self.trainer.num_ranks
+        micro = min(self.trainer.micro_batch_size, per_rank)
+        return (f"batch: {self.rollout.prompts_per_step} prompts x {self.rollout.samples_per_prompt} samples = "
+                f"{rows} rollout rows per step; {self.rollout.num_workers} rollout worker(s) x "
+                f"{rows // self.rollout.num_workers} rows; {self.trainer.num_ranks} trainer rank(s) x {per_rank} rows "
+                f"in micro-batches of {micro}; 1 optimizer step per RL step; {self.algorithm.steps} RL steps")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML file (or nothing: all defaults) and apply ``dotted.key=value`` overrides (values parsed as YAML)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys, not a {type(data).__name__}")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or "config"
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling against rlhf/config.py)"
+        elif "input" in first and not isinstance(first["input"], dict):
+            message += f" (got {first['input']!r})"
+        raise ConfigError(f"config key {key}: {message}") from None
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config, every default filled in, so a run directory says exactly what ran."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))

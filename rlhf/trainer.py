@@ -1,0 +1,331 @@
+"""The policy trainer: one DeepSpeed (ZeRO-2/3) data-parallel rank per Ray actor, and the group that drives them.
+
+One call to ``train_step`` is one optimizer update on one rollout batch. The driver builds the batch (see
+``PolicyTrainer.train_step`` for its fields) with loss weights from ``algorithms.loss_token_weights`` over the
+whole batch, so the loss is sum(w * per_token_loss) however the rows are split across ranks and micro-batches;
+each rank scales its share so that DeepSpeed's gradient averaging yields exactly that whole-batch gradient.
+
+``PolicyTrainer`` is a plain class (usable in-process, one per process, e.g. under torchrun or in a test);
+``TrainerGroup`` wraps it with ``ray.remote`` and starts one actor per rank.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from datetime import timedelta
+
+import torch
+
+from rlhf import algorithms
+
+DEFAULTS = {
+    "zero_stage": 2,
+    "lr": 1e-6,
+    "weight_decay": 0.0,
+    "adam_eps": 1e-8,
+    "max_grad_norm": 1.0,
+    "micro_batch_size": 1,
+    "clip_low": 0.2,
+    "clip_high": 0.2,
+    "kl_coef": 0.0,
+    "kl_estimator": "k3",
+    "bf16": False,
+    "threads": 1,
+    "seed": 0,
+    "timeout_s": 600.0,
+    # Extra keys for DeepSpeed's "zero_optimization" section (offload, bucket sizes, persistence threshold, ...).
+    "zero_options": {},
+}
+
+BATCH_KEYS = ("input_ids", "attention_mask", "response_mask", "rollout_logprobs", "advantages", "loss_weights")
+
+# Per-rank sums, all-reduced across ranks before they become whole-batch metrics (means divide by response_tokens).
+_SUMMED = ("policy_loss", "kl", "clipped", "entropy", "mismatch", "response_tokens")
+
+
+class PolicyTrainer:
+    """One data-parallel rank: a DeepSpeed engine over the policy, plus a frozen reference model when kl_coef > 0.
+
+    Creating it joins the process group, so all ``world_size`` ranks must be created together.
+    """
+
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_dir: str, cfg: dict):
+        self.cfg = cfg = {**DEFAULTS, **cfg}
+        self.rank, self.world_size = rank, world_size
+        cuda = torch.cuda.is_available()
+        # Under Ray each rank sees only its own GPU, so its local rank is 0; under torchrun all are visible.
+        local_rank = rank % torch.cuda.device_count() if cuda else 0
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+        if not cuda:
+            # DeepSpeed picks its accelerator when first imported; without this it may guess wrong on a CPU box.
+            os.environ["DS_ACCELERATOR"] = "cpu"
+        else:
+            torch.cuda.set_device(local_rank)
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        if not cuda:
+            # DeepSpeed's CPU backend JIT-compiles a shared-memory allreduce extension on first use: minutes of
+            # C++ on a small box, to speed up collectives that are negligible at the sizes run on CPU. Gloo does.
+            import deepspeed.comm.torch as ds_comm_torch
+
+            ds_comm_torch.build_shm_op = lambda: None
+        self._deepspeed = deepspeed
+        torch.set_num_threads(cfg["threads"])
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
+                                   timeout=timedelta(seconds=cfg["timeout_s"]))
+        torch.manual_seed(cfg["seed"])
+
+        self.bf16 = bool(cfg["bf16"]) and cuda
+        self.model_dir = model_dir
+        policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+        policy.config.use_cache = False
+        ds_config = {
+            # One update per train_step, whatever the batch size: we mark the accumulation boundary ourselves
+            # (see train_step), so DeepSpeed's own count is 1 and its train_batch_size is only nominal.
+            "train_micro_batch_size_per_gpu": cfg["micro_batch_size"],
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": cfg["micro_batch_size"] * world_size,
+            "gradient_clipping": cfg["max_grad_norm"],
+            "optimizer": {
+                "type": "AdamW",
+                "params": {"lr": cfg["lr"], "weight_decay": cfg["weight_decay"], "betas": [0.9, 0.999],
+                           "eps": cfg["adam_eps"], "torch_adam": True},
+            },
+            "zero_optimization": {"stage": cfg["zero_stage"], **cfg["zero_options"]},
+            "bf16": {"enabled": self.bf16},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, *_ = deepspeed.initialize(model=policy, model_parameters=policy.parameters(), config=ds_config)
+        self.device = self.engine.device
+
+        self.reference = None
+        if cfg["kl_coef"] > 0:
+            self.reference = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=torch.bfloat16 if self.bf16 else torch.float32, use_safetensors=True)
+            self.reference.config.use_cache = False
+            self.reference.to(self.device).eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------------------------------------ training
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One optimizer update on this rank's rows. Collective: every rank must call it, each with a shard of
+        the same number of rows (under ZeRO-3 each forward gathers parameters from all ranks).
+
+        ``batch`` (CPU tensors, rows right-padded): input_ids, attention_mask (B, L) long; response_mask,
+        rollout_logprobs, advantages, loss_weights (B, L) float. Returns whole-batch metrics (the same on all
+        ranks): per-rank sums are all-reduced before they are turned into means.
+        """
+        missing = [k for k in BATCH_KEYS if k not in batch]
+        if missing:
+            raise ValueError(f"batch lacks {missing}")
+        cfg, engine = self.cfg, self.engine
+        start = time.perf_counter()
+        engine.train()
+        sums = torch.zeros(len(_SUMMED), dtype=torch.float64)
+        rows = batch["input_ids"].shape[0]
+        starts = list(range(0, rows, cfg["micro_batch_size"]))
+        for i, first in enumerate(starts):
+            mb = {k: batch[k][first:first + cfg["micro_batch_size"]] for k in BATCH_KEYS}
+            # Rows are right-padded, so columns past the longest row in this micro-batch are pure padding.
+            length = max(int(mb["attention_mask"].sum(dim=1).max()), 1)
+            mb = {k: v[:, :length].to(self.device) for k, v in mb.items()}
+            # Only the last micro-batch triggers the optimizer step, however many there are in this call.
+            engine.set_gradient_accumulation_boundary(i == len(starts) - 1)
+            sums += self._micro_step(mb)
+            engine.step()
+
+        if torch.distributed.is_initialized() and self.world_size > 1:
+            reduced = sums.to(self.device)
+            torch.distributed.all_reduce(reduced)
+            sums = reduced.cpu()
+        total = dict(zip(_SUMMED, sums.tolist()))
+        tokens = max(total["response_tokens"], 1.0)
+        metrics = {
+            "losses/policy_loss": total["policy_loss"],
+            "losses/clipfrac": total["clipped"] / tokens,
+            "losses/entropy": total["entropy"] / tokens,
+            "perf/logprob_mismatch": total["mismatch"] / tokens,
+            "perf/train_s": time.perf_counter() - start,
+        }
+        if self.reference is not None:
+            metrics["losses/kl"] = total["kl"] / tokens
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["losses/grad_norm"] = float(grad_norm)
+        return metrics
+
+    def _micro_step(self, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward and backward on one micro-batch; returns its contribution to the ``_SUMMED`` sums."""
+        cfg = self.cfg
+        mask = mb["response_mask"]
+        logits = self.engine(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+        logp = algorithms.token_logprobs(logits, mb["input_ids"])
+        # One update per rollout batch, so the old policy is the current one and the ratio starts at exactly 1.
+        pg, clipped = algorithms.clipped_policy_loss(logp, logp.detach(), mb["advantages"], cfg["clip_low"],
+                                                     cfg["clip_high"])
+        per_token = pg
+        kl = torch.zeros_like(logp)
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logits = self.reference(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+                ref_logp = algorithms.token_logprobs(ref_logits, mb["input_ids"])
+                del ref_logits
+            kl = algorithms.kl_penalty(logp, ref_logp, cfg["kl_estimator"])
+            per_token = pg + cfg["kl_coef"] * kl
+        loss = (per_token * mb["loss_weights"]).sum()
+        # DeepSpeed averages gradients over data-parallel ranks; multiplying by world_size turns that average back
+        # into the sum of the ranks' shares, i.e. the gradient of the whole-batch loss. scale_wrt_gas=False: the
+        # weights already account for the micro-batch split, so DeepSpeed must not divide by its accumulation count.
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+
+        with torch.no_grad():
+            # Row by row: a float copy of all logits at once can be as large as the activations (151k vocab).
+            entropy = torch.stack([_entropy(row.float()) for row in logits.detach()])
+            # Entropy at position t-1 is that of the distribution token t was sampled from.
+            entropy = torch.nn.functional.pad(entropy[:, :-1], (1, 0))
+            return torch.stack([
+                loss.detach(),
+                (kl.detach() * mask).sum(),
+                (clipped * mask).sum(),
+                (entropy * mask).sum(),
+                ((logp.detach() - mb["rollout_logprobs"]).abs() * mask).sum(),
+                mask.sum(),
+            ]).double().cpu()
+
+    # --------------------------------------------------------------------------------------------------- weights
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The policy's full weights (HF names, as ``model.state_dict()`` gives them) as CPU tensors on rank 0;
+        None on the others. Collective: under ZeRO-3 every rank must take part in gathering the partitions."""
+        module = self.engine.module
+        if self.cfg["zero_stage"] == 3:
+            # Gathers the whole model on every rank at once: simple, and fine while one full copy fits a device.
+            with self._deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                return _cpu_copy(module.state_dict()) if self.rank == 0 else None
+        return _cpu_copy(module.state_dict()) if self.rank == 0 else None
+
+    def save_pretrained(self, path: str) -> None:
+        """Write a Hugging Face checkpoint (safetensors) to ``path`` from rank 0. Collective (see full_state_dict).
+
+        Written into ``path + ".tmp"`` and renamed, so a crash never leaves a half-written checkpoint at ``path``.
+        """
+        state_dict = self.full_state_dict()
+        if self.rank != 0:
+            return
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.engine.module.save_pretrained(tmp, state_dict=state_dict)
+        # Tokenizer files and the like, so the checkpoint is usable on its own; weights come only from state_dict.
+        for name in os.listdir(self.model_dir):
+            source = os.path.join(self.model_dir, name)
+            if (os.path.isfile(source) and not os.path.exists(os.path.join(tmp, name))
+                    and not name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json"))):
+                shutil.copy2(source, tmp)
+        if os.path.exists(path):
+            # os.replace cannot replace a non-empty directory: move the old one aside first.
+            shutil.rmtree(path + ".old", ignore_errors=True)
+            os.replace(path, path + ".old")
+            os.replace(tmp, path)
+            shutil.rmtree(path + ".old")
+        else:
+            os.replace(tmp, path)
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits, dim=-1) - (logits.softmax(-1) * logits).sum(-1)
+
+
+def _cpu_copy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached CPU clones, one per distinct tensor: tied weights (embeddings = lm_head) stay one shared tensor,
+    as in the model, which save_pretrained expects."""
+    copies: dict[tuple[int, int], torch.Tensor] = {}
+    out = {}
+    for name, tensor in state_dict.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key not in copies:
+            copies[key] = tensor.detach().to("cpu", copy=True)
+        out[name] = copies[key]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- the group
+
+
+class TrainerGroup:
+    """``num_ranks`` PolicyTrainer Ray actors forming one data-parallel DeepSpeed group.
+
+    Every call waits at most ``timeout_s`` and raises a TimeoutError naming the call, rather than hanging when a
+    rank dies or a collective stalls.
+    """
+
+    def __init__(self, model_dir: str, cfg: dict, num_ranks: int, timeout_s: float):
+        import ray
+
+        self._ray = ray
+        self.num_ranks, self.timeout_s = num_ranks, timeout_s
+        cfg = {**DEFAULTS, **cfg}
+        # One GPU per rank where the cluster has them; otherwise CPU ranks.
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= num_ranks else 0
+        actor_cls = ray.remote(num_cpus=cfg["threads"], num_gpus=gpus)(PolicyTrainer)
+        # Rank 0 hosts the rendezvous; with all ranks on this node (the case so far) a local free port does.
+        master_addr, master_port = "127.0.0.1", _free_port()
+        self.actors = [actor_cls.remote(rank, num_ranks, master_addr, master_port, model_dir, cfg)
+                       for rank in range(num_ranks)]
+        # Actor constructors run asynchronously; wait for all of them so start-up errors surface here.
+        try:
+            self._get([actor.__ray_ready__.remote() for actor in self.actors], "start-up")
+        except Exception:
+            self.shutdown()  # the ranks that did start would otherwise hold their CPUs/GPUs
+            raise
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        rows = batch["input_ids"].shape[0]
+        if rows % self.num_ranks:
+            raise ValueError(f"batch of {rows} rows does not split evenly across {self.num_ranks} trainer ranks: "
+                             f"make rollout rows per step a multiple of {self.num_ranks}")
+        shard = rows // self.num_ranks
+        refs = [actor.train_step.remote({k: v[r * shard:(r + 1) * shard] for k, v in batch.items()})
+                for r, actor in enumerate(self.actors)]
+        metrics = self._get(refs, "train_step")
+        # Each rank already all-reduced the sums, so loss and means are whole-batch figures on every rank;
+        # only the time differs, and the step takes as long as its slowest rank.
+        return {**metrics[0], "perf/train_s": max(m["perf/train_s"] for m in metrics)}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self._get([actor.full_state_dict.remote() for actor in self.actors], "full_state_dict")[0]
+
+    def full_state_dict_ref(self):
+        """Like full_state_dict, but returns rank 0's Ray object reference without fetching it, so rollout workers
+        can take the weights straight from the object store instead of through the driver."""
+        refs = [actor.full_state_dict.remote() for actor in self.actors]
+        self._get(refs[1:], "full_state_dict")  # the other ranks only take part in the gather
+        ready, _ = self._ray.wait(refs[:1], timeout=self.timeout_s, fetch_local=False)
+        if not ready:
+            raise TimeoutError(f"trainer full_state_dict did not finish within {self.timeout_s:.0f} s")
+        return refs[0]
+
+    def save_pretrained(self, path: str) -> None:
+        self._get([actor.save_pretrained.remote(path) for actor in self.actors], "save_pretrained")
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            self._ray.kill(actor)
+        self.actors = []
+
+    def _get(self, refs: list, what: str) -> list:
+        try:
+            return self._ray.get(refs, timeout=self.timeout_s)
+        except self._ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"trainer {what} did not finish within {self.timeout_s:.0f} s on "
+                               f"{self.num_ranks} ranks") from None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,73 @@
+"""Warm-up distillation: supervised fine-tuning of the student on the teacher's worked solutions.
+
+A plain in-process PyTorch loop: the warm-up is small next to RL, and a single process keeps it fast on a CPU
+while the Ray actors have not started yet. Loss is on response tokens only (the prompt is given, not learned).
+"""
+from __future__ import annotations
+
+import random
+import time
+from typing import Callable
+
+import torch
+
+from rlhf.config import WarmupConfig
+from rlhf.tasks import arithmetic
+
+
+def teacher_examples(cfg: WarmupConfig, seed: int) -> Callable[[int], list[tuple[str, str]]]:
+    """A function giving the n (prompt, solution) pairs of the next batch: fresh problems from the task, each
+    solved by the oracle teacher tersely (``terse_fraction`` of them) or with its steps written out."""
+    rng = random.Random(seed)
+    levels = range(arithmetic.MIN_LEVEL, arithmetic.MAX_LEVEL + 1)
+
+    def next_batch(n: int) -> list[tuple[str, str]]:
+        problems = [arithmetic.make_problem(rng, rng.choice(levels)) for _ in range(n)]
+        return [(p.prompt, arithmetic.solution(p, 0 if rng.random() < cfg.terse_fraction else 1)) for p in problems]
+
+    return next_batch
+
+
+def sft_batch(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """Right-padded input ids with labels on the response (and its end-of-sequence token) only."""
+    rows, prompt_lens = [], []
+    for prompt, response in pairs:
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        rows.append(prompt_ids + response_ids)
+        prompt_lens.append(len(prompt_ids))
+    length = max(map(len, rows))
+    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full_like(input_ids, -100)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, (row, start) in enumerate(zip(rows, prompt_lens)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+        labels[i, start : len(row)] = input_ids[i, start : len(row)]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def run_warmup(model, tokenizer, cfg: WarmupConfig, seed: int, log: Callable[[str], None] = print) -> dict:
+    """Train ``model`` in place for ``cfg.steps`` steps; returns the final loss and the time taken."""
+    torch.manual_seed(seed)
+    next_batch = teacher_examples(cfg, seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    warm = max(1, cfg.steps // 10)
+    # Linear warm-up then linear decay: stable from random init, and a settled model at the end.
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1.0 - s / max(1, cfg.steps)))
+    model.train()
+    start, loss = time.perf_counter(), float("nan")
+    for step in range(cfg.steps):
+        batch = sft_batch(tokenizer, next_batch(cfg.batch_size))
+        out = model(**batch)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        loss = out.loss.item()
+        if (step + 1) % max(1, cfg.steps // 5) == 0 or step + 1 == cfg.steps:
+            log(f"warmup {step + 1}/{cfg.steps} loss {loss:.4f} ({time.perf_counter() - start:.0f} s)")
+    model.eval()
+    return {"loss": loss, "steps": cfg.steps, "wall_s": time.perf_counter() - start}

@@ -1,0 +1,44 @@
+"""The RolloutWorker Ray actor: holds a copy of the policy and samples responses from it.
+
+After every trainer update the driver sends new weights with a version number; ``generate`` is told which
+version the driver expects and refuses to sample from stale weights rather than silently training off-policy.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from rollout.engine import Sample, generate
+
+
+class StaleWeightsError(RuntimeError):
+    pass
+
+
+class RolloutWorker:
+    def __init__(self, model_dir: str, threads: int, seed: int):
+        from rlhf.models import load_student
+
+        torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        self.model, self.tokenizer = load_student(model_dir)
+        self.model.eval()
+        self.version = 0
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> float:
+        """Install new policy weights; returns the seconds it took."""
+        start = time.perf_counter()
+        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        # Tied embeddings may appear under one name only; anything else missing means a wrong checkpoint.
+        missing = [k for k in missing if k != "lm_head.weight"]
+        if missing or unexpected:
+            raise ValueError(f"weights do not fit the rollout model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        self.version = version
+        return time.perf_counter() - start
+
+    def generate(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float, greedy: bool,
+                 expected_version: int) -> list[Sample]:
+        if self.version != expected_version:
+            raise StaleWeightsError(f"rollout worker holds weights v{self.version}, driver expects v{expected_version}")
+        return generate(self.model, self.tokenizer, prompts, n, max_new_tokens, temperature, greedy)

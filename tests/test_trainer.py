@@ -1,0 +1,165 @@
+"""The DeepSpeed trainer group against a plain single-process PyTorch update of the same whole-batch loss.
+
+Two Ray actors run ZeRO-2 and ZeRO-3 over gloo on CPU with a tiny random Qwen2. Adam's first step barely depends
+on the gradient's scale (m / sqrt(v) ~ sign(g)), so weights alone would not catch a wrongly scaled loss: the
+pre-clip gradient norm is compared too.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("deepspeed")
+
+from rlhf import algorithms  # noqa: E402
+from rlhf.trainer import TrainerGroup  # noqa: E402
+
+CFG = {
+    "lr": 1e-2,
+    "weight_decay": 0.1,
+    # With Adam's usual eps (1e-8) the first step is ~lr * sign(g): a gradient that is ~0 up to float rounding
+    # gets an arbitrary +-lr update, so no split of the batch, even in one process, reproduces the weights to
+    # 1e-5. A larger eps keeps the update a smooth function of the gradient, so weights check the gradient too.
+    "adam_eps": 1e-4,
+    "max_grad_norm": 0.05,  # below the batch's gradient norm, so clipping is exercised
+    "micro_batch_size": 2,
+    "clip_low": 0.2,
+    "clip_high": 0.28,
+    "kl_coef": 0.0,
+    "seed": 0,
+    "threads": 1,
+    "timeout_s": 120,
+    # Tiny tensors would otherwise stay unpartitioned under ZeRO-3 (default threshold 1e5 elements).
+    "zero_options": {"stage3_param_persistence_threshold": 0},
+}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    config = transformers.Qwen2Config(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("policy"))
+    transformers.Qwen2ForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """4 right-padded rows of different prompt and response lengths."""
+    g = torch.Generator().manual_seed(1)
+    lengths = [(3, 5), (2, 8), (4, 2), (5, 6)]  # (prompt, response) tokens
+    width = max(p + r for p, r in lengths) + 1
+    input_ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    response_mask = torch.zeros(len(lengths), width)
+    for row, (p, r) in enumerate(lengths):
+        input_ids[row, :p + r] = torch.randint(1, 32, (p + r,), generator=g)
+        attention_mask[row, :p + r] = 1
+        response_mask[row, p:p + r] = 1
+    advantages = torch.randn(len(lengths), 1, generator=g).expand(-1, width) * response_mask
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "response_mask": response_mask,
+        "rollout_logprobs": (-torch.rand(len(lengths), width, generator=g)) * response_mask,
+        "advantages": advantages.contiguous(),
+        "loss_weights": algorithms.loss_token_weights(response_mask, "token-mean", 8),
+    }
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir, batch):
+    """The whole batch in one process: loss, pre-clip grad norm, and the weights after one clipped AdamW step."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logp = algorithms.token_logprobs(logits, batch["input_ids"])
+    pg, _ = algorithms.clipped_policy_loss(logp, logp.detach(), batch["advantages"], CFG["clip_low"],
+                                           CFG["clip_high"])
+    loss = (pg * batch["loss_weights"]).sum()
+    mask = batch["response_mask"]
+    with torch.no_grad():
+        # Token t is drawn from the distribution predicted at t-1.
+        entropy = torch.distributions.Categorical(logits=logits[:, :-1]).entropy()
+        entropy = algorithms.masked_mean(entropy, mask[:, 1:])
+        mismatch = algorithms.masked_mean((logp - batch["rollout_logprobs"]).abs(), mask)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CFG["max_grad_norm"])
+    assert grad_norm > CFG["max_grad_norm"]
+    torch.optim.AdamW(model.parameters(), lr=CFG["lr"], betas=(0.9, 0.999), eps=CFG["adam_eps"],
+                      weight_decay=CFG["weight_decay"]).step()
+    return {"loss": loss.item(), "grad_norm": grad_norm.item(), "entropy": entropy.item(), "mismatch": mismatch.item(),
+            "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def assert_weights_equal(actual: dict, expected: dict):
+    assert actual.keys() == expected.keys()
+    for name, want in expected.items():
+        got = actual[name]
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("zero_stage, micro_batch_size", [(3, 2), (3, 1), (2, 1)])
+def test_matches_single_process_update(ray_cluster, model_dir, batch, expected, zero_stage, micro_batch_size):
+    """2 ranks x 2 rows, in one micro-batch per rank or in two."""
+    cfg = {**CFG, "zero_stage": zero_stage, "micro_batch_size": micro_batch_size}
+    group = TrainerGroup(model_dir, cfg, num_ranks=2, timeout_s=120)
+    try:
+        metrics = group.train_step(batch)
+        weights = group.full_state_dict()
+    finally:
+        group.shutdown()
+
+    assert metrics["losses/policy_loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert metrics["losses/grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
+    assert metrics["losses/clipfrac"] == 0.0  # ratio is exactly 1 on the only update per rollout batch
+    assert metrics["losses/entropy"] == pytest.approx(expected["entropy"], rel=1e-5)
+    assert metrics["perf/logprob_mismatch"] == pytest.approx(expected["mismatch"], rel=1e-5)
+    assert metrics["perf/train_s"] > 0
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert_weights_equal(weights, expected["weights"])
+
+
+def test_kl_save_pretrained_and_uneven_batch(ray_cluster, model_dir, batch, expected, tmp_path):
+    """One ZeRO-3 group for the rest: KL against the reference, the checkpoint round trip, and the row check."""
+    group = TrainerGroup(model_dir, {**CFG, "zero_stage": 3, "kl_coef": 0.1}, num_ranks=2, timeout_s=120)
+    try:
+        metrics = group.train_step(batch)
+        # Policy == reference on the first step, so KL (k3) is 0 up to rounding.
+        assert 0.0 <= metrics["losses/kl"] < 1e-6
+        # ... and so is k3's gradient there: the update is the one without KL.
+        assert metrics["losses/policy_loss"] == pytest.approx(expected["loss"], rel=1e-5)
+
+        with pytest.raises(ValueError, match="does not split evenly across 2 trainer ranks"):
+            group.train_step({k: v[:3] for k, v in batch.items()})
+
+        weights = group.full_state_dict()
+        assert_weights_equal(weights, expected["weights"])
+        path = str(tmp_path / "checkpoint")
+        group.save_pretrained(path)
+        group.save_pretrained(path)  # overwriting an existing checkpoint works too
+    finally:
+        group.shutdown()
+
+    files = os.listdir(path)
+    assert any(f.endswith(".safetensors") for f in files)
+    assert not any(f.endswith((".bin", ".pt", ".pth")) for f in files) and not os.path.exists(path + ".tmp")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert_weights_equal(loaded.state_dict(), weights)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    # The update moved the weights: the checkpoint is not just the initial model.
+    initial = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    assert not torch.equal(initial.model.embed_tokens.weight, loaded.model.embed_tokens.weight)
