@@ -176,7 +176,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {key.strip()}: {raw!r} is not a valid YAML value: "
+                              f"{' '.join(str(err).split())}") from None
+        _set_dotted(data, key.strip(), value)
     return config_from_dict(data)
 
 

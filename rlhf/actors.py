@@ -1,0 +1,59 @@
+"""Starting Ray and the rollout and reward actor groups (the trainer group lives in rlhf/trainer.py).
+
+Every remote call goes through ``call_all`` with the run's timeout, so a dead or stuck actor stops the run with
+a message naming the call instead of hanging it.
+"""
+from __future__ import annotations
+
+import os
+
+import ray
+
+from reward.worker import RewardWorker
+from rlhf.config import RunConfig
+from rollout.worker import RolloutWorker
+
+
+def start_ray(cfg: RunConfig) -> None:
+    """A local Ray instance sized for this run's actors (they time-share the cores: phases run one after another)."""
+    if ray.is_initialized():
+        return
+    wanted = cfg.trainer.num_ranks * cfg.trainer.threads + cfg.rollout.num_workers
+    ray.init(num_cpus=max(os.cpu_count() or 1, wanted), include_dashboard=False, log_to_driver=False,
+             logging_level="error", configure_logging=True,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}})
+
+
+def call_all(refs: list, what: str, timeout_s: float) -> list:
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(f"{what} did not finish within {timeout_s:.0f} s (raise call_timeout_s if the work is "
+                           f"just slow)") from None
+
+
+def make_rollout_workers(cfg: RunConfig, model_dir: str) -> list:
+    actor = ray.remote(num_cpus=1)(RolloutWorker)
+    workers = [actor.remote(model_dir, cfg.rollout.threads, cfg.seed + 1000 * (i + 1))
+               for i in range(cfg.rollout.num_workers)]
+    call_all([w.__ray_ready__.remote() for w in workers], "rollout worker start-up", cfg.call_timeout_s)
+    return workers
+
+
+def make_reward_workers(cfg: RunConfig) -> list:
+    # Rule rewards are cheap: no CPU reservation, so they never wait for a core a trainer has booked.
+    actor = ray.remote(num_cpus=0)(RewardWorker)
+    workers = [actor.remote(cfg.reward.correct, cfg.reward.unparseable) for _ in range(cfg.reward.num_workers)]
+    call_all([w.__ray_ready__.remote() for w in workers], "reward worker start-up", cfg.call_timeout_s)
+    return workers
+
+
+def shards(items: list, parts: int) -> list[list]:
+    """Split into ``parts`` contiguous, equal-as-possible pieces (contiguity keeps a prompt's samples together)."""
+    size, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + size + (1 if i < extra else 0)
+        out.append(items[start:end])
+        start = end
+    return out

@@ -1,0 +1,39 @@
+"""The ``distilrl`` command line. ``distilrl run CONFIG [dotted.key=value ...]`` runs the stages the config lists.
+
+Errors a user can fix (a bad config, a missing model directory, a bad dataset row) end the process with one line
+on stderr and exit status 2, not a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distilrl", description="RL fine-tuning of Qwen students with distilled "
+                                     "reward models, on Ray and DeepSpeed.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_cmd = commands.add_parser("run", help="run the stages a config lists (warm-up, RL, evaluation)")
+    run_cmd.add_argument("config", help="YAML config file, e.g. configs/quickstart.yaml")
+    run_cmd.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. algorithm.steps=10")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    from rlhf.config import ConfigError, load_config
+    from rlhf.driver import RunDirError, run
+    from rlhf.models import ModelLoadError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        run(cfg, log=lambda line: print(line, flush=True))
+    except (ConfigError, ModelLoadError, RunDirError) as err:
+        print(f"distilrl: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
