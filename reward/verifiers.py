@@ -1,13 +1,16 @@
 """Rule-based verifiers: does a response's final answer match the reference? Pure functions of text."""
 from __future__ import annotations
 
-from rlhf.tasks.arithmetic import extract_answer
+import re
+
+# The number after a ``#``; thousands separators as GSM8K writes them ("#### 1,234") are part of the number.
+_FINAL_NUMBER_RE = re.compile(r"#\s*(-?\d{1,3}(?:,\d{3})+|-?\d+)")
 
 
 def final_number_correct(response: str, reference: str | int) -> bool | None:
     """True/False for the number after the response's last ``#`` against the reference answer; None when the
     response has no parseable answer at all (so callers can tell "wrong" from "did not answer")."""
-    answer = extract_answer(response)
-    if answer is None:
+    found = _FINAL_NUMBER_RE.findall(response)
+    if not found:
         return None
-    return answer == int(reference)
+    return int(found[-1].replace(",", "")) == int(reference)

@@ -23,13 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
     from rlhf.config import ConfigError, load_config
+    from rlhf.data import DatasetError
     from rlhf.driver import RunDirError, run
     from rlhf.models import ModelLoadError
 
     try:
         cfg = load_config(args.config, args.overrides)
         run(cfg, log=lambda line: print(line, flush=True))
-    except (ConfigError, ModelLoadError, RunDirError) as err:
+    except (ConfigError, DatasetError, ModelLoadError, RunDirError) as err:
         print(f"distilrl: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -46,11 +46,23 @@ class ModelConfig(_Section):
 
 
 class TaskConfig(_Section):
-    """The quickstart arithmetic task: prompt pools for RL and a held-out evaluation set."""
+    """Where prompts come from: the synthetic arithmetic task, or JSONL files of prompts with reference answers
+    (the answer checked by the final-number verifier, e.g. GSM8K's ``#### N``). ``*_prompts`` cap the pools."""
 
-    name: Literal["arithmetic"] = "arithmetic"
+    name: Literal["arithmetic", "jsonl"] = "arithmetic"
     train_prompts: int = Field(4000, gt=0)
     eval_prompts: int = Field(250, gt=0)
+    train_file: str | None = None
+    eval_file: str | None = None
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    difficulty_field: str | None = None
+
+    @model_validator(mode="after")
+    def _files_for_jsonl(self) -> "TaskConfig":
+        if self.name == "jsonl" and not (self.train_file and self.eval_file):
+            raise ValueError("task jsonl needs task.train_file and task.eval_file")
+        return self
 
 
 class WarmupConfig(_Section):

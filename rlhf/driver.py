@@ -19,9 +19,9 @@ from rlhf.algorithms import ADVANTAGE_ESTIMATORS
 from rlhf.batch import make_train_batch
 from rlhf.checkpoint import write_json_atomic
 from rlhf.config import RunConfig, save_config
+from rlhf.data import DatasetError, PromptRow, load_rows
 from rlhf.evaluate import score_eval
 from rlhf.models import build_student, build_tokenizer, load_student, save_student
-from rlhf.tasks import arithmetic
 from rlhf.trainer import TrainerGroup
 from rlhf.warmup import run_warmup
 
@@ -34,6 +34,11 @@ def run(cfg: RunConfig, log=print) -> dict:
     """Run the configured stages; returns the summary also written to ``output_dir/summary.json``."""
     start = time.perf_counter()
     out = prepare_run_dir(cfg)
+    # Data first: a bad dataset row should stop the run before minutes of warm-up, not after.
+    train_pool, eval_set = load_rows(cfg.task, cfg.seed)
+    if len(train_pool) < cfg.rollout.prompts_per_step:
+        raise DatasetError(f"only {len(train_pool)} training prompts for rollout.prompts_per_step="
+                           f"{cfg.rollout.prompts_per_step}")
     log(cfg.describe_batches())
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -54,8 +59,6 @@ def run(cfg: RunConfig, log=print) -> dict:
     save_student(student, tokenizer, start_dir)
     del student
 
-    train_pool = arithmetic.make_problems(cfg.task.train_prompts, seed=cfg.seed + 1)
-    eval_set = arithmetic.make_problems(cfg.task.eval_prompts, seed=cfg.seed + 2)
 
     actors.start_ray(cfg)
     loop = None
@@ -118,20 +121,20 @@ class GRPOLoop:
             "zero_stage": t.zero_stage, "lr": t.lr, "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm,
             "micro_batch_size": t.micro_batch_size, "threads": t.threads, "seed": cfg.seed,
             "clip_low": a.clip_low, "clip_high": a.clip_high, "kl_coef": a.kl_coef, "kl_estimator": a.kl_estimator,
-            "timeout_s": self.timeout,
+            "temperature": cfg.rollout.temperature, "timeout_s": self.timeout,
         }, t.num_ranks, self.timeout)
         self.version = 0  # weights version the rollout workers hold; bumped by every trainer update
 
-    def step(self, step: int, problems: list[arithmetic.Problem]) -> dict:
+    def step(self, step: int, rows: list[PromptRow]) -> dict:
         cfg, n = self.cfg, self.cfg.rollout.samples_per_prompt
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
 
-        samples = self.generate([p.prompt for p in problems], n, greedy=False)
+        samples = self.generate([r.prompt for r in rows], n, greedy=False)
         timings["perf/generate_s"] = time.perf_counter() - t0
 
         t = time.perf_counter()
-        scores = self.score(problems, samples)
+        scores = self.score(rows, samples)
         rewards = torch.tensor([s["reward"] for s in scores])
         timings["perf/score_s"] = time.perf_counter() - t
 
@@ -167,10 +170,10 @@ class GRPOLoop:
                  for worker, part in zip(self.rollout, actors.shards(prompts, len(self.rollout))) if part]
         return [s for part in actors.call_all(calls, "rollout generate", self.timeout) for s in part]
 
-    def score(self, problems: list[arithmetic.Problem], samples: list) -> list[dict]:
-        n = self.cfg.rollout.samples_per_prompt
-        prompts = [p.prompt for p in problems for _ in range(n)]
-        refs = [str(p.answer) for p in problems for _ in range(n)]
+    def score(self, rows: list[PromptRow], samples: list) -> list[dict]:
+        n = len(samples) // len(rows)
+        prompts = [r.prompt for r in rows for _ in range(n)]
+        refs = [r.answer for r in rows for _ in range(n)]
         texts = [s.text for s in samples]
         parts = len(self.reward)
         calls = [worker.score.remote(p, t, r) for worker, p, t, r in zip(
@@ -184,12 +187,13 @@ class GRPOLoop:
         actors.call_all([w.load_weights.remote(weights, self.version) for w in self.rollout], "weight sync",
                         self.timeout)
 
-    def evaluate(self, problems: list[arithmetic.Problem]) -> dict:
+    def evaluate(self, rows: list[PromptRow]) -> dict:
+        """Greedy answers to the held-out prompts, checked by the reward workers' verifier."""
         samples = []
         size = self.cfg.eval.batch_size
-        for start in range(0, len(problems), size):
-            samples += self.generate([p.prompt for p in problems[start:start + size]], 1, greedy=True)
-        return score_eval(problems, samples)
+        for start in range(0, len(rows), size):
+            samples += self.generate([r.prompt for r in rows[start:start + size]], 1, greedy=True)
+        return score_eval(rows, samples, self.score(rows, samples))
 
     def shutdown(self) -> None:
         self.trainer.shutdown()

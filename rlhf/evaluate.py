@@ -1,20 +1,23 @@
-"""Held-out evaluation: greedy answers to problems the student never trained on, judged by the oracle."""
+"""Held-out evaluation figures: accuracy and response length, overall and per difficulty bin."""
 from __future__ import annotations
 
 from collections import defaultdict
 
-from rlhf.tasks.arithmetic import Problem, judge
+from rlhf.data import PromptRow
 from rollout.engine import Sample
 
 
-def score_eval(problems: list[Problem], samples: list[Sample]) -> dict:
-    """Accuracy and mean response length overall and per difficulty level (the number of operations)."""
-    by_level: dict[int, list[tuple[bool, int]]] = defaultdict(list)
-    for problem, sample in zip(problems, samples, strict=True):
-        by_level[problem.level].append((judge(problem, sample.text).correct, len(sample.response_ids)))
-    everything = [item for items in by_level.values() for item in items]
-    result = _figures(everything)
-    result["by_difficulty"] = {str(level): _figures(items) for level, items in sorted(by_level.items())}
+def score_eval(rows: list[PromptRow], samples: list[Sample], verdicts: list[dict]) -> dict:
+    """``verdicts`` are the reward workers' results for the samples (``correct`` is 1.0 or 0.0). Per-difficulty
+    figures appear when the rows carry a difficulty (the arithmetic level, or a dataset field)."""
+    items = [(v["correct"] > 0.5, len(s.response_ids)) for s, v in zip(samples, verdicts, strict=True)]
+    result = _figures(items)
+    by_bin: dict[int, list[tuple[bool, int]]] = defaultdict(list)
+    for row, item in zip(rows, items, strict=True):
+        if row.difficulty is not None:
+            by_bin[row.difficulty].append(item)
+    if by_bin:
+        result["by_difficulty"] = {str(level): _figures(group) for level, group in sorted(by_bin.items())}
     return result
 
 

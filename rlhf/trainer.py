@@ -31,6 +31,9 @@ DEFAULTS = {
     "clip_high": 0.2,
     "kl_coef": 0.0,
     "kl_estimator": "k3",
+    # Rollout's sampling temperature: log-probs are taken from logits / temperature on both sides, so the ratio and
+    # the mismatch metric compare the same distribution.
+    "temperature": 1.0,
     "bf16": False,
     "threads": 1,
     "seed": 0,
@@ -164,6 +167,7 @@ class PolicyTrainer:
         cfg = self.cfg
         mask = mb["response_mask"]
         logits = self.engine(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+        logits = logits / cfg["temperature"]
         logp = algorithms.token_logprobs(logits, mb["input_ids"])
         # One update per rollout batch, so the old policy is the current one and the ratio starts at exactly 1.
         pg, clipped = algorithms.clipped_policy_loss(logp, logp.detach(), mb["advantages"], cfg["clip_low"],
@@ -173,6 +177,7 @@ class PolicyTrainer:
         if self.reference is not None:
             with torch.no_grad():
                 ref_logits = self.reference(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+                ref_logits = ref_logits / cfg["temperature"]
                 ref_logp = algorithms.token_logprobs(ref_logits, mb["input_ids"])
                 del ref_logits
             kl = algorithms.kl_penalty(logp, ref_logp, cfg["kl_estimator"])

@@ -29,11 +29,18 @@ class RolloutWorker:
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> float:
         """Install new policy weights; returns the seconds it took."""
         start = time.perf_counter()
-        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        # Checked before loading: a refused state dict must leave the current weights whole (load_state_dict with
+        # strict=False copies the keys that fit first, and raises a multi-line RuntimeError on a shape mismatch).
+        own = self.model.state_dict()
         # Tied embeddings may appear under one name only; anything else missing means a wrong checkpoint.
-        missing = [k for k in missing if k != "lm_head.weight"]
-        if missing or unexpected:
-            raise ValueError(f"weights do not fit the rollout model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        missing = [k for k in own if k not in state_dict and k != "lm_head.weight"]
+        unexpected = [k for k in state_dict if k not in own]
+        shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
+                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        if missing or unexpected or shapes:
+            raise ValueError(f"weights do not fit the rollout model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                             f"wrong shape {shapes[:3]}")
+        self.model.load_state_dict(state_dict, strict=False)
         self.version = version
         return time.perf_counter() - start
 

@@ -19,7 +19,7 @@ import random
 import re
 from dataclasses import dataclass
 
-MIN_LEVEL, MAX_LEVEL = 1, 5
+MIN_LEVEL, MAX_LEVEL = 1, 6
 MAX_TOTAL = 19
 ANSWER_MARK = "#"
 _ANSWER_RE = re.compile(r"#\s*(-?\d+)")

@@ -1,0 +1,101 @@
+"""Tests for rlhf.batch.make_train_batch: exact tensors on hand-made samples, then end-to-end alignment of the
+trainer's per-token log-probs with the sampler's on samples a tiny model generated."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf.algorithms import token_logprobs
+from rlhf.batch import make_train_batch
+from rlhf.config import ModelConfig
+from rlhf.models import build_student, build_tokenizer
+from rollout.engine import Sample, generate
+
+T = torch.tensor
+
+# Row 0: prompt [5, 6], response [7, 8, 1] (ending in eos id 1). Row 1: prompt [5], response [9]. Width 5.
+SAMPLES = [
+    Sample(0, [5, 6], [7, 8, 1], [-0.1, -0.2, -0.3], "stop", "ab"),
+    Sample(1, [5], [9], [-0.5], "length", "c"),
+]
+ADVANTAGES = T([2.0, -1.0])
+
+
+@pytest.fixture
+def batch():
+    return make_train_batch(SAMPLES, ADVANTAGES, pad_id=0, aggregation="token-mean", max_response_tokens=4)
+
+
+def test_input_ids_are_prompt_then_response_right_padded_with_pad_id(batch):
+    assert batch["input_ids"].dtype == torch.long
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 1], [5, 9, 0, 0, 0]]
+
+
+def test_attention_mask_covers_prompt_and_response_only(batch):
+    assert batch["attention_mask"].dtype == torch.long
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+
+
+def test_response_mask_marks_response_positions_only(batch):
+    assert batch["response_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 1, 0, 0, 0]]
+
+
+def test_rollout_logprobs_sit_at_response_positions(batch):
+    torch.testing.assert_close(batch["rollout_logprobs"],
+                               T([[0.0, 0.0, -0.1, -0.2, -0.3], [0.0, -0.5, 0.0, 0.0, 0.0]]))
+
+
+def test_advantages_spread_over_response_tokens_only(batch):
+    torch.testing.assert_close(batch["advantages"],
+                               T([[0.0, 0.0, 2.0, 2.0, 2.0], [0.0, -1.0, 0.0, 0.0, 0.0]]))
+
+
+def test_token_mean_loss_weights_are_one_quarter_per_response_token_and_sum_to_one(batch):
+    # 4 response tokens in the batch: each weighs 1/4.
+    torch.testing.assert_close(batch["loss_weights"],
+                               T([[0.0, 0.0, 0.25, 0.25, 0.25], [0.0, 0.25, 0.0, 0.0, 0.0]]))
+    assert batch["loss_weights"].sum().item() == pytest.approx(1.0)
+
+
+def test_seq_mean_and_dr_grpo_loss_weights():
+    seq = make_train_batch(SAMPLES, ADVANTAGES, 0, "seq-mean", 4)["loss_weights"]
+    # Each of the 2 rows weighs 1/2, shared by its tokens: 1/6 each in row 0, 1/2 in row 1.
+    torch.testing.assert_close(seq, T([[0.0, 0.0, 1 / 6, 1 / 6, 1 / 6], [0.0, 0.5, 0.0, 0.0, 0.0]]))
+    assert seq.sum().item() == pytest.approx(1.0)
+    dr = make_train_batch(SAMPLES, ADVANTAGES, 0, "dr-grpo", 4)["loss_weights"]
+    # Constant normaliser 2 rows x 4 max tokens = 8.
+    torch.testing.assert_close(dr, T([[0.0, 0.0, 0.125, 0.125, 0.125], [0.0, 0.125, 0.0, 0.0, 0.0]]))
+
+
+def test_pad_id_other_than_zero_fills_the_padding():
+    ids = make_train_batch(SAMPLES, ADVANTAGES, pad_id=42, aggregation="token-mean", max_response_tokens=4)["input_ids"]
+    assert ids.tolist() == [[5, 6, 7, 8, 1], [5, 9, 42, 42, 42]]
+
+
+def test_all_per_token_tensors_share_the_input_ids_shape(batch):
+    for key in ("attention_mask", "response_mask", "rollout_logprobs", "advantages", "loss_weights"):
+        assert batch[key].shape == batch["input_ids"].shape, key
+
+
+# ------------------------------------------------------------------------------- end-to-end alignment
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_trainer_logprobs_over_the_batch_equal_generate_logprobs(temperature):
+    """What the trainer computes (one right-padded forward with the attention mask, logits / temperature,
+    token_logprobs) must give, at the response positions, the sampler's own log-probs."""
+    tokenizer = build_tokenizer("char")
+    model = build_student(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                      intermediate_size=64), tokenizer, seed=0).eval()
+    torch.manual_seed(5)
+    samples = generate(model, tokenizer, ["1+2=", "34+5-6=", "9-8+7-6+5="], n=2, max_new_tokens=8,
+                       temperature=temperature)
+    lengths = {len(s.prompt_ids) + len(s.response_ids) for s in samples}
+    assert len(lengths) > 1  # rows of different lengths, so right padding is exercised
+    batch = make_train_batch(samples, torch.zeros(len(samples)), tokenizer.pad_token_id, "token-mean", 8)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logp = token_logprobs(logits / temperature, batch["input_ids"])
+    mask = batch["response_mask"]
+    torch.testing.assert_close(logp * mask, batch["rollout_logprobs"], atol=1e-4, rtol=0)
+    assert int(mask.sum()) == sum(len(s.response_ids) for s in samples)

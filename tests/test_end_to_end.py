@@ -1,0 +1,66 @@
+"""The whole pipeline through the CLI and Ray: warm-up, GRPO on 2 ZeRO-3 trainer ranks, evaluation, run directory."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf.cli import main
+from rlhf.tasks.arithmetic import MAX_LEVEL, MIN_LEVEL
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    assert main(["run", TINY, f"output_dir={out}"]) == 0
+    return out
+
+
+def test_run_directory_has_the_documented_files(tiny_run):
+    for name in ("config.yaml", "metrics.jsonl", "summary.json"):
+        assert (tiny_run / name).is_file(), name
+    assert yaml.safe_load((tiny_run / "config.yaml").read_text())["trainer"]["zero_stage"] == 3
+
+
+def test_metrics_one_line_per_step_with_namespaced_figures(tiny_run):
+    lines = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    for m in lines:
+        for key in ("reward/mean", "losses/policy_loss", "losses/kl", "perf/logprob_mismatch", "perf/sync_s",
+                    "perf/generate_s", "charts/response_tokens"):
+            assert key in m, key
+        # The trainer recomputes the rollout's log-probs on the same weights: they must agree closely.
+        assert m["perf/logprob_mismatch"] < 1e-3
+    assert [m["charts/weights_version"] for m in lines] == [1, 2]
+
+
+def test_summary_has_before_and_after_evaluation_per_difficulty(tiny_run):
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["wall_s"] > 0
+    for key in ("eval_before", "eval_after"):
+        figures = summary[key]
+        assert 0.0 <= figures["accuracy"] <= 1.0 and figures["mean_response_tokens"] > 0 and figures["n"] == 20
+        assert set(figures["by_difficulty"]) == {str(level) for level in range(MIN_LEVEL, MAX_LEVEL + 1)}
+
+
+def test_final_policy_loads_with_plain_transformers(tiny_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    policy = tiny_run / "policy"
+    assert sorted(p.suffix for p in policy.glob("*.safetensors")) == [".safetensors"]
+    assert not list(policy.glob("*.bin"))
+    model = AutoModelForCausalLM.from_pretrained(policy)
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    assert model.config.model_type == "qwen2"
+    ids = tokenizer("3+4=", return_tensors="pt").input_ids
+    assert model(ids).logits.shape[-1] == len(tokenizer)
+
+
+def test_a_finished_run_is_not_overwritten(tiny_run, capsys):
+    before = (tiny_run / "summary.json").read_text()
+    assert main(["run", TINY, f"output_dir={tiny_run}"]) == 2
+    assert "holds a finished run" in capsys.readouterr().err
+    assert (tiny_run / "summary.json").read_text() == before
