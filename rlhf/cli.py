@@ -22,6 +22,14 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
+    import torch
+    import transformers
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # said once here, instead of DeepSpeed warning about it
+    # The run prints its own progress; per-file loading bars would drown it.
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     from rlhf.config import ConfigError, load_config
     from rlhf.data import DatasetError
     from rlhf.driver import RunDirError, run

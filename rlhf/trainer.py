@@ -19,6 +19,7 @@ from datetime import timedelta
 import torch
 
 from rlhf import algorithms
+from rlhf.checkpoint import atomic_dir
 
 DEFAULTS = {
     "zero_stage": 2,
@@ -222,23 +223,14 @@ class PolicyTrainer:
         state_dict = self.full_state_dict()
         if self.rank != 0:
             return
-        tmp = path + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.engine.module.save_pretrained(tmp, state_dict=state_dict)
-        # Tokenizer files and the like, so the checkpoint is usable on its own; weights come only from state_dict.
-        for name in os.listdir(self.model_dir):
-            source = os.path.join(self.model_dir, name)
-            if (os.path.isfile(source) and not os.path.exists(os.path.join(tmp, name))
-                    and not name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json"))):
-                shutil.copy2(source, tmp)
-        if os.path.exists(path):
-            # os.replace cannot replace a non-empty directory: move the old one aside first.
-            shutil.rmtree(path + ".old", ignore_errors=True)
-            os.replace(path, path + ".old")
-            os.replace(tmp, path)
-            shutil.rmtree(path + ".old")
-        else:
-            os.replace(tmp, path)
+        with atomic_dir(path) as tmp:
+            self.engine.module.save_pretrained(tmp, state_dict=state_dict)
+            # Tokenizer files and the like, so the checkpoint is usable on its own; weights come only from state_dict.
+            for name in os.listdir(self.model_dir):
+                source = os.path.join(self.model_dir, name)
+                if (os.path.isfile(source) and not os.path.exists(os.path.join(tmp, name))
+                        and not name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json"))):
+                    shutil.copy2(source, tmp)
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -38,8 +38,8 @@ class RolloutWorker:
         shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
                   if k in own and tuple(v.shape) != tuple(own[k].shape)]
         if missing or unexpected or shapes:
-            raise ValueError(f"weights do not fit the rollout model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                             f"wrong shape {shapes[:3]}")
+            raise ValueError(f"weights do not fit the rollout model: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}, wrong shape {shapes[:3]}")
         self.model.load_state_dict(state_dict, strict=False)
         self.version = version
         return time.perf_counter() - start

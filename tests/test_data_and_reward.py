@@ -15,7 +15,7 @@ from rlhf.config import ModelConfig, TaskConfig
 from rlhf.data import DatasetError, PromptRow, load_jsonl_rows, load_rows
 from rlhf.evaluate import score_eval
 from rlhf.models import ModelLoadError, build_student, build_tokenizer, load_student, save_student
-from rlhf.tasks.arithmetic import parse_prompt
+from rlhf.tasks.arithmetic import MAX_LEVEL, MIN_LEVEL, parse_prompt
 from rollout.engine import Sample
 
 GSM8K_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
@@ -166,15 +166,16 @@ def test_real_gsm8k_loads_through_load_rows_with_numeric_answers():
 
 
 def test_arithmetic_rows_have_difficulty_equal_to_level_and_correct_answers():
-    train, held_out = load_rows(TaskConfig(name="arithmetic", train_prompts=20, eval_prompts=10), seed=0)
-    assert len(train) == 20 and len(held_out) == 10
+    levels = set(range(MIN_LEVEL, MAX_LEVEL + 1))
+    train, held_out = load_rows(TaskConfig(name="arithmetic", train_prompts=4 * len(levels), eval_prompts=10), seed=0)
+    assert len(train) == 4 * len(levels) and len(held_out) == 10
     for row in train + held_out:
         problem = parse_prompt(row.prompt)
         assert row.difficulty == problem.level == len(problem.ops)
         assert row.answer == str(problem.answer)
-    assert {r.difficulty for r in train} == {1, 2, 3, 4, 5}
-    assert [r.prompt for r in train] != [r.prompt for r in held_out[:10]]  # train and eval are different draws
-    assert load_rows(TaskConfig(train_prompts=20, eval_prompts=10), seed=0) == (train, held_out)
+    assert {r.difficulty for r in train} == levels
+    assert [r.prompt for r in train[:10]] != [r.prompt for r in held_out]  # train and eval are different draws
+    assert load_rows(TaskConfig(train_prompts=4 * len(levels), eval_prompts=10), seed=0) == (train, held_out)
 
 
 # --------------------------------------------------------------------------------------------- rewards

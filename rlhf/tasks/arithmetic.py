@@ -60,8 +60,9 @@ class Problem:
 
     @property
     def difficulty(self) -> int:
-        """Cognitive difficulty CD on the 0-9 scale: two points per extra operation, up to one for carries."""
-        return min(9, 2 * (self.level - 1) + (1 if self.carries >= max(1, self.level // 2) else 0))
+        """Cognitive difficulty CD on the 0-9 scale: 1.6 points per extra operation (levels 1-6 span 0-8), plus one
+        when at least half the steps carry or borrow."""
+        return min(9, round(1.6 * (self.level - 1)) + (1 if self.carries >= max(1, self.level // 2) else 0))
 
 
 def make_problem(rng: random.Random, level: int) -> Problem:
