@@ -40,10 +40,11 @@ def make_rollout_workers(cfg: RunConfig, model_dir: str) -> list:
     return workers
 
 
-def make_reward_workers(cfg: RunConfig) -> list:
-    # Rule rewards are cheap: no CPU reservation, so they never wait for a core a trainer has booked.
+def make_reward_workers(cfg: RunConfig, rm_path: str | None) -> list:
+    # No CPU reservation: scoring runs between generation and training, when the cores are free anyway.
     actor = ray.remote(num_cpus=0)(RewardWorker)
-    workers = [actor.remote(cfg.reward.correct, cfg.reward.unparseable) for _ in range(cfg.reward.num_workers)]
+    workers = [actor.remote(cfg.reward.components, cfg.reward.correct, cfg.reward.unparseable, rm_path)
+               for _ in range(cfg.reward.num_workers)]
     call_all([w.__ray_ready__.remote() for w in workers], "reward worker start-up", cfg.call_timeout_s)
     return workers
 
@@ -57,3 +58,11 @@ def shards(items: list, parts: int) -> list[list]:
         out.append(items[start:end])
         start = end
     return out
+
+
+def generate(workers: list, prompts: list[str], n: int, max_new_tokens: int, temperature: float, greedy: bool,
+             version: int, timeout_s: float) -> list:
+    """``n`` samples per prompt from the rollout workers (prompts split evenly), in prompt order."""
+    calls = [worker.generate.remote(part, n, max_new_tokens, temperature, greedy, version)
+             for worker, part in zip(workers, shards(prompts, len(workers))) if part]
+    return [sample for part in call_all(calls, "rollout generate", timeout_s) for sample in part]

@@ -86,10 +86,69 @@ class RolloutConfig(_Section):
 
 
 class RewardConfig(_Section):
+    """What RL is rewarded by: a weighted sum of components. ``verifier``: the rule check of the final answer
+    against the reference; ``rm``: the distilled reward model's quality score (from ``reward_model``)."""
+
     num_workers: int = Field(1, gt=0)
-    # Reward for a correct final answer, and for a response that does not even end in a parseable answer.
+    components: dict[Literal["verifier", "rm"], float] = {"verifier": 1.0}
+    # Verifier reward for a correct final answer, and for a response without a parseable answer.
     correct: float = 1.0
     unparseable: float = 0.0
+    # Teacher audits during RL: every N steps (0: never) the teacher re-judges a sample of fresh rollouts and the
+    # RM-teacher agreement is logged; below the threshold a warning says the policy may be hacking the RM.
+    audit_every: int = Field(0, ge=0)
+    audit_samples: int = Field(64, gt=1)
+    audit_warn_below: float = Field(0.8, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _some_component(self) -> "RewardConfig":
+        if not any(w != 0 for w in self.components.values()):
+            raise ValueError("reward.components needs at least one non-zero weight (verifier, rm)")
+        return self
+
+
+class LabelConfig(_Section):
+    """Labelling for the distilled RM: student samples (and teacher solutions) judged by the teacher."""
+
+    teacher: Literal["oracle", "hf", "openai"] = "oracle"
+    teacher_model_path: str | None = None  # hf: a local causal-LM directory used as the judge
+    base_url: str | None = None  # openai: the endpoint, e.g. http://127.0.0.1:8000/v1
+    model: str | None = None  # openai: the model name
+    api_key_env: str | None = None  # openai: the environment variable holding the key (never written anywhere)
+    concurrency: int = Field(4, gt=0)
+    prompts: int = Field(600, gt=0)  # training prompts to label
+    eval_prompts: int = Field(150, gt=0)  # held-out prompts labelled for the RM's evaluation
+    samples_per_prompt: int = Field(8, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(56, gt=0)
+    teacher_solutions: bool = True  # add the teacher's own worked solutions beside the student's samples
+
+    @model_validator(mode="after")
+    def _teacher_settings(self) -> "LabelConfig":
+        if self.teacher == "hf" and not self.teacher_model_path:
+            raise ValueError("teacher hf needs label.teacher_model_path")
+        if self.teacher == "openai" and not (self.base_url and self.model):
+            raise ValueError("teacher openai needs label.base_url and label.model")
+        return self
+
+
+class RewardModelConfig(_Section):
+    """The distilled reward model: trained from the warm-up student's backbone on the labels, on DeepSpeed ranks."""
+
+    path: str | None = None  # use this trained RM instead of training one (stage train_rm then only evaluates)
+    num_ranks: int = Field(2, gt=0)
+    zero_stage: Literal[2, 3] = 2
+    lr: float = Field(2e-4, gt=0)
+    epochs: int = Field(2, gt=0)
+    batch_size: int = Field(64, gt=0)  # pairs per optimizer step
+    max_length: int = Field(128, gt=0)
+    # Loss weights: Bradley-Terry on pairs (with the teacher's margin), regression of quality/RV/CD on the teacher's
+    # scores, and KL to the teacher's soft labels where it gave them.
+    bt_weight: float = Field(1.0, ge=0)
+    quality_weight: float = Field(0.5, ge=0)
+    rv_weight: float = Field(0.1, ge=0)
+    cd_weight: float = Field(0.1, ge=0)
+    kl_weight: float = Field(0.1, ge=0)
 
 
 class TrainerConfig(_Section):
@@ -130,7 +189,8 @@ class EvalConfig(_Section):
 class RunConfig(_Section):
     output_dir: str = "runs/quickstart"
     seed: int = 0
-    stages: list[Literal["warmup", "rl", "eval"]] = ["warmup", "rl", "eval"]
+    # In pipeline order; any subset runs: warmup -> label -> train_rm -> rl, with eval before and after rl.
+    stages: list[Literal["warmup", "label", "train_rm", "rl", "eval"]] = ["warmup", "rl", "eval"]
     # Seconds any single remote call (generate, score, train, weight sync) may take before the run stops.
     call_timeout_s: float = Field(600.0, gt=0)
     save_every: int = Field(0, ge=0)  # checkpoint the policy every N RL steps (0: only at the end)
@@ -139,6 +199,8 @@ class RunConfig(_Section):
     warmup: WarmupConfig = WarmupConfig()
     rollout: RolloutConfig = RolloutConfig()
     reward: RewardConfig = RewardConfig()
+    label: LabelConfig = LabelConfig()
+    reward_model: RewardModelConfig = RewardModelConfig()
     trainer: TrainerConfig = TrainerConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     eval: EvalConfig = EvalConfig()
@@ -154,6 +216,14 @@ class RunConfig(_Section):
         if self.rollout.prompts_per_step % self.rollout.num_workers:
             raise ValueError(f"rollout.prompts_per_step={self.rollout.prompts_per_step} does not divide by "
                              f"rollout.num_workers={self.rollout.num_workers} (a prompt's samples stay together)")
+        return self
+
+    @model_validator(mode="after")
+    def _rm_available(self) -> "RunConfig":
+        if self.reward.components.get("rm") and not (self.reward_model.path or "train_rm" in self.stages):
+            raise ValueError("reward.components uses rm but there is none: add stage train_rm or set reward_model.path")
+        if "train_rm" in self.stages and not self.reward_model.path and "label" not in self.stages:
+            raise ValueError("stage train_rm needs stage label (or reward_model.path to evaluate an existing RM)")
         return self
 
     @property
@@ -202,13 +272,13 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         return RunConfig.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
-        key = ".".join(str(part) for part in first["loc"]) or "config"
+        key = ".".join(str(part) for part in first["loc"] if part != "[key]")
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             message = "unknown key (check the spelling against rlhf/config.py)"
         elif "input" in first and not isinstance(first["input"], dict):
             message += f" (got {first['input']!r})"
-        raise ConfigError(f"config key {key}: {message}") from None
+        raise ConfigError(f"config key {key}: {message}" if key else f"config: {message}") from None
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

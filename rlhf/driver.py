@@ -1,5 +1,8 @@
 """The central driver: warm-up, then GRPO with Ray actors, then evaluation, writing the run directory.
 
+Before RL, optionally: label (the teacher judges student samples) -> train the distilled reward model on the
+labels (DeepSpeed ranks) -> evaluate it against the teacher on held-out samples.
+
 One RL step, as data: pick prompts -> rollout workers sample n responses each -> reward workers score them ->
 group-normalised advantages -> trainer ranks update (DeepSpeed; the reference model for the KL term lives on the
 ranks, beside the data it needs) -> new weights, with a version number, to the rollout workers -> metrics.
@@ -14,6 +17,7 @@ from pathlib import Path
 import ray
 import torch
 
+from reward import distill
 from rlhf import actors
 from rlhf.algorithms import ADVANTAGE_ESTIMATORS
 from rlhf.batch import make_train_batch
@@ -55,15 +59,21 @@ def run(cfg: RunConfig, log=print) -> dict:
     if "warmup" in cfg.stages:
         summary["warmup"] = run_warmup(student, tokenizer, cfg.warmup, cfg.seed, log)
     # Every actor loads the starting policy from this directory: one copy on disk, no pickled model in flight.
-    start_dir = out / "warmup"
+    start_dir = str(out / "warmup")
     save_student(student, tokenizer, start_dir)
     del student
 
-
     actors.start_ray(cfg)
-    loop = None
+    rollout, loop = [], None
     try:
-        loop = GRPOLoop(cfg, str(start_dir), tokenizer, out)
+        rollout = actors.make_rollout_workers(cfg, start_dir)
+        rm_dir = cfg.reward_model.path
+        if "label" in cfg.stages:
+            summary["labels"] = distill.label_stage(cfg, rollout, train_pool, eval_set, out, log)
+        if "train_rm" in cfg.stages:
+            rm_dir, summary["reward_model"] = distill.reward_model_stage(cfg, start_dir, out, log)
+
+        loop = GRPOLoop(cfg, start_dir, tokenizer, rollout, rm_dir)
         if "eval" in cfg.stages:
             summary["eval_before"] = loop.evaluate(eval_set)
             log(f"eval before RL: accuracy {summary['eval_before']['accuracy']:.3f}")
@@ -86,6 +96,8 @@ def run(cfg: RunConfig, log=print) -> dict:
     finally:
         if loop is not None:
             loop.shutdown()
+        for worker in rollout:
+            ray.kill(worker)
         ray.shutdown()
     summary["wall_s"] = round(time.perf_counter() - start, 1)
     write_json_atomic(out / "summary.json", summary)
@@ -111,11 +123,11 @@ def progress_line(step: int, steps: int, m: dict) -> str:
 class GRPOLoop:
     """The actors of one run and the GRPO step over them."""
 
-    def __init__(self, cfg: RunConfig, model_dir: str, tokenizer, out: Path):
-        self.cfg, self.tokenizer, self.out = cfg, tokenizer, out
+    def __init__(self, cfg: RunConfig, model_dir: str, tokenizer, rollout: list, rm_dir: str | None):
+        self.cfg, self.tokenizer, self.rollout = cfg, tokenizer, rollout
         self.timeout = cfg.call_timeout_s
-        self.rollout = actors.make_rollout_workers(cfg, model_dir)
-        self.reward = actors.make_reward_workers(cfg)
+        self.reward = actors.make_reward_workers(cfg, rm_dir)
+        self.auditor = distill.make_teacher(cfg.label) if cfg.reward.audit_every else None
         t, a = cfg.trainer, cfg.algorithm
         self.trainer = TrainerGroup(model_dir, {
             "zero_stage": t.zero_stage, "lr": t.lr, "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm,
@@ -148,6 +160,9 @@ class GRPOLoop:
         timings["perf/sync_s"] = time.perf_counter() - t
         timings["perf/step_s"] = time.perf_counter() - t0
 
+        audit = {}
+        if self.auditor is not None and step % cfg.reward.audit_every == 0:
+            audit = distill.audit(self.auditor, rows, samples, scores, cfg.reward)
         grouped = rewards.reshape(-1, n)
         return {
             "step": step,
@@ -160,15 +175,14 @@ class GRPOLoop:
             "charts/truncated_rate": sum(s.finish_reason == "length" for s in samples) / len(samples),
             "charts/weights_version": self.version,
             **train_metrics,
+            **audit,
             **timings,
         }
 
     def generate(self, prompts: list[str], n: int, greedy: bool) -> list:
         r = self.cfg.rollout
-        calls = [worker.generate.remote(part, n, r.max_new_tokens if not greedy else self.cfg.eval.max_new_tokens,
-                                        r.temperature, greedy, self.version)
-                 for worker, part in zip(self.rollout, actors.shards(prompts, len(self.rollout))) if part]
-        return [s for part in actors.call_all(calls, "rollout generate", self.timeout) for s in part]
+        max_new = self.cfg.eval.max_new_tokens if greedy else r.max_new_tokens
+        return actors.generate(self.rollout, prompts, n, max_new, r.temperature, greedy, self.version, self.timeout)
 
     def score(self, rows: list[PromptRow], samples: list) -> list[dict]:
         n = len(samples) // len(rows)
@@ -197,5 +211,5 @@ class GRPOLoop:
 
     def shutdown(self) -> None:
         self.trainer.shutdown()
-        for worker in self.rollout + self.reward:
+        for worker in self.reward:
             ray.kill(worker)

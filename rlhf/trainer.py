@@ -21,20 +21,14 @@ import torch
 from rlhf import algorithms
 from rlhf.checkpoint import atomic_dir
 
-DEFAULTS = {
+# The DeepSpeed engine's settings, shared by every trainer built on ``DeepSpeedRank`` (policy, reward model).
+ENGINE_DEFAULTS = {
     "zero_stage": 2,
     "lr": 1e-6,
     "weight_decay": 0.0,
     "adam_eps": 1e-8,
     "max_grad_norm": 1.0,
     "micro_batch_size": 1,
-    "clip_low": 0.2,
-    "clip_high": 0.2,
-    "kl_coef": 0.0,
-    "kl_estimator": "k3",
-    # Rollout's sampling temperature: log-probs are taken from logits / temperature on both sides, so the ratio and
-    # the mismatch metric compare the same distribution.
-    "temperature": 1.0,
     "bf16": False,
     "threads": 1,
     "seed": 0,
@@ -43,20 +37,32 @@ DEFAULTS = {
     "zero_options": {},
 }
 
+DEFAULTS = {
+    **ENGINE_DEFAULTS,
+    "clip_low": 0.2,
+    "clip_high": 0.2,
+    "kl_coef": 0.0,
+    "kl_estimator": "k3",
+    # Rollout's sampling temperature: log-probs are taken from logits / temperature on both sides, so the ratio and
+    # the mismatch metric compare the same distribution.
+    "temperature": 1.0,
+}
+
 BATCH_KEYS = ("input_ids", "attention_mask", "response_mask", "rollout_logprobs", "advantages", "loss_weights")
 
 # Per-rank sums, all-reduced across ranks before they become whole-batch metrics (means divide by response_tokens).
 _SUMMED = ("policy_loss", "kl", "clipped", "entropy", "mismatch", "response_tokens")
 
 
-class PolicyTrainer:
-    """One data-parallel rank: a DeepSpeed engine over the policy, plus a frozen reference model when kl_coef > 0.
+class DeepSpeedRank:
+    """One data-parallel DeepSpeed rank: joins the process group, wraps a model in an engine, gathers and saves it.
 
-    Creating it joins the process group, so all ``world_size`` ranks must be created together.
+    The common core of the trainers (policy here, reward model in reward/rm_trainer.py). Creating one joins the
+    process group, so all ``world_size`` ranks must be created together; a subclass then calls ``_wrap(model)``.
     """
 
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_dir: str, cfg: dict):
-        self.cfg = cfg = {**DEFAULTS, **cfg}
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, cfg: dict):
+        self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         cuda = torch.cuda.is_available()
         # Under Ray each rank sees only its own GPU, so its local rank is 0; under torchrun all are visible.
@@ -69,7 +75,6 @@ class PolicyTrainer:
         else:
             torch.cuda.set_device(local_rank)
         import deepspeed
-        from transformers import AutoModelForCausalLM
 
         if not cuda:
             # DeepSpeed's CPU backend JIT-compiles a shared-memory allreduce extension on first use: minutes of
@@ -82,17 +87,17 @@ class PolicyTrainer:
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
                                    timeout=timedelta(seconds=cfg["timeout_s"]))
         torch.manual_seed(cfg["seed"])
-
         self.bf16 = bool(cfg["bf16"]) and cuda
-        self.model_dir = model_dir
-        policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
-        policy.config.use_cache = False
+
+    def _wrap(self, model: torch.nn.Module) -> None:
+        """Make ``self.engine`` (AdamW, gradient clipping, ZeRO ``zero_stage``) over ``model``."""
+        cfg = self.cfg
         ds_config = {
             # One update per train_step, whatever the batch size: we mark the accumulation boundary ourselves
             # (see train_step), so DeepSpeed's own count is 1 and its train_batch_size is only nominal.
             "train_micro_batch_size_per_gpu": cfg["micro_batch_size"],
             "gradient_accumulation_steps": 1,
-            "train_batch_size": cfg["micro_batch_size"] * world_size,
+            "train_batch_size": cfg["micro_batch_size"] * self.world_size,
             "gradient_clipping": cfg["max_grad_norm"],
             "optimizer": {
                 "type": "AdamW",
@@ -104,8 +109,62 @@ class PolicyTrainer:
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
-        self.engine, *_ = deepspeed.initialize(model=policy, model_parameters=policy.parameters(), config=ds_config)
+        self.engine, *_ = self._deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                                     config=ds_config)
         self.device = self.engine.device
+
+    def _sum_across_ranks(self, sums: torch.Tensor) -> torch.Tensor:
+        """All-reduce (sum) a small CPU tensor of per-rank figures; returns it on the CPU."""
+        if torch.distributed.is_initialized() and self.world_size > 1:
+            reduced = sums.to(self.device)
+            torch.distributed.all_reduce(reduced)
+            return reduced.cpu()
+        return sums
+
+    # --------------------------------------------------------------------------------------------------- weights
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The model's full weights (HF names, as ``model.state_dict()`` gives them) as CPU tensors on rank 0;
+        None on the others. Collective: under ZeRO-3 every rank must take part in gathering the partitions."""
+        module = self.engine.module
+        if self.cfg["zero_stage"] == 3:
+            # Gathers the whole model on every rank at once: simple, and fine while one full copy fits a device.
+            with self._deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                return _cpu_copy(module.state_dict()) if self.rank == 0 else None
+        return _cpu_copy(module.state_dict()) if self.rank == 0 else None
+
+    def save_pretrained(self, path: str) -> None:
+        """Write a Hugging Face checkpoint (safetensors) to ``path`` from rank 0. Collective (see full_state_dict).
+
+        Written into ``path + ".tmp"`` and renamed, so a crash never leaves a half-written checkpoint at ``path``.
+        """
+        state_dict = self.full_state_dict()
+        if self.rank != 0:
+            return
+        with atomic_dir(path) as tmp:
+            self.engine.module.save_pretrained(tmp, state_dict=state_dict)
+            # Tokenizer files and the like, so the checkpoint is usable on its own; weights come only from state_dict.
+            copy_side_files(self.model_dir, tmp, skip=self._side_files_to_skip)
+
+    # Names of files in model_dir that save_pretrained must not copy (a subclass's model may not use them).
+    _side_files_to_skip: tuple[str, ...] = ()
+
+
+class PolicyTrainer(DeepSpeedRank):
+    """One data-parallel rank: a DeepSpeed engine over the policy, plus a frozen reference model when kl_coef > 0.
+
+    Creating it joins the process group, so all ``world_size`` ranks must be created together.
+    """
+
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_dir: str, cfg: dict):
+        super().__init__(rank, world_size, master_addr, master_port, {**DEFAULTS, **cfg})
+        cfg = self.cfg
+        from transformers import AutoModelForCausalLM
+
+        self.model_dir = model_dir
+        policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+        policy.config.use_cache = False
+        self._wrap(policy)
 
         self.reference = None
         if cfg["kl_coef"] > 0:
@@ -143,10 +202,7 @@ class PolicyTrainer:
             sums += self._micro_step(mb)
             engine.step()
 
-        if torch.distributed.is_initialized() and self.world_size > 1:
-            reduced = sums.to(self.device)
-            torch.distributed.all_reduce(reduced)
-            sums = reduced.cpu()
+        sums = self._sum_across_ranks(sums)
         total = dict(zip(_SUMMED, sums.tolist()))
         tokens = max(total["response_tokens"], 1.0)
         metrics = {
@@ -203,35 +259,6 @@ class PolicyTrainer:
                 mask.sum(),
             ]).double().cpu()
 
-    # --------------------------------------------------------------------------------------------------- weights
-
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The policy's full weights (HF names, as ``model.state_dict()`` gives them) as CPU tensors on rank 0;
-        None on the others. Collective: under ZeRO-3 every rank must take part in gathering the partitions."""
-        module = self.engine.module
-        if self.cfg["zero_stage"] == 3:
-            # Gathers the whole model on every rank at once: simple, and fine while one full copy fits a device.
-            with self._deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                return _cpu_copy(module.state_dict()) if self.rank == 0 else None
-        return _cpu_copy(module.state_dict()) if self.rank == 0 else None
-
-    def save_pretrained(self, path: str) -> None:
-        """Write a Hugging Face checkpoint (safetensors) to ``path`` from rank 0. Collective (see full_state_dict).
-
-        Written into ``path + ".tmp"`` and renamed, so a crash never leaves a half-written checkpoint at ``path``.
-        """
-        state_dict = self.full_state_dict()
-        if self.rank != 0:
-            return
-        with atomic_dir(path) as tmp:
-            self.engine.module.save_pretrained(tmp, state_dict=state_dict)
-            # Tokenizer files and the like, so the checkpoint is usable on its own; weights come only from state_dict.
-            for name in os.listdir(self.model_dir):
-                source = os.path.join(self.model_dir, name)
-                if (os.path.isfile(source) and not os.path.exists(os.path.join(tmp, name))
-                        and not name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json"))):
-                    shutil.copy2(source, tmp)
-
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1) - (logits.softmax(-1) * logits).sum(-1)
@@ -248,6 +275,16 @@ def _cpu_copy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             copies[key] = tensor.detach().to("cpu", copy=True)
         out[name] = copies[key]
     return out
+
+
+def copy_side_files(source_dir: str, target_dir, skip: tuple[str, ...] = ()) -> None:
+    """Copy tokenizer files and the like from ``source_dir`` into a checkpoint being written: every plain file that
+    is not a weight file, not already written there, and not named in ``skip``."""
+    for name in os.listdir(source_dir):
+        source = os.path.join(source_dir, name)
+        if (os.path.isfile(source) and name not in skip and not os.path.exists(os.path.join(target_dir, name))
+                and not name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json"))):
+            shutil.copy2(source, target_dir)
 
 
 # ----------------------------------------------------------------------------------------------------- the group

@@ -1,0 +1,143 @@
+"""The distilled-RM stages of a run: label with the teacher, train the reward model, evaluate it, audit it in RL.
+
+The driver calls these in pipeline order; each takes the run config and writes under the run directory:
+``labels/train``, ``labels/eval`` (judged rows plus ``pointwise``/``pairwise`` datasets) and ``reward_model/``.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Callable
+
+from reward.labelling import judged_rows, label, make_pairs, write_datasets
+from rlhf import actors
+from rlhf.config import LabelConfig, RewardConfig, RunConfig
+from rlhf.data import PromptRow
+from rlhf.tasks import arithmetic
+
+logger = logging.getLogger("distilrl")
+
+
+def make_teacher(cfg: LabelConfig):
+    """The configured teacher back-end (reward/teachers)."""
+    if cfg.teacher == "oracle":
+        from reward.teachers import OracleTeacher
+
+        return OracleTeacher()
+    if cfg.teacher == "hf":
+        from reward.teachers import HFJudgeTeacher
+
+        return HFJudgeTeacher(cfg.teacher_model_path)
+    from reward.teachers import OpenAITeacher
+
+    return OpenAITeacher(base_url=cfg.base_url, model=cfg.model, api_key_env=cfg.api_key_env,
+                         concurrency=cfg.concurrency)
+
+
+def teacher_solutions(row: PromptRow) -> list[str]:
+    """The oracle's own worked solutions (terse, with steps, with a check) for arithmetic prompts: correct
+    responses of every verbosity, so the RM sees good answers the student rarely writes yet."""
+    try:
+        problem = arithmetic.parse_prompt(row.prompt)
+    except ValueError:
+        return []
+    return [arithmetic.solution(problem, verbosity) for verbosity in (0, 1, 2)]
+
+
+def label_stage(cfg: RunConfig, rollout: list, train_pool: list[PromptRow], eval_set: list[PromptRow], out: Path,
+                log: Callable[[str], None]) -> dict:
+    """Label ``label.prompts`` training prompts and ``label.eval_prompts`` held-out ones (disjoint from both the
+    labelled training prompts and the policy's evaluation set) with student samples judged by the teacher."""
+    lc = cfg.label
+    teacher = make_teacher(lc)
+    rng = random.Random(cfg.seed + 7)
+    policy_eval = {r.prompt for r in eval_set}
+    pool = [r for r in train_pool if r.prompt not in policy_eval]
+    rng.shuffle(pool)
+    train_rows, held_out = pool[: lc.prompts], pool[lc.prompts: lc.prompts + lc.eval_prompts]
+    if len(held_out) < lc.eval_prompts // 2:
+        raise ValueError(f"task.train_prompts={cfg.task.train_prompts} leaves too few prompts to label "
+                         f"{lc.prompts} + {lc.eval_prompts}: raise task.train_prompts")
+
+    def sample(prompts: list[str], n: int) -> list[list[str]]:
+        samples = actors.generate(rollout, prompts, n, lc.max_new_tokens, lc.temperature, False, 0,
+                                  cfg.call_timeout_s)
+        return [[s.text for s in samples[i * n:(i + 1) * n]] for i in range(len(prompts))]
+
+    figures = {}
+    for name, rows, solve in (("train", train_rows, teacher_solutions if lc.teacher_solutions else None),
+                              ("eval", held_out, None)):
+        report = label(rows, sample, teacher, out / "labels" / name, lc.samples_per_prompt, solve, log=log)
+        sizes = write_datasets(out / "labels" / name, cfg.seed)
+        figures[name] = {"prompts": report.prompts, "judged": report.judged, "failed": report.failed, **sizes}
+    return figures
+
+
+def reward_model_stage(cfg: RunConfig, init_dir: str, out: Path, log: Callable[[str], None]) -> tuple[str, dict]:
+    """Train the distilled RM on ``labels/train`` (unless ``reward_model.path`` names one) and evaluate it against
+    the teacher on the held-out ``labels/eval``; returns (RM directory, figures for summary.json)."""
+    from reward.rm_eval import evaluate_reward_model
+    from reward.rm_trainer import train_reward_model
+
+    rc = cfg.reward_model
+    rm_dir = rc.path
+    if rm_dir is None:
+        rm_dir = str(out / "reward_model")
+        rows = judged_rows(out / "labels" / "train")
+        pairs = make_pairs(rows, cfg.seed)
+        log(f"training the distilled RM on {len(pairs)} pairs from {len(rows)} judged responses")
+        train_reward_model(pairs, init_dir, rc, cfg.seed, rm_dir, cfg.call_timeout_s, log)
+    held_out = judged_rows(out / "labels" / "eval")
+    figures = evaluate_rm_dir(rm_dir, make_pairs(held_out, cfg.seed + 1), held_out)
+    log(f"reward model vs teacher on held-out samples: pairwise accuracy {figures['pairwise_accuracy']:.3f}, "
+        f"spearman {figures['spearman']:.3f}")
+    return rm_dir, figures
+
+
+def evaluate_rm_dir(rm_dir: str, pairs: list[dict], pointwise: list[dict]) -> dict:
+    from transformers import AutoTokenizer
+
+    from reward.model import DistilledRewardModel, score_texts
+    from reward.rm_eval import evaluate_reward_model
+
+    model = DistilledRewardModel.from_pretrained(rm_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(rm_dir)
+    return evaluate_reward_model(lambda p, r: score_texts(model, tokenizer, p, r, 64), pairs, pointwise)
+
+
+def pairwise_agreement(groups: list[list[tuple[float, float]]]) -> tuple[float, int]:
+    """Within each group of (rm score, teacher quality) for one prompt's samples: the fraction of pairs the teacher
+    tells apart that the RM orders the same way (RM ties count half). Returns (agreement, pairs counted)."""
+    agree, pairs = 0.0, 0
+    for group in groups:
+        for i, (rm_a, teacher_a) in enumerate(group):
+            for rm_b, teacher_b in group[i + 1:]:
+                if teacher_a == teacher_b:
+                    continue
+                pairs += 1
+                if rm_a == rm_b:
+                    agree += 0.5
+                elif (rm_a > rm_b) == (teacher_a > teacher_b):
+                    agree += 1.0
+    return (agree / pairs if pairs else float("nan")), pairs
+
+
+def audit(teacher, rows: list[PromptRow], samples: list, scores: list[dict], cfg: RewardConfig) -> dict:
+    """Re-judge a sample of this step's rollouts with the teacher; RM-teacher agreement is the first sign of
+    reward hacking when it drops."""
+    n = len(samples) // len(rows)
+    groups = max(1, cfg.audit_samples // n)
+    take = list(range(min(groups, len(rows)) * n))
+    verdicts = teacher.judge([rows[i // n].prompt for i in take], [samples[i].text for i in take],
+                             [rows[i // n].answer for i in take])
+    key = "rm" if "rm" in scores[0] else "reward"
+    grouped = [[(scores[i][key], verdicts[i].quality) for i in range(g * n, (g + 1) * n)
+                if verdicts[i].quality is not None] for g in range(len(take) // n)]
+    agreement, pairs = pairwise_agreement(grouped)
+    judged = [v.quality for v in verdicts if v.quality is not None]
+    if pairs and agreement < cfg.audit_warn_below:
+        logger.warning("teacher audit: RM-teacher agreement %.2f is below %.2f: the policy may be exploiting the "
+                       "reward model", agreement, cfg.audit_warn_below)
+    return {"audit/rm_teacher_agreement": agreement, "audit/pairs": pairs,
+            "audit/teacher_quality": sum(judged) / max(1, len(judged))}
