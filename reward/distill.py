@@ -19,8 +19,8 @@ from rlhf.tasks import arithmetic
 logger = logging.getLogger("distilrl")
 
 
-def make_teacher(cfg: LabelConfig):
-    """The configured teacher back-end (reward/teachers)."""
+def make_teacher(cfg: LabelConfig, cache_dir: Path | None = None):
+    """The configured teacher back-end (reward/teachers); an HTTP teacher caches its replies in ``cache_dir``."""
     if cfg.teacher == "oracle":
         from reward.teachers import OracleTeacher
 
@@ -32,7 +32,7 @@ def make_teacher(cfg: LabelConfig):
     from reward.teachers import OpenAITeacher
 
     return OpenAITeacher(base_url=cfg.base_url, model=cfg.model, api_key_env=cfg.api_key_env,
-                         concurrency=cfg.concurrency)
+                         concurrency=cfg.concurrency, cache_dir=str(cache_dir) if cache_dir else None)
 
 
 def teacher_solutions(row: PromptRow) -> list[str]:
@@ -50,7 +50,7 @@ def label_stage(cfg: RunConfig, rollout: list, train_pool: list[PromptRow], eval
     """Label ``label.prompts`` training prompts and ``label.eval_prompts`` held-out ones (disjoint from both the
     labelled training prompts and the policy's evaluation set) with student samples judged by the teacher."""
     lc = cfg.label
-    teacher = make_teacher(lc)
+    teacher = make_teacher(lc, out / "labels" / "teacher_cache")
     rng = random.Random(cfg.seed + 7)
     policy_eval = {r.prompt for r in eval_set}
     pool = [r for r in train_pool if r.prompt not in policy_eval]

@@ -6,7 +6,9 @@ whole batch, so the loss is sum(w * per_token_loss) however the rows are split a
 each rank scales its share so that DeepSpeed's gradient averaging yields exactly that whole-batch gradient.
 
 ``PolicyTrainer`` is a plain class (usable in-process, one per process, e.g. under torchrun or in a test);
-``TrainerGroup`` wraps it with ``ray.remote`` and starts one actor per rank.
+``TrainerGroup`` wraps it with ``ray.remote`` and starts one actor per rank. Their engine set-up, weight gathering,
+checkpointing and Ray group mechanics live in ``DeepSpeedRank`` and ``RankGroup``, which the reward-model trainer
+(reward/rm_trainer.py) shares.
 """
 from __future__ import annotations
 
@@ -58,8 +60,13 @@ class DeepSpeedRank:
     """One data-parallel DeepSpeed rank: joins the process group, wraps a model in an engine, gathers and saves it.
 
     The common core of the trainers (policy here, reward model in reward/rm_trainer.py). Creating one joins the
-    process group, so all ``world_size`` ranks must be created together; a subclass then calls ``_wrap(model)``.
+    process group, so all ``world_size`` ranks must be created together; a subclass then sets ``model_dir`` (the
+    source of the side files save_pretrained copies) and calls ``_wrap(model)``.
     """
+
+    # Files in model_dir that save_pretrained must not copy (e.g. a causal LM's generation config beside a reward
+    # model).
+    _side_files_to_skip: tuple[str, ...] = ()
 
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, cfg: dict):
         self.cfg = cfg
@@ -145,9 +152,6 @@ class DeepSpeedRank:
             self.engine.module.save_pretrained(tmp, state_dict=state_dict)
             # Tokenizer files and the like, so the checkpoint is usable on its own; weights come only from state_dict.
             copy_side_files(self.model_dir, tmp, skip=self._side_files_to_skip)
-
-    # Names of files in model_dir that save_pretrained must not copy (a subclass's model may not use them).
-    _side_files_to_skip: tuple[str, ...] = ()
 
 
 class PolicyTrainer(DeepSpeedRank):
@@ -290,25 +294,25 @@ def copy_side_files(source_dir: str, target_dir, skip: tuple[str, ...] = ()) -> 
 # ----------------------------------------------------------------------------------------------------- the group
 
 
-class TrainerGroup:
-    """``num_ranks`` PolicyTrainer Ray actors forming one data-parallel DeepSpeed group.
+class RankGroup:
+    """``num_ranks`` Ray actors of a ``DeepSpeedRank`` subclass forming one data-parallel DeepSpeed group.
 
     Every call waits at most ``timeout_s`` and raises a TimeoutError naming the call, rather than hanging when a
-    rank dies or a collective stalls.
+    rank dies or a collective stalls. Subclasses add train_step; ``_shards`` splits a batch's rows across ranks.
     """
 
-    def __init__(self, model_dir: str, cfg: dict, num_ranks: int, timeout_s: float):
+    def __init__(self, rank_cls: type, args: tuple, cfg: dict, num_ranks: int, timeout_s: float):
+        """Start ``rank_cls(rank, num_ranks, master_addr, master_port, *args, cfg)`` on each rank."""
         import ray
 
         self._ray = ray
         self.num_ranks, self.timeout_s = num_ranks, timeout_s
-        cfg = {**DEFAULTS, **cfg}
         # One GPU per rank where the cluster has them; otherwise CPU ranks.
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= num_ranks else 0
-        actor_cls = ray.remote(num_cpus=cfg["threads"], num_gpus=gpus)(PolicyTrainer)
+        actor_cls = ray.remote(num_cpus=cfg["threads"], num_gpus=gpus)(rank_cls)
         # Rank 0 hosts the rendezvous; with all ranks on this node (the case so far) a local free port does.
         master_addr, master_port = "127.0.0.1", _free_port()
-        self.actors = [actor_cls.remote(rank, num_ranks, master_addr, master_port, model_dir, cfg)
+        self.actors = [actor_cls.remote(rank, num_ranks, master_addr, master_port, *args, cfg)
                        for rank in range(num_ranks)]
         # Actor constructors run asynchronously; wait for all of them so start-up errors surface here.
         try:
@@ -317,31 +321,16 @@ class TrainerGroup:
             self.shutdown()  # the ranks that did start would otherwise hold their CPUs/GPUs
             raise
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        rows = batch["input_ids"].shape[0]
+    def _shards(self, batch: dict[str, torch.Tensor], rows: int, hint: str) -> list[dict[str, torch.Tensor]]:
+        """Contiguous equal row slices of every tensor in ``batch``, one per rank; ``hint`` ends the error."""
         if rows % self.num_ranks:
             raise ValueError(f"batch of {rows} rows does not split evenly across {self.num_ranks} trainer ranks: "
-                             f"make rollout rows per step a multiple of {self.num_ranks}")
+                             f"{hint}")
         shard = rows // self.num_ranks
-        refs = [actor.train_step.remote({k: v[r * shard:(r + 1) * shard] for k, v in batch.items()})
-                for r, actor in enumerate(self.actors)]
-        metrics = self._get(refs, "train_step")
-        # Each rank already all-reduced the sums, so loss and means are whole-batch figures on every rank;
-        # only the time differs, and the step takes as long as its slowest rank.
-        return {**metrics[0], "perf/train_s": max(m["perf/train_s"] for m in metrics)}
+        return [{k: v[r * shard:(r + 1) * shard] for k, v in batch.items()} for r in range(self.num_ranks)]
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self._get([actor.full_state_dict.remote() for actor in self.actors], "full_state_dict")[0]
-
-    def full_state_dict_ref(self):
-        """Like full_state_dict, but returns rank 0's Ray object reference without fetching it, so rollout workers
-        can take the weights straight from the object store instead of through the driver."""
-        refs = [actor.full_state_dict.remote() for actor in self.actors]
-        self._get(refs[1:], "full_state_dict")  # the other ranks only take part in the gather
-        ready, _ = self._ray.wait(refs[:1], timeout=self.timeout_s, fetch_local=False)
-        if not ready:
-            raise TimeoutError(f"trainer full_state_dict did not finish within {self.timeout_s:.0f} s")
-        return refs[0]
 
     def save_pretrained(self, path: str) -> None:
         self._get([actor.save_pretrained.remote(path) for actor in self.actors], "save_pretrained")
@@ -357,6 +346,32 @@ class TrainerGroup:
         except self._ray.exceptions.GetTimeoutError:
             raise TimeoutError(f"trainer {what} did not finish within {self.timeout_s:.0f} s on "
                                f"{self.num_ranks} ranks") from None
+
+
+class TrainerGroup(RankGroup):
+    """``num_ranks`` PolicyTrainer Ray actors forming one data-parallel DeepSpeed group."""
+
+    def __init__(self, model_dir: str, cfg: dict, num_ranks: int, timeout_s: float):
+        super().__init__(PolicyTrainer, (model_dir,), {**DEFAULTS, **cfg}, num_ranks, timeout_s)
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        shards = self._shards(batch, batch["input_ids"].shape[0],
+                              f"make rollout rows per step a multiple of {self.num_ranks}")
+        refs = [actor.train_step.remote(shard) for actor, shard in zip(self.actors, shards)]
+        metrics = self._get(refs, "train_step")
+        # Each rank already all-reduced the sums, so loss and means are whole-batch figures on every rank;
+        # only the time differs, and the step takes as long as its slowest rank.
+        return {**metrics[0], "perf/train_s": max(m["perf/train_s"] for m in metrics)}
+
+    def full_state_dict_ref(self):
+        """Like full_state_dict, but returns rank 0's Ray object reference without fetching it, so rollout workers
+        can take the weights straight from the object store instead of through the driver."""
+        refs = [actor.full_state_dict.remote() for actor in self.actors]
+        self._get(refs[1:], "full_state_dict")  # the other ranks only take part in the gather
+        ready, _ = self._ray.wait(refs[:1], timeout=self.timeout_s, fetch_local=False)
+        if not ready:
+            raise TimeoutError(f"trainer full_state_dict did not finish within {self.timeout_s:.0f} s")
+        return refs[0]
 
 
 def _free_port() -> int:

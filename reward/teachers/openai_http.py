@@ -73,7 +73,7 @@ class OpenAITeacher:
         replies: dict[str, str | _RequestFailed] = {}
         todo: dict[str, dict[str, Any]] = {}  # one request per distinct key, however many rows share it
         for key, payload in zip(keys, payloads):
-            cached = self.cache.get(key) if self.cache else None
+            cached = self.cache.get(key) if self.cache is not None else None
             if cached is not None:
                 replies[key] = cached
             elif key not in replies:
@@ -104,7 +104,7 @@ class OpenAITeacher:
             return err
         except Exception as err:  # a bug or an odd failure costs this row, never the labelling job
             return _RequestFailed(self._redact(f"judge request failed: {type(err).__name__}: {err}"))
-        if self.cache:
+        if self.cache is not None:
             self.cache.put(key, reply)
         return reply
 

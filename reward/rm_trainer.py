@@ -1,0 +1,200 @@
+"""Training the distilled reward model on the project's DeepSpeed trainer ranks (ZeRO-2/3, one Ray actor per rank).
+
+The same core as the policy trainer (``rlhf.trainer.DeepSpeedRank`` / ``RankGroup``): one ``train_step`` is one
+optimizer update on one batch of preference pairs. The group counts the whole batch's targets (``loss_counts``)
+before splitting its rows across ranks, and every part divides by those counts, so the parts' losses sum to the
+whole-batch loss however the batch is split; each rank multiplies by world_size to undo DeepSpeed's averaging.
+
+A batch (``collate_pairs`` builds one) holds, for B pairs, right-padded long tensors chosen_input_ids,
+chosen_attention_mask, rejected_input_ids, rejected_attention_mask; margin (B,); {chosen,rejected}_{quality,rv,cd}
+(B,) with NaN where the teacher gave none; optionally {chosen,rejected}_{rv,cd}_probs (B, 10), NaN rows where absent.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import fields
+from typing import Callable, Iterable
+
+import torch
+
+from reward.losses import SIDES, loss_counts, reward_model_loss
+from reward.model import DistilledRewardModel, RewardOutput, encode_pair, is_reward_model_dir, pad_right
+from rlhf.trainer import ENGINE_DEFAULTS, DeepSpeedRank, RankGroup
+
+RM_DEFAULTS = {
+    **ENGINE_DEFAULTS,
+    "lr": 1e-5,
+    # Overrides of reward.losses.DEFAULT_WEIGHTS (bt, quality, rv, cd, kl).
+    "loss_weights": {},
+}
+
+TOKEN_KEYS = tuple(f"{side}_{k}" for side in SIDES for k in ("input_ids", "attention_mask"))
+TARGET_KEYS = ("margin",) + tuple(f"{side}_{name}" for side in SIDES for name in ("quality", "rv", "cd"))
+PROBS_KEYS = tuple(f"{side}_{name}_probs" for side in SIDES for name in ("rv", "cd"))
+
+
+class RewardModelTrainer(DeepSpeedRank):
+    """One data-parallel rank training a ``DistilledRewardModel``.
+
+    ``init_dir`` is a causal LM (the warm-up student: backbone taken, heads fresh) or a saved reward model (all
+    heads restored). Creating it joins the process group, so all ``world_size`` ranks must be created together.
+    """
+
+    # A causal LM's generation settings mean nothing beside a reward model.
+    _side_files_to_skip = ("generation_config.json",)
+
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, init_dir: str, cfg: dict):
+        super().__init__(rank, world_size, master_addr, master_port, {**RM_DEFAULTS, **cfg})
+        self.model_dir = init_dir
+        self._wrap(load_reward_model(init_dir, seed=self.cfg["seed"]))
+
+    def train_step(self, batch: dict[str, torch.Tensor], counts: dict[str, float] | None = None) -> dict[str, float]:
+        """One optimizer update on this rank's pairs. Collective: every rank calls it with the same number of pairs.
+
+        ``counts``: the whole batch's ``loss_counts`` (default: this shard's, right for a single rank). Returns
+        whole-batch metrics (the same on all ranks): the parts' shares are all-reduced.
+        """
+        missing = [k for k in TOKEN_KEYS + TARGET_KEYS if k not in batch]
+        if missing:
+            raise ValueError(f"reward-model batch lacks {missing}")
+        counts = loss_counts(batch) if counts is None else counts
+        cfg, engine = self.cfg, self.engine
+        start = time.perf_counter()
+        engine.train()
+        pairs = batch["margin"].shape[0]
+        starts = list(range(0, pairs, cfg["micro_batch_size"]))
+        sums: dict[str, float] = {}
+        for i, first in enumerate(starts):
+            mb = {k: v[first:first + cfg["micro_batch_size"]] for k, v in batch.items()}
+            out_chosen, out_rejected = self._forward_pairs(mb)
+            loss, metrics = reward_model_loss(out_chosen, out_rejected, mb, cfg["loss_weights"], counts)
+            # Only the last micro-batch triggers the optimizer step, however many there are in this call.
+            engine.set_gradient_accumulation_boundary(i == len(starts) - 1)
+            # DeepSpeed averages gradients over ranks; x world_size turns that into the sum of the ranks' shares,
+            # each already divided by whole-batch counts. scale_wrt_gas=False: the counts account for micro-batches.
+            engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            engine.step()
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + value
+
+        names = sorted(sums)
+        reduced = self._sum_across_ranks(torch.tensor([sums[n] for n in names], dtype=torch.float64))
+        metrics = dict(zip(names, reduced.tolist()))
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["rm/grad_norm"] = float(grad_norm)
+        metrics["perf/train_s"] = time.perf_counter() - start
+        return metrics
+
+    def _forward_pairs(self, mb: dict[str, torch.Tensor]) -> tuple[RewardOutput, RewardOutput]:
+        """Chosen and rejected rows in one forward (one parameter gather under ZeRO-3), split afterwards."""
+        ids = [mb["chosen_input_ids"], mb["rejected_input_ids"]]
+        masks = [mb["chosen_attention_mask"], mb["rejected_attention_mask"]]
+        # Rows are right-padded: columns past the longest row are pure padding.
+        width = max(int(m.sum(dim=1).max()) for m in masks)
+        pad = [width - t.shape[1] for t in ids]
+        input_ids = torch.cat([torch.nn.functional.pad(t, (0, max(p, 0)))[:, :width] for t, p in zip(ids, pad)])
+        mask = torch.cat([torch.nn.functional.pad(t, (0, max(p, 0)))[:, :width] for t, p in zip(masks, pad)])
+        out = self.engine(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device))
+        rows = ids[0].shape[0]
+        return (RewardOutput(**{f.name: getattr(out, f.name)[:rows] for f in fields(out)}),
+                RewardOutput(**{f.name: getattr(out, f.name)[rows:] for f in fields(out)}))
+
+
+def load_reward_model(init_dir: str, seed: int = 0) -> DistilledRewardModel:
+    """A saved reward model as it is, or a fresh one on a causal LM's backbone (pad id from its tokenizer)."""
+    if is_reward_model_dir(init_dir):
+        model = DistilledRewardModel.from_pretrained(init_dir, dtype=torch.float32, use_safetensors=True)
+    else:
+        model = DistilledRewardModel.from_causal_lm(init_dir, pad_token_id=_tokenizer_pad_id(init_dir), seed=seed)
+    model.config.use_cache = False
+    return model
+
+
+def _tokenizer_pad_id(model_dir: str) -> int | None:
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError):
+        return None  # no tokenizer saved beside the model: the config's own pad id (if any) stands
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+# ----------------------------------------------------------------------------------------------------- the group
+
+
+class RewardModelTrainerGroup(RankGroup):
+    """``num_ranks`` RewardModelTrainer Ray actors forming one data-parallel DeepSpeed group."""
+
+    def __init__(self, init_dir: str, cfg: dict, num_ranks: int, timeout_s: float):
+        super().__init__(RewardModelTrainer, (init_dir,), {**RM_DEFAULTS, **cfg}, num_ranks, timeout_s)
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        counts = loss_counts(batch)  # of the whole batch, before it is split
+        shards = self._shards(batch, batch["margin"].shape[0],
+                              f"make the reward-model batch size (pairs) a multiple of {self.num_ranks}")
+        metrics = self._get([actor.train_step.remote(shard, counts) for actor, shard in zip(self.actors, shards)],
+                            "reward-model train_step")
+        # Every rank holds the same whole-batch figures; the step takes as long as its slowest rank.
+        return {**metrics[0], "perf/train_s": max(m["perf/train_s"] for m in metrics)}
+
+
+def train_reward_model(batches: Iterable[dict[str, torch.Tensor]], init_dir: str, cfg: dict, num_ranks: int,
+                       out_dir: str, log: Callable[[dict], None] | None = None, epochs: int = 1,
+                       timeout_s: float = 600.0) -> list[dict[str, float]]:
+    """Train for ``epochs`` passes over ``batches`` (pre-tokenised, e.g. from ``collate_pairs``; re-iterated each
+    epoch), save the model (and the tokenizer files of ``init_dir``) to ``out_dir``, return each step's metrics.
+    ``log`` receives each step's metrics with ``rm/epoch`` and ``rm/step`` added."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError("no reward-model training batches")
+    group = RewardModelTrainerGroup(init_dir, cfg, num_ranks, timeout_s)
+    history = []
+    try:
+        for epoch in range(epochs):
+            for batch in batches:
+                metrics = {**group.train_step(batch), "rm/epoch": float(epoch), "rm/step": float(len(history) + 1)}
+                history.append(metrics)
+                if log is not None:
+                    log(metrics)
+        group.save_pretrained(out_dir)
+    finally:
+        group.shutdown()
+    return history
+
+
+# ---------------------------------------------------------------------------------------------------- batches
+
+
+def collate_pairs(tokenizer, rows: list[dict], max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """A training batch from rows of {prompt, chosen, rejected, margin, chosen_quality, rejected_quality,
+    chosen_rv, rejected_rv, chosen_cd, rejected_cd, optional {side}_{rv,cd}_probs} (``reward.labelling`` pairs).
+
+    Missing or None values become NaN (margin: 0); a probs tensor is included when any row has that soft label.
+    """
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = {}
+    for side in SIDES:
+        encoded = [encode_pair(tokenizer, row["prompt"], row[side], max_length) for row in rows]
+        batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"] = pad_right(encoded, pad_id)
+    batch["margin"] = torch.tensor([_number(row.get("margin"), 0.0) for row in rows])
+    for key in TARGET_KEYS[1:]:
+        batch[key] = torch.tensor([_number(row.get(key)) for row in rows])
+    for key in PROBS_KEYS:
+        if any(row.get(key) is not None for row in rows):
+            batch[key] = torch.tensor([_probs(row.get(key)) for row in rows])
+    return batch
+
+
+def _number(value, missing: float = math.nan) -> float:
+    return missing if value is None else float(value)
+
+
+def _probs(value) -> list[float]:
+    if value is None:
+        return [math.nan] * 10
+    if len(value) != 10:
+        raise ValueError(f"a soft label needs 10 probabilities (scores 0..9), got {len(value)}")
+    return [float(p) for p in value]

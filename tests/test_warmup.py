@@ -1,0 +1,33 @@
+"""Warm-up distillation: labels cover the response only, teacher data mixes verbosities, the loss falls."""
+from rlhf.config import ModelConfig, WarmupConfig
+from rlhf.models import build_student, build_tokenizer
+from rlhf.warmup import run_warmup, sft_batch, teacher_examples
+
+
+def test_sft_batch_labels_only_the_response_and_its_end_token():
+    tokenizer = build_tokenizer("char")
+    batch = sft_batch(tokenizer, [("1+2=", "#3"), ("9-1+1=", "9-1=8;8+1=9;#9")])
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert tokenizer.decode(ids[0, :4]) == "1+2="
+    assert labels[0, :4].tolist() == [-100] * 4  # the prompt is given, not learned
+    assert tokenizer.decode(labels[0, 4:6]) == "#3" and labels[0, 6] == tokenizer.eos_token_id
+    assert labels[0, 7:].tolist() == [-100] * (ids.shape[1] - 7) and mask[0].sum() == 7
+    assert mask[1].sum() == ids.shape[1]  # the longest row has no padding
+
+
+def test_teacher_examples_mix_terse_and_worked_solutions():
+    pairs = teacher_examples(WarmupConfig(terse_fraction=0.5), seed=0)(400)
+    terse = sum(response.startswith("#") for _, response in pairs)
+    assert 150 < terse < 250
+    assert all(response.rsplit("#", 1)[1].isdigit() for _, response in pairs)
+
+
+def test_warmup_lowers_the_loss():
+    tokenizer = build_tokenizer("char")
+    model = build_student(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                      intermediate_size=64), tokenizer, seed=0)
+    cfg = WarmupConfig(steps=40, batch_size=16, lr=3e-3)
+    first = run_warmup(model, tokenizer, WarmupConfig(steps=1, batch_size=16, lr=1e-9), seed=1, log=lambda s: None)
+    result = run_warmup(model, tokenizer, cfg, seed=1, log=lambda s: None)
+    assert result["steps"] == 40 and result["loss"] < 0.7 * first["loss"]
+    assert not model.training  # left ready for evaluation
