@@ -77,17 +77,15 @@ def label_stage(cfg: RunConfig, rollout: list, train_pool: list[PromptRow], eval
 def reward_model_stage(cfg: RunConfig, init_dir: str, out: Path, log: Callable[[str], None]) -> tuple[str, dict]:
     """Train the distilled RM on ``labels/train`` (unless ``reward_model.path`` names one) and evaluate it against
     the teacher on the held-out ``labels/eval``; returns (RM directory, figures for summary.json)."""
-    from reward.rm_eval import evaluate_reward_model
-    from reward.rm_trainer import train_reward_model
-
     rc = cfg.reward_model
     rm_dir = rc.path
     if rm_dir is None:
         rm_dir = str(out / "reward_model")
         rows = judged_rows(out / "labels" / "train")
         pairs = make_pairs(rows, cfg.seed)
-        log(f"training the distilled RM on {len(pairs)} pairs from {len(rows)} judged responses")
-        train_reward_model(pairs, init_dir, rc, cfg.seed, rm_dir, cfg.call_timeout_s, log)
+        log(f"training the distilled RM on {len(pairs)} pairs from {len(rows)} judged responses "
+            f"({rc.epochs} epochs, {rc.batch_size} pairs per step, {rc.num_ranks} DeepSpeed ranks)")
+        train_rm(pairs, init_dir, cfg, rm_dir, log)
     held_out = judged_rows(out / "labels" / "eval")
     figures = evaluate_rm_dir(rm_dir, make_pairs(held_out, cfg.seed + 1), held_out)
     log(f"reward model vs teacher on held-out samples: pairwise accuracy {figures['pairwise_accuracy']:.3f}, "
@@ -95,15 +93,42 @@ def reward_model_stage(cfg: RunConfig, init_dir: str, out: Path, log: Callable[[
     return rm_dir, figures
 
 
+def train_rm(pairs: list[dict], init_dir: str, cfg: RunConfig, rm_dir: str, log: Callable[[str], None]) -> None:
+    """Shuffled pairs in batches of ``reward_model.batch_size`` (cut to a multiple of the ranks) through the
+    DeepSpeed reward-model trainer group."""
+    from transformers import AutoTokenizer
+
+    from reward.rm_trainer import collate_pairs, train_reward_model
+
+    rc = cfg.reward_model
+    tokenizer = AutoTokenizer.from_pretrained(init_dir)
+    random.Random(cfg.seed + 11).shuffle(pairs)
+    size = max(rc.num_ranks, rc.batch_size - rc.batch_size % rc.num_ranks)
+    batches = [collate_pairs(tokenizer, pairs[i:i + size], rc.max_length)
+               for i in range(0, len(pairs) - len(pairs) % rc.num_ranks, size) if len(pairs[i:i + size]) % rc.num_ranks == 0]
+    every = max(1, len(batches) * rc.epochs // 5)
+
+    def progress(m: dict) -> None:
+        if int(m["rm/step"]) % every == 0:
+            log(f"reward model step {int(m['rm/step'])}/{len(batches) * rc.epochs}: loss {m['rm/loss']:.4f}, "
+                f"pair accuracy {m['rm/accuracy']:.3f}")
+
+    engine_cfg = {"zero_stage": rc.zero_stage, "lr": rc.lr, "micro_batch_size": size // rc.num_ranks,
+                  "seed": cfg.seed, "threads": cfg.trainer.threads, "timeout_s": cfg.call_timeout_s,
+                  "loss_weights": {"bt": rc.bt_weight, "quality": rc.quality_weight, "rv": rc.rv_weight,
+                                   "cd": rc.cd_weight, "kl": rc.kl_weight}}
+    train_reward_model(batches, init_dir, engine_cfg, rc.num_ranks, rm_dir, progress, rc.epochs, cfg.call_timeout_s)
+
+
 def evaluate_rm_dir(rm_dir: str, pairs: list[dict], pointwise: list[dict]) -> dict:
     from transformers import AutoTokenizer
 
-    from reward.model import DistilledRewardModel, score_texts
+    from reward.model import DistilledRewardModel
     from reward.rm_eval import evaluate_reward_model
 
     model = DistilledRewardModel.from_pretrained(rm_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(rm_dir)
-    return evaluate_reward_model(lambda p, r: score_texts(model, tokenizer, p, r, 64), pairs, pointwise)
+    return evaluate_reward_model(model, pairs, pointwise, tokenizer=tokenizer, batch_size=64)
 
 
 def pairwise_agreement(groups: list[list[tuple[float, float]]]) -> tuple[float, int]:

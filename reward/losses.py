@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NUM_SCORES = 10
+NUM_SCORES = 10  # the teacher's RV and CD scales are 0..9 (as reward.model.NUM_SCORES)
 
 # Loss weights the trainer uses unless told otherwise. The RV/CD regressions are on the 0-9 scale, so their squared
 # errors start an order of magnitude above the other terms: a smaller weight keeps them from dominating.

@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from reward.losses import SIDES, loss_counts, reward_model_loss
+from reward.losses import NUM_SCORES, SIDES, loss_counts, reward_model_loss
 from reward.model import DistilledRewardModel, RewardOutput, encode_pair, is_reward_model_dir, pad_right
 from rlhf.trainer import ENGINE_DEFAULTS, DeepSpeedRank, RankGroup
 
@@ -181,7 +181,10 @@ def collate_pairs(tokenizer, rows: list[dict], max_length: int | None = None) ->
         batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"] = pad_right(encoded, pad_id)
     batch["margin"] = torch.tensor([_number(row.get("margin"), 0.0) for row in rows])
     for key in TARGET_KEYS[1:]:
-        batch[key] = torch.tensor([_number(row.get(key)) for row in rows])
+        # Teacher quality is on the 0-9 scale; the quality head regresses onto 0-1 so that its regression pull and
+        # the Bradley-Terry margin (also a 0-1 difference) act on the same scale. RV and CD heads keep 0-9.
+        scale = 1.0 / 9.0 if key.endswith("_quality") else 1.0
+        batch[key] = torch.tensor([_number(row.get(key)) * scale for row in rows])
     for key in PROBS_KEYS:
         if any(row.get(key) is not None for row in rows):
             batch[key] = torch.tensor([_probs(row.get(key)) for row in rows])
@@ -194,7 +197,7 @@ def _number(value, missing: float = math.nan) -> float:
 
 def _probs(value) -> list[float]:
     if value is None:
-        return [math.nan] * 10
-    if len(value) != 10:
-        raise ValueError(f"a soft label needs 10 probabilities (scores 0..9), got {len(value)}")
+        return [math.nan] * NUM_SCORES
+    if len(value) != NUM_SCORES:
+        raise ValueError(f"a soft label needs {NUM_SCORES} probabilities (scores 0..9), got {len(value)}")
     return [float(p) for p in value]

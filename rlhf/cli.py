@@ -119,6 +119,9 @@ def _quiet_libraries() -> None:
     # The run prints its own progress; per-file loading bars would drown it.
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    import datasets
+
+    datasets.disable_progress_bars()
 
 
 if __name__ == "__main__":
