@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from reward.labelling import judged_rows, label, make_pairs, write_datasets
+from reward.model import with_reference
 from rlhf import actors
 from rlhf.config import LabelConfig, RewardConfig, RunConfig
 from rlhf.data import PromptRow
@@ -78,6 +79,10 @@ def reward_model_stage(cfg: RunConfig, init_dir: str, out: Path, log: Callable[[
     """Train the distilled RM on ``labels/train`` (unless ``reward_model.path`` names one) and evaluate it against
     the teacher on the held-out ``labels/eval``; returns (RM directory, figures for summary.json)."""
     rc = cfg.reward_model
+    for name in ("train", "eval"):
+        if not (out / "labels" / name / "rows.jsonl").exists():
+            raise FileNotFoundError(f"stage train_rm needs labels in {out / 'labels' / name}: add stage label "
+                                    f"before it (labelling resumes where an earlier run in this output_dir stopped)")
     rm_dir = rc.path
     if rm_dir is None:
         rm_dir = str(out / "reward_model")
@@ -102,6 +107,8 @@ def train_rm(pairs: list[dict], init_dir: str, cfg: RunConfig, rm_dir: str, log:
 
     rc = cfg.reward_model
     tokenizer = AutoTokenizer.from_pretrained(init_dir)
+    if rc.use_reference:
+        pairs = [referenced_pair(p) for p in pairs]
     random.Random(cfg.seed + 11).shuffle(pairs)
     size = max(rc.num_ranks, rc.batch_size - rc.batch_size % rc.num_ranks)
     batches = [collate_pairs(tokenizer, pairs[i:i + size], rc.max_length)
@@ -115,6 +122,7 @@ def train_rm(pairs: list[dict], init_dir: str, cfg: RunConfig, rm_dir: str, log:
 
     engine_cfg = {"zero_stage": rc.zero_stage, "lr": rc.lr, "micro_batch_size": size // rc.num_ranks,
                   "seed": cfg.seed, "threads": cfg.trainer.threads, "timeout_s": cfg.call_timeout_s,
+                  "reference_in_input": rc.use_reference,
                   "loss_weights": {"bt": rc.bt_weight, "quality": rc.quality_weight, "rv": rc.rv_weight,
                                    "cd": rc.cd_weight, "kl": rc.kl_weight}}
     train_reward_model(batches, init_dir, engine_cfg, rc.num_ranks, rm_dir, progress, rc.epochs, cfg.call_timeout_s)
@@ -123,12 +131,21 @@ def train_rm(pairs: list[dict], init_dir: str, cfg: RunConfig, rm_dir: str, log:
 def evaluate_rm_dir(rm_dir: str, pairs: list[dict], pointwise: list[dict]) -> dict:
     from transformers import AutoTokenizer
 
-    from reward.model import DistilledRewardModel
+    from reward.model import DistilledRewardModel, uses_reference
     from reward.rm_eval import evaluate_reward_model
 
     model = DistilledRewardModel.from_pretrained(rm_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(rm_dir)
+    if uses_reference(model):
+        pairs = [referenced_pair(p) for p in pairs]
+        pointwise = [{**r, "response": with_reference(r["response"], r.get("reference"))} for r in pointwise]
     return evaluate_reward_model(model, pairs, pointwise, tokenizer=tokenizer, batch_size=64)
+
+
+def referenced_pair(pair: dict) -> dict:
+    """A pair as a reference-guided RM sees it: both responses followed by the reference answer."""
+    ref = pair.get("reference")
+    return {**pair, "chosen": with_reference(pair["chosen"], ref), "rejected": with_reference(pair["rejected"], ref)}
 
 
 def pairwise_agreement(groups: list[list[tuple[float, float]]]) -> tuple[float, int]:

@@ -70,7 +70,8 @@ def label(rows: list[PromptRow], sample: SampleFn, teacher, out_dir: str | Path,
                 continue
             report.judged += 1
             lines.append(json.dumps({
-                "prompt": row.prompt, "response": text, "source": source, "difficulty": row.difficulty,
+                "prompt": row.prompt, "reference": row.answer, "response": text, "source": source,
+                "difficulty": row.difficulty,
                 "quality": verdict.quality, "correct": verdict.correct, "rv": verdict.rv, "cd": verdict.cd,
                 "quality_probs": verdict.quality_probs, "rv_probs": verdict.rv_probs, "cd_probs": verdict.cd_probs,
             }))
@@ -128,7 +129,8 @@ def make_pairs(rows: list[dict], seed: int, max_pairs_per_prompt: int = 8) -> li
         rng.shuffle(candidates)
         for a, b in candidates[:max_pairs_per_prompt]:
             chosen, rejected = (a, b) if a["quality"] > b["quality"] else (b, a)
-            pair = {"prompt": prompt, "chosen": chosen["response"], "rejected": rejected["response"],
+            pair = {"prompt": prompt, "reference": chosen.get("reference"), "chosen": chosen["response"],
+                    "rejected": rejected["response"],
                     "margin": (chosen["quality"] - rejected["quality"]) / 9.0, "difficulty": chosen["difficulty"]}
             for side, row in (("chosen", chosen), ("rejected", rejected)):
                 for name in SCORE_FIELDS:

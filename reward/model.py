@@ -163,6 +163,20 @@ def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 # ------------------------------------------------------------------------------------------------- inference
 
 
+REFERENCE_MARK = " ref "
+
+
+def with_reference(response: str, reference: str | None) -> str:
+    """The RM's view of a response when the dataset has a reference answer: the reference right after the
+    response's own final answer, where comparing the two is a short-range job for a small model."""
+    return response if reference is None else f"{response}{REFERENCE_MARK}{reference}"
+
+
+def uses_reference(model: DistilledRewardModel) -> bool:
+    """Whether this RM was trained with the reference answer in its input (saved in its config)."""
+    return bool(getattr(model.config, "reference_in_input", False))
+
+
 @torch.no_grad()
 def score_texts(model: DistilledRewardModel, tokenizer, prompts: list[str], responses: list[str],
                 batch_size: int = 16, max_length: int | None = None) -> list[dict[str, float]]:

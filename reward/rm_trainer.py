@@ -27,6 +27,8 @@ RM_DEFAULTS = {
     "lr": 1e-5,
     # Overrides of reward.losses.DEFAULT_WEIGHTS (bt, quality, rv, cd, kl).
     "loss_weights": {},
+    # The pairs' responses carry the reference answer (reward.model.with_reference).
+    "reference_in_input": False,
 }
 
 TOKEN_KEYS = tuple(f"{side}_{k}" for side in SIDES for k in ("input_ids", "attention_mask"))
@@ -47,7 +49,10 @@ class RewardModelTrainer(DeepSpeedRank):
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, init_dir: str, cfg: dict):
         super().__init__(rank, world_size, master_addr, master_port, {**RM_DEFAULTS, **cfg})
         self.model_dir = init_dir
-        self._wrap(load_reward_model(init_dir, seed=self.cfg["seed"]))
+        model = load_reward_model(init_dir, seed=self.cfg["seed"])
+        # Saved with the model, so whoever scores with it later gives it the same kind of input.
+        model.config.reference_in_input = bool(self.cfg["reference_in_input"])
+        self._wrap(model)
 
     def train_step(self, batch: dict[str, torch.Tensor], counts: dict[str, float] | None = None) -> dict[str, float]:
         """One optimizer update on this rank's pairs. Collective: every rank calls it with the same number of pairs.

@@ -38,7 +38,7 @@ class RewardWorker:
     def score(self, prompts: list[str], responses: list[str], references: list[str]) -> list[dict]:
         """One dict per sample: ``reward``, the verifier's ``correct`` (1.0/0.0) and ``answered``, and ``rm`` (the
         reward model's quality) when that component is on."""
-        rm_scores = self._rm_scores(prompts, responses) if self.rm is not None else None
+        rm_scores = self._rm_scores(prompts, responses, references) if self.rm is not None else None
         results = []
         for i, (prompt, response, reference) in enumerate(zip(prompts, responses, references, strict=True)):
             verdict = final_number_correct(response, reference)
@@ -54,9 +54,11 @@ class RewardWorker:
             results.append(result)
         return results
 
-    def _rm_scores(self, prompts: list[str], responses: list[str]) -> list[float]:
-        from reward.model import score_texts
+    def _rm_scores(self, prompts: list[str], responses: list[str], references: list[str]) -> list[float]:
+        from reward.model import score_texts, uses_reference, with_reference
 
+        if uses_reference(self.rm):
+            responses = [with_reference(r, ref) for r, ref in zip(responses, references, strict=True)]
         try:
             scores = score_texts(self.rm, self.rm_tokenizer, prompts, responses, self.batch_size)
         except Exception as err:  # noqa: BLE001 - re-raised with the batch's first sample for context

@@ -43,7 +43,9 @@ def make_rollout_workers(cfg: RunConfig, model_dir: str) -> list:
 def make_reward_workers(cfg: RunConfig, rm_path: str | None) -> list:
     # No CPU reservation: scoring runs between generation and training, when the cores are free anyway.
     actor = ray.remote(num_cpus=0)(RewardWorker)
-    workers = [actor.remote(cfg.reward.components, cfg.reward.correct, cfg.reward.unparseable, rm_path)
+    # Scoring has the cores to itself (rollout and trainers wait for it), so it may use the rollout's threads.
+    workers = [actor.remote(cfg.reward.components, cfg.reward.correct, cfg.reward.unparseable, rm_path,
+                            cfg.rollout.threads, cfg.rollout_rows)
                for _ in range(cfg.reward.num_workers)]
     call_all([w.__ray_ready__.remote() for w in workers], "reward worker start-up", cfg.call_timeout_s)
     return workers

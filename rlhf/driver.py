@@ -9,6 +9,7 @@ ranks, beside the data it needs) -> new weights, with a version number, to the r
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -56,8 +57,10 @@ def run(cfg: RunConfig, log=print) -> dict:
     log(f"student: {type(student).__name__}, {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters")
 
     summary: dict = {}
+    timer = StageTimer()
     if "warmup" in cfg.stages:
-        summary["warmup"] = run_warmup(student, tokenizer, cfg.warmup, cfg.seed, log)
+        with timer("warmup"):
+            summary["warmup"] = run_warmup(student, tokenizer, cfg.warmup, cfg.seed, log)
     # Every actor loads the starting policy from this directory: one copy on disk, no pickled model in flight.
     start_dir = str(out / "warmup")
     save_student(student, tokenizer, start_dir)
@@ -69,16 +72,20 @@ def run(cfg: RunConfig, log=print) -> dict:
         rollout = actors.make_rollout_workers(cfg, start_dir)
         rm_dir = cfg.reward_model.path
         if "label" in cfg.stages:
-            summary["labels"] = distill.label_stage(cfg, rollout, train_pool, eval_set, out, log)
+            with timer("label"):
+                summary["labels"] = distill.label_stage(cfg, rollout, train_pool, eval_set, out, log)
         if "train_rm" in cfg.stages:
-            rm_dir, summary["reward_model"] = distill.reward_model_stage(cfg, start_dir, out, log)
+            with timer("train_rm"):
+                rm_dir, summary["reward_model"] = distill.reward_model_stage(cfg, start_dir, out, log)
 
         loop = GRPOLoop(cfg, start_dir, tokenizer, rollout, rm_dir)
         if "eval" in cfg.stages:
-            summary["eval_before"] = loop.evaluate(eval_set)
+            with timer("eval"):
+                summary["eval_before"] = loop.evaluate(eval_set)
             log(f"eval before RL: accuracy {summary['eval_before']['accuracy']:.3f}")
         steps = cfg.algorithm.steps if "rl" in cfg.stages else 0
         order = random.Random(cfg.seed + 3)
+        rl_start = time.perf_counter()
         for step in range(1, steps + 1):
             prompts = order.sample(train_pool, cfg.rollout.prompts_per_step)
             metrics = loop.step(step, prompts)
@@ -87,8 +94,10 @@ def run(cfg: RunConfig, log=print) -> dict:
             log(progress_line(step, steps, metrics))
             if cfg.save_every and step % cfg.save_every == 0 and step < steps:
                 loop.trainer.save_pretrained(str(out / "checkpoints" / f"step_{step}"))
+        timer.add("rl", time.perf_counter() - rl_start)
         if "eval" in cfg.stages:
-            summary["eval_after"] = loop.evaluate(eval_set)
+            with timer("eval"):
+                summary["eval_after"] = loop.evaluate(eval_set)
             log(f"eval after RL: accuracy {summary['eval_after']['accuracy']:.3f}")
         if steps:
             loop.trainer.save_pretrained(str(out / "policy"))
@@ -99,10 +108,29 @@ def run(cfg: RunConfig, log=print) -> dict:
         for worker in rollout:
             ray.kill(worker)
         ray.shutdown()
+    summary["stage_s"] = timer.seconds
     summary["wall_s"] = round(time.perf_counter() - start, 1)
     write_json_atomic(out / "summary.json", summary)
     log(f"wrote {out / 'summary.json'} ({summary['wall_s']:.0f} s)")
     return summary
+
+
+class StageTimer:
+    """Seconds spent per pipeline stage, for summary.json (where did the run's time go?)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + seconds, 1)
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - start)
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:
