@@ -182,7 +182,7 @@ def test_arithmetic_rows_have_difficulty_equal_to_level_and_correct_answers():
 
 
 def test_reward_worker_scores_correct_wrong_and_unparseable():
-    worker = RewardWorker(correct=1.0, unparseable=-0.5)
+    worker = RewardWorker({"verifier": 1.0}, correct=1.0, unparseable=-0.5)
     results = worker.score(["3+4=", "3+4=", "3+4="], ["3+4=7;#7", "#8", "seven"], ["7", "7", "7"])
     assert [r["reward"] for r in results] == [1.0, 0.0, -0.5]
     assert [r["correct"] for r in results] == [1.0, 0.0, 0.0]
@@ -190,13 +190,13 @@ def test_reward_worker_scores_correct_wrong_and_unparseable():
 
 
 def test_reward_worker_default_unparseable_reward_is_zero():
-    results = RewardWorker(correct=1.0, unparseable=0.0).score(["p"], ["no answer here"], ["3"])
+    results = RewardWorker({"verifier": 1.0}, correct=1.0, unparseable=0.0).score(["p"], ["no answer here"], ["3"])
     assert results == [{"reward": 0.0, "correct": 0.0, "answered": 0.0}]
 
 
 def test_reward_worker_refuses_mismatched_batch_lengths():
     with pytest.raises(ValueError):
-        RewardWorker(1.0, 0.0).score(["a", "b"], ["#1"], ["1", "2"])
+        RewardWorker({"verifier": 1.0}, 1.0, 0.0).score(["a", "b"], ["#1"], ["1", "2"])
 
 
 def test_final_number_correct_reads_gsm8k_hashes_and_the_last_answer():
@@ -290,3 +290,13 @@ def test_save_and_load_student_round_trip_gives_identical_weights_and_no_tmp_dir
     assert loaded_tokenizer(text).input_ids == tokenizer(text).input_ids
     assert (loaded_tokenizer.pad_token_id, loaded_tokenizer.eos_token_id) == (tokenizer.pad_token_id,
                                                                               tokenizer.eos_token_id)
+
+
+def test_reward_worker_weights_components_and_names_a_non_finite_sample():
+    from reward.worker import RewardError
+
+    worker = RewardWorker({"verifier": 2.0}, correct=1.0, unparseable=0.0)
+    assert [r["reward"] for r in worker.score(["p", "p"], ["#3", "#4"], ["3", "3"])] == [2.0, 0.0]
+    worker = RewardWorker({"verifier": 1.0}, correct=float("nan"), unparseable=0.0)
+    with pytest.raises(RewardError, match="'#3'"):
+        worker.score(["1+2="], ["#3"], ["3"])
