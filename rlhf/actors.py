@@ -44,9 +44,10 @@ def make_reward_workers(cfg: RunConfig, rm_path: str | None) -> list:
     # No CPU reservation: scoring runs between generation and training, when the cores are free anyway.
     actor = ray.remote(num_cpus=0)(RewardWorker)
     # Scoring has the cores to itself (rollout and trainers wait for it), so it may use the rollout's threads.
-    workers = [actor.remote(cfg.reward.components, cfg.reward.correct, cfg.reward.unparseable, rm_path,
-                            cfg.rollout.threads, cfg.rollout_rows)
-               for _ in range(cfg.reward.num_workers)]
+    r = cfg.reward
+    workers = [actor.remote(r.components, r.correct, r.unparseable, rm_path, cfg.rollout.threads, cfg.rollout_rows,
+                            r.rm_url, r.rm_token_env, cfg.reward_model.use_reference)
+               for _ in range(r.num_workers)]
     call_all([w.__ray_ready__.remote() for w in workers], "reward worker start-up", cfg.call_timeout_s)
     return workers
 

@@ -91,6 +91,9 @@ class RewardConfig(_Section):
 
     num_workers: int = Field(1, gt=0)
     components: dict[Literal["verifier", "rm"], float] = {"verifier": 1.0}
+    # Score the rm component on a reward server (``distilrl serve-rm``) instead of in the reward workers.
+    rm_url: str | None = None
+    rm_token_env: str | None = None  # environment variable holding the server's bearer token
     # Verifier reward for a correct final answer, and for a response without a parseable answer.
     correct: float = 1.0
     unparseable: float = 0.0
@@ -224,8 +227,10 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _rm_available(self) -> "RunConfig":
-        if self.reward.components.get("rm") and not (self.reward_model.path or "train_rm" in self.stages):
-            raise ValueError("reward.components uses rm but there is none: add stage train_rm or set reward_model.path")
+        if self.reward.components.get("rm") and not (self.reward_model.path or "train_rm" in self.stages
+                                                     or self.reward.rm_url):
+            raise ValueError("reward.components uses rm but there is none: add stage train_rm, or set "
+                             "reward_model.path or reward.rm_url")
         return self
 
     @property

@@ -328,3 +328,23 @@ def test_close_releases_port(scorer: ToyScorer) -> None:
         _DIRECT.open(url + "/health", timeout=2)
     with make_reward_server(scorer) as unstarted:  # closing a server that never served must not hang
         assert unstarted.url.startswith("http://127.0.0.1:")
+
+
+def test_reward_worker_scores_through_a_remote_reward_server():
+    """RL's reward workers can use a reward server instead of a local RM (reward.rm_url)."""
+    from reward.worker import RewardWorker
+
+    seen = []
+
+    def score_fn(prompts, responses):
+        seen.extend(responses)
+        return [float(len(r)) for r in responses]
+
+    with make_reward_server(score_fn) as server:
+        server.start()
+        worker = RewardWorker({"rm": 1.0, "verifier": 10.0}, rm_url=server.url, rm_reference=True)
+        results = worker.score(["1+2=", "1+2="], ["#3", "#44"], ["3", "3"])
+    # The server saw the responses with the reference appended; the reward adds the verifier's weighted verdict.
+    assert seen == ["#3 ref 3", "#44 ref 3"]
+    assert [r["rm"] for r in results] == [8.0, 9.0]
+    assert [r["reward"] for r in results] == [18.0, 9.0]
