@@ -40,13 +40,14 @@ def make_rollout_workers(cfg: RunConfig, model_dir: str) -> list:
     return workers
 
 
-def make_reward_workers(cfg: RunConfig, rm_path: str | None) -> list:
+def make_reward_workers(cfg: RunConfig, rm_path: str | None, reward_fn=None) -> list:
+    """``reward_fn``: the Python function behind the ``custom`` component, pickled to each worker by Ray."""
     # No CPU reservation: scoring runs between generation and training, when the cores are free anyway.
     actor = ray.remote(num_cpus=0)(RewardWorker)
     # Scoring has the cores to itself (rollout and trainers wait for it), so it may use the rollout's threads.
     r = cfg.reward
     workers = [actor.remote(r.components, r.correct, r.unparseable, rm_path, cfg.rollout.threads, cfg.rollout_rows,
-                            r.rm_url, r.rm_token_env, cfg.reward_model.use_reference)
+                            r.rm_url, r.rm_token_env, cfg.reward_model.use_reference, reward_fn)
                for _ in range(r.num_workers)]
     call_all([w.__ray_ready__.remote() for w in workers], "reward worker start-up", cfg.call_timeout_s)
     return workers

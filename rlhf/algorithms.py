@@ -1,13 +1,18 @@
 """Advantage estimators and policy losses as small pure tensor functions.
 
 Every function here takes tensors and returns tensors; nothing reads config or talks to Ray, so each one is
-tested on its own against hand-computed numbers (tests/test_algorithms.py).
+tested on its own against hand-computed numbers (tests/test_algorithms.py, tests/test_loss_options.py).
 
 Shapes: B sequences, L token positions. Per-token tensors are aligned with ``input_ids``: position t holds the
 log-probability of token t given tokens < t, and ``mask`` is 1 on response tokens only.
+
+Sections: advantage estimators (and ``ADVANTAGE_ESTIMATORS``, the registry the driver picks from by
+``algorithm.advantage``), reward shaping applied in the driver before advantages (overlong penalty, dynamic
+sampling), KL estimators, the clipped policy loss and its per-token regularisers, loss aggregation weights.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -33,16 +38,160 @@ def dr_grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
 
 
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO: each sample's reward minus the mean of the *other* samples of its group,
+
+        A_i = r_i - 1/(n-1) * sum_{j != i} r_j   (= n/(n-1) * (r_i - mean): Dr. GRPO scaled up by n/(n-1)).
+
+    Leaving the sample out makes the baseline independent of the sample's own action, so the estimate is
+    unbiased. A group of one has no other samples, hence no baseline: refused.
+    """
+    if group_size < 2:
+        raise ValueError("RLOO needs groups of 2 or more samples (the baseline is the mean of the others)")
+    grouped = _grouped(rewards, group_size)
+    others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - others_mean).reshape(-1)
+
+
+def token_returns(rewards: torch.Tensor, response_mask: torch.Tensor, kl: torch.Tensor | None = None,
+                  kl_coef: float = 0.0) -> torch.Tensor:
+    """Per-token return-to-go for one sequence-level reward, with an optional KL penalty folded into the reward
+    (REINFORCE++'s token rewards, discount 1):
+
+        reward_t = r * [t is the last response token] - kl_coef * kl_t,    G_t = sum_{s >= t} reward_s.
+
+    ``rewards`` (B,); ``response_mask`` (B, L), 1 on response tokens; ``kl`` (B, L) per-token KL estimate
+    (e.g. ``kl_penalty(..., "k1")``), or None for no penalty. Returns (B, L), 0 off the response. A row without
+    response tokens has no last token, so its reward goes nowhere and its returns are all 0.
+    """
+    mask = response_mask.float()
+    # The last response token is where the running count of response tokens reaches the row's total.
+    last = (mask.cumsum(dim=1) == mask.sum(dim=1, keepdim=True)) & (mask > 0)
+    per_token = rewards.float().unsqueeze(1) * last
+    if kl is not None and kl_coef:
+        per_token = per_token - kl_coef * kl.float() * mask
+    # Suffix sum along the sequence: flip, cumulative sum, flip back.
+    return per_token.flip(1).cumsum(1).flip(1) * mask
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(x - mean) / (std + eps) over the entries where ``mask`` is 1, with the population (biased) std of those
+    entries; 0 off the mask. All-equal inputs give 0, and an all-masked input gives all 0, never NaN."""
+    mask = mask.float()
+    mean = masked_mean(values, mask)
+    std = masked_mean((values - mean).square(), mask).sqrt()
+    return (values - mean) / (std + eps) * mask
+
+
+def reinforce_plus_plus_advantages(rewards: torch.Tensor, response_mask: torch.Tensor,
+                                   kl: torch.Tensor | None = None, kl_coef: float = 0.0,
+                                   eps: float = 1e-6) -> torch.Tensor:
+    """REINFORCE++ (Hu, 2025): no per-prompt baseline; per-token returns (``token_returns``, KL penalty in the
+    reward) whitened over every response token of the batch:
+
+        A_t = (G_t - mean_batch(G)) / (std_batch(G) + eps),   mean and std over all response tokens.
+
+    The batch-wide normalisation is what replaces the critic (PPO) or the group (GRPO) as the baseline, so it
+    must see the whole rollout batch, not one rank's shard. Returns (B, L), 0 off the response.
+    """
+    return whiten(token_returns(rewards, response_mask, kl, kl_coef), response_mask, eps)
+
+
+def reinforce_plus_plus_baseline_advantages(rewards: torch.Tensor, group_size: int, response_mask: torch.Tensor,
+                                            kl: torch.Tensor | None = None, kl_coef: float = 0.0,
+                                            eps: float = 1e-6) -> torch.Tensor:
+    """REINFORCE++-baseline: subtract the group's mean reward first (r_i - mean_group, as Dr. GRPO), then
+    REINFORCE++ on those centred rewards (KL-penalised returns, whitened over the batch's response tokens).
+
+    The group mean removes each prompt's difficulty; whitening with the batch's std, not each group's, avoids
+    GRPO's over-weighting of near-unanimous groups. A group of equal rewards centres to 0 and, without a KL
+    penalty, whitens to exactly -mean_batch / std_batch: small, not 0, as the batch statistics dictate.
+    """
+    return reinforce_plus_plus_advantages(dr_grpo_advantages(rewards, group_size), response_mask, kl, kl_coef, eps)
+
+
 def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
     return rewards.float().reshape(-1, group_size)
 
 
-ADVANTAGE_ESTIMATORS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
-    "grpo": grpo_advantages,
-    "dr_grpo": dr_grpo_advantages,
+# The registry's common signature: (rewards (B,), group_size, response_mask (B, L)) -> token advantages (B, L),
+# 0 off the response. The driver calls every estimator this way; the functions above keep their own, smaller
+# signatures for direct use and tests.
+AdvantageEstimator = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+
+
+def _per_sequence(estimator: Callable[[torch.Tensor, int], torch.Tensor]) -> AdvantageEstimator:
+    """A sequence-level estimator (one advantage per sample) spread over each sample's response tokens."""
+    def per_token(rewards: torch.Tensor, group_size: int, response_mask: torch.Tensor) -> torch.Tensor:
+        return estimator(rewards, group_size).unsqueeze(1) * response_mask.float()
+
+    per_token.__name__ = per_token.__qualname__ = estimator.__name__
+    per_token.__doc__ = estimator.__doc__
+    return per_token
+
+
+def _reinforce_plus_plus(rewards: torch.Tensor, group_size: int, response_mask: torch.Tensor) -> torch.Tensor:
+    # Through the registry REINFORCE++ gets no KL in the reward: the reference log-probs are computed on the
+    # trainer ranks during the update, after advantages exist, so the KL to the reference goes in the loss
+    # instead (algorithm.kl_coef, as GRPO does). ``group_size`` is unused: REINFORCE++ has no group baseline.
+    return reinforce_plus_plus_advantages(rewards, response_mask)
+
+
+def _reinforce_plus_plus_baseline(rewards: torch.Tensor, group_size: int,
+                                  response_mask: torch.Tensor) -> torch.Tensor:
+    # KL in the loss, not the reward, for the reason given in _reinforce_plus_plus.
+    return reinforce_plus_plus_baseline_advantages(rewards, group_size, response_mask)
+
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
+    "grpo": _per_sequence(grpo_advantages),
+    "dr_grpo": _per_sequence(dr_grpo_advantages),
+    "rloo": _per_sequence(rloo_advantages),
+    "reinforce_plus_plus": _reinforce_plus_plus,
+    "reinforce_plus_plus_baseline": _reinforce_plus_plus_baseline,
 }
+
+# ------------------------------------------------------------------------------------------ reward shaping
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, penalty: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment, a reward term (<= 0) from each response's length in tokens:
+
+        0                                       if len <= max_length - buffer
+        -penalty * (len - (max_length - buffer)) / buffer   within the last ``buffer`` tokens
+        -penalty                                if len >= max_length
+
+    A ramp instead of a cliff: responses drift towards the limit gradually, and a hard penalty at truncation
+    alone would punish a sound but long answer as if it were wrong. ``buffer`` 0 turns it off (all 0).
+    """
+    if not 0 <= buffer <= max_length:
+        raise ValueError(f"overlong buffer of {buffer} tokens must be between 0 and max_length={max_length}")
+    if buffer == 0:
+        return torch.zeros(lengths.shape)
+    excess = (lengths.float() - (max_length - buffer)).clamp(min=0.0, max=float(buffer))
+    return -penalty * excess / buffer
+
+
+def informative_groups(rewards: torch.Tensor, group_size: int, rows_multiple: int = 1) -> torch.Tensor:
+    """DAPO's dynamic sampling, in its simplest form: which rows (B,) bool to train on.
+
+    A group whose rewards are all equal has zero advantage under any group baseline: it adds no gradient but
+    still dilutes the token-mean normaliser, so it is dropped. The kept rows must then split evenly across
+    ``rows_multiple`` trainer ranks; if they do not, the fewest informative groups are dropped as well: the
+    *last* ones in batch order (prompts arrive shuffled), keeping the largest count k with k * group_size a
+    multiple of ``rows_multiple``. May keep nothing (all False); the caller then skips the update.
+    DAPO proper samples more prompts to refill the batch; this version trains on a smaller one instead.
+    """
+    grouped = _grouped(rewards, group_size)
+    informative = grouped.max(dim=1).values != grouped.min(dim=1).values
+    # k groups give k * group_size rows: a multiple of rows_multiple exactly when k is a multiple of this step.
+    step = rows_multiple // math.gcd(group_size, rows_multiple)
+    keep_count = int(informative.sum()) // step * step
+    keep = informative & (informative.cumsum(dim=0) <= keep_count)
+    return keep.repeat_interleave(group_size)
+
 
 # ------------------------------------------------------------------------------------------------- KL terms
 
@@ -81,6 +230,24 @@ def clipped_policy_loss(
     clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     loss = torch.maximum(unclipped, clipped)
     return loss, (clipped > unclipped).float()
+
+
+def policy_token_loss(pg_loss: torch.Tensor, entropy: torch.Tensor | None = None, kl: torch.Tensor | None = None,
+                      entropy_coef: float = 0.0, kl_coef: float = 0.0) -> torch.Tensor:
+    """The per-token loss the trainer minimises (before the aggregation weights):
+
+        loss_t = pg_t - entropy_coef * H_t + kl_coef * KL_t
+
+    The entropy bonus (minus sign: higher entropy lowers the loss) keeps the policy from collapsing onto one
+    answer early; the KL term holds it near the reference. A term whose coefficient is 0 is skipped, not added
+    as 0 * x, so the default loss is exactly the policy-gradient term (and a NaN in an unused input stays out).
+    """
+    loss = pg_loss
+    if entropy_coef:
+        loss = loss - entropy_coef * entropy
+    if kl_coef:
+        loss = loss + kl_coef * kl
+    return loss
 
 
 # ------------------------------------------------------------------------------------------- aggregation
@@ -123,3 +290,15 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
     # gather minus logsumexp instead of a full log_softmax: with a 151k vocabulary that saves a (B, L, V) copy.
     taken = logits.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return torch.nn.functional.pad(taken, (1, 0), value=0.0)
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the distribution each token was sampled from, aligned with ``input_ids`` as ``token_logprobs``
+    is: position t holds H(softmax(logits[t-1])), position 0 gets 0. ``logits`` (B, L, V) -> (B, L), float32.
+
+    H = logsumexp(z) - sum_v softmax(z)_v * z_v, which stays finite where probabilities underflow to 0
+    (-sum p log p would meet 0 * -inf there). Differentiable, for the entropy bonus.
+    """
+    logits = logits[:, :-1].float()
+    entropy = torch.logsumexp(logits, dim=-1) - (logits.softmax(dim=-1) * logits).sum(dim=-1)
+    return torch.nn.functional.pad(entropy, (1, 0), value=0.0)

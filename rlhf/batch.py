@@ -10,24 +10,40 @@ from rollout.engine import Sample
 def make_train_batch(samples: list[Sample], advantages: torch.Tensor, pad_id: int, aggregation: str,
                      max_response_tokens: int) -> dict[str, torch.Tensor]:
     """One row per sample, prompt then response then padding (so position ids are a plain arange, as in
-    rollout). ``advantages`` (B,) is spread over each row's response tokens."""
-    width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    rollout). ``advantages`` is either (B,), spread over each row's response tokens, or (B, L) per token in this
+    same layout (``response_mask(samples)`` gives it), as token-level estimators such as REINFORCE++ return."""
     rows = len(samples)
+    mask = response_mask(samples)
+    width = mask.shape[1]
     input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((rows, width), dtype=torch.long)
-    response_mask = torch.zeros((rows, width))
     rollout_logprobs = torch.zeros((rows, width))
     for i, s in enumerate(samples):
         start, end = len(s.prompt_ids), len(s.prompt_ids) + len(s.response_ids)
         input_ids[i, :end] = torch.tensor(s.prompt_ids + s.response_ids)
         attention_mask[i, :end] = 1
-        response_mask[i, start:end] = 1.0
         rollout_logprobs[i, start:end] = torch.tensor(s.logprobs)
+    advantages = advantages.float()
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    elif advantages.shape != mask.shape:
+        raise ValueError(f"token advantages of shape {tuple(advantages.shape)} do not match the batch's "
+                         f"{tuple(mask.shape)}")
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
-        "response_mask": response_mask,
+        "response_mask": mask,
         "rollout_logprobs": rollout_logprobs,
-        "advantages": advantages.float().unsqueeze(1) * response_mask,
-        "loss_weights": loss_token_weights(response_mask, aggregation, max_response_tokens),
+        "advantages": advantages * mask,
+        "loss_weights": loss_token_weights(mask, aggregation, max_response_tokens),
     }
+
+
+def response_mask(samples: list[Sample]) -> torch.Tensor:
+    """(B, L) float, 1 on each row's response tokens, in make_train_batch's layout: what token-level advantage
+    estimators need before the batch is assembled."""
+    width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    mask = torch.zeros((len(samples), width))
+    for i, s in enumerate(samples):
+        mask[i, len(s.prompt_ids):len(s.prompt_ids) + len(s.response_ids)] = 1.0
+    return mask

@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    from rlhf.api import run  # the scripting API's entry point: the command and scripts share one code path
     from rlhf.config import load_config
-    from rlhf.driver import run
 
     cfg = load_config(args.config, args.overrides)
     if args.command == "label":

@@ -87,10 +87,11 @@ class RolloutConfig(_Section):
 
 class RewardConfig(_Section):
     """What RL is rewarded by: a weighted sum of components. ``verifier``: the rule check of the final answer
-    against the reference; ``rm``: the distilled reward model's quality score (from ``reward_model``)."""
+    against the reference; ``rm``: the distilled reward model's quality score (from ``reward_model``); ``custom``:
+    a Python function passed from a script (``rlhf.Trainer(cfg, reward_fn=...)``; the CLI has none to pass)."""
 
     num_workers: int = Field(1, gt=0)
-    components: dict[Literal["verifier", "rm"], float] = {"verifier": 1.0}
+    components: dict[Literal["verifier", "rm", "custom"], float] = {"verifier": 1.0}
     # Score the rm component on a reward server (``distilrl serve-rm``) instead of in the reward workers.
     rm_url: str | None = None
     rm_token_env: str | None = None  # environment variable holding the server's bearer token
@@ -106,7 +107,7 @@ class RewardConfig(_Section):
     @model_validator(mode="after")
     def _some_component(self) -> "RewardConfig":
         if not any(w != 0 for w in self.components.values()):
-            raise ValueError("reward.components needs at least one non-zero weight (verifier, rm)")
+            raise ValueError("reward.components needs at least one non-zero weight (verifier, rm, custom)")
         return self
 
 
@@ -171,15 +172,45 @@ class TrainerConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    """GRPO: group-normalised advantages, clipped token-level policy loss, KL to the reference."""
+    """The RL algorithm: advantage estimator, clipped policy loss and its regularisers, reward shaping.
 
-    steps: int = Field(60, ge=0)
+    The defaults are GRPO: group-normalised advantages, clipped token-mean policy loss, no entropy bonus, no
+    dynamic sampling, no overlong penalty. Formulas are in rlhf/algorithms.py, one pure function per option.
+    """
+
+    steps: int = Field(60, ge=0)  # RL steps (one rollout batch and one optimizer update each)
+    # How rewards become advantages (rlhf.algorithms.ADVANTAGE_ESTIMATORS):
+    #   grpo: (r - group mean) / group std;  dr_grpo: r - group mean (pair with loss_aggregation dr-grpo);
+    #   rloo: r - mean of the group's other samples;  reinforce_plus_plus: no group baseline, returns whitened
+    #   over all response tokens of the batch;  reinforce_plus_plus_baseline: r - group mean, then whitened so.
+    # The REINFORCE++ pair take the KL to the reference in the loss (kl_coef below), not in the reward as in
+    # the paper: the reference log-probs are only computed on the trainer ranks, during the update.
     advantage: str = "grpo"
+    # How per-token losses are averaged: token-mean (every token in the batch equal; DAPO), seq-mean (every
+    # response equal, tokens averaged within it; original GRPO), dr-grpo (sum / (rows * max_new_tokens)).
     loss_aggregation: Literal["token-mean", "seq-mean", "dr-grpo"] = "token-mean"
+    # PPO ratio clip range [1 - clip_low, 1 + clip_high]. clip_high > clip_low is DAPO's clip-higher (e.g. 0.28
+    # over 0.2): room for unlikely tokens to grow, against entropy collapse.
     clip_low: float = Field(0.2, ge=0)
     clip_high: float = Field(0.2, ge=0)
+    # Weight of the per-token KL(policy || reference) in the loss (0: no reference model is loaded), and its
+    # estimator: k1 = log ratio (unbiased, can be < 0), k2 = log ratio^2 / 2, k3 = exp(-lr) + lr - 1 (>= 0).
     kl_coef: float = Field(0.0, ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    # Entropy bonus, in loss units per nat of per-token entropy: loss_t = pg_t - entropy_coef * H_t + KL term.
+    # Small values (1e-4 to 1e-3) when entropy collapses early; 0 adds nothing (and costs nothing).
+    entropy_coef: float = Field(0.0, ge=0)
+    # DAPO dynamic sampling: drop the groups whose rewards are all equal (zero advantage, no gradient) from the
+    # update, and log their count as reward/dropped_groups. If the remaining rows do not divide by
+    # trainer.num_ranks, the last informative groups are dropped too; a step with nothing left skips its update.
+    # Useful once many prompts are always solved (or never): their groups would only dilute the loss.
+    dynamic_sampling: bool = False
+    # DAPO soft overlong punishment, added to the reward: 0 up to rollout.max_new_tokens - overlong_buffer
+    # tokens, then falling linearly to -overlong_penalty at rollout.max_new_tokens. overlong_buffer in tokens,
+    # 0 = off; overlong_penalty in reward units (1.0 = a verifier reward). reward/mean then includes it, and
+    # reward/overlong_penalty logs its batch mean. Use when truncated answers are common (charts/truncated_rate).
+    overlong_buffer: int = Field(0, ge=0)
+    overlong_penalty: float = Field(1.0, ge=0)
 
     @model_validator(mode="after")
     def _known_estimator(self) -> "AlgorithmConfig":
@@ -194,6 +225,9 @@ class EvalConfig(_Section):
 
 
 class RunConfig(_Section):
+    """A whole run: what YAML files and ``dotted.key=value`` overrides fill (``load_config``), or build it in code,
+    sections as dicts or section models: ``RunConfig(output_dir="runs/x", rollout={"prompts_per_step": 8})``."""
+
     output_dir: str = "runs/quickstart"
     seed: int = 0
     # In pipeline order; any subset runs: warmup -> label -> train_rm -> rl, with eval before and after rl.

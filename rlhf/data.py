@@ -1,12 +1,13 @@
-"""Prompt sources for RL and evaluation: the synthetic arithmetic task, or prompts from a JSONL file.
+"""Prompt sources for RL and evaluation: the synthetic arithmetic task, prompts from a JSONL file, or a
+``datasets.Dataset`` passed in from Python.
 
-Both give ``PromptRow``s: the prompt text, the reference answer the verifier checks against, and a difficulty
+All give ``PromptRow``s: the prompt text, the reference answer the verifier checks against, and a difficulty
 bin for per-difficulty figures (the arithmetic level; a field of the file; or none).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf.config import TaskConfig
@@ -19,9 +20,20 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class PromptRow:
+    """One prompt: its text, the reference answer, an optional difficulty bin, and the record it came from."""
+
     prompt: str
     answer: str
     difficulty: int | None = None
+    # All fields of the source line or dataset row, for a custom reward function that needs more than the answer.
+    record: dict | None = field(default=None, compare=False, repr=False)
+
+    def as_dict(self) -> dict:
+        """What a custom reward function sees for this prompt: its source record, or (for the arithmetic task)
+        ``prompt``, ``answer`` and ``difficulty``."""
+        if self.record is not None:
+            return dict(self.record)
+        return {"prompt": self.prompt, "answer": self.answer, "difficulty": self.difficulty}
 
 
 def arithmetic_rows(n: int, seed: int) -> list[PromptRow]:
@@ -52,28 +64,48 @@ def load_jsonl_rows(path: str | Path, prompt_field: str, answer_field: str,
             raise DatasetError(f"{where} is not valid JSON ({err.msg})") from None
         if not isinstance(record, dict):
             raise DatasetError(f"{where} is a JSON {type(record).__name__}, not an object with fields")
-        for field in (prompt_field, answer_field) + ((difficulty_field,) if difficulty_field else ()):
-            if field not in record:
-                raise DatasetError(f"{where} has no field {field!r} (fields: {', '.join(sorted(record)) or 'none'}); "
-                                   f"set task.{_field_key(field, prompt_field, answer_field)} to the right name")
-        prompt, answer = record[prompt_field], record[answer_field]
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise DatasetError(f"{where}: field {prompt_field!r} must be non-empty text")
-        if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
-            raise DatasetError(f"{where}: field {answer_field!r} must be text or a number")
-        difficulty = None
-        if difficulty_field:
-            difficulty = record[difficulty_field]
-            if not isinstance(difficulty, int) or isinstance(difficulty, bool):
-                raise DatasetError(f"{where}: field {difficulty_field!r} must be an integer")
-        rows.append(PromptRow(prompt, _final_answer(str(answer)), difficulty))
+        rows.append(_row(record, where, prompt_field, answer_field, difficulty_field))
     if not rows:
         raise DatasetError(f"{path} holds no rows")
     return rows
 
 
-def _field_key(field: str, prompt_field: str, answer_field: str) -> str:
-    return "prompt_field" if field == prompt_field else "answer_field" if field == answer_field else "difficulty_field"
+def dataset_rows(dataset, prompt_field: str, answer_field: str, difficulty_field: str | None = None,
+                 name: str = "dataset") -> list[PromptRow]:
+    """Rows of a ``datasets.Dataset`` (columns named by the ``task.*_field`` settings); any bad row stops the load
+    with its index and what is wrong, as for JSONL files. ``name`` is how errors refer to the dataset."""
+    import datasets
+
+    if not isinstance(dataset, datasets.Dataset):
+        hint = ": pass one split, e.g. dataset['train']" if isinstance(dataset, datasets.DatasetDict) else ""
+        raise DatasetError(f"{name} must be a datasets.Dataset, not a {type(dataset).__name__}{hint}")
+    rows = [_row(record, f"{name}[{i}]", prompt_field, answer_field, difficulty_field)
+            for i, record in enumerate(dataset)]
+    if not rows:
+        raise DatasetError(f"{name} holds no rows")
+    return rows
+
+
+def _row(record: dict, where: str, prompt_field: str, answer_field: str, difficulty_field: str | None) -> PromptRow:
+    for name in (prompt_field, answer_field) + ((difficulty_field,) if difficulty_field else ()):
+        if name not in record:
+            raise DatasetError(f"{where} has no field {name!r} (fields: {', '.join(sorted(record)) or 'none'}); "
+                               f"set task.{_field_key(name, prompt_field, answer_field)} to the right name")
+    prompt, answer = record[prompt_field], record[answer_field]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DatasetError(f"{where}: field {prompt_field!r} must be non-empty text")
+    if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
+        raise DatasetError(f"{where}: field {answer_field!r} must be text or a number")
+    difficulty = None
+    if difficulty_field:
+        difficulty = record[difficulty_field]
+        if not isinstance(difficulty, int) or isinstance(difficulty, bool):
+            raise DatasetError(f"{where}: field {difficulty_field!r} must be an integer")
+    return PromptRow(prompt, _final_answer(str(answer)), difficulty, record)
+
+
+def _field_key(name: str, prompt_field: str, answer_field: str) -> str:
+    return "prompt_field" if name == prompt_field else "answer_field" if name == answer_field else "difficulty_field"
 
 
 def _final_answer(answer: str) -> str:
@@ -81,11 +113,18 @@ def _final_answer(answer: str) -> str:
     return answer.rsplit("####", 1)[-1].strip().replace(",", "") if "####" in answer else answer.strip()
 
 
-def load_rows(cfg: TaskConfig, seed: int) -> tuple[list[PromptRow], list[PromptRow]]:
-    """(train rows, held-out eval rows) for the configured task."""
-    if cfg.name == "arithmetic":
-        return arithmetic_rows(cfg.train_prompts, seed + 1), arithmetic_rows(cfg.eval_prompts, seed + 2)
+def load_rows(cfg: TaskConfig, seed: int, train_dataset=None, eval_dataset=None
+              ) -> tuple[list[PromptRow], list[PromptRow]]:
+    """(train rows, held-out eval rows): each from the ``datasets.Dataset`` passed in for it, else from the
+    configured task; ``task.train_prompts`` and ``task.eval_prompts`` cap both."""
     fields = (cfg.prompt_field, cfg.answer_field, cfg.difficulty_field)
-    train = load_jsonl_rows(cfg.train_file, *fields)[: cfg.train_prompts]
-    held_out = load_jsonl_rows(cfg.eval_file, *fields)[: cfg.eval_prompts]
-    return train, held_out
+
+    def pool(dataset, name: str, file: str | None, size: int, task_seed: int) -> list[PromptRow]:
+        if dataset is not None:
+            return dataset_rows(dataset, *fields, name=name)[:size]
+        if cfg.name == "arithmetic":
+            return arithmetic_rows(size, task_seed)
+        return load_jsonl_rows(file, *fields)[:size]
+
+    return (pool(train_dataset, "train_dataset", cfg.train_file, cfg.train_prompts, seed + 1),
+            pool(eval_dataset, "eval_dataset", cfg.eval_file, cfg.eval_prompts, seed + 2))

@@ -1,5 +1,8 @@
 """The central driver: warm-up, then GRPO with Ray actors, then evaluation, writing the run directory.
 
+Here are the pieces of a run (the run directory, prompts, the student, the GRPO loop over the actors);
+``rlhf.api.Trainer`` holds one run's state and calls them stage by stage, and ``rlhf.api.run`` is the pipeline.
+
 Before RL, optionally: label (the teacher judges student samples) -> train the distilled reward model on the
 labels (DeepSpeed ranks) -> evaluate it against the teacher on held-out samples.
 
@@ -10,8 +13,6 @@ ranks, beside the data it needs) -> new weights, with a version number, to the r
 from __future__ import annotations
 
 import contextlib
-import json
-import random
 import time
 from pathlib import Path
 
@@ -20,99 +21,48 @@ import torch
 
 from reward import distill
 from rlhf import actors
-from rlhf.algorithms import ADVANTAGE_ESTIMATORS
-from rlhf.batch import make_train_batch
-from rlhf.checkpoint import write_json_atomic
+from rlhf.algorithms import ADVANTAGE_ESTIMATORS, informative_groups, overlong_penalty
+from rlhf.batch import make_train_batch, response_mask
 from rlhf.config import RunConfig, save_config
 from rlhf.data import DatasetError, PromptRow, load_rows
 from rlhf.evaluate import score_eval
-from rlhf.models import build_student, build_tokenizer, load_student, save_student
+from rlhf.models import build_student, build_tokenizer, load_student
 from rlhf.trainer import TrainerGroup
-from rlhf.warmup import run_warmup
 
 
 class RunDirError(ValueError):
-    pass
+    """An output_dir that cannot take this run (it holds a finished one)."""
 
 
 def run(cfg: RunConfig, log=print) -> dict:
-    """Run the configured stages; returns the summary also written to ``output_dir/summary.json``."""
-    start = time.perf_counter()
-    out = prepare_run_dir(cfg)
-    # Data first: a bad dataset row should stop the run before minutes of warm-up, not after.
-    train_pool, eval_set = load_rows(cfg.task, cfg.seed)
+    """Run the configured stages; returns the summary also written to ``output_dir/summary.json``.
+
+    The stages are sequenced by ``rlhf.api.run`` (the CLI's and scripts' one code path) on the pieces below.
+    """
+    from rlhf.api import run as run_pipeline  # here, not at the top: rlhf.api builds on this module
+
+    return run_pipeline(cfg, log=log).summary
+
+
+def load_prompts(cfg: RunConfig, train_dataset=None, eval_dataset=None) -> tuple[list[PromptRow], list[PromptRow]]:
+    """(training pool, held-out set), from the Datasets passed in or the configured task. Loaded first in a run: a
+    bad dataset row should stop it before minutes of warm-up, not after."""
+    train_pool, eval_set = load_rows(cfg.task, cfg.seed, train_dataset, eval_dataset)
     if len(train_pool) < cfg.rollout.prompts_per_step:
         raise DatasetError(f"only {len(train_pool)} training prompts for rollout.prompts_per_step="
                            f"{cfg.rollout.prompts_per_step}")
-    log(cfg.describe_batches())
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    return train_pool, eval_set
 
-    # The student: loaded from a local directory, or built at the configured size.
+
+def build_policy(cfg: RunConfig, log=print) -> tuple:
+    """The student and its tokenizer: loaded from a local directory, or built at the configured size."""
     if cfg.model.model_name_or_path:
         student, tokenizer = load_student(cfg.model.model_name_or_path)
     else:
         tokenizer = build_tokenizer(cfg.model.tokenizer)
         student = build_student(cfg.model, tokenizer, cfg.seed)
     log(f"student: {type(student).__name__}, {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters")
-
-    summary: dict = {}
-    timer = StageTimer()
-    if "warmup" in cfg.stages:
-        with timer("warmup"):
-            summary["warmup"] = run_warmup(student, tokenizer, cfg.warmup, cfg.seed, log)
-    # Every actor loads the starting policy from this directory: one copy on disk, no pickled model in flight.
-    start_dir = str(out / "warmup")
-    save_student(student, tokenizer, start_dir)
-    del student
-
-    actors.start_ray(cfg)
-    rollout, loop = [], None
-    try:
-        rollout = actors.make_rollout_workers(cfg, start_dir)
-        rm_dir = cfg.reward_model.path
-        if "label" in cfg.stages:
-            with timer("label"):
-                summary["labels"] = distill.label_stage(cfg, rollout, train_pool, eval_set, out, log)
-        if "train_rm" in cfg.stages:
-            with timer("train_rm"):
-                rm_dir, summary["reward_model"] = distill.reward_model_stage(cfg, start_dir, out, log)
-
-        loop = GRPOLoop(cfg, start_dir, tokenizer, rollout, rm_dir)
-        if "eval" in cfg.stages:
-            with timer("eval"):
-                summary["eval_before"] = loop.evaluate(eval_set)
-            log(f"eval before RL: accuracy {summary['eval_before']['accuracy']:.3f}")
-        steps = cfg.algorithm.steps if "rl" in cfg.stages else 0
-        order = random.Random(cfg.seed + 3)
-        rl_start = time.perf_counter()
-        for step in range(1, steps + 1):
-            prompts = order.sample(train_pool, cfg.rollout.prompts_per_step)
-            metrics = loop.step(step, prompts)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            log(progress_line(step, steps, metrics))
-            if cfg.save_every and step % cfg.save_every == 0 and step < steps:
-                loop.trainer.save_pretrained(str(out / "checkpoints" / f"step_{step}"))
-        timer.add("rl", time.perf_counter() - rl_start)
-        if "eval" in cfg.stages:
-            with timer("eval"):
-                summary["eval_after"] = loop.evaluate(eval_set)
-            log(f"eval after RL: accuracy {summary['eval_after']['accuracy']:.3f}")
-        if steps:
-            loop.trainer.save_pretrained(str(out / "policy"))
-        summary["steps"] = steps
-    finally:
-        if loop is not None:
-            loop.shutdown()
-        for worker in rollout:
-            ray.kill(worker)
-        ray.shutdown()
-    summary["stage_s"] = timer.seconds
-    summary["wall_s"] = round(time.perf_counter() - start, 1)
-    write_json_atomic(out / "summary.json", summary)
-    log(f"wrote {out / 'summary.json'} ({summary['wall_s']:.0f} s)")
-    return summary
+    return student, tokenizer
 
 
 class StageTimer:
@@ -144,23 +94,29 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
 
 
 def progress_line(step: int, steps: int, m: dict) -> str:
-    return (f"step {step}/{steps}  reward {m['reward/mean']:.3f}  acc {m['reward/accuracy']:.3f}  "
+    # A script may run more steps than algorithm.steps plans; "step 5/2" would read like a bug.
+    done = f"{step}/{steps}" if step <= steps else f"{step}"
+    return (f"step {done}  reward {m['reward/mean']:.3f}  acc {m['reward/accuracy']:.3f}  "
             f"kl {m.get('losses/kl', 0.0):.4f}  len {m['charts/response_tokens']:.1f}  {m['perf/step_s']:.1f} s")
 
 
 class GRPOLoop:
     """The actors of one run and the GRPO step over them."""
 
-    def __init__(self, cfg: RunConfig, model_dir: str, tokenizer, rollout: list, rm_dir: str | None):
+    def __init__(self, cfg: RunConfig, model_dir: str, tokenizer, rollout: list, rm_dir: str | None,
+                 reward_fn=None):
         self.cfg, self.tokenizer, self.rollout = cfg, tokenizer, rollout
         self.timeout = cfg.call_timeout_s
-        self.reward = actors.make_reward_workers(cfg, rm_dir)
+        self.reward = actors.make_reward_workers(cfg, rm_dir, reward_fn)
+        # Only a custom reward function reads the prompts' source records; other runs do not ship them each step.
+        self.send_records = bool(cfg.reward.components.get("custom"))
         self.auditor = distill.make_teacher(cfg.label) if cfg.reward.audit_every else None
         t, a = cfg.trainer, cfg.algorithm
         self.trainer = TrainerGroup(model_dir, {
             "zero_stage": t.zero_stage, "lr": t.lr, "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm,
             "micro_batch_size": t.micro_batch_size, "threads": t.threads, "seed": cfg.seed,
             "clip_low": a.clip_low, "clip_high": a.clip_high, "kl_coef": a.kl_coef, "kl_estimator": a.kl_estimator,
+            "entropy_coef": a.entropy_coef,
             "temperature": cfg.rollout.temperature, "timeout_s": self.timeout,
         }, t.num_ranks, self.timeout)
         self.version = 0  # weights version the rollout workers hold; bumped by every trainer update
@@ -175,17 +131,34 @@ class GRPOLoop:
 
         t = time.perf_counter()
         scores = self.score(rows, samples)
-        rewards = torch.tensor([s["reward"] for s in scores])
+        rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)
         timings["perf/score_s"] = time.perf_counter() - t
 
-        advantages = ADVANTAGE_ESTIMATORS[cfg.algorithm.advantage](rewards, n)
-        batch = make_train_batch(samples, advantages, self.tokenizer.pad_token_id, cfg.algorithm.loss_aggregation,
-                                 cfg.rollout.max_new_tokens)
-        train_metrics = self.trainer.train_step(batch)
+        a, shaping = cfg.algorithm, {}
+        if a.overlong_buffer:
+            penalty = overlong_penalty(torch.tensor([len(s.response_ids) for s in samples]),
+                                       cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty)
+            rewards = rewards + penalty
+            shaping["reward/overlong_penalty"] = penalty.mean().item()
+        # Dynamic sampling trains on the groups that carry signal, in a row count the trainer ranks can split.
+        train_samples, train_rewards = samples, rewards
+        if a.dynamic_sampling:
+            keep = informative_groups(rewards, n, cfg.trainer.num_ranks)
+            train_samples = [s for s, kept in zip(samples, keep.tolist()) if kept]
+            train_rewards = rewards[keep]
+            shaping["reward/dropped_groups"] = (len(samples) - len(train_samples)) // n
 
-        t = time.perf_counter()
-        self.sync_weights()
-        timings["perf/sync_s"] = time.perf_counter() - t
+        train_metrics = {}
+        timings["perf/sync_s"] = 0.0
+        if train_samples:  # empty only when dynamic sampling found no group with signal: no update, no sync
+            advantages = ADVANTAGE_ESTIMATORS[a.advantage](train_rewards, n, response_mask(train_samples))
+            batch = make_train_batch(train_samples, advantages, self.tokenizer.pad_token_id, a.loss_aggregation,
+                                     cfg.rollout.max_new_tokens)
+            train_metrics = self.trainer.train_step(batch)
+
+            t = time.perf_counter()
+            self.sync_weights()
+            timings["perf/sync_s"] = time.perf_counter() - t
         timings["perf/step_s"] = time.perf_counter() - t0
 
         audit = {}
@@ -202,6 +175,7 @@ class GRPOLoop:
             "charts/response_tokens": sum(len(s.response_ids) for s in samples) / len(samples),
             "charts/truncated_rate": sum(s.finish_reason == "length" for s in samples) / len(samples),
             "charts/weights_version": self.version,
+            **shaping,
             **train_metrics,
             **audit,
             **timings,
@@ -218,8 +192,11 @@ class GRPOLoop:
         refs = [r.answer for r in rows for _ in range(n)]
         texts = [s.text for s in samples]
         parts = len(self.reward)
-        calls = [worker.score.remote(p, t, r) for worker, p, t, r in zip(
-            self.reward, actors.shards(prompts, parts), actors.shards(texts, parts), actors.shards(refs, parts))]
+        records = actors.shards([r.as_dict() for r in rows for _ in range(n)], parts) if self.send_records \
+            else [None] * parts
+        calls = [worker.score.remote(p, t, r, d) for worker, p, t, r, d in zip(
+            self.reward, actors.shards(prompts, parts), actors.shards(texts, parts), actors.shards(refs, parts),
+            records)]
         return [s for part in actors.call_all(calls, "reward score", self.timeout) for s in part]
 
     def sync_weights(self) -> None:
@@ -230,12 +207,17 @@ class GRPOLoop:
                         self.timeout)
 
     def evaluate(self, rows: list[PromptRow]) -> dict:
-        """Greedy answers to the held-out prompts, checked by the reward workers' verifier."""
+        """Greedy answers to the held-out prompts, checked by the reward workers' verifier (only: the figures mean
+        the same whatever RL is rewarded by, and a custom reward function never sees held-out prompts)."""
         samples = []
         size = self.cfg.eval.batch_size
         for start in range(0, len(rows), size):
             samples += self.generate([r.prompt for r in rows[start:start + size]], 1, greedy=True)
-        return score_eval(rows, samples, self.score(rows, samples))
+        parts, texts, refs = len(self.reward), [s.text for s in samples], [r.answer for r in rows]
+        calls = [worker.verify.remote(t, r) for worker, t, r in
+                 zip(self.reward, actors.shards(texts, parts), actors.shards(refs, parts))]
+        verdicts = [v for part in actors.call_all(calls, "reward verify", self.timeout) for v in part]
+        return score_eval(rows, samples, verdicts)
 
     def shutdown(self) -> None:
         self.trainer.shutdown()

@@ -45,6 +45,8 @@ DEFAULTS = {
     "clip_high": 0.2,
     "kl_coef": 0.0,
     "kl_estimator": "k3",
+    # Entropy bonus: loss_t = pg_t - entropy_coef * H_t + kl_coef * KL_t (algorithms.policy_token_loss).
+    "entropy_coef": 0.0,
     # Rollout's sampling temperature: log-probs are taken from logits / temperature on both sides, so the ratio and
     # the mismatch metric compare the same distribution.
     "temperature": 1.0,
@@ -233,7 +235,6 @@ class PolicyTrainer(DeepSpeedRank):
         # One update per rollout batch, so the old policy is the current one and the ratio starts at exactly 1.
         pg, clipped = algorithms.clipped_policy_loss(logp, logp.detach(), mb["advantages"], cfg["clip_low"],
                                                      cfg["clip_high"])
-        per_token = pg
         kl = torch.zeros_like(logp)
         if self.reference is not None:
             with torch.no_grad():
@@ -242,7 +243,15 @@ class PolicyTrainer(DeepSpeedRank):
                 ref_logp = algorithms.token_logprobs(ref_logits, mb["input_ids"])
                 del ref_logits
             kl = algorithms.kl_penalty(logp, ref_logp, cfg["kl_estimator"])
-            per_token = pg + cfg["kl_coef"] * kl
+        if cfg["entropy_coef"]:
+            # In the graph only for the bonus: its backward keeps a float softmax of all logits alive.
+            entropy = algorithms.token_entropy(logits)
+        else:
+            with torch.no_grad():
+                # Row by row: a float copy of all logits at once can be as large as the activations (151k vocab).
+                entropy = torch.cat([algorithms.token_entropy(row) for row in logits.detach().split(1)])
+        per_token = algorithms.policy_token_loss(pg, entropy, kl, cfg["entropy_coef"],
+                                                 cfg["kl_coef"] if self.reference is not None else 0.0)
         loss = (per_token * mb["loss_weights"]).sum()
         # DeepSpeed averages gradients over data-parallel ranks; multiplying by world_size turns that average back
         # into the sum of the ranks' shares, i.e. the gradient of the whole-batch loss. scale_wrt_gas=False: the
@@ -250,22 +259,14 @@ class PolicyTrainer(DeepSpeedRank):
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
 
         with torch.no_grad():
-            # Row by row: a float copy of all logits at once can be as large as the activations (151k vocab).
-            entropy = torch.stack([_entropy(row.float()) for row in logits.detach()])
-            # Entropy at position t-1 is that of the distribution token t was sampled from.
-            entropy = torch.nn.functional.pad(entropy[:, :-1], (1, 0))
             return torch.stack([
                 loss.detach(),
                 (kl.detach() * mask).sum(),
                 (clipped * mask).sum(),
-                (entropy * mask).sum(),
+                (entropy.detach() * mask).sum(),
                 ((logp.detach() - mb["rollout_logprobs"]).abs() * mask).sum(),
                 mask.sum(),
             ]).double().cpu()
-
-
-def _entropy(logits: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(logits, dim=-1) - (logits.softmax(-1) * logits).sum(-1)
 
 
 def _cpu_copy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -82,26 +82,41 @@ def batch():
 
 @pytest.fixture(scope="module")
 def expected(model_dir, batch):
-    """The whole batch in one process: loss, pre-clip grad norm, and the weights after one clipped AdamW step."""
+    """``expected(entropy_coef)``: the single-process reference for that entropy bonus, computed once each."""
+    cache: dict[float, dict] = {}
+
+    def get(entropy_coef: float = 0.0) -> dict:
+        if entropy_coef not in cache:
+            cache[entropy_coef] = single_process_update(model_dir, batch, entropy_coef)
+        return cache[entropy_coef]
+
+    return get
+
+
+def single_process_update(model_dir: str, batch: dict, entropy_coef: float) -> dict:
+    """The whole batch in one process: loss, pre-clip grad norm, and the weights after one clipped AdamW step.
+
+    Loss per token: pg - entropy_coef * H, with H from torch.distributions (not the trainer's own function)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logp = algorithms.token_logprobs(logits, batch["input_ids"])
     pg, _ = algorithms.clipped_policy_loss(logp, logp.detach(), batch["advantages"], CFG["clip_low"],
                                            CFG["clip_high"])
-    loss = (pg * batch["loss_weights"]).sum()
     mask = batch["response_mask"]
+    # Token t is drawn from the distribution predicted at t-1: entropies shift right by one.
+    entropy = torch.distributions.Categorical(logits=logits[:, :-1]).entropy()
+    entropy = torch.nn.functional.pad(entropy, (1, 0))
+    loss = ((pg - entropy_coef * entropy) * batch["loss_weights"]).sum()
     with torch.no_grad():
-        # Token t is drawn from the distribution predicted at t-1.
-        entropy = torch.distributions.Categorical(logits=logits[:, :-1]).entropy()
-        entropy = algorithms.masked_mean(entropy, mask[:, 1:])
+        mean_entropy = algorithms.masked_mean(entropy, mask)
         mismatch = algorithms.masked_mean((logp - batch["rollout_logprobs"]).abs(), mask)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CFG["max_grad_norm"])
     assert grad_norm > CFG["max_grad_norm"]
     torch.optim.AdamW(model.parameters(), lr=CFG["lr"], betas=(0.9, 0.999), eps=CFG["adam_eps"],
                       weight_decay=CFG["weight_decay"]).step()
-    return {"loss": loss.item(), "grad_norm": grad_norm.item(), "entropy": entropy.item(), "mismatch": mismatch.item(),
-            "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    return {"loss": loss.item(), "grad_norm": grad_norm.item(), "entropy": mean_entropy.item(),
+            "mismatch": mismatch.item(), "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
 
 def assert_weights_equal(actual: dict, expected: dict):
@@ -112,42 +127,50 @@ def assert_weights_equal(actual: dict, expected: dict):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("zero_stage, micro_batch_size", [(3, 2), (3, 1), (2, 1)])
-def test_matches_single_process_update(ray_cluster, model_dir, batch, expected, zero_stage, micro_batch_size):
-    """2 ranks x 2 rows, in one micro-batch per rank or in two."""
-    cfg = {**CFG, "zero_stage": zero_stage, "micro_batch_size": micro_batch_size}
+@pytest.mark.parametrize("zero_stage, micro_batch_size, entropy_coef", [(3, 2, 0.0), (3, 1, 0.0), (2, 1, 0.0),
+                                                                       (3, 1, 0.1)])
+def test_matches_single_process_update(ray_cluster, model_dir, batch, expected, zero_stage, micro_batch_size,
+                                       entropy_coef):
+    """2 ranks x 2 rows, in one micro-batch per rank or in two; the last case adds the entropy bonus."""
+    cfg = {**CFG, "zero_stage": zero_stage, "micro_batch_size": micro_batch_size, "entropy_coef": entropy_coef}
     group = TrainerGroup(model_dir, cfg, num_ranks=2, timeout_s=120)
     try:
         metrics = group.train_step(batch)
         weights = group.full_state_dict()
     finally:
         group.shutdown()
+    want = expected(entropy_coef)
+    if entropy_coef:
+        # Token-mean weights: the bonus moves the loss by -coef * mean entropy (~0.1 * ln 32 on a random model),
+        # far beyond the tolerance below, so a trainer that dropped the bonus would fail.
+        assert want["loss"] == pytest.approx(expected(0.0)["loss"] - entropy_coef * want["entropy"], rel=1e-6)
 
-    assert metrics["losses/policy_loss"] == pytest.approx(expected["loss"], rel=1e-5)
-    assert metrics["losses/grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
+    assert metrics["losses/policy_loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert metrics["losses/grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
     assert metrics["losses/clipfrac"] == 0.0  # ratio is exactly 1 on the only update per rollout batch
-    assert metrics["losses/entropy"] == pytest.approx(expected["entropy"], rel=1e-5)
-    assert metrics["perf/logprob_mismatch"] == pytest.approx(expected["mismatch"], rel=1e-5)
+    assert metrics["losses/entropy"] == pytest.approx(want["entropy"], rel=1e-5)
+    assert metrics["perf/logprob_mismatch"] == pytest.approx(want["mismatch"], rel=1e-5)
     assert metrics["perf/train_s"] > 0
     assert all(isinstance(v, float) for v in metrics.values())
-    assert_weights_equal(weights, expected["weights"])
+    assert_weights_equal(weights, want["weights"])
 
 
 def test_kl_save_pretrained_and_uneven_batch(ray_cluster, model_dir, batch, expected, tmp_path):
     """One ZeRO-3 group for the rest: KL against the reference, the checkpoint round trip, and the row check."""
+    want = expected()
     group = TrainerGroup(model_dir, {**CFG, "zero_stage": 3, "kl_coef": 0.1}, num_ranks=2, timeout_s=120)
     try:
         metrics = group.train_step(batch)
         # Policy == reference on the first step, so KL (k3) is 0 up to rounding.
         assert 0.0 <= metrics["losses/kl"] < 1e-6
         # ... and so is k3's gradient there: the update is the one without KL.
-        assert metrics["losses/policy_loss"] == pytest.approx(expected["loss"], rel=1e-5)
+        assert metrics["losses/policy_loss"] == pytest.approx(want["loss"], rel=1e-5)
 
         with pytest.raises(ValueError, match="does not split evenly across 2 trainer ranks"):
             group.train_step({k: v[:3] for k, v in batch.items()})
 
         weights = group.full_state_dict()
-        assert_weights_equal(weights, expected["weights"])
+        assert_weights_equal(weights, want["weights"])
         path = str(tmp_path / "checkpoint")
         group.save_pretrained(path)
         group.save_pretrained(path)  # overwriting an existing checkpoint works too

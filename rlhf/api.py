@@ -1,0 +1,278 @@
+"""The Python API: run the pipeline from a script, or drive a run stage by stage and step by step.
+
+    import rlhf
+
+    cfg = rlhf.load_config("configs/tiny.yaml", ["output_dir=runs/mine"])  # or rlhf.RunConfig(...) in code
+    result = rlhf.run(cfg)                      # every configured stage, as `distilrl run` does
+    print(result.summary["eval_after"], result.policy_dir)
+
+    with rlhf.Trainer(cfg, reward_fn=my_reward, train_dataset=ds) as trainer:   # or one piece at a time
+        trainer.warmup()
+        trainer.evaluate()
+        metrics = trainer.step()
+        trainer.save()
+
+The ``distilrl run`` command goes through ``run`` too: scripts and the CLI share one code path.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import ray
+import torch
+
+from reward import distill
+from reward.worker import RewardFn
+from rlhf import actors, driver
+from rlhf.checkpoint import write_json_atomic
+from rlhf.config import ConfigError, RunConfig
+from rlhf.models import save_student
+from rlhf.warmup import run_warmup
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What ``run`` returns: the summary (as written to ``summary.json``) and where the run's files are."""
+
+    summary: dict
+    output_dir: Path
+    policy_dir: Path | None  # the final policy, Hugging Face format; None when no RL step ran
+    reward_model_dir: Path | None  # the distilled RM trained (or reward_model.path); None without one
+
+
+def run(cfg: RunConfig, reward_fn: RewardFn | None = None, train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | None = None, log: Callable[[str], None] = print) -> RunResult:
+    """Run the stages ``cfg.stages`` lists, in pipeline order: warm-up, labelling, reward-model training, evaluation
+    before RL, RL (``algorithm.steps`` steps), evaluation after, the final policy. The arguments are ``Trainer``'s."""
+    with Trainer(cfg, reward_fn, train_dataset, eval_dataset, log) as trainer:
+        if "warmup" in cfg.stages:
+            trainer.warmup()
+        if "label" in cfg.stages:
+            trainer.label()
+        if "train_rm" in cfg.stages:
+            trainer.train_reward_model()
+        if "eval" in cfg.stages:
+            trainer.evaluate()
+        if "rl" in cfg.stages:
+            trainer.train()
+        if "eval" in cfg.stages:
+            trainer.evaluate()
+        policy_dir = trainer.save() if trainer.steps else None
+    return RunResult(trainer.summary, trainer.output_dir, policy_dir, trainer.reward_model_dir)
+
+
+class Trainer:
+    """One run, driven from Python, with its Ray actors; use it as a context manager.
+
+    ``cfg``: the run's config (``load_config`` or ``RunConfig(...)``); the run directory is ``cfg.output_dir``.
+    ``reward_fn``: ``fn(prompts, responses, rows) -> list[float]``, one reward per response, the RL reward's
+    ``custom`` component, weighted by ``cfg.reward.components["custom"]`` (beside or instead of the verifier and
+    the RM). ``rows[i]`` is the source record of ``prompts[i]`` (a dataset row with all its columns; for the
+    arithmetic task ``prompt``, ``answer``, ``difficulty``). It runs in the reward worker processes (Ray pickles it
+    with cloudpickle), so changes it makes to the script's objects are not seen; an error in it stops the step
+    with a ``RewardError`` naming the sample. ``train_dataset``, ``eval_dataset``: ``datasets.Dataset``s of
+    prompts (columns ``task.prompt_field``, ``task.answer_field``, optionally ``task.difficulty_field``) used
+    instead of the task's training or held-out prompts. ``log``: where progress lines go. Attributes:
+    ``output_dir``, ``steps`` (RL steps taken), ``reward_model_dir`` (None until there is one).
+
+    Leaving the ``with`` block stops the actors, and Ray if this Trainer started it, also when an exception ends
+    it; a clean exit also writes ``summary.json`` (a failed run leaves none, so its directory can be reused).
+    Stages that depend on each other come in pipeline order: ``warmup`` before anything starts an actor, and
+    ``train_reward_model`` before the first ``evaluate``/``step``/``train``/``save`` (the reward workers load the RM).
+    """
+
+    def __init__(self, cfg: RunConfig, reward_fn: RewardFn | None = None, train_dataset: Dataset | None = None,
+                 eval_dataset: Dataset | None = None, log: Callable[[str], None] = print):
+        _check_reward_fn(cfg, reward_fn)
+        self.cfg, self.log = cfg, log
+        self._reward_fn = reward_fn
+        self._start = time.perf_counter()
+        self.output_dir: Path = driver.prepare_run_dir(cfg)
+        self._train_rows, self._eval_rows = driver.load_prompts(cfg, train_dataset, eval_dataset)
+        log(cfg.describe_batches())
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self._student, self._tokenizer = driver.build_policy(cfg, log)
+        self._order = random.Random(cfg.seed + 3)  # which prompts each RL step takes
+        self.reward_model_dir: Path | None = Path(cfg.reward_model.path) if cfg.reward_model.path else None
+        self.steps = 0  # RL steps taken
+        self._summary: dict = {}
+        self._timer = driver.StageTimer()
+        self._rollout: list = []
+        self._loop: driver.GRPOLoop | None = None
+        self._owns_ray = False
+        self._closed = False
+        self._wall_s: float | None = None
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._stop_actors()
+            self._closed = True
+
+    # --------------------------------------------------------------------------------------------------- stages
+
+    def warmup(self) -> dict:
+        """Supervised distillation of the teacher's solutions into the student (``cfg.warmup``); returns its
+        figures. Runs in this process, before any actor starts: they all start from the warmed-up student."""
+        if self._student is None:
+            raise RuntimeError("warmup() must come before label(), train_reward_model(), evaluate(), step(), "
+                               "train() and save(): the actors start from the warmed-up student")
+        with self._timer("warmup"):
+            self._summary["warmup"] = run_warmup(self._student, self._tokenizer, self.cfg.warmup, self.cfg.seed,
+                                                 self.log)
+        return self._summary["warmup"]
+
+    def label(self) -> dict:
+        """The teacher judges student samples (``cfg.label``), written to ``output_dir/labels``; returns the
+        counts. Labelling resumes where an earlier, unfinished run in this output_dir stopped."""
+        with self._timer("label"):
+            self._summary["labels"] = distill.label_stage(self.cfg, self._rollout_workers(), self._train_rows,
+                                                          self._eval_rows, self.output_dir, self.log)
+        return self._summary["labels"]
+
+    def train_reward_model(self) -> dict:
+        """Train the distilled RM on the labels (or take ``reward_model.path``) and score it against the teacher on
+        held-out labels; returns those figures. RL's ``rm`` reward component then uses this RM."""
+        if self._loop is not None:
+            raise RuntimeError("train_reward_model() must come before evaluate(), step(), train() and save(): the "
+                               "reward workers load the reward model when they start")
+        with self._timer("train_rm"):
+            rm_dir, self._summary["reward_model"] = distill.reward_model_stage(self.cfg, self._start_dir(),
+                                                                              self.output_dir, self.log)
+        self.reward_model_dir = Path(rm_dir)
+        return self._summary["reward_model"]
+
+    def evaluate(self) -> dict:
+        """Greedy answers to the held-out prompts, checked by the verifier: ``accuracy``, ``mean_response_tokens``,
+        ``n`` and ``by_difficulty`` where the prompts have a difficulty. Recorded in the summary as ``eval_before``
+        (the first evaluation before any RL step) or ``eval_after`` (any later one; the latest counts)."""
+        loop = self._grpo()
+        with self._timer("eval"):
+            figures = loop.evaluate(self._eval_rows)
+        when = "before" if self.steps == 0 and "eval_before" not in self._summary else "after"
+        self._summary[f"eval_{when}"] = figures
+        self.log(f"eval {when} RL: accuracy {figures['accuracy']:.3f}")
+        return figures
+
+    def step(self) -> dict:
+        """One RL step on ``rollout.prompts_per_step`` prompts from the training pool; returns its metrics
+        (``reward/*``, ``losses/*``, ``perf/*``, ``charts/*``), also appended to ``metrics.jsonl``."""
+        loop = self._grpo()
+        start = time.perf_counter()
+        rows = self._order.sample(self._train_rows, self.cfg.rollout.prompts_per_step)
+        metrics = loop.step(self.steps + 1, rows)
+        self.steps += 1
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        self.log(driver.progress_line(self.steps, self.cfg.algorithm.steps, metrics))
+        self._timer.add("rl", time.perf_counter() - start)
+        return metrics
+
+    def train(self, steps: int | None = None) -> list[dict]:
+        """The RL stage: ``steps`` RL steps (default ``algorithm.steps``), with a checkpoint in
+        ``output_dir/checkpoints/step_N`` every ``save_every`` steps; returns their metrics."""
+        steps = self.cfg.algorithm.steps if steps is None else steps
+        history = []
+        for i in range(1, steps + 1):
+            history.append(self.step())
+            if self.cfg.save_every and self.steps % self.cfg.save_every == 0 and i < steps:
+                self.save(self.output_dir / "checkpoints" / f"step_{self.steps}")
+        return history
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write the current policy in Hugging Face format (safetensors, with its tokenizer) to ``path``, by
+        default ``output_dir/policy``; returns the path."""
+        path = Path(path) if path is not None else self.output_dir / "policy"
+        self._grpo().trainer.save_pretrained(str(path))
+        return path
+
+    @property
+    def summary(self) -> dict:
+        """The run's figures so far, as ``summary.json`` holds them at the end: ``warmup``, ``labels``,
+        ``reward_model``, ``eval_before``, ``eval_after`` (those that ran), ``steps``, ``stage_s``, ``wall_s``."""
+        wall_s = self._wall_s if self._wall_s is not None else round(time.perf_counter() - self._start, 1)
+        return {**self._summary, "steps": self.steps, "stage_s": dict(self._timer.seconds), "wall_s": wall_s}
+
+    def close(self) -> None:
+        """Stop the actors (and Ray, if this Trainer started it) and write ``summary.json``. Leaving the ``with``
+        block calls it; calling it twice does nothing more."""
+        if self._closed:
+            return
+        self._stop_actors()
+        self._closed = True
+        self._wall_s = round(time.perf_counter() - self._start, 1)
+        write_json_atomic(self.output_dir / "summary.json", self.summary)
+        self.log(f"wrote {self.output_dir / 'summary.json'} ({self._wall_s:.0f} s)")
+
+    # ------------------------------------------------------------------------------------- actors, started lazily
+
+    def _start_dir(self) -> str:
+        """Every actor loads the starting policy from this directory: one copy on disk, no pickled model in
+        flight. Written once, when the first actor needs it; the in-process student is dropped then."""
+        start_dir = self.output_dir / "warmup"
+        if self._student is not None:
+            save_student(self._student, self._tokenizer, str(start_dir))
+            self._student = None
+        return str(start_dir)
+
+    def _rollout_workers(self) -> list:
+        if self._closed:
+            raise RuntimeError("this Trainer is closed")
+        if not self._rollout:
+            start_dir = self._start_dir()
+            # A Ray the script started itself is the script's to stop; the one started here is stopped in close().
+            self._owns_ray = self._owns_ray or not ray.is_initialized()
+            actors.start_ray(self.cfg)
+            self._rollout = actors.make_rollout_workers(self.cfg, start_dir)
+        return self._rollout
+
+    def _grpo(self) -> driver.GRPOLoop:
+        """The trainer ranks and reward workers beside the rollout workers, started on first use."""
+        if self._loop is None:
+            rollout = self._rollout_workers()
+            if self.cfg.reward.components.get("rm") and not (self.reward_model_dir or self.cfg.reward.rm_url):
+                raise ConfigError("reward.components uses rm but there is no reward model yet: call "
+                                  "train_reward_model() first, or set reward_model.path or reward.rm_url")
+            self._loop = driver.GRPOLoop(self.cfg, self._start_dir(), self._tokenizer, rollout,
+                                         str(self.reward_model_dir) if self.reward_model_dir else None,
+                                         self._reward_fn)
+        return self._loop
+
+    def _stop_actors(self) -> None:
+        try:
+            if self._loop is not None:
+                self._loop.shutdown()
+            for worker in self._rollout:
+                ray.kill(worker)
+        finally:
+            self._loop, self._rollout = None, []
+            if self._owns_ray:
+                ray.shutdown()
+                self._owns_ray = False
+
+
+def _check_reward_fn(cfg: RunConfig, reward_fn) -> None:
+    """A reward function and the custom component's weight come together, or neither does."""
+    weight = cfg.reward.components.get("custom", 0.0)
+    if reward_fn is None and weight:
+        raise ConfigError("reward.components.custom needs a reward function: pass reward_fn to rlhf.Trainer or "
+                          "rlhf.run (the distilrl command has none to pass)")
+    if reward_fn is not None and not callable(reward_fn):
+        raise TypeError(f"reward_fn must be callable as fn(prompts, responses, rows), not a "
+                        f"{type(reward_fn).__name__}")
+    if reward_fn is not None and not weight:
+        raise ConfigError("reward_fn has no weight: set reward.components.custom, e.g. {'custom': 1.0} to reward "
+                          "by it alone or {'verifier': 1.0, 'custom': 0.5} beside the verifier")
