@@ -30,13 +30,14 @@ import hmac
 import json
 import logging
 import math
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from rlhf.http_server import BackgroundHTTPServer
 
 logger = logging.getLogger(__name__)
 
@@ -67,15 +68,11 @@ def _one_line(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-class RewardServer(ThreadingHTTPServer):
+class RewardServer(BackgroundHTTPServer):
     """A threading HTTP server holding the scoring function, the limits and the lock that serialises scoring."""
-
-    daemon_threads = True  # a stuck client must not keep the process alive or block close()
 
     def __init__(self, address: tuple[str, int], score_fn: ScoreFn, token: str | None,
                  max_request_bytes: int, max_batch: int):
-        # Pick the address family from the host so "::1" works as well as "127.0.0.1".
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _RewardHandler)
         self.score_fn = score_fn
         # Compare bytes so hmac.compare_digest accepts any token, not only ASCII ones.
@@ -83,34 +80,6 @@ class RewardServer(ThreadingHTTPServer):
         self.max_request_bytes = max_request_bytes
         self.max_batch = max_batch
         self.score_lock = threading.Lock()  # one model: never run score_fn from two threads at once
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-    def start(self) -> threading.Thread:
-        """Serve from a daemon thread and return it; ``close()`` stops it."""
-        if self._thread is not None:
-            raise RuntimeError("reward server already started")
-        # A short poll interval makes close() return in ~0.1 s instead of the default 0.5 s.
-        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="reward-server", daemon=True)
-        self._thread.start()
-        return self._thread
-
-    def close(self) -> None:
-        """Stop serving (waiting for the serve loop to exit) and release the port. Safe to call twice."""
-        if self._thread is not None:
-            # shutdown() waits for serve_forever to notice; calling it when the loop never ran would hang.
-            self.shutdown()
-            self._thread.join()
-            self._thread = None
-        self.server_close()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 class _RewardHandler(BaseHTTPRequestHandler):

@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 import uuid
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from rlhf.http_server import BackgroundHTTPServer
 from rollout.engine import generate
 
 logger = logging.getLogger(__name__)
@@ -61,13 +61,10 @@ class _ApiError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": None}}
 
 
-class PolicyServer(ThreadingHTTPServer):
+class PolicyServer(BackgroundHTTPServer):
     """The HTTP server holding the model, its tokenizer, the generation lock and a request counter."""
 
-    daemon_threads = True  # a stuck client must not keep the process alive or block close()
-
     def __init__(self, address: tuple[str, int], model, tokenizer, model_name: str, max_request_bytes: int):
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.max_request_bytes = max_request_bytes
@@ -76,35 +73,10 @@ class PolicyServer(ThreadingHTTPServer):
         self.generate_lock = threading.Lock()  # one model: never generate from two threads at once
         self._count_lock = threading.Lock()
         self.request_count = 0  # every request answered, any path: lets tests and operators see traffic
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def count_request(self) -> None:
         with self._count_lock:
             self.request_count += 1
-
-    def start(self) -> threading.Thread:
-        """Serve from a daemon thread; ``close()`` stops it."""
-        if self._thread is not None:
-            raise RuntimeError("policy server already started")
-        self._thread = threading.Thread(target=self.serve_forever, args=(0.1,), name="policy-server", daemon=True)
-        self._thread.start()
-        return self._thread
-
-    def close(self) -> None:
-        """Stop serving and release the port. Safe to call twice."""
-        if self._thread is not None:
-            self.shutdown()  # waits for serve_forever to return; only valid when the loop is running
-            self._thread.join()
-            self._thread = None
-        self.server_close()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 class _Handler(BaseHTTPRequestHandler):
