@@ -12,6 +12,7 @@ checkpointing and Ray group mechanics live in ``DeepSpeedRank`` and ``RankGroup`
 """
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import socket
@@ -88,9 +89,9 @@ class DeepSpeedRank:
         if not cuda:
             # DeepSpeed's CPU backend JIT-compiles a shared-memory allreduce extension on first use: minutes of
             # C++ on a small box, to speed up collectives that are negligible at the sizes run on CPU. Gloo does.
-            import deepspeed.comm.torch as ds_comm_torch
-
-            ds_comm_torch.build_shm_op = lambda: None
+            # (importlib, not `import deepspeed.comm.torch as m`: deepspeed.comm has an attribute named torch, the
+            # torch package itself, which that statement would return and patch instead.)
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         self._deepspeed = deepspeed
         torch.set_num_threads(cfg["threads"])
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
