@@ -7,10 +7,14 @@ import re
 _FINAL_NUMBER_RE = re.compile(r"#\s*(-?\d{1,3}(?:,\d{3})+|-?\d+)")
 
 
+def final_number(response: str) -> int | None:
+    """The number after the response's last ``#``; None when there is none."""
+    found = _FINAL_NUMBER_RE.findall(response)
+    return int(found[-1].replace(",", "")) if found else None
+
+
 def final_number_correct(response: str, reference: str | int) -> bool | None:
     """True/False for the number after the response's last ``#`` against the reference answer; None when the
     response has no parseable answer at all (so callers can tell "wrong" from "did not answer")."""
-    found = _FINAL_NUMBER_RE.findall(response)
-    if not found:
-        return None
-    return int(found[-1].replace(",", "")) == int(reference)
+    answer = final_number(response)
+    return None if answer is None else answer == int(reference)

@@ -19,10 +19,11 @@ import random
 import re
 from dataclasses import dataclass
 
+from reward.verifiers import final_number
+
 MIN_LEVEL, MAX_LEVEL = 1, 6
 MAX_TOTAL = 19
 ANSWER_MARK = "#"
-_ANSWER_RE = re.compile(r"#\s*(-?\d+)")
 
 
 @dataclass(frozen=True)
@@ -111,9 +112,8 @@ def solution(problem: Problem, verbosity: int) -> str:
 
 
 def extract_answer(response: str) -> int | None:
-    """The final answer: the number after the last ``#``; None when there is none."""
-    found = _ANSWER_RE.findall(response)
-    return int(found[-1]) if found else None
+    """The final answer: the number after the last ``#``; None when there is none (the verifiers' one rule)."""
+    return final_number(response)
 
 
 def reasoning_text(response: str) -> str:
