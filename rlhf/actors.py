@@ -48,7 +48,8 @@ def make_reward_workers(cfg: RunConfig, rm_path: str | None, reward_fn=None) -> 
     # Scoring has the cores to itself (rollout and trainers wait for it), so it may use the rollout's threads.
     r = cfg.reward
     workers = [actor.remote(r.components, r.correct, r.unparseable, rm_path, cfg.rollout.threads, cfg.rollout_rows,
-                            r.rm_url, r.rm_token_env, cfg.reward_model.use_reference, reward_fn)
+                            r.rm_url, r.rm_token_env, cfg.reward_model.use_reference, reward_fn,
+                            cfg.task.verifier, cfg.task.answer_regex, r.seqcls_path)
                for _ in range(r.num_workers)]
     call_all([w.__ray_ready__.remote() for w in workers], "reward worker start-up", cfg.call_timeout_s)
     return workers

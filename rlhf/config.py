@@ -9,6 +9,7 @@ must split evenly across trainer ranks (``trainer.num_ranks``) and rollout worke
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,22 +47,54 @@ class ModelConfig(_Section):
 
 
 class TaskConfig(_Section):
-    """Where prompts come from: the synthetic arithmetic task, or JSONL files of prompts with reference answers
-    (the answer checked by the final-number verifier, e.g. GSM8K's ``#### N``). ``*_prompts`` cap the pools."""
+    """Where prompts come from: the synthetic arithmetic task, or a prompt dataset read with ``datasets``
+    (``dataset``; ``jsonl`` is the same, its older name): a JSONL, JSON, Parquet or CSV file, or a directory written
+    by ``save_to_disk``. ``*_prompts`` cap the pools. Dataset prompts are rendered with the chat template below;
+    the arithmetic task's stay plain text (the warm-up trains on them so)."""
 
-    name: Literal["arithmetic", "jsonl"] = "arithmetic"
+    name: Literal["arithmetic", "jsonl", "dataset"] = "arithmetic"
     train_prompts: int = Field(4000, gt=0)
     eval_prompts: int = Field(250, gt=0)
     train_file: str | None = None
-    eval_file: str | None = None
+    eval_file: str | None = None  # none: the held-out prompts come from eval_split or eval_fraction of train_file
+    train_split: str = "train"  # the split to use when train_file is a save_to_disk directory of several splits
+    eval_split: str | None = None  # e.g. "test": that split of eval_file (or of train_file when eval_file is unset)
+    eval_fraction: float | None = Field(None, gt=0, lt=1)  # hold out this share of train_file (shuffled by seed)
+    shuffle: bool = True  # shuffle the training pool by the run's seed before train_prompts caps it
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     difficulty_field: str | None = None
+    system_field: str | None = None  # a column holding each prompt's system prompt (wins over system_prompt)
+    system_prompt: str | None = None  # one system prompt for every prompt
+    # auto: the tokenizer's own chat template (Qwen's ChatML for qwen2.5), plain text if it has none; plain: the
+    # prompt text as it is (a system prompt, if any, above it); else a Jinja template, or the path of a .jinja file.
+    chat_template: str = "auto"
+    chat_template_kwargs: dict[str, Any] = {}  # extra template variables, e.g. {enable_thinking: false} for Qwen3
+    max_prompt_tokens: int | None = Field(None, gt=0)  # drop (and report) prompts longer than this, template included
+    # How a response's answer is checked against the reference (reward.verifiers.VERIFIERS): final_number (the
+    # number after the last "#"), gsm8k (the same, tolerant of "$", commas and decimals), math (the last
+    # \boxed{...}, compared by math-verify: 1/2 = 0.5 = \frac{1}{2}), exact (the whole response), regex.
+    verifier: Literal["final_number", "gsm8k", "math", "exact", "regex"] = "final_number"
+    answer_regex: str | None = None  # regex verifier: the answer is the last match (its first group, if any)
 
     @model_validator(mode="after")
-    def _files_for_jsonl(self) -> "TaskConfig":
-        if self.name == "jsonl" and not (self.train_file and self.eval_file):
-            raise ValueError("task jsonl needs task.train_file and task.eval_file")
+    def _files_for_datasets(self) -> "TaskConfig":
+        if self.name != "arithmetic":
+            if not self.train_file:
+                raise ValueError(f"task {self.name} needs task.train_file")
+            if not (self.eval_file or self.eval_split or self.eval_fraction):
+                raise ValueError(f"task {self.name} needs held-out prompts: set task.eval_file, task.eval_split "
+                                 f"or task.eval_fraction")
+        if self.verifier == "regex":
+            if not self.answer_regex:
+                raise ValueError("verifier regex needs task.answer_regex")
+            try:
+                re.compile(self.answer_regex)
+            except re.error as err:
+                raise ValueError(f"task.answer_regex is not a valid regular expression ({err})") from None
+        if self.chat_template not in ("auto", "plain") and not self.chat_template.endswith(".jinja") \
+                and "{" not in self.chat_template:
+            raise ValueError("chat_template must be auto, plain, a Jinja template or the path of a .jinja file")
         return self
 
 
@@ -87,11 +120,17 @@ class RolloutConfig(_Section):
 
 class RewardConfig(_Section):
     """What RL is rewarded by: a weighted sum of components. ``verifier``: the rule check of the final answer
-    against the reference; ``rm``: the distilled reward model's quality score (from ``reward_model``); ``custom``:
-    a Python function passed from a script (``rlhf.Trainer(cfg, reward_fn=...)``; the CLI has none to pass)."""
+    against the reference; ``rm``: the distilled reward model's quality score (from ``reward_model``); ``seqcls``:
+    any ``AutoModelForSequenceClassification`` reward model's score (``seqcls_path``, e.g. one trained by TRL's
+    RewardTrainer); ``custom``: a Python function, ``custom_fn`` or passed from a script
+    (``rlhf.Trainer(cfg, reward_fn=...)``)."""
 
     num_workers: int = Field(1, gt=0)
-    components: dict[Literal["verifier", "rm", "custom"], float] = {"verifier": 1.0}
+    components: dict[Literal["verifier", "rm", "seqcls", "custom"], float] = {"verifier": 1.0}
+    # The custom component's function: "module.path:function" or "path/to/file.py:function", called as
+    # fn(prompts, responses, rows) -> one float per response; a coroutine function is awaited.
+    custom_fn: str | None = None
+    seqcls_path: str | None = None  # the seqcls component's model: a local directory, safetensors
     # Score the rm component on a reward server (``distilrl serve-rm``) instead of in the reward workers.
     rm_url: str | None = None
     rm_token_env: str | None = None  # environment variable holding the server's bearer token
@@ -107,7 +146,11 @@ class RewardConfig(_Section):
     @model_validator(mode="after")
     def _some_component(self) -> "RewardConfig":
         if not any(w != 0 for w in self.components.values()):
-            raise ValueError("reward.components needs at least one non-zero weight (verifier, rm, custom)")
+            raise ValueError("reward.components needs at least one non-zero weight (verifier, rm, seqcls, custom)")
+        if self.components.get("seqcls") and not self.seqcls_path:
+            raise ValueError("reward.components uses seqcls: set reward.seqcls_path to its model directory")
+        if self.custom_fn is not None and ":" not in self.custom_fn:
+            raise ValueError("custom_fn must read module.path:function or path/to/file.py:function")
         return self
 
 

@@ -56,10 +56,27 @@ def load_student(path: str | Path) -> tuple[PreTrainedModel, object]:
         raise ModelLoadError(f"model directory {path} has no .safetensors weights (only safetensors are loaded)")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"cannot load the model in {path} ({_one_line(err)}): check its files") from None
-    return model, tokenizer
+    return model, load_tokenizer(path)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved in a local model directory, with a pad token (its end-of-sequence token when it has
+    none, as Llama tokenizers do: batched sampling and training pad their rows)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory {path} does not exist: set model.model_name_or_path to a local "
+                             f"Hugging Face directory, or leave it empty to build a student from model.* sizes")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelLoadError(f"cannot load the tokenizer in {path} ({_one_line(err)}): check its files") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ModelLoadError(f"the tokenizer in {path} has neither a pad nor an end-of-sequence token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _one_line(err: Exception) -> str:
