@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlhf.algorithms import ADVANTAGE_ESTIMATORS
 
@@ -85,17 +85,26 @@ class TaskConfig(_Section):
             if not (self.eval_file or self.eval_split or self.eval_fraction):
                 raise ValueError(f"task {self.name} needs held-out prompts: set task.eval_file, task.eval_split "
                                  f"or task.eval_fraction")
-        if self.verifier == "regex":
-            if not self.answer_regex:
-                raise ValueError("verifier regex needs task.answer_regex")
-            try:
-                re.compile(self.answer_regex)
-            except re.error as err:
-                raise ValueError(f"task.answer_regex is not a valid regular expression ({err})") from None
-        if self.chat_template not in ("auto", "plain") and not self.chat_template.endswith(".jinja") \
-                and "{" not in self.chat_template:
-            raise ValueError("chat_template must be auto, plain, a Jinja template or the path of a .jinja file")
+        if self.verifier == "regex" and not self.answer_regex:
+            raise ValueError("verifier regex needs task.answer_regex")
         return self
+
+    @field_validator("answer_regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"not a valid regular expression ({err})") from None
+        return value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_kind(cls, value: str) -> str:
+        if value not in ("auto", "plain") and not value.endswith(".jinja") and "{" not in value:
+            raise ValueError("must be auto, plain, a Jinja template or the path of a .jinja file")
+        return value
 
 
 class WarmupConfig(_Section):
