@@ -38,7 +38,7 @@ def load_reward_fn(spec: str, key: str = "reward.custom_fn") -> Callable:
         raise ConfigError(f"config key {key}: {target} has no function {name!r}")
     # Ship the function's code to the Ray workers rather than a reference they could not import (a file path,
     # or a module found through the driver's working directory).
-    import cloudpickle
+    from ray import cloudpickle  # the copy Ray pickles remote arguments with
 
     cloudpickle.register_pickle_by_value(module)
     return fn

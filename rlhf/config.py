@@ -158,9 +158,14 @@ class RewardConfig(_Section):
             raise ValueError("reward.components needs at least one non-zero weight (verifier, rm, seqcls, custom)")
         if self.components.get("seqcls") and not self.seqcls_path:
             raise ValueError("reward.components uses seqcls: set reward.seqcls_path to its model directory")
-        if self.custom_fn is not None and ":" not in self.custom_fn:
-            raise ValueError("custom_fn must read module.path:function or path/to/file.py:function")
         return self
+
+    @field_validator("custom_fn")
+    @classmethod
+    def _function_spec(cls, value: str | None) -> str | None:
+        if value is not None and ":" not in value:
+            raise ValueError("must read module.path:function or path/to/file.py:function")
+        return value
 
 
 class LabelConfig(_Section):
