@@ -26,15 +26,17 @@ def template_override(cfg: TaskConfig) -> str | None:
 
 
 def make_renderer(cfg: TaskConfig, tokenizer):
-    """A function ``(prompt, system) -> text`` rendering one prompt the way ``cfg`` says, for ``tokenizer``."""
+    """A function ``(prompts, systems) -> texts`` rendering a batch of prompts (each with its system prompt or
+    None) the way ``cfg`` says, for ``tokenizer``."""
     template = template_override(cfg)
     if cfg.chat_template == "plain" or (template is None and not getattr(tokenizer, "chat_template", None)):
-        return lambda prompt, system=None: f"{system}\n\n{prompt}" if system else prompt
+        return lambda prompts, systems: [f"{s}\n\n{p}" if s else p for p, s in zip(prompts, systems, strict=True)]
 
-    def render(prompt: str, system: str | None = None) -> str:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    def render(prompts: list[str], systems: list[str | None]) -> list[str]:
+        conversations = [([{"role": "system", "content": s}] if s else []) + [{"role": "user", "content": p}]
+                         for p, s in zip(prompts, systems, strict=True)]
         try:
-            return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+            return tokenizer.apply_chat_template(conversations, chat_template=template, tokenize=False,
                                                  add_generation_prompt=True, **cfg.chat_template_kwargs)
         except Exception as err:  # noqa: BLE001 - a broken template is a config problem: one line, named
             raise ConfigError(f"config key task.chat_template: the chat template failed "

@@ -203,9 +203,10 @@ def load_rows(cfg: TaskConfig, seed: int, train_dataset=None, eval_dataset=None,
     render = make_renderer(cfg, tokenizer) if tokenizer is not None else None
     pools = []
     for which, (rows, from_dataset) in (("train", train), ("eval", held_out)):
+        cap = cfg.train_prompts if which == "train" else cfg.eval_prompts
         if from_dataset and render is not None:
-            rows = _prepare(rows, which, cfg, render, tokenizer, log, stats)
-        pools.append(rows[:cfg.train_prompts if which == "train" else cfg.eval_prompts])
+            rows = _prepare(rows, which, cfg, render, tokenizer, cap, log, stats)
+        pools.append(rows[:cap])
     stats.update(train_prompts=len(pools[0]), eval_prompts=len(pools[1]))
     return pools[0], pools[1]
 
@@ -219,24 +220,38 @@ def split_by_fraction(rows: list[PromptRow], fraction: float, seed: int) -> tupl
     return ([r for i, r in enumerate(rows) if i not in chosen], [r for i, r in enumerate(rows) if i in chosen])
 
 
-def _prepare(rows: list[PromptRow], which: str, cfg: TaskConfig, render, tokenizer, log, stats: dict
+def _prepare(rows: list[PromptRow], which: str, cfg: TaskConfig, render, tokenizer, cap: int, log, stats: dict
              ) -> list[PromptRow]:
-    """Rows with their prompt rendered (system prompt included) and those over the token budget dropped."""
-    rows = [replace(r, prompt=render(r.prompt, r.system or cfg.system_prompt)) for r in rows]
+    """Up to ``cap`` rows with their prompt rendered (system prompt included), those over the token budget dropped.
+    Rows are rendered and counted a chunk at a time until ``cap`` are kept: a 1M-row file capped at 2,000 prompts
+    costs 2,000 renders, not a million; the report says how many rows were examined."""
+    kept, dropped, examined = [], [], 0
+    chunk = min(512, max(64, cap + cap // 4))  # a little over the cap: most of a chunk fits the budget
+    for start in range(0, len(rows), chunk):
+        if len(kept) >= cap:
+            break
+        part = rows[start:start + chunk]
+        texts = render([r.prompt for r in part], [r.system or cfg.system_prompt for r in part])
+        examined += len(part)
+        lengths = ([len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
+                   if cfg.max_prompt_tokens else [0] * len(part))
+        for i, (row, text, n) in enumerate(zip(part, texts, lengths)):
+            if cfg.max_prompt_tokens and n > cfg.max_prompt_tokens:
+                dropped.append((start + i, n))
+            else:
+                kept.append(replace(row, prompt=text))
     if not cfg.max_prompt_tokens:
-        return rows
-    lengths = [len(ids) for ids in tokenizer([r.prompt for r in rows], add_special_tokens=False).input_ids]
-    kept = [r for r, n in zip(rows, lengths) if n <= cfg.max_prompt_tokens]
-    dropped = [(i, n) for i, n in enumerate(lengths) if n > cfg.max_prompt_tokens]
+        return kept
     stats[f"{which}_dropped_too_long"] = len(dropped)
-    if dropped and log is not None:
+    if log is not None:
         examples = "; ".join(f"#{i} ({n} tokens): {_excerpt(rows[i].record, rows[i].prompt, cfg.prompt_field)}"
                              for i, n in dropped[:3])
-        log(f"data: dropped {len(dropped)} of {len(rows)} {which} prompts longer than task.max_prompt_tokens="
-            f"{cfg.max_prompt_tokens} tokens (chat template included), e.g. {examples}")
+        log(f"data: dropped {len(dropped)} of {examined} {which} prompts examined ({len(rows)} in all) longer than "
+            f"task.max_prompt_tokens={cfg.max_prompt_tokens} tokens (chat template included)"
+            + (f", e.g. {examples}" if dropped else ""))
     if not kept:
         raise DatasetError(f"every {which} prompt is longer than task.max_prompt_tokens={cfg.max_prompt_tokens} "
-                           f"tokens (the shortest has {min(lengths)}): raise it")
+                           f"tokens (the shortest has {min(n for _, n in dropped)}): raise it")
     return kept
 
 

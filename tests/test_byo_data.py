@@ -181,7 +181,7 @@ def test_qwen3_think_blocks_stay_in_prompts_and_decoded_responses(qwen_tokenizer
                 "<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
                 "<think>\n\n</think>\n\n{% endif %}")
     render = make_renderer(TaskConfig(chat_template=template, chat_template_kwargs={"enable_thinking": False}), qwen3)
-    assert render("1+1?").endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert render(["1+1?"], [None])[0].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     ids = qwen3("<think>carry the one</think>\n#### 2<|im_end|>", add_special_tokens=False).input_ids
     assert qwen3.decode(ids, skip_special_tokens=True) == "<think>carry the one</think>\n#### 2"
 
@@ -200,8 +200,10 @@ def test_prompts_over_the_token_budget_are_dropped_counted_and_reported(qwen_tok
     assert stats["train_prompts"] == len(train) == total - stats["train_dropped_too_long"]
     assert stats["eval_prompts"] == len(held_out) == stats["train_prompts"]
     report = next(line for line in lines if " train prompts " in line)
-    assert f"dropped {stats['train_dropped_too_long']} of {total} train prompts longer than " \
-           f"task.max_prompt_tokens=40 tokens" in report
+    assert f"dropped {stats['train_dropped_too_long']} of {total} train prompts examined ({total} in all) longer " \
+           f"than task.max_prompt_tokens=40 tokens" in report
     assert report.count(" tokens): ") == 3  # the first three examples, with their lengths
+    capped, _ = load_rows(cfg.model_copy(update={"train_prompts": 50}), seed=0, tokenizer=qwen_tokenizer)
+    assert capped == train[:50]  # a cap renders and counts only as many rows as it needs, keeping the same ones
     with pytest.raises(DatasetError, match=r"every train prompt is longer than task.max_prompt_tokens=5 tokens"):
         load_rows(cfg.model_copy(update={"max_prompt_tokens": 5}), seed=0, tokenizer=qwen_tokenizer)
