@@ -54,7 +54,6 @@ def test_local_students_of_each_architecture_sample_and_load_back(kind, tmp_path
     assert all(lp <= 0.0 for s in samples for lp in s.logprobs)
 
 
-@pytest.mark.slow
 def test_llama_student_trains_on_a_csv_with_a_custom_reward_named_in_the_config(tmp_path, capsys):
     """One RL step from the command line: a Llama directory without a pad token, prompts from CSV held out by
     fraction, the regex verifier, and a custom reward from a file, all in the YAML; the policy it writes loads
@@ -65,8 +64,8 @@ def test_llama_student_trains_on_a_csv_with_a_custom_reward_named_in_the_config(
     rows = "".join(f"{a}+{b}=,{a + b},{1 + (a + b) % 3}\n" for a in range(10) for b in range(4))
     (tmp_path / "sums.csv").write_text("problem,total,level\n" + rows)
     (tmp_path / "rewards.py").write_text(
-        "async def short(prompts, responses, rows):\n"
-        "    return [1.0 if len(r) <= 3 and row['level'] > 0 else 0.0 for r, row in zip(responses, rows)]\n")
+        "async def longer(prompts, responses, rows):  # varies between samples: a gradient on every step\n"
+        "    return [len(r) * row['level'] / 18 for r, row in zip(responses, rows)]\n")
     config = {
         "output_dir": str(tmp_path / "run"), "stages": ["rl", "eval"],
         "model": {"model_name_or_path": str(student)},
@@ -74,7 +73,7 @@ def test_llama_student_trains_on_a_csv_with_a_custom_reward_named_in_the_config(
                  "prompt_field": "problem", "answer_field": "total", "difficulty_field": "level",
                  "eval_prompts": 6, "verifier": "regex", "answer_regex": r"#(\d+)"},
         "rollout": {"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 6},
-        "reward": {"components": {"verifier": 1.0, "custom": 0.5}, "custom_fn": f"{tmp_path / 'rewards.py'}:short"},
+        "reward": {"components": {"verifier": 1.0, "custom": 0.5}, "custom_fn": f"{tmp_path / 'rewards.py'}:longer"},
         "trainer": {"num_ranks": 1, "micro_batch_size": 4},
         "algorithm": {"steps": 1},
         "eval": {"max_new_tokens": 6},
@@ -83,7 +82,7 @@ def test_llama_student_trains_on_a_csv_with_a_custom_reward_named_in_the_config(
     assert main(["run", str(tmp_path / "run.yaml")]) == 0, capsys.readouterr().err
     run = tmp_path / "run"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 1 and "losses/policy_loss" in metrics[0] or "losses/pg_loss" in metrics[0]
+    assert len(metrics) == 1 and metrics[0]["losses/grad_norm"] > 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["data"] == {"train_prompts": 30, "eval_prompts": 6}
     assert set(summary["eval_after"]["by_difficulty"]) <= {"1", "2", "3"}
