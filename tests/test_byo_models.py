@@ -64,8 +64,8 @@ def test_llama_student_trains_on_a_csv_with_a_custom_reward_named_in_the_config(
     rows = "".join(f"{a}+{b}=,{a + b},{1 + (a + b) % 3}\n" for a in range(10) for b in range(4))
     (tmp_path / "sums.csv").write_text("problem,total,level\n" + rows)
     (tmp_path / "rewards.py").write_text(
-        "async def longer(prompts, responses, rows):  # varies between samples: a gradient on every step\n"
-        "    return [len(r) * row['level'] / 18 for r, row in zip(responses, rows)]\n")
+        "async def spread(prompts, responses, rows):  # differs between any two samples: a gradient every step\n"
+        "    return [sum(map(ord, r)) * row['level'] / 1000 for r, row in zip(responses, rows)]\n")
     config = {
         "output_dir": str(tmp_path / "run"), "stages": ["rl", "eval"],
         "model": {"model_name_or_path": str(student)},
@@ -73,7 +73,7 @@ def test_llama_student_trains_on_a_csv_with_a_custom_reward_named_in_the_config(
                  "prompt_field": "problem", "answer_field": "total", "difficulty_field": "level",
                  "eval_prompts": 6, "verifier": "regex", "answer_regex": r"#(\d+)"},
         "rollout": {"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 6},
-        "reward": {"components": {"verifier": 1.0, "custom": 0.5}, "custom_fn": f"{tmp_path / 'rewards.py'}:longer"},
+        "reward": {"components": {"verifier": 1.0, "custom": 0.5}, "custom_fn": f"{tmp_path / 'rewards.py'}:spread"},
         "trainer": {"num_ranks": 1, "micro_batch_size": 4},
         "algorithm": {"steps": 1},
         "eval": {"max_new_tokens": 6},
