@@ -27,7 +27,7 @@ from rlhf.config import RunConfig, save_config
 from rlhf.data import DatasetError, PromptRow, load_rows
 from rlhf.evaluate import score_eval
 from rlhf.chat import template_override
-from rlhf.models import build_student, build_tokenizer, load_student
+from rlhf.models import build_student, build_tokenizer, check_model_dir, load_student
 from rlhf.models import load_tokenizer as load_model_tokenizer
 from rlhf.trainer import TrainerGroup
 
@@ -62,7 +62,7 @@ def load_tokenizer(cfg: RunConfig):
     """The student's tokenizer (from its directory, or built), carrying ``task.chat_template``'s override so that
     checkpoints and the policy server use the template the prompts were rendered with."""
     path = cfg.model.model_name_or_path
-    tokenizer = load_model_tokenizer(path) if path else build_tokenizer(cfg.model.tokenizer)
+    tokenizer = load_model_tokenizer(check_model_dir(path)) if path else build_tokenizer(cfg.model.tokenizer)
     override = template_override(cfg.task)
     if override is not None:
         tokenizer.chat_template = override
