@@ -20,7 +20,7 @@ import ray
 import torch
 
 from reward import distill
-from rlhf import actors
+from rlhf import actors, cluster
 from rlhf.algorithms import ADVANTAGE_ESTIMATORS, informative_groups, overlong_penalty
 from rlhf.batch import make_train_batch, response_mask
 from rlhf.config import RunConfig, save_config
@@ -118,7 +118,8 @@ class GRPOLoop:
             "clip_low": a.clip_low, "clip_high": a.clip_high, "kl_coef": a.kl_coef, "kl_estimator": a.kl_estimator,
             "entropy_coef": a.entropy_coef,
             "temperature": cfg.rollout.temperature, "timeout_s": self.timeout,
-        }, t.num_ranks, self.timeout)
+        }, t.num_ranks, self.timeout, resources=cluster.role_resources(cfg, "trainer"),
+            strategy=cfg.cluster.trainer_strategy, placement_timeout_s=cfg.cluster.placement_timeout_s)
         self.version = 0  # weights version the rollout workers hold; bumped by every trainer update
 
     def step(self, step: int, rows: list[PromptRow]) -> dict:
