@@ -74,10 +74,20 @@ def connect(address: str, num_cpus: int, timeout_s: float, env_vars: dict[str, s
     if not _answers(host, port, timeout_s):
         raise ClusterError(f"cannot reach the Ray cluster at {target} within {timeout_s:.0f} s: check that "
                            f"`ray start --head` runs there and the port is open (cluster.connect_timeout_s)")
+    _use_token_auth_if_set_up()
     try:
         ray.init(address=target, runtime_env=runtime_env, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ClusterError(f"could not join the Ray cluster at {target}: {' '.join(str(err).split())}") from None
+
+
+def _use_token_auth_if_set_up() -> None:
+    """`ray start` turns on token authentication when this node has a token (~/.ray/auth_token), but a driver
+    joining the cluster sends it only in token mode: without this, joining fails with a bare "Failed to connect".
+    Ray's own rule (a token on this node and RAY_AUTH_MODE unset: token mode), applied before ray.init."""
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def _address_from_ray_start() -> str | None:
