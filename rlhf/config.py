@@ -169,6 +169,25 @@ class TrainerConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(64, gt=0)
     threads: int = Field(1, gt=0)
+    # The GPU path (ignored on CPU): bf16 weights and activations (fp32 master weights in the optimizer),
+    # activation recomputation to fit long responses, and ZeRO offload to host memory: "optimizer" (ZeRO-2/3) or
+    # "optimizer+params" (ZeRO-3 only). Attention is PyTorch SDPA, transformers' default.
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    offload: Literal["none", "optimizer", "optimizer+params"] = "none"
+
+    @model_validator(mode="after")
+    def _offload_needs_stage(self) -> "TrainerConfig":
+        if self.offload == "optimizer+params" and self.zero_stage != 3:
+            raise ValueError("trainer.offload optimizer+params needs trainer.zero_stage 3 (ZeRO-2 keeps parameters "
+                             "on every rank)")
+        return self
+
+    def zero_options(self) -> dict:
+        """Extra keys of DeepSpeed's zero_optimization section for the offload chosen."""
+        host = {"device": "cpu", "pin_memory": True}
+        return {"optimizer": {"offload_optimizer": host},
+                "optimizer+params": {"offload_optimizer": host, "offload_param": host}}.get(self.offload, {})
 
 
 class AlgorithmConfig(_Section):

@@ -115,6 +115,7 @@ class GRPOLoop:
         self.trainer = TrainerGroup(model_dir, {
             "zero_stage": t.zero_stage, "lr": t.lr, "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm,
             "micro_batch_size": t.micro_batch_size, "threads": t.threads, "seed": cfg.seed,
+            "bf16": t.bf16, "gradient_checkpointing": t.gradient_checkpointing, "zero_options": t.zero_options(),
             "clip_low": a.clip_low, "clip_high": a.clip_high, "kl_coef": a.kl_coef, "kl_estimator": a.kl_estimator,
             "entropy_coef": a.entropy_coef,
             "temperature": cfg.rollout.temperature, "timeout_s": self.timeout,

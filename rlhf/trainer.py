@@ -35,6 +35,8 @@ ENGINE_DEFAULTS = {
     "threads": 1,
     "seed": 0,
     "timeout_s": 600.0,
+    # Recompute activations in the backward pass instead of keeping them (GPU memory for long responses).
+    "gradient_checkpointing": False,
     # Extra keys for DeepSpeed's "zero_optimization" section (offload, bucket sizes, persistence threshold, ...).
     "zero_options": {},
 }
@@ -170,6 +172,8 @@ class PolicyTrainer(DeepSpeedRank):
         self.model_dir = model_dir
         policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
         policy.config.use_cache = False
+        if cfg["gradient_checkpointing"]:
+            policy.gradient_checkpointing_enable()
         self._wrap(policy)
 
         self.reference = None

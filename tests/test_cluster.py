@@ -133,21 +133,26 @@ def test_a_whole_run_on_the_two_node_cluster(two_nodes, tmp_path):
 # ------------------------------------------------------------------------------- `ray start --head` beforehand
 
 
+RAY_CLI = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]  # the `ray` command
+
+
 @pytest.fixture
-def ray_start_head():
-    """A cluster started the way users start one, in the foreground (--block), so stopping it stops only it."""
+def ray_start_head(request):
+    """A cluster started the way users start one, in the foreground (--block), so stopping it stops only it.
+    Yields (GCS address, dashboard address or None); parametrise indirectly with True for a dashboard."""
+    dashboard = getattr(request, "param", False)
     temp_dir = tempfile.mkdtemp(prefix="ray_", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port = _free_port()
-    ray_cli = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]  # the `ray` command
-    head = subprocess.Popen([*ray_cli, "start", "--head", f"--port={port}", "--num-cpus=4", "--block",
-                             "--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+    port, dashboard_port = _free_port(), _free_port()
+    head = subprocess.Popen([*RAY_CLI, "start", "--head", f"--port={port}", "--num-cpus=4", "--block",
+                             f"--include-dashboard={str(dashboard).lower()}", f"--dashboard-port={dashboard_port}",
+                             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while not cluster._answers("127.0.0.1", port, 1):
+    deadline = time.time() + 180
+    while not (cluster._answers("127.0.0.1", port, 1)
+               and (not dashboard or cluster._answers("127.0.0.1", dashboard_port, 1))):
         assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
         time.sleep(1)
-    yield address
+    yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}" if dashboard else None
     os.killpg(head.pid, signal.SIGTERM)
     try:
         head.wait(timeout=30)
@@ -160,7 +165,7 @@ def test_distilrl_run_joins_a_ray_start_cluster_with_address_auto(ray_start_head
     """The quickstart config, shrunk to seconds, with cluster.address=auto; RAY_ADDRESS names the cluster, as
     `ray job submit` does for the jobs it starts."""
     out = tmp_path / "run"
-    env = {**os.environ, "RAY_ADDRESS": ray_start_head}
+    env = {**os.environ, "RAY_ADDRESS": ray_start_head[0]}
     shrink = ["warmup.steps=5", "label.prompts=8", "label.eval_prompts=8", "label.samples_per_prompt=2",
               "reward_model.epochs=1", "reward_model.batch_size=8", "reward.audit_every=0",
               "model.hidden_size=32", "model.num_layers=1", "model.intermediate_size=64",
@@ -172,3 +177,54 @@ def test_distilrl_run_joins_a_ray_start_cluster_with_address_auto(ray_start_head
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 1 and "reward_model" in summary
+
+
+@pytest.mark.parametrize("ray_start_head", [True], indirect=True)
+def test_ray_job_submit_runs_distilrl(ray_start_head, tmp_path):
+    """`ray job submit -- distilrl run CONFIG cluster.address=auto`: the job joins the cluster it was sent to."""
+    pytest.importorskip("ray.dashboard.modules.job.sdk", reason="ray job submit needs ray[default]")
+    out = tmp_path / "run"
+    job = [sys.executable, "-m", "rlhf.cli", "run", str(REPO / "configs/tiny.yaml"), f"output_dir={out}",
+           "cluster.address=auto", "algorithm.steps=1"]
+    # `ray start --head` turned token authentication on (this node has ~/.ray/auth_token); Ray's job CLI sends
+    # the token only in token mode.
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    deadline = time.time() + 180
+    while True:
+        done = subprocess.run([*RAY_CLI, "job", "submit", "--address", ray_start_head[1], "--", *job],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        # The dashboard's HTTP server and the node's job agent come up a little after the port opens; until then
+        # the CLI fails before submitting anything, and trying again is what Ray's own message asks for.
+        submitted = "submitted successfully" in done.stdout
+        if submitted or done.returncode == 0 or time.time() > deadline:
+            break
+        time.sleep(5)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]
+    assert "succeeded" in done.stdout
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
+
+
+# --------------------------------------------------------------------------------------------------- recipes
+
+RECIPE_GPUS = {"qwen2.5-7b_grpo_2x8gpu.yaml": 16, "qwen2.5-0.5b_grpo_1gpu.yaml": 1}
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "configs/recipes").glob("*.yaml")))
+def test_every_recipe_validates_and_asks_for_the_gpus_it_says(recipe):
+    """Each recipe loads, names its GPU layout per role, and fills exactly the GPUs its header promises."""
+    cfg = load_config(REPO / "configs/recipes" / recipe)
+    c = cfg.cluster
+    assert c.trainer and c.rollout and c.reward, "a recipe states every role's resources"
+    gpus = (cfg.trainer.num_ranks * c.trainer.num_gpus + cfg.rollout.num_workers * c.rollout.num_gpus
+            + cfg.reward.num_workers * c.reward.num_gpus)
+    assert gpus == pytest.approx(RECIPE_GPUS[recipe])
+    assert cfg.trainer.bf16 and cfg.model.model_name_or_path
+
+
+def test_trainer_gpu_options():
+    cfg = load_config(None, ["trainer.zero_stage=3", "trainer.offload=optimizer+params"])
+    assert cfg.trainer.zero_options() == {"offload_optimizer": {"device": "cpu", "pin_memory": True},
+                                          "offload_param": {"device": "cpu", "pin_memory": True}}
+    assert load_config(None, []).trainer.zero_options() == {}
+    with pytest.raises(ConfigError, match="offload optimizer\\+params needs trainer.zero_stage 3"):
+        load_config(None, ["trainer.zero_stage=2", "trainer.offload=optimizer+params"])
