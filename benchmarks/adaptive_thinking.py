@@ -8,7 +8,7 @@
 2. Without: GRPO rewarded by the verifier alone (``reward.components={verifier: 1.0}``).
 3. With: the same seeds and steps, rewarded by the verifier plus the config's adaptive term.
 
-Both runs evaluate the warm-up student first (greedy, held-out prompts) and their policy after RL. Prints a table
+The first run evaluates the warm-up student (greedy, held-out prompts); both evaluate their policy after RL. Prints a table
 per difficulty level (accuracy, mean response tokens, think rate), then one JSON object: the easiest level's mean
 response tokens (warm-up vs with the term) and their relative drop, the hardest level's accuracy with and without
 the term and its response tokens, and whether each target holds (easiest-level tokens down by at least 30% from
@@ -23,7 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from rlhf.api import run
+from rlhf.api import Trainer, run
 from rlhf.cli import _quiet_libraries
 from rlhf.config import load_config
 from rlhf.driver import build_policy
@@ -79,9 +79,15 @@ def main() -> int:
     without_components = "{" + ", ".join(f"{k}: {v}" for k, v in cfg.reward.components.items()
                                          if k != "adaptive") + "}"
     runs = {}
-    for name, extra in (("without", [f"reward.components={without_components}"]), ("with", [])):
-        run_cfg = load_config(args.config, [*common, *extra, f"output_dir={out / name}"])
-        runs[name] = run(run_cfg, log=lambda line, name=name: print(f"[{name}] {line}", flush=True)).summary
+    without_cfg = load_config(args.config, [*common, f"reward.components={without_components}",
+                                            f"output_dir={out / 'without'}"])
+    runs["without"] = run(without_cfg, log=lambda line: print(f"[without] {line}", flush=True)).summary
+    # The same warm-up student was evaluated by the run above: this one evaluates only after RL.
+    with_cfg = load_config(args.config, [*common, f"output_dir={out / 'with'}"])
+    with Trainer(with_cfg, log=lambda line: print(f"[with] {line}", flush=True)) as trainer:
+        trainer.train()
+        trainer.evaluate()
+    runs["with"] = json.loads((out / "with" / "summary.json").read_text())
 
     warm, without, with_ = runs["without"]["eval_before"], runs["without"]["eval_after"], runs["with"]["eval_after"]
     levels = sorted(warm["by_difficulty"], key=int)

@@ -84,3 +84,15 @@ def test_the_oracle_judges_think_responses_by_their_answer_and_reasoning():
     judged = arithmetic.judge(problem, thought)
     assert judged.correct and judged.rv == 3  # ceil(13 characters of reasoning / 6), tags not counted
     assert not arithmetic.judge(problem, "<think>12-3=9;#9").correct  # unclosed: no answer
+
+
+def test_think_config_errors_name_the_key():
+    from rlhf.config import ConfigError, load_config
+
+    assert load_config(None, ["think.mode=off", "think.format=true"]).think.mode == "off"
+    with pytest.raises(ConfigError, match="think.mode"):
+        load_config(None, ["think.mode=maybe"])
+    with pytest.raises(ConfigError, match="think.switch_fraction"):
+        load_config(None, ["think.switch_fraction=1.5"])
+    with pytest.raises(ConfigError, match="warmup.curriculum"):
+        load_config(None, ["warmup.curriculum=extreme"])
