@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlhf.algorithms import ADVANTAGE_ESTIMATORS
 
@@ -90,6 +90,12 @@ class ThinkConfig(_Section):
     mode: Literal["auto", "on", "off"] = "auto"
     # Share of warm-up prompts given a switch that the teacher's solution obeys, so the student learns to follow.
     switch_fraction: float = Field(0.2, ge=0, le=1)
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value):
+        # YAML reads a bare on/off as true/false; they mean the modes of the same name here.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class RolloutConfig(_Section):

@@ -89,7 +89,8 @@ def test_the_oracle_judges_think_responses_by_their_answer_and_reasoning():
 def test_think_config_errors_name_the_key():
     from rlhf.config import ConfigError, load_config
 
-    assert load_config(None, ["think.mode=off", "think.format=true"]).think.mode == "off"
+    assert load_config(None, ["think.mode=off", "think.format=true"]).think.mode == "off"  # YAML false
+    assert load_config(None, ["think.mode=on"]).think.mode == "on"
     with pytest.raises(ConfigError, match="think.mode"):
         load_config(None, ["think.mode=maybe"])
     with pytest.raises(ConfigError, match="think.switch_fraction"):
