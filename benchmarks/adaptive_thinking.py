@@ -8,9 +8,9 @@
 2. Without: GRPO rewarded by the verifier alone (``reward.components={verifier: 1.0}``).
 3. With: the same seeds and steps, rewarded by the verifier plus the config's adaptive term.
 
-The first run evaluates the warm-up student (greedy, held-out prompts); both evaluate their policy after RL. Prints a table
-per difficulty level (accuracy, mean response tokens, think rate), then one JSON object: the easiest level's mean
-response tokens (warm-up vs with the term) and their relative drop, the hardest level's accuracy with and without
+The first run evaluates the warm-up student (greedy, held-out prompts); both evaluate their policy after RL.
+Prints a table per difficulty level (accuracy, mean response tokens, think rate), then one JSON object: the
+easiest level's mean response tokens (warm-up vs with the term) and their relative drop, the hardest level's accuracy with and without
 the term and its response tokens, and whether each target holds (easiest-level tokens down by at least 30% from
 the warm-up student; hardest-level accuracy within 2 points of the run without the term; hardest-level responses
 no more than 10% shorter than without it).
@@ -23,13 +23,13 @@ import shutil
 import sys
 from pathlib import Path
 
+from rlhf import curriculum
 from rlhf.api import Trainer, run
 from rlhf.cli import _quiet_libraries
 from rlhf.config import load_config
 from rlhf.driver import build_policy
 from rlhf.models import save_student
 from rlhf.warmup import run_warmup
-from rlhf import curriculum
 
 
 def warm_up(cfg, out: Path, log) -> Path:
