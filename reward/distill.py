@@ -5,6 +5,7 @@ The driver calls these in pipeline order; each takes the run config and writes u
 """
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from pathlib import Path
@@ -36,14 +37,15 @@ def make_teacher(cfg: LabelConfig, cache_dir: Path | None = None):
                          concurrency=cfg.concurrency, cache_dir=str(cache_dir) if cache_dir else None)
 
 
-def teacher_solutions(row: PromptRow) -> list[str]:
+def teacher_solutions(row: PromptRow, think_block: bool = False) -> list[str]:
     """The oracle's own worked solutions (terse, with steps, with a check) for arithmetic prompts: correct
-    responses of every verbosity, so the RM sees good answers the student rarely writes yet."""
+    responses of every verbosity, so the RM sees good answers the student rarely writes yet. ``think_block``: the
+    steps in a ``<think>`` block, as the student writes them when ``think.format`` is on."""
     try:
         problem = arithmetic.parse_prompt(row.prompt)
     except ValueError:
         return []
-    return [arithmetic.solution(problem, verbosity) for verbosity in (0, 1, 2)]
+    return [arithmetic.solution(problem, verbosity, think_block) for verbosity in (0, 1, 2)]
 
 
 def label_stage(cfg: RunConfig, rollout: list, train_pool: list[PromptRow], eval_set: list[PromptRow], out: Path,
@@ -67,7 +69,8 @@ def label_stage(cfg: RunConfig, rollout: list, train_pool: list[PromptRow], eval
         return [[s.text for s in samples[i * n:(i + 1) * n]] for i in range(len(prompts))]
 
     figures = {}
-    for name, rows, solve in (("train", train_rows, teacher_solutions if lc.teacher_solutions else None),
+    solutions = functools.partial(teacher_solutions, think_block=cfg.think.format)
+    for name, rows, solve in (("train", train_rows, solutions if lc.teacher_solutions else None),
                               ("eval", held_out, None)):
         report = label(rows, sample, teacher, out / "labels" / name, lc.samples_per_prompt, solve, log=log)
         sizes = write_datasets(out / "labels" / name, cfg.seed)

@@ -7,13 +7,17 @@ import threading
 from fractions import Fraction
 from typing import Callable
 
+from rlhf.think import answer_text
+
 # The number after a ``#``; thousands separators as GSM8K writes them ("#### 1,234") are part of the number.
 _FINAL_NUMBER_RE = re.compile(r"#\s*(-?\d{1,3}(?:,\d{3})+|-?\d+)")
 
 
 def final_number(response: str) -> int | None:
-    """The number after the response's last ``#``; None when there is none."""
-    found = _FINAL_NUMBER_RE.findall(response)
+    """The number after the last ``#`` of the response's answer part; None when there is none. The answer part is
+    the text outside ``<think>`` blocks (rlhf/think.py): numbers tried out while thinking are not the answer, and a
+    response that stopped inside an unclosed block has not answered."""
+    found = _FINAL_NUMBER_RE.findall(answer_text(response))
     return int(found[-1].replace(",", "")) if found else None
 
 
@@ -138,7 +142,12 @@ def make_verifier(name: str = "final_number", answer_regex: str | None = None) -
     if name == "regex":
         if not answer_regex:
             raise ValueError("verifier regex needs task.answer_regex")
-        return regex_verifier(answer_regex)
+        return _outside_think(regex_verifier(answer_regex))
     if name not in VERIFIERS:
         raise ValueError(f"unknown verifier {name!r}: use {', '.join([*VERIFIERS, 'regex'])}")
-    return VERIFIERS[name]
+    return _outside_think(VERIFIERS[name])
+
+
+def _outside_think(verifier: Verifier) -> Verifier:
+    """Check only the answer outside ``<think>`` blocks: what the model tried while thinking is not its answer."""
+    return lambda response, reference: verifier(answer_text(response), reference)

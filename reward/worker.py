@@ -1,9 +1,11 @@
 """The RewardWorker Ray actor: scores batches of (prompt, response, reference) with the configured components.
 
 Components (``reward.components``, name -> weight): ``verifier``, the rule check of the final answer against the
-reference (``task.verifier``); ``rm``, the distilled reward model's quality score; ``seqcls``, a sequence-classification
-reward model's score (reward/seqcls.py); ``custom``, a Python function from a script (``rlhf.Trainer(cfg,
-reward_fn=...)``) or the config (``reward.custom_fn``; Ray ships it to this actor with cloudpickle). The reward is their weighted
+reference (``task.verifier``); ``rm``, the distilled reward model's quality score; ``seqcls``, a
+sequence-classification reward model's score (reward/seqcls.py); ``custom``, a Python function from a script
+(``rlhf.Trainer(cfg, reward_fn=...)``) or the config (``reward.custom_fn``; Ray ships it to this actor with
+cloudpickle); ``adaptive``, reasoning length fitted to the problem's difficulty for correct answers
+(reward/adaptive.py). The reward is their weighted
 sum. The verifier's verdict is always returned too (it is cheap), so metrics show true accuracy even when RL is
 rewarded by the RM alone. A component that yields NaN or infinity, or raises, stops the batch with the offending
 sample named, rather than poisoning the update silently.
@@ -32,11 +34,14 @@ class RewardWorker:
     def __init__(self, components: dict[str, float], correct: float = 1.0, unparseable: float = 0.0,
                  rm_path: str | None = None, threads: int = 1, batch_size: int = 64, rm_url: str | None = None,
                  rm_token_env: str | None = None, rm_reference: bool = False, custom: RewardFn | None = None,
-                 verifier: str = "final_number", answer_regex: str | None = None, seqcls_path: str | None = None):
+                 verifier: str = "final_number", answer_regex: str | None = None, seqcls_path: str | None = None,
+                 adaptive: dict | None = None, teacher: dict | None = None):
         """``rm_path``: a distilled RM to load here; or ``rm_url``: a reward server to ask instead, whose RM
         expects the reference answer in its input when ``rm_reference`` is set. ``custom``: the function behind
         the ``custom`` component. ``verifier``, ``answer_regex``: the answer check (``task.verifier``).
-        ``seqcls_path``: the sequence-classification reward model behind the ``seqcls`` component."""
+        ``seqcls_path``: the sequence-classification reward model behind the ``seqcls`` component.
+        ``adaptive``: the ``reward.adaptive`` settings; ``teacher``: the ``label`` settings, for the adaptive
+        component's teacher source."""
         self.components = {name: w for name, w in components.items() if w != 0}
         if "custom" in self.components and custom is None:
             raise ValueError("reward component custom needs a reward function")
@@ -51,11 +56,18 @@ class RewardWorker:
         self.batch_size = batch_size
         self.rm = self.remote = None
         self.rm_reference = rm_reference
+        self.adaptive = None
+        if "adaptive" in self.components:
+            self.adaptive = _adaptive_component(adaptive, teacher)
+        # The RM is loaded for its quality score (rm) or for its RV/CD heads (adaptive from the rm source).
+        needs_rm = "rm" in self.components or (self.adaptive is not None and adaptive["source"] == "rm")
+        if self.adaptive is not None and adaptive["source"] == "rm" and rm_url:
+            raise ValueError("reward.adaptive.source rm reads the RM's RV/CD heads: it needs a local reward model")
         if "rm" in self.components and rm_url:
             from reward.remote import RemoteRewardClient
 
             self.remote = RemoteRewardClient(rm_url, token_env=rm_token_env, batch_size=batch_size)
-        elif "rm" in self.components:
+        elif needs_rm:
             from transformers import AutoTokenizer
 
             from reward.model import DistilledRewardModel, uses_reference
@@ -68,19 +80,30 @@ class RewardWorker:
             self.rm_reference = uses_reference(self.rm)
 
     def score(self, prompts: list[str], responses: list[str], references: list[str],
-              rows: list[dict] | None = None) -> list[dict]:
-        """One dict per sample: ``reward``, the verifier's ``correct`` (1.0/0.0) and ``answered``, and ``rm`` (the
-        reward model's quality) when that component is on. ``rows``: each sample's prompt record, for ``custom``."""
+              rows: list[dict] | None = None, difficulties: list[float | None] | None = None) -> list[dict]:
+        """One dict per sample: ``reward``, the verifier's ``correct`` (1.0/0.0) and ``answered``, ``rm`` (the
+        reward model's quality) and ``adaptive`` when those components are on. ``rows``: each sample's prompt
+        record, for ``custom``; ``difficulties``: each prompt's difficulty, for ``adaptive`` from the rule source."""
         use_rm = self.rm is not None or self.remote is not None
-        rm_scores = self._rm_scores(prompts, responses, references) if use_rm else None
+        rm_full = self._rm_scores(prompts, responses, references) if use_rm else None
+        rm_scores = [s["quality"] for s in rm_full] if rm_full is not None and "rm" in self.components else None
         custom_scores = self._custom_scores(prompts, responses, rows) if "custom" in self.components else None
         seqcls_scores = self._seqcls_scores(prompts, responses) if self.seqcls is not None else None
+        verdicts = [self.verify_answer(r, ref) for r, ref in zip(responses, references, strict=True)]
+        adaptive_scores = None
+        if self.adaptive is not None:
+            try:
+                adaptive_scores = self.adaptive.rewards(prompts, responses, references, [bool(v) for v in verdicts],
+                                                        difficulties, rm_full)
+            except ValueError as err:
+                raise RewardError(f"adaptive reward: {err}") from err
         results = []
-        for i, (prompt, response, reference) in enumerate(zip(prompts, responses, references, strict=True)):
-            verdict = self.verify_answer(response, reference)
+        for i, (prompt, response, verdict) in enumerate(zip(prompts, responses, verdicts, strict=True)):
             parts = {"verifier": self.unparseable if verdict is None else (self.correct if verdict else 0.0)}
             if rm_scores is not None:
                 parts["rm"] = rm_scores[i]
+            if adaptive_scores is not None:
+                parts["adaptive"] = adaptive_scores[i]
             if custom_scores is not None:
                 parts["custom"] = custom_scores[i]
             if seqcls_scores is not None:
@@ -89,8 +112,9 @@ class RewardWorker:
             if not math.isfinite(reward):
                 raise RewardError(f"non-finite reward {reward} ({parts}) for prompt {prompt!r}, response {response!r}")
             result = {"reward": reward, "correct": float(bool(verdict)), "answered": float(verdict is not None)}
-            if rm_scores is not None:
-                result["rm"] = rm_scores[i]
+            for name in ("rm", "adaptive"):
+                if name in parts:
+                    result[name] = parts[name]
             results.append(result)
         return results
 
@@ -132,15 +156,30 @@ class RewardWorker:
             raise RewardError(f"seqcls reward model failed on a batch starting with prompt {prompts[0]!r}, "
                               f"response {responses[0]!r}: {err}") from err
 
-    def _rm_scores(self, prompts: list[str], responses: list[str], references: list[str]) -> list[float]:
+    def _rm_scores(self, prompts: list[str], responses: list[str], references: list[str]) -> list[dict]:
+        """One dict per response: ``quality``, and ``rv``/``cd`` from a local RM's heads (a server gives quality)."""
         from reward.model import score_texts, with_reference
 
         if self.rm_reference:
             responses = [with_reference(r, ref) for r, ref in zip(responses, references, strict=True)]
         try:
             if self.remote is not None:
-                return [float(s) for s in self.remote.score(prompts, responses)]
+                return [{"quality": float(s)} for s in self.remote.score(prompts, responses)]
             scores = score_texts(self.rm, self.rm_tokenizer, prompts, responses, self.batch_size)
         except Exception as err:  # noqa: BLE001 - re-raised with the batch's first sample for context
             raise RewardError(f"reward model failed on a batch starting with prompt {prompts[0]!r}: {err}") from err
-        return [float(s["quality"]) for s in scores]
+        return [{name: float(value) for name, value in s.items()} for s in scores]
+
+
+def _adaptive_component(settings: dict | None, teacher: dict | None):
+    from reward.adaptive import AdaptiveLength
+
+    if settings is None:
+        raise ValueError("reward component adaptive needs its settings (reward.adaptive)")
+    judge = None
+    if settings["source"] == "teacher":
+        from reward.distill import make_teacher
+        from rlhf.config import LabelConfig
+
+        judge = make_teacher(LabelConfig(**(teacher or {})))
+    return AdaptiveLength(settings, judge)

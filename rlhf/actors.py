@@ -12,6 +12,7 @@ import ray
 from reward.worker import RewardWorker
 from rlhf import cluster
 from rlhf.config import RunConfig
+from rlhf.tasks.arithmetic import MAX_LEVEL, MIN_LEVEL
 from rollout.worker import RolloutWorker
 
 
@@ -49,9 +50,10 @@ def make_reward_workers(cfg: RunConfig, rm_path: str | None, reward_fn=None) -> 
     actor = ray.remote(**resources.options())(RewardWorker)
     # Scoring has the cores to itself (rollout and trainers wait for it), so it may use the rollout's threads.
     r = cfg.reward
+    adaptive = {**r.adaptive.model_dump(), "difficulty_range": r.adaptive.difficulty_range or (MIN_LEVEL, MAX_LEVEL)}
     workers = [actor.remote(r.components, r.correct, r.unparseable, rm_path, cfg.rollout.threads, cfg.rollout_rows,
                             r.rm_url, r.rm_token_env, cfg.reward_model.use_reference, reward_fn,
-                            cfg.task.verifier, cfg.task.answer_regex, r.seqcls_path)
+                            cfg.task.verifier, cfg.task.answer_regex, r.seqcls_path, adaptive, cfg.label.model_dump())
                for _ in range(r.num_workers)]
     call_all([w.__ray_ready__.remote() for w in workers], "reward worker start-up", cfg.call_timeout_s)
     return workers

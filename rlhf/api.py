@@ -30,7 +30,7 @@ from reward import distill
 from reward.custom import load_reward_fn
 from reward.seqcls import check_seqcls_dir
 from reward.worker import RewardFn
-from rlhf import actors, driver
+from rlhf import actors, curriculum, driver
 from rlhf.checkpoint import write_json_atomic
 from rlhf.config import ConfigError, RunConfig
 from rlhf.models import save_student
@@ -137,8 +137,10 @@ class Trainer:
             raise RuntimeError("warmup() must come before label(), train_reward_model(), evaluate(), step(), "
                                "train() and save(): the actors start from the warmed-up student")
         with self._timer("warmup"):
-            self._summary["warmup"] = run_warmup(self._student, self._tokenizer, self.cfg.warmup, self.cfg.seed,
-                                                 self.log)
+            adaptive = self.cfg.reward.adaptive  # a matched curriculum aims at the adaptive reward's RV targets
+            self._summary["warmup"] = run_warmup(
+                self._student, self._tokenizer, self.cfg.warmup, self.cfg.seed, self.log, self.cfg.think,
+                curriculum.target_fn("matched", adaptive.rv_at_cd0, adaptive.rv_at_cd9))
         return self._summary["warmup"]
 
     def label(self) -> dict:

@@ -116,6 +116,28 @@ class WarmupConfig(_Section):
     # Share of teacher solutions written as a bare answer; the rest show their running totals. A mixture, so the
     # student knows both ways to answer and RL has a real choice to learn: when to write the steps out.
     terse_fraction: float = Field(0.6, ge=0, le=1)
+    # RV/CD curriculum (rlhf/curriculum.py): the teacher writes every problem at each verbosity, the traces are
+    # scored with RV/CD, and per CD bin the ones whose RV is closest to the target are kept. none: the plain
+    # terse/worked mixture above; matched: target RV rising with CD; low/medium/high: a fixed target RV.
+    curriculum: Literal["none", "matched", "low", "medium", "high"] = "none"
+    curriculum_keep: float = Field(0.34, gt=0, le=1)  # share of each CD bin's candidate traces kept
+
+
+class ThinkConfig(_Section):
+    """Qwen3-style thinking (rlhf/think.py): reasoning in ``<think>...</think>`` blocks, and prompts switched."""
+
+    # The teacher writes its worked steps in a think block (warm-up data); bare answers have none.
+    format: bool = False
+    # on: every rollout/eval prompt ends in /think; off: in /no_think; auto: no switch, the model chooses.
+    mode: Literal["auto", "on", "off"] = "auto"
+    # Share of warm-up prompts given a switch that the teacher's solution obeys, so the student learns to follow.
+    switch_fraction: float = Field(0.2, ge=0, le=1)
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value):
+        # YAML reads a bare on/off as true/false; they mean the modes of the same name here.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class RolloutConfig(_Section):
@@ -127,19 +149,46 @@ class RolloutConfig(_Section):
     threads: int = Field(2, gt=0)
 
 
+class AdaptiveConfig(_Section):
+    """The adaptive-length reward component (reward/adaptive.py; formula there): gated on correctness, 1 when the
+    reasoning verbosity RV fits the target for the problem's difficulty CD, less as it strays either way."""
+
+    # Where RV and CD come from: rule (reasoning length; the dataset's difficulty), teacher (label.teacher's
+    # judge, e.g. the oracle), rm (the distilled reward model's RV/CD heads).
+    source: Literal["rule", "teacher", "rm"] = "rule"
+    rv_at_cd0: float = Field(0.0, ge=0, le=9)  # target RV for the easiest problems
+    rv_at_cd9: float = Field(8.0, ge=0, le=9)  # target RV for the hardest; in between, linear in CD
+    tolerance: float = Field(0.5, ge=0)  # RV points off target that cost nothing
+    over_penalty: float = Field(0.5, ge=0)  # per RV point of over-thinking beyond the tolerance
+    under_penalty: float = Field(0.5, ge=0)  # per RV point of under-thinking beyond the tolerance
+    skip_think_bonus: float = Field(0.0, ge=0)  # added for a correct answer without a think block when CD is easy
+    easy_cd: float = Field(2.0, ge=0, le=9)  # CD at or below which a problem counts as easy for that bonus
+    chars_per_rv: float = Field(6.0, gt=0)  # rule source: characters of reasoning per RV point (the oracle's scale)
+    # rule source: the dataset difficulty mapped to CD 0 and 9; empty: the arithmetic task's levels (1, 6).
+    difficulty_range: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _range_rises(self) -> "AdaptiveConfig":
+        if self.difficulty_range is not None and self.difficulty_range[1] <= self.difficulty_range[0]:
+            raise ValueError("difficulty_range must be [low, high] with high > low")
+        return self
+
+
 class RewardConfig(_Section):
     """What RL is rewarded by: a weighted sum of components. ``verifier``: the rule check of the final answer
     against the reference; ``rm``: the distilled reward model's quality score (from ``reward_model``); ``seqcls``:
     any ``AutoModelForSequenceClassification`` reward model's score (``seqcls_path``, e.g. one trained by TRL's
     RewardTrainer); ``custom``: a Python function, ``custom_fn`` or passed from a script
-    (``rlhf.Trainer(cfg, reward_fn=...)``)."""
+    (``rlhf.Trainer(cfg, reward_fn=...)``); ``adaptive``: reasoning length fitted to difficulty, for correct
+    answers (``reward.adaptive``)."""
 
     num_workers: int = Field(1, gt=0)
-    components: dict[Literal["verifier", "rm", "seqcls", "custom"], float] = {"verifier": 1.0}
+    components: dict[Literal["verifier", "rm", "seqcls", "custom", "adaptive"], float] = {"verifier": 1.0}
     # The custom component's function: "module.path:function" or "path/to/file.py:function", called as
     # fn(prompts, responses, rows) -> one float per response; a coroutine function is awaited.
     custom_fn: str | None = None
     seqcls_path: str | None = None  # the seqcls component's model: a local directory, safetensors
+    adaptive: AdaptiveConfig = AdaptiveConfig()
     # Score the rm component on a reward server (``distilrl serve-rm``) instead of in the reward workers.
     rm_url: str | None = None
     rm_token_env: str | None = None  # environment variable holding the server's bearer token
@@ -360,6 +409,7 @@ class RunConfig(_Section):
     trainer: TrainerConfig = TrainerConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     eval: EvalConfig = EvalConfig()
+    think: ThinkConfig = ThinkConfig()
     cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
@@ -381,6 +431,20 @@ class RunConfig(_Section):
                                                      or self.reward.rm_url):
             raise ValueError("reward.components uses rm but there is none: add stage train_rm, or set "
                              "reward_model.path or reward.rm_url")
+        return self
+
+    @model_validator(mode="after")
+    def _adaptive_sources(self) -> "RunConfig":
+        ad = self.reward.adaptive
+        if not self.reward.components.get("adaptive"):
+            return self
+        if ad.source == "rm" and not (self.reward_model.path or "train_rm" in self.stages):
+            raise ValueError("reward.adaptive.source rm needs a local reward model (its RV/CD heads): add stage "
+                             "train_rm or set reward_model.path")
+        if ad.source == "rule" and self.task.name != "arithmetic" and not (self.task.difficulty_field
+                                                                            and ad.difficulty_range):
+            raise ValueError("reward.adaptive.source rule needs task.difficulty_field and "
+                             "reward.adaptive.difficulty_range (the field's easiest and hardest values)")
         return self
 
     @property

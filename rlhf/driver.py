@@ -20,13 +20,13 @@ import ray
 import torch
 
 from reward import distill
-from rlhf import actors, cluster
+from rlhf import actors, cluster, think
 from rlhf.algorithms import ADVANTAGE_ESTIMATORS, informative_groups, overlong_penalty
 from rlhf.batch import make_train_batch, response_mask
 from rlhf.config import RunConfig, save_config
 from rlhf.data import DatasetError, PromptRow, load_rows
-from rlhf.evaluate import score_eval
 from rlhf.chat import template_override
+from rlhf.evaluate import difficulty_metrics, score_eval
 from rlhf.models import build_student, build_tokenizer, check_model_dir, load_student
 from rlhf.models import load_tokenizer as load_model_tokenizer
 from rlhf.trainer import TrainerGroup
@@ -184,6 +184,10 @@ class GRPOLoop:
         if self.auditor is not None and step % cfg.reward.audit_every == 0:
             audit = distill.audit(self.auditor, rows, samples, scores, cfg.reward)
         grouped = rewards.reshape(-1, n)
+        per_bin = difficulty_metrics([r.difficulty for r in rows for _ in range(n)], samples,
+                                     [s["correct"] > 0.5 for s in scores], self.count_tokens)
+        if "adaptive" in scores[0]:
+            shaping["reward/adaptive"] = sum(s["adaptive"] for s in scores) / len(scores)
         return {
             "step": step,
             "reward/mean": rewards.mean().item(),
@@ -194,6 +198,7 @@ class GRPOLoop:
             "charts/response_tokens": sum(len(s.response_ids) for s in samples) / len(samples),
             "charts/truncated_rate": sum(s.finish_reason == "length" for s in samples) / len(samples),
             "charts/weights_version": self.version,
+            **per_bin,
             **shaping,
             **train_metrics,
             **audit,
@@ -203,7 +208,13 @@ class GRPOLoop:
     def generate(self, prompts: list[str], n: int, greedy: bool) -> list:
         r = self.cfg.rollout
         max_new = self.cfg.eval.max_new_tokens if greedy else r.max_new_tokens
+        # The think switch goes on the policy's prompts only; rewards and the teacher see the plain prompt.
+        prompts = [think.with_switch(p, self.cfg.think.mode) for p in prompts]
         return actors.generate(self.rollout, prompts, n, max_new, r.temperature, greedy, self.version, self.timeout)
+
+    def count_tokens(self, text: str) -> int:
+        """Length of a piece of text (e.g. the reasoning) in the policy's tokens."""
+        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     def score(self, rows: list[PromptRow], samples: list) -> list[dict]:
         n = len(samples) // len(rows)
@@ -213,9 +224,10 @@ class GRPOLoop:
         parts = len(self.reward)
         records = actors.shards([r.as_dict() for r in rows for _ in range(n)], parts) if self.send_records \
             else [None] * parts
-        calls = [worker.score.remote(p, t, r, d) for worker, p, t, r, d in zip(
+        levels = actors.shards([r.difficulty for r in rows for _ in range(n)], parts)
+        calls = [worker.score.remote(p, t, r, d, lv) for worker, p, t, r, d, lv in zip(
             self.reward, actors.shards(prompts, parts), actors.shards(texts, parts), actors.shards(refs, parts),
-            records)]
+            records, levels)]
         return [s for part in actors.call_all(calls, "reward score", self.timeout) for s in part]
 
     def sync_weights(self) -> None:
@@ -236,7 +248,7 @@ class GRPOLoop:
         calls = [worker.verify.remote(t, r) for worker, t, r in
                  zip(self.reward, actors.shards(texts, parts), actors.shards(refs, parts))]
         verdicts = [v for part in actors.call_all(calls, "reward verify", self.timeout) for v in part]
-        return score_eval(rows, samples, verdicts)
+        return score_eval(rows, samples, verdicts, self.count_tokens)
 
     def shutdown(self) -> None:
         self.trainer.shutdown()

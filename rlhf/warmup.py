@@ -11,21 +11,44 @@ from typing import Callable
 
 import torch
 
-from rlhf.config import WarmupConfig
+from rlhf import curriculum, think
+from rlhf.config import ThinkConfig, WarmupConfig
 from rlhf.tasks import arithmetic
 
 
-def teacher_examples(cfg: WarmupConfig, seed: int) -> Callable[[int], list[tuple[str, str]]]:
+def teacher_examples(cfg: WarmupConfig, seed: int, think_cfg: ThinkConfig | None = None,
+                     target: Callable[[float], float] | None = None) -> Callable[[int], list[tuple[str, str]]]:
     """A function giving the n (prompt, solution) pairs of the next batch: fresh problems from the task, each
-    solved by the oracle teacher tersely (``terse_fraction`` of them) or with its steps written out."""
+    solved by the oracle teacher tersely (``terse_fraction`` of them) or with its steps written out; or, with a
+    curriculum (``cfg.curriculum``), the RV/CD-selected traces (rlhf/curriculum.py; ``target``: target RV as a
+    function of CD, for ``matched``). With ``think_cfg.format`` the steps go in a ``<think>`` block, and a
+    ``switch_fraction`` share of prompts carries ``/think`` or ``/no_think``, which the solution obeys."""
     rng = random.Random(seed)
     levels = range(arithmetic.MIN_LEVEL, arithmetic.MAX_LEVEL + 1)
+    think_block = bool(think_cfg and think_cfg.format)
+    if cfg.curriculum != "none":
+        target = curriculum.target_fn(cfg.curriculum) if target is None or cfg.curriculum != "matched" else target
 
     def next_batch(n: int) -> list[tuple[str, str]]:
-        problems = [arithmetic.make_problem(rng, rng.choice(levels)) for _ in range(n)]
-        return [(p.prompt, arithmetic.solution(p, 0 if rng.random() < cfg.terse_fraction else 1)) for p in problems]
+        if cfg.curriculum != "none":
+            pairs = curriculum.curriculum_batch(rng, n, target, cfg.curriculum_keep, think_block)
+        else:
+            problems = [arithmetic.make_problem(rng, rng.choice(levels)) for _ in range(n)]
+            pairs = [(p.prompt, arithmetic.solution(p, 0 if rng.random() < cfg.terse_fraction else 1, think_block))
+                     for p in problems]
+        return [_switched(rng, prompt, response, think_cfg) for prompt, response in pairs] if think_block else pairs
 
     return next_batch
+
+
+def _switched(rng: random.Random, prompt: str, response: str, think_cfg: ThinkConfig) -> tuple[str, str]:
+    """A ``switch_fraction`` share of think-format examples get a switch, half on, half off, and the solution
+    obeys it: thinking on writes the steps in a block, off gives the bare answer."""
+    if rng.random() >= think_cfg.switch_fraction:
+        return prompt, response
+    problem = arithmetic.parse_prompt(prompt)
+    on = rng.random() < 0.5
+    return think.with_switch(prompt, "on" if on else "off"), arithmetic.solution(problem, 1 if on else 0, True)
 
 
 def sft_batch(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
@@ -47,10 +70,12 @@ def sft_batch(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def run_warmup(model, tokenizer, cfg: WarmupConfig, seed: int, log: Callable[[str], None] = print) -> dict:
-    """Train ``model`` in place for ``cfg.steps`` steps; returns the final loss and the time taken."""
+def run_warmup(model, tokenizer, cfg: WarmupConfig, seed: int, log: Callable[[str], None] = print,
+               think_cfg: ThinkConfig | None = None, target: Callable[[float], float] | None = None) -> dict:
+    """Train ``model`` in place for ``cfg.steps`` steps; returns the final loss and the time taken. ``think_cfg``
+    and ``target`` shape the teacher's data (``teacher_examples``)."""
     torch.manual_seed(seed)
-    next_batch = teacher_examples(cfg, seed)
+    next_batch = teacher_examples(cfg, seed, think_cfg, target)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     warm = max(1, cfg.steps // 10)
     # Linear warm-up then linear decay: stable from random init, and a settled model at the end.

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 
 from reward.verifiers import final_number
+from rlhf import think
 
 MIN_LEVEL, MAX_LEVEL = 1, 6
 MAX_TOTAL = 19
@@ -98,9 +99,10 @@ def make_problems(n: int, seed: int, levels: tuple[int, ...] = tuple(range(MIN_L
 # --------------------------------------------------------------------------------------------------- teacher
 
 
-def solution(problem: Problem, verbosity: int) -> str:
+def solution(problem: Problem, verbosity: int, think_block: bool = False) -> str:
     """The teacher's worked solution at a chosen verbosity: 0 = answer only, 1 = running totals, 2 = running
-    totals, then the whole expression restated as a check."""
+    totals, then the whole expression restated as a check. ``think_block``: the steps go in a Qwen3-style
+    ``<think>`` block before the answer (a bare answer has no block)."""
     answer = f"{ANSWER_MARK}{problem.answer}"
     if verbosity <= 0:
         return answer
@@ -108,6 +110,8 @@ def solution(problem: Problem, verbosity: int) -> str:
     steps = [f"{a}{op}{x}={b}" for a, op, x, b in zip(totals, problem.ops, problem.operands[1:], totals[1:])]
     if verbosity >= 2:
         steps.append(f"so {problem.expression}={problem.answer}")
+    if think_block:
+        return think.wrap(";".join(steps), answer)
     return ";".join(steps) + ";" + answer
 
 
@@ -117,9 +121,8 @@ def extract_answer(response: str) -> int | None:
 
 
 def reasoning_text(response: str) -> str:
-    """Everything before the final answer mark: the written-out reasoning."""
-    cut = response.rfind(ANSWER_MARK)
-    return response if cut < 0 else response[:cut]
+    """The written-out reasoning: think blocks' text (tags not counted) and anything before the final answer mark."""
+    return think.reasoning_text(response)
 
 
 def reasoning_verbosity(response: str) -> int:
@@ -143,8 +146,8 @@ _PROMPT_RE = re.compile(r"^\s*(\d)((?:[+-]\d)+)=\s*$")
 
 
 def parse_prompt(prompt: str) -> Problem:
-    """Recover the problem from its prompt text (what a reward worker receives)."""
-    match = _PROMPT_RE.match(prompt)
+    """Recover the problem from its prompt text (what a reward worker receives), a think switch allowed."""
+    match = _PROMPT_RE.match(think.strip_switch(prompt))
     if not match:
         raise ValueError(f"not an arithmetic-task prompt: {prompt!r}")
     rest = match.group(2)
