@@ -222,7 +222,7 @@ def print_table(r: dict) -> None:
     print(f"\n{'':<22}{'distilrl':>12}{'TRL':>12}")
     print(f"{'completions/s':<22}{r['distilrl_completions_per_s']:>12.2f}{r['trl_completions_per_s']:>12.2f}")
     print(f"{'step s (median)':<22}{r['distilrl_step_s']:>12.3f}{r['trl_step_s']:>12.3f}")
-    print(f"{'reward first/last':<22}{str(r['distilrl_reward_first_last']):>12}{str(r['trl_reward_first_last']):>12}")
+    print(f"{'reward first/last':<22}{r['distilrl_reward_first_last']!s:>12}{r['trl_reward_first_last']!s:>12}")
     print(f"ratio distilrl/TRL: {r['ratio']:.2f}x")
     split = ", ".join(f"{k} {v:.3f}" for k, v in r["phase_s"].items())
     print(f"distilrl step split (s): {split}")

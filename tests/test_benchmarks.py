@@ -11,13 +11,14 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "benchmarks" / "gpu_smoke.sh"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the script would run the real check")
 def test_gpu_smoke_without_a_gpu_says_so_and_exits_0():
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_smoke.sh")], capture_output=True, text=True,
-                          env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}, timeout=120)
+    done = subprocess.run(["bash", str(SMOKE)], check=False, capture_output=True, text=True, timeout=120,
+                          env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert "no CUDA GPU" in lines[0]
@@ -25,8 +26,8 @@ def test_gpu_smoke_without_a_gpu_says_so_and_exits_0():
 
 
 def test_gpu_smoke_with_a_broken_python_fails_with_one_line():
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_smoke.sh")], capture_output=True, text=True,
-                          env={"PYTHON": "/bin/false", "PATH": "/usr/bin:/bin"}, timeout=60)
+    done = subprocess.run(["bash", str(SMOKE)], check=False, capture_output=True, text=True, timeout=60,
+                          env={"PYTHON": "/bin/false", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 1
     assert "cannot import torch" in done.stderr
 
