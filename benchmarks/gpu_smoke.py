@@ -159,7 +159,8 @@ def main() -> None:
     r["wall_s"] = round(time.perf_counter() - start, 1)
     print(f"\nrollout: {r['rollout_rows']} x {r['new_tokens']} tokens in {r['generate_s']} s = "
           f"{r['rollout_tokens_per_s']} tokens/s")
-    print(f"train:   {r['train_tokens']} tokens in {r['train_s']} s = {r['train_tflops']} TFLOP/s; MFU {r['train_mfu']} "
+    print(f"train:   {r['train_tokens']} tokens in {r['train_s']} s = {r['train_tflops']} TFLOP/s; "
+          f"MFU {r['train_mfu']} "
           f"of {r['bf16_peak_tflops']} TFLOP/s ({r['peak_source']})")
     print(f"weight sync: {r['weight_sync_s']} s; whole run {r['wall_s']} s")
     print(json.dumps(r))
