@@ -94,8 +94,8 @@ def run(shape: dict, prompts: int, samples: int, new_tokens: int, micro_batch: i
             torch.cuda.synchronize(device)
 
     rows = arithmetic_rows(prompts, seed=0)
-    # One untimed short generation first: CUDA kernels, allocator and cuBLAS handles warm up outside the figures.
-    generate(rollout, tokenizer, [rows[0].prompt], 2, 4)
+    # One untimed generation of two rows first: CUDA kernels, allocator and cuBLAS handles warm up outside the figures.
+    generate(rollout, tokenizer, [rows[0].prompt], 2, new_tokens)
     sync()
     start = time.perf_counter()
     out = generate(rollout, tokenizer, [r.prompt for r in rows], samples, new_tokens)
