@@ -1,7 +1,11 @@
 """Rule-based verifiers: does a response's final answer match the reference? Pure functions of text."""
 from __future__ import annotations
 
+import functools
 import re
+import threading
+from fractions import Fraction
+from typing import Callable
 
 # The number after a ``#``; thousands separators as GSM8K writes them ("#### 1,234") are part of the number.
 _FINAL_NUMBER_RE = re.compile(r"#\s*(-?\d{1,3}(?:,\d{3})+|-?\d+)")
@@ -18,3 +22,123 @@ def final_number_correct(response: str, reference: str | int) -> bool | None:
     response has no parseable answer at all (so callers can tell "wrong" from "did not answer")."""
     answer = final_number(response)
     return None if answer is None else answer == int(reference)
+
+
+# ----------------------------------------------------------------------------------- verifiers by dataset style
+# Each takes (response, reference) and returns True/False, or None when the response gives no answer of the
+# expected form (so "did not answer" can be rewarded apart from "answered wrong"). ``task.verifier`` picks one.
+
+Verifier = Callable[[str, str], "bool | None"]
+
+# GSM8K's "#### 1,234": the number after the last "#", with an optional "$", thousands separators and decimals.
+_GSM8K_ANSWER_RE = re.compile(r"#\s*\$?\s*(-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)")
+
+
+def _number(text: str) -> Fraction | None:
+    """A plain number ("1,000", "-2.50", "$18", "18.") as an exact fraction; None for anything else."""
+    text = text.strip().removeprefix("$").rstrip(".").replace(",", "").strip()
+    try:
+        return Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def gsm8k_correct(response: str, reference: str) -> bool | None:
+    """The number after the response's last ``#`` (``#### 1,000``, ``# $18.00``) against the reference, compared
+    as numbers (1000 = 1,000 = 1000.0); None when the response has no such number."""
+    found = _GSM8K_ANSWER_RE.findall(response)
+    if not found:
+        return None
+    expected = _number(reference)
+    answer = _number(found[-1])
+    return answer == expected if expected is not None else found[-1].replace(",", "") == reference.strip()
+
+
+def math_correct(response: str, reference: str) -> bool | None:
+    """MATH style: the response's last ``\\boxed{...}`` against the reference (boxed or not), judged equal by
+    math-verify (numbers, fractions, LaTeX forms, sets, intervals: ``1/2`` = ``0.5`` = ``\\frac{1}{2}``). A
+    response without ``\\boxed`` has not given its answer in the expected form: None."""
+    boxed = last_boxed(response)
+    if boxed is None:
+        return None
+    from math_verify import LatexExtractionConfig, parse, verify
+
+    # math-verify bounds its work with SIGALRM, which only the main thread may set; elsewhere run unbounded.
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    answer = parse(boxed, [LatexExtractionConfig(boxed_match_priority=0)], parsing_timeout=timeout)
+    if not answer:
+        return None
+    gold = _parse_reference(reference, timeout)
+    if not gold:  # a reference math-verify cannot read: compare its text with the boxed text
+        return str(answer[-1]).strip() == reference.strip()
+    return bool(verify(list(gold), answer, timeout_seconds=timeout))
+
+
+def last_boxed(text: str) -> str | None:
+    """The last ``\\boxed{...}`` (or ``\\fbox{...}``) of the text, braces balanced; None when there is none or it
+    is left open. Only the last one counts: a response that boxes a draft and then its answer means the answer."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    depth = 0
+    for end in range(text.index("{", start), len(text)):
+        depth += {"{": 1, "}": -1}.get(text[end], 0)
+        if depth == 0:
+            return "\\boxed" + text[text.index("{", start):end + 1]  # \\fbox read as \\boxed by math-verify
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_reference(reference: str, timeout: int | None) -> tuple:
+    """The reference parsed once per prompt (a group's n samples share it)."""
+    from math_verify import parse
+
+    text = last_boxed(reference) or (reference if "$" in reference else f"${reference}$")
+    return tuple(parse(text, parsing_timeout=timeout) or parse(reference, parsing_timeout=timeout))
+
+
+def exact_correct(response: str, reference: str) -> bool:
+    """The whole response, surrounding whitespace aside, equals the reference."""
+    return response.strip() == reference.strip()
+
+
+def regex_verifier(pattern: str) -> Verifier:
+    """The last match of ``pattern`` in the response (its first group, if it has groups) equals the reference,
+    surrounding whitespace aside; None when nothing matches."""
+    compiled = re.compile(pattern)
+
+    def regex_correct(response: str, reference: str) -> bool | None:
+        matches = list(compiled.finditer(response))
+        if not matches:
+            return None
+        last = matches[-1]
+        return (last.group(1) if compiled.groups else last.group(0)).strip() == reference.strip()
+
+    return regex_correct
+
+
+def _final_number_verifier(response: str, reference: str) -> bool | None:
+    try:
+        int(reference)
+    except ValueError:
+        return False  # a reference that is not an integer can never be matched by this verifier
+    return final_number_correct(response, reference)
+
+
+VERIFIERS: dict[str, Verifier] = {
+    "final_number": _final_number_verifier,
+    "gsm8k": gsm8k_correct,
+    "math": math_correct,
+    "exact": exact_correct,
+}
+
+
+def make_verifier(name: str = "final_number", answer_regex: str | None = None) -> Verifier:
+    """The verifier ``task.verifier`` names (``regex`` with ``task.answer_regex``)."""
+    if name == "regex":
+        if not answer_regex:
+            raise ValueError("verifier regex needs task.answer_regex")
+        return regex_verifier(answer_regex)
+    if name not in VERIFIERS:
+        raise ValueError(f"unknown verifier {name!r}: use {', '.join([*VERIFIERS, 'regex'])}")
+    return VERIFIERS[name]

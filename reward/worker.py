@@ -1,8 +1,9 @@
 """The RewardWorker Ray actor: scores batches of (prompt, response, reference) with the configured components.
 
 Components (``reward.components``, name -> weight): ``verifier``, the rule check of the final answer against the
-reference; ``rm``, the distilled reward model's quality score; ``custom``, a Python function passed in from a script
-(``rlhf.Trainer(cfg, reward_fn=...)``; Ray ships it to this actor with cloudpickle). The reward is their weighted
+reference (``task.verifier``); ``rm``, the distilled reward model's quality score; ``seqcls``, a sequence-classification
+reward model's score (reward/seqcls.py); ``custom``, a Python function from a script (``rlhf.Trainer(cfg,
+reward_fn=...)``) or the config (``reward.custom_fn``; Ray ships it to this actor with cloudpickle). The reward is their weighted
 sum. The verifier's verdict is always returned too (it is cheap), so metrics show true accuracy even when RL is
 rewarded by the RM alone. A component that yields NaN or infinity, or raises, stops the batch with the offending
 sample named, rather than poisoning the update silently.
@@ -15,7 +16,8 @@ from typing import Callable
 
 import torch
 
-from reward.verifiers import final_number_correct
+from reward.custom import call_reward_fn
+from reward.verifiers import make_verifier
 
 
 class RewardError(ValueError):
@@ -29,14 +31,22 @@ RewardFn = Callable[[list[str], list[str], list[dict]], list[float]]
 class RewardWorker:
     def __init__(self, components: dict[str, float], correct: float = 1.0, unparseable: float = 0.0,
                  rm_path: str | None = None, threads: int = 1, batch_size: int = 64, rm_url: str | None = None,
-                 rm_token_env: str | None = None, rm_reference: bool = False, custom: RewardFn | None = None):
+                 rm_token_env: str | None = None, rm_reference: bool = False, custom: RewardFn | None = None,
+                 verifier: str = "final_number", answer_regex: str | None = None, seqcls_path: str | None = None):
         """``rm_path``: a distilled RM to load here; or ``rm_url``: a reward server to ask instead, whose RM
         expects the reference answer in its input when ``rm_reference`` is set. ``custom``: the function behind
-        the ``custom`` component."""
+        the ``custom`` component. ``verifier``, ``answer_regex``: the answer check (``task.verifier``).
+        ``seqcls_path``: the sequence-classification reward model behind the ``seqcls`` component."""
         self.components = {name: w for name, w in components.items() if w != 0}
         if "custom" in self.components and custom is None:
             raise ValueError("reward component custom needs a reward function")
         self.custom = custom
+        self.verify_answer = make_verifier(verifier, answer_regex)
+        self.seqcls = None
+        if "seqcls" in self.components:
+            from reward.seqcls import SeqClsReward
+
+            self.seqcls = SeqClsReward(seqcls_path, threads, batch_size=min(batch_size, 16))
         self.correct, self.unparseable = correct, unparseable
         self.batch_size = batch_size
         self.rm = self.remote = None
@@ -52,6 +62,8 @@ class RewardWorker:
 
             torch.set_num_threads(threads)
             self.rm = DistilledRewardModel.from_pretrained(rm_path).eval()
+            if torch.cuda.is_available():  # a GPU given to this worker by cluster.reward.num_gpus
+                self.rm.to("cuda")
             self.rm_tokenizer = AutoTokenizer.from_pretrained(rm_path)
             self.rm_reference = uses_reference(self.rm)
 
@@ -62,14 +74,17 @@ class RewardWorker:
         use_rm = self.rm is not None or self.remote is not None
         rm_scores = self._rm_scores(prompts, responses, references) if use_rm else None
         custom_scores = self._custom_scores(prompts, responses, rows) if "custom" in self.components else None
+        seqcls_scores = self._seqcls_scores(prompts, responses) if self.seqcls is not None else None
         results = []
         for i, (prompt, response, reference) in enumerate(zip(prompts, responses, references, strict=True)):
-            verdict = final_number_correct(response, reference)
+            verdict = self.verify_answer(response, reference)
             parts = {"verifier": self.unparseable if verdict is None else (self.correct if verdict else 0.0)}
             if rm_scores is not None:
                 parts["rm"] = rm_scores[i]
             if custom_scores is not None:
                 parts["custom"] = custom_scores[i]
+            if seqcls_scores is not None:
+                parts["seqcls"] = seqcls_scores[i]
             reward = sum(w * parts[name] for name, w in self.components.items())
             if not math.isfinite(reward):
                 raise RewardError(f"non-finite reward {reward} ({parts}) for prompt {prompt!r}, response {response!r}")
@@ -82,14 +97,14 @@ class RewardWorker:
     def verify(self, responses: list[str], references: list[str]) -> list[dict]:
         """The verifier's verdict alone (``correct``, ``answered``): what held-out evaluation needs, whatever RL is
         rewarded by."""
-        verdicts = [final_number_correct(r, ref) for r, ref in zip(responses, references, strict=True)]
+        verdicts = [self.verify_answer(r, ref) for r, ref in zip(responses, references, strict=True)]
         return [{"correct": float(bool(v)), "answered": float(v is not None)} for v in verdicts]
 
     def _custom_scores(self, prompts: list[str], responses: list[str], rows: list[dict] | None) -> list[float]:
         if rows is None or len(rows) != len(responses):
             raise RewardError("reward component custom needs each sample's prompt record (rows)")
         try:
-            scores = list(self.custom(prompts, responses, rows))
+            scores = call_reward_fn(self.custom, prompts, responses, rows)
         except Exception as err:  # noqa: BLE001 - re-raised naming the sample that fails, found below
             raise RewardError(f"reward_fn raised {err!r} on {self._failing_sample(prompts, responses, rows)}") from err
         if len(scores) != len(responses):
@@ -105,10 +120,17 @@ class RewardWorker:
         """The batch failed as a whole: retry sample by sample to name the one that fails (the error path only)."""
         for i in range(len(responses)):
             try:
-                self.custom(prompts[i:i + 1], responses[i:i + 1], rows[i:i + 1])
+                call_reward_fn(self.custom, prompts[i:i + 1], responses[i:i + 1], rows[i:i + 1])
             except Exception:  # noqa: BLE001 - any failure identifies the sample
                 return f"prompt {prompts[i]!r}, response {responses[i]!r}, row {rows[i]!r}"
         return f"a batch of {len(responses)} samples starting with prompt {prompts[0]!r} (each alone scores fine)"
+
+    def _seqcls_scores(self, prompts: list[str], responses: list[str]) -> list[float]:
+        try:
+            return self.seqcls.score(prompts, responses)
+        except Exception as err:  # noqa: BLE001 - re-raised with the batch's first sample for context
+            raise RewardError(f"seqcls reward model failed on a batch starting with prompt {prompts[0]!r}, "
+                              f"response {responses[0]!r}: {err}") from err
 
     def _rm_scores(self, prompts: list[str], responses: list[str], references: list[str]) -> list[float]:
         from reward.model import score_texts, with_reference

@@ -27,6 +27,8 @@ import ray
 import torch
 
 from reward import distill
+from reward.custom import load_reward_fn
+from reward.seqcls import check_seqcls_dir
 from reward.worker import RewardFn
 from rlhf import actors, driver
 from rlhf.checkpoint import write_json_atomic
@@ -91,20 +93,24 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, reward_fn: RewardFn | None = None, train_dataset: Dataset | None = None,
                  eval_dataset: Dataset | None = None, log: Callable[[str], None] = print):
-        _check_reward_fn(cfg, reward_fn)
+        reward_fn = _check_reward_fn(cfg, reward_fn)
+        if cfg.reward.components.get("seqcls"):
+            check_seqcls_dir(cfg.reward.seqcls_path)
         self.cfg, self.log = cfg, log
         self._reward_fn = reward_fn
         self._start = time.perf_counter()
         self.output_dir: Path = driver.prepare_run_dir(cfg)
-        self._train_rows, self._eval_rows = driver.load_prompts(cfg, train_dataset, eval_dataset)
+        tokenizer = driver.load_tokenizer(cfg)
+        self._summary: dict = {"data": {}}  # prompt counts (and those dropped as too long), then each stage's figures
+        self._train_rows, self._eval_rows = driver.load_prompts(cfg, train_dataset, eval_dataset, tokenizer, log,
+                                                                self._summary["data"])
         log(cfg.describe_batches())
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self._student, self._tokenizer = driver.build_policy(cfg, log)
+        self._student, self._tokenizer = driver.build_policy(cfg, log, tokenizer)
         self._order = random.Random(cfg.seed + 3)  # which prompts each RL step takes
         self.reward_model_dir: Path | None = Path(cfg.reward_model.path) if cfg.reward_model.path else None
         self.steps = 0  # RL steps taken
-        self._summary: dict = {}
         self._timer = driver.StageTimer()
         self._rollout: list = []
         self._loop: driver.GRPOLoop | None = None
@@ -264,15 +270,21 @@ class Trainer:
                 self._owns_ray = False
 
 
-def _check_reward_fn(cfg: RunConfig, reward_fn) -> None:
-    """A reward function and the custom component's weight come together, or neither does."""
+def _check_reward_fn(cfg: RunConfig, reward_fn) -> RewardFn | None:
+    """A reward function (passed in, or ``reward.custom_fn``) and the custom component's weight come together, or
+    neither does; returns the function."""
     weight = cfg.reward.components.get("custom", 0.0)
+    if reward_fn is not None and cfg.reward.custom_fn:
+        raise ConfigError("reward.custom_fn is set and a reward_fn was passed too: use one of them")
+    if cfg.reward.custom_fn:
+        reward_fn = load_reward_fn(cfg.reward.custom_fn)
     if reward_fn is None and weight:
-        raise ConfigError("reward.components.custom needs a reward function: pass reward_fn to rlhf.Trainer or "
-                          "rlhf.run (the distilrl command has none to pass)")
+        raise ConfigError("reward.components.custom needs a reward function: set reward.custom_fn "
+                          "(module.path:function or file.py:function), or pass reward_fn to rlhf.Trainer or rlhf.run")
     if reward_fn is not None and not callable(reward_fn):
         raise TypeError(f"reward_fn must be callable as fn(prompts, responses, rows), not a "
                         f"{type(reward_fn).__name__}")
     if reward_fn is not None and not weight:
         raise ConfigError("reward_fn has no weight: set reward.components.custom, e.g. {'custom': 1.0} to reward "
                           "by it alone or {'verifier': 1.0, 'custom': 0.5} beside the verifier")
+    return reward_fn

@@ -9,11 +9,12 @@ must split evenly across trainer ranks (``trainer.num_ranks``) and rollout worke
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlhf.algorithms import ADVANTAGE_ESTIMATORS
 
@@ -46,23 +47,64 @@ class ModelConfig(_Section):
 
 
 class TaskConfig(_Section):
-    """Where prompts come from: the synthetic arithmetic task, or JSONL files of prompts with reference answers
-    (the answer checked by the final-number verifier, e.g. GSM8K's ``#### N``). ``*_prompts`` cap the pools."""
+    """Where prompts come from: the synthetic arithmetic task, or a prompt dataset read with ``datasets``
+    (``dataset``; ``jsonl`` is the same, its older name): a JSONL, JSON, Parquet or CSV file, or a directory written
+    by ``save_to_disk``. ``*_prompts`` cap the pools. Dataset prompts are rendered with the chat template below;
+    the arithmetic task's stay plain text (the warm-up trains on them so)."""
 
-    name: Literal["arithmetic", "jsonl"] = "arithmetic"
+    name: Literal["arithmetic", "jsonl", "dataset"] = "arithmetic"
     train_prompts: int = Field(4000, gt=0)
     eval_prompts: int = Field(250, gt=0)
     train_file: str | None = None
-    eval_file: str | None = None
+    eval_file: str | None = None  # none: the held-out prompts come from eval_split or eval_fraction of train_file
+    train_split: str = "train"  # the split to use when train_file is a save_to_disk directory of several splits
+    eval_split: str | None = None  # e.g. "test": that split of eval_file (or of train_file when eval_file is unset)
+    eval_fraction: float | None = Field(None, gt=0, lt=1)  # hold out this share of train_file (shuffled by seed)
+    shuffle: bool = True  # shuffle the training pool by the run's seed before train_prompts caps it
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     difficulty_field: str | None = None
+    system_field: str | None = None  # a column holding each prompt's system prompt (wins over system_prompt)
+    system_prompt: str | None = None  # one system prompt for every prompt
+    # auto: the tokenizer's own chat template (Qwen's ChatML for qwen2.5), plain text if it has none; plain: the
+    # prompt text as it is (a system prompt, if any, above it); else a Jinja template, or the path of a .jinja file.
+    chat_template: str = "auto"
+    chat_template_kwargs: dict[str, Any] = {}  # extra template variables, e.g. {enable_thinking: false} for Qwen3
+    max_prompt_tokens: int | None = Field(None, gt=0)  # drop (and report) prompts longer than this, template included
+    # How a response's answer is checked against the reference (reward.verifiers.VERIFIERS): final_number (the
+    # number after the last "#"), gsm8k (the same, tolerant of "$", commas and decimals), math (the last
+    # \boxed{...}, compared by math-verify: 1/2 = 0.5 = \frac{1}{2}), exact (the whole response), regex.
+    verifier: Literal["final_number", "gsm8k", "math", "exact", "regex"] = "final_number"
+    answer_regex: str | None = None  # regex verifier: the answer is the last match (its first group, if any)
 
     @model_validator(mode="after")
-    def _files_for_jsonl(self) -> "TaskConfig":
-        if self.name == "jsonl" and not (self.train_file and self.eval_file):
-            raise ValueError("task jsonl needs task.train_file and task.eval_file")
+    def _files_for_datasets(self) -> "TaskConfig":
+        if self.name != "arithmetic":
+            if not self.train_file:
+                raise ValueError(f"task {self.name} needs task.train_file")
+            if not (self.eval_file or self.eval_split or self.eval_fraction):
+                raise ValueError(f"task {self.name} needs held-out prompts: set task.eval_file, task.eval_split "
+                                 f"or task.eval_fraction")
+        if self.verifier == "regex" and not self.answer_regex:
+            raise ValueError("verifier regex needs task.answer_regex")
         return self
+
+    @field_validator("answer_regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"not a valid regular expression ({err})") from None
+        return value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_kind(cls, value: str) -> str:
+        if value not in ("auto", "plain") and not value.endswith(".jinja") and "{" not in value:
+            raise ValueError("must be auto, plain, a Jinja template or the path of a .jinja file")
+        return value
 
 
 class WarmupConfig(_Section):
@@ -87,11 +129,17 @@ class RolloutConfig(_Section):
 
 class RewardConfig(_Section):
     """What RL is rewarded by: a weighted sum of components. ``verifier``: the rule check of the final answer
-    against the reference; ``rm``: the distilled reward model's quality score (from ``reward_model``); ``custom``:
-    a Python function passed from a script (``rlhf.Trainer(cfg, reward_fn=...)``; the CLI has none to pass)."""
+    against the reference; ``rm``: the distilled reward model's quality score (from ``reward_model``); ``seqcls``:
+    any ``AutoModelForSequenceClassification`` reward model's score (``seqcls_path``, e.g. one trained by TRL's
+    RewardTrainer); ``custom``: a Python function, ``custom_fn`` or passed from a script
+    (``rlhf.Trainer(cfg, reward_fn=...)``)."""
 
     num_workers: int = Field(1, gt=0)
-    components: dict[Literal["verifier", "rm", "custom"], float] = {"verifier": 1.0}
+    components: dict[Literal["verifier", "rm", "seqcls", "custom"], float] = {"verifier": 1.0}
+    # The custom component's function: "module.path:function" or "path/to/file.py:function", called as
+    # fn(prompts, responses, rows) -> one float per response; a coroutine function is awaited.
+    custom_fn: str | None = None
+    seqcls_path: str | None = None  # the seqcls component's model: a local directory, safetensors
     # Score the rm component on a reward server (``distilrl serve-rm``) instead of in the reward workers.
     rm_url: str | None = None
     rm_token_env: str | None = None  # environment variable holding the server's bearer token
@@ -107,8 +155,17 @@ class RewardConfig(_Section):
     @model_validator(mode="after")
     def _some_component(self) -> "RewardConfig":
         if not any(w != 0 for w in self.components.values()):
-            raise ValueError("reward.components needs at least one non-zero weight (verifier, rm, custom)")
+            raise ValueError("reward.components needs at least one non-zero weight (verifier, rm, seqcls, custom)")
+        if self.components.get("seqcls") and not self.seqcls_path:
+            raise ValueError("reward.components uses seqcls: set reward.seqcls_path to its model directory")
         return self
+
+    @field_validator("custom_fn")
+    @classmethod
+    def _function_spec(cls, value: str | None) -> str | None:
+        if value is not None and ":" not in value:
+            raise ValueError("must read module.path:function or path/to/file.py:function")
+        return value
 
 
 class LabelConfig(_Section):
@@ -169,6 +226,25 @@ class TrainerConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(64, gt=0)
     threads: int = Field(1, gt=0)
+    # The GPU path (ignored on CPU): bf16 weights and activations (fp32 master weights in the optimizer),
+    # activation recomputation to fit long responses, and ZeRO offload to host memory: "optimizer" (ZeRO-2/3) or
+    # "optimizer+params" (ZeRO-3 only). Attention is PyTorch SDPA, transformers' default.
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    offload: Literal["none", "optimizer", "optimizer+params"] = "none"
+
+    @model_validator(mode="after")
+    def _offload_needs_stage(self) -> "TrainerConfig":
+        if self.offload == "optimizer+params" and self.zero_stage != 3:
+            raise ValueError("trainer.offload optimizer+params needs trainer.zero_stage 3 (ZeRO-2 keeps parameters "
+                             "on every rank)")
+        return self
+
+    def zero_options(self) -> dict:
+        """Extra keys of DeepSpeed's zero_optimization section for the offload chosen."""
+        host = {"device": "cpu", "pin_memory": True}
+        return {"optimizer": {"offload_optimizer": host},
+                "optimizer+params": {"offload_optimizer": host, "offload_param": host}}.get(self.offload, {})
 
 
 class AlgorithmConfig(_Section):
@@ -219,6 +295,45 @@ class AlgorithmConfig(_Section):
         return self
 
 
+class RoleResources(_Section):
+    """What one actor of a role asks Ray for: CPUs, GPUs (fractions share a GPU) and custom node resources (e.g.
+    ``{trainer_node: 1}`` to keep the role on the nodes started with ``ray start --resources='{"trainer_node": 8}'``)."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = {}
+
+
+class ClusterConfig(_Section):
+    """Where the run's Ray actors go (rlhf/cluster.py).
+
+    ``address``: ``local`` starts a private Ray in this process; ``auto`` joins the cluster ``ray start`` made on
+    this node (or the one RAY_ADDRESS names, as under ``ray job submit``); ``host:port`` / ``ray://host:port`` join
+    that one. Per role, what each actor asks for; unset roles keep the defaults that suit one machine: a trainer
+    rank takes ``trainer.threads`` CPUs and one GPU when the cluster has a GPU per rank, a rollout worker one CPU
+    (and one GPU when the trainer ranks take GPUs), a reward worker no reservation (it scores while the others
+    wait). The reference model lives on the trainer ranks, beside the batch it scores, so it has no role here.
+    """
+
+    address: str = "local"
+    connect_timeout_s: float = Field(30.0, gt=0)  # how long an unreachable address may take to fail
+    placement_timeout_s: float = Field(120.0, gt=0)  # how long the trainer ranks may wait for their resources
+    # PACK: trainer ranks on as few nodes as possible (fast collectives); SPREAD: spread if possible;
+    # STRICT_PACK: all on one node; STRICT_SPREAD: each rank on its own node.
+    trainer_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    trainer: RoleResources | None = None
+    critic: RoleResources | None = None
+    rollout: RoleResources | None = None
+    reward: RoleResources | None = None
+
+    @model_validator(mode="after")
+    def _address_form(self) -> "ClusterConfig":
+        a = self.address
+        if a not in ("local", "auto") and not (":" in a and a.rsplit(":", 1)[1].isdigit()):
+            raise ValueError(f"cluster.address must be local, auto, host:port or ray://host:port, not {a!r}")
+        return self
+
+
 class EvalConfig(_Section):
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(256, gt=0)
@@ -245,6 +360,7 @@ class RunConfig(_Section):
     trainer: TrainerConfig = TrainerConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     eval: EvalConfig = EvalConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
     def _batch_units_divide(self) -> "RunConfig":

@@ -20,13 +20,15 @@ import ray
 import torch
 
 from reward import distill
-from rlhf import actors
+from rlhf import actors, cluster
 from rlhf.algorithms import ADVANTAGE_ESTIMATORS, informative_groups, overlong_penalty
 from rlhf.batch import make_train_batch, response_mask
 from rlhf.config import RunConfig, save_config
 from rlhf.data import DatasetError, PromptRow, load_rows
 from rlhf.evaluate import score_eval
-from rlhf.models import build_student, build_tokenizer, load_student
+from rlhf.chat import template_override
+from rlhf.models import build_student, build_tokenizer, check_model_dir, load_student
+from rlhf.models import load_tokenizer as load_model_tokenizer
 from rlhf.trainer import TrainerGroup
 
 
@@ -44,22 +46,37 @@ def run(cfg: RunConfig, log=print) -> dict:
     return run_pipeline(cfg, log=log).summary
 
 
-def load_prompts(cfg: RunConfig, train_dataset=None, eval_dataset=None) -> tuple[list[PromptRow], list[PromptRow]]:
-    """(training pool, held-out set), from the Datasets passed in or the configured task. Loaded first in a run: a
-    bad dataset row should stop it before minutes of warm-up, not after."""
-    train_pool, eval_set = load_rows(cfg.task, cfg.seed, train_dataset, eval_dataset)
+def load_prompts(cfg: RunConfig, train_dataset=None, eval_dataset=None, tokenizer=None, log=print,
+                 stats: dict | None = None) -> tuple[list[PromptRow], list[PromptRow]]:
+    """(training pool, held-out set), from the Datasets passed in or the configured task, rendered for ``tokenizer``
+    (rlhf/chat.py); ``stats`` gets the counts. Loaded first in a run: a bad dataset row should stop it before
+    minutes of warm-up, not after."""
+    train_pool, eval_set = load_rows(cfg.task, cfg.seed, train_dataset, eval_dataset, tokenizer, log, stats)
     if len(train_pool) < cfg.rollout.prompts_per_step:
         raise DatasetError(f"only {len(train_pool)} training prompts for rollout.prompts_per_step="
                            f"{cfg.rollout.prompts_per_step}")
     return train_pool, eval_set
 
 
-def build_policy(cfg: RunConfig, log=print) -> tuple:
-    """The student and its tokenizer: loaded from a local directory, or built at the configured size."""
+def load_tokenizer(cfg: RunConfig):
+    """The student's tokenizer (from its directory, or built), carrying ``task.chat_template``'s override so that
+    checkpoints and the policy server use the template the prompts were rendered with."""
+    path = cfg.model.model_name_or_path
+    tokenizer = load_model_tokenizer(check_model_dir(path)) if path else build_tokenizer(cfg.model.tokenizer)
+    override = template_override(cfg.task)
+    if override is not None:
+        tokenizer.chat_template = override
+    return tokenizer
+
+
+def build_policy(cfg: RunConfig, log=print, tokenizer=None) -> tuple:
+    """The student and its tokenizer (``tokenizer``, else the directory's or a built one): loaded from a local
+    directory, or built at the configured size."""
     if cfg.model.model_name_or_path:
-        student, tokenizer = load_student(cfg.model.model_name_or_path)
+        student, loaded = load_student(cfg.model.model_name_or_path)
+        tokenizer = tokenizer or loaded
     else:
-        tokenizer = build_tokenizer(cfg.model.tokenizer)
+        tokenizer = tokenizer or build_tokenizer(cfg.model.tokenizer)
         student = build_student(cfg.model, tokenizer, cfg.seed)
     log(f"student: {type(student).__name__}, {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters")
     return student, tokenizer
@@ -115,10 +132,12 @@ class GRPOLoop:
         self.trainer = TrainerGroup(model_dir, {
             "zero_stage": t.zero_stage, "lr": t.lr, "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm,
             "micro_batch_size": t.micro_batch_size, "threads": t.threads, "seed": cfg.seed,
+            "bf16": t.bf16, "gradient_checkpointing": t.gradient_checkpointing, "zero_options": t.zero_options(),
             "clip_low": a.clip_low, "clip_high": a.clip_high, "kl_coef": a.kl_coef, "kl_estimator": a.kl_estimator,
             "entropy_coef": a.entropy_coef,
             "temperature": cfg.rollout.temperature, "timeout_s": self.timeout,
-        }, t.num_ranks, self.timeout)
+        }, t.num_ranks, self.timeout, resources=cluster.role_resources(cfg, "trainer"),
+            strategy=cfg.cluster.trainer_strategy, placement_timeout_s=cfg.cluster.placement_timeout_s)
         self.version = 0  # weights version the rollout workers hold; bumped by every trainer update
 
     def step(self, step: int, rows: list[PromptRow]) -> dict:

@@ -46,6 +46,16 @@ def build_student(cfg: ModelConfig, tokenizer, seed: int) -> Qwen2ForCausalLM:
 
 def load_student(path: str | Path) -> tuple[PreTrainedModel, object]:
     """Load a causal LM and its tokenizer from a local directory (safetensors only, no remote code)."""
+    path = check_model_dir(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"cannot load the model in {path} ({_one_line(err)}): check its files") from None
+    return model, load_tokenizer(path)
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """A one-line ``ModelLoadError`` for a directory that is not a safetensors ``save_pretrained`` directory."""
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"model directory {path} does not exist: set model.model_name_or_path to a local "
@@ -54,12 +64,21 @@ def load_student(path: str | Path) -> tuple[PreTrainedModel, object]:
         raise ModelLoadError(f"model directory {path} has no config.json: is it a Hugging Face save_pretrained dir?")
     if not any(path.glob("*.safetensors")):
         raise ModelLoadError(f"model directory {path} has no .safetensors weights (only safetensors are loaded)")
+    return path
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved in a local model directory, with a pad token (its end-of-sequence token when it has
+    none, as Llama tokenizers do: batched sampling and training pad their rows)."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelLoadError(f"cannot load the model in {path} ({_one_line(err)}): check its files") from None
-    return model, tokenizer
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelLoadError(f"cannot load the tokenizer in {path} ({_one_line(err)}): check its files") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ModelLoadError(f"the tokenizer in {path} has neither a pad nor an end-of-sequence token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _one_line(err: Exception) -> str:
