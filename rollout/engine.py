@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 
 @dataclass
@@ -17,6 +18,34 @@ class Sample:
     text: str                  # the response decoded, special tokens dropped
 
 
+class TokenLogprobs(LogitsProcessor):
+    """Records each sampled token's log-probability under the distribution it was sampled from (logits /
+    temperature), keeping one decoding step of log-probs at a time: ``output_logits`` would keep every step's
+    (rows, vocab) logits until the end, gigabytes at a 151k vocabulary. The token drawn at step t is the last column
+    of ``input_ids`` when step t+1's scores arrive; ``finish`` takes the last step's token from the final sequences.
+    Leaves the scores unchanged (it runs before the temperature warper, hence its own scaling)."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.pending: torch.Tensor | None = None  # the last step's log-probs, waiting for the token drawn from them
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._take(input_ids[:, -1])
+        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+            self.pending = None
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """(rows, steps) log-probs of the generated tokens (rows that ended early carry padding's afterwards)."""
+        self._take(sequences[:, -1])
+        return torch.stack(self.steps, dim=1)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], n: int, max_new_tokens: int, temperature: float = 1.0,
              greedy: bool = False) -> list[Sample]:
@@ -26,19 +55,18 @@ def generate(model, tokenizer, prompts: list[str], n: int, max_new_tokens: int, 
     width = max(map(len, rows))
     pad = tokenizer.pad_token_id
     # Left padding so every row's next token is at the same column; generate derives positions from the mask.
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
-    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    device = model.device
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long,
+                                  device=device)
     sampling = {} if greedy else {"temperature": temperature, "top_k": 0, "top_p": 1.0}
+    recorder = TokenLogprobs(1.0 if greedy else temperature)
     out = model.generate(
-        input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-        max_new_tokens=max_new_tokens, do_sample=not greedy, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-        return_dict_in_generate=True, output_logits=True, use_cache=True, **sampling)
-    new_tokens = out.sequences[:, width:]
-    # Raw logits per step, scaled as the sampler scaled them, give the sampling distribution's log-probs.
-    logits = torch.stack(out.logits, dim=1).float()
-    if not greedy:
-        logits = logits / temperature
-    token_logprobs = (logits.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1))
+        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+        do_sample=not greedy, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+        return_dict_in_generate=True, use_cache=True, logits_processor=LogitsProcessorList([recorder]), **sampling)
+    new_tokens = out.sequences[:, width:].cpu()
+    token_logprobs = recorder.finish(out.sequences).cpu()
 
     samples = []
     eos = tokenizer.eos_token_id

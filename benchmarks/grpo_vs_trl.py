@@ -1,0 +1,256 @@
+"""GRPO throughput, distilrl against TRL's GRPOTrainer on the same work, alternating step by step in one process.
+
+    python benchmarks/grpo_vs_trl.py [--workload small|medium] [--steps 6] [--warmup 2] [--quick]
+
+Both sides get the same randomly initialised Qwen2 student (saved once, loaded by both), the same character
+tokenizer, the same arithmetic prompts, the same verifier reward (reward.verifiers), samples per prompt, max new
+tokens, learning rate (AdamW, grad-norm clip 1), token-mean loss, no KL term (TRL's beta 0; our kl_coef 0), fp32
+weights. Every response is exactly ``max_new_tokens`` long on both sides: the student's generation config and TRL's
+``generation_kwargs`` set ``min_new_tokens = max_new_tokens`` (end-of-sequence is suppressed until then), so both
+do the same number of token-steps however the policy drifts.
+
+distilrl runs its real path (``rlhf.Trainer``: a RolloutWorker actor, a RewardWorker actor, DeepSpeed ZeRO-2
+trainer ranks in Ray actors, weights to the rollout worker after every update); TRL runs ``GRPOTrainer`` on the
+CPU (``use_cpu``, fp32, no vLLM, no gradient checkpointing, beta 0). TRL's loop drives the alternation: a callback
+times each TRL optimizer step (generation included) and then runs one distilrl step. The first ``--warmup`` steps
+of each are dropped; medians over the rest are reported.
+
+Hardware limit: a large fp32 GEMM through torch (2 threads) gives the machine's matmul rate; model-FLOPs
+utilisation (MFU) of our phases is counted as 6 * params * tokens for training (forward and backward over prompt
+and response tokens) and 2 * params * tokens for generation (every prompt and generated token), attention's own
+FLOPs left out; params counts the tied embedding once (as the output projection).
+
+Prints a table, then one JSON object as the last line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+WORKLOADS = {
+    # hidden, layers, heads, kv heads, MLP width; prompts x samples = completions per step; new tokens each
+    "small": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 512,
+              "prompts": 4, "samples": 4, "max_new_tokens": 32},
+    "medium": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 2, "intermediate_size": 2048,
+               "prompts": 8, "samples": 8, "max_new_tokens": 128},
+    # For the test that keeps this script working: seconds, not minutes.
+    "quick": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64,
+              "prompts": 2, "samples": 2, "max_new_tokens": 4},
+}
+LR = 1e-5
+SEED = 0
+
+
+def matmul_rate(size: int = 2048, repeats: int = 5, dtype=None) -> float:
+    """GFLOP/s of a square GEMM through torch on this process's threads (median of ``repeats``)."""
+    import torch
+
+    dtype = dtype or torch.float32
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # first call pays for allocation and kernel selection
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def make_student(workload: dict, out_dir: Path) -> tuple[int, object]:
+    """The shared student (random weights, fixed-length generation config) saved to ``out_dir``; returns its
+    parameter count and tokenizer."""
+    from rlhf.config import ModelConfig
+    from rlhf.models import build_student, build_tokenizer, save_student
+
+    tokenizer = build_tokenizer("char")
+    model_cfg = ModelConfig(**{k: workload[k] for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                                                         "intermediate_size")}, max_position_embeddings=256)
+    student = build_student(model_cfg, tokenizer, SEED)
+    # Fixed response length on our side: generate() reads these defaults from the saved generation config.
+    student.generation_config.min_new_tokens = workload["max_new_tokens"]
+    student.generation_config.max_new_tokens = workload["max_new_tokens"]
+    save_student(student, tokenizer, out_dir)
+    return sum(p.numel() for p in student.parameters()), tokenizer
+
+
+def prompt_dataset(count: int):
+    import datasets
+
+    from rlhf.data import arithmetic_rows
+
+    return datasets.Dataset.from_list([{"prompt": r.prompt, "answer": r.answer} for r in arithmetic_rows(count, SEED)])
+
+
+def verifier_reward(prompts, completions, answer, **_) -> list[float]:
+    """TRL's reward function: our verifier, 1.0 for a correct final number, else 0.0 (as reward.worker scores it)."""
+    from reward.verifiers import final_number_correct
+
+    return [1.0 if final_number_correct(c, a) else 0.0 for c, a in zip(completions, answer)]
+
+
+def ours_config(workload: dict, student_dir: Path, out_dir: Path, steps: int, ranks: int):
+    from rlhf.config import RunConfig
+
+    rows = workload["prompts"] * workload["samples"]
+    return RunConfig(
+        output_dir=str(out_dir), seed=SEED, stages=["rl"], call_timeout_s=1800,
+        model={"model_name_or_path": str(student_dir)},
+        task={"train_prompts": 512, "eval_prompts": 8},
+        rollout={"num_workers": 1, "prompts_per_step": workload["prompts"], "samples_per_prompt": workload["samples"],
+                 "max_new_tokens": workload["max_new_tokens"], "threads": os.cpu_count() or 1},
+        trainer={"num_ranks": ranks, "zero_stage": 2, "lr": LR, "micro_batch_size": rows // ranks,
+                 "threads": max(1, (os.cpu_count() or 1) // ranks)},
+        algorithm={"steps": steps, "kl_coef": 0.0, "loss_aggregation": "token-mean"},
+    )
+
+
+def trl_config(workload: dict, out_dir: Path, steps: int):
+    from trl import GRPOConfig
+
+    rows = workload["prompts"] * workload["samples"]
+    return GRPOConfig(
+        output_dir=str(out_dir), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, use_vllm=False,
+        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=SEED,
+        per_device_train_batch_size=rows, gradient_accumulation_steps=1, num_generations=workload["samples"],
+        max_completion_length=workload["max_new_tokens"],
+        generation_kwargs={"min_new_tokens": workload["max_new_tokens"]},
+        temperature=1.0, top_k=0, top_p=1.0, beta=0.0, loss_type="dapo", learning_rate=LR, weight_decay=0.0,
+        max_grad_norm=1.0, lr_scheduler_type="constant", warmup_steps=0, max_steps=steps, num_iterations=1,
+        dataloader_num_workers=0,
+    )
+
+
+def run(workload_name: str, steps: int, warmup: int, ranks: int, log=print) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, PrinterCallback, TrainerCallback
+    from trl import GRPOTrainer
+
+    import rlhf
+
+    workload = WORKLOADS[workload_name]
+    rows = workload["prompts"] * workload["samples"]
+    total = steps + warmup
+    torch.set_num_threads(os.cpu_count() or 1)
+    rate_before = matmul_rate()
+    work = Path(tempfile.mkdtemp(prefix="grpo_vs_trl_"))
+    params, tokenizer = make_student(workload, work / "student")
+    dataset = prompt_dataset(512)
+    log(f"workload {workload_name}: {params / 1e6:.2f}M parameters, {workload['prompts']} prompts x "
+        f"{workload['samples']} samples = {rows} completions of {workload['max_new_tokens']} tokens per step; "
+        f"{warmup} warm-up + {steps} timed steps each, alternating; matmul {rate_before:.0f} GFLOP/s fp32")
+
+    ours_steps: list[dict] = []
+    trl_times: list[float] = []
+    trl_rewards: list[float] = []
+
+    with rlhf.Trainer(ours_config(workload, work / "student", work / "ours", total, ranks),
+                      train_dataset=dataset, log=lambda line: None) as ours:
+
+        class Alternate(TrainerCallback):
+            """Times each TRL optimizer step (generation included), then runs one distilrl step."""
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                self.start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                trl_times.append(time.perf_counter() - self.start)
+                start = time.perf_counter()
+                metrics = ours.step()
+                metrics["wall_s"] = time.perf_counter() - start
+                ours_steps.append(metrics)
+                log(f"step {len(trl_times)}/{total}: trl {trl_times[-1]:.2f} s, distilrl {metrics['wall_s']:.2f} s "
+                    f"(generate {metrics['perf/generate_s']:.2f}, train {metrics.get('perf/train_s', 0):.2f})")
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "reward" in logs:
+                    trl_rewards.append(float(logs["reward"]))
+
+        # The same weights and tokenizer as ours (the saved student); TRL keeps its generation settings in its own
+        # config, so min_new_tokens goes in through generation_kwargs.
+        model = AutoModelForCausalLM.from_pretrained(work / "student", dtype=torch.float32, use_safetensors=True)
+        trl = GRPOTrainer(model=model, reward_funcs=verifier_reward, args=trl_config(workload, work / "trl", total),
+                          train_dataset=dataset, processing_class=tokenizer, callbacks=[Alternate()])
+        trl.remove_callback(PrinterCallback)  # its per-step dicts would bury the table
+        trl.train()
+    rate_after = matmul_rate()
+    rate = statistics.median([rate_before, rate_after])
+
+    timed = ours_steps[warmup:]
+    ours_s = statistics.median(m["wall_s"] for m in timed)
+    trl_s = statistics.median(trl_times[warmup:])
+    phase = {name: statistics.median(m.get(f"perf/{name}_s", 0.0) for m in timed)
+             for name in ("generate", "score", "train", "sync")}
+    phase["reference"] = 0.0  # no KL term (beta 0), so no reference model runs; with one it is inside train
+    phase["idle"] = max(0.0, ours_s - sum(phase.values()))
+    response_tokens = statistics.median(m["charts/response_tokens"] for m in timed)
+    mean_prompt = statistics.mean(len(tokenizer(p, add_special_tokens=False).input_ids) for p in dataset["prompt"])
+    tokens = rows * (mean_prompt + response_tokens)
+    train_flops, gen_flops = 6 * params * tokens, 2 * params * tokens
+    result = {
+        "workload": workload_name,
+        "params_m": round(params / 1e6, 3),
+        "completions_per_step": rows,
+        "max_new_tokens": workload["max_new_tokens"],
+        "steps": steps,
+        "trainer_ranks": ranks,
+        "distilrl_completions_per_s": round(rows / ours_s, 2),
+        "trl_completions_per_s": round(rows / trl_s, 2),
+        "ratio": round(trl_s / ours_s, 3),
+        "distilrl_step_s": round(ours_s, 3),
+        "trl_step_s": round(trl_s, 3),
+        "phase_s": {k: round(v, 3) for k, v in phase.items()},
+        "matmul_gflops": round(rate, 1),
+        "train_mfu": round(train_flops / phase["train"] / 1e9 / rate, 3) if phase["train"] else None,
+        "generate_mfu": round(gen_flops / phase["generate"] / 1e9 / rate, 3) if phase["generate"] else None,
+        "distilrl_reward_first_last": [round(ours_steps[0]["reward/mean"], 3), round(ours_steps[-1]["reward/mean"], 3)],
+        "trl_reward_first_last": [round(trl_rewards[0], 3), round(trl_rewards[-1], 3)] if trl_rewards else None,
+        "response_tokens": response_tokens,
+    }
+    return result
+
+
+def print_table(r: dict) -> None:
+    print(f"\n{'':<22}{'distilrl':>12}{'TRL':>12}")
+    print(f"{'completions/s':<22}{r['distilrl_completions_per_s']:>12.2f}{r['trl_completions_per_s']:>12.2f}")
+    print(f"{'step s (median)':<22}{r['distilrl_step_s']:>12.3f}{r['trl_step_s']:>12.3f}")
+    print(f"{'reward first/last':<22}{r['distilrl_reward_first_last']!s:>12}{r['trl_reward_first_last']!s:>12}")
+    print(f"ratio distilrl/TRL: {r['ratio']:.2f}x")
+    split = ", ".join(f"{k} {v:.3f}" for k, v in r["phase_s"].items())
+    print(f"distilrl step split (s): {split}")
+    print(f"matmul {r['matmul_gflops']:.0f} GFLOP/s fp32; MFU train {r['train_mfu']}, generate {r['generate_mfu']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="small")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps on each side")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first on each side")
+    parser.add_argument("--ranks", type=int, default=1, help="distilrl trainer ranks (threads split among them)")
+    parser.add_argument("--quick", action="store_true", help="the tiny workload, 1 warm-up + 1 step: a smoke test")
+    args = parser.parse_args()
+    if args.quick:
+        args.workload, args.steps, args.warmup = "quick", 1, 1
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    from rlhf.cli import _quiet_libraries
+
+    _quiet_libraries()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    result = run(args.workload, args.steps, args.warmup, args.ranks, log=lambda line: print(line, flush=True))
+    print_table(result)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

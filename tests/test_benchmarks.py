@@ -1,0 +1,71 @@
+"""Keeps the benchmark scripts from rotting without timing anything: the GPU smoke check's no-GPU exit, and the
+pure helpers the side-by-side benchmarks build their shared work from."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "benchmarks" / "gpu_smoke.sh"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the script would run the real check")
+def test_gpu_smoke_without_a_gpu_says_so_and_exits_0():
+    done = subprocess.run(["bash", str(SMOKE)], check=False, capture_output=True, text=True, timeout=120,
+                          env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert "no CUDA GPU" in lines[0]
+    assert json.loads(lines[-1]) == {"gpu": False, "skipped": True}
+
+
+def test_gpu_smoke_with_a_broken_python_fails_with_one_line():
+    done = subprocess.run(["bash", str(SMOKE)], check=False, capture_output=True, text=True, timeout=60,
+                          env={"PYTHON": "/bin/false", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 1
+    assert "cannot import torch" in done.stderr
+
+
+def test_rm_benchmark_pairs_prefer_the_correct_answer():
+    import rm_vs_trl
+
+    from reward.verifiers import final_number_correct
+    from rlhf.tasks.arithmetic import parse_prompt
+
+    pairs = rm_vs_trl.make_pairs(12)
+    assert len(pairs) == 12
+    for pair in pairs:
+        answer = parse_prompt(pair["prompt"]).answer
+        assert final_number_correct(pair["chosen"], answer) is True
+        assert final_number_correct(pair["rejected"], answer) is False
+
+
+def test_grpo_benchmark_student_generates_exactly_max_new_tokens(tmp_path):
+    """Both sides of grpo_vs_trl must do the same number of token steps: the saved student's generation config
+    suppresses end-of-sequence until max_new_tokens, whatever the sampled tokens are."""
+    import grpo_vs_trl
+
+    from rlhf.models import load_student
+    from rollout.engine import generate
+
+    workload = grpo_vs_trl.WORKLOADS["quick"]
+    params, _ = grpo_vs_trl.make_student(workload, tmp_path / "student")
+    model, tokenizer = load_student(tmp_path / "student")
+    assert params == sum(p.numel() for p in model.parameters())
+    # A huge end-of-sequence logit: without the forced length every response would stop at its first token.
+    handle = model.lm_head.register_forward_hook(
+        lambda module, inputs, output: output.index_add(-1, torch.tensor([tokenizer.eos_token_id]),
+                                                        torch.full((*output.shape[:-1], 1), 50.0)))
+    try:
+        samples = generate(model.eval(), tokenizer, ["1+2=", "3+4-5="], 3, workload["max_new_tokens"])
+    finally:
+        handle.remove()
+    assert [len(s.response_ids) for s in samples] == [workload["max_new_tokens"]] * 6
+    # EOS stays suppressed up to the last step, so every response runs to the length limit.
+    assert all(s.finish_reason == "length" and tokenizer.eos_token_id not in s.response_ids for s in samples)
