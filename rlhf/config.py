@@ -91,6 +91,7 @@ class RolloutConfig(_Section):
     # One-step-off asynchronous rollout: while the trainer updates on batch k the rollout workers already generate
     # batch k+1 (up to max_staleness batches ahead) from the weights they hold, which are then max_staleness
     # updates behind. Logged as perf/staleness; pair it with algorithm.tis_cap to correct for the older sampler.
+    # Overlap needs cores for both at once: num_workers x threads + trainer.num_ranks x trainer.threads <= cores.
     asynchronous: bool = False
     max_staleness: int = Field(1, ge=1)  # batches generated ahead when asynchronous (their weights' lag, in updates)
 
