@@ -73,6 +73,12 @@ def shards(items: list, parts: int) -> list[list]:
 def generate(workers: list, prompts: list[str], n: int, max_new_tokens: int, temperature: float, greedy: bool,
              version: int, timeout_s: float) -> list:
     """``n`` samples per prompt from the rollout workers (prompts split evenly), in prompt order."""
-    calls = [worker.generate.remote(part, n, max_new_tokens, temperature, greedy, version)
-             for worker, part in zip(workers, shards(prompts, len(workers))) if part]
+    calls = launch_generate(workers, prompts, n, max_new_tokens, temperature, greedy, version)
     return [sample for part in call_all(calls, "rollout generate", timeout_s) for sample in part]
+
+
+def launch_generate(workers: list, prompts: list[str], n: int, max_new_tokens: int, temperature: float, greedy: bool,
+                    version: int) -> list:
+    """Submit ``generate``'s calls without waiting: one Ray object ref per worker with prompts, in prompt order."""
+    return [worker.generate.remote(part, n, max_new_tokens, temperature, greedy, version)
+            for worker, part in zip(workers, shards(prompts, len(workers))) if part]

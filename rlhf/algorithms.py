@@ -232,6 +232,25 @@ def clipped_policy_loss(
     return loss, (clipped > unclipped).float()
 
 
+def truncated_importance_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,
+                                 cap: float) -> torch.Tensor:
+    """Truncated importance sampling (TIS) weights for the policy-gradient term, per token:
+
+        w_t = min(exp(old_logprob_t - rollout_logprob_t), cap)   on response tokens, 0 elsewhere.
+
+    ``old_logprobs``: the trainer's log-probs before this batch's first update (the PPO ratio's denominator);
+    ``rollout_logprobs``: the sampler's, which actually drew the tokens. They differ because the inference engine
+    computes differently from the trainer (kernels, precision) and, with asynchronous rollout, because the sampler
+    held older weights. Weighting by their ratio corrects the gradient for sampling from the wrong policy; the cap
+    bounds the variance a few tokens the sampler found unlikely would otherwise add. Computed as
+    exp(min(log-ratio, log cap)): the same value, without overflowing to inf first. No gradient flows through it.
+    """
+    if cap <= 0:
+        raise ValueError(f"truncated importance sampling cap must be > 0, not {cap}")
+    log_ratio = (old_logprobs.detach() - rollout_logprobs.detach()).float()
+    return log_ratio.clamp(max=math.log(cap)).exp() * mask.float()
+
+
 def policy_token_loss(pg_loss: torch.Tensor, entropy: torch.Tensor | None = None, kl: torch.Tensor | None = None,
                       entropy_coef: float = 0.0, kl_coef: float = 0.0) -> torch.Tensor:
     """The per-token loss the trainer minimises (before the aggregation weights):

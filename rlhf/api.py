@@ -34,6 +34,7 @@ from rlhf import actors, curriculum, driver
 from rlhf.checkpoint import write_json_atomic
 from rlhf.config import ConfigError, RunConfig
 from rlhf.models import save_student
+from rlhf.pipeline import RolloutPipeline
 from rlhf.warmup import run_warmup
 
 if TYPE_CHECKING:
@@ -114,6 +115,8 @@ class Trainer:
         self._timer = driver.StageTimer()
         self._rollout: list = []
         self._loop: driver.GRPOLoop | None = None
+        self._rollouts: RolloutPipeline | None = None  # generations launched ahead (asynchronous rollout)
+        self._plan_end = cfg.algorithm.steps  # launch nothing ahead for steps beyond this one (see rlhf.pipeline)
         self._owns_ray = False
         self._closed = False
         self._wall_s: float | None = None
@@ -180,8 +183,9 @@ class Trainer:
         (``reward/*``, ``losses/*``, ``perf/*``, ``charts/*``), also appended to ``metrics.jsonl``."""
         loop = self._grpo()
         start = time.perf_counter()
-        rows = self._order.sample(self._train_rows, self.cfg.rollout.prompts_per_step)
-        metrics = loop.step(self.steps + 1, rows)
+        # Asynchronous rollout: this batch was launched while the previous one trained (rlhf/pipeline.py).
+        launched = self._rollouts.next(remaining=self._plan_end - self.steps - 1)
+        metrics = loop.step(self.steps + 1, launched.rows, launched)
         self.steps += 1
         with open(self.output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
@@ -193,6 +197,7 @@ class Trainer:
         """The RL stage: ``steps`` RL steps (default ``algorithm.steps``), with a checkpoint in
         ``output_dir/checkpoints/step_N`` every ``save_every`` steps; returns their metrics."""
         steps = self.cfg.algorithm.steps if steps is None else steps
+        self._plan_end = self.steps + steps
         history = []
         for i in range(1, steps + 1):
             history.append(self.step())
@@ -254,9 +259,13 @@ class Trainer:
             if self.cfg.reward.components.get("rm") and not (self.reward_model_dir or self.cfg.reward.rm_url):
                 raise ConfigError("reward.components uses rm but there is no reward model yet: call "
                                   "train_reward_model() first, or set reward_model.path or reward.rm_url")
-            self._loop = driver.GRPOLoop(self.cfg, self._start_dir(), self._tokenizer, rollout,
-                                         str(self.reward_model_dir) if self.reward_model_dir else None,
-                                         self._reward_fn)
+            self._loop = loop = driver.GRPOLoop(self.cfg, self._start_dir(), self._tokenizer, rollout,
+                                                str(self.reward_model_dir) if self.reward_model_dir else None,
+                                                self._reward_fn)
+            r = self.cfg.rollout
+            self._rollouts = RolloutPipeline(lambda: loop.launch(self._order.sample(self._train_rows,
+                                                                                   r.prompts_per_step)),
+                                             r.max_staleness if r.asynchronous else 0)
         return self._loop
 
     def _stop_actors(self) -> None:
@@ -266,7 +275,7 @@ class Trainer:
             for worker in self._rollout:
                 ray.kill(worker)
         finally:
-            self._loop, self._rollout = None, []
+            self._loop, self._rollout, self._rollouts = None, [], None
             if self._owns_ray:
                 ray.shutdown()
                 self._owns_ray = False

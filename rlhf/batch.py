@@ -8,11 +8,16 @@ from rollout.engine import Sample
 
 
 def make_train_batch(samples: list[Sample], advantages: torch.Tensor, pad_id: int, aggregation: str,
-                     max_response_tokens: int) -> dict[str, torch.Tensor]:
+                     max_response_tokens: int, mini_batches: int = 1) -> dict[str, torch.Tensor]:
     """One row per sample, prompt then response then padding (so position ids are a plain arange, as in
     rollout). ``advantages`` is either (B,), spread over each row's response tokens, or (B, L) per token in this
-    same layout (``response_mask(samples)`` gives it), as token-level estimators such as REINFORCE++ return."""
+    same layout (``response_mask(samples)`` gives it), as token-level estimators such as REINFORCE++ return.
+
+    The loss weights sum the loss of each of ``mini_batches`` contiguous equal row blocks (one optimizer step
+    each, as the trainer splits them): token-mean over a mini-batch's tokens, not the whole batch's."""
     rows = len(samples)
+    if rows % mini_batches:
+        raise ValueError(f"{rows} rows do not split into {mini_batches} equal mini-batches")
     mask = response_mask(samples)
     width = mask.shape[1]
     input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
@@ -35,7 +40,8 @@ def make_train_batch(samples: list[Sample], advantages: torch.Tensor, pad_id: in
         "response_mask": mask,
         "rollout_logprobs": rollout_logprobs,
         "advantages": advantages * mask,
-        "loss_weights": loss_token_weights(mask, aggregation, max_response_tokens),
+        "loss_weights": torch.cat([loss_token_weights(part, aggregation, max_response_tokens)
+                                   for part in mask.split(rows // mini_batches)]),
     }
 
 

@@ -6,6 +6,11 @@ refused with a ``ConfigError`` whose one-line message names the key.
 Batch units, used everywhere: an RL step takes ``rollout.prompts_per_step`` prompts and samples
 ``rollout.samples_per_prompt`` responses for each; their product is the step's number of *rollout rows*, which
 must split evenly across trainer ranks (``trainer.num_ranks``) and rollout workers (``rollout.num_workers``).
+The trainer splits the rollout rows into ``trainer.mini_batches_per_step`` equal *mini-batches* (one optimizer
+step each, in batch order; ``algorithm.ppo_epochs`` passes over them), each mini-batch into equal shards across
+the ranks, and each shard into *micro-batches* of at most ``trainer.micro_batch_size`` rows (gradient
+accumulation: memory only, the update is the same). So rollout rows must divide by mini_batches_per_step x
+num_ranks; ``RunConfig.describe_batches`` prints the derived figures at start.
 """
 from __future__ import annotations
 
@@ -147,6 +152,12 @@ class RolloutConfig(_Section):
     max_new_tokens: int = Field(48, gt=0)
     temperature: float = Field(1.0, gt=0)
     threads: int = Field(2, gt=0)
+    # One-step-off asynchronous rollout: while the trainer updates on batch k the rollout workers already generate
+    # batch k+1 (up to max_staleness batches ahead) from the weights they hold, which are then max_staleness
+    # updates behind. Logged as perf/staleness; pair it with algorithm.tis_cap to correct for the older sampler.
+    # Overlap needs cores for both at once: num_workers x threads + trainer.num_ranks x trainer.threads <= cores.
+    asynchronous: bool = False
+    max_staleness: int = Field(1, ge=1)  # batches generated ahead when asynchronous (their weights' lag, in updates)
 
 
 class AdaptiveConfig(_Section):
@@ -273,7 +284,9 @@ class TrainerConfig(_Section):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    micro_batch_size: int = Field(64, gt=0)
+    micro_batch_size: int = Field(64, gt=0)  # rows per forward/backward on one rank (memory only)
+    # Optimizer steps per pass over a rollout batch: the rows split into this many equal mini-batches, in order.
+    mini_batches_per_step: int = Field(1, gt=0)
     threads: int = Field(1, gt=0)
     # The GPU path (ignored on CPU): bf16 weights and activations (fp32 master weights in the optimizer),
     # activation recomputation to fit long responses, and ZeRO offload to host memory: "optimizer" (ZeRO-2/3) or
@@ -303,7 +316,14 @@ class AlgorithmConfig(_Section):
     dynamic sampling, no overlong penalty. Formulas are in rlhf/algorithms.py, one pure function per option.
     """
 
-    steps: int = Field(60, ge=0)  # RL steps (one rollout batch and one optimizer update each)
+    steps: int = Field(60, ge=0)  # RL steps (one rollout batch each)
+    # Passes over each rollout batch; optimizer steps per RL step = ppo_epochs x trainer.mini_batches_per_step.
+    # With more than one, the PPO ratio's denominator is the trainer's log-probs before the batch's first update.
+    ppo_epochs: int = Field(1, gt=0)
+    # Truncated importance sampling: the policy-gradient term of each token is weighted by
+    # min(exp(trainer log-prob before the update - rollout log-prob), tis_cap), correcting for tokens sampled by
+    # a different policy (inference-engine numerics; older weights with rollout.asynchronous). None: off. 2 is usual.
+    tis_cap: float | None = Field(None, gt=0)
     # How rewards become advantages (rlhf.algorithms.ADVANTAGE_ESTIMATORS):
     #   grpo: (r - group mean) / group std;  dr_grpo: r - group mean (pair with loss_aggregation dr-grpo);
     #   rloo: r - mean of the group's other samples;  reinforce_plus_plus: no group baseline, returns whitened
@@ -416,7 +436,9 @@ class RunConfig(_Section):
     def _batch_units_divide(self) -> "RunConfig":
         rows = self.rollout_rows
         for name, parts in (("trainer.num_ranks", self.trainer.num_ranks),
-                            ("rollout.num_workers", self.rollout.num_workers)):
+                            ("rollout.num_workers", self.rollout.num_workers),
+                            ("trainer.mini_batches_per_step x trainer.num_ranks",
+                             self.trainer.mini_batches_per_step * self.trainer.num_ranks)):
             if rows % parts:
                 raise ValueError(f"rollout rows per step ({self.rollout.prompts_per_step} prompts x "
                                  f"{self.rollout.samples_per_prompt} samples = {rows}) do not divide by {name}={parts}")
@@ -453,13 +475,18 @@ class RunConfig(_Section):
 
     def describe_batches(self) -> str:
         """The derived batch figures printed at start, so nobody has to guess the units."""
-        rows = self.rollout_rows
-        per_rank = rows // self.trainer.num_ranks
-        micro = min(self.trainer.micro_batch_size, per_rank)
+        rows, t = self.rollout_rows, self.trainer
+        mini = rows // t.mini_batches_per_step
+        per_rank = mini // t.num_ranks
+        micro = min(t.micro_batch_size, per_rank)
+        updates = t.mini_batches_per_step * self.algorithm.ppo_epochs
+        ahead = (f"; generated up to {self.rollout.max_staleness} step(s) ahead (asynchronous)"
+                 if self.rollout.asynchronous else "")
         return (f"batch: {self.rollout.prompts_per_step} prompts x {self.rollout.samples_per_prompt} samples = "
                 f"{rows} rollout rows per step; {self.rollout.num_workers} rollout worker(s) x "
-                f"{rows // self.rollout.num_workers} rows; {self.trainer.num_ranks} trainer rank(s) x {per_rank} rows "
-                f"in micro-batches of {micro}; 1 optimizer step per RL step; {self.algorithm.steps} RL steps")
+                f"{rows // self.rollout.num_workers} rows; {t.mini_batches_per_step} mini-batch(es) of {mini} rows = "
+                f"{t.num_ranks} trainer rank(s) x {per_rank} rows in micro-batches of {micro}; {updates} optimizer "
+                f"step(s) per RL step ({self.algorithm.ppo_epochs} epoch(s)); {self.algorithm.steps} RL steps{ahead}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

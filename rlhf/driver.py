@@ -29,6 +29,7 @@ from rlhf.chat import template_override
 from rlhf.evaluate import difficulty_metrics, score_eval
 from rlhf.models import build_student, build_tokenizer, check_model_dir, load_student
 from rlhf.models import load_tokenizer as load_model_tokenizer
+from rlhf.pipeline import LaunchedRollout
 from rlhf.trainer import TrainerGroup
 
 
@@ -134,19 +135,33 @@ class GRPOLoop:
             "micro_batch_size": t.micro_batch_size, "threads": t.threads, "seed": cfg.seed,
             "bf16": t.bf16, "gradient_checkpointing": t.gradient_checkpointing, "zero_options": t.zero_options(),
             "clip_low": a.clip_low, "clip_high": a.clip_high, "kl_coef": a.kl_coef, "kl_estimator": a.kl_estimator,
-            "entropy_coef": a.entropy_coef,
+            "entropy_coef": a.entropy_coef, "epochs": a.ppo_epochs, "tis_cap": a.tis_cap,
+            "mini_batches": t.mini_batches_per_step,
             "temperature": cfg.rollout.temperature, "timeout_s": self.timeout,
         }, t.num_ranks, self.timeout, resources=cluster.role_resources(cfg, "trainer"),
             strategy=cfg.cluster.trainer_strategy, placement_timeout_s=cfg.cluster.placement_timeout_s)
         self.version = 0  # weights version the rollout workers hold; bumped by every trainer update
+        self._syncing: list = []  # weight-sync calls submitted and not yet waited for (asynchronous rollout)
 
-    def step(self, step: int, rows: list[PromptRow]) -> dict:
+    def launch(self, rows: list[PromptRow]) -> LaunchedRollout:
+        """Start generating ``rows``' samples from the weights the rollout workers will hold when they get to it:
+        those of the latest sync submitted (``self.version``), since an actor runs its calls in submission order."""
+        r = self.cfg.rollout
+        prompts = [think.with_switch(row.prompt, self.cfg.think.mode) for row in rows]  # as generate() does
+        calls = actors.launch_generate(self.rollout, prompts, r.samples_per_prompt,
+                                       r.max_new_tokens, r.temperature, False, self.version)
+        return LaunchedRollout(rows, self.version, calls)
+
+    def step(self, step: int, rows: list[PromptRow], launched: LaunchedRollout | None = None) -> dict:
+        """One RL step on ``rows``. ``launched``: their generation, already started by ``launch`` (asynchronous
+        rollout starts it while earlier batches train, from older weights); None generates them now."""
         cfg, n = self.cfg, self.cfg.rollout.samples_per_prompt
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
 
-        samples = self.generate([r.prompt for r in rows], n, greedy=False)
-        timings["perf/generate_s"] = time.perf_counter() - t0
+        samples = self.collect(launched) if launched else self.generate([r.prompt for r in rows], n, greedy=False)
+        generated_by = launched.version if launched else self.version  # weights version that sampled the batch
+        timings["perf/generate_s"] = time.perf_counter() - t0  # asynchronous: only the wait the overlap left
 
         t = time.perf_counter()
         scores = self.score(rows, samples)
@@ -162,17 +177,19 @@ class GRPOLoop:
         # Dynamic sampling trains on the groups that carry signal, in a row count the trainer ranks can split.
         train_samples, train_rewards = samples, rewards
         if a.dynamic_sampling:
-            keep = informative_groups(rewards, n, cfg.trainer.num_ranks)
+            keep = informative_groups(rewards, n, cfg.trainer.num_ranks * cfg.trainer.mini_batches_per_step)
             train_samples = [s for s, kept in zip(samples, keep.tolist()) if kept]
             train_rewards = rewards[keep]
             shaping["reward/dropped_groups"] = (len(samples) - len(train_samples)) // n
 
+        # Updates the trainer's weights have had since they generated this batch: what the update is off-policy by.
+        staleness = self.version - generated_by
         train_metrics = {}
         timings["perf/sync_s"] = 0.0
         if train_samples:  # empty only when dynamic sampling found no group with signal: no update, no sync
             advantages = ADVANTAGE_ESTIMATORS[a.advantage](train_rewards, n, response_mask(train_samples))
             batch = make_train_batch(train_samples, advantages, self.tokenizer.pad_token_id, a.loss_aggregation,
-                                     cfg.rollout.max_new_tokens)
+                                     cfg.rollout.max_new_tokens, cfg.trainer.mini_batches_per_step)
             train_metrics = self.trainer.train_step(batch)
 
             t = time.perf_counter()
@@ -199,6 +216,8 @@ class GRPOLoop:
             "charts/truncated_rate": sum(s.finish_reason == "length" for s in samples) / len(samples),
             "charts/weights_version": self.version,
             **per_bin,
+            "charts/rollout_weights_version": generated_by,
+            "perf/staleness": staleness,
             **shaping,
             **train_metrics,
             **audit,
@@ -230,16 +249,33 @@ class GRPOLoop:
             records, levels)]
         return [s for part in actors.call_all(calls, "reward score", self.timeout) for s in part]
 
+    def collect(self, launched: LaunchedRollout) -> list:
+        """The samples of a launched generation (waiting for them), after any weight sync still in flight."""
+        results = actors.call_all(self._syncing + launched.calls, "weight sync and rollout generate", self.timeout)
+        parts, self._syncing = results[len(self._syncing):], []
+        return [sample for part in parts for sample in part]
+
     def sync_weights(self) -> None:
-        """Trainer rank 0's full weights go to every rollout worker via the object store, tagged with a version."""
+        """Trainer rank 0's full weights go to every rollout worker via the object store, tagged with a version.
+
+        Asynchronous rollout does not wait here: the workers are still generating the next batch, and load the new
+        weights after it (in call order); ``collect`` and ``evaluate`` wait for the sync before going on."""
         self.version += 1
         weights = self.trainer.full_state_dict_ref()
-        actors.call_all([w.load_weights.remote(weights, self.version) for w in self.rollout], "weight sync",
-                        self.timeout)
+        self._syncing += [w.load_weights.remote(weights, self.version) for w in self.rollout]
+        if not self.cfg.rollout.asynchronous:
+            self._finish_sync()
+
+    def _finish_sync(self) -> None:
+        if self._syncing:
+            actors.call_all(self._syncing, "weight sync", self.timeout)
+            self._syncing = []
 
     def evaluate(self, rows: list[PromptRow]) -> dict:
         """Greedy answers to the held-out prompts, checked by the reward workers' verifier (only: the figures mean
         the same whatever RL is rewarded by, and a custom reward function never sees held-out prompts)."""
+        # Behind any in-flight generation and weight sync: the figures are for the weights after every update so far.
+        self._finish_sync()
         samples = []
         size = self.cfg.eval.batch_size
         for start in range(0, len(rows), size):

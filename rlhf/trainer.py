@@ -1,9 +1,10 @@
 """The policy trainer: one DeepSpeed (ZeRO-2/3) data-parallel rank per Ray actor, and the group that drives them.
 
-One call to ``train_step`` is one optimizer update on one rollout batch. The driver builds the batch (see
-``PolicyTrainer.train_step`` for its fields) with loss weights from ``algorithms.loss_token_weights`` over the
-whole batch, so the loss is sum(w * per_token_loss) however the rows are split across ranks and micro-batches;
-each rank scales its share so that DeepSpeed's gradient averaging yields exactly that whole-batch gradient.
+One call to ``train_step`` is the update on one rollout batch: one optimizer step per mini-batch (and epoch).
+The driver builds the batch (see ``PolicyTrainer.train_step`` for its fields) with loss weights from
+``algorithms.loss_token_weights`` over each mini-batch, so a mini-batch's loss is sum(w * per_token_loss) however
+its rows are split across ranks and micro-batches; each rank scales its share so that DeepSpeed's gradient
+averaging yields exactly that mini-batch gradient.
 
 ``PolicyTrainer`` is a plain class (usable in-process, one per process, e.g. under torchrun or in a test);
 ``TrainerGroup`` wraps it with ``ray.remote`` and starts one actor per rank. Their engine set-up, weight gathering,
@@ -52,12 +53,18 @@ DEFAULTS = {
     # Rollout's sampling temperature: log-probs are taken from logits / temperature on both sides, so the ratio and
     # the mismatch metric compare the same distribution.
     "temperature": 1.0,
+    # Mini-batches a rollout batch splits into (TrainerGroup.train_step), and passes over them: one optimizer step
+    # per mini-batch and pass.
+    "mini_batches": 1,
+    "epochs": 1,
+    # Truncated importance sampling cap (algorithms.truncated_importance_weights); None: off.
+    "tis_cap": None,
 }
 
 BATCH_KEYS = ("input_ids", "attention_mask", "response_mask", "rollout_logprobs", "advantages", "loss_weights")
 
 # Per-rank sums, all-reduced across ranks before they become whole-batch metrics (means divide by response_tokens).
-_SUMMED = ("policy_loss", "kl", "clipped", "entropy", "mismatch", "response_tokens")
+_SUMMED = ("policy_loss", "kl", "clipped", "entropy", "mismatch", "tis_weight", "tis_capped", "response_tokens")
 
 
 class DeepSpeedRank:
@@ -185,49 +192,90 @@ class PolicyTrainer(DeepSpeedRank):
 
     # ------------------------------------------------------------------------------------------------ training
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One optimizer update on this rank's rows. Collective: every rank must call it, each with a shard of
-        the same number of rows (under ZeRO-3 each forward gathers parameters from all ranks).
+    def train_step(self, batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """The update on one rollout batch: one optimizer step per mini-batch, ``epochs`` passes over them.
+        Collective: every rank must call it, each with a shard of the same number of rows per mini-batch (under
+        ZeRO-3 each forward gathers parameters from all ranks).
 
-        ``batch`` (CPU tensors, rows right-padded): input_ids, attention_mask (B, L) long; response_mask,
-        rollout_logprobs, advantages, loss_weights (B, L) float. Returns whole-batch metrics (the same on all
-        ranks): per-rank sums are all-reduced before they are turned into means.
+        ``batch``: one mini-batch, or a list of them in the order they are stepped on; each (CPU tensors, rows
+        right-padded) holds input_ids, attention_mask (B, L) long; response_mask, rollout_logprobs, advantages,
+        loss_weights (B, L) float, the weights summing that mini-batch's loss. Returns whole-batch metrics (the same
+        on all ranks): per-rank sums are all-reduced before they are turned into means over every optimizer step.
         """
-        missing = [k for k in BATCH_KEYS if k not in batch]
-        if missing:
-            raise ValueError(f"batch lacks {missing}")
+        mini_batches = [batch] if isinstance(batch, dict) else list(batch)
+        for mb in mini_batches:
+            missing = [k for k in BATCH_KEYS if k not in mb]
+            if missing:
+                raise ValueError(f"batch lacks {missing}")
         cfg, engine = self.cfg, self.engine
         start = time.perf_counter()
+        updates = len(mini_batches) * cfg["epochs"]
+        # The PPO ratio's denominator (and TIS's numerator): log-probs under the weights before this batch's first
+        # update. With one update they are the update's own log-probs, detached; with several, the later updates
+        # need them after the weights have moved, so they are computed first, in one pass without gradients.
+        if updates > 1:
+            mini_batches = [{**mb, "old_logprobs": self._logprobs(mb)} for mb in mini_batches]
         engine.train()
         sums = torch.zeros(len(_SUMMED), dtype=torch.float64)
-        rows = batch["input_ids"].shape[0]
-        starts = list(range(0, rows, cfg["micro_batch_size"]))
-        for i, first in enumerate(starts):
-            mb = {k: batch[k][first:first + cfg["micro_batch_size"]] for k in BATCH_KEYS}
-            # Rows are right-padded, so columns past the longest row in this micro-batch are pure padding.
-            length = max(int(mb["attention_mask"].sum(dim=1).max()), 1)
-            mb = {k: v[:, :length].to(self.device) for k, v in mb.items()}
-            # Only the last micro-batch triggers the optimizer step, however many there are in this call.
-            engine.set_gradient_accumulation_boundary(i == len(starts) - 1)
-            sums += self._micro_step(mb)
-            engine.step()
+        grad_norms = []
+        for _ in range(cfg["epochs"]):
+            for mb in mini_batches:
+                sums += self._optimizer_step(mb)
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    grad_norms.append(float(grad_norm))
 
         sums = self._sum_across_ranks(sums)
         total = dict(zip(_SUMMED, sums.tolist()))
         tokens = max(total["response_tokens"], 1.0)
         metrics = {
-            "losses/policy_loss": total["policy_loss"],
+            "losses/policy_loss": total["policy_loss"] / updates,  # each mini-batch's loss is a mean: average them
             "losses/clipfrac": total["clipped"] / tokens,
             "losses/entropy": total["entropy"] / tokens,
             "perf/logprob_mismatch": total["mismatch"] / tokens,
+            "perf/optimizer_steps": float(updates),
             "perf/train_s": time.perf_counter() - start,
         }
+        if cfg["tis_cap"]:
+            metrics["losses/tis_weight"] = total["tis_weight"] / tokens
+            metrics["losses/tis_capped"] = total["tis_capped"] / tokens
         if self.reference is not None:
             metrics["losses/kl"] = total["kl"] / tokens
-        grad_norm = engine.get_global_grad_norm()
-        if grad_norm is not None:
-            metrics["losses/grad_norm"] = float(grad_norm)
+        if grad_norms:
+            metrics["losses/grad_norm"] = sum(grad_norms) / len(grad_norms)
         return metrics
+
+    def _micro_batches(self, batch: dict[str, torch.Tensor]):
+        """(first row, micro-batch on the device) pairs over ``batch``, each cut to its longest row."""
+        size = self.cfg["micro_batch_size"]
+        for first in range(0, batch["input_ids"].shape[0], size):
+            mb = {k: v[first:first + size] for k, v in batch.items()}
+            # Rows are right-padded, so columns past the longest row in this micro-batch are pure padding.
+            length = max(int(mb["attention_mask"].sum(dim=1).max()), 1)
+            yield first, {k: v[:, :length].to(self.device) for k, v in mb.items()}
+
+    @torch.no_grad()
+    def _logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The current policy's token log-probs (at the sampling temperature) over ``batch``, (B, L) on the CPU."""
+        self.engine.eval()
+        out = torch.zeros(batch["input_ids"].shape)
+        for first, mb in self._micro_batches({k: batch[k] for k in ("input_ids", "attention_mask")}):
+            logits = self.engine(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+            logp = algorithms.token_logprobs(logits / self.cfg["temperature"], mb["input_ids"])
+            out[first:first + logp.shape[0], :logp.shape[1]] = logp.float().cpu()
+        return out
+
+    def _optimizer_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward and backward over one mini-batch's micro-batches, then one optimizer step; returns its sums."""
+        engine = self.engine
+        sums = torch.zeros(len(_SUMMED), dtype=torch.float64)
+        micro_batches = list(self._micro_batches(batch))
+        for i, (_, mb) in enumerate(micro_batches):
+            # Only the last micro-batch triggers the optimizer step, however many there are in this mini-batch.
+            engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
+            sums += self._micro_step(mb)
+            engine.step()
+        return sums
 
     def _micro_step(self, mb: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward and backward on one micro-batch; returns its contribution to the ``_SUMMED`` sums."""
@@ -236,9 +284,15 @@ class PolicyTrainer(DeepSpeedRank):
         logits = self.engine(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
         logits = logits / cfg["temperature"]
         logp = algorithms.token_logprobs(logits, mb["input_ids"])
-        # One update per rollout batch, so the old policy is the current one and the ratio starts at exactly 1.
-        pg, clipped = algorithms.clipped_policy_loss(logp, logp.detach(), mb["advantages"], cfg["clip_low"],
+        # Without precomputed old log-probs this is the batch's only update: the old policy is the current one and
+        # the ratio starts at exactly 1.
+        old_logp = mb["old_logprobs"] if "old_logprobs" in mb else logp.detach()
+        pg, clipped = algorithms.clipped_policy_loss(logp, old_logp, mb["advantages"], cfg["clip_low"],
                                                      cfg["clip_high"])
+        tis = torch.ones_like(logp)
+        if cfg["tis_cap"]:
+            tis = algorithms.truncated_importance_weights(old_logp, mb["rollout_logprobs"], mask, cfg["tis_cap"])
+            pg = pg * tis
         kl = torch.zeros_like(logp)
         if self.reference is not None:
             with torch.no_grad():
@@ -268,7 +322,10 @@ class PolicyTrainer(DeepSpeedRank):
                 (kl.detach() * mask).sum(),
                 (clipped * mask).sum(),
                 (entropy.detach() * mask).sum(),
-                ((logp.detach() - mb["rollout_logprobs"]).abs() * mask).sum(),
+                # Train/inference mismatch: the sampler's log-probs against the trainer's before this batch's update.
+                ((old_logp - mb["rollout_logprobs"]).abs() * mask).sum(),
+                (tis * mask).sum(),
+                ((tis >= cfg["tis_cap"]).float() * mask).sum() if cfg["tis_cap"] else torch.zeros(()),
                 mask.sum(),
             ]).double().cpu()
 
@@ -368,11 +425,24 @@ class TrainerGroup(RankGroup):
     def __init__(self, model_dir: str, cfg: dict, num_ranks: int, timeout_s: float, **placement):
         """``placement``: RankGroup's resources, strategy and placement_timeout_s."""
         super().__init__(PolicyTrainer, (model_dir,), {**DEFAULTS, **cfg}, num_ranks, timeout_s, **placement)
+        self.mini_batches = {**DEFAULTS, **cfg}["mini_batches"]
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        shards = self._shards(batch, batch["input_ids"].shape[0],
-                              f"make rollout rows per step a multiple of {self.num_ranks}")
-        refs = [actor.train_step.remote(shard) for actor, shard in zip(self.actors, shards)]
+    def train_step(self, batch: dict[str, torch.Tensor], mini_batches: int | None = None) -> dict[str, float]:
+        """The update on one rollout batch: its rows split into ``mini_batches`` (default: the config's) contiguous
+        equal parts, one optimizer step each (the batch's loss weights must sum each part's loss, as
+        ``make_train_batch(..., mini_batches)`` makes them), each part split evenly across the ranks."""
+        mini_batches = mini_batches or self.mini_batches
+        rows = batch["input_ids"].shape[0]
+        if rows % mini_batches:
+            raise ValueError(f"batch of {rows} rows does not split into {mini_batches} equal mini-batches")
+        size = rows // mini_batches
+        per_rank: list[list[dict[str, torch.Tensor]]] = [[] for _ in self.actors]
+        for first in range(0, rows, size):
+            part = {k: v[first:first + size] for k, v in batch.items()}
+            for shards, shard in zip(per_rank, self._shards(
+                    part, size, f"make rollout rows per step a multiple of mini-batches x {self.num_ranks} ranks")):
+                shards.append(shard)
+        refs = [actor.train_step.remote(shards) for actor, shards in zip(self.actors, per_rank)]
         metrics = self._get(refs, "train_step")
         # Each rank already all-reduced the sums, so loss and means are whole-batch figures on every rank;
         # only the time differs, and the step takes as long as its slowest rank.

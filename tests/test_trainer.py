@@ -186,3 +186,78 @@ def test_kl_save_pretrained_and_uneven_batch(ray_cluster, model_dir, batch, expe
     # The update moved the weights: the checkpoint is not just the initial model.
     initial = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     assert not torch.equal(initial.model.embed_tokens.weight, loaded.model.embed_tokens.weight)
+
+
+def off_policy_updates(model_dir: str, batch: dict, mini_batches: int, epochs: int, tis_cap: float) -> dict:
+    """The reference for several optimizer steps per rollout batch, in one process: old log-probs from the initial
+    weights, then ``epochs`` passes over ``mini_batches`` contiguous row blocks, each one clipped AdamW step on
+    sum(w_tis * pg * loss_weights) with the ratio against the old log-probs and w_tis = min(exp(old - rollout), cap)
+    written out here (not the library's function)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        old = algorithms.token_logprobs(model(input_ids=batch["input_ids"],
+                                              attention_mask=batch["attention_mask"]).logits, batch["input_ids"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=CFG["lr"], betas=(0.9, 0.999), eps=CFG["adam_eps"],
+                                  weight_decay=CFG["weight_decay"])
+    mask = batch["response_mask"]
+    tis = torch.minimum((old - batch["rollout_logprobs"]).exp(), torch.tensor(tis_cap)) * mask
+    size = batch["input_ids"].shape[0] // mini_batches
+    losses, norms, clipped_tokens = [], [], 0.0
+    for _ in range(epochs):
+        for first in range(0, batch["input_ids"].shape[0], size):
+            rows = slice(first, first + size)
+            logits = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows]).logits
+            logp = algorithms.token_logprobs(logits, batch["input_ids"][rows])
+            pg, clipped = algorithms.clipped_policy_loss(logp, old[rows], batch["advantages"][rows],
+                                                         CFG["clip_low"], CFG["clip_high"])
+            loss = (pg * tis[rows] * batch["loss_weights"][rows]).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CFG["max_grad_norm"]).item())
+            optimizer.step()
+            losses.append(loss.item())
+            clipped_tokens += (clipped * mask[rows]).sum().item()
+    tokens = mask.sum().item()
+    return {"loss": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms),
+            "clipfrac": clipped_tokens / (tokens * epochs), "tis_weight": tis.sum().item() / tokens,
+            "tis_capped": ((tis >= tis_cap).float() * mask).sum().item() / tokens,
+            "mismatch": ((old - batch["rollout_logprobs"]).abs() * mask).sum().item() / tokens,
+            "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def test_mini_batches_epochs_and_tis_match_single_process_updates(ray_cluster, model_dir, batch):
+    """2 mini-batches x 2 epochs = 4 optimizer steps on 2 ZeRO-3 ranks (one row per rank and mini-batch), the
+    ratio against log-probs from before the first step, and TIS weights from rollout log-probs within e^+-1 of
+    the trainer's, so the cap (1.5) binds on some tokens and not on others."""
+    with torch.no_grad():
+        initial = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        old = algorithms.token_logprobs(initial(input_ids=batch["input_ids"],
+                                                attention_mask=batch["attention_mask"]).logits, batch["input_ids"])
+    g = torch.Generator().manual_seed(2)
+    mask = batch["response_mask"]
+    off_policy = {**batch,
+                  "rollout_logprobs": (old + torch.rand(old.shape, generator=g) * 2 - 1) * mask,
+                  # each mini-batch's token-mean weights sum to 1 (what make_train_batch(..., mini_batches=2) gives)
+                  "loss_weights": torch.cat([algorithms.loss_token_weights(part, "token-mean", 8)
+                                             for part in mask.split(2)])}
+    want = off_policy_updates(model_dir, off_policy, mini_batches=2, epochs=2, tis_cap=1.5)
+    assert 0 < want["tis_capped"] < 1 and want["clipfrac"] > 0  # the cap and the PPO clip are both exercised
+
+    cfg = {**CFG, "zero_stage": 3, "micro_batch_size": 1, "mini_batches": 2, "epochs": 2, "tis_cap": 1.5}
+    group = TrainerGroup(model_dir, cfg, num_ranks=2, timeout_s=120)
+    try:
+        metrics = group.train_step(off_policy)
+        weights = group.full_state_dict()
+        with pytest.raises(ValueError, match="does not split into 3 equal mini-batches"):
+            group.train_step(off_policy, mini_batches=3)
+    finally:
+        group.shutdown()
+
+    assert metrics["perf/optimizer_steps"] == 4.0
+    assert metrics["losses/policy_loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert metrics["losses/grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    assert metrics["losses/clipfrac"] == pytest.approx(want["clipfrac"], abs=1e-9)
+    assert metrics["losses/tis_weight"] == pytest.approx(want["tis_weight"], rel=1e-5)
+    assert metrics["losses/tis_capped"] == pytest.approx(want["tis_capped"], abs=1e-9)
+    assert metrics["perf/logprob_mismatch"] == pytest.approx(want["mismatch"], rel=1e-5)
+    assert_weights_equal(weights, want["weights"])
