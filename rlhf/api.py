@@ -16,7 +16,6 @@ The ``distilrl run`` command goes through ``run`` too: scripts and the CLI share
 """
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -31,7 +30,10 @@ from reward.worker import RewardFn
 from rlhf import actors, driver
 from rlhf.checkpoint import write_json_atomic
 from rlhf.config import ConfigError, RunConfig
+from rlhf.metrics import RunMetrics, check_wandb, eval_scalars
 from rlhf.models import save_student
+from rlhf.progress import Progress
+from rlhf.report import write_report
 from rlhf.warmup import run_warmup
 
 if TYPE_CHECKING:
@@ -92,10 +94,14 @@ class Trainer:
     def __init__(self, cfg: RunConfig, reward_fn: RewardFn | None = None, train_dataset: Dataset | None = None,
                  eval_dataset: Dataset | None = None, log: Callable[[str], None] = print):
         _check_reward_fn(cfg, reward_fn)
+        check_wandb(cfg)
         self.cfg, self.log = cfg, log
         self._reward_fn = reward_fn
         self._start = time.perf_counter()
         self.output_dir: Path = driver.prepare_run_dir(cfg)
+        self.metrics = RunMetrics(self.output_dir, cfg)  # metrics.jsonl, TensorBoard, W&B
+        self._rl_progress: Progress | None = None  # the RL stage's progress bar, while train() runs
+        self._last_metrics: dict = {}
         self._train_rows, self._eval_rows = driver.load_prompts(cfg, train_dataset, eval_dataset)
         log(cfg.describe_batches())
         random.seed(cfg.seed)
@@ -120,6 +126,7 @@ class Trainer:
             self.close()
         else:
             self._stop_actors()
+            self.metrics.close()
             self._closed = True
 
     # --------------------------------------------------------------------------------------------------- stages
@@ -132,7 +139,7 @@ class Trainer:
                                "train() and save(): the actors start from the warmed-up student")
         with self._timer("warmup"):
             self._summary["warmup"] = run_warmup(self._student, self._tokenizer, self.cfg.warmup, self.cfg.seed,
-                                                 self.log)
+                                                 self.log, self.metrics.log)
         return self._summary["warmup"]
 
     def label(self) -> dict:
@@ -143,15 +150,17 @@ class Trainer:
                                                           self._eval_rows, self.output_dir, self.log)
         return self._summary["labels"]
 
-    def train_reward_model(self) -> dict:
-        """Train the distilled RM on the labels (or take ``reward_model.path``) and score it against the teacher on
-        held-out labels; returns those figures. RL's ``rm`` reward component then uses this RM."""
+    def train_reward_model(self, labels_dir: str | Path | None = None) -> dict:
+        """Train the distilled RM on the labels (``labels_dir``, by default ``output_dir/labels``; or take
+        ``reward_model.path``) and score it against the teacher on held-out labels; returns those figures. RL's
+        ``rm`` reward component then uses this RM."""
         if self._loop is not None:
             raise RuntimeError("train_reward_model() must come before evaluate(), step(), train() and save(): the "
                                "reward workers load the reward model when they start")
         with self._timer("train_rm"):
-            rm_dir, self._summary["reward_model"] = distill.reward_model_stage(self.cfg, self._start_dir(),
-                                                                              self.output_dir, self.log)
+            self._start_ray()  # the RM's DeepSpeed ranks are Ray actors
+            rm_dir, self._summary["reward_model"] = distill.reward_model_stage(
+                self.cfg, self._start_dir(), self.output_dir, self.log, labels_dir, self.metrics.log)
         self.reward_model_dir = Path(rm_dir)
         return self._summary["reward_model"]
 
@@ -161,9 +170,10 @@ class Trainer:
         (the first evaluation before any RL step) or ``eval_after`` (any later one; the latest counts)."""
         loop = self._grpo()
         with self._timer("eval"):
-            figures = loop.evaluate(self._eval_rows)
+            figures = loop.evaluate(self._eval_rows, self.log)
         when = "before" if self.steps == 0 and "eval_before" not in self._summary else "after"
         self._summary[f"eval_{when}"] = figures
+        self.metrics.log(eval_scalars(figures), self.steps)
         self.log(f"eval {when} RL: accuracy {figures['accuracy']:.3f}")
         return figures
 
@@ -175,9 +185,13 @@ class Trainer:
         rows = self._order.sample(self._train_rows, self.cfg.rollout.prompts_per_step)
         metrics = loop.step(self.steps + 1, rows)
         self.steps += 1
-        with open(self.output_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        self.log(driver.progress_line(self.steps, self.cfg.algorithm.steps, metrics))
+        self._last_metrics = metrics
+        self.metrics.rl_step(metrics)
+        if self._rl_progress is not None:
+            self._rl_progress.update(reward=metrics["reward/mean"], acc=metrics["reward/accuracy"],
+                                     kl=metrics.get("losses/kl", 0.0), len=metrics["charts/response_tokens"])
+        else:
+            self.log(driver.progress_line(self.steps, self.cfg.algorithm.steps, metrics))
         self._timer.add("rl", time.perf_counter() - start)
         return metrics
 
@@ -185,11 +199,20 @@ class Trainer:
         """The RL stage: ``steps`` RL steps (default ``algorithm.steps``), with a checkpoint in
         ``output_dir/checkpoints/step_N`` every ``save_every`` steps; returns their metrics."""
         steps = self.cfg.algorithm.steps if steps is None else steps
-        history = []
-        for i in range(1, steps + 1):
-            history.append(self.step())
-            if self.cfg.save_every and self.steps % self.cfg.save_every == 0 and i < steps:
-                self.save(self.output_dir / "checkpoints" / f"step_{self.steps}")
+        history: list[dict] = []
+
+        def line(done: int, total: int, figures: dict) -> str:  # plain-log progress: the usual step line
+            return driver.progress_line(self.steps, self.cfg.algorithm.steps, self._last_metrics)
+
+        self._rl_progress = Progress(steps, "RL", "step", self.log, line=line)
+        try:
+            for i in range(1, steps + 1):
+                history.append(self.step())
+                if self.cfg.save_every and self.steps % self.cfg.save_every == 0 and i < steps:
+                    self.save(self.output_dir / "checkpoints" / f"step_{self.steps}")
+        finally:
+            self._rl_progress.close()
+            self._rl_progress = None
         return history
 
     def save(self, path: str | Path | None = None) -> Path:
@@ -215,7 +238,14 @@ class Trainer:
         self._closed = True
         self._wall_s = round(time.perf_counter() - self._start, 1)
         write_json_atomic(self.output_dir / "summary.json", self.summary)
+        self.metrics.log({f"perf/stage_{stage}_s": s for stage, s in self._timer.seconds.items()}, self.steps)
+        self.metrics.close()
         self.log(f"wrote {self.output_dir / 'summary.json'} ({self._wall_s:.0f} s)")
+        try:
+            self.log(f"wrote {write_report(self.output_dir)}")
+        except Exception as err:  # noqa: BLE001 - the run's results are on disk; a plotting failure must not hide it
+            self.log(f"the run report failed ({type(err).__name__}: {err}); try again with: distilrl report "
+                     f"{self.output_dir}")
 
     # ------------------------------------------------------------------------------------- actors, started lazily
 
@@ -233,11 +263,14 @@ class Trainer:
             raise RuntimeError("this Trainer is closed")
         if not self._rollout:
             start_dir = self._start_dir()
-            # A Ray the script started itself is the script's to stop; the one started here is stopped in close().
-            self._owns_ray = self._owns_ray or not ray.is_initialized()
-            actors.start_ray(self.cfg)
+            self._start_ray()
             self._rollout = actors.make_rollout_workers(self.cfg, start_dir)
         return self._rollout
+
+    def _start_ray(self) -> None:
+        # A Ray the script started itself is the script's to stop; the one started here is stopped in close().
+        self._owns_ray = self._owns_ray or not ray.is_initialized()
+        actors.start_ray(self.cfg)
 
     def _grpo(self) -> driver.GRPOLoop:
         """The trainer ranks and reward workers beside the rollout workers, started on first use."""

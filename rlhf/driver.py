@@ -25,7 +25,7 @@ from rlhf.algorithms import ADVANTAGE_ESTIMATORS, informative_groups, overlong_p
 from rlhf.batch import make_train_batch, response_mask
 from rlhf.config import RunConfig, save_config
 from rlhf.data import DatasetError, PromptRow, load_rows
-from rlhf.evaluate import score_eval
+from rlhf.evaluate import evaluate_policy
 from rlhf.models import build_student, build_tokenizer, load_student
 from rlhf.trainer import TrainerGroup
 
@@ -206,18 +206,17 @@ class GRPOLoop:
         actors.call_all([w.load_weights.remote(weights, self.version) for w in self.rollout], "weight sync",
                         self.timeout)
 
-    def evaluate(self, rows: list[PromptRow]) -> dict:
+    def evaluate(self, rows: list[PromptRow], log=print) -> dict:
         """Greedy answers to the held-out prompts, checked by the reward workers' verifier (only: the figures mean
         the same whatever RL is rewarded by, and a custom reward function never sees held-out prompts)."""
-        samples = []
-        size = self.cfg.eval.batch_size
-        for start in range(0, len(rows), size):
-            samples += self.generate([r.prompt for r in rows[start:start + size]], 1, greedy=True)
-        parts, texts, refs = len(self.reward), [s.text for s in samples], [r.answer for r in rows]
-        calls = [worker.verify.remote(t, r) for worker, t, r in
-                 zip(self.reward, actors.shards(texts, parts), actors.shards(refs, parts))]
-        verdicts = [v for part in actors.call_all(calls, "reward verify", self.timeout) for v in part]
-        return score_eval(rows, samples, verdicts)
+        def verify(texts: list[str], refs: list[str]) -> list[dict]:
+            parts = len(self.reward)
+            calls = [worker.verify.remote(t, r) for worker, t, r in
+                     zip(self.reward, actors.shards(texts, parts), actors.shards(refs, parts))]
+            return [v for part in actors.call_all(calls, "reward verify", self.timeout) for v in part]
+
+        return evaluate_policy(rows, lambda prompts: self.generate(prompts, 1, greedy=True), verify,
+                               self.cfg.eval.batch_size, log)
 
     def shutdown(self) -> None:
         self.trainer.shutdown()

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from rlhf.config import WarmupConfig
+from rlhf.progress import Progress
 from rlhf.tasks import arithmetic
 
 
@@ -47,8 +48,10 @@ def sft_batch(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def run_warmup(model, tokenizer, cfg: WarmupConfig, seed: int, log: Callable[[str], None] = print) -> dict:
-    """Train ``model`` in place for ``cfg.steps`` steps; returns the final loss and the time taken."""
+def run_warmup(model, tokenizer, cfg: WarmupConfig, seed: int, log: Callable[[str], None] = print,
+               record: Callable[[dict, int], None] | None = None) -> dict:
+    """Train ``model`` in place for ``cfg.steps`` steps; returns the final loss and the time taken. ``record``
+    receives each step's ``warmup/loss`` (and learning rate) with the step number, for TensorBoard."""
     torch.manual_seed(seed)
     next_batch = teacher_examples(cfg, seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -58,6 +61,7 @@ def run_warmup(model, tokenizer, cfg: WarmupConfig, seed: int, log: Callable[[st
         optimizer, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1.0 - s / max(1, cfg.steps)))
     model.train()
     start, loss = time.perf_counter(), float("nan")
+    progress = Progress(cfg.steps, "warmup", "step", log)
     for step in range(cfg.steps):
         batch = sft_batch(tokenizer, next_batch(cfg.batch_size))
         out = model(**batch)
@@ -67,7 +71,9 @@ def run_warmup(model, tokenizer, cfg: WarmupConfig, seed: int, log: Callable[[st
         optimizer.step()
         schedule.step()
         loss = out.loss.item()
-        if (step + 1) % max(1, cfg.steps // 5) == 0 or step + 1 == cfg.steps:
-            log(f"warmup {step + 1}/{cfg.steps} loss {loss:.4f} ({time.perf_counter() - start:.0f} s)")
+        if record is not None:
+            record({"warmup/loss": loss, "warmup/lr": schedule.get_last_lr()[0]}, step + 1)
+        progress.update(loss=loss)
+    progress.close()
     model.eval()
     return {"loss": loss, "steps": cfg.steps, "wall_s": time.perf_counter() - start}
