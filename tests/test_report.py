@@ -106,7 +106,9 @@ def test_missing_data_is_skipped_with_a_sentence(tmp_path):
 
 
 def test_report_command(tmp_path, capsys):
-    run = write_run(tmp_path / "run")
+    run = tmp_path / "run"  # evaluation only: one small plot to draw, this test is about the command
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"eval_before": {"accuracy": 0.5, "n": 8}, "steps": 0}))
     assert main(["report", str(run)]) == 0
     assert capsys.readouterr().out.strip() == str(run / "report.md")
     assert main(["report", str(tmp_path / "nothing")]) == 2
