@@ -52,7 +52,7 @@ class RunData:
         return self.summary.get(f"eval_{when}") or {}
 
     def difficulty_levels(self) -> list[str]:
-        levels = set(self.eval("before").get("by_difficulty") or {}) | set(self.eval("after").get("by_difficulty") or {})
+        levels = {*(self.eval("before").get("by_difficulty") or {}), *(self.eval("after").get("by_difficulty") or {})}
         return sorted(levels, key=lambda level: (float(level) if _is_number(level) else math.inf, level))
 
     def conf(self, dotted: str, default=None):
@@ -246,7 +246,7 @@ def draw(path: Path, run: RunData, panels: list[Panel], columns: int = 3, title:
     FigureCanvasAgg(figure)
     # Fixed margins in inches (room for tick labels, axis labels and titles) instead of a layout engine: on a
     # small CPU, constrained layout costs more than drawing the panels.
-    figure.subplots_adjust(left=0.75 / width, right=1 - 0.2 / width, bottom=0.55 / height,
+    figure.subplots_adjust(left=0.95 / width, right=1 - 0.2 / width, bottom=0.55 / height,
                            top=1 - (0.75 if title else 0.4) / height, wspace=0.45, hspace=0.55)
     for i, panel in enumerate(drawable):
         ax = figure.add_subplot(rows, columns, i + 1)
@@ -287,10 +287,11 @@ def overview(run: RunData) -> list[str]:
     if run.config:
         task, algo = run.conf("task.name", "?"), run.conf("algorithm", {}) or {}
         rewarded = ", ".join(f"{k} x {v:g}" for k, v in (run.conf("reward.components") or {}).items())
-        lines.append(f"Task `{task}`; advantage `{algo.get('advantage', '?')}`, loss `{algo.get('loss_aggregation', '?')}`, "
-                     f"KL coefficient {algo.get('kl_coef', '?')}; reward: {rewarded or '?'}; "
-                     f"{run.conf('rollout.prompts_per_step', '?')} prompts x {run.conf('rollout.samples_per_prompt', '?')} "
-                     f"samples per step. The full config is in `config.yaml`.")
+        lines.append(f"Task `{task}`; advantage `{algo.get('advantage', '?')}`, loss "
+                     f"`{algo.get('loss_aggregation', '?')}`, KL coefficient {algo.get('kl_coef', '?')}; reward: "
+                     f"{rewarded or '?'}; {run.conf('rollout.prompts_per_step', '?')} prompts x "
+                     f"{run.conf('rollout.samples_per_prompt', '?')} samples per step. The full config is in "
+                     f"`config.yaml`.")
     lines.append("")
     rows = []
     before, after = run.eval("before"), run.eval("after")
@@ -367,7 +368,8 @@ def reward_model_section(run: RunData) -> list[str]:
                   f"{rm.get('pointwise_count', '?')} single responses) the RM orders "
                   f"{_fmt(rm.get('pairwise_accuracy'))} of the teacher's pairs the same way (0.5 is chance); Spearman "
                   f"with the teacher's quality {_fmt(rm.get('spearman'))}, with its reasoning verbosity (RV) "
-                  f"{_fmt(rm.get('rv_spearman'))}, with its cognitive difficulty (CD) {_fmt(rm.get('cd_spearman'))}.", ""]
+                  f"{_fmt(rm.get('rv_spearman'))}, with its cognitive difficulty (CD) "
+                  f"{_fmt(rm.get('cd_spearman'))}.", ""]
         quantiles = (rm.get("calibration") or {}).get("by_quantile") or []
         if quantiles:
             lines += ["Calibration: held-out responses sorted by RM score into equal groups, lowest first; the "

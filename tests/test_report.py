@@ -47,7 +47,8 @@ def write_run(run: Path, steps: int = STEPS, audit: bool = True, summary: bool =
             "eval_after": _eval([1.0, 0.95, 0.8, 0.6], [10.0, 18.0, 26.0, 34.0]),
             "reward_model": {"pairwise_accuracy": 0.96, "spearman": 0.71, "rv_spearman": 0.5, "cd_spearman": None,
                              "pairwise_count": 900, "pointwise_count": 1500,
-                             "by_difficulty": {"1": {"accuracy": 0.99, "count": 100}, "3": {"accuracy": 0.9, "count": 80}},
+                             "by_difficulty": {"1": {"accuracy": 0.99, "count": 100},
+                                               "3": {"accuracy": 0.9, "count": 80}},
                              "calibration": {"ece": 0.1, "bins": [], "by_quantile": [
                                  {"fraction_correct": 0.1}, {"fraction_correct": 0.5}, {"fraction_correct": 0.9}]}},
             "steps": steps, "stage_s": {"warmup": 80.0, "label": 25.0, "train_rm": 129.0, "eval": 8.0, "rl": 151.0},
