@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_libraries()
+    from rlhf.cluster import ClusterError
     from rlhf.config import ConfigError
     from rlhf.data import DatasetError
     from rlhf.driver import RunDirError
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DatasetError, ModelLoadError, RunDirError, FileNotFoundError, NotADirectoryError) as err:
+    except (ConfigError, DatasetError, ModelLoadError, RunDirError, ClusterError, FileNotFoundError,
+            NotADirectoryError) as err:
         print(f"distilrl: error: {err}", file=sys.stderr)
         return 2
 
