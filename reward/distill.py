@@ -16,6 +16,7 @@ from reward.model import with_reference
 from rlhf import actors
 from rlhf.config import LabelConfig, RewardConfig, RunConfig
 from rlhf.data import PromptRow
+from rlhf.progress import Progress
 from rlhf.tasks import arithmetic
 
 logger = logging.getLogger("distilrl")
@@ -78,30 +79,35 @@ def label_stage(cfg: RunConfig, rollout: list, train_pool: list[PromptRow], eval
     return figures
 
 
-def reward_model_stage(cfg: RunConfig, init_dir: str, out: Path, log: Callable[[str], None]) -> tuple[str, dict]:
+def reward_model_stage(cfg: RunConfig, init_dir: str, out: Path, log: Callable[[str], None],
+                       labels_dir: Path | None = None,
+                       record: Callable[[dict, int], None] | None = None) -> tuple[str, dict]:
     """Train the distilled RM on ``labels/train`` (unless ``reward_model.path`` names one) and evaluate it against
-    the teacher on the held-out ``labels/eval``; returns (RM directory, figures for summary.json)."""
+    the teacher on the held-out ``labels/eval``; returns (RM directory, figures for summary.json). ``labels_dir``:
+    the labels to use (default ``out/labels``); ``record``: receives each training step's ``rm/*`` figures."""
     rc = cfg.reward_model
+    labels = Path(labels_dir) if labels_dir is not None else out / "labels"
     for name in ("train", "eval"):
-        if not (out / "labels" / name / "rows.jsonl").exists():
-            raise FileNotFoundError(f"stage train_rm needs labels in {out / 'labels' / name}: add stage label "
+        if not (labels / name / "rows.jsonl").exists():
+            raise FileNotFoundError(f"stage train_rm needs labels in {labels / name}: add stage label "
                                     f"before it (labelling resumes where an earlier run in this output_dir stopped)")
     rm_dir = rc.path
     if rm_dir is None:
         rm_dir = str(out / "reward_model")
-        rows = judged_rows(out / "labels" / "train")
+        rows = judged_rows(labels / "train")
         pairs = make_pairs(rows, cfg.seed)
         log(f"training the distilled RM on {len(pairs)} pairs from {len(rows)} judged responses "
             f"({rc.epochs} epochs, {rc.batch_size} pairs per step, {rc.num_ranks} DeepSpeed ranks)")
-        train_rm(pairs, init_dir, cfg, rm_dir, log)
-    held_out = judged_rows(out / "labels" / "eval")
+        train_rm(pairs, init_dir, cfg, rm_dir, log, record)
+    held_out = judged_rows(labels / "eval")
     figures = evaluate_rm_dir(rm_dir, make_pairs(held_out, cfg.seed + 1), held_out)
     log(f"reward model vs teacher on held-out samples: pairwise accuracy {figures['pairwise_accuracy']:.3f}, "
         f"spearman {figures['spearman']:.3f}")
     return rm_dir, figures
 
 
-def train_rm(pairs: list[dict], init_dir: str, cfg: RunConfig, rm_dir: str, log: Callable[[str], None]) -> None:
+def train_rm(pairs: list[dict], init_dir: str, cfg: RunConfig, rm_dir: str, log: Callable[[str], None],
+             record: Callable[[dict, int], None] | None = None) -> None:
     """Shuffled pairs in batches of ``reward_model.batch_size`` (cut to a multiple of the ranks) through the
     DeepSpeed reward-model trainer group."""
     from transformers import AutoTokenizer
@@ -116,19 +122,21 @@ def train_rm(pairs: list[dict], init_dir: str, cfg: RunConfig, rm_dir: str, log:
     size = max(rc.num_ranks, rc.batch_size - rc.batch_size % rc.num_ranks)
     batches = [collate_pairs(tokenizer, pairs[i:i + size], rc.max_length)
                for i in range(0, len(pairs) - len(pairs) % rc.num_ranks, size) if len(pairs[i:i + size]) % rc.num_ranks == 0]
-    every = max(1, len(batches) * rc.epochs // 5)
+    progress = Progress(len(batches) * rc.epochs, "reward model", "step", log)
 
-    def progress(m: dict) -> None:
-        if int(m["rm/step"]) % every == 0:
-            log(f"reward model step {int(m['rm/step'])}/{len(batches) * rc.epochs}: loss {m['rm/loss']:.4f}, "
-                f"pair accuracy {m['rm/accuracy']:.3f}")
+    def on_step(m: dict) -> None:
+        if record is not None:
+            record({k: v for k, v in m.items() if k != "rm/step"}, int(m["rm/step"]))
+        progress.update(loss=m["rm/loss"], pair_acc=m["rm/accuracy"])
 
     engine_cfg = {"zero_stage": rc.zero_stage, "lr": rc.lr, "micro_batch_size": size // rc.num_ranks,
                   "seed": cfg.seed, "threads": cfg.trainer.threads, "timeout_s": cfg.call_timeout_s,
                   "reference_in_input": rc.use_reference,
                   "loss_weights": {"bt": rc.bt_weight, "quality": rc.quality_weight, "rv": rc.rv_weight,
                                    "cd": rc.cd_weight, "kl": rc.kl_weight}}
-    train_reward_model(batches, init_dir, engine_cfg, rc.num_ranks, rm_dir, progress, rc.epochs, cfg.call_timeout_s)
+    with progress:
+        train_reward_model(batches, init_dir, engine_cfg, rc.num_ranks, rm_dir, on_step, rc.epochs,
+                           cfg.call_timeout_s)
 
 
 def evaluate_rm_dir(rm_dir: str, pairs: list[dict], pointwise: list[dict]) -> dict:

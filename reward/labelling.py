@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from rlhf.data import PromptRow
+from rlhf.progress import Progress
 
 # A response's text for the teacher, and the optional teacher-written solutions added beside student samples.
 SampleFn = Callable[[list[str], int], list[list[str]]]
@@ -52,7 +52,9 @@ def label(rows: list[PromptRow], sample: SampleFn, teacher, out_dir: str | Path,
     report = LabelReport(prompts=len(rows))
     todo = [r for r in rows if r.prompt not in done]
     report.resumed_prompts = len(rows) - len(todo)
-    progress = _progress(len(rows), report.resumed_prompts, "labelling")
+    progress = Progress(len(rows), f"labelling {out.name}", "prompt", log)
+    if report.resumed_prompts:
+        progress.update(report.resumed_prompts)
     for start in range(0, len(todo), chunk_prompts):
         chunk = todo[start:start + chunk_prompts]
         responses = sample([r.prompt for r in chunk], samples_per_prompt)
@@ -81,7 +83,8 @@ def label(rows: list[PromptRow], sample: SampleFn, teacher, out_dir: str | Path,
             f.write("\n".join(lines) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        progress(len(chunk))
+        progress.update(len(chunk), judged=report.judged, failed=report.failed)
+    progress.close()
     log(report.line())
     return report
 
@@ -153,12 +156,3 @@ def write_datasets(out_dir: str | Path, seed: int) -> dict[str, int]:
             Dataset.from_list(records).save_to_disk(str(out / name))
     return {"pointwise": len(rows), "pairwise": len(pairs)}
 
-
-def _progress(total: int, already: int, what: str) -> Callable[[int], None]:
-    """A tqdm bar on a terminal; silent in logs (CI output stays readable)."""
-    if not sys.stderr.isatty():
-        return lambda n: None
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, initial=already, desc=what, unit="prompt")
-    return bar.update

@@ -16,7 +16,6 @@ The ``distilrl run`` command goes through ``run`` too: scripts and the CLI share
 """
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -33,8 +32,11 @@ from reward.worker import RewardFn
 from rlhf import actors, curriculum, driver
 from rlhf.checkpoint import write_json_atomic
 from rlhf.config import ConfigError, RunConfig
+from rlhf.metrics import RunMetrics, check_wandb, eval_scalars
 from rlhf.models import save_student
 from rlhf.pipeline import RolloutPipeline
+from rlhf.progress import Progress
+from rlhf.report import write_report
 from rlhf.warmup import run_warmup
 
 if TYPE_CHECKING:
@@ -97,10 +99,14 @@ class Trainer:
         reward_fn = _check_reward_fn(cfg, reward_fn)
         if cfg.reward.components.get("seqcls"):
             check_seqcls_dir(cfg.reward.seqcls_path)
+        check_wandb(cfg)
         self.cfg, self.log = cfg, log
         self._reward_fn = reward_fn
         self._start = time.perf_counter()
         self.output_dir: Path = driver.prepare_run_dir(cfg)
+        self.metrics = RunMetrics(self.output_dir, cfg)  # metrics.jsonl, TensorBoard, W&B
+        self._rl_progress: Progress | None = None  # the RL stage's progress bar, while train() runs
+        self._last_metrics: dict = {}
         tokenizer = driver.load_tokenizer(cfg)
         self._summary: dict = {"data": {}}  # prompt counts (and those dropped as too long), then each stage's figures
         self._train_rows, self._eval_rows = driver.load_prompts(cfg, train_dataset, eval_dataset, tokenizer, log,
@@ -129,6 +135,7 @@ class Trainer:
             self.close()
         else:
             self._stop_actors()
+            self.metrics.close()
             self._closed = True
 
     # --------------------------------------------------------------------------------------------------- stages
@@ -143,7 +150,7 @@ class Trainer:
             adaptive = self.cfg.reward.adaptive  # a matched curriculum aims at the adaptive reward's RV targets
             self._summary["warmup"] = run_warmup(
                 self._student, self._tokenizer, self.cfg.warmup, self.cfg.seed, self.log, self.cfg.think,
-                curriculum.target_fn("matched", adaptive.rv_at_cd0, adaptive.rv_at_cd9))
+                curriculum.target_fn("matched", adaptive.rv_at_cd0, adaptive.rv_at_cd9), self.metrics.log)
         return self._summary["warmup"]
 
     def label(self) -> dict:
@@ -154,15 +161,17 @@ class Trainer:
                                                           self._eval_rows, self.output_dir, self.log)
         return self._summary["labels"]
 
-    def train_reward_model(self) -> dict:
-        """Train the distilled RM on the labels (or take ``reward_model.path``) and score it against the teacher on
-        held-out labels; returns those figures. RL's ``rm`` reward component then uses this RM."""
+    def train_reward_model(self, labels_dir: str | Path | None = None) -> dict:
+        """Train the distilled RM on the labels (``labels_dir``, by default ``output_dir/labels``; or take
+        ``reward_model.path``) and score it against the teacher on held-out labels; returns those figures. RL's
+        ``rm`` reward component then uses this RM."""
         if self._loop is not None:
             raise RuntimeError("train_reward_model() must come before evaluate(), step(), train() and save(): the "
                                "reward workers load the reward model when they start")
         with self._timer("train_rm"):
-            rm_dir, self._summary["reward_model"] = distill.reward_model_stage(self.cfg, self._start_dir(),
-                                                                              self.output_dir, self.log)
+            self._start_ray()  # the RM's DeepSpeed ranks are Ray actors
+            rm_dir, self._summary["reward_model"] = distill.reward_model_stage(
+                self.cfg, self._start_dir(), self.output_dir, self.log, labels_dir, self.metrics.log)
         self.reward_model_dir = Path(rm_dir)
         return self._summary["reward_model"]
 
@@ -172,9 +181,10 @@ class Trainer:
         (the first evaluation before any RL step) or ``eval_after`` (any later one; the latest counts)."""
         loop = self._grpo()
         with self._timer("eval"):
-            figures = loop.evaluate(self._eval_rows)
+            figures = loop.evaluate(self._eval_rows, self.log)
         when = "before" if self.steps == 0 and "eval_before" not in self._summary else "after"
         self._summary[f"eval_{when}"] = figures
+        self.metrics.log(eval_scalars(figures), self.steps)
         self.log(f"eval {when} RL: accuracy {figures['accuracy']:.3f}")
         return figures
 
@@ -187,9 +197,13 @@ class Trainer:
         launched = self._rollouts.next(remaining=self._plan_end - self.steps - 1)
         metrics = loop.step(self.steps + 1, launched.rows, launched)
         self.steps += 1
-        with open(self.output_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        self.log(driver.progress_line(self.steps, self.cfg.algorithm.steps, metrics))
+        self._last_metrics = metrics
+        self.metrics.rl_step(metrics)
+        if self._rl_progress is not None:
+            self._rl_progress.update(reward=metrics["reward/mean"], acc=metrics["reward/accuracy"],
+                                     kl=metrics.get("losses/kl", 0.0), len=metrics["charts/response_tokens"])
+        else:
+            self.log(driver.progress_line(self.steps, self.cfg.algorithm.steps, metrics))
         self._timer.add("rl", time.perf_counter() - start)
         return metrics
 
@@ -198,11 +212,20 @@ class Trainer:
         ``output_dir/checkpoints/step_N`` every ``save_every`` steps; returns their metrics."""
         steps = self.cfg.algorithm.steps if steps is None else steps
         self._plan_end = self.steps + steps
-        history = []
-        for i in range(1, steps + 1):
-            history.append(self.step())
-            if self.cfg.save_every and self.steps % self.cfg.save_every == 0 and i < steps:
-                self.save(self.output_dir / "checkpoints" / f"step_{self.steps}")
+        history: list[dict] = []
+
+        def line(done: int, total: int, figures: dict) -> str:  # plain-log progress: the usual step line
+            return driver.progress_line(self.steps, self.cfg.algorithm.steps, self._last_metrics)
+
+        self._rl_progress = Progress(steps, "RL", "step", self.log, line=line)
+        try:
+            for i in range(1, steps + 1):
+                history.append(self.step())
+                if self.cfg.save_every and self.steps % self.cfg.save_every == 0 and i < steps:
+                    self.save(self.output_dir / "checkpoints" / f"step_{self.steps}")
+        finally:
+            self._rl_progress.close()
+            self._rl_progress = None
         return history
 
     def save(self, path: str | Path | None = None) -> Path:
@@ -228,7 +251,14 @@ class Trainer:
         self._closed = True
         self._wall_s = round(time.perf_counter() - self._start, 1)
         write_json_atomic(self.output_dir / "summary.json", self.summary)
+        self.metrics.log({f"perf/stage_{stage}_s": s for stage, s in self._timer.seconds.items()}, self.steps)
+        self.metrics.close()
         self.log(f"wrote {self.output_dir / 'summary.json'} ({self._wall_s:.0f} s)")
+        try:
+            self.log(f"wrote {write_report(self.output_dir)}")
+        except Exception as err:  # noqa: BLE001 - the run's results are on disk; a plotting failure must not hide it
+            self.log(f"the run report failed ({type(err).__name__}: {err}); try again with: distilrl report "
+                     f"{self.output_dir}")
 
     # ------------------------------------------------------------------------------------- actors, started lazily
 
@@ -246,11 +276,14 @@ class Trainer:
             raise RuntimeError("this Trainer is closed")
         if not self._rollout:
             start_dir = self._start_dir()
-            # A Ray the script started itself is the script's to stop; the one started here is stopped in close().
-            self._owns_ray = self._owns_ray or not ray.is_initialized()
-            actors.start_ray(self.cfg)
+            self._start_ray()
             self._rollout = actors.make_rollout_workers(self.cfg, start_dir)
         return self._rollout
+
+    def _start_ray(self) -> None:
+        # A Ray the script started itself is the script's to stop; the one started here is stopped in close().
+        self._owns_ray = self._owns_ray or not ray.is_initialized()
+        actors.start_ray(self.cfg)
 
     def _grpo(self) -> driver.GRPOLoop:
         """The trainer ranks and reward workers beside the rollout workers, started on first use."""

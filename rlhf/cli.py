@@ -2,12 +2,15 @@
 
   distilrl run CONFIG [dotted.key=value ...]      the stages the config lists (warm-up, label, train_rm, RL, eval)
   distilrl label CONFIG [...]                     only warm-up (if listed) and labelling
-  distilrl eval-rm RM_DIR LABELS_DIR              a distilled RM against the teacher's held-out labels
+  distilrl train-rm CONFIG [--labels RUN] [...]   train and evaluate a distilled RM on a labelling run's labels
+  distilrl eval CHECKPOINT [--config C] [...]     a policy checkpoint on the held-out prompts, as JSON
+  distilrl eval-rm RM_DIR LABELS_DIR              a distilled RM against the teacher's held-out labels, as JSON
   distilrl serve-rm RM_DIR                        the RM over HTTP (OpenRLHF's /get_reward shape, and /score)
   distilrl serve CHECKPOINT                       a policy over an OpenAI-compatible /v1/chat/completions
+  distilrl report RUN_DIR                         (re)write a run's report.md and plots
 
-Errors a user can fix (a bad config, a missing model directory, a bad dataset row) end the process with one line
-on stderr and exit status 2, not a traceback.
+Exit status 0 on success. Errors a user can fix (a bad config, a missing model directory, a bad dataset row) end
+the process with one line on stderr and exit status 2, not a traceback.
 """
 from __future__ import annotations
 
@@ -27,23 +30,45 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = commands.add_parser(name, help=text, description=text)
         cmd.add_argument("config", help="YAML config file, e.g. configs/quickstart.yaml")
         cmd.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. algorithm.steps=10")
+    text = "train a distilled RM on labels (and score it against the teacher's held-out labels)"
+    cmd = commands.add_parser("train-rm", help=text, description=text + ". Without --labels, the config's warm-up "
+                              "(if listed) and labelling run first, in its output_dir.")
+    cmd.add_argument("config", help="YAML config file, e.g. configs/quickstart.yaml")
+    cmd.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. reward_model.epochs=5")
+    cmd.add_argument("--labels", metavar="RUN_DIR", help="a run directory from `distilrl label` (its labels/ and "
+                     "warmup/ student are used); the RM goes to the config's output_dir")
+    text = "evaluate a policy checkpoint on the held-out prompts (accuracy, response length, per difficulty)"
+    cmd = commands.add_parser("eval", help=text, description=text + "; prints JSON.")
+    cmd.add_argument("checkpoint", help="a policy directory in Hugging Face format (a run's policy/)")
+    cmd.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. task.eval_prompts=500")
+    cmd.add_argument("--config", help="the config whose task and eval settings to use (default: the config.yaml "
+                     "of the run the checkpoint is in, if any)")
     cmd = commands.add_parser("eval-rm", help="evaluate a distilled RM against the teacher's held-out labels")
     cmd.add_argument("rm_dir", help="a distilled reward model directory (a run's reward_model/)")
     cmd.add_argument("labels_dir", help="a labelling directory with rows.jsonl (a run's labels/eval/)")
     cmd = commands.add_parser("serve-rm", help="serve a distilled RM over HTTP on 127.0.0.1")
-    cmd.add_argument("rm_dir")
-    cmd.add_argument("--host", default="127.0.0.1")
-    cmd.add_argument("--port", type=int, default=5000)
+    cmd.add_argument("rm_dir", help="a distilled reward model directory (a run's reward_model/)")
+    cmd.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    cmd.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     cmd.add_argument("--token-env", help="environment variable holding a bearer token clients must send")
     cmd = commands.add_parser("serve", help="serve a policy checkpoint over an OpenAI-compatible API on 127.0.0.1")
-    cmd.add_argument("checkpoint")
-    cmd.add_argument("--host", default="127.0.0.1")
-    cmd.add_argument("--port", type=int, default=8000)
+    cmd.add_argument("checkpoint", help="a policy directory in Hugging Face format (a run's policy/)")
+    cmd.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    cmd.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    text = "write a run's report.md and plots (reward, accuracy, KL, per-difficulty, RM-teacher agreement, time)"
+    cmd = commands.add_parser("report", help=text, description=text + " from its summary.json and metrics.jsonl.")
+    cmd.add_argument("run_dir", help="a run's output_dir")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also come after an option (`train-rm CONFIG --labels RUN key=value`), which argparse leaves over.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_libraries()
     from rlhf.cluster import ClusterError
     from rlhf.config import ConfigError
@@ -53,13 +78,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DatasetError, ModelLoadError, RunDirError, ClusterError, FileNotFoundError) as err:
+    except (ConfigError, DatasetError, ModelLoadError, RunDirError, ClusterError, FileNotFoundError,
+            NotADirectoryError) as err:
         print(f"distilrl: error: {err}", file=sys.stderr)
         return 2
 
 
 def _run(args) -> int:
-    from rlhf.api import run  # the scripting API's entry point: the command and scripts share one code path
     from rlhf.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -67,7 +92,67 @@ def _run(args) -> int:
         cfg.stages = [s for s in cfg.stages if s in ("warmup", "label")] or ["label"]
         if "label" not in cfg.stages:
             cfg.stages.append("label")
-    run(cfg, log=lambda line: print(line, flush=True))
+    _run_stages(cfg)
+    return 0
+
+
+def _log(line: str) -> None:
+    """Progress lines on stdout; through tqdm so that a progress bar on the terminal is redrawn below them."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def _train_rm(args) -> int:
+    from rlhf.api import Trainer
+    from rlhf.config import ConfigError, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.labels is None:
+        cfg.stages = [s for s in cfg.stages if s in ("warmup", "label")] + ["train_rm"]
+        _run_stages(cfg)
+        return 0
+    labels = os.path.join(args.labels, "labels")
+    if not os.path.isdir(labels):
+        raise FileNotFoundError(f"{labels} does not exist: give --labels the output_dir of a `distilrl label` run")
+    if os.path.abspath(args.labels) == os.path.abspath(cfg.output_dir):
+        raise ConfigError(f"output_dir {cfg.output_dir} is the labelling run itself: set output_dir=... to a new "
+                          f"directory for the reward model")
+    student = os.path.join(args.labels, "warmup")
+    if os.path.isdir(student) and not cfg.model.model_name_or_path:
+        cfg.model.model_name_or_path = student  # the RM starts from the student whose samples were labelled
+    cfg.stages = ["train_rm"]
+    with Trainer(cfg, log=_log) as trainer:
+        trainer.train_reward_model(labels)
+    return 0
+
+
+def _run_stages(cfg) -> None:
+    from rlhf.api import run
+
+    run(cfg, log=_log)
+
+
+def _eval(args) -> int:
+    from pathlib import Path
+
+    from rlhf.config import load_config
+    from rlhf.evaluate import evaluate_checkpoint
+
+    config = args.config
+    if config is None and (Path(args.checkpoint).resolve().parent / "config.yaml").is_file():
+        config = str(Path(args.checkpoint).resolve().parent / "config.yaml")
+    cfg = load_config(config, args.overrides)
+    figures = evaluate_checkpoint(cfg, args.checkpoint, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps(figures, indent=2))
+    return 0
+
+
+def _report(args) -> int:
+    from rlhf.report import write_report
+
+    print(write_report(args.run_dir))
     return 0
 
 
@@ -106,7 +191,8 @@ def _serve(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "label": _run, "eval-rm": _eval_rm, "serve-rm": _serve_rm, "serve": _serve}
+COMMANDS = {"run": _run, "label": _run, "train-rm": _train_rm, "eval": _eval, "eval-rm": _eval_rm,
+            "serve-rm": _serve_rm, "serve": _serve, "report": _report}
 
 
 def _quiet_libraries() -> None:

@@ -419,6 +419,9 @@ class RunConfig(_Section):
     # Seconds any single remote call (generate, score, train, weight sync) may take before the run stops.
     call_timeout_s: float = Field(600.0, gt=0)
     save_every: int = Field(0, ge=0)  # checkpoint the policy every N RL steps (0: only at the end)
+    # Also log metrics to Weights & Biases (needs the wandb package; offline unless WANDB_MODE says otherwise).
+    # TensorBoard event files are written in output_dir/tensorboard either way.
+    wandb: bool = False
     model: ModelConfig = ModelConfig()
     task: TaskConfig = TaskConfig()
     warmup: WarmupConfig = WarmupConfig()

@@ -26,7 +26,7 @@ from rlhf.batch import make_train_batch, response_mask
 from rlhf.config import RunConfig, save_config
 from rlhf.data import DatasetError, PromptRow, load_rows
 from rlhf.chat import template_override
-from rlhf.evaluate import difficulty_metrics, score_eval
+from rlhf.evaluate import difficulty_metrics, evaluate_policy
 from rlhf.models import build_student, build_tokenizer, check_model_dir, load_student
 from rlhf.models import load_tokenizer as load_model_tokenizer
 from rlhf.pipeline import LaunchedRollout
@@ -271,20 +271,20 @@ class GRPOLoop:
             actors.call_all(self._syncing, "weight sync", self.timeout)
             self._syncing = []
 
-    def evaluate(self, rows: list[PromptRow]) -> dict:
+    def evaluate(self, rows: list[PromptRow], log=print) -> dict:
         """Greedy answers to the held-out prompts, checked by the reward workers' verifier (only: the figures mean
         the same whatever RL is rewarded by, and a custom reward function never sees held-out prompts)."""
         # Behind any in-flight generation and weight sync: the figures are for the weights after every update so far.
         self._finish_sync()
-        samples = []
-        size = self.cfg.eval.batch_size
-        for start in range(0, len(rows), size):
-            samples += self.generate([r.prompt for r in rows[start:start + size]], 1, greedy=True)
-        parts, texts, refs = len(self.reward), [s.text for s in samples], [r.answer for r in rows]
-        calls = [worker.verify.remote(t, r) for worker, t, r in
-                 zip(self.reward, actors.shards(texts, parts), actors.shards(refs, parts))]
-        verdicts = [v for part in actors.call_all(calls, "reward verify", self.timeout) for v in part]
-        return score_eval(rows, samples, verdicts, self.count_tokens)
+
+        def verify(texts: list[str], refs: list[str]) -> list[dict]:
+            parts = len(self.reward)
+            calls = [worker.verify.remote(t, r) for worker, t, r in
+                     zip(self.reward, actors.shards(texts, parts), actors.shards(refs, parts))]
+            return [v for part in actors.call_all(calls, "reward verify", self.timeout) for v in part]
+
+        return evaluate_policy(rows, lambda prompts: self.generate(prompts, 1, greedy=True), verify,
+                               self.cfg.eval.batch_size, log, self.count_tokens)
 
     def shutdown(self) -> None:
         self.trainer.shutdown()

@@ -9,11 +9,52 @@ from collections import defaultdict
 from typing import Callable
 
 from rlhf import think
+from rlhf.config import RunConfig
 from rlhf.data import PromptRow
+from rlhf.progress import Progress
 from rollout.engine import Sample
 
 # (correct, response tokens, thought: has a non-empty think block, reasoning tokens)
 Item = tuple[bool, int, bool, int]
+
+def evaluate_policy(rows: list[PromptRow], generate: Callable[[list[str]], list[Sample]],
+                    verify: Callable[[list[str], list[str]], list[dict]], batch_size: int,
+                    log: Callable[[str], None] = print, count_tokens: Callable[[str], int] | None = None) -> dict:
+    """Greedy answers to the held-out ``rows`` in batches of ``batch_size`` (``generate``: one sample per prompt),
+    checked by ``verify`` (texts, references) -> verdicts; the figures of ``score_eval``. Shared by the run's
+    actors and ``distilrl eval``, so a checkpoint scores the same either way."""
+    samples: list[Sample] = []
+    with Progress(len(rows), "eval", "prompt", log) as progress:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            samples += generate([r.prompt for r in batch])
+            progress.update(len(batch))
+    verdicts = verify([s.text for s in samples], [r.answer for r in rows])
+    return score_eval(rows, samples, verdicts, count_tokens)
+
+
+def evaluate_checkpoint(cfg: RunConfig, checkpoint: str, log: Callable[[str], None] = print) -> dict:
+    """``evaluate_policy`` on a saved policy, in this process (no Ray): the held-out prompts of ``cfg.task``
+    (rendered with the checkpoint's tokenizer, with the think switch ``think.mode`` asks for), greedy answers of up
+    to ``eval.max_new_tokens`` tokens, the task's verifier. What ``distilrl eval`` prints."""
+    from reward.worker import RewardWorker
+    from rlhf.data import load_rows
+    from rollout.worker import RolloutWorker
+
+    policy = RolloutWorker(checkpoint, cfg.rollout.threads, cfg.seed)
+    _, rows = load_rows(cfg.task, cfg.seed, tokenizer=policy.tokenizer)
+    verifier = RewardWorker({"verifier": 1.0}, cfg.reward.correct, cfg.reward.unparseable,
+                            verifier=cfg.task.verifier, answer_regex=cfg.task.answer_regex)
+    log(f"evaluating {checkpoint} on {len(rows)} held-out prompts")
+
+    def generate(prompts: list[str]) -> list[Sample]:
+        prompts = [think.with_switch(p, cfg.think.mode) for p in prompts]
+        return policy.generate(prompts, 1, cfg.eval.max_new_tokens, 1.0, True, 0)
+
+    def count_tokens(text: str) -> int:
+        return len(policy.tokenizer(text, add_special_tokens=False).input_ids)
+
+    return evaluate_policy(rows, generate, verifier.verify, cfg.eval.batch_size, log, count_tokens)
 
 
 def score_eval(rows: list[PromptRow], samples: list[Sample], verdicts: list[dict],

@@ -13,6 +13,8 @@ import torch
 
 from rlhf import curriculum, think
 from rlhf.config import ThinkConfig, WarmupConfig
+from rlhf.config import WarmupConfig
+from rlhf.progress import Progress
 from rlhf.tasks import arithmetic
 
 
@@ -71,9 +73,11 @@ def sft_batch(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor
 
 
 def run_warmup(model, tokenizer, cfg: WarmupConfig, seed: int, log: Callable[[str], None] = print,
-               think_cfg: ThinkConfig | None = None, target: Callable[[float], float] | None = None) -> dict:
+               think_cfg: ThinkConfig | None = None, target: Callable[[float], float] | None = None,
+               record: Callable[[dict, int], None] | None = None) -> dict:
     """Train ``model`` in place for ``cfg.steps`` steps; returns the final loss and the time taken. ``think_cfg``
-    and ``target`` shape the teacher's data (``teacher_examples``)."""
+    and ``target`` shape the teacher's data (``teacher_examples``). ``record`` receives each step's
+    ``warmup/loss`` (and learning rate) with the step number, for TensorBoard."""
     torch.manual_seed(seed)
     next_batch = teacher_examples(cfg, seed, think_cfg, target)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -83,6 +87,7 @@ def run_warmup(model, tokenizer, cfg: WarmupConfig, seed: int, log: Callable[[st
         optimizer, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1.0 - s / max(1, cfg.steps)))
     model.train()
     start, loss = time.perf_counter(), float("nan")
+    progress = Progress(cfg.steps, "warmup", "step", log)
     for step in range(cfg.steps):
         batch = sft_batch(tokenizer, next_batch(cfg.batch_size))
         out = model(**batch)
@@ -92,7 +97,9 @@ def run_warmup(model, tokenizer, cfg: WarmupConfig, seed: int, log: Callable[[st
         optimizer.step()
         schedule.step()
         loss = out.loss.item()
-        if (step + 1) % max(1, cfg.steps // 5) == 0 or step + 1 == cfg.steps:
-            log(f"warmup {step + 1}/{cfg.steps} loss {loss:.4f} ({time.perf_counter() - start:.0f} s)")
+        if record is not None:
+            record({"warmup/loss": loss, "warmup/lr": schedule.get_last_lr()[0]}, step + 1)
+        progress.update(loss=loss)
+    progress.close()
     model.eval()
     return {"loss": loss, "steps": cfg.steps, "wall_s": time.perf_counter() - start}

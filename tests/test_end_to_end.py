@@ -64,3 +64,24 @@ def test_a_finished_run_is_not_overwritten(tiny_run, capsys):
     assert main(["run", TINY, f"output_dir={tiny_run}"]) == 2
     assert "holds a finished run" in capsys.readouterr().err
     assert (tiny_run / "summary.json").read_text() == before
+
+
+def test_report_tensorboard_and_eval_command_on_the_run(tiny_run, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    report = (tiny_run / "report.md").read_text()
+    assert "## RL training curves" in report and "## Held-out evaluation, per difficulty" in report
+    for name in ("overview.png", "training.png", "difficulty.png", "losses.png", "time.png"):
+        assert (tiny_run / "plots" / name).read_bytes().startswith(b"\x89PNG"), name
+    events = EventAccumulator(str(tiny_run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"reward/mean", "losses/kl", "perf/step_s", "charts/response_tokens", "eval/accuracy",
+            "eval/difficulty_1/accuracy", "warmup/loss", "perf/stage_rl_s"} <= tags
+    assert [e.step for e in events.Scalars("reward/mean")] == [1, 2]
+    assert [e.step for e in events.Scalars("eval/accuracy")] == [0, 2]  # before and after RL
+
+    # `distilrl eval` of the saved policy, in-process, with the run's own config: the run's after-RL figures.
+    assert main(["eval", str(tiny_run / "policy")]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures == json.loads((tiny_run / "summary.json").read_text())["eval_after"]

@@ -125,3 +125,21 @@ def test_openai_client_talks_to_the_server(server):
     reply = client.chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": "1+2="}],
                                            max_tokens=4, temperature=0)
     assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.prompt_tokens == 4
+
+
+def test_plain_http_openai_request_gets_the_models_generated_text(server):
+    """The request an OpenAI client sends (POST /v1/chat/completions with a bearer header, JSON body), over plain
+    HTTP; the answer's text is what the project's generation engine makes of the prompt, greedily."""
+    from rollout.engine import generate
+
+    body = json.dumps({"model": "tiny-student", "messages": [{"role": "user", "content": "12+7="}],
+                       "max_tokens": 10, "temperature": 0}).encode()
+    request = urllib.request.Request(f"{server.url}/v1/chat/completions", data=body, method="POST", headers={
+        "Content-Type": "application/json", "Authorization": "Bearer unused", "User-Agent": "OpenAI/Python"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        assert answer.status == 200 and answer.headers["Content-Type"].startswith("application/json")
+        reply = json.loads(answer.read())
+    text = reply["choices"][0]["message"]["content"]
+    expected = generate(server.model, server.tokenizer, ["12+7="], 1, 10, greedy=True)[0]
+    assert text and text == expected.text
+    assert reply["usage"]["completion_tokens"] == len(expected.response_ids)
