@@ -19,6 +19,8 @@ def start_ray(cfg: RunConfig) -> None:
     if ray.is_initialized():
         return
     wanted = cfg.trainer.num_ranks * cfg.trainer.threads + cfg.rollout.num_workers
+    if cfg.algorithm.advantage == "gae":  # PPO's critic ranks
+        wanted += cfg.critic.num_ranks * cfg.critic.threads
     # address="local": always a fresh instance; without it ray.init joins any cluster `ray start` left running.
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, wanted), include_dashboard=False, log_to_driver=False,
              logging_level="error", configure_logging=True,

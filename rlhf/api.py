@@ -32,6 +32,7 @@ from rlhf import actors, driver
 from rlhf.checkpoint import write_json_atomic
 from rlhf.config import ConfigError, RunConfig
 from rlhf.models import save_student
+from rlhf.ppo import PPOLoop
 from rlhf.warmup import run_warmup
 
 if TYPE_CHECKING:
@@ -246,9 +247,9 @@ class Trainer:
             if self.cfg.reward.components.get("rm") and not (self.reward_model_dir or self.cfg.reward.rm_url):
                 raise ConfigError("reward.components uses rm but there is no reward model yet: call "
                                   "train_reward_model() first, or set reward_model.path or reward.rm_url")
-            self._loop = driver.GRPOLoop(self.cfg, self._start_dir(), self._tokenizer, rollout,
-                                         str(self.reward_model_dir) if self.reward_model_dir else None,
-                                         self._reward_fn)
+            loop_cls = PPOLoop if self.cfg.algorithm.advantage == "gae" else driver.GRPOLoop
+            self._loop = loop_cls(self.cfg, self._start_dir(), self._tokenizer, rollout,
+                                  str(self.reward_model_dir) if self.reward_model_dir else None, self._reward_fn)
         return self._loop
 
     def _stop_actors(self) -> None:

@@ -116,7 +116,7 @@ class GRPOLoop:
             "zero_stage": t.zero_stage, "lr": t.lr, "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm,
             "micro_batch_size": t.micro_batch_size, "threads": t.threads, "seed": cfg.seed,
             "clip_low": a.clip_low, "clip_high": a.clip_high, "kl_coef": a.kl_coef, "kl_estimator": a.kl_estimator,
-            "entropy_coef": a.entropy_coef,
+            "entropy_coef": a.entropy_coef, "kl_in_reward": a.kl_in_reward,
             "temperature": cfg.rollout.temperature, "timeout_s": self.timeout,
         }, t.num_ranks, self.timeout)
         self.version = 0  # weights version the rollout workers hold; bumped by every trainer update
