@@ -226,10 +226,11 @@ class AlgorithmConfig(_Section):
     # reward/overlong_penalty logs its batch mean. Use when truncated answers are common (charts/truncated_rate).
     overlong_buffer: int = Field(0, ge=0)
     overlong_penalty: float = Field(1.0, ge=0)
-    # PPO (advantage gae) only. GAE's discount and trace decay over response tokens: gamma = lam = 1 makes the
-    # advantage the return minus the value (the usual choice for one reward at the end of a response).
+    # PPO (advantage gae) only. GAE's discount and trace decay over response tokens: gamma = lam = 1 (the default,
+    # as in veRL and OpenRLHF) makes the advantage the return minus the value, unbiased however rough the critic;
+    # lam < 1 trusts the critic more (less variance, more bias).
     gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
+    lam: float = Field(1.0, ge=0, le=1)
     # Clip range of the value loss, in reward units, around the values the advantages were computed with (0: off).
     value_clip: float = Field(0.2, ge=0)
     # Whiten the GAE advantages over the batch's response tokens (mean 0, std 1) before the policy loss.

@@ -145,7 +145,7 @@ def test_ppo_config_defaults_and_fields():
     a = load_config(None, ["algorithm.advantage=gae", "algorithm.critic_warmup_steps=3", "critic.lr=5e-5"])
     assert a.algorithm.advantage == "gae" and a.algorithm.critic_warmup_steps == 3 and a.critic.lr == 5e-5
     assert (a.algorithm.gamma, a.algorithm.lam, a.algorithm.value_clip, a.algorithm.kl_in_reward) == (
-        1.0, 0.95, 0.2, False)
+        1.0, 1.0, 0.2, False)
 
 
 @pytest.mark.parametrize("overrides, key", [
