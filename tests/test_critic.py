@@ -87,9 +87,9 @@ def ray_cluster():
 def test_critic_fits_returns_on_one_and_two_ranks_alike(ray_cluster, model_dir, tmp_path):
     one, (one_values, _) = _fit(model_dir, 1, 6, save_to=str(tmp_path / "critic"))
     two, (two_values, clipfracs) = _fit(model_dir, 2, 2)
-    # The error falls steadily towards the returns (from ~1, the size of the returns, with a fresh head).
-    assert one[-1] < 0.5 * one[0], one
-    assert all(later < earlier for earlier, later in zip(one, one[1:])), one
+    # The error falls towards the returns (from ~1, the size of the returns, with a fresh head; at this lr it
+    # overshoots a little on the way, so not every step is lower).
+    assert one[1] < one[0] and one[-1] < 0.3 * one[0], one
     # One update on two ZeRO-2 ranks gives the same values as on one rank: the batch split does not matter.
     torch.testing.assert_close(two_values, one_values, atol=1e-4, rtol=0)
     assert two[:2] == pytest.approx(one[:2], abs=1e-4)
