@@ -273,7 +273,6 @@ class PolicyTrainer(DeepSpeedRank):
                 mask.sum(),
             ]).double().cpu()
 
-
     @torch.no_grad()
     def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reference model's log-probs (B, L) of this rank's rows (input_ids, attention_mask), aligned as
