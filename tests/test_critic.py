@@ -79,7 +79,16 @@ def _fit(model_dir: str, num_ranks: int, steps: int, save_to: str | None = None)
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Enough logical CPUs for the PPO run's actors (2 policy ranks, 2 critic ranks, a rollout worker); they
+    # time-share the cores. A few attempts: on an overloaded box the raylet can miss Ray's 30 s start-up window.
+    for attempt in range(3):
+        try:
+            ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield
     ray.shutdown()
 
@@ -99,7 +108,7 @@ def test_critic_fits_returns_on_one_and_two_ranks_alike(ray_cluster, model_dir, 
     assert critic.config.num_labels == 1 and (tmp_path / "critic" / "model.safetensors").is_file()
 
 
-def test_ppo_run_end_to_end_writes_critic_metrics(tmp_path):
+def test_ppo_run_end_to_end_writes_critic_metrics(ray_cluster, tmp_path):
     out = tmp_path / "ppo"
     assert main(["run", str(REPO / "configs" / "tiny.yaml"), f"output_dir={out}", "algorithm.advantage=gae",
                  "algorithm.steps=3", "algorithm.critic_warmup_steps=1", "algorithm.kl_in_reward=true",
