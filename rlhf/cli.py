@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    from rlhf.cluster import ClusterError
     from rlhf.config import ConfigError
     from rlhf.data import DatasetError
     from rlhf.driver import RunDirError
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DatasetError, ModelLoadError, RunDirError, FileNotFoundError) as err:
+    except (ConfigError, DatasetError, ModelLoadError, RunDirError, ClusterError, FileNotFoundError) as err:
         print(f"distilrl: error: {err}", file=sys.stderr)
         return 2
 

@@ -135,8 +135,10 @@ class CriticTrainer(DeepSpeedRank):
 class CriticGroup(RankGroup):
     """``num_ranks`` CriticTrainer Ray actors forming one data-parallel DeepSpeed group."""
 
-    def __init__(self, init_dir: str, cfg: dict, num_ranks: int, timeout_s: float):
-        super().__init__(CriticTrainer, (init_dir,), {**CRITIC_DEFAULTS, **cfg}, num_ranks, timeout_s)
+    def __init__(self, init_dir: str, cfg: dict, num_ranks: int, timeout_s: float, **placement):
+        """``placement``: RankGroup's resources, strategy and placement_timeout_s."""
+        super().__init__(CriticTrainer, (init_dir,), {**CRITIC_DEFAULTS, **cfg}, num_ranks, timeout_s, role="critic",
+                         **placement)
 
     def values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Values (B, L) of every row of ``batch`` (input_ids, attention_mask), split across the ranks."""

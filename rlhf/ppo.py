@@ -37,7 +37,8 @@ class PPOLoop(GRPOLoop):
                 "zero_stage": c.zero_stage, "lr": c.lr, "weight_decay": c.weight_decay,
                 "max_grad_norm": c.max_grad_norm, "micro_batch_size": c.micro_batch_size, "threads": c.threads,
                 "seed": cfg.seed, "timeout_s": self.timeout, "value_clip": cfg.algorithm.value_clip,
-            }, c.num_ranks, self.timeout)
+            }, c.num_ranks, self.timeout, strategy=cfg.cluster.trainer_strategy,
+                placement_timeout_s=cfg.cluster.placement_timeout_s)
         except Exception:
             super().shutdown()
             raise
