@@ -20,6 +20,8 @@ def start_ray(cfg: RunConfig) -> None:
     """Start or join Ray as ``cluster.address`` says. A local instance is sized for this run's actors (they
     time-share the cores: phases run one after another)."""
     wanted = cfg.trainer.num_ranks * cfg.trainer.threads + cfg.rollout.num_workers
+    if cfg.algorithm.advantage == "gae":  # PPO's critic ranks
+        wanted += cfg.critic.num_ranks * cfg.critic.threads
     cluster.connect(cfg.cluster.address, max(os.cpu_count() or 1, wanted), cfg.cluster.connect_timeout_s,
                     {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"})
 

@@ -64,14 +64,62 @@ def token_returns(rewards: torch.Tensor, response_mask: torch.Tensor, kl: torch.
     (e.g. ``kl_penalty(..., "k1")``), or None for no penalty. Returns (B, L), 0 off the response. A row without
     response tokens has no last token, so its reward goes nowhere and its returns are all 0.
     """
+    # Suffix sum along the sequence: flip, cumulative sum, flip back.
+    return token_rewards(rewards, response_mask, kl, kl_coef).flip(1).cumsum(1).flip(1) * response_mask.float()
+
+
+def token_rewards(rewards: torch.Tensor, response_mask: torch.Tensor, kl: torch.Tensor | None = None,
+                  kl_coef: float = 0.0) -> torch.Tensor:
+    """One sequence-level reward as per-token rewards: r on the last response token, minus an optional per-token
+    KL penalty on every response token (``kl_coef * kl_t``). (B,) -> (B, L), 0 off the response; a row without
+    response tokens gets all 0 (its reward has no token to go to)."""
     mask = response_mask.float()
     # The last response token is where the running count of response tokens reaches the row's total.
     last = (mask.cumsum(dim=1) == mask.sum(dim=1, keepdim=True)) & (mask > 0)
     per_token = rewards.float().unsqueeze(1) * last
     if kl is not None and kl_coef:
         per_token = per_token - kl_coef * kl.float() * mask
-    # Suffix sum along the sequence: flip, cumulative sum, flip back.
-    return per_token.flip(1).cumsum(1).flip(1) * mask
+    return per_token
+
+
+def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, gamma: float = 1.0,
+                   lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al., 2016) over the response tokens: PPO with a critic.
+
+        delta_t = r_t + gamma * V_{t+1} - V_t,     A_t = delta_t + gamma * lam * A_{t+1},     returns_t = A_t + V_t
+
+    ``rewards`` (B, L) per-token rewards (``token_rewards``); ``values`` (B, L) the critic's value of the state
+    before each response token; both aligned with ``response_mask`` (B, L), whose 1s are one contiguous run per
+    row. The step after the last response token is terminal (V = 0). gamma = lam = 1 gives A_t = G_t - V_t, the
+    return-to-go minus the value; lam = 0 gives the one-step TD error. Returns (advantages, returns), 0 off the
+    response (an all-padding row is all 0).
+    """
+    mask = response_mask.float()
+    rewards, values = rewards.float() * mask, values.float() * mask
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_advantage = torch.zeros_like(values[:, 0])
+    # Backwards over positions; off the response both carries are reset to 0, so each row's last response token
+    # sees a terminal next state, and prompt or padding positions stay 0.
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantages[:, t] = (delta + gamma * lam * next_advantage) * mask[:, t]
+        next_value, next_advantage = values[:, t], advantages[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       clip: float | None = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """The critic's per-token loss, PPO's clipped form: 0.5 * max((V - R)^2, (V_clip - R)^2) with
+    V_clip = old_V + clamp(V - old_V, -clip, clip), so one update cannot move a value far from the one the
+    advantages were computed with. ``clip`` None (or <= 0) is the plain 0.5 * (V - R)^2. Returns (loss per token,
+    1.0 where the clipped term was the larger one, i.e. the clip was active)."""
+    unclipped = (values - returns).square()
+    if not clip or clip <= 0:
+        return 0.5 * unclipped, torch.zeros_like(unclipped)
+    clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+    clipped = (clipped_values - returns).square()
+    return 0.5 * torch.maximum(unclipped, clipped), (clipped > unclipped).float()
 
 
 def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -35,6 +35,7 @@ from rlhf.config import ConfigError, RunConfig
 from rlhf.metrics import RunMetrics, check_wandb, eval_scalars
 from rlhf.models import save_student
 from rlhf.pipeline import RolloutPipeline
+from rlhf.ppo import PPOLoop
 from rlhf.progress import Progress
 from rlhf.report import write_report
 from rlhf.warmup import run_warmup
@@ -292,9 +293,10 @@ class Trainer:
             if self.cfg.reward.components.get("rm") and not (self.reward_model_dir or self.cfg.reward.rm_url):
                 raise ConfigError("reward.components uses rm but there is no reward model yet: call "
                                   "train_reward_model() first, or set reward_model.path or reward.rm_url")
-            self._loop = loop = driver.GRPOLoop(self.cfg, self._start_dir(), self._tokenizer, rollout,
-                                                str(self.reward_model_dir) if self.reward_model_dir else None,
-                                                self._reward_fn)
+            loop_cls = PPOLoop if self.cfg.algorithm.advantage == "gae" else driver.GRPOLoop
+            self._loop = loop = loop_cls(self.cfg, self._start_dir(), self._tokenizer, rollout,
+                                         str(self.reward_model_dir) if self.reward_model_dir else None,
+                                         self._reward_fn)
             r = self.cfg.rollout
             self._rollouts = RolloutPipeline(lambda: loop.launch(self._order.sample(self._train_rows,
                                                                                    r.prompts_per_step)),

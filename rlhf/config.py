@@ -309,6 +309,19 @@ class TrainerConfig(_Section):
                 "optimizer+params": {"offload_optimizer": host, "offload_param": host}}.get(self.offload, {})
 
 
+class CriticConfig(_Section):
+    """PPO's critic (algorithm.advantage gae): a value model on its own DeepSpeed data-parallel ranks, started from
+    the warm-up student's backbone with a fresh scalar head (rlhf/critic.py). Unused by the other estimators."""
+
+    num_ranks: int = Field(2, gt=0)
+    zero_stage: Literal[2, 3] = 2
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(64, gt=0)
+    threads: int = Field(1, gt=0)
+
+
 class AlgorithmConfig(_Section):
     """The RL algorithm: advantage estimator, clipped policy loss and its regularisers, reward shaping.
 
@@ -327,7 +340,9 @@ class AlgorithmConfig(_Section):
     # How rewards become advantages (rlhf.algorithms.ADVANTAGE_ESTIMATORS):
     #   grpo: (r - group mean) / group std;  dr_grpo: r - group mean (pair with loss_aggregation dr-grpo);
     #   rloo: r - mean of the group's other samples;  reinforce_plus_plus: no group baseline, returns whitened
-    #   over all response tokens of the batch;  reinforce_plus_plus_baseline: r - group mean, then whitened so.
+    #   over all response tokens of the batch;  reinforce_plus_plus_baseline: r - group mean, then whitened so;
+    #   gae: PPO with a critic (section critic): GAE over token rewards (the reward on the last response token),
+    #   with the gamma, lam, value_clip, whiten_advantages, kl_in_reward and critic_warmup_steps below.
     # The REINFORCE++ pair take the KL to the reference in the loss (kl_coef below), not in the reward as in
     # the paper: the reference log-probs are only computed on the trainer ranks, during the update.
     advantage: str = "grpo"
@@ -356,11 +371,42 @@ class AlgorithmConfig(_Section):
     # reward/overlong_penalty logs its batch mean. Use when truncated answers are common (charts/truncated_rate).
     overlong_buffer: int = Field(0, ge=0)
     overlong_penalty: float = Field(1.0, ge=0)
+    # PPO (advantage gae) only. GAE's discount and trace decay over response tokens: gamma = lam = 1 (the default,
+    # as in veRL and OpenRLHF) makes the advantage the return minus the value, unbiased however rough the critic;
+    # lam < 1 trusts the critic more (less variance, more bias).
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(1.0, ge=0, le=1)
+    # Clip range of the value loss, in reward units, around the values the advantages were computed with (0: off).
+    value_clip: float = Field(0.2, ge=0)
+    # Whiten the GAE advantages over the batch's response tokens (mean 0, std 1) before the policy loss.
+    whiten_advantages: bool = True
+    # Where the KL to the reference goes: in the token rewards (-kl_coef * KL_t on every response token, k-estimator
+    # kl_estimator, before GAE; the critic learns it too) instead of in the loss. Needs kl_coef > 0.
+    kl_in_reward: bool = False
+    # The first N RL steps train the critic alone (the policy is frozen, no weight sync), so the first policy
+    # updates see values that already fit the warm-up student's returns rather than a random head.
+    critic_warmup_steps: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _known_estimator(self) -> "AlgorithmConfig":
-        if self.advantage not in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"unknown advantage estimator {self.advantage!r}: use {', '.join(ADVANTAGE_ESTIMATORS)}")
+        if self.advantage not in (*ADVANTAGE_ESTIMATORS, "gae"):
+            raise ValueError(f"unknown advantage estimator {self.advantage!r}: use "
+                             f"{', '.join((*ADVANTAGE_ESTIMATORS, 'gae'))}")
+        return self
+
+    @model_validator(mode="after")
+    def _ppo_options(self) -> "AlgorithmConfig":
+        ppo = self.advantage == "gae"
+        if not ppo and (self.kl_in_reward or self.critic_warmup_steps):
+            raise ValueError("kl_in_reward and critic_warmup_steps are PPO options: set advantage gae")
+        if ppo and self.dynamic_sampling:
+            raise ValueError("dynamic_sampling drops groups of equal rewards, which only a group baseline ignores: "
+                             "turn it off with advantage gae (the critic learns from those rows too)")
+        if self.kl_in_reward and not self.kl_coef:
+            raise ValueError("kl_in_reward needs kl_coef > 0 (the weight of the KL penalty in the reward)")
+        if ppo and self.steps and self.critic_warmup_steps >= self.steps:
+            raise ValueError(f"critic_warmup_steps={self.critic_warmup_steps} leaves no policy update in "
+                             f"steps={self.steps}: make it smaller than steps")
         return self
 
 
@@ -431,6 +477,7 @@ class RunConfig(_Section):
     reward_model: RewardModelConfig = RewardModelConfig()
     trainer: TrainerConfig = TrainerConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
+    critic: CriticConfig = CriticConfig()
     eval: EvalConfig = EvalConfig()
     think: ThinkConfig = ThinkConfig()
     cluster: ClusterConfig = ClusterConfig()
@@ -438,10 +485,11 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _batch_units_divide(self) -> "RunConfig":
         rows = self.rollout_rows
+        critic = (("critic.num_ranks", self.critic.num_ranks),) if self.algorithm.advantage == "gae" else ()
         for name, parts in (("trainer.num_ranks", self.trainer.num_ranks),
                             ("rollout.num_workers", self.rollout.num_workers),
                             ("trainer.mini_batches_per_step x trainer.num_ranks",
-                             self.trainer.mini_batches_per_step * self.trainer.num_ranks)):
+                             self.trainer.mini_batches_per_step * self.trainer.num_ranks), *critic):
             if rows % parts:
                 raise ValueError(f"rollout rows per step ({self.rollout.prompts_per_step} prompts x "
                                  f"{self.rollout.samples_per_prompt} samples = {rows}) do not divide by {name}={parts}")

@@ -136,7 +136,7 @@ class GRPOLoop:
             "bf16": t.bf16, "gradient_checkpointing": t.gradient_checkpointing, "zero_options": t.zero_options(),
             "clip_low": a.clip_low, "clip_high": a.clip_high, "kl_coef": a.kl_coef, "kl_estimator": a.kl_estimator,
             "entropy_coef": a.entropy_coef, "epochs": a.ppo_epochs, "tis_cap": a.tis_cap,
-            "mini_batches": t.mini_batches_per_step,
+            "mini_batches": t.mini_batches_per_step, "kl_in_reward": a.kl_in_reward,
             "temperature": cfg.rollout.temperature, "timeout_s": self.timeout,
         }, t.num_ranks, self.timeout, resources=cluster.role_resources(cfg, "trainer"),
             strategy=cfg.cluster.trainer_strategy, placement_timeout_s=cfg.cluster.placement_timeout_s)

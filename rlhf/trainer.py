@@ -48,6 +48,9 @@ DEFAULTS = {
     "clip_high": 0.2,
     "kl_coef": 0.0,
     "kl_estimator": "k3",
+    # PPO's KL in the reward: the reference model is loaded (kl_coef > 0) for ``reference_logprobs`` and the KL is
+    # logged, but it is not added to the loss again.
+    "kl_in_reward": False,
     # Entropy bonus: loss_t = pg_t - entropy_coef * H_t + kl_coef * KL_t (algorithms.policy_token_loss).
     "entropy_coef": 0.0,
     # Rollout's sampling temperature: log-probs are taken from logits / temperature on both sides, so the ratio and
@@ -308,8 +311,9 @@ class PolicyTrainer(DeepSpeedRank):
             with torch.no_grad():
                 # Row by row: a float copy of all logits at once can be as large as the activations (151k vocab).
                 entropy = torch.cat([algorithms.token_entropy(row) for row in logits.detach().split(1)])
+        kl_in_loss = self.reference is not None and not cfg["kl_in_reward"]
         per_token = algorithms.policy_token_loss(pg, entropy, kl, cfg["entropy_coef"],
-                                                 cfg["kl_coef"] if self.reference is not None else 0.0)
+                                                 cfg["kl_coef"] if kl_in_loss else 0.0)
         loss = (per_token * mb["loss_weights"]).sum()
         # DeepSpeed averages gradients over data-parallel ranks; multiplying by world_size turns that average back
         # into the sum of the ranks' shares, i.e. the gradient of the whole-batch loss. scale_wrt_gas=False: the
@@ -328,6 +332,20 @@ class PolicyTrainer(DeepSpeedRank):
                 ((tis >= cfg["tis_cap"]).float() * mask).sum() if cfg["tis_cap"] else torch.zeros(()),
                 mask.sum(),
             ]).double().cpu()
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The reference model's log-probs (B, L) of this rank's rows (input_ids, attention_mask), aligned as
+        ``algorithms.token_logprobs``; for a KL penalty in the reward, which is needed before the update."""
+        if self.reference is None:
+            raise RuntimeError("no reference model on this rank: it is loaded only when kl_coef > 0")
+        out = []
+        for first in range(0, batch["input_ids"].shape[0], self.cfg["micro_batch_size"]):
+            ids = batch["input_ids"][first:first + self.cfg["micro_batch_size"]].to(self.device)
+            mask = batch["attention_mask"][first:first + self.cfg["micro_batch_size"]].to(self.device)
+            logits = self.reference(input_ids=ids, attention_mask=mask).logits / self.cfg["temperature"]
+            out.append(algorithms.token_logprobs(logits, ids).float().cpu())
+        return torch.cat(out)
 
 
 def _cpu_copy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -447,6 +465,15 @@ class TrainerGroup(RankGroup):
         # Each rank already all-reduced the sums, so loss and means are whole-batch figures on every rank;
         # only the time differs, and the step takes as long as its slowest rank.
         return {**metrics[0], "perf/train_s": max(m["perf/train_s"] for m in metrics)}
+
+    def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The reference model's token log-probs (B, L) of the batch's rows, computed on the ranks that hold it."""
+        batch = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        shards = self._shards(batch, batch["input_ids"].shape[0],
+                              f"make rollout rows per step a multiple of {self.num_ranks}")
+        parts = self._get([actor.reference_logprobs.remote(shard) for actor, shard in zip(self.actors, shards)],
+                          "reference_logprobs")
+        return torch.cat(parts)
 
     def full_state_dict_ref(self):
         """Like full_state_dict, but returns rank 0's Ray object reference without fetching it, so rollout workers

@@ -1,0 +1,157 @@
+"""The critic for PPO: a Qwen value model on DeepSpeed data-parallel ranks (ZeRO-2/3, one Ray actor per rank).
+
+The value model is ``AutoModelForTokenClassification`` with one label: the policy's backbone with a scalar head
+on every position, so it saves and loads as a plain Hugging Face checkpoint (safetensors). It starts from the
+warm-up student's backbone (head fresh) or from a saved value model.
+
+Values are aligned as ``algorithms.token_logprobs`` is: position t holds V(state before token t), read from the
+head at position t - 1, so ``values[:, t]`` and the log-prob of token t describe the same decision.
+
+``CriticTrainer`` is one rank (a ``DeepSpeedRank``, like the policy and reward-model trainers); ``CriticGroup``
+starts ``num_ranks`` of them as Ray actors. One ``train_step`` is one optimizer update of the clipped value loss
+(``algorithms.clipped_value_loss``) towards the GAE returns; its loss weights come with the batch, computed over
+the whole batch (``algorithms.loss_token_weights``), so the update is the same however the rows are split.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from rlhf import algorithms
+from rlhf.trainer import ENGINE_DEFAULTS, DeepSpeedRank, RankGroup
+
+CRITIC_DEFAULTS = {
+    **ENGINE_DEFAULTS,
+    "lr": 1e-5,
+    # Clip range of the value loss around the values the advantages were computed with; 0 or None: no clipping.
+    "value_clip": 0.2,
+}
+
+VALUE_KEYS = ("input_ids", "attention_mask")
+TRAIN_KEYS = ("input_ids", "attention_mask", "response_mask", "old_values", "returns", "loss_weights")
+
+# Per-rank sums, all-reduced into whole-batch figures.
+_SUMMED = ("value_loss", "clipped", "error", "response_tokens")
+
+
+def load_value_model(init_dir: str):
+    """A saved value model as it is, or a fresh scalar head on a causal LM's backbone (the warm-up student)."""
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    config = AutoConfig.from_pretrained(init_dir)
+    if not any(a.endswith("ForTokenClassification") for a in (config.architectures or [])):
+        config.num_labels = 1
+        # No dropout before the head: a value estimate that changes from one forward to the next adds noise to
+        # every advantage (Hugging Face's token classifiers default to 0.1).
+        config.classifier_dropout = 0.0
+    model = AutoModelForTokenClassification.from_pretrained(init_dir, config=config, dtype=torch.float32,
+                                                            use_safetensors=True)
+    if model.config.num_labels != 1:
+        raise ValueError(f"{init_dir} holds a token classifier with {model.config.num_labels} labels, not a value "
+                         f"model (1 label)")
+    model.config.use_cache = False
+    return model
+
+
+def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) values aligned with ``input_ids``: position t holds the head's output at t - 1, position 0 gets 0."""
+    head = model(input_ids=input_ids, attention_mask=attention_mask).logits[..., 0].float()
+    return torch.nn.functional.pad(head[:, :-1], (1, 0), value=0.0)
+
+
+class CriticTrainer(DeepSpeedRank):
+    """One data-parallel rank of the critic. Creating it joins the process group, so all ``world_size`` ranks must
+    be created together."""
+
+    # A causal LM's generation settings mean nothing beside a value model.
+    _side_files_to_skip = ("generation_config.json",)
+
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, init_dir: str, cfg: dict):
+        super().__init__(rank, world_size, master_addr, master_port, {**CRITIC_DEFAULTS, **cfg})
+        self.model_dir = init_dir
+        self._wrap(load_value_model(init_dir))
+
+    @torch.no_grad()
+    def values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Values (B, L) of this rank's rows, 0 where ``attention_mask`` is 0. Collective under ZeRO-3: every rank
+        calls it with the same number of rows."""
+        self.engine.eval()
+        out = []
+        size = self.cfg["micro_batch_size"]
+        for first in range(0, batch["input_ids"].shape[0], size):
+            ids = batch["input_ids"][first:first + size].to(self.device)
+            mask = batch["attention_mask"][first:first + size].to(self.device)
+            out.append((token_values(self.engine, ids, mask) * mask).cpu())
+        return torch.cat(out)
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One optimizer update of the value loss on this rank's rows. Collective: every rank calls it with a shard
+        of the same number of rows. ``batch``: input_ids, attention_mask (B, L) long; response_mask, old_values
+        (the values the advantages were computed with), returns, loss_weights (B, L) float. Returns whole-batch
+        metrics (the same on every rank)."""
+        missing = [k for k in TRAIN_KEYS if k not in batch]
+        if missing:
+            raise ValueError(f"critic batch lacks {missing}")
+        cfg, engine = self.cfg, self.engine
+        start = time.perf_counter()
+        engine.train()
+        sums = torch.zeros(len(_SUMMED), dtype=torch.float64)
+        starts = list(range(0, batch["input_ids"].shape[0], cfg["micro_batch_size"]))
+        for i, first in enumerate(starts):
+            mb = {k: batch[k][first:first + cfg["micro_batch_size"]] for k in TRAIN_KEYS}
+            # Rows are right-padded, so columns past the longest row in this micro-batch are pure padding.
+            length = max(int(mb["attention_mask"].sum(dim=1).max()), 1)
+            mb = {k: v[:, :length].to(self.device) for k, v in mb.items()}
+            values = token_values(engine, mb["input_ids"], mb["attention_mask"])
+            per_token, clipped = algorithms.clipped_value_loss(values, mb["old_values"], mb["returns"],
+                                                               cfg["value_clip"])
+            loss = (per_token * mb["loss_weights"]).sum()
+            engine.set_gradient_accumulation_boundary(i == len(starts) - 1)
+            # x world_size undoes DeepSpeed's averaging over ranks (see PolicyTrainer._micro_step).
+            engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            engine.step()
+            mask = mb["response_mask"]
+            with torch.no_grad():
+                sums += torch.stack([loss.detach(), (clipped * mask).sum(),
+                                     ((values.detach() - mb["returns"]).abs() * mask).sum(),
+                                     mask.sum()]).double().cpu()
+
+        total = dict(zip(_SUMMED, self._sum_across_ranks(sums).tolist()))
+        tokens = max(total["response_tokens"], 1.0)
+        metrics = {
+            "losses/value_loss": total["value_loss"],
+            "losses/value_clipfrac": total["clipped"] / tokens,
+            # Mean |V - R| on this step's rows, as the update saw them (before its own optimizer step).
+            "losses/value_error": total["error"] / tokens,
+            "perf/critic_train_s": time.perf_counter() - start,
+        }
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["losses/critic_grad_norm"] = float(grad_norm)
+        return metrics
+
+
+class CriticGroup(RankGroup):
+    """``num_ranks`` CriticTrainer Ray actors forming one data-parallel DeepSpeed group."""
+
+    def __init__(self, init_dir: str, cfg: dict, num_ranks: int, timeout_s: float, **placement):
+        """``placement``: RankGroup's resources, strategy and placement_timeout_s."""
+        super().__init__(CriticTrainer, (init_dir,), {**CRITIC_DEFAULTS, **cfg}, num_ranks, timeout_s, role="critic",
+                         **placement)
+
+    def values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Values (B, L) of every row of ``batch`` (input_ids, attention_mask), split across the ranks."""
+        batch = {k: batch[k] for k in VALUE_KEYS}
+        shards = self._shards(batch, batch["input_ids"].shape[0],
+                              f"make rollout rows per step a multiple of critic.num_ranks={self.num_ranks}")
+        return torch.cat(self._get([actor.values.remote(s) for actor, s in zip(self.actors, shards)],
+                                   "critic values"))
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        batch = {k: batch[k] for k in TRAIN_KEYS}
+        shards = self._shards(batch, batch["input_ids"].shape[0],
+                              f"make rollout rows per step a multiple of critic.num_ranks={self.num_ranks}")
+        metrics = self._get([actor.train_step.remote(s) for actor, s in zip(self.actors, shards)],
+                            "critic train_step")
+        return {**metrics[0], "perf/critic_train_s": max(m["perf/critic_train_s"] for m in metrics)}
