@@ -106,7 +106,7 @@ class Trainer:
         self.steps = 0  # RL steps taken
         self._summary: dict = {}
         self._timer = driver.StageTimer()
-        self._rollout: list = []
+        self._rollout: actors.WorkerPool | None = None
         self._loop: driver.GRPOLoop | None = None
         self._owns_ray = False
         self._closed = False
@@ -255,10 +255,10 @@ class Trainer:
         try:
             if self._loop is not None:
                 self._loop.shutdown()
-            for worker in self._rollout:
-                ray.kill(worker)
+            if self._rollout:
+                self._rollout.shutdown()
         finally:
-            self._loop, self._rollout = None, []
+            self._loop, self._rollout = None, None
             if self._owns_ray:
                 ray.shutdown()
                 self._owns_ray = False

@@ -16,7 +16,6 @@ import contextlib
 import time
 from pathlib import Path
 
-import ray
 import torch
 
 from reward import distill
@@ -28,6 +27,7 @@ from rlhf.data import DatasetError, PromptRow, load_rows
 from rlhf.evaluate import score_eval
 from rlhf.models import build_student, build_tokenizer, load_student
 from rlhf.trainer import TrainerGroup
+from rlhf.worker_pool import get_all
 
 
 class RunDirError(ValueError):
@@ -120,11 +120,14 @@ class GRPOLoop:
             "temperature": cfg.rollout.temperature, "timeout_s": self.timeout,
         }, t.num_ranks, self.timeout)
         self.version = 0  # weights version the rollout workers hold; bumped by every trainer update
+        self._weights = None  # the object ref of the weights being synced, while a sync is in progress
+        rollout.restore = self._restore_rollout
 
     def step(self, step: int, rows: list[PromptRow]) -> dict:
         cfg, n = self.cfg, self.cfg.rollout.samples_per_prompt
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        restarts = self.restarts
 
         samples = self.generate([r.prompt for r in rows], n, greedy=False)
         timings["perf/generate_s"] = time.perf_counter() - t0
@@ -175,11 +178,17 @@ class GRPOLoop:
             "charts/response_tokens": sum(len(s.response_ids) for s in samples) / len(samples),
             "charts/truncated_rate": sum(s.finish_reason == "length" for s in samples) / len(samples),
             "charts/weights_version": self.version,
+            "faults/restarts": self.restarts - restarts,
             **shaping,
             **train_metrics,
             **audit,
             **timings,
         }
+
+    @property
+    def restarts(self) -> int:
+        """Rollout and reward workers restarted after dying, over the loop's life."""
+        return self.rollout.restarts + self.reward.restarts
 
     def generate(self, prompts: list[str], n: int, greedy: bool) -> list:
         r = self.cfg.rollout
@@ -194,17 +203,27 @@ class GRPOLoop:
         parts = len(self.reward)
         records = actors.shards([r.as_dict() for r in rows for _ in range(n)], parts) if self.send_records \
             else [None] * parts
-        calls = [worker.score.remote(p, t, r, d) for worker, p, t, r, d in zip(
-            self.reward, actors.shards(prompts, parts), actors.shards(texts, parts), actors.shards(refs, parts),
-            records)]
-        return [s for part in actors.call_all(calls, "reward score", self.timeout) for s in part]
+        args = list(zip(actors.shards(prompts, parts), actors.shards(texts, parts), actors.shards(refs, parts),
+                        records))
+        return [s for part in self.reward.call("score", args, "reward score") for s in part]
 
     def sync_weights(self) -> None:
         """Trainer rank 0's full weights go to every rollout worker via the object store, tagged with a version."""
         self.version += 1
-        weights = self.trainer.full_state_dict_ref()
-        actors.call_all([w.load_weights.remote(weights, self.version) for w in self.rollout], "weight sync",
-                        self.timeout)
+        self._weights = self.trainer.full_state_dict_ref()
+        try:
+            self.rollout.call("load_weights", [(self._weights, self.version)] * len(self.rollout), "weight sync")
+        finally:
+            self._weights = None  # rank 0 can give them again; holding a full copy in the object store costs memory
+
+    def _restore_rollout(self, worker) -> None:
+        """A restarted rollout worker starts from the initial policy: give it the current weights and version, from
+        the sync in progress or else from trainer rank 0 (which holds exactly them between syncs)."""
+        if self.version == 0:
+            return
+        weights = self._weights if self._weights is not None else self.trainer.full_state_dict_ref()
+        get_all([worker.load_weights.remote(weights, self.version)], ["restarted rollout worker"], "weight restore",
+                self.timeout)
 
     def evaluate(self, rows: list[PromptRow]) -> dict:
         """Greedy answers to the held-out prompts, checked by the reward workers' verifier (only: the figures mean
@@ -214,12 +233,10 @@ class GRPOLoop:
         for start in range(0, len(rows), size):
             samples += self.generate([r.prompt for r in rows[start:start + size]], 1, greedy=True)
         parts, texts, refs = len(self.reward), [s.text for s in samples], [r.answer for r in rows]
-        calls = [worker.verify.remote(t, r) for worker, t, r in
-                 zip(self.reward, actors.shards(texts, parts), actors.shards(refs, parts))]
-        verdicts = [v for part in actors.call_all(calls, "reward verify", self.timeout) for v in part]
+        args = list(zip(actors.shards(texts, parts), actors.shards(refs, parts)))
+        verdicts = [v for part in self.reward.call("verify", args, "reward verify") for v in part]
         return score_eval(rows, samples, verdicts)
 
     def shutdown(self) -> None:
         self.trainer.shutdown()
-        for worker in self.reward:
-            ray.kill(worker)
+        self.reward.shutdown()
