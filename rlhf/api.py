@@ -31,7 +31,7 @@ from reward.worker import RewardFn
 from rlhf import actors, driver
 from rlhf.checkpoint import write_json_atomic
 from rlhf.config import ConfigError, RunConfig
-from rlhf.models import save_student
+from rlhf.models import check_model_dir, save_student
 from rlhf.warmup import run_warmup
 
 if TYPE_CHECKING:
@@ -95,12 +95,20 @@ class Trainer:
         self.cfg, self.log = cfg, log
         self._reward_fn = reward_fn
         self._start = time.perf_counter()
-        self.output_dir: Path = driver.prepare_run_dir(cfg)
-        self._train_rows, self._eval_rows = driver.load_prompts(cfg, train_dataset, eval_dataset)
+        # Every input is checked before the run directory is touched: bad input leaves what is there as it was.
+        driver.refuse_finished_run(cfg)
+        train_rows, eval_rows = driver.load_prompts(cfg, train_dataset, eval_dataset, log)
         log(cfg.describe_batches())
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self._student, self._tokenizer = driver.build_policy(cfg, log)
+        positions = self._student.config.max_position_embeddings
+        self._train_rows = driver.fitting_prompts(cfg, train_rows, self._tokenizer, positions, "training prompts", log,
+                                                  at_least=cfg.rollout.prompts_per_step)
+        self._eval_rows = driver.fitting_prompts(cfg, eval_rows, self._tokenizer, positions, "held-out prompts", log)
+        if cfg.reward_model.path:
+            check_model_dir(cfg.reward_model.path, "reward_model.path", "ForSequenceClassification")
+        self.output_dir: Path = driver.prepare_run_dir(cfg)
         self._order = random.Random(cfg.seed + 3)  # which prompts each RL step takes
         self.reward_model_dir: Path | None = Path(cfg.reward_model.path) if cfg.reward_model.path else None
         self.steps = 0  # RL steps taken

@@ -6,8 +6,9 @@
   distilrl serve-rm RM_DIR                        the RM over HTTP (OpenRLHF's /get_reward shape, and /score)
   distilrl serve CHECKPOINT                       a policy over an OpenAI-compatible /v1/chat/completions
 
-Errors a user can fix (a bad config, a missing model directory, a bad dataset row) end the process with one line
-on stderr and exit status 2, not a traceback.
+Errors a user can fix (a bad config, a missing model directory, a dataset with no usable row, a teacher that
+cannot judge) end the process with one line on stderr and exit status 2, not a traceback; a run that fails on the
+way (a trainer rank died, a call timed out, an unusable reward) with one line and exit status 1.
 """
 from __future__ import annotations
 
@@ -45,16 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    from reward.labelling import TeacherError
+    from reward.worker import RewardError
     from rlhf.config import ConfigError
     from rlhf.data import DatasetError
     from rlhf.driver import RunDirError
     from rlhf.models import ModelLoadError
+    from rlhf.worker_pool import WorkerDiedError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DatasetError, ModelLoadError, RunDirError, FileNotFoundError) as err:
+    except (ConfigError, DatasetError, ModelLoadError, RunDirError, FileNotFoundError, TeacherError) as err:
         print(f"distilrl: error: {err}", file=sys.stderr)
         return 2
+    except (WorkerDiedError, TimeoutError, RewardError) as err:  # the run failed on the way: exit 1, one line
+        print(f"distilrl: error: {err}", file=sys.stderr)
+        return 1
 
 
 def _run(args) -> int:

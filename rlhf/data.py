@@ -3,12 +3,17 @@
 
 All give ``PromptRow``s: the prompt text, the reference answer the verifier checks against, and a difficulty
 bin for per-difficulty figures (the arithmetic level; a field of the file; or none).
+
+A bad row (not JSON, not UTF-8, a missing field, empty text, a wrong type) is skipped and counted, with the first
+few shown in one log line; a source left with no usable row stops the run with a ``DatasetError`` naming the
+first problem (typically a wrong ``task.*_field`` name, which every row then lacks).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from rlhf.config import TaskConfig
 from rlhf.tasks import arithmetic
@@ -40,49 +45,62 @@ def arithmetic_rows(n: int, seed: int) -> list[PromptRow]:
     return [PromptRow(p.prompt, str(p.answer), p.level) for p in arithmetic.make_problems(n, seed)]
 
 
-def load_jsonl_rows(path: str | Path, prompt_field: str, answer_field: str,
-                    difficulty_field: str | None = None) -> list[PromptRow]:
-    """Rows of a JSON-lines file; any bad row stops the load with its line number and what is wrong."""
+def load_jsonl_rows(path: str | Path, prompt_field: str, answer_field: str, difficulty_field: str | None = None,
+                    log: Callable[[str], None] = print) -> list[PromptRow]:
+    """Rows of a JSON-lines file; bad lines are skipped and reported with their line numbers (see the module)."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"dataset file {path} does not exist")
-    raw = path.read_bytes()
-    try:
-        # Split on "\n" only: str.splitlines() also breaks at U+2028, U+0085, \x1c..., which JSON allows raw in strings.
-        lines = raw.decode("utf-8").split("\n")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise DatasetError(f"{path} line {line} is not UTF-8 text (byte {err.start}): re-encode it as UTF-8") from None
-    rows = []
-    for number, line in enumerate(lines, start=1):
+    rows, problems = [], []
+    # Split the bytes on "\n" only: str.splitlines() also breaks at U+2028, U+0085, \x1c..., which JSON allows raw
+    # in strings; and decoding line by line lets one badly encoded line cost only itself.
+    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
         if not line.strip():
             continue
-        where = f"{path} line {number}"
+        where = f"line {number}"
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise DatasetError(f"{where} is a JSON {type(record).__name__}, not an object with fields")
+            rows.append(_row(record, where, prompt_field, answer_field, difficulty_field))
+        except UnicodeDecodeError as err:
+            problems.append(f"{where} is not UTF-8 text (byte {err.start}): re-encode the file as UTF-8")
         except json.JSONDecodeError as err:
-            raise DatasetError(f"{where} is not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise DatasetError(f"{where} is a JSON {type(record).__name__}, not an object with fields")
-        rows.append(_row(record, where, prompt_field, answer_field, difficulty_field))
-    if not rows:
-        raise DatasetError(f"{path} holds no rows")
-    return rows
+            problems.append(f"{where} is not valid JSON ({err.msg})")
+        except DatasetError as err:
+            problems.append(str(err))
+    return usable_rows(rows, problems, str(path), log)
 
 
 def dataset_rows(dataset, prompt_field: str, answer_field: str, difficulty_field: str | None = None,
-                 name: str = "dataset") -> list[PromptRow]:
-    """Rows of a ``datasets.Dataset`` (columns named by the ``task.*_field`` settings); any bad row stops the load
-    with its index and what is wrong, as for JSONL files. ``name`` is how errors refer to the dataset."""
+                 name: str = "dataset", log: Callable[[str], None] = print) -> list[PromptRow]:
+    """Rows of a ``datasets.Dataset`` (columns named by the ``task.*_field`` settings); bad rows are skipped and
+    reported with their index, as for JSONL files. ``name`` is how messages refer to the dataset."""
     import datasets
 
     if not isinstance(dataset, datasets.Dataset):
         hint = ": pass one split, e.g. dataset['train']" if isinstance(dataset, datasets.DatasetDict) else ""
         raise DatasetError(f"{name} must be a datasets.Dataset, not a {type(dataset).__name__}{hint}")
-    rows = [_row(record, f"{name}[{i}]", prompt_field, answer_field, difficulty_field)
-            for i, record in enumerate(dataset)]
+    rows, problems = [], []
+    for i, record in enumerate(dataset):
+        try:
+            rows.append(_row(record, f"{name}[{i}]", prompt_field, answer_field, difficulty_field))
+        except DatasetError as err:
+            problems.append(str(err))
+    return usable_rows(rows, problems, name, log)
+
+
+def usable_rows(rows: list, problems: list[str], name: str, log: Callable[[str], None], shown: int = 3) -> list:
+    """``rows`` when there are any, after one log line counting the skipped ones (``problems``, one line each,
+    the first ``shown`` quoted); a DatasetError naming the first problem when none is left."""
     if not rows:
+        if problems:
+            raise DatasetError(f"{name} has no usable rows ({len(problems)} skipped); the first: {problems[0]}")
         raise DatasetError(f"{name} holds no rows")
+    if problems:
+        more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
+        log(f"warning: skipped {len(problems)} of {len(rows) + len(problems)} rows of {name}: "
+            f"{'; '.join(problems[:shown])}{more}")
     return rows
 
 
@@ -113,18 +131,18 @@ def _final_answer(answer: str) -> str:
     return answer.rsplit("####", 1)[-1].strip().replace(",", "") if "####" in answer else answer.strip()
 
 
-def load_rows(cfg: TaskConfig, seed: int, train_dataset=None, eval_dataset=None
-              ) -> tuple[list[PromptRow], list[PromptRow]]:
+def load_rows(cfg: TaskConfig, seed: int, train_dataset=None, eval_dataset=None,
+              log: Callable[[str], None] = print) -> tuple[list[PromptRow], list[PromptRow]]:
     """(train rows, held-out eval rows): each from the ``datasets.Dataset`` passed in for it, else from the
     configured task; ``task.train_prompts`` and ``task.eval_prompts`` cap both."""
     fields = (cfg.prompt_field, cfg.answer_field, cfg.difficulty_field)
 
     def pool(dataset, name: str, file: str | None, size: int, task_seed: int) -> list[PromptRow]:
         if dataset is not None:
-            return dataset_rows(dataset, *fields, name=name)[:size]
+            return dataset_rows(dataset, *fields, name=name, log=log)[:size]
         if cfg.name == "arithmetic":
             return arithmetic_rows(size, task_seed)
-        return load_jsonl_rows(file, *fields)[:size]
+        return load_jsonl_rows(file, *fields, log=log)[:size]
 
     return (pool(train_dataset, "train_dataset", cfg.train_file, cfg.train_prompts, seed + 1),
             pool(eval_dataset, "eval_dataset", cfg.eval_file, cfg.eval_prompts, seed + 2))

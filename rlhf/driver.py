@@ -22,8 +22,8 @@ from reward import distill
 from rlhf import actors
 from rlhf.algorithms import ADVANTAGE_ESTIMATORS, informative_groups, overlong_penalty
 from rlhf.batch import make_train_batch, response_mask
-from rlhf.config import RunConfig, save_config
-from rlhf.data import DatasetError, PromptRow, load_rows
+from rlhf.config import ConfigError, RunConfig, save_config
+from rlhf.data import DatasetError, PromptRow, load_rows, usable_rows
 from rlhf.evaluate import score_eval
 from rlhf.models import build_student, build_tokenizer, load_student
 from rlhf.trainer import TrainerGroup
@@ -44,14 +44,35 @@ def run(cfg: RunConfig, log=print) -> dict:
     return run_pipeline(cfg, log=log).summary
 
 
-def load_prompts(cfg: RunConfig, train_dataset=None, eval_dataset=None) -> tuple[list[PromptRow], list[PromptRow]]:
+def load_prompts(cfg: RunConfig, train_dataset=None, eval_dataset=None, log=print
+                 ) -> tuple[list[PromptRow], list[PromptRow]]:
     """(training pool, held-out set), from the Datasets passed in or the configured task. Loaded first in a run: a
-    bad dataset row should stop it before minutes of warm-up, not after."""
-    train_pool, eval_set = load_rows(cfg.task, cfg.seed, train_dataset, eval_dataset)
+    bad dataset should stop it before minutes of warm-up, not after (bad rows are skipped, see rlhf.data)."""
+    train_pool, eval_set = load_rows(cfg.task, cfg.seed, train_dataset, eval_dataset, log)
     if len(train_pool) < cfg.rollout.prompts_per_step:
         raise DatasetError(f"only {len(train_pool)} training prompts for rollout.prompts_per_step="
                            f"{cfg.rollout.prompts_per_step}")
     return train_pool, eval_set
+
+
+def fitting_prompts(cfg: RunConfig, rows: list[PromptRow], tokenizer, max_positions: int, name: str,
+                    log=print, at_least: int = 1) -> list[PromptRow]:
+    """The rows whose prompt leaves room for the longest response the run generates within the student's
+    ``max_positions``; the others are skipped and counted like any bad row (rlhf.data.usable_rows). Fewer than
+    ``at_least`` left is a DatasetError."""
+    new_tokens = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens,
+                     cfg.label.max_new_tokens if "label" in cfg.stages else 0)
+    room = max_positions - new_tokens
+    if room <= 0:
+        raise ConfigError(f"responses of up to {new_tokens} tokens (rollout/eval/label max_new_tokens) leave no room "
+                          f"for a prompt in the student's {max_positions} positions")
+    lengths = [len(ids) for ids in tokenizer([r.prompt for r in rows], add_special_tokens=False).input_ids]
+    problems = [f"prompt {i} has {n} tokens, over the {room} that fit before a {new_tokens}-token response in "
+                f"{max_positions} positions ({rows[i].prompt[:40]!r}...)" for i, n in enumerate(lengths) if n > room]
+    kept = usable_rows([r for r, n in zip(rows, lengths) if n <= room], problems, name, log)
+    if len(kept) < at_least:
+        raise DatasetError(f"only {len(kept)} {name} fit for rollout.prompts_per_step={at_least}")
+    return kept
 
 
 def build_policy(cfg: RunConfig, log=print) -> tuple:
@@ -83,10 +104,15 @@ class StageTimer:
             self.add(stage, time.perf_counter() - start)
 
 
-def prepare_run_dir(cfg: RunConfig) -> Path:
+def refuse_finished_run(cfg: RunConfig) -> None:
     out = Path(cfg.output_dir)
     if (out / "summary.json").exists():
         raise RunDirError(f"output_dir {out} holds a finished run: choose another output_dir (or delete it)")
+
+
+def prepare_run_dir(cfg: RunConfig) -> Path:
+    out = Path(cfg.output_dir)
+    refuse_finished_run(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     save_config(cfg, out / "config.yaml")

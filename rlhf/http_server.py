@@ -18,8 +18,10 @@ logger = logging.getLogger(__name__)
 
 class BackgroundHTTPServer(ThreadingHTTPServer):
     daemon_threads = True  # a stuck client must not keep the process alive or block close()
-    # The connection-level bound (the endpoints may bound their own work further, e.g. the reward server's queue).
-    retry_after_s = 1
+    retry_after_s = 1  # what a busy answer (503) tells the client to wait, in seconds
+    # The listen backlog (socketserver's default is 5): a burst of clients connecting at once must queue in the
+    # kernel, not be reset before accept() gets to them.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int = 256):
         # Pick the address family from the host so "::1" works as well as "127.0.0.1".
