@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--host", default="127.0.0.1")
     cmd.add_argument("--port", type=int, default=5000)
     cmd.add_argument("--token-env", help="environment variable holding a bearer token clients must send")
+    cmd.add_argument("--max-queue", type=int, default=64,
+                     help="requests that may wait for scoring; beyond that the answer is 503 busy (default 64)")
     cmd = commands.add_parser("serve", help="serve a policy checkpoint over an OpenAI-compatible API on 127.0.0.1")
     cmd.add_argument("checkpoint")
     cmd.add_argument("--host", default="127.0.0.1")
@@ -101,7 +103,7 @@ def _serve_rm(args) -> int:
     if args.token_env and not token:
         raise FileNotFoundError(f"environment variable {args.token_env} is not set")
     serve_reward(lambda p, r: [s["quality"] for s in score_texts(model, tokenizer, p, r, 64)], args.host, args.port,
-                 token)
+                 token, max_queue=args.max_queue)
     return 0
 
 
