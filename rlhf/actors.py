@@ -10,34 +10,36 @@ import os
 import ray
 
 from reward.worker import RewardWorker
+from rlhf import cluster
 from rlhf.config import RunConfig
 from rlhf.worker_pool import WorkerPool
 from rollout.worker import RolloutWorker
 
 
 def start_ray(cfg: RunConfig) -> None:
-    """A local Ray instance sized for this run's actors (they time-share the cores: phases run one after another)."""
-    if ray.is_initialized():
-        return
+    """Start or join Ray as ``cluster.address`` says. A local instance is sized for this run's actors (they
+    time-share the cores: phases run one after another)."""
     wanted = cfg.trainer.num_ranks * cfg.trainer.threads + cfg.rollout.num_workers
-    # address="local": always a fresh instance; without it ray.init joins any cluster `ray start` left running.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, wanted), include_dashboard=False, log_to_driver=False,
-             logging_level="error", configure_logging=True,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}})
+    cluster.connect(cfg.cluster.address, max(os.cpu_count() or 1, wanted), cfg.cluster.connect_timeout_s,
+                    {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"})
 
 
 def make_rollout_workers(cfg: RunConfig, model_dir: str) -> WorkerPool:
     """Workers start (and restart) from the policy in ``model_dir``, weights version 0; after an update the pool's
     owner sets ``pool.restore`` to install the current weights in a replacement."""
-    actor = ray.remote(num_cpus=1)(RolloutWorker)
+    resources = cluster.role_resources(cfg, "rollout")
+    cluster.check_fits("rollout", cfg.rollout.num_workers, resources)
+    actor = ray.remote(**resources.options())(RolloutWorker)
     return WorkerPool("rollout", lambda i: actor.remote(model_dir, cfg.rollout.threads, cfg.seed + 1000 * (i + 1)),
                       cfg.rollout.num_workers, cfg.call_timeout_s, cfg.max_worker_restarts)
 
 
 def make_reward_workers(cfg: RunConfig, rm_path: str | None, reward_fn=None) -> WorkerPool:
     """``reward_fn``: the Python function behind the ``custom`` component, pickled to each worker by Ray."""
-    # No CPU reservation: scoring runs between generation and training, when the cores are free anyway.
-    actor = ray.remote(num_cpus=0)(RewardWorker)
+    # By default no CPU reservation: scoring runs between generation and training, when the cores are free anyway.
+    resources = cluster.role_resources(cfg, "reward")
+    cluster.check_fits("reward", cfg.reward.num_workers, resources)
+    actor = ray.remote(**resources.options())(RewardWorker)
     # Scoring has the cores to itself (rollout and trainers wait for it), so it may use the rollout's threads.
     r = cfg.reward
     args = (r.components, r.correct, r.unparseable, rm_path, cfg.rollout.threads, cfg.rollout_rows, r.rm_url,

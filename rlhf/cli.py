@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     from reward.labelling import TeacherError
     from reward.worker import RewardError
+    from rlhf.cluster import ClusterError
     from rlhf.config import ConfigError
     from rlhf.data import DatasetError
     from rlhf.driver import RunDirError
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DatasetError, ModelLoadError, RunDirError, FileNotFoundError, TeacherError) as err:
+    except (ConfigError, DatasetError, ModelLoadError, RunDirError, ClusterError, FileNotFoundError,
+            TeacherError) as err:
         print(f"distilrl: error: {err}", file=sys.stderr)
         return 2
     except (WorkerDiedError, TimeoutError, RewardError) as err:  # the run failed on the way: exit 1, one line
