@@ -41,6 +41,10 @@ class LabelReport:
                                                       if self.resumed_prompts else ""))
 
 
+class TeacherError(RuntimeError):
+    """The teacher cannot judge at all (every row of a first batch failed); the message says how."""
+
+
 def label(rows: list[PromptRow], sample: SampleFn, teacher, out_dir: str | Path, samples_per_prompt: int,
           solve: SolveFn | None = None, chunk_prompts: int = 64, log: Callable[[str], None] = print) -> LabelReport:
     """Judge ``samples_per_prompt`` student samples per prompt (plus the teacher's own solutions when ``solve``
@@ -64,6 +68,15 @@ def label(rows: list[PromptRow], sample: SampleFn, teacher, out_dir: str | Path,
             items += [(row, text, "student") for text in row_responses] + [(row, text, "teacher") for text in extra]
         verdicts = teacher.judge([r.prompt for r, _, _ in items], [t for _, t, _ in items],
                                  [r.answer for r, _, _ in items])
+        if start == 0 and items and all(v.error for v in verdicts):
+            # A teacher that fails every row (endpoint down, wrong model name, replies it cannot parse) would
+            # otherwise mark every prompt done with nothing judged; stop before writing anything.
+            errors: dict[str, int] = {}
+            for v in verdicts:
+                errors[v.error] = errors.get(v.error, 0) + 1
+            worst, count = max(errors.items(), key=lambda kv: kv[1])
+            raise TeacherError(f"the teacher judged none of the first {len(items)} responses ({count} x {worst}): "
+                               f"check the label.* settings and the judge")
         lines = []
         for (row, text, source), verdict in zip(items, verdicts, strict=True):
             if verdict.error:

@@ -87,11 +87,13 @@ class RemoteRewardClient:
             headers["Authorization"] = f"Bearer {self._token}"
         attempts, problem = self.retries + 1, ""
         for attempt in range(attempts):
+            retry_after = 0.0
             request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
             try:
                 with self._opener.open(request, timeout=self.timeout_s) as response:
                     raw = response.read()
             except urllib.error.HTTPError as err:
+                retry_after = _seconds(err.headers.get("Retry-After"))  # a busy server (503) says when to come back
                 problem = f"HTTP {err.code}: {_error_message(err)}"
                 if err.code < 500:
                     raise RuntimeError(f"reward server {self.url} refused the request: {problem}") from None
@@ -104,11 +106,18 @@ class RemoteRewardClient:
                 except (UnicodeDecodeError, json.JSONDecodeError):
                     raise RuntimeError(f"reward server {self.url} answered 200 with malformed JSON") from None
             if attempt + 1 < attempts:
-                delay = self.backoff_s * 2 ** attempt
+                delay = max(self.backoff_s * 2 ** attempt, retry_after)
                 logger.warning("reward server %s: %s; retry %d/%d in %.2fs", self.url, problem, attempt + 1,
                                self.retries, delay)
                 time.sleep(delay)
         raise RuntimeError(f"reward server {self.url} failed after {attempts} attempts: {problem}")
+
+
+def _seconds(value: str | None, most: float = 60.0) -> float:
+    try:
+        return min(most, max(0.0, float(value))) if value else 0.0
+    except ValueError:
+        return 0.0  # an HTTP date: our own back-off applies
 
 
 def _oneline(text: str, limit: int = 200) -> str:

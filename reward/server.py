@@ -14,6 +14,13 @@ Endpoints (all JSON; errors are ``{"error": "<one line>"}``):
 
 Both scoring endpoints answer ``{"rewards": [float, ...]}``, one per sample, in order.
 
+Under load: at most ``max_concurrency`` scoring calls run at once (1 by default: one model, one lock) and at most
+``max_queue`` more requests wait for a turn, each for at most ``queue_timeout_s``. A request beyond that, or one
+that waited too long, is answered at once with ``503 {"error": "busy: ..."}`` and ``Retry-After``, which
+``RemoteRewardClient`` retries; so a burst costs latency or a clear refusal, never unbounded memory or threads.
+Connections are capped too (``max_connections``, rlhf/http_server.py). A client that disconnects mid-request
+(while sending its body, or while its batch is scored) only loses its own answer.
+
 Usage::
 
     server = make_reward_server(score_fn, port=0)   # port 0: the OS picks a free port
@@ -26,6 +33,7 @@ or, blocking (the ``distilrl serve-rm`` command): ``serve_reward(score_fn, "127.
 """
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -62,6 +70,11 @@ class _RequestError(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
+def _busy(why: str) -> "_RequestError":
+    return _RequestError(HTTPStatus.SERVICE_UNAVAILABLE, f"busy: {why}; retry later",
+                         {"Retry-After": str(RewardServer.retry_after_s)})
+
+
 def _one_line(text: str, limit: int = 300) -> str:
     """Error messages go into JSON and log lines: keep them to one bounded line."""
     line = " ".join(str(text).split())
@@ -72,14 +85,38 @@ class RewardServer(BackgroundHTTPServer):
     """A threading HTTP server holding the scoring function, the limits and the lock that serialises scoring."""
 
     def __init__(self, address: tuple[str, int], score_fn: ScoreFn, token: str | None,
-                 max_request_bytes: int, max_batch: int):
-        super().__init__(address, _RewardHandler)
+                 max_request_bytes: int, max_batch: int, max_concurrency: int = 1, max_queue: int = 64,
+                 queue_timeout_s: float = 30.0, max_connections: int = 256):
+        super().__init__(address, _RewardHandler, max_connections)
         self.score_fn = score_fn
         # Compare bytes so hmac.compare_digest accepts any token, not only ASCII ones.
         self.token_bytes = token.encode("utf-8") if token else None
         self.max_request_bytes = max_request_bytes
         self.max_batch = max_batch
-        self.score_lock = threading.Lock()  # one model: never run score_fn from two threads at once
+        self.max_concurrency, self.max_queue, self.queue_timeout_s = max_concurrency, max_queue, queue_timeout_s
+        # One model by default: score_fn never runs in more threads at once than it was declared safe for.
+        self._score_slots = threading.BoundedSemaphore(max_concurrency)
+        self._admitted = 0  # requests scoring or waiting to
+        self._admitted_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def scoring_turn(self):
+        """Hold one of the ``max_concurrency`` scoring slots, queueing behind at most ``max_queue`` requests;
+        raises the 503 "busy" answer when the queue is full or the wait exceeds ``queue_timeout_s``."""
+        with self._admitted_lock:
+            if self._admitted >= self.max_concurrency + self.max_queue:
+                raise _busy(f"{self.max_queue} requests are already queued for scoring")
+            self._admitted += 1
+        try:
+            if not self._score_slots.acquire(timeout=self.queue_timeout_s):
+                raise _busy(f"no scoring slot within {self.queue_timeout_s:g} s")
+            try:
+                yield
+            finally:
+                self._score_slots.release()
+        finally:
+            with self._admitted_lock:
+                self._admitted -= 1
 
 
 class _RewardHandler(BaseHTTPRequestHandler):
@@ -120,8 +157,8 @@ class _RewardHandler(BaseHTTPRequestHandler):
             self._send_json(status, payload, headers)
             if not self._body_read:
                 self._discard_unread_body()
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # the client went away; nothing more to do
+        except OSError:
+            self.close_connection = True  # the client went away (reset, broken pipe, timeout): nothing more to do
         finally:
             # One line per request; headers (and so the token) are never logged.
             logger.info("%s %s %s -> %d (n=%d, %.1f ms)", self.client_address[0], self.command,
@@ -169,7 +206,11 @@ class _RewardHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise _RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                 f"body of {length} bytes is over the limit of {self.server.max_request_bytes}")
-        raw = self.rfile.read(length)
+        try:
+            raw = self.rfile.read(length)
+        except OSError as err:  # the client reset the connection or stalled past the socket timeout
+            self._body_read = self.close_connection = True
+            raise _RequestError(HTTPStatus.BAD_REQUEST, f"body not received: {type(err).__name__}") from None
         self._body_read = True
         if len(raw) != length:
             self.close_connection = True
@@ -213,9 +254,11 @@ class _RewardHandler(BaseHTTPRequestHandler):
         if n == 0:
             return {"rewards": []}
         try:
-            with self.server.score_lock:
+            with self.server.scoring_turn():
                 raw = self.server.score_fn(prompts, responses)
             rewards = [float(r) for r in raw]
+        except _RequestError:
+            raise
         except Exception as err:  # a model error must cost one request, not the server
             logger.exception("score_fn failed on a batch of %d", n)
             raise _RequestError(HTTPStatus.INTERNAL_SERVER_ERROR,
@@ -307,21 +350,29 @@ def _same_length(a: tuple[str, list[str]], b: tuple[str, list[str]]) -> None:
 
 
 def make_reward_server(score_fn: ScoreFn, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                       max_request_bytes: int = 1_000_000, max_batch: int = 1024) -> RewardServer:
+                       max_request_bytes: int = 1_000_000, max_batch: int = 1024, max_concurrency: int = 1,
+                       max_queue: int = 64, queue_timeout_s: float = 30.0, max_connections: int = 256
+                       ) -> RewardServer:
     """Bind a reward server (not yet serving): call ``.start()`` for a background thread or ``.serve_forever()``.
 
     ``port=0`` lets the OS pick a free port (see ``.url``). ``token``, when given, is required on the scoring
-    endpoints as ``Authorization: Bearer <token>``.
+    endpoints as ``Authorization: Bearer <token>``. ``max_concurrency``: scoring calls at once (raise it only for
+    a thread-safe ``score_fn``); ``max_queue``, ``queue_timeout_s``: how many requests may wait, and how long,
+    before the answer is 503 busy; ``max_connections``: open connections (one thread each).
     """
-    if max_request_bytes <= 0 or max_batch <= 0:
-        raise ValueError("max_request_bytes and max_batch must be positive")
-    return RewardServer((host, port), score_fn, token or None, max_request_bytes, max_batch)
+    if min(max_request_bytes, max_batch, max_concurrency, max_connections) <= 0 or max_queue < 0 \
+            or queue_timeout_s <= 0:
+        raise ValueError("max_request_bytes, max_batch, max_concurrency, max_connections and queue_timeout_s must "
+                         "be positive and max_queue non-negative")
+    return RewardServer((host, port), score_fn, token or None, max_request_bytes, max_batch, max_concurrency,
+                        max_queue, queue_timeout_s, max_connections)
 
 
 def serve_reward(score_fn: ScoreFn, host: str = "127.0.0.1", port: int = 5000, token: str | None = None,
-                 max_request_bytes: int = 1_000_000, max_batch: int = 1024) -> None:
-    """Serve until interrupted (Ctrl-C or SIGTERM turned into KeyboardInterrupt), then release the port."""
-    server = make_reward_server(score_fn, host, port, token, max_request_bytes, max_batch)
+                 max_request_bytes: int = 1_000_000, max_batch: int = 1024, **limits) -> None:
+    """Serve until interrupted (Ctrl-C or SIGTERM turned into KeyboardInterrupt), then release the port.
+    ``limits``: ``make_reward_server``'s max_concurrency, max_queue, queue_timeout_s, max_connections."""
+    server = make_reward_server(score_fn, host, port, token, max_request_bytes, max_batch, **limits)
     if not token and host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("reward server on %s has no token: anyone who can reach it can use it", host)
     logger.info("reward server listening on %s (token %s)", server.url, "required" if token else "off")

@@ -1,7 +1,7 @@
 """Starting Ray and the rollout and reward actor groups (the trainer group lives in rlhf/trainer.py).
 
-Every remote call goes through ``call_all`` with the run's timeout, so a dead or stuck actor stops the run with
-a message naming the call instead of hanging it.
+The rollout and reward workers are ``WorkerPool``s: every call has the run's timeout, and a worker whose process
+dies is restarted and its part of the call re-issued (rlhf/worker_pool.py).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from reward.worker import RewardWorker
 from rlhf import cluster
 from rlhf.config import RunConfig
 from rlhf.tasks.arithmetic import MAX_LEVEL, MIN_LEVEL
+from rlhf.worker_pool import WorkerPool
 from rollout.worker import RolloutWorker
 
 
@@ -26,25 +27,17 @@ def start_ray(cfg: RunConfig) -> None:
                     {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"})
 
 
-def call_all(refs: list, what: str, timeout_s: float) -> list:
-    try:
-        return ray.get(refs, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise TimeoutError(f"{what} did not finish within {timeout_s:.0f} s (raise call_timeout_s if the work is "
-                           f"just slow)") from None
-
-
-def make_rollout_workers(cfg: RunConfig, model_dir: str) -> list:
+def make_rollout_workers(cfg: RunConfig, model_dir: str) -> WorkerPool:
+    """Workers start (and restart) from the policy in ``model_dir``, weights version 0; after an update the pool's
+    owner sets ``pool.restore`` to install the current weights in a replacement."""
     resources = cluster.role_resources(cfg, "rollout")
     cluster.check_fits("rollout", cfg.rollout.num_workers, resources)
     actor = ray.remote(**resources.options())(RolloutWorker)
-    workers = [actor.remote(model_dir, cfg.rollout.threads, cfg.seed + 1000 * (i + 1))
-               for i in range(cfg.rollout.num_workers)]
-    call_all([w.__ray_ready__.remote() for w in workers], "rollout worker start-up", cfg.call_timeout_s)
-    return workers
+    return WorkerPool("rollout", lambda i: actor.remote(model_dir, cfg.rollout.threads, cfg.seed + 1000 * (i + 1)),
+                      cfg.rollout.num_workers, cfg.call_timeout_s, cfg.max_worker_restarts)
 
 
-def make_reward_workers(cfg: RunConfig, rm_path: str | None, reward_fn=None) -> list:
+def make_reward_workers(cfg: RunConfig, rm_path: str | None, reward_fn=None) -> WorkerPool:
     """``reward_fn``: the Python function behind the ``custom`` component, pickled to each worker by Ray."""
     # By default no CPU reservation: scoring runs between generation and training, when the cores are free anyway.
     resources = cluster.role_resources(cfg, "reward")
@@ -53,12 +46,11 @@ def make_reward_workers(cfg: RunConfig, rm_path: str | None, reward_fn=None) -> 
     # Scoring has the cores to itself (rollout and trainers wait for it), so it may use the rollout's threads.
     r = cfg.reward
     adaptive = {**r.adaptive.model_dump(), "difficulty_range": r.adaptive.difficulty_range or (MIN_LEVEL, MAX_LEVEL)}
-    workers = [actor.remote(r.components, r.correct, r.unparseable, rm_path, cfg.rollout.threads, cfg.rollout_rows,
-                            r.rm_url, r.rm_token_env, cfg.reward_model.use_reference, reward_fn,
-                            cfg.task.verifier, cfg.task.answer_regex, r.seqcls_path, adaptive, cfg.label.model_dump())
-               for _ in range(r.num_workers)]
-    call_all([w.__ray_ready__.remote() for w in workers], "reward worker start-up", cfg.call_timeout_s)
-    return workers
+    args = (r.components, r.correct, r.unparseable, rm_path, cfg.rollout.threads, cfg.rollout_rows, r.rm_url,
+            r.rm_token_env, cfg.reward_model.use_reference, reward_fn, cfg.task.verifier, cfg.task.answer_regex,
+            r.seqcls_path, adaptive, cfg.label.model_dump())
+    return WorkerPool("reward", lambda i: actor.remote(*args), r.num_workers, cfg.call_timeout_s,
+                      cfg.max_worker_restarts)
 
 
 def shards(items: list, parts: int) -> list[list]:
@@ -72,15 +64,19 @@ def shards(items: list, parts: int) -> list[list]:
     return out
 
 
-def generate(workers: list, prompts: list[str], n: int, max_new_tokens: int, temperature: float, greedy: bool,
+def generate(workers: WorkerPool, prompts: list[str], n: int, max_new_tokens: int, temperature: float, greedy: bool,
              version: int, timeout_s: float) -> list:
     """``n`` samples per prompt from the rollout workers (prompts split evenly), in prompt order."""
-    calls = launch_generate(workers, prompts, n, max_new_tokens, temperature, greedy, version)
-    return [sample for part in call_all(calls, "rollout generate", timeout_s) for sample in part]
+    args = [(part, n, max_new_tokens, temperature, greedy, version) if part else None
+            for part in shards(prompts, len(workers))]
+    return [sample for part in workers.call("generate", args, "rollout generate", timeout_s) if part
+            for sample in part]
 
 
-def launch_generate(workers: list, prompts: list[str], n: int, max_new_tokens: int, temperature: float, greedy: bool,
-                    version: int) -> list:
-    """Submit ``generate``'s calls without waiting: one Ray object ref per worker with prompts, in prompt order."""
+def launch_generate(workers: WorkerPool, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
+                    greedy: bool, version: int) -> list:
+    """Submit ``generate``'s calls without waiting (asynchronous rollout): one Ray object ref per worker with
+    prompts, in prompt order. Collected with ``worker_pool.get_all``: a worker that dies meanwhile stops the run
+    with a clear error instead of being restarted (its calls were issued outside the pool's retry loop)."""
     return [worker.generate.remote(part, n, max_new_tokens, temperature, greedy, version)
-            for worker, part in zip(workers, shards(prompts, len(workers))) if part]
+            for worker, part in zip(workers.workers, shards(prompts, len(workers))) if part]

@@ -33,7 +33,7 @@ from rlhf import actors, curriculum, driver
 from rlhf.checkpoint import write_json_atomic
 from rlhf.config import ConfigError, RunConfig
 from rlhf.metrics import RunMetrics, check_wandb, eval_scalars
-from rlhf.models import save_student
+from rlhf.models import check_model_dir, save_student
 from rlhf.pipeline import RolloutPipeline
 from rlhf.ppo import PPOLoop
 from rlhf.progress import Progress
@@ -104,23 +104,31 @@ class Trainer:
         self.cfg, self.log = cfg, log
         self._reward_fn = reward_fn
         self._start = time.perf_counter()
-        self.output_dir: Path = driver.prepare_run_dir(cfg)
-        self.metrics = RunMetrics(self.output_dir, cfg)  # metrics.jsonl, TensorBoard, W&B
-        self._rl_progress: Progress | None = None  # the RL stage's progress bar, while train() runs
-        self._last_metrics: dict = {}
+        # Every input is checked before the run directory is touched: bad input leaves what is there as it was.
+        driver.refuse_finished_run(cfg)
         tokenizer = driver.load_tokenizer(cfg)
         self._summary: dict = {"data": {}}  # prompt counts (and those dropped as too long), then each stage's figures
-        self._train_rows, self._eval_rows = driver.load_prompts(cfg, train_dataset, eval_dataset, tokenizer, log,
-                                                                self._summary["data"])
+        train_rows, eval_rows = driver.load_prompts(cfg, train_dataset, eval_dataset, tokenizer, log,
+                                                    self._summary["data"])
         log(cfg.describe_batches())
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self._student, self._tokenizer = driver.build_policy(cfg, log, tokenizer)
+        positions = self._student.config.max_position_embeddings
+        self._train_rows = driver.fitting_prompts(cfg, train_rows, self._tokenizer, positions, "training prompts", log,
+                                                  at_least=cfg.rollout.prompts_per_step)
+        self._eval_rows = driver.fitting_prompts(cfg, eval_rows, self._tokenizer, positions, "held-out prompts", log)
+        if cfg.reward_model.path:
+            check_model_dir(cfg.reward_model.path, "reward_model.path", "ForSequenceClassification")
+        self.output_dir: Path = driver.prepare_run_dir(cfg)
+        self.metrics = RunMetrics(self.output_dir, cfg)  # metrics.jsonl, TensorBoard, W&B
+        self._rl_progress: Progress | None = None  # the RL stage's progress bar, while train() runs
+        self._last_metrics: dict = {}
         self._order = random.Random(cfg.seed + 3)  # which prompts each RL step takes
         self.reward_model_dir: Path | None = Path(cfg.reward_model.path) if cfg.reward_model.path else None
         self.steps = 0  # RL steps taken
         self._timer = driver.StageTimer()
-        self._rollout: list = []
+        self._rollout: actors.WorkerPool | None = None
         self._loop: driver.GRPOLoop | None = None
         self._rollouts: RolloutPipeline | None = None  # generations launched ahead (asynchronous rollout)
         self._plan_end = cfg.algorithm.steps  # launch nothing ahead for steps beyond this one (see rlhf.pipeline)
@@ -307,10 +315,10 @@ class Trainer:
         try:
             if self._loop is not None:
                 self._loop.shutdown()
-            for worker in self._rollout:
-                ray.kill(worker)
+            if self._rollout:
+                self._rollout.shutdown()
         finally:
-            self._loop, self._rollout, self._rollouts = None, [], None
+            self._loop, self._rollout, self._rollouts = None, None, None
             if self._owns_ray:
                 ray.shutdown()
                 self._owns_ray = False

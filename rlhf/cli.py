@@ -9,8 +9,9 @@
   distilrl serve CHECKPOINT                       a policy over an OpenAI-compatible /v1/chat/completions
   distilrl report RUN_DIR                         (re)write a run's report.md and plots
 
-Exit status 0 on success. Errors a user can fix (a bad config, a missing model directory, a bad dataset row) end
-the process with one line on stderr and exit status 2, not a traceback.
+Exit status 0 on success. Errors a user can fix (a bad config, a missing model directory, a dataset with no usable row, a teacher that
+cannot judge) end the process with one line on stderr and exit status 2, not a traceback; a run that fails on the
+way (a trainer rank died, a call timed out, an unusable reward) with one line and exit status 1.
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     cmd.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     cmd.add_argument("--token-env", help="environment variable holding a bearer token clients must send")
+    cmd.add_argument("--max-queue", type=int, default=64,
+                     help="requests that may wait for scoring; beyond that the answer is 503 busy (default 64)")
     cmd = commands.add_parser("serve", help="serve a policy checkpoint over an OpenAI-compatible API on 127.0.0.1")
     cmd.add_argument("checkpoint", help="a policy directory in Hugging Face format (a run's policy/)")
     cmd.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -70,18 +73,24 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_libraries()
+    from reward.labelling import TeacherError
+    from reward.worker import RewardError
     from rlhf.cluster import ClusterError
     from rlhf.config import ConfigError
     from rlhf.data import DatasetError
     from rlhf.driver import RunDirError
     from rlhf.models import ModelLoadError
+    from rlhf.worker_pool import WorkerDiedError
 
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DatasetError, ModelLoadError, RunDirError, ClusterError, FileNotFoundError,
-            NotADirectoryError) as err:
+            NotADirectoryError, TeacherError) as err:
         print(f"distilrl: error: {err}", file=sys.stderr)
         return 2
+    except (WorkerDiedError, TimeoutError, RewardError) as err:  # the run failed on the way: exit 1, one line
+        print(f"distilrl: error: {err}", file=sys.stderr)
+        return 1
 
 
 def _run(args) -> int:
@@ -180,7 +189,7 @@ def _serve_rm(args) -> int:
     if args.token_env and not token:
         raise FileNotFoundError(f"environment variable {args.token_env} is not set")
     serve_reward(lambda p, r: [s["quality"] for s in score_texts(model, tokenizer, p, r, 64)], args.host, args.port,
-                 token)
+                 token, max_queue=args.max_queue)
     return 0
 
 

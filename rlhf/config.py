@@ -464,6 +464,9 @@ class RunConfig(_Section):
     stages: list[Literal["warmup", "label", "train_rm", "rl", "eval"]] = ["warmup", "rl", "eval"]
     # Seconds any single remote call (generate, score, train, weight sync) may take before the run stops.
     call_timeout_s: float = Field(600.0, gt=0)
+    # Times a rollout or reward worker whose process died is restarted (its unfinished work re-issued) within one
+    # call before the run stops; 0 stops at the first death. Trainer ranks are never restarted in place.
+    max_worker_restarts: int = Field(3, ge=0)
     save_every: int = Field(0, ge=0)  # checkpoint the policy every N RL steps (0: only at the end)
     # Also log metrics to Weights & Biases (needs the wandb package; offline unless WANDB_MODE says otherwise).
     # TensorBoard event files are written in output_dir/tensorboard either way.

@@ -5,6 +5,10 @@ All give ``PromptRow``s: the prompt text, the reference answer the verifier chec
 bin for per-difficulty figures (the arithmetic level; a field of the file; or none). ``load_rows`` also splits
 train from held-out prompts (by split name or by fraction), shuffles by seed, renders dataset prompts with the chat
 template (rlhf/chat.py) and drops, with a count, those longer than ``task.max_prompt_tokens``.
+
+A bad row (not JSON, not UTF-8, a missing field, empty text, a wrong type) is skipped and counted, with the first
+few shown in one log line; a source left with no usable row stops the run with a ``DatasetError`` naming the
+first problem (typically a wrong ``task.*_field`` name, which every row then lacks).
 """
 from __future__ import annotations
 
@@ -46,49 +50,64 @@ def arithmetic_rows(n: int, seed: int) -> list[PromptRow]:
     return [PromptRow(p.prompt, str(p.answer), p.level) for p in arithmetic.make_problems(n, seed)]
 
 
-def load_jsonl_rows(path: str | Path, prompt_field: str, answer_field: str,
-                    difficulty_field: str | None = None, system_field: str | None = None) -> list[PromptRow]:
-    """Rows of a JSON-lines file; any bad row stops the load with its line number and what is wrong."""
+def load_jsonl_rows(path: str | Path, prompt_field: str, answer_field: str, difficulty_field: str | None = None,
+                    system_field: str | None = None, log: Callable[[str], None] | None = print) -> list[PromptRow]:
+    """Rows of a JSON-lines file; bad lines are skipped and reported with their line numbers (see the module)."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"dataset file {path} does not exist")
-    raw = path.read_bytes()
-    try:
-        # Split on "\n" only: str.splitlines() also breaks at U+2028, U+0085, \x1c..., which JSON allows raw in strings.
-        lines = raw.decode("utf-8").split("\n")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise DatasetError(f"{path} line {line} is not UTF-8 text (byte {err.start}): re-encode it as UTF-8") from None
-    rows = []
-    for number, line in enumerate(lines, start=1):
+    rows, problems = [], []
+    # Split the bytes on "\n" only: str.splitlines() also breaks at U+2028, U+0085, \x1c..., which JSON allows raw
+    # in strings; and decoding line by line lets one badly encoded line cost only itself.
+    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
         if not line.strip():
             continue
-        where = f"{path} line {number}"
+        where = f"line {number}"
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise DatasetError(f"{where} is a JSON {type(record).__name__}, not an object with fields")
+            rows.append(_row(record, where, prompt_field, answer_field, difficulty_field, system_field))
+        except UnicodeDecodeError as err:
+            problems.append(f"{where} is not UTF-8 text (byte {err.start}): re-encode the file as UTF-8")
         except json.JSONDecodeError as err:
-            raise DatasetError(f"{where} is not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise DatasetError(f"{where} is a JSON {type(record).__name__}, not an object with fields")
-        rows.append(_row(record, where, prompt_field, answer_field, difficulty_field, system_field))
-    if not rows:
-        raise DatasetError(f"{path} holds no rows")
-    return rows
+            problems.append(f"{where} is not valid JSON ({err.msg})")
+        except DatasetError as err:
+            problems.append(str(err))
+    return usable_rows(rows, problems, str(path), log)
 
 
 def dataset_rows(dataset, prompt_field: str, answer_field: str, difficulty_field: str | None = None,
-                 name: str = "dataset", system_field: str | None = None) -> list[PromptRow]:
-    """Rows of a ``datasets.Dataset`` (columns named by the ``task.*_field`` settings); any bad row stops the load
-    with its index and what is wrong, as for JSONL files. ``name`` is how errors refer to the dataset."""
+                 name: str = "dataset", system_field: str | None = None,
+                 log: Callable[[str], None] | None = print) -> list[PromptRow]:
+    """Rows of a ``datasets.Dataset`` (columns named by the ``task.*_field`` settings); bad rows are skipped and
+    reported with their index, as for JSONL files. ``name`` is how messages refer to the dataset."""
     import datasets
 
     if not isinstance(dataset, datasets.Dataset):
         hint = ": pass one split, e.g. dataset['train']" if isinstance(dataset, datasets.DatasetDict) else ""
         raise DatasetError(f"{name} must be a datasets.Dataset, not a {type(dataset).__name__}{hint}")
-    rows = [_row(record, f"{name}[{i}]", prompt_field, answer_field, difficulty_field, system_field)
-            for i, record in enumerate(dataset)]
+    rows, problems = [], []
+    for i, record in enumerate(dataset):
+        try:
+            rows.append(_row(record, f"{name}[{i}]", prompt_field, answer_field, difficulty_field, system_field))
+        except DatasetError as err:
+            problems.append(str(err))
+    return usable_rows(rows, problems, name, log)
+
+
+def usable_rows(rows: list, problems: list[str], name: str, log: Callable[[str], None] | None,
+                shown: int = 3) -> list:
+    """``rows`` when there are any, after one log line counting the skipped ones (``problems``, one line each,
+    the first ``shown`` quoted); a DatasetError naming the first problem when none is left."""
     if not rows:
+        if problems:
+            raise DatasetError(f"{name} has no usable rows ({len(problems)} skipped); the first: {problems[0]}")
         raise DatasetError(f"{name} holds no rows")
+    if problems and log is not None:
+        more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
+        log(f"warning: skipped {len(problems)} of {len(rows) + len(problems)} rows of {name}: "
+            f"{'; '.join(problems[:shown])}{more}")
     return rows
 
 
@@ -131,14 +150,15 @@ def _final_answer(answer: str) -> str:
 _BUILDERS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_file_rows(path: str | Path, split: str | None, cfg: TaskConfig) -> list[PromptRow]:
+def load_file_rows(path: str | Path, split: str | None, cfg: TaskConfig,
+                   log: Callable[[str], None] | None = print) -> list[PromptRow]:
     """The rows of a prompt file (``.jsonl``, ``.json``, ``.parquet``, ``.csv``) or of a ``save_to_disk``
     directory (a Dataset, or one ``split`` of a DatasetDict), fields named by ``cfg``."""
     path = Path(path)
     fields = dict(prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
                   difficulty_field=cfg.difficulty_field, system_field=cfg.system_field)
     if path.suffix == ".jsonl" and not path.is_dir():
-        return load_jsonl_rows(path, **fields)
+        return load_jsonl_rows(path, **fields, log=log)
     import datasets
 
     if path.is_dir():
@@ -163,7 +183,7 @@ def load_file_rows(path: str | Path, split: str | None, cfg: TaskConfig) -> list
         except Exception as err:  # noqa: BLE001 - the library's reasons vary by format; one line names the file
             raise DatasetError(f"cannot read {path} as {_BUILDERS[path.suffix]} "
                                f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
-    return dataset_rows(dataset, **fields, name=str(path))
+    return dataset_rows(dataset, **fields, name=str(path), log=log)
 
 
 def load_rows(cfg: TaskConfig, seed: int, train_dataset=None, eval_dataset=None, tokenizer=None,
@@ -180,7 +200,7 @@ def load_rows(cfg: TaskConfig, seed: int, train_dataset=None, eval_dataset=None,
     stats = {} if stats is None else stats
 
     def given(dataset, name: str) -> list[PromptRow]:
-        return dataset_rows(dataset, *fields, name=name, system_field=cfg.system_field)
+        return dataset_rows(dataset, *fields, name=name, system_field=cfg.system_field, log=log)
 
     # Each pool: (rows, from a dataset?). Arithmetic prompts stay as they are: the warm-up trains on them plain.
     if train_dataset is not None:
@@ -188,13 +208,13 @@ def load_rows(cfg: TaskConfig, seed: int, train_dataset=None, eval_dataset=None,
     elif cfg.name == "arithmetic":
         train = (arithmetic_rows(cfg.train_prompts, seed + 1), False)
     else:
-        train = (load_file_rows(cfg.train_file, cfg.train_split, cfg), True)
+        train = (load_file_rows(cfg.train_file, cfg.train_split, cfg, log), True)
     if eval_dataset is not None:
         held_out = (given(eval_dataset, "eval_dataset"), True)
     elif cfg.name == "arithmetic":
         held_out = (arithmetic_rows(cfg.eval_prompts, seed + 2), False)
     elif cfg.eval_file or cfg.eval_split:
-        held_out = (load_file_rows(cfg.eval_file or cfg.train_file, cfg.eval_split or "train", cfg), True)
+        held_out = (load_file_rows(cfg.eval_file or cfg.train_file, cfg.eval_split or "train", cfg, log), True)
     else:
         rows, held = split_by_fraction(train[0], cfg.eval_fraction, seed)
         train, held_out = (rows, True), (held, True)

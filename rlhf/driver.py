@@ -16,21 +16,21 @@ import contextlib
 import time
 from pathlib import Path
 
-import ray
 import torch
 
 from reward import distill
 from rlhf import actors, cluster, think
 from rlhf.algorithms import ADVANTAGE_ESTIMATORS, informative_groups, overlong_penalty
 from rlhf.batch import make_train_batch, response_mask
-from rlhf.config import RunConfig, save_config
-from rlhf.data import DatasetError, PromptRow, load_rows
 from rlhf.chat import template_override
+from rlhf.config import ConfigError, RunConfig, save_config
+from rlhf.data import DatasetError, PromptRow, load_rows, usable_rows
 from rlhf.evaluate import difficulty_metrics, evaluate_policy
 from rlhf.models import build_student, build_tokenizer, check_model_dir, load_student
 from rlhf.models import load_tokenizer as load_model_tokenizer
 from rlhf.pipeline import LaunchedRollout
 from rlhf.trainer import TrainerGroup
+from rlhf.worker_pool import get_all
 
 
 class RunDirError(ValueError):
@@ -70,6 +70,26 @@ def load_tokenizer(cfg: RunConfig):
     return tokenizer
 
 
+def fitting_prompts(cfg: RunConfig, rows: list[PromptRow], tokenizer, max_positions: int, name: str,
+                    log=print, at_least: int = 1) -> list[PromptRow]:
+    """The rows whose prompt leaves room for the longest response the run generates within the student's
+    ``max_positions``; the others are skipped and counted like any bad row (rlhf.data.usable_rows). Fewer than
+    ``at_least`` left is a DatasetError."""
+    new_tokens = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens,
+                     cfg.label.max_new_tokens if "label" in cfg.stages else 0)
+    room = max_positions - new_tokens
+    if room <= 0:
+        raise ConfigError(f"responses of up to {new_tokens} tokens (rollout/eval/label max_new_tokens) leave no room "
+                          f"for a prompt in the student's {max_positions} positions")
+    lengths = [len(ids) for ids in tokenizer([r.prompt for r in rows], add_special_tokens=False).input_ids]
+    problems = [f"prompt {i} has {n} tokens, over the {room} that fit before a {new_tokens}-token response in "
+                f"{max_positions} positions ({rows[i].prompt[:40]!r}...)" for i, n in enumerate(lengths) if n > room]
+    kept = usable_rows([r for r, n in zip(rows, lengths) if n <= room], problems, name, log)
+    if len(kept) < at_least:
+        raise DatasetError(f"only {len(kept)} {name} fit for rollout.prompts_per_step={at_least}")
+    return kept
+
+
 def build_policy(cfg: RunConfig, log=print, tokenizer=None) -> tuple:
     """The student and its tokenizer (``tokenizer``, else the directory's or a built one): loaded from a local
     directory, or built at the configured size."""
@@ -101,10 +121,15 @@ class StageTimer:
             self.add(stage, time.perf_counter() - start)
 
 
-def prepare_run_dir(cfg: RunConfig) -> Path:
+def refuse_finished_run(cfg: RunConfig) -> None:
     out = Path(cfg.output_dir)
     if (out / "summary.json").exists():
         raise RunDirError(f"output_dir {out} holds a finished run: choose another output_dir (or delete it)")
+
+
+def prepare_run_dir(cfg: RunConfig) -> Path:
+    out = Path(cfg.output_dir)
+    refuse_finished_run(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -142,6 +167,8 @@ class GRPOLoop:
             strategy=cfg.cluster.trainer_strategy, placement_timeout_s=cfg.cluster.placement_timeout_s)
         self.version = 0  # weights version the rollout workers hold; bumped by every trainer update
         self._syncing: list = []  # weight-sync calls submitted and not yet waited for (asynchronous rollout)
+        self._weights = None  # the object ref of the weights being synced, while a sync is in progress
+        rollout.restore = self._restore_rollout
 
     def launch(self, rows: list[PromptRow]) -> LaunchedRollout:
         """Start generating ``rows``' samples from the weights the rollout workers will hold when they get to it:
@@ -158,6 +185,7 @@ class GRPOLoop:
         cfg, n = self.cfg, self.cfg.rollout.samples_per_prompt
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        restarts = self.restarts
 
         samples = self.collect(launched) if launched else self.generate([r.prompt for r in rows], n, greedy=False)
         generated_by = launched.version if launched else self.version  # weights version that sampled the batch
@@ -218,11 +246,17 @@ class GRPOLoop:
             **per_bin,
             "charts/rollout_weights_version": generated_by,
             "perf/staleness": staleness,
+            "faults/restarts": self.restarts - restarts,
             **shaping,
             **train_metrics,
             **audit,
             **timings,
         }
+
+    @property
+    def restarts(self) -> int:
+        """Rollout and reward workers restarted after dying, over the loop's life."""
+        return self.rollout.restarts + self.reward.restarts
 
     def generate(self, prompts: list[str], n: int, greedy: bool) -> list:
         r = self.cfg.rollout
@@ -244,15 +278,18 @@ class GRPOLoop:
         records = actors.shards([r.as_dict() for r in rows for _ in range(n)], parts) if self.send_records \
             else [None] * parts
         levels = actors.shards([r.difficulty for r in rows for _ in range(n)], parts)
-        calls = [worker.score.remote(p, t, r, d, lv) for worker, p, t, r, d, lv in zip(
-            self.reward, actors.shards(prompts, parts), actors.shards(texts, parts), actors.shards(refs, parts),
-            records, levels)]
-        return [s for part in actors.call_all(calls, "reward score", self.timeout) for s in part]
+        args = list(zip(actors.shards(prompts, parts), actors.shards(texts, parts), actors.shards(refs, parts),
+                        records, levels))
+        return [s for part in self.reward.call("score", args, "reward score") for s in part]
 
     def collect(self, launched: LaunchedRollout) -> list:
-        """The samples of a launched generation (waiting for them), after any weight sync still in flight."""
-        results = actors.call_all(self._syncing + launched.calls, "weight sync and rollout generate", self.timeout)
-        parts, self._syncing = results[len(self._syncing):], []
+        """The samples of a launched generation (waiting for them), after any weight sync still in flight. A
+        worker that died meanwhile stops the run (WorkerDiedError): these calls were issued outside the pool."""
+        refs = self._syncing + launched.calls
+        names = [f"rollout worker {i}" for i in range(len(self.rollout))]
+        results = get_all(refs, [names[i % len(names)] for i in range(len(refs))],
+                          "weight sync and rollout generate", self.timeout)
+        parts, self._syncing, self._weights = results[len(self._syncing):], [], None
         return [sample for part in parts for sample in part]
 
     def sync_weights(self) -> None:
@@ -261,15 +298,29 @@ class GRPOLoop:
         Asynchronous rollout does not wait here: the workers are still generating the next batch, and load the new
         weights after it (in call order); ``collect`` and ``evaluate`` wait for the sync before going on."""
         self.version += 1
-        weights = self.trainer.full_state_dict_ref()
-        self._syncing += [w.load_weights.remote(weights, self.version) for w in self.rollout]
-        if not self.cfg.rollout.asynchronous:
-            self._finish_sync()
+        self._weights = self.trainer.full_state_dict_ref()
+        if self.cfg.rollout.asynchronous:
+            self._syncing += [w.load_weights.remote(self._weights, self.version) for w in self.rollout.workers]
+            return
+        try:
+            self.rollout.call("load_weights", [(self._weights, self.version)] * len(self.rollout), "weight sync")
+        finally:
+            self._weights = None  # rank 0 can give them again; holding a full copy in the object store costs memory
+
+    def _restore_rollout(self, worker) -> None:
+        """A restarted rollout worker starts from the initial policy: give it the current weights and version, from
+        the sync in progress or else from trainer rank 0 (which holds exactly them between syncs)."""
+        if self.version == 0:
+            return
+        weights = self._weights if self._weights is not None else self.trainer.full_state_dict_ref()
+        get_all([worker.load_weights.remote(weights, self.version)], ["restarted rollout worker"], "weight restore",
+                self.timeout)
 
     def _finish_sync(self) -> None:
         if self._syncing:
-            actors.call_all(self._syncing, "weight sync", self.timeout)
-            self._syncing = []
+            get_all(self._syncing, [f"rollout worker {i}" for i in range(len(self._syncing))], "weight sync",
+                    self.timeout)
+            self._syncing, self._weights = [], None
 
     def evaluate(self, rows: list[PromptRow], log=print) -> dict:
         """Greedy answers to the held-out prompts, checked by the reward workers' verifier (only: the figures mean
@@ -278,15 +329,12 @@ class GRPOLoop:
         self._finish_sync()
 
         def verify(texts: list[str], refs: list[str]) -> list[dict]:
-            parts = len(self.reward)
-            calls = [worker.verify.remote(t, r) for worker, t, r in
-                     zip(self.reward, actors.shards(texts, parts), actors.shards(refs, parts))]
-            return [v for part in actors.call_all(calls, "reward verify", self.timeout) for v in part]
+            args = list(zip(actors.shards(texts, len(self.reward)), actors.shards(refs, len(self.reward))))
+            return [v for part in self.reward.call("verify", args, "reward verify") for v in part]
 
         return evaluate_policy(rows, lambda prompts: self.generate(prompts, 1, greedy=True), verify,
                                self.cfg.eval.batch_size, log, self.count_tokens)
 
     def shutdown(self) -> None:
         self.trainer.shutdown()
-        for worker in self.reward:
-            ray.kill(worker)
+        self.reward.shutdown()

@@ -1,6 +1,7 @@
 """Qwen students: built at a size from the config (random weights) or loaded from a local Hugging Face directory."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -44,35 +45,66 @@ def build_student(cfg: ModelConfig, tokenizer, seed: int) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config)
 
 
+def check_model_dir(path: str | Path, key: str = "model.model_name_or_path", kind: str = "ForCausalLM") -> Path:
+    """Cheap checks of a Hugging Face directory before anything loads it (or starts actors that would): it
+    exists, its config.json is JSON naming an architecture ending in ``kind`` (when it names one), and its
+    safetensors files have readable headers. Raises a one-line ModelLoadError naming ``key``."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory {path} does not exist: set {key} to a local Hugging Face directory"
+                             + (", or leave it empty to build a student from model.* sizes"
+                                if key == "model.model_name_or_path" else ""))
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"model directory {path} has no config.json: is it a Hugging Face save_pretrained dir?")
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{path / 'config.json'} is not valid JSON ({_one_line(err)})") from None
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    if architectures and not any(str(a).endswith(kind) for a in architectures):
+        raise ModelLoadError(f"model directory {path} holds a {', '.join(map(str, architectures))}, not a *{kind} "
+                             f"model: set {key} to the right directory")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise ModelLoadError(f"model directory {path} has no .safetensors weights (only safetensors are loaded)")
+    for file in weights:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for every kind of damage
+            raise ModelLoadError(f"{file} is not a readable safetensors file ({_one_line(err)}): re-save or "
+                                 f"re-copy the model") from None
+    return path
+
+
 def load_student(path: str | Path) -> tuple[PreTrainedModel, object]:
     """Load a causal LM and its tokenizer from a local directory (safetensors only, no remote code)."""
     path = check_model_dir(path)
+    tokenizer = load_tokenizer(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
-    except (OSError, ValueError, KeyError) as err:
+    except Exception as err:  # noqa: BLE001 - loading fails in many library-specific ways; all mean "bad files"
         raise ModelLoadError(f"cannot load the model in {path} ({_one_line(err)}): check its files") from None
-    return model, load_tokenizer(path)
-
-
-def check_model_dir(path: str | Path) -> Path:
-    """A one-line ``ModelLoadError`` for a directory that is not a safetensors ``save_pretrained`` directory."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelLoadError(f"model directory {path} does not exist: set model.model_name_or_path to a local "
-                             f"Hugging Face directory, or leave it empty to build a student from model.* sizes")
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"model directory {path} has no config.json: is it a Hugging Face save_pretrained dir?")
-    if not any(path.glob("*.safetensors")):
-        raise ModelLoadError(f"model directory {path} has no .safetensors weights (only safetensors are loaded)")
-    return path
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise ModelLoadError(f"the tokenizer in {path} does not fit its model ({len(tokenizer)} tokens for "
+                             f"{vocab} embeddings): check its files")
+    return model, tokenizer
 
 
 def load_tokenizer(path: str | Path):
     """The tokenizer saved in a local model directory, with a pad token (its end-of-sequence token when it has
     none, as Llama tokenizers do: batched sampling and training pad their rows)."""
+    path = Path(path)
+    # Without its files, AutoTokenizer quietly builds an empty tokenizer of the model's type: refuse up front.
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise ModelLoadError(f"model directory {path} has no tokenizer (tokenizer.json, tokenizer.model or "
+                             f"vocab.json): save the tokenizer beside the model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except Exception as err:  # noqa: BLE001 - as for the model: every failure here means bad tokenizer files
         raise ModelLoadError(f"cannot load the tokenizer in {path} ({_one_line(err)}): check its files") from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:

@@ -429,12 +429,13 @@ class RankGroup:
         cluster.release(self.placement_group)
         self.placement_group = None
 
-    def _get(self, refs: list, what: str) -> list:
-        try:
-            return self._ray.get(refs, timeout=self.timeout_s)
-        except self._ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"trainer {what} did not finish within {self.timeout_s:.0f} s on "
-                               f"{self.num_ranks} ranks") from None
+    def _get(self, refs: list, what: str, first_rank: int = 0) -> list:
+        """Results of one call per rank (``refs[i]`` from rank first_rank + i); a rank that died raises a one-line
+        WorkerDiedError naming it, a stuck one a TimeoutError (rlhf.worker_pool.get_all)."""
+        from rlhf.worker_pool import get_all
+
+        return get_all(refs, [f"trainer rank {first_rank + i}" for i in range(len(refs))], f"trainer {what}",
+                       self.timeout_s)
 
 
 class TrainerGroup(RankGroup):
@@ -479,9 +480,11 @@ class TrainerGroup(RankGroup):
         """Like full_state_dict, but returns rank 0's Ray object reference without fetching it, so rollout workers
         can take the weights straight from the object store instead of through the driver."""
         refs = [actor.full_state_dict.remote() for actor in self.actors]
-        self._get(refs[1:], "full_state_dict")  # the other ranks only take part in the gather
+        self._get(refs[1:], "full_state_dict", first_rank=1)  # the other ranks only take part in the gather
         ready, _ = self._ray.wait(refs[:1], timeout=self.timeout_s, fetch_local=False)
         if not ready:
             raise TimeoutError(f"trainer full_state_dict did not finish within {self.timeout_s:.0f} s")
+        # Rank 0's answer is ready but not fetched; a ping tells a rank that died from one that answered.
+        self._get([self.actors[0].__ray_ready__.remote()], "full_state_dict")
         return refs[0]
 

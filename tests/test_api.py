@@ -98,10 +98,14 @@ def test_reward_function_and_its_weight_come_together(tmp_path):
 
 def test_bad_dataset_is_refused_before_anything_starts(tmp_path):
     cfg = step_config(tmp_path / "run", components={"verifier": 1.0})
-    bad = datasets.Dataset.from_list([{"question": "1+1=", "solution": "2", "level": 1},
+    bad = datasets.Dataset.from_list([{"question": " ", "solution": "2", "level": 1},
                                       {"question": "", "solution": "3", "level": 1}])
-    with pytest.raises(rlhf.DatasetError, match=r"train_dataset\[1\]: field 'question' must be non-empty text"):
+    with pytest.raises(rlhf.DatasetError, match=r"train_dataset has no usable rows \(2 skipped\); the first: "
+                                                r"train_dataset\[0\]: field 'question' must be non-empty text"):
         rlhf.Trainer(cfg, train_dataset=bad)
+    # A bad row among good ones is skipped; too few left for a step is refused.
+    with pytest.raises(rlhf.DatasetError, match=r"only 3 training prompts for rollout.prompts_per_step=4"):
+        rlhf.Trainer(cfg, train_dataset=datasets.concatenate_datasets([sums_dataset([(1, 2)] * 3), bad]))
     renamed = sums_dataset([(1, 2)]).rename_column("question", "prompt")
     with pytest.raises(rlhf.DatasetError, match=r"eval_dataset\[0\] has no field 'question' \(fields: level, "
                                                 r"prompt, solution, source\); set task.prompt_field"):

@@ -1,72 +1,234 @@
-"""Bad input stops with one line naming the problem, exit status 2, and no half-written checkpoint."""
+"""Bad input stops with one line naming the problem and a non-zero exit, and damages nothing already written.
+
+Two tables: bad configs, datasets and model directories through ``distilrl run`` (in-process), each checked for
+exit status 2, its one-line message, and that the run directory is byte-for-byte as it was (a previous unfinished
+run in output_dir, a finished one beside it); and bad teacher replies, reward-server requests and custom reward
+functions at the component that meets them, each checked for its one-line message and status.
+"""
+import http.client
 import json
+import socket
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
+
+from reward.labelling import TeacherError, label
+from reward.teachers import OpenAITeacher
+from reward.worker import RewardError, RewardWorker
 from rlhf.cli import main
+from rlhf.data import PromptRow, load_jsonl_rows
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
+GOOD_ROW = {"prompt": "1+1=", "answer": "2"}
 
 
-def run_cli(args, capsys):
-    code = main(["run", *args])
-    err = capsys.readouterr().err.strip()
-    return code, err
+def one_line(text: str) -> bool:
+    return bool(text) and "\n" not in text.strip()
 
 
-def assert_nothing_half_written(out: Path):
-    assert not list(out.parent.glob("**/*.tmp")) if out.parent.exists() else True
-    assert not (out / "policy").exists() and not (out / "summary.json").exists()
+# ------------------------------------------------------------------------------------------ model directories
 
 
-def test_malformed_yaml_names_the_file(tmp_path, capsys):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("trainer: {zero_stage: 3\nrollout: [")
-    code, err = run_cli([str(bad), f"output_dir={tmp_path / 'out'}"], capsys)
-    assert code == 2 and "\n" not in err and "bad.yaml is not valid YAML" in err
-    assert not (tmp_path / "out").exists()
+@pytest.fixture(scope="module")
+def good_models(tmp_path_factory) -> dict[str, Path]:
+    """A tiny student and a reward model built on it, saved as a run would save them."""
+    from reward.model import DistilledRewardModel
+    from rlhf.config import ModelConfig
+    from rlhf.models import build_student, build_tokenizer, save_student
+
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = build_tokenizer("char")
+    student = build_student(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                        intermediate_size=64), tokenizer, seed=0)
+    save_student(student, tokenizer, root / "student")
+    rm = DistilledRewardModel.from_causal_lm(student, pad_token_id=tokenizer.pad_token_id)
+    rm.save_pretrained(root / "rm")
+    tokenizer.save_pretrained(root / "rm")
+    return {"student": root / "student", "rm": root / "rm"}
 
 
-def test_unknown_key_and_bad_value_name_the_key(tmp_path, capsys):
-    code, err = run_cli([TINY, f"output_dir={tmp_path / 'out'}", "trainer.zero_stagee=3"], capsys)
-    assert code == 2 and "trainer.zero_stagee" in err and "unknown key" in err and "\n" not in err
-    code, err = run_cli([TINY, f"output_dir={tmp_path / 'out'}", "trainer.zero_stage=5"], capsys)
-    assert code == 2 and "trainer.zero_stage" in err and "\n" not in err
-    assert not (tmp_path / "out").exists()
+def copy_of(source: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
 
 
-def test_batch_that_does_not_divide_is_refused(tmp_path, capsys):
-    code, err = run_cli([TINY, f"output_dir={tmp_path / 'out'}", "rollout.prompts_per_step=3",
-                         "rollout.samples_per_prompt=3"], capsys)
-    assert code == 2 and "9" in err and "trainer.num_ranks=2" in err
+def damaged_student(tmp, models, how):
+    model = copy_of(models["student"], tmp / "model")
+    weights = next(model.glob("*.safetensors"))
+    if how == "no_config":
+        (model / "config.json").unlink()
+    elif how == "config_not_json":
+        (model / "config.json").write_text("{ not json")
+    elif how == "no_weights":
+        weights.unlink()
+    elif how == "random_bytes":
+        weights.write_bytes(bytes(range(256)) * 40)
+    elif how == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "unknown_model_type":
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "model_type": "nosuchmodel",
+                                                       "architectures": ["NoSuchForCausalLM"]}))
+    elif how == "no_tokenizer":
+        for name in model.iterdir():
+            if "token" in name.name or name.name == "vocab.json":
+                name.unlink()
+    return [f"model.model_name_or_path={model}"]
 
 
-def test_missing_model_directory(tmp_path, capsys):
-    out = tmp_path / "out"
-    code, err = run_cli([TINY, f"output_dir={out}", f"model.model_name_or_path={tmp_path / 'nope'}"], capsys)
-    assert code == 2 and "\n" not in err and "does not exist" in err and "nope" in err
-    assert_nothing_half_written(out)
+# ----------------------------------------------------------------------------------------------- datasets
 
 
-def test_model_directory_without_safetensors(tmp_path, capsys):
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text("{}")
-    code, err = run_cli([TINY, f"output_dir={tmp_path / 'out'}", f"model.model_name_or_path={model_dir}"], capsys)
-    assert code == 2 and "safetensors" in err
+def jsonl_task(tmp: Path, content: bytes | list, eval_rows: list | None = None) -> list[str]:
+    """Overrides for a jsonl task whose training file holds ``content`` (records, or raw bytes)."""
+    train, held_out = tmp / "train.jsonl", tmp / "eval.jsonl"
+    train.write_bytes(content if isinstance(content, bytes) else
+                      "".join(json.dumps(r) + "\n" for r in content).encode())
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in (eval_rows or [GOOD_ROW] * 4)))
+    return ["task.name=jsonl", f"task.train_file={train}", f"task.eval_file={held_out}"]
 
 
-def test_dataset_row_without_the_needed_field(tmp_path, capsys):
-    data = tmp_path / "data.jsonl"
-    data.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n" + json.dumps({"question": "2+2="}) + "\n")
-    out = tmp_path / "out"
-    code, err = run_cli([TINY, f"output_dir={out}", "task.name=jsonl", f"task.train_file={data}",
-                         f"task.eval_file={data}"], capsys)
-    assert code == 2 and "\n" not in err
-    assert "line 2" in err and "'prompt'" in err and "question" in err
-    assert_nothing_half_written(out)
+def yaml_file(tmp: Path, text: str) -> Path:
+    path = tmp / "bad.yaml"
+    path.write_text(text)
+    return path
+
+
+# (id, make(tmp, models) -> (config path or None for tiny, overrides), expected parts of the message)
+CLI_CASES = [
+    # configs
+    ("malformed_yaml", lambda t, m: (yaml_file(t, "trainer: {zero_stage: 3\nrollout: ["), []),
+     ["bad.yaml is not valid YAML"]),
+    ("yaml_not_a_mapping", lambda t, m: (yaml_file(t, "- a\n- b\n"), []), ["must hold a mapping", "list"]),
+    ("config_file_missing", lambda t, m: (t / "nowhere.yaml", []), ["nowhere.yaml does not exist"]),
+    ("unknown_key", lambda t, m: (None, ["trainer.zero_stagee=3"]), ["trainer.zero_stagee", "unknown key"]),
+    ("unknown_section", lambda t, m: (None, ["nosuchsection.key=1"]), ["nosuchsection", "unknown key"]),
+    ("bad_enum_value", lambda t, m: (None, ["trainer.zero_stage=5"]), ["trainer.zero_stage"]),
+    ("wrong_type", lambda t, m: (None, ["rollout.prompts_per_step=abc"]), ["rollout.prompts_per_step", "'abc'"]),
+    ("negative_lr", lambda t, m: (None, ["trainer.lr=-1"]), ["trainer.lr", "greater than 0"]),
+    ("override_without_equals", lambda t, m: (None, ["algorithm.steps"]), ["not of the form dotted.key=value"]),
+    ("batch_does_not_divide", lambda t, m: (None, ["rollout.prompts_per_step=3", "rollout.samples_per_prompt=3"]),
+     ["9", "trainer.num_ranks=2"]),
+    ("all_reward_weights_zero", lambda t, m: (None, ["reward.components={verifier: 0}"]),
+     ["reward.components", "non-zero"]),
+    ("unknown_reward_component", lambda t, m: (None, ["reward.components={judge: 1.0}"]), ["reward.components"]),
+    ("rm_without_a_reward_model", lambda t, m: (None, ["reward.components={rm: 1.0}"]),
+     ["uses rm but there is none"]),
+    ("jsonl_task_without_files", lambda t, m: (None, ["task.name=jsonl"]), ["task.train_file"]),
+    ("openai_teacher_without_url", lambda t, m: (None, ["label.teacher=openai"]), ["label.base_url"]),
+    ("responses_leave_no_room_for_prompts", lambda t, m: (None, ["rollout.max_new_tokens=200"]),
+     ["leave no room for a prompt", "128 positions"]),
+    # datasets: every row bad (a row or two among good ones is skipped instead: test_bad_rows_are_skipped...)
+    ("no_prompt_field", lambda t, m: (None, jsonl_task(t, [{"question": "1+1=", "answer": "2"}] * 3)),
+     ["train.jsonl has no usable rows (3 skipped)", "line 1 has no field 'prompt'", "task.prompt_field"]),
+    ("no_answer_field", lambda t, m: (None, jsonl_task(t, [{"prompt": "1+1="}] * 2)),
+     ["has no field 'answer'", "task.answer_field"]),
+    ("empty_prompt", lambda t, m: (None, jsonl_task(t, [{"prompt": "", "answer": "2"}])),
+     ["field 'prompt' must be non-empty text"]),
+    ("blank_prompt", lambda t, m: (None, jsonl_task(t, [{"prompt": "  \t", "answer": "2"}])),
+     ["field 'prompt' must be non-empty text"]),
+    ("numeric_prompt", lambda t, m: (None, jsonl_task(t, [{"prompt": 12, "answer": "2"}])),
+     ["field 'prompt' must be non-empty text"]),
+    ("list_answer", lambda t, m: (None, jsonl_task(t, [{"prompt": "1+1=", "answer": [2]}])),
+     ["field 'answer' must be text or a number"]),
+    ("bool_answer", lambda t, m: (None, jsonl_task(t, [{"prompt": "1+1=", "answer": True}])),
+     ["field 'answer' must be text or a number"]),
+    ("string_difficulty", lambda t, m: (None, jsonl_task(t, [{**GOOD_ROW, "level": "hard"}]) +
+                                        ["task.difficulty_field=level"]), ["field 'level' must be an integer"]),
+    ("latin1_text", lambda t, m: (None, jsonl_task(t, b'{"prompt": "caf\xe9=", "answer": "1"}\n')),
+     ["line 1 is not UTF-8 text", "re-encode"]),
+    ("utf16_file", lambda t, m: (None, jsonl_task(t, json.dumps(GOOD_ROW).encode("utf-16"))),
+     ["is not UTF-8 text"]),
+    ("not_json", lambda t, m: (None, jsonl_task(t, b'{"prompt": "1+1=", answer: 2}\n')), ["not valid JSON"]),
+    ("json_array_row", lambda t, m: (None, jsonl_task(t, [["1+1=", "2"]])), ["is a JSON list"]),
+    ("empty_file", lambda t, m: (None, jsonl_task(t, b"\n\n")), ["holds no rows"]),
+    ("missing_file", lambda t, m: (None, ["task.name=jsonl", f"task.train_file={t / 'no.jsonl'}",
+                                          f"task.eval_file={t / 'no.jsonl'}"]), ["no.jsonl does not exist"]),
+    ("over_long_prompts", lambda t, m: (None, jsonl_task(t, [{"prompt": "1+" * 80 + "1=", "answer": "81"}] * 4)),
+     ["training prompts has no usable rows (4 skipped)", "162 tokens, over the 112 that fit"]),
+    ("over_long_held_out_prompts", lambda t, m: (None, jsonl_task(t, [GOOD_ROW] * 4,
+                                                                  [{"prompt": "9" * 200, "answer": "1"}])),
+     ["held-out prompts has no usable rows"]),
+    ("too_few_prompts_left", lambda t, m: (None, jsonl_task(t, [GOOD_ROW, {"prompt": ""}] * 2)),
+     ["only 2 training prompts for rollout.prompts_per_step=4"]),
+    # model directories
+    ("model_dir_missing", lambda t, m: (None, [f"model.model_name_or_path={t / 'nope'}"]),
+     ["model directory", "nope does not exist", "model.model_name_or_path"]),
+    ("model_dir_without_config", lambda t, m: (None, damaged_student(t, m, "no_config")), ["has no config.json"]),
+    ("model_config_not_json", lambda t, m: (None, damaged_student(t, m, "config_not_json")),
+     ["config.json is not valid JSON"]),
+    ("model_without_safetensors", lambda t, m: (None, damaged_student(t, m, "no_weights")),
+     ["has no .safetensors weights"]),
+    ("corrupt_safetensors", lambda t, m: (None, damaged_student(t, m, "random_bytes")),
+     ["is not a readable safetensors file"]),
+    ("truncated_safetensors", lambda t, m: (None, damaged_student(t, m, "truncated")),
+     ["safetensors"]),
+    ("unknown_model_type", lambda t, m: (None, damaged_student(t, m, "unknown_model_type")),
+     ["cannot load the model in", "nosuchmodel"]),
+    ("model_without_tokenizer", lambda t, m: (None, damaged_student(t, m, "no_tokenizer")),
+     ["has no tokenizer (tokenizer.json"]),
+    ("reward_model_given_as_policy", lambda t, m: (None, [f"model.model_name_or_path={m['rm']}"]),
+     ["holds a Qwen2ForSequenceClassification, not a *ForCausalLM model", "model.model_name_or_path"]),
+    ("policy_given_as_reward_model", lambda t, m: (None, [f"reward_model.path={m['student']}",
+                                                          "reward.components={rm: 1.0}"]),
+     ["holds a Qwen2ForCausalLM, not a *ForSequenceClassification model", "reward_model.path"]),
+    ("reward_model_dir_missing", lambda t, m: (None, [f"reward_model.path={t / 'no_rm'}",
+                                                      "reward.components={rm: 1.0}"]),
+     ["no_rm does not exist", "reward_model.path"]),
+]
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every file (with its bytes) and directory under ``root``."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture
+def runs(tmp_path) -> Path:
+    """runs/finished: a finished run; runs/current: an unfinished one that the failing command is pointed at."""
+    root = tmp_path / "runs"
+    for name, files in (("finished", {"summary.json": "{}", "metrics.jsonl": '{"step": 1}\n', "config.yaml": "a: 1\n",
+                                      "policy/model.safetensors": "weights"}),
+                        ("current", {"metrics.jsonl": '{"step": 1}\n{"step": 2}\n', "config.yaml": "b: 2\n",
+                                     "labels/train/rows.jsonl": '{"prompt": "1+1="}\n', "warmup/config.json": "{}"})):
+        for rel, text in files.items():
+            (root / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / name / rel).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize("make, expected", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+def test_bad_input_to_distilrl_run(make, expected, tmp_path, runs, good_models, capsys):
+    config, overrides = make(tmp_path, good_models)
+    before = snapshot(runs)
+    code = main(["run", str(config or TINY), f"output_dir={runs / 'current'}", *overrides])
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 2, captured
+    assert one_line(err) and err.startswith("distilrl: error: "), err
+    for part in expected:
+        assert part in err, (part, err)
+    assert snapshot(runs) == before  # nothing written, nothing removed, no *.tmp left behind
+
+
+def test_bad_rows_are_skipped_counted_and_shown(tmp_path):
+    path = tmp_path / "d.jsonl"
+    lines = [json.dumps(GOOD_ROW), '{"prompt": ', json.dumps({"prompt": "", "answer": "1"}), json.dumps(GOOD_ROW),
+             json.dumps({"q": 1}), json.dumps([1]), "caf\xe9"]
+    path.write_bytes("\n".join(lines[:-1]).encode() + b"\n" + lines[-1].encode("latin-1") + b"\n")
+    logged = []
+    assert load_jsonl_rows(path, "prompt", "answer", log=logged.append) == [PromptRow("1+1=", "2")] * 2
+    assert len(logged) == 1 and one_line(logged[0])
+    assert logged[0].startswith(f"warning: skipped 5 of 7 rows of {path}: line 2 is not valid JSON")
+    assert "line 3: field 'prompt' must be non-empty text; line 5 has no field 'prompt'" in logged[0]
+    assert logged[0].endswith("; and 2 more")
 
 
 def test_console_script_exit_status_and_one_line(tmp_path):
@@ -75,3 +237,153 @@ def test_console_script_exit_status_and_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["distilrl: error: config key nosuchsection: unknown key (check the "
                                                   "spelling against rlhf/config.py)"]
+
+
+# --------------------------------------------------------------------------------- teachers, server, reward fns
+
+
+class FakeJudge(BaseHTTPRequestHandler):
+    """An OpenAI-compatible endpoint that answers every request as ``server.reply`` says."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        status, body = self.server.reply
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def chat(content) -> bytes:
+    return json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+
+
+TEACHER_CASES = [
+    ("unparseable_verdict", (200, chat("I think it is fine.")), "unparseable judge reply"),
+    ("verdict_without_quality", (200, chat('{"rv": 3}')), "judge reply has no quality score"),
+    ("empty_verdict", (200, chat("")), "unparseable judge reply: empty judge reply"),
+    ("non_text_content", (200, chat(None)), "the judge server replied with no text content"),
+    ("no_choices", (200, b'{"choices": []}'), "malformed reply from the judge server"),
+    ("reply_not_json", (200, b"<html>gateway</html>"), "malformed reply from the judge server"),
+    ("http_500", (500, b'{"error": {"message": "overloaded"}}'), "HTTP 500 from the judge server: overloaded"),
+    ("http_401", (401, b'{"error": "bad key"}'), "HTTP 401 from the judge server: bad key"),
+    ("http_404_html", (404, b"<h1>no</h1>"), "HTTP 404 from the judge server"),
+]
+
+
+@pytest.fixture(scope="module")
+def judge_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("reply, expected", [c[1:] for c in TEACHER_CASES], ids=[c[0] for c in TEACHER_CASES])
+def test_bad_teacher_replies(reply, expected, judge_server, tmp_path, capsys, monkeypatch):
+    judge_server.reply = reply
+    teacher = OpenAITeacher(f"http://127.0.0.1:{judge_server.server_address[1]}/v1", "judge", max_retries=1,
+                            backoff_s=0.0)
+    # Per row: an error verdict with a one-line reason, never an exception out of judge().
+    verdicts = teacher.judge(["1+1="] * 2, ["#2", "#3"], ["2", "2"])
+    assert all(v.quality is None and one_line(v.error) and expected in v.error for v in verdicts)
+    # A teacher that fails every row stops labelling before anything is written; the CLI says so in one line.
+    out = tmp_path / "labels"
+    with pytest.raises(TeacherError) as info:
+        label([PromptRow("1+1=", "2")] * 3, lambda prompts, n: [["#2"] * n for _ in prompts], teacher, out, 2)
+    assert one_line(str(info.value)) and "judged none of the first 6 responses (6 x " in str(info.value)
+    assert not (out / "rows.jsonl").exists()
+    monkeypatch.setitem(__import__("rlhf.cli").cli.COMMANDS, "run", lambda args: (_ for _ in ()).throw(info.value))
+    assert main(["run", TINY]) == 2
+    assert capsys.readouterr().err.strip() == f"distilrl: error: {info.value}"
+
+
+SERVER_CASES = [
+    ("malformed_json", b'{"prompts": ["a"], "responses": ', {}, 400, "malformed JSON"),
+    ("not_utf8", b'{"prompts": ["\xff"]}', {}, 400, "malformed JSON"),
+    ("body_not_an_object", b'["a", "b"]', {}, 400, "body must be a JSON object, got list"),
+    ("prompts_not_a_list", b'{"prompts": "a", "responses": ["b"]}', {}, 400, "'prompts' must be a list of strings"),
+    ("response_not_a_string", b'{"prompts": ["a"], "responses": [3]}', {}, 400, "responses[0] must be a string"),
+    ("missing_key", b'{"prompts": ["a"]}', {}, 400, "missing 'responses'"),
+    ("length_mismatch", b'{"prompts": ["a", "b"], "responses": ["c"]}', {}, 400, "has 2 items but"),
+    ("huge_body", b'{"prompts": ["' + b"x" * 300_000 + b'"]}', {}, 413, "over the limit of 100000"),
+    ("too_many_samples", json.dumps({"prompts": ["a"] * 65, "responses": ["b"] * 65}).encode(), {}, 413,
+     "batch of 65 samples is over the limit of 64"),
+    ("lying_content_length", b'{"prompts": []}', {"Content-Length": "50"}, 400, "body ended after"),
+    ("bad_content_length", b"{}", {"Content-Length": "-3"}, 400, "bad Content-Length"),
+]
+
+
+@pytest.fixture(scope="module")
+def reward_server():
+    from reward.server import make_reward_server
+
+    with make_reward_server(lambda p, r: [1.0] * len(p), max_request_bytes=100_000, max_batch=64) as server:
+        server.start()
+        yield server
+
+
+@pytest.mark.parametrize("body, headers, status, expected", [c[1:] for c in SERVER_CASES],
+                         ids=[c[0] for c in SERVER_CASES])
+def test_bad_reward_server_requests(body, headers, status, expected, reward_server):
+    def request(data: bytes, extra: dict) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection(*reward_server.server_address[:2], timeout=10)
+        try:
+            conn.putrequest("POST", "/score")
+            for name, value in {"Content-Type": "application/json", "Content-Length": str(len(data)),
+                                **extra}.items():
+                conn.putheader(name, value)
+            conn.endheaders()
+            try:
+                conn.send(data)
+                if int(extra.get("Content-Length", len(data))) > len(data):
+                    conn.sock.shutdown(socket.SHUT_WR)  # a client that stopped sending: the body ends short
+            except OSError:
+                pass  # the server may answer (and close) before a refused body is all sent
+            response = conn.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            conn.close()
+
+    got, answer = request(body, headers)
+    assert got == status and set(answer) == {"error"} and one_line(answer["error"]) and expected in answer["error"]
+    # The server carries on for the next, well-formed request.
+    assert request(b'{"prompts": ["a"], "responses": ["b"]}', {}) == (200, {"rewards": [1.0]})
+
+
+def _raises(prompts, responses, rows):
+    raise ValueError("no reference\nsecond line")
+
+
+REWARD_FN_CASES = [
+    ("raises", _raises, "reward_fn raised ValueError"),
+    ("wrong_count", lambda p, r, rows: [1.0], "reward_fn returned 1 rewards for 2 responses"),
+    ("not_a_number", lambda p, r, rows: [1.0, "high"], "reward_fn returned 'high', not a number"),
+    ("nan", lambda p, r, rows: [float("nan"), 0.0], "non-finite reward nan"),
+    ("not_iterable", lambda p, r, rows: None, "reward_fn raised TypeError"),
+]
+
+
+@pytest.mark.parametrize("fn, expected", [c[1:] for c in REWARD_FN_CASES], ids=[c[0] for c in REWARD_FN_CASES])
+def test_custom_reward_functions_that_fail(fn, expected, capsys, monkeypatch):
+    import ray
+
+    from rlhf.worker_pool import application_error
+
+    worker = RewardWorker({"custom": 1.0}, custom=fn)
+    with pytest.raises(RewardError) as info:
+        worker.score(["1+1=", "2+2="], ["#2", "#4"], ["2", "4"], [{"q": 1}, {"q": 2}])
+    assert expected in str(info.value) and one_line(str(info.value))
+    # Raised in a reward worker actor, it reaches the driver as itself (one line), not as Ray's wrapper...
+    wrapped = ray.exceptions.RayTaskError("RewardWorker.score", "Traceback ...\nRewardError: ...", info.value)
+    assert application_error(wrapped) is info.value
+    # ... and ends `distilrl run` with exit status 1 and that line.
+    monkeypatch.setitem(__import__("rlhf.cli").cli.COMMANDS, "run", lambda args: (_ for _ in ()).throw(info.value))
+    assert main(["run", TINY]) == 1
+    assert capsys.readouterr().err.strip() == f"distilrl: error: {info.value}"

@@ -27,11 +27,18 @@ def _write_jsonl(path: Path, records: list) -> Path:
 
 
 def _dataset_error(path: Path, **fields) -> str:
-    """Load ``path`` expecting a DatasetError; returns its message after checking it is one line naming the file."""
-    with pytest.raises(DatasetError) as info:
-        load_jsonl_rows(path, fields.get("prompt_field", "prompt"), fields.get("answer_field", "answer"),
-                        fields.get("difficulty_field"))
-    message = str(info.value)
+    """Load ``path`` expecting a problem: a DatasetError when no row is usable, else one warning line counting the
+    skipped rows (the good rows are kept). Returns the message after checking it is one line naming the file."""
+    logged = []
+    try:
+        rows = load_jsonl_rows(path, fields.get("prompt_field", "prompt"), fields.get("answer_field", "answer"),
+                               fields.get("difficulty_field"), log=logged.append)
+    except DatasetError as err:
+        message = str(err)
+        assert not logged
+    else:
+        assert rows and len(logged) == 1 and logged[0].startswith("warning: skipped 1 of ")
+        message = logged[0]
     assert "\n" not in message
     assert str(path) in message
     return message

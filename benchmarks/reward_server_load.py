@@ -1,0 +1,131 @@
+"""The reward server under load: N concurrent clients on loopback for a bounded time.
+
+    python benchmarks/reward_server_load.py [--clients 32] [--seconds 10] [--batch 8] [--scorer rm|verifier]
+
+The server (reward/server.py, default limits: one scoring call at a time, a queue of 64) runs in its own process,
+scoring with a small distilled RM (a Qwen2 backbone, hidden 128, 3 layers, random weights: the quickstart RM's
+shape; speed does not depend on what it learned) or the rule verifier. Each client thread keeps one HTTP/1.1
+connection and posts well-formed ``/score`` batches back to back. Prints requests/s, samples/s, p50/p99 latency,
+the error count (any non-200 answer or socket error; zero expected: the queue is longer than the client count) and
+busy answers; the last line is one JSON object with those figures.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing as mp
+import random
+import statistics
+import threading
+import time
+
+
+def build_scorer(kind: str, threads: int):
+    if kind == "verifier":
+        from reward.verifiers import final_number_correct
+
+        return lambda prompts, responses: [float(bool(final_number_correct(r, p.rsplit("=", 1)[-1] or "0")))
+                                           for p, r in zip(prompts, responses)]
+    import torch
+
+    from reward.model import DistilledRewardModel, score_texts
+    from rlhf.config import ModelConfig
+    from rlhf.models import build_student, build_tokenizer
+
+    torch.set_num_threads(threads)
+    tokenizer = build_tokenizer("char")
+    student = build_student(ModelConfig(), tokenizer, seed=0)
+    model = DistilledRewardModel.from_causal_lm(student, pad_token_id=tokenizer.pad_token_id).eval()
+    return lambda prompts, responses: [s["quality"] for s in score_texts(model, tokenizer, prompts, responses, 64)]
+
+
+def serve(kind: str, threads: int, max_queue: int, port_box) -> None:
+    from reward.server import make_reward_server
+
+    server = make_reward_server(build_scorer(kind, threads), max_queue=max_queue)
+    port_box.put(server.server_address[1])
+    server.serve_forever(poll_interval=0.1)
+
+
+def client(port: int, batch: int, until: float, seed: int, latencies: list, errors: list, busy: list) -> None:
+    rng = random.Random(seed)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    while time.monotonic() < until:
+        prompts = [f"{rng.randint(1, 9)}+{rng.randint(1, 9)}-{rng.randint(1, 9)}=" for _ in range(batch)]
+        responses = [f"{rng.randint(1, 9)}+{rng.randint(1, 9)}={rng.randint(2, 18)};#{rng.randint(0, 20)}"
+                     for _ in range(batch)]
+        body = json.dumps({"prompts": prompts, "responses": responses})
+        start = time.perf_counter()
+        try:
+            conn.request("POST", "/score", body, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            answer = json.loads(response.read())
+        except (OSError, http.client.HTTPException, ValueError) as err:
+            errors.append(repr(err))
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            continue
+        if response.status == 200 and len(answer.get("rewards", [])) == batch:
+            latencies.append(time.perf_counter() - start)
+        else:
+            (busy if response.status == 503 else errors).append(f"{response.status}: {answer}")
+    conn.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--batch", type=int, default=8, help="samples per request")
+    parser.add_argument("--scorer", choices=("rm", "verifier"), default="rm")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the server's RM")
+    parser.add_argument("--max-queue", type=int, default=64, help="the server's queue limit")
+    args = parser.parse_args()
+
+    ctx = mp.get_context("spawn")
+    port_box = ctx.Queue()
+    server = ctx.Process(target=serve, args=(args.scorer, args.threads, args.max_queue, port_box), daemon=True)
+    server.start()
+    try:
+        port = port_box.get(timeout=120)
+        latencies: list[float] = []
+        errors: list[str] = []
+        busy: list[str] = []
+        start = time.monotonic()
+        until = start + args.seconds
+        threads = [threading.Thread(target=client, args=(port, args.batch, until, k, latencies, errors, busy))
+                   for k in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.monotonic() - start  # includes the last requests in flight at the deadline
+    finally:
+        server.terminate()
+        server.join(10)
+
+    ms = sorted(x * 1000 for x in latencies) or [float("nan")]
+    figures = {
+        "scorer": args.scorer, "clients": args.clients, "seconds": round(wall, 2), "batch": args.batch,
+        "requests": len(latencies), "requests_per_s": round(len(latencies) / wall, 1),
+        "samples_per_s": round(len(latencies) * args.batch / wall, 1),
+        "p50_ms": round(percentile(ms, 50), 1), "p99_ms": round(percentile(ms, 99), 1),
+        "errors": len(errors), "busy": len(busy),
+    }
+    print(f"reward server load: {args.clients} clients x {args.seconds:g} s, {args.batch} samples per request, "
+          f"scorer {args.scorer}")
+    print(f"{'requests/s':>12} {'samples/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'busy':>5}")
+    print(f"{figures['requests_per_s']:>12} {figures['samples_per_s']:>10} {figures['p50_ms']:>8} "
+          f"{figures['p99_ms']:>8} {figures['errors']:>7} {figures['busy']:>5}")
+    for line in errors[:3]:
+        print("error:", line)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
