@@ -220,7 +220,10 @@ def test_driver_step_logs_staleness_and_the_versions_of_a_launched_batch():
         loop.version += 1
 
     loop.sync_weights = sync
-    rows = [SimpleNamespace(prompt="p0", answer="1"), SimpleNamespace(prompt="p1", answer="1")]
+    loop.rollout = loop.reward = SimpleNamespace(restarts=0)  # worker pools: no worker died
+    loop.count_tokens = len
+    rows = [SimpleNamespace(prompt="p0", answer="1", difficulty=None), SimpleNamespace(prompt="p1", answer="1",
+                                                                                        difficulty=None)]
     metrics = loop.step(2, rows, LaunchedRollout(rows, version=0, calls=[]))
     assert metrics["perf/staleness"] == 1
     assert metrics["charts/rollout_weights_version"] == 0 and metrics["charts/weights_version"] == 2
