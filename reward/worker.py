@@ -4,8 +4,8 @@ Components (``reward.components``, name -> weight): ``verifier``, the rule check
 reference; ``rm``, the distilled reward model's quality score; ``custom``, a Python function passed in from a script
 (``rlhf.Trainer(cfg, reward_fn=...)``; Ray ships it to this actor with cloudpickle). The reward is their weighted
 sum. The verifier's verdict is always returned too (it is cheap), so metrics show true accuracy even when RL is
-rewarded by the RM alone. A component that yields NaN or infinity, or raises, stops the batch with the offending
-sample named, rather than poisoning the update silently.
+rewarded by the RM alone. A component that raises stops the batch with the offending sample named; a NaN or
+infinite reward is returned with the components that produced it (``nonfinite``), and the driver skips that batch.
 """
 from __future__ import annotations
 
@@ -71,9 +71,11 @@ class RewardWorker:
             if custom_scores is not None:
                 parts["custom"] = custom_scores[i]
             reward = sum(w * parts[name] for name, w in self.components.items())
-            if not math.isfinite(reward):
-                raise RewardError(f"non-finite reward {reward} ({parts}) for prompt {prompt!r}, response {response!r}")
             result = {"reward": reward, "correct": float(bool(verdict)), "answered": float(verdict is not None)}
+            if not math.isfinite(reward):
+                # Returned, not raised: the driver's guard skips the batch and names this (rlhf/guards.py).
+                result["nonfinite"] = ", ".join(f"{name}={parts[name]}" for name in self.components
+                                                if not math.isfinite(parts[name])) or f"the weighted sum {reward}"
             if rm_scores is not None:
                 result["rm"] = rm_scores[i]
             results.append(result)

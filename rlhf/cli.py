@@ -1,6 +1,7 @@
 """The ``distilrl`` command line.
 
   distilrl run CONFIG [dotted.key=value ...]      the stages the config lists (warm-up, label, train_rm, RL, eval)
+  distilrl run CONFIG --resume                    continue output_dir's run from its newest complete checkpoint
   distilrl label CONFIG [...]                     only warm-up (if listed) and labelling
   distilrl eval-rm RM_DIR LABELS_DIR              a distilled RM against the teacher's held-out labels
   distilrl serve-rm RM_DIR                        the RM over HTTP (OpenRLHF's /get_reward shape, and /score)
@@ -27,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = commands.add_parser(name, help=text, description=text)
         cmd.add_argument("config", help="YAML config file, e.g. configs/quickstart.yaml")
         cmd.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. algorithm.steps=10")
+        if name == "run":
+            cmd.add_argument("--resume", action="store_true", help="continue the run in output_dir from its newest "
+                             "complete checkpoint (save_every); a finished run is left as it is")
     cmd = commands.add_parser("eval-rm", help="evaluate a distilled RM against the teacher's held-out labels")
     cmd.add_argument("rm_dir", help="a distilled reward model directory (a run's reward_model/)")
     cmd.add_argument("labels_dir", help="a labelling directory with rows.jsonl (a run's labels/eval/)")
@@ -48,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf.config import ConfigError
     from rlhf.data import DatasetError
     from rlhf.driver import RunDirError
+    from rlhf.guards import NonFiniteError
     from rlhf.models import ModelLoadError
 
     try:
@@ -55,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, ModelLoadError, RunDirError, FileNotFoundError) as err:
         print(f"distilrl: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:  # the run stopped itself; its newest checkpoint is left to resume from
+        print(f"distilrl: error: {err}", file=sys.stderr)
+        return 1
 
 
 def _run(args) -> int:
@@ -66,7 +74,7 @@ def _run(args) -> int:
         cfg.stages = [s for s in cfg.stages if s in ("warmup", "label")] or ["label"]
         if "label" not in cfg.stages:
             cfg.stages.append("label")
-    run(cfg, log=lambda line: print(line, flush=True))
+    run(cfg, log=lambda line: print(line, flush=True), resume=getattr(args, "resume", False))
     return 0
 
 

@@ -234,7 +234,12 @@ class RunConfig(_Section):
     stages: list[Literal["warmup", "label", "train_rm", "rl", "eval"]] = ["warmup", "rl", "eval"]
     # Seconds any single remote call (generate, score, train, weight sync) may take before the run stops.
     call_timeout_s: float = Field(600.0, gt=0)
-    save_every: int = Field(0, ge=0)  # checkpoint the policy every N RL steps (0: only at the end)
+    # Checkpoint every N RL steps (0: only the final policy): policy, optimizer, driver and worker state, enough
+    # for `distilrl run CONFIG --resume` to continue exactly (rlhf/resume.py). The newest keep_checkpoints are kept.
+    save_every: int = Field(0, ge=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    # Batches with a NaN or infinite reward, loss or gradient are skipped; this many in a row stop the run.
+    max_bad_batches: int = Field(3, gt=0)
     model: ModelConfig = ModelConfig()
     task: TaskConfig = TaskConfig()
     warmup: WarmupConfig = WarmupConfig()

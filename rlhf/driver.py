@@ -26,12 +26,14 @@ from rlhf.batch import make_train_batch, response_mask
 from rlhf.config import RunConfig, save_config
 from rlhf.data import DatasetError, PromptRow, load_rows
 from rlhf.evaluate import score_eval
+from rlhf.guards import BatchGuard, reward_fault, update_fault
 from rlhf.models import build_student, build_tokenizer, load_student
+from rlhf.resume import complete_checkpoints
 from rlhf.trainer import TrainerGroup
 
 
 class RunDirError(ValueError):
-    """An output_dir that cannot take this run (it holds a finished one)."""
+    """An output_dir that cannot take this run (it holds a finished one, or checkpoints to resume from)."""
 
 
 def run(cfg: RunConfig, log=print) -> dict:
@@ -83,12 +85,18 @@ class StageTimer:
             self.add(stage, time.perf_counter() - start)
 
 
-def prepare_run_dir(cfg: RunConfig) -> Path:
+def prepare_run_dir(cfg: RunConfig, resume: bool = False) -> Path:
+    """Make ``output_dir`` ready: a new run starts afresh (metrics.jsonl removed) where no finished run and no
+    checkpoint is; ``resume``: keep what is there (the caller resumes from its newest checkpoint)."""
     out = Path(cfg.output_dir)
     if (out / "summary.json").exists():
         raise RunDirError(f"output_dir {out} holds a finished run: choose another output_dir (or delete it)")
+    if not resume and complete_checkpoints(out):
+        raise RunDirError(f"output_dir {out} holds checkpoints of an unfinished run: continue it with --resume, or "
+                          f"choose another output_dir (or delete it)")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    if not resume:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     save_config(cfg, out / "config.yaml")
     return out
 
@@ -96,7 +104,8 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
 def progress_line(step: int, steps: int, m: dict) -> str:
     # A script may run more steps than algorithm.steps plans; "step 5/2" would read like a bug.
     done = f"{step}/{steps}" if step <= steps else f"{step}"
-    return (f"step {done}  reward {m['reward/mean']:.3f}  acc {m['reward/accuracy']:.3f}  "
+    # A batch skipped for NaN rewards has no reward/mean (metrics.jsonl keeps finite numbers only).
+    return (f"step {done}  reward {m.get('reward/mean', float('nan')):.3f}  acc {m['reward/accuracy']:.3f}  "
             f"kl {m.get('losses/kl', 0.0):.4f}  len {m['charts/response_tokens']:.1f}  {m['perf/step_s']:.1f} s")
 
 
@@ -120,6 +129,7 @@ class GRPOLoop:
             "temperature": cfg.rollout.temperature, "timeout_s": self.timeout,
         }, t.num_ranks, self.timeout)
         self.version = 0  # weights version the rollout workers hold; bumped by every trainer update
+        self.guard = BatchGuard(cfg.max_bad_batches)  # batches skipped for NaN/inf rewards, losses, gradients
 
     def step(self, step: int, rows: list[PromptRow]) -> dict:
         cfg, n = self.cfg, self.cfg.rollout.samples_per_prompt
@@ -133,6 +143,7 @@ class GRPOLoop:
         scores = self.score(rows, samples)
         rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)
         timings["perf/score_s"] = time.perf_counter() - t
+        fault = reward_fault([r.prompt for r in rows for _ in range(n)], scores)
 
         a, shaping = cfg.algorithm, {}
         if a.overlong_buffer:
@@ -150,31 +161,37 @@ class GRPOLoop:
 
         train_metrics = {}
         timings["perf/sync_s"] = 0.0
-        if train_samples:  # empty only when dynamic sampling found no group with signal: no update, no sync
+        # Empty only when dynamic sampling found no group with signal: no update, no sync. A batch with a NaN or
+        # infinite reward is not trained on at all; one whose loss or gradient is not finite gets no update.
+        if train_samples and fault is None:
             advantages = ADVANTAGE_ESTIMATORS[a.advantage](train_rewards, n, response_mask(train_samples))
             batch = make_train_batch(train_samples, advantages, self.tokenizer.pad_token_id, a.loss_aggregation,
                                      cfg.rollout.max_new_tokens)
             train_metrics = self.trainer.train_step(batch)
-
-            t = time.perf_counter()
-            self.sync_weights()
-            timings["perf/sync_s"] = time.perf_counter() - t
+            fault = update_fault(train_metrics)
+            if fault is None:
+                t = time.perf_counter()
+                self.sync_weights()
+                timings["perf/sync_s"] = time.perf_counter() - t
+        self.guard.record(fault)
         timings["perf/step_s"] = time.perf_counter() - t0
 
         audit = {}
         if self.auditor is not None and step % cfg.reward.audit_every == 0:
             audit = distill.audit(self.auditor, rows, samples, scores, cfg.reward)
         grouped = rewards.reshape(-1, n)
+        finite = rewards[torch.isfinite(rewards)]
         return {
             "step": step,
-            "reward/mean": rewards.mean().item(),
-            "reward/std": rewards.std().item(),
+            "reward/mean": finite.mean().item(),
+            "reward/std": finite.std().item(),
             "reward/accuracy": sum(s["correct"] for s in scores) / len(scores),
             "reward/answered": sum(s["answered"] for s in scores) / len(scores),
             "reward/zero_signal_groups": (grouped.max(1).values == grouped.min(1).values).float().mean().item(),
             "charts/response_tokens": sum(len(s.response_ids) for s in samples) / len(samples),
             "charts/truncated_rate": sum(s.finish_reason == "length" for s in samples) / len(samples),
             "charts/weights_version": self.version,
+            "faults/skipped_batches": self.guard.skipped,
             **shaping,
             **train_metrics,
             **audit,
@@ -199,9 +216,10 @@ class GRPOLoop:
             records)]
         return [s for part in actors.call_all(calls, "reward score", self.timeout) for s in part]
 
-    def sync_weights(self) -> None:
-        """Trainer rank 0's full weights go to every rollout worker via the object store, tagged with a version."""
-        self.version += 1
+    def sync_weights(self, version: int | None = None) -> None:
+        """Trainer rank 0's full weights go to every rollout worker via the object store, tagged with a version
+        (the next one, or ``version`` when resuming)."""
+        self.version = self.version + 1 if version is None else version
         weights = self.trainer.full_state_dict_ref()
         actors.call_all([w.load_weights.remote(weights, self.version) for w in self.rollout], "weight sync",
                         self.timeout)
@@ -218,6 +236,25 @@ class GRPOLoop:
                  zip(self.reward, actors.shards(texts, parts), actors.shards(refs, parts))]
         verdicts = [v for part in actors.call_all(calls, "reward verify", self.timeout) for v in part]
         return score_eval(rows, samples, verdicts)
+
+    def save_state(self, path: Path) -> list:
+        """Write the policy (``path/policy``, Hugging Face format) and the trainer ranks' state (``path/trainer``);
+        returns the rollout workers' RNG states, for the driver to store beside its own."""
+        self.trainer.save_pretrained(str(path / "policy"))
+        self.trainer.save_state(str(path / "trainer"))
+        return actors.call_all([w.rng_state.remote() for w in self.rollout], "rollout rng_state", self.timeout)
+
+    def load_state(self, path: Path, rollout_rng: list, version: int, guard: dict) -> None:
+        """Back to a checkpoint written by ``save_state``: trainer state, the workers' RNGs, the policy's weights
+        (sent to the rollout workers with the checkpoint's version) and the guard's counts."""
+        if len(rollout_rng) != len(self.rollout):
+            raise ValueError(f"the checkpoint has {len(rollout_rng)} rollout worker RNG states for "
+                             f"{len(self.rollout)} workers")
+        self.trainer.load_state(str(path / "trainer"))
+        actors.call_all([w.set_rng_state.remote(s) for w, s in zip(self.rollout, rollout_rng)],
+                        "rollout set_rng_state", self.timeout)
+        self.sync_weights(version)
+        self.guard.load_state(guard)
 
     def shutdown(self) -> None:
         self.trainer.shutdown()

@@ -157,6 +157,31 @@ class DeepSpeedRank:
             copy_side_files(self.model_dir, tmp, skip=self._side_files_to_skip)
 
 
+    # ---------------------------------------------------------------------------------------- resumable state
+
+    def save_state(self, path: str) -> None:
+        """This rank's engine state (weights with ZeRO partitions, optimizer, scheduler) in DeepSpeed's checkpoint
+        layout under ``path``, and its torch RNG state. Collective: every rank writes its own partition."""
+        from rlhf.resume import torch_rng_state
+
+        self.engine.save_checkpoint(path, tag=_DS_TAG, save_latest=False)
+        torch.save(torch_rng_state(), os.path.join(path, f"rng_rank{self.rank}.pt"))
+
+    def load_state(self, path: str) -> None:
+        """Restore what ``save_state`` wrote (the same number of ranks and ZeRO stage). Collective."""
+        from rlhf.resume import load_rng_file, set_torch_rng_state
+
+        loaded, _ = self.engine.load_checkpoint(path, tag=_DS_TAG, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if loaded is None:
+            raise FileNotFoundError(f"no DeepSpeed state for rank {self.rank} in {path}")
+        set_torch_rng_state(load_rng_file(os.path.join(path, f"rng_rank{self.rank}.pt")))
+
+
+# DeepSpeed's checkpoint "tag" (subdirectory) inside a run checkpoint's trainer/ directory.
+_DS_TAG = "deepspeed"
+
+
 class PolicyTrainer(DeepSpeedRank):
     """One data-parallel rank: a DeepSpeed engine over the policy, plus a frozen reference model when kl_coef > 0.
 
@@ -199,6 +224,7 @@ class PolicyTrainer(DeepSpeedRank):
         sums = torch.zeros(len(_SUMMED), dtype=torch.float64)
         rows = batch["input_ids"].shape[0]
         starts = list(range(0, rows, cfg["micro_batch_size"]))
+        skipped_before = engine.skipped_steps
         for i, first in enumerate(starts):
             mb = {k: batch[k][first:first + cfg["micro_batch_size"]] for k in BATCH_KEYS}
             # Rows are right-padded, so columns past the longest row in this micro-batch are pure padding.
@@ -224,6 +250,9 @@ class PolicyTrainer(DeepSpeedRank):
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["losses/grad_norm"] = float(grad_norm)
+        # DeepSpeed checks the global gradient norm before the optimizer step and skips the step (same decision
+        # on every rank) when it is NaN or infinite; the driver's guard counts it (rlhf/guards.py).
+        metrics["faults/update_skipped"] = float(engine.skipped_steps > skipped_before)
         return metrics
 
     def _micro_step(self, mb: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -336,6 +365,12 @@ class RankGroup:
 
     def save_pretrained(self, path: str) -> None:
         self._get([actor.save_pretrained.remote(path) for actor in self.actors], "save_pretrained")
+
+    def save_state(self, path: str) -> None:
+        self._get([actor.save_state.remote(path) for actor in self.actors], "save_state")
+
+    def load_state(self, path: str) -> None:
+        self._get([actor.load_state.remote(path) for actor in self.actors], "load_state")
 
     def shutdown(self) -> None:
         for actor in self.actors:
