@@ -107,3 +107,109 @@ def test_algorithm_and_reward_changes_are_refused():
 def test_fewer_steps_than_the_checkpoint_is_refused():
     with pytest.raises(ResumeError, match="algorithm.steps=1 is below the checkpoint's step 2"):
         check_config(dumped(), dumped("algorithm.steps=1"), step=2, output_dir="runs/x")
+
+
+# ------------------------------------------------------------------- the invariant, end to end through Ray
+
+# configs/tiny.yaml (2 ZeRO-3 trainer ranks, KL to the reference) for 4 steps, a checkpoint every 2. The tiny
+# student never answers right, so the verifier's rewards are all 0; the overlong penalty (from 4 tokens on) gives
+# rewards that differ within groups, hence real updates, through which a lost optimizer state would show.
+RUN = ["algorithm.steps=4", "save_every=2", "algorithm.overlong_buffer=12", "trainer.lr=0.01"]
+
+# The driver process of a run that kills itself (SIGKILL: no clean-up, no atexit) once step 3's metrics line is
+# written: past the step-2 checkpoint, so the resume must also drop that line and redo step 3.
+KILLED_DRIVER = textwrap.dedent("""
+    import os, signal, sys
+    from rlhf.api import run
+    from rlhf.config import load_config
+
+    def log(line):
+        print(line, flush=True)
+        if line.startswith("step 3"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    run(load_config(sys.argv[1], sys.argv[2:]), log=log)
+""")
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timings(m: dict) -> dict:
+    return {k: v for k, v in m.items() if not k.startswith("perf/") or k == "perf/logprob_mismatch"}
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / "policy" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    from rlhf.cli import main
+
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert main(["run", TINY, f"output_dir={out}", *RUN]) == 0
+    return out
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_metrics_and_weights(straight, tmp_path, capsys):
+    import psutil
+
+    from rlhf.cli import main
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_DRIVER, TINY, f"output_dir={out}", *RUN], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    children: set[int] = set()
+    try:
+        while proc.poll() is None:  # the Ray processes it starts, to check they do not outlive it
+            try:
+                children |= {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+            except psutil.NoSuchProcess:
+                break
+        stdout = proc.communicate(timeout=600)[0]
+        assert proc.returncode == -signal.SIGKILL, stdout
+        assert "checkpoint step 2" in stdout and "step 3/4" in stdout and "step 4/4" not in stdout
+        gone, alive = psutil.wait_procs([psutil.Process(p) for p in children if psutil.pid_exists(p)], timeout=60)
+        assert not alive, f"the killed driver left {alive}"
+    finally:
+        for pid in children:  # only the processes that driver started
+            if psutil.pid_exists(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3]
+    assert not (out / "summary.json").exists()
+
+    # A change that would make the resumed run another run is refused, and nothing is touched.
+    assert main(["run", TINY, f"output_dir={out}", *RUN, "seed=1", "rollout.max_new_tokens=8", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rollout.max_new_tokens 16 -> 8" in err and "seed 0 -> 1" in err
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3]
+    # Without --resume the checkpoints are not silently thrown away either.
+    assert main(["run", TINY, f"output_dir={out}", *RUN]) == 2
+    assert "continue it with --resume" in capsys.readouterr().err
+
+    # A harmless change is accepted and reported; the run continues from step 2.
+    assert main(["run", TINY, f"output_dir={out}", *RUN, "call_timeout_s=300", "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "from step 2" in printed and "call_timeout_s 600.0 -> 300.0" in printed and "step 3/4" in printed
+    resumed, expected = metrics(out), metrics(straight)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    assert [without_timings(m) for m in resumed] == [without_timings(m) for m in expected]
+    weights, expected_weights = final_weights(out), final_weights(straight)
+    assert weights.keys() == expected_weights.keys()
+    assert all(torch.equal(weights[k], expected_weights[k]) for k in weights)
+    summary, expected_summary = (json.loads((d / "summary.json").read_text()) for d in (out, straight))
+    assert summary["steps"] == 4 and summary["eval_after"] == expected_summary["eval_after"]
+    assert summary["eval_before"] == expected_summary["eval_before"]
+
+
+def test_resuming_a_finished_run_says_so_and_trains_nothing(straight, capsys):
+    from rlhf.cli import main
+
+    before = (straight / "metrics.jsonl").read_text(), (straight / "summary.json").read_text()
+    assert main(["run", TINY, f"output_dir={straight}", *RUN, "--resume"]) == 0
+    assert "holds a finished run (4 RL steps): nothing to resume" in capsys.readouterr().out
+    assert ((straight / "metrics.jsonl").read_text(), (straight / "summary.json").read_text()) == before
