@@ -156,7 +156,6 @@ class DeepSpeedRank:
             # Tokenizer files and the like, so the checkpoint is usable on its own; weights come only from state_dict.
             copy_side_files(self.model_dir, tmp, skip=self._side_files_to_skip)
 
-
     # ---------------------------------------------------------------------------------------- resumable state
 
     def save_state(self, path: str) -> None:

@@ -2,11 +2,15 @@
 the message names. DeepSpeed's side (an update with a non-finite gradient is refused) is in test_trainer_state.py."""
 from __future__ import annotations
 
-import math
-
 import pytest
 
-from rlhf.guards import BatchGuard, NonFiniteError, finite_metrics, reward_fault, update_fault
+from rlhf.guards import (
+    BatchGuard,
+    NonFiniteError,
+    finite_metrics,
+    reward_fault,
+    update_fault,
+)
 
 NAN, INF = float("nan"), float("inf")
 

@@ -16,9 +16,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.config import RunConfig, load_config
-from rlhf.resume import (RNG_FILE, STATE_FILE, ResumeError, check_config, complete_checkpoints, config_changes,
-                         newest_checkpoint, prune_checkpoints, python_rng_state, python_rng_tuple, truncate_metrics)
+from rlhf.config import load_config
+from rlhf.resume import (
+    RNG_FILE,
+    STATE_FILE,
+    ResumeError,
+    check_config,
+    complete_checkpoints,
+    config_changes,
+    newest_checkpoint,
+    prune_checkpoints,
+    python_rng_state,
+    python_rng_tuple,
+    truncate_metrics,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
