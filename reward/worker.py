@@ -52,6 +52,8 @@ class RewardWorker:
 
             torch.set_num_threads(threads)
             self.rm = DistilledRewardModel.from_pretrained(rm_path).eval()
+            if torch.cuda.is_available():  # a GPU given to this worker by cluster.reward.num_gpus
+                self.rm.to("cuda")
             self.rm_tokenizer = AutoTokenizer.from_pretrained(rm_path)
             self.rm_reference = uses_reference(self.rm)
 

@@ -10,19 +10,17 @@ import os
 import ray
 
 from reward.worker import RewardWorker
+from rlhf import cluster
 from rlhf.config import RunConfig
 from rollout.worker import RolloutWorker
 
 
 def start_ray(cfg: RunConfig) -> None:
-    """A local Ray instance sized for this run's actors (they time-share the cores: phases run one after another)."""
-    if ray.is_initialized():
-        return
+    """Start or join Ray as ``cluster.address`` says. A local instance is sized for this run's actors (they
+    time-share the cores: phases run one after another)."""
     wanted = cfg.trainer.num_ranks * cfg.trainer.threads + cfg.rollout.num_workers
-    # address="local": always a fresh instance; without it ray.init joins any cluster `ray start` left running.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, wanted), include_dashboard=False, log_to_driver=False,
-             logging_level="error", configure_logging=True,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}})
+    cluster.connect(cfg.cluster.address, max(os.cpu_count() or 1, wanted), cfg.cluster.connect_timeout_s,
+                    {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"})
 
 
 def call_all(refs: list, what: str, timeout_s: float) -> list:
@@ -34,7 +32,9 @@ def call_all(refs: list, what: str, timeout_s: float) -> list:
 
 
 def make_rollout_workers(cfg: RunConfig, model_dir: str) -> list:
-    actor = ray.remote(num_cpus=1)(RolloutWorker)
+    resources = cluster.role_resources(cfg, "rollout")
+    cluster.check_fits("rollout", cfg.rollout.num_workers, resources)
+    actor = ray.remote(**resources.options())(RolloutWorker)
     workers = [actor.remote(model_dir, cfg.rollout.threads, cfg.seed + 1000 * (i + 1))
                for i in range(cfg.rollout.num_workers)]
     call_all([w.__ray_ready__.remote() for w in workers], "rollout worker start-up", cfg.call_timeout_s)
@@ -43,8 +43,10 @@ def make_rollout_workers(cfg: RunConfig, model_dir: str) -> list:
 
 def make_reward_workers(cfg: RunConfig, rm_path: str | None, reward_fn=None) -> list:
     """``reward_fn``: the Python function behind the ``custom`` component, pickled to each worker by Ray."""
-    # No CPU reservation: scoring runs between generation and training, when the cores are free anyway.
-    actor = ray.remote(num_cpus=0)(RewardWorker)
+    # By default no CPU reservation: scoring runs between generation and training, when the cores are free anyway.
+    resources = cluster.role_resources(cfg, "reward")
+    cluster.check_fits("reward", cfg.reward.num_workers, resources)
+    actor = ray.remote(**resources.options())(RewardWorker)
     # Scoring has the cores to itself (rollout and trainers wait for it), so it may use the rollout's threads.
     r = cfg.reward
     workers = [actor.remote(r.components, r.correct, r.unparseable, rm_path, cfg.rollout.threads, cfg.rollout_rows,

@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    from rlhf.cluster import ClusterError
     from rlhf.config import ConfigError
     from rlhf.data import DatasetError
     from rlhf.driver import RunDirError
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DatasetError, ModelLoadError, RunDirError, FileNotFoundError) as err:
+    except (ConfigError, DatasetError, ModelLoadError, RunDirError, ClusterError, FileNotFoundError) as err:
         print(f"distilrl: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteError as err:  # the run stopped itself; its newest checkpoint is left to resume from

@@ -169,6 +169,25 @@ class TrainerConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(64, gt=0)
     threads: int = Field(1, gt=0)
+    # The GPU path (ignored on CPU): bf16 weights and activations (fp32 master weights in the optimizer),
+    # activation recomputation to fit long responses, and ZeRO offload to host memory: "optimizer" (ZeRO-2/3) or
+    # "optimizer+params" (ZeRO-3 only). Attention is PyTorch SDPA, transformers' default.
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    offload: Literal["none", "optimizer", "optimizer+params"] = "none"
+
+    @model_validator(mode="after")
+    def _offload_needs_stage(self) -> "TrainerConfig":
+        if self.offload == "optimizer+params" and self.zero_stage != 3:
+            raise ValueError("trainer.offload optimizer+params needs trainer.zero_stage 3 (ZeRO-2 keeps parameters "
+                             "on every rank)")
+        return self
+
+    def zero_options(self) -> dict:
+        """Extra keys of DeepSpeed's zero_optimization section for the offload chosen."""
+        host = {"device": "cpu", "pin_memory": True}
+        return {"optimizer": {"offload_optimizer": host},
+                "optimizer+params": {"offload_optimizer": host, "offload_param": host}}.get(self.offload, {})
 
 
 class AlgorithmConfig(_Section):
@@ -219,6 +238,45 @@ class AlgorithmConfig(_Section):
         return self
 
 
+class RoleResources(_Section):
+    """What one actor of a role asks Ray for: CPUs, GPUs (fractions share a GPU) and custom node resources (e.g.
+    ``{trainer_node: 1}`` to keep the role on the nodes started with ``ray start --resources='{"trainer_node": 8}'``)."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = {}
+
+
+class ClusterConfig(_Section):
+    """Where the run's Ray actors go (rlhf/cluster.py).
+
+    ``address``: ``local`` starts a private Ray in this process; ``auto`` joins the cluster ``ray start`` made on
+    this node (or the one RAY_ADDRESS names, as under ``ray job submit``); ``host:port`` / ``ray://host:port`` join
+    that one. Per role, what each actor asks for; unset roles keep the defaults that suit one machine: a trainer
+    rank takes ``trainer.threads`` CPUs and one GPU when the cluster has a GPU per rank, a rollout worker one CPU
+    (and one GPU when the trainer ranks take GPUs), a reward worker no reservation (it scores while the others
+    wait). The reference model lives on the trainer ranks, beside the batch it scores, so it has no role here.
+    """
+
+    address: str = "local"
+    connect_timeout_s: float = Field(30.0, gt=0)  # how long an unreachable address may take to fail
+    placement_timeout_s: float = Field(120.0, gt=0)  # how long the trainer ranks may wait for their resources
+    # PACK: trainer ranks on as few nodes as possible (fast collectives); SPREAD: spread if possible;
+    # STRICT_PACK: all on one node; STRICT_SPREAD: each rank on its own node.
+    trainer_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    trainer: RoleResources | None = None
+    critic: RoleResources | None = None
+    rollout: RoleResources | None = None
+    reward: RoleResources | None = None
+
+    @model_validator(mode="after")
+    def _address_form(self) -> "ClusterConfig":
+        a = self.address
+        if a not in ("local", "auto") and not (":" in a and a.rsplit(":", 1)[1].isdigit()):
+            raise ValueError(f"cluster.address must be local, auto, host:port or ray://host:port, not {a!r}")
+        return self
+
+
 class EvalConfig(_Section):
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(256, gt=0)
@@ -250,6 +308,7 @@ class RunConfig(_Section):
     trainer: TrainerConfig = TrainerConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     eval: EvalConfig = EvalConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
     def _batch_units_divide(self) -> "RunConfig":

@@ -20,7 +20,7 @@ import ray
 import torch
 
 from reward import distill
-from rlhf import actors
+from rlhf import actors, cluster
 from rlhf.algorithms import ADVANTAGE_ESTIMATORS, informative_groups, overlong_penalty
 from rlhf.batch import make_train_batch, response_mask
 from rlhf.config import RunConfig, save_config
@@ -124,10 +124,12 @@ class GRPOLoop:
         self.trainer = TrainerGroup(model_dir, {
             "zero_stage": t.zero_stage, "lr": t.lr, "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm,
             "micro_batch_size": t.micro_batch_size, "threads": t.threads, "seed": cfg.seed,
+            "bf16": t.bf16, "gradient_checkpointing": t.gradient_checkpointing, "zero_options": t.zero_options(),
             "clip_low": a.clip_low, "clip_high": a.clip_high, "kl_coef": a.kl_coef, "kl_estimator": a.kl_estimator,
             "entropy_coef": a.entropy_coef,
             "temperature": cfg.rollout.temperature, "timeout_s": self.timeout,
-        }, t.num_ranks, self.timeout)
+        }, t.num_ranks, self.timeout, resources=cluster.role_resources(cfg, "trainer"),
+            strategy=cfg.cluster.trainer_strategy, placement_timeout_s=cfg.cluster.placement_timeout_s)
         self.version = 0  # weights version the rollout workers hold; bumped by every trainer update
         self.guard = BatchGuard(cfg.max_bad_batches)  # batches skipped for NaN/inf rewards, losses, gradients
 

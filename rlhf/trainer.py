@@ -15,13 +15,12 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
-import socket
 import time
 from datetime import timedelta
 
 import torch
 
-from rlhf import algorithms
+from rlhf import algorithms, cluster
 from rlhf.checkpoint import atomic_dir
 
 # The DeepSpeed engine's settings, shared by every trainer built on ``DeepSpeedRank`` (policy, reward model).
@@ -36,6 +35,8 @@ ENGINE_DEFAULTS = {
     "threads": 1,
     "seed": 0,
     "timeout_s": 600.0,
+    # Recompute activations in the backward pass instead of keeping them (GPU memory for long responses).
+    "gradient_checkpointing": False,
     # Extra keys for DeepSpeed's "zero_optimization" section (offload, bucket sizes, persistence threshold, ...).
     "zero_options": {},
 }
@@ -195,6 +196,8 @@ class PolicyTrainer(DeepSpeedRank):
         self.model_dir = model_dir
         policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
         policy.config.use_cache = False
+        if cfg["gradient_checkpointing"]:
+            policy.gradient_checkpointing_enable()
         self._wrap(policy)
 
         self.reference = None
@@ -331,21 +334,28 @@ class RankGroup:
     rank dies or a collective stalls. Subclasses add train_step; ``_shards`` splits a batch's rows across ranks.
     """
 
-    def __init__(self, rank_cls: type, args: tuple, cfg: dict, num_ranks: int, timeout_s: float):
-        """Start ``rank_cls(rank, num_ranks, master_addr, master_port, *args, cfg)`` on each rank."""
+    def __init__(self, rank_cls: type, args: tuple, cfg: dict, num_ranks: int, timeout_s: float,
+                 resources: cluster.Resources | None = None, strategy: str = "PACK", placement_timeout_s: float = 120.0,
+                 role: str = "trainer"):
+        """Start ``rank_cls(rank, num_ranks, master_addr, master_port, *args, cfg)`` on each rank, each rank in its
+        own bundle of one placement group (``strategy`` decides how the bundles spread over nodes). ``resources``:
+        what each rank asks for; by default ``cfg["threads"]`` CPUs and one GPU when the cluster has one per rank."""
         import ray
 
         self._ray = ray
         self.num_ranks, self.timeout_s = num_ranks, timeout_s
-        # One GPU per rank where the cluster has them; otherwise CPU ranks.
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= num_ranks else 0
-        actor_cls = ray.remote(num_cpus=cfg["threads"], num_gpus=gpus)(rank_cls)
-        # Rank 0 hosts the rendezvous; with all ranks on this node (the case so far) a local free port does.
-        master_addr, master_port = "127.0.0.1", _free_port()
-        self.actors = [actor_cls.remote(rank, num_ranks, master_addr, master_port, *args, cfg)
-                       for rank in range(num_ranks)]
-        # Actor constructors run asynchronously; wait for all of them so start-up errors surface here.
+        if resources is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= num_ranks else 0
+            resources = cluster.Resources(num_cpus=cfg["threads"], num_gpus=gpus)
+        self.actors, self.placement_group = [], None
         try:
+            self.placement_group = cluster.reserve(role, num_ranks, resources, strategy, placement_timeout_s)
+            # Rank 0 hosts the rendezvous, at its own node's address: the other ranks may run on other nodes.
+            master_addr, master_port = cluster.rendezvous_address(self.placement_group)
+            actor_cls = ray.remote(rank_cls)
+            self.actors = [actor_cls.options(**resources.options(), **cluster.in_bundle(self.placement_group, rank))
+                           .remote(rank, num_ranks, master_addr, master_port, *args, cfg) for rank in range(num_ranks)]
+            # Actor constructors run asynchronously; wait for all of them so start-up errors surface here.
             self._get([actor.__ray_ready__.remote() for actor in self.actors], "start-up")
         except Exception:
             self.shutdown()  # the ranks that did start would otherwise hold their CPUs/GPUs
@@ -375,6 +385,8 @@ class RankGroup:
         for actor in self.actors:
             self._ray.kill(actor)
         self.actors = []
+        cluster.release(self.placement_group)
+        self.placement_group = None
 
     def _get(self, refs: list, what: str) -> list:
         try:
@@ -387,8 +399,9 @@ class RankGroup:
 class TrainerGroup(RankGroup):
     """``num_ranks`` PolicyTrainer Ray actors forming one data-parallel DeepSpeed group."""
 
-    def __init__(self, model_dir: str, cfg: dict, num_ranks: int, timeout_s: float):
-        super().__init__(PolicyTrainer, (model_dir,), {**DEFAULTS, **cfg}, num_ranks, timeout_s)
+    def __init__(self, model_dir: str, cfg: dict, num_ranks: int, timeout_s: float, **placement):
+        """``placement``: RankGroup's resources, strategy and placement_timeout_s."""
+        super().__init__(PolicyTrainer, (model_dir,), {**DEFAULTS, **cfg}, num_ranks, timeout_s, **placement)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         shards = self._shards(batch, batch["input_ids"].shape[0],
@@ -409,8 +422,3 @@ class TrainerGroup(RankGroup):
             raise TimeoutError(f"trainer full_state_dict did not finish within {self.timeout_s:.0f} s")
         return refs[0]
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -30,8 +30,8 @@ def generate(model, tokenizer, prompts: list[str], n: int, max_new_tokens: int, 
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
     sampling = {} if greedy else {"temperature": temperature, "top_k": 0, "top_p": 1.0}
     out = model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-        do_sample=not greedy, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+        input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+        max_new_tokens=max_new_tokens, do_sample=not greedy, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
         return_dict_in_generate=True, output_logits=True, use_cache=True, **sampling)
     new_tokens = out.sequences[:, width:]
     # Raw logits per step, scaled as the sampler scaled them, give the sampling distribution's log-probs.

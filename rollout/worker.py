@@ -23,6 +23,8 @@ class RolloutWorker:
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
         self.model, self.tokenizer = load_student(model_dir)
+        if torch.cuda.is_available():  # Ray shows the actor only the GPU it was given (cluster.rollout.num_gpus)
+            self.model.to("cuda")
         self.model.eval()
         self.version = 0
 
