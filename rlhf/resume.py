@@ -34,12 +34,15 @@ STATE_FILE = "state.json"
 RNG_FILE = "rng.pt"
 
 # Keys whose change leaves the remaining steps' computation as it was (or changes it only in float rounding:
-# thread counts, micro-batch split). Every other key must match the checkpoint's config.
+# thread counts, micro-batch split, recomputed activations). Every other key must match the checkpoint's config.
 HARMLESS_KEYS = (
     "output_dir", "algorithm.steps", "save_every", "keep_checkpoints", "max_bad_batches", "call_timeout_s",
     "rollout.threads", "trainer.threads", "trainer.micro_batch_size", "eval.batch_size", "label.concurrency",
     "reward.num_workers", "reward.audit_every", "reward.audit_samples", "reward.audit_warn_below",
+    "trainer.gradient_checkpointing",
 )
+# Where the actors run (cluster address, per-role resources, placement) does not change what they compute.
+HARMLESS_SECTIONS = ("cluster.",)
 
 
 class ResumeError(ConfigError):
@@ -97,7 +100,7 @@ def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     for key in sorted(old.keys() | new.keys()):
         if old.get(key) != new.get(key):
             text = f"{key} {old.get(key)!r} -> {new.get(key)!r}"
-            (harmless if key in HARMLESS_KEYS else refused).append(text)
+            (harmless if key in HARMLESS_KEYS or key.startswith(HARMLESS_SECTIONS) else refused).append(text)
     return harmless, refused
 
 

@@ -94,6 +94,8 @@ def test_harmless_changes_are_accepted_and_listed():
     assert accepted == ["algorithm.steps 2 -> 10", "call_timeout_s 600.0 -> 30.0",
                         "output_dir 'runs/tiny' -> '/elsewhere'", "save_every 0 -> 5"]
     assert check_config(dumped(), dumped(), step=2, output_dir="runs/x") == []
+    assert check_config(dumped(), dumped("cluster.address=auto"), step=2, output_dir="runs/x") == [
+        "cluster.address 'local' -> 'auto'"]
 
 
 def test_meaningful_changes_are_refused_in_one_line_naming_every_key():
