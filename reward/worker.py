@@ -7,8 +7,8 @@ sequence-classification reward model's score (reward/seqcls.py); ``custom``, a P
 cloudpickle); ``adaptive``, reasoning length fitted to the problem's difficulty for correct answers
 (reward/adaptive.py). The reward is their weighted
 sum. The verifier's verdict is always returned too (it is cheap), so metrics show true accuracy even when RL is
-rewarded by the RM alone. A component that yields NaN or infinity, or raises, stops the batch with the offending
-sample named, rather than poisoning the update silently.
+rewarded by the RM alone. A component that raises stops the batch with the offending sample named; a NaN or
+infinite reward is returned with the components that produced it (``nonfinite``), and the driver skips that batch.
 """
 from __future__ import annotations
 
@@ -109,9 +109,11 @@ class RewardWorker:
             if seqcls_scores is not None:
                 parts["seqcls"] = seqcls_scores[i]
             reward = sum(w * parts[name] for name, w in self.components.items())
-            if not math.isfinite(reward):
-                raise RewardError(f"non-finite reward {reward} ({parts}) for prompt {prompt!r}, response {response!r}")
             result = {"reward": reward, "correct": float(bool(verdict)), "answered": float(verdict is not None)}
+            if not math.isfinite(reward):
+                # Returned, not raised: the driver's guard skips the batch and names this (rlhf/guards.py).
+                result["nonfinite"] = ", ".join(f"{name}={parts[name]}" for name in self.components
+                                                if not math.isfinite(parts[name])) or f"the weighted sum {reward}"
             for name in ("rm", "adaptive"):
                 if name in parts:
                     result[name] = parts[name]

@@ -17,6 +17,8 @@ _EXPORTS = {
     "DatasetError": "rlhf.data",
     "RewardError": "reward.worker",
     "RunDirError": "rlhf.driver",
+    "ResumeError": "rlhf.resume",
+    "NonFiniteError": "rlhf.guards",
     "Trainer": "rlhf.api",
     "RunResult": "rlhf.api",
     "run": "rlhf.api",
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
     from rlhf.config import ConfigError, RunConfig, load_config
     from rlhf.data import DatasetError
     from rlhf.driver import RunDirError
+    from rlhf.guards import NonFiniteError
+    from rlhf.resume import ResumeError
 
 
 def __getattr__(name: str):

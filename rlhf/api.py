@@ -16,6 +16,7 @@ The ``distilrl run`` command goes through ``run`` too: scripts and the CLI share
 """
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -24,14 +25,16 @@ from typing import TYPE_CHECKING, Callable
 
 import ray
 import torch
+from transformers import AutoTokenizer
 
 from reward import distill
 from reward.custom import load_reward_fn
 from reward.seqcls import check_seqcls_dir
 from reward.worker import RewardFn
-from rlhf import actors, curriculum, driver
-from rlhf.checkpoint import write_json_atomic
+from rlhf import actors, curriculum, driver, resume as checkpoints
+from rlhf.checkpoint import atomic_dir, write_json_atomic
 from rlhf.config import ConfigError, RunConfig
+from rlhf.guards import finite_metrics
 from rlhf.metrics import RunMetrics, check_wandb, eval_scalars
 from rlhf.models import check_model_dir, save_student
 from rlhf.pipeline import RolloutPipeline
@@ -55,17 +58,28 @@ class RunResult:
 
 
 def run(cfg: RunConfig, reward_fn: RewardFn | None = None, train_dataset: Dataset | None = None,
-        eval_dataset: Dataset | None = None, log: Callable[[str], None] = print) -> RunResult:
+        eval_dataset: Dataset | None = None, log: Callable[[str], None] = print, resume: bool = False) -> RunResult:
     """Run the stages ``cfg.stages`` lists, in pipeline order: warm-up, labelling, reward-model training, evaluation
-    before RL, RL (``algorithm.steps`` steps), evaluation after, the final policy. The arguments are ``Trainer``'s."""
-    with Trainer(cfg, reward_fn, train_dataset, eval_dataset, log) as trainer:
-        if "warmup" in cfg.stages:
+    before RL, RL (``algorithm.steps`` steps), evaluation after, the final policy. The arguments are ``Trainer``'s.
+
+    ``resume``: continue the run in ``cfg.output_dir`` from its newest complete checkpoint (the stages before RL
+    are done then); a finished run there is reported and returned as it is, without training."""
+    out = Path(cfg.output_dir)
+    if resume and (out / "summary.json").exists():
+        summary = json.loads((out / "summary.json").read_text())
+        log(f"{out} holds a finished run ({summary.get('steps', 0)} RL steps): nothing to resume")
+        rm_dir = Path(cfg.reward_model.path) if cfg.reward_model.path else out / "reward_model"
+        return RunResult(summary, out, out / "policy" if (out / "policy").is_dir() else None,
+                         rm_dir if rm_dir.is_dir() else None)
+    with Trainer(cfg, reward_fn, train_dataset, eval_dataset, log, resume=resume) as trainer:
+        before_rl = trainer.resumed_step is None  # a checkpoint comes after every stage before RL
+        if "warmup" in cfg.stages and before_rl:
             trainer.warmup()
-        if "label" in cfg.stages:
+        if "label" in cfg.stages and before_rl:
             trainer.label()
-        if "train_rm" in cfg.stages:
+        if "train_rm" in cfg.stages and before_rl:
             trainer.train_reward_model()
-        if "eval" in cfg.stages:
+        if "eval" in cfg.stages and before_rl:
             trainer.evaluate()
         if "rl" in cfg.stages:
             trainer.train()
@@ -86,8 +100,11 @@ class Trainer:
     with cloudpickle), so changes it makes to the script's objects are not seen; an error in it stops the step
     with a ``RewardError`` naming the sample. ``train_dataset``, ``eval_dataset``: ``datasets.Dataset``s of
     prompts (columns ``task.prompt_field``, ``task.answer_field``, optionally ``task.difficulty_field``) used
-    instead of the task's training or held-out prompts. ``log``: where progress lines go. Attributes:
-    ``output_dir``, ``steps`` (RL steps taken), ``reward_model_dir`` (None until there is one).
+    instead of the task's training or held-out prompts. ``log``: where progress lines go. ``resume``: continue
+    from the newest complete checkpoint in ``output_dir`` (see rlhf/resume.py; a config change that matters is
+    refused with a ``ResumeError``), or start afresh where there is none. Attributes: ``output_dir``, ``steps``
+    (RL steps taken), ``reward_model_dir`` (None until there is one), ``resumed_step`` (the checkpoint's step, or
+    None).
 
     Leaving the ``with`` block stops the actors, and Ray if this Trainer started it, also when an exception ends
     it; a clean exit also writes ``summary.json`` (a failed run leaves none, so its directory can be reused).
@@ -96,7 +113,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, reward_fn: RewardFn | None = None, train_dataset: Dataset | None = None,
-                 eval_dataset: Dataset | None = None, log: Callable[[str], None] = print):
+                 eval_dataset: Dataset | None = None, log: Callable[[str], None] = print, resume: bool = False):
         reward_fn = _check_reward_fn(cfg, reward_fn)
         if cfg.reward.components.get("seqcls"):
             check_seqcls_dir(cfg.reward.seqcls_path)
@@ -106,6 +123,8 @@ class Trainer:
         self._start = time.perf_counter()
         # Every input is checked before the run directory is touched: bad input leaves what is there as it was.
         driver.refuse_finished_run(cfg)
+        checkpoint = self._checkpoint_to_resume(cfg) if resume else None
+        self.resumed_step: int | None = checkpoint.step if checkpoint else None
         tokenizer = driver.load_tokenizer(cfg)
         self._summary: dict = {"data": {}}  # prompt counts (and those dropped as too long), then each stage's figures
         train_rows, eval_rows = driver.load_prompts(cfg, train_dataset, eval_dataset, tokenizer, log,
@@ -120,14 +139,21 @@ class Trainer:
         self._eval_rows = driver.fitting_prompts(cfg, eval_rows, self._tokenizer, positions, "held-out prompts", log)
         if cfg.reward_model.path:
             check_model_dir(cfg.reward_model.path, "reward_model.path", "ForSequenceClassification")
-        self.output_dir: Path = driver.prepare_run_dir(cfg)
-        self.metrics = RunMetrics(self.output_dir, cfg)  # metrics.jsonl, TensorBoard, W&B
+        self.output_dir: Path = driver.prepare_run_dir(cfg, resume=checkpoint is not None)
+        if checkpoint is not None:
+            # The actors start from the run's own starting policy (output_dir/warmup), then take the checkpoint's
+            # state; the student built above only checked the model settings.
+            self._student, self._tokenizer = None, AutoTokenizer.from_pretrained(self.output_dir / "warmup")
         self._rl_progress: Progress | None = None  # the RL stage's progress bar, while train() runs
         self._last_metrics: dict = {}
         self._order = random.Random(cfg.seed + 3)  # which prompts each RL step takes
         self.reward_model_dir: Path | None = Path(cfg.reward_model.path) if cfg.reward_model.path else None
         self.steps = 0  # RL steps taken
         self._timer = driver.StageTimer()
+        self._restore: checkpoints.Checkpoint | None = None  # a checkpoint whose actor state is still to load
+        if checkpoint is not None:
+            self._resume_driver(checkpoint)  # before metrics.jsonl is opened: it cuts the file to the checkpoint
+        self.metrics = RunMetrics(self.output_dir, cfg)  # metrics.jsonl, TensorBoard, W&B
         self._rollout: actors.WorkerPool | None = None
         self._loop: driver.GRPOLoop | None = None
         self._rollouts: RolloutPipeline | None = None  # generations launched ahead (asynchronous rollout)
@@ -204,7 +230,7 @@ class Trainer:
         start = time.perf_counter()
         # Asynchronous rollout: this batch was launched while the previous one trained (rlhf/pipeline.py).
         launched = self._rollouts.next(remaining=self._plan_end - self.steps - 1)
-        metrics = loop.step(self.steps + 1, launched.rows, launched)
+        metrics = finite_metrics(loop.step(self.steps + 1, launched.rows, launched))
         self.steps += 1
         self._last_metrics = metrics
         self.metrics.rl_step(metrics)
@@ -214,12 +240,16 @@ class Trainer:
         else:
             self.log(driver.progress_line(self.steps, self.cfg.algorithm.steps, metrics))
         self._timer.add("rl", time.perf_counter() - start)
+        if loop.guard.last_fault:
+            self.log(f"step {self.steps}: batch skipped, no update: {loop.guard.last_fault}")
+        loop.guard.check(self.steps)  # NonFiniteError after max_bad_batches skipped in a row
         return metrics
 
     def train(self, steps: int | None = None) -> list[dict]:
-        """The RL stage: ``steps`` RL steps (default ``algorithm.steps``), with a checkpoint in
-        ``output_dir/checkpoints/step_N`` every ``save_every`` steps; returns their metrics."""
-        steps = self.cfg.algorithm.steps if steps is None else steps
+        """The RL stage: ``steps`` RL steps (default: those left to ``algorithm.steps``), with a checkpoint in
+        ``output_dir/checkpoints/step_N`` every ``save_every`` steps (see ``save_checkpoint``); returns their
+        metrics."""
+        steps = max(self.cfg.algorithm.steps - self.steps, 0) if steps is None else steps
         self._plan_end = self.steps + steps
         history: list[dict] = []
 
@@ -231,11 +261,37 @@ class Trainer:
             for i in range(1, steps + 1):
                 history.append(self.step())
                 if self.cfg.save_every and self.steps % self.cfg.save_every == 0 and i < steps:
-                    self.save(self.output_dir / "checkpoints" / f"step_{self.steps}")
+                    self.save_checkpoint()
         finally:
             self._rl_progress.close()
             self._rl_progress = None
         return history
+
+    def save_checkpoint(self) -> Path:
+        """Write ``output_dir/checkpoints/step_N``: the policy (``policy/``, Hugging Face format), every trainer
+        rank's optimizer state, the RNG states of the driver and the rollout workers, and the driver's state, so
+        that ``distilrl run CONFIG --resume`` continues exactly. Atomic: a run killed while writing leaves no
+        ``step_N``. Keeps the newest ``keep_checkpoints``; returns the path."""
+        loop = self._grpo()
+        path = checkpoints.checkpoint_dir(self.output_dir, self.steps)
+        with atomic_dir(path) as tmp:
+            rollout_rng = loop.save_state(tmp)
+            torch.save({"driver": checkpoints.torch_rng_state(), "rollout": rollout_rng}, tmp / checkpoints.RNG_FILE)
+            write_json_atomic(tmp / checkpoints.STATE_FILE, {
+                "step": self.steps,
+                "weights_version": loop.version,
+                "prompt_order": checkpoints.python_rng_state(self._order.getstate()),
+                "python_rng": checkpoints.python_rng_state(random.getstate()),
+                "guard": loop.guard.state(),
+                "summary": self._summary,
+                "stage_s": dict(self._timer.seconds),
+                "elapsed_s": time.perf_counter() - self._start,
+                "reward_model_dir": str(self.reward_model_dir) if self.reward_model_dir else None,
+                "config": self.cfg.model_dump(),
+            })
+        checkpoints.prune_checkpoints(self.output_dir, self.cfg.keep_checkpoints)
+        self.log(f"checkpoint step {self.steps}: {path}")
+        return path
 
     def save(self, path: str | Path | None = None) -> Path:
         """Write the current policy in Hugging Face format (safetensors, with its tokenizer) to ``path``, by
@@ -305,11 +361,47 @@ class Trainer:
             self._loop = loop = loop_cls(self.cfg, self._start_dir(), self._tokenizer, rollout,
                                          str(self.reward_model_dir) if self.reward_model_dir else None,
                                          self._reward_fn)
+            if self._restore is not None:
+                checkpoint, self._restore = self._restore, None
+                rng = checkpoints.load_rng_file(checkpoint.path / checkpoints.RNG_FILE)
+                self._loop.load_state(checkpoint.path, rng["rollout"], checkpoint.state["weights_version"],
+                                      checkpoint.state["guard"])
             r = self.cfg.rollout
             self._rollouts = RolloutPipeline(lambda: loop.launch(self._order.sample(self._train_rows,
                                                                                    r.prompts_per_step)),
                                              r.max_staleness if r.asynchronous else 0)
         return self._loop
+
+    # ------------------------------------------------------------------------------------------------- resuming
+
+    def _checkpoint_to_resume(self, cfg: RunConfig) -> checkpoints.Checkpoint | None:
+        """The newest complete checkpoint in output_dir, once the config is checked against its own."""
+        checkpoint = checkpoints.newest_checkpoint(cfg.output_dir)
+        if checkpoint is None:
+            self.log(f"no complete checkpoint in {cfg.output_dir}: starting the run from the beginning")
+            return None
+        accepted = checkpoints.check_config(checkpoint.state["config"], cfg.model_dump(), checkpoint.step,
+                                            cfg.output_dir)
+        self.log(f"resuming {cfg.output_dir} from step {checkpoint.step} ({checkpoint.path}); config changes: "
+                 f"{'; '.join(accepted) if accepted else 'none'}")
+        return checkpoint
+
+    def _resume_driver(self, checkpoint: checkpoints.Checkpoint) -> None:
+        """The driver's side of a checkpoint, now; the actors' side when they start (``_grpo``)."""
+        state = checkpoint.state
+        self.steps = checkpoint.step
+        self._summary = state["summary"]
+        self._timer.seconds = dict(state["stage_s"])
+        self._start -= state["elapsed_s"]
+        if state["reward_model_dir"] and not self.cfg.reward_model.path:
+            self.reward_model_dir = Path(state["reward_model_dir"])
+        self._order.setstate(checkpoints.python_rng_tuple(state["prompt_order"]))
+        random.setstate(checkpoints.python_rng_tuple(state["python_rng"]))
+        checkpoints.set_torch_rng_state(checkpoints.load_rng_file(checkpoint.path / checkpoints.RNG_FILE)["driver"])
+        dropped = checkpoints.truncate_metrics(self.output_dir / "metrics.jsonl", checkpoint.step)
+        if dropped:
+            self.log(f"metrics.jsonl: dropped {dropped} line(s) after step {checkpoint.step}, to be run again")
+        self._restore = checkpoint
 
     def _stop_actors(self) -> None:
         try:

@@ -1,6 +1,7 @@
 """The ``distilrl`` command line.
 
   distilrl run CONFIG [dotted.key=value ...]      the stages the config lists (warm-up, label, train_rm, RL, eval)
+  distilrl run CONFIG --resume                    continue output_dir's run from its newest complete checkpoint
   distilrl label CONFIG [...]                     only warm-up (if listed) and labelling
   distilrl train-rm CONFIG [--labels RUN] [...]   train and evaluate a distilled RM on a labelling run's labels
   distilrl eval CHECKPOINT [--config C] [...]     a policy checkpoint on the held-out prompts, as JSON
@@ -31,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = commands.add_parser(name, help=text, description=text)
         cmd.add_argument("config", help="YAML config file, e.g. configs/quickstart.yaml")
         cmd.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. algorithm.steps=10")
+        if name == "run":
+            cmd.add_argument("--resume", action="store_true", help="continue the run in output_dir from its newest "
+                             "complete checkpoint (save_every); a finished run is left as it is")
     text = "train a distilled RM on labels (and score it against the teacher's held-out labels)"
     cmd = commands.add_parser("train-rm", help=text, description=text + ". Without --labels, the config's warm-up "
                               "(if listed) and labelling run first, in its output_dir.")
@@ -79,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf.config import ConfigError
     from rlhf.data import DatasetError
     from rlhf.driver import RunDirError
+    from rlhf.guards import NonFiniteError
     from rlhf.models import ModelLoadError
     from rlhf.worker_pool import WorkerDiedError
 
@@ -88,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             NotADirectoryError, TeacherError) as err:
         print(f"distilrl: error: {err}", file=sys.stderr)
         return 2
-    except (WorkerDiedError, TimeoutError, RewardError) as err:  # the run failed on the way: exit 1, one line
+    except (WorkerDiedError, TimeoutError, RewardError, NonFiniteError) as err:
+        # The run failed on the way (its newest checkpoint, if any, is left to resume from): exit 1, one line.
         print(f"distilrl: error: {err}", file=sys.stderr)
         return 1
 
@@ -101,7 +107,7 @@ def _run(args) -> int:
         cfg.stages = [s for s in cfg.stages if s in ("warmup", "label")] or ["label"]
         if "label" not in cfg.stages:
             cfg.stages.append("label")
-    _run_stages(cfg)
+    _run_stages(cfg, resume=getattr(args, "resume", False))
     return 0
 
 
@@ -137,10 +143,10 @@ def _train_rm(args) -> int:
     return 0
 
 
-def _run_stages(cfg) -> None:
+def _run_stages(cfg, resume: bool = False) -> None:
     from rlhf.api import run
 
-    run(cfg, log=_log)
+    run(cfg, log=_log, resume=resume)
 
 
 def _eval(args) -> int:

@@ -29,12 +29,14 @@ from rlhf.evaluate import difficulty_metrics, evaluate_policy
 from rlhf.models import build_student, build_tokenizer, check_model_dir, load_student
 from rlhf.models import load_tokenizer as load_model_tokenizer
 from rlhf.pipeline import LaunchedRollout
+from rlhf.guards import BatchGuard, reward_fault, update_fault
+from rlhf.resume import complete_checkpoints
 from rlhf.trainer import TrainerGroup
 from rlhf.worker_pool import get_all
 
 
 class RunDirError(ValueError):
-    """An output_dir that cannot take this run (it holds a finished one)."""
+    """An output_dir that cannot take this run (it holds a finished one, or checkpoints to resume from)."""
 
 
 def run(cfg: RunConfig, log=print) -> dict:
@@ -127,11 +129,17 @@ def refuse_finished_run(cfg: RunConfig) -> None:
         raise RunDirError(f"output_dir {out} holds a finished run: choose another output_dir (or delete it)")
 
 
-def prepare_run_dir(cfg: RunConfig) -> Path:
+def prepare_run_dir(cfg: RunConfig, resume: bool = False) -> Path:
+    """Make ``output_dir`` ready: a new run starts afresh (metrics.jsonl removed) where no finished run and no
+    checkpoint is; ``resume``: keep what is there (the caller resumes from its newest checkpoint)."""
     out = Path(cfg.output_dir)
     refuse_finished_run(cfg)
+    if not resume and complete_checkpoints(out):
+        raise RunDirError(f"output_dir {out} holds checkpoints of an unfinished run: continue it with --resume, or "
+                          f"choose another output_dir (or delete it)")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    if not resume:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     save_config(cfg, out / "config.yaml")
     return out
 
@@ -139,7 +147,8 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
 def progress_line(step: int, steps: int, m: dict) -> str:
     # A script may run more steps than algorithm.steps plans; "step 5/2" would read like a bug.
     done = f"{step}/{steps}" if step <= steps else f"{step}"
-    return (f"step {done}  reward {m['reward/mean']:.3f}  acc {m['reward/accuracy']:.3f}  "
+    # A batch skipped for NaN rewards has no reward/mean (metrics.jsonl keeps finite numbers only).
+    return (f"step {done}  reward {m.get('reward/mean', float('nan')):.3f}  acc {m['reward/accuracy']:.3f}  "
             f"kl {m.get('losses/kl', 0.0):.4f}  len {m['charts/response_tokens']:.1f}  {m['perf/step_s']:.1f} s")
 
 
@@ -169,6 +178,7 @@ class GRPOLoop:
         self._syncing: list = []  # weight-sync calls submitted and not yet waited for (asynchronous rollout)
         self._weights = None  # the object ref of the weights being synced, while a sync is in progress
         rollout.restore = self._restore_rollout
+        self.guard = BatchGuard(cfg.max_bad_batches)  # batches skipped for NaN/inf rewards, losses, gradients
 
     def launch(self, rows: list[PromptRow]) -> LaunchedRollout:
         """Start generating ``rows``' samples from the weights the rollout workers will hold when they get to it:
@@ -195,6 +205,7 @@ class GRPOLoop:
         scores = self.score(rows, samples)
         rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)
         timings["perf/score_s"] = time.perf_counter() - t
+        fault = reward_fault([r.prompt for r in rows for _ in range(n)], scores)
 
         a, shaping = cfg.algorithm, {}
         if a.overlong_buffer:
@@ -214,15 +225,19 @@ class GRPOLoop:
         staleness = self.version - generated_by
         train_metrics = {}
         timings["perf/sync_s"] = 0.0
-        if train_samples:  # empty only when dynamic sampling found no group with signal: no update, no sync
+        # Empty only when dynamic sampling found no group with signal: no update, no sync. A batch with a NaN or
+        # infinite reward is not trained on at all; one whose loss or gradient is not finite gets no update.
+        if train_samples and fault is None:
             advantages = ADVANTAGE_ESTIMATORS[a.advantage](train_rewards, n, response_mask(train_samples))
             batch = make_train_batch(train_samples, advantages, self.tokenizer.pad_token_id, a.loss_aggregation,
                                      cfg.rollout.max_new_tokens, cfg.trainer.mini_batches_per_step)
             train_metrics = self.trainer.train_step(batch)
-
-            t = time.perf_counter()
-            self.sync_weights()
-            timings["perf/sync_s"] = time.perf_counter() - t
+            fault = update_fault(train_metrics)
+            if fault is None:
+                t = time.perf_counter()
+                self.sync_weights()
+                timings["perf/sync_s"] = time.perf_counter() - t
+        self.guard.record(fault)
         timings["perf/step_s"] = time.perf_counter() - t0
 
         audit = {}
@@ -233,10 +248,11 @@ class GRPOLoop:
                                      [s["correct"] > 0.5 for s in scores], self.count_tokens)
         if "adaptive" in scores[0]:
             shaping["reward/adaptive"] = sum(s["adaptive"] for s in scores) / len(scores)
+        finite = rewards[torch.isfinite(rewards)]
         return {
             "step": step,
-            "reward/mean": rewards.mean().item(),
-            "reward/std": rewards.std().item(),
+            "reward/mean": finite.mean().item(),
+            "reward/std": finite.std().item(),
             "reward/accuracy": sum(s["correct"] for s in scores) / len(scores),
             "reward/answered": sum(s["answered"] for s in scores) / len(scores),
             "reward/zero_signal_groups": (grouped.max(1).values == grouped.min(1).values).float().mean().item(),
@@ -247,6 +263,7 @@ class GRPOLoop:
             "charts/rollout_weights_version": generated_by,
             "perf/staleness": staleness,
             "faults/restarts": self.restarts - restarts,
+            "faults/skipped_batches": self.guard.skipped,
             **shaping,
             **train_metrics,
             **audit,
@@ -292,12 +309,13 @@ class GRPOLoop:
         parts, self._syncing, self._weights = results[len(self._syncing):], [], None
         return [sample for part in parts for sample in part]
 
-    def sync_weights(self) -> None:
-        """Trainer rank 0's full weights go to every rollout worker via the object store, tagged with a version.
+    def sync_weights(self, version: int | None = None) -> None:
+        """Trainer rank 0's full weights go to every rollout worker via the object store, tagged with a version
+        (the next one, or ``version`` when resuming).
 
         Asynchronous rollout does not wait here: the workers are still generating the next batch, and load the new
         weights after it (in call order); ``collect`` and ``evaluate`` wait for the sync before going on."""
-        self.version += 1
+        self.version = self.version + 1 if version is None else version
         self._weights = self.trainer.full_state_dict_ref()
         if self.cfg.rollout.asynchronous:
             self._syncing += [w.load_weights.remote(self._weights, self.version) for w in self.rollout.workers]
@@ -334,6 +352,24 @@ class GRPOLoop:
 
         return evaluate_policy(rows, lambda prompts: self.generate(prompts, 1, greedy=True), verify,
                                self.cfg.eval.batch_size, log, self.count_tokens)
+
+    def save_state(self, path: Path) -> list:
+        """Write the policy (``path/policy``, Hugging Face format) and the trainer ranks' state (``path/trainer``);
+        returns the rollout workers' RNG states, for the driver to store beside its own."""
+        self.trainer.save_pretrained(str(path / "policy"))
+        self.trainer.save_state(str(path / "trainer"))
+        return self.rollout.call("rng_state", [()] * len(self.rollout), "rollout rng_state")
+
+    def load_state(self, path: Path, rollout_rng: list, version: int, guard: dict) -> None:
+        """Back to a checkpoint written by ``save_state``: trainer state, the workers' RNGs, the policy's weights
+        (sent to the rollout workers with the checkpoint's version) and the guard's counts."""
+        if len(rollout_rng) != len(self.rollout):
+            raise ValueError(f"the checkpoint has {len(rollout_rng)} rollout worker RNG states for "
+                             f"{len(self.rollout)} workers")
+        self.trainer.load_state(str(path / "trainer"))
+        self.rollout.call("set_rng_state", [(state,) for state in rollout_rng], "rollout set_rng_state")
+        self.sync_weights(version)
+        self.guard.load_state(guard)
 
     def shutdown(self) -> None:
         self.trainer.shutdown()

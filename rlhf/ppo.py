@@ -117,6 +117,17 @@ class PPOLoop(GRPOLoop):
             **timings,
         }
 
+    def save_state(self, path) -> list:
+        """GRPOLoop's checkpoint plus the critic ranks' state (``path/critic``): a resumed PPO run continues with
+        the critic it had, not a fresh value head."""
+        rollout_rng = super().save_state(path)
+        self.critic.save_state(str(path / "critic"))
+        return rollout_rng
+
+    def load_state(self, path, rollout_rng: list, version: int, guard: dict) -> None:
+        super().load_state(path, rollout_rng, version, guard)
+        self.critic.load_state(str(path / "critic"))
+
     def shutdown(self) -> None:
         self.critic.shutdown()
         super().shutdown()

@@ -167,6 +167,30 @@ class DeepSpeedRank:
             # Tokenizer files and the like, so the checkpoint is usable on its own; weights come only from state_dict.
             copy_side_files(self.model_dir, tmp, skip=self._side_files_to_skip)
 
+    # ---------------------------------------------------------------------------------------- resumable state
+
+    def save_state(self, path: str) -> None:
+        """This rank's engine state (weights with ZeRO partitions, optimizer, scheduler) in DeepSpeed's checkpoint
+        layout under ``path``, and its torch RNG state. Collective: every rank writes its own partition."""
+        from rlhf.resume import torch_rng_state
+
+        self.engine.save_checkpoint(path, tag=_DS_TAG, save_latest=False)
+        torch.save(torch_rng_state(), os.path.join(path, f"rng_rank{self.rank}.pt"))
+
+    def load_state(self, path: str) -> None:
+        """Restore what ``save_state`` wrote (the same number of ranks and ZeRO stage). Collective."""
+        from rlhf.resume import load_rng_file, set_torch_rng_state
+
+        loaded, _ = self.engine.load_checkpoint(path, tag=_DS_TAG, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if loaded is None:
+            raise FileNotFoundError(f"no DeepSpeed state for rank {self.rank} in {path}")
+        set_torch_rng_state(load_rng_file(os.path.join(path, f"rng_rank{self.rank}.pt")))
+
+
+# DeepSpeed's checkpoint "tag" (subdirectory) inside a run checkpoint's trainer/ directory.
+_DS_TAG = "deepspeed"
+
 
 class PolicyTrainer(DeepSpeedRank):
     """One data-parallel rank: a DeepSpeed engine over the policy, plus a frozen reference model when kl_coef > 0.
@@ -220,6 +244,7 @@ class PolicyTrainer(DeepSpeedRank):
             mini_batches = [{**mb, "old_logprobs": self._logprobs(mb)} for mb in mini_batches]
         engine.train()
         sums = torch.zeros(len(_SUMMED), dtype=torch.float64)
+        skipped_before = engine.skipped_steps
         grad_norms = []
         for _ in range(cfg["epochs"]):
             for mb in mini_batches:
@@ -246,6 +271,9 @@ class PolicyTrainer(DeepSpeedRank):
             metrics["losses/kl"] = total["kl"] / tokens
         if grad_norms:
             metrics["losses/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        # DeepSpeed checks the global gradient norm before each optimizer step and skips the step (same decision
+        # on every rank) when it is NaN or infinite; the driver's guard counts it (rlhf/guards.py).
+        metrics["faults/update_skipped"] = float(engine.skipped_steps > skipped_before)
         return metrics
 
     def _micro_batches(self, batch: dict[str, torch.Tensor]):
@@ -421,6 +449,12 @@ class RankGroup:
 
     def save_pretrained(self, path: str) -> None:
         self._get([actor.save_pretrained.remote(path) for actor in self.actors], "save_pretrained")
+
+    def save_state(self, path: str) -> None:
+        self._get([actor.save_state.remote(path) for actor in self.actors], "save_state")
+
+    def load_state(self, path: str) -> None:
+        self._get([actor.load_state.remote(path) for actor in self.actors], "load_state")
 
     def shutdown(self) -> None:
         for actor in self.actors:

@@ -46,6 +46,18 @@ class RolloutWorker:
         self.version = version
         return time.perf_counter() - start
 
+    def rng_state(self) -> dict:
+        """The torch generators this worker samples with (a checkpoint stores them, so a resumed run draws the
+        same samples as an uninterrupted one)."""
+        from rlhf.resume import torch_rng_state
+
+        return torch_rng_state()
+
+    def set_rng_state(self, state: dict) -> None:
+        from rlhf.resume import set_torch_rng_state
+
+        set_torch_rng_state(state)
+
     def generate(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float, greedy: bool,
                  expected_version: int) -> list[Sample]:
         if self.version != expected_version:

@@ -135,9 +135,10 @@ def test_custom_reward_component_weights_and_errors():
     with pytest.raises(rlhf.RewardError, match=r"returned 'high', not a number, for prompt 'b', response 'y'"):
         RewardWorker({"custom": 1.0}, custom=lambda p, r, rows: [1.0, "high"]).score(["a", "b"], ["x", "y"],
                                                                                     ["1", "2"], rows)
-    with pytest.raises(rlhf.RewardError, match=r"non-finite reward nan .* prompt 'a'"):
-        RewardWorker({"custom": 1.0}, custom=lambda p, r, rows: [float("nan"), 1.0]).score(["a", "b"], ["x", "y"],
-                                                                                          ["1", "2"], rows)
+    # A NaN is returned, naming its component, for the driver's guard to skip the batch (tests/test_guards.py).
+    scores = RewardWorker({"custom": 1.0}, custom=lambda p, r, rows: [float("nan"), 1.0]).score(
+        ["a", "b"], ["x", "y"], ["1", "2"], rows)
+    assert scores[0]["nonfinite"] == "custom=nan" and "nonfinite" not in scores[1]
 
 
 # ----------------------------------------------------------------------------------------------- runs through Ray

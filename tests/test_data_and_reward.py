@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -300,11 +301,10 @@ def test_save_and_load_student_round_trip_gives_identical_weights_and_no_tmp_dir
                                                                               tokenizer.eos_token_id)
 
 
-def test_reward_worker_weights_components_and_names_a_non_finite_sample():
-    from reward.worker import RewardError
-
+def test_reward_worker_weights_components_and_names_a_non_finite_component():
     worker = RewardWorker({"verifier": 2.0}, correct=1.0, unparseable=0.0)
     assert [r["reward"] for r in worker.score(["p", "p"], ["#3", "#4"], ["3", "3"])] == [2.0, 0.0]
     worker = RewardWorker({"verifier": 1.0}, correct=float("nan"), unparseable=0.0)
-    with pytest.raises(RewardError, match="'#3'"):
-        worker.score(["1+2="], ["#3"], ["3"])
+    right, wrong = worker.score(["1+2=", "1+2="], ["#3", "#4"], ["3", "3"])
+    assert math.isnan(right["reward"]) and right["nonfinite"] == "verifier=nan"
+    assert wrong["reward"] == 0.0 and "nonfinite" not in wrong

@@ -24,6 +24,7 @@ from rlhf.algorithms import (
     token_entropy,
 )
 from rlhf.config import ConfigError, load_config
+from rlhf.guards import BatchGuard, NonFiniteError
 from rollout.engine import Sample
 
 T = torch.tensor
@@ -261,6 +262,7 @@ def _loop(overrides: list[str], rewards: list[float], lengths: list[int]):
     loop = GRPOLoop.__new__(GRPOLoop)  # no actors: generate, score, train and sync are replaced below
     loop.cfg, loop.tokenizer, loop.auditor, loop.version = cfg, SimpleNamespace(pad_token_id=0), None, 0
     loop.trainer = _Trainer()
+    loop.guard = BatchGuard(cfg.max_bad_batches)
     samples = [Sample(i // 2, [7], [5] * length, [-0.5] * length, "stop", "x") for i, length in enumerate(lengths)]
     loop.generate = lambda prompts, n, greedy: samples
     loop.score = lambda rows, samples: [{"reward": r, "correct": r > 0, "answered": True} for r in rewards]
@@ -315,6 +317,25 @@ def test_step_with_no_group_left_skips_the_update_and_the_weight_sync():
     assert loop.trainer.batches == [] and loop.synced == 0
     assert metrics["charts/weights_version"] == 0 and "losses/policy_loss" not in metrics
     assert metrics["perf/sync_s"] == 0.0
+
+
+def test_step_with_a_nan_reward_trains_nothing_and_counts_the_batch():
+    loop = _loop([], rewards=[1, math.nan, 0, 0, 1, 1, 0, 0], lengths=[1] * 8)
+    metrics = loop.step(1, ROWS)
+    assert loop.trainer.batches == [] and loop.synced == 0 and metrics["faults/skipped_batches"] == 1
+    assert loop.guard.last_fault.startswith("non-finite reward from reward=nan in 1 of 8 samples")
+    assert metrics["reward/mean"] == pytest.approx(3 / 7)  # over the finite rewards
+
+
+def test_step_with_a_skipped_update_does_not_sync_and_enough_in_a_row_stop_the_run():
+    loop = _loop(["max_bad_batches=2"], rewards=[1, 0, 0, 0, 1, 1, 0, 0], lengths=[1] * 8)
+    loop.trainer.train_step = lambda batch: {"losses/policy_loss": math.nan, "faults/update_skipped": 1.0}
+    loop.step(1, ROWS)
+    loop.guard.check(1)
+    assert loop.synced == 0 and loop.version == 0
+    loop.step(2, ROWS)
+    with pytest.raises(NonFiniteError, match="stopping at step 2: 2 batches in a row .* non-finite policy loss nan"):
+        loop.guard.check(2)
 
 
 def test_step_passes_token_level_reinforce_plus_plus_advantages_to_the_trainer():
