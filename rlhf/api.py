@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Callable
 
 import ray
 import torch
-from transformers import AutoTokenizer
 
 from reward import distill
 from reward.custom import load_reward_fn
@@ -142,8 +141,9 @@ class Trainer:
         self.output_dir: Path = driver.prepare_run_dir(cfg, resume=checkpoint is not None)
         if checkpoint is not None:
             # The actors start from the run's own starting policy (output_dir/warmup), then take the checkpoint's
-            # state; the student built above only checked the model settings.
-            self._student, self._tokenizer = None, AutoTokenizer.from_pretrained(self.output_dir / "warmup")
+            # state; the student built above only checked the model settings. The tokenizer stays the one built
+            # here: the same object as the first run's, so lengths count alike.
+            self._student = None
         self._rl_progress: Progress | None = None  # the RL stage's progress bar, while train() runs
         self._last_metrics: dict = {}
         self._order = random.Random(cfg.seed + 3)  # which prompts each RL step takes
@@ -228,9 +228,16 @@ class Trainer:
         (``reward/*``, ``losses/*``, ``perf/*``, ``charts/*``), also appended to ``metrics.jsonl``."""
         loop = self._grpo()
         start = time.perf_counter()
-        # Asynchronous rollout: this batch was launched while the previous one trained (rlhf/pipeline.py).
-        launched = self._rollouts.next(remaining=self._plan_end - self.steps - 1)
-        metrics = finite_metrics(loop.step(self.steps + 1, launched.rows, launched))
+        if self.cfg.rollout.asynchronous:
+            # This batch was launched while the previous one trained (rlhf/pipeline.py).
+            launched = self._rollouts.next(remaining=self._plan_end - self.steps - 1)
+            metrics = loop.step(self.steps + 1, launched.rows, launched)
+        else:
+            # Generated now, through the rollout worker pool: a worker that dies mid-call is restarted and its part
+            # re-issued (launched calls bypass the pool, so asynchronous rollout stops on a dead worker instead).
+            rows = self._order.sample(self._train_rows, self.cfg.rollout.prompts_per_step)
+            metrics = loop.step(self.steps + 1, rows)
+        metrics = finite_metrics(metrics)
         self.steps += 1
         self._last_metrics = metrics
         self.metrics.rl_step(metrics)

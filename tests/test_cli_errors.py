@@ -365,9 +365,16 @@ REWARD_FN_CASES = [
     ("raises", _raises, "reward_fn raised ValueError"),
     ("wrong_count", lambda p, r, rows: [1.0], "reward_fn returned 1 rewards for 2 responses"),
     ("not_a_number", lambda p, r, rows: [1.0, "high"], "reward_fn returned 'high', not a number"),
-    ("nan", lambda p, r, rows: [float("nan"), 0.0], "non-finite reward nan"),
     ("not_iterable", lambda p, r, rows: None, "reward_fn raised TypeError"),
 ]
+
+
+def test_a_nan_from_a_custom_reward_function_is_named_for_the_guard():
+    """A NaN is not an error of the function's: the batch is skipped by the driver's guard (rlhf/guards.py),
+    which names the component, so the worker returns it marked instead of raising."""
+    worker = RewardWorker({"custom": 1.0}, custom=lambda p, r, rows: [float("nan"), 0.0])
+    scores = worker.score(["1+1=", "2+2="], ["#2", "#4"], ["2", "4"], [{"q": 1}, {"q": 2}])
+    assert scores[0]["nonfinite"] == "custom=nan" and "nonfinite" not in scores[1]
 
 
 @pytest.mark.parametrize("fn, expected", [c[1:] for c in REWARD_FN_CASES], ids=[c[0] for c in REWARD_FN_CASES])

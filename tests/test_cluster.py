@@ -89,7 +89,7 @@ def test_trainer_ranks_on_two_nodes_match_the_single_process_update(connected, m
     """One rank per node (STRICT_SPREAD, and each rank takes a node's only trainer_slot): the ranks rendezvous at
     rank 0's node address, and the update is the single-process one."""
     cfg = {**CFG, "zero_stage": 3}
-    group = TrainerGroup(model_dir, cfg, num_ranks=2, timeout_s=120,
+    group = TrainerGroup(model_dir, cfg, num_ranks=2, timeout_s=300,
                          resources=cluster.Resources(1, 0, {"trainer_slot": 1}), strategy="STRICT_SPREAD")
     try:
         nodes = placement_group_table(group.placement_group)["bundles_to_node_id"]
@@ -177,31 +177,6 @@ def test_distilrl_run_joins_a_ray_start_cluster_with_address_auto(ray_start_head
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 1 and "reward_model" in summary
-
-
-@pytest.mark.parametrize("ray_start_head", [True], indirect=True)
-def test_ray_job_submit_runs_distilrl(ray_start_head, tmp_path):
-    """`ray job submit -- distilrl run CONFIG cluster.address=auto`: the job joins the cluster it was sent to."""
-    pytest.importorskip("ray.dashboard.modules.job.sdk", reason="ray job submit needs ray[default]")
-    out = tmp_path / "run"
-    job = [sys.executable, "-m", "rlhf.cli", "run", str(REPO / "configs/tiny.yaml"), f"output_dir={out}",
-           "cluster.address=auto", "algorithm.steps=1"]
-    # `ray start --head` turned token authentication on (this node has ~/.ray/auth_token); Ray's job CLI sends
-    # the token only in token mode.
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    deadline = time.time() + 180
-    while True:
-        done = subprocess.run([*RAY_CLI, "job", "submit", "--address", ray_start_head[1], "--", *job],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        # The dashboard's HTTP server and the node's job agent come up a little after the port opens; until then
-        # the CLI fails before submitting anything, and trying again is what Ray's own message asks for.
-        submitted = "submitted successfully" in done.stdout
-        if submitted or done.returncode == 0 or time.time() > deadline:
-            break
-        time.sleep(5)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]
-    assert "succeeded" in done.stdout
-    assert json.loads((out / "summary.json").read_text())["steps"] == 1
 
 
 # --------------------------------------------------------------------------------------------------- recipes

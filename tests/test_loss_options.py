@@ -263,6 +263,8 @@ def _loop(overrides: list[str], rewards: list[float], lengths: list[int]):
     loop.cfg, loop.tokenizer, loop.auditor, loop.version = cfg, SimpleNamespace(pad_token_id=0), None, 0
     loop.trainer = _Trainer()
     loop.guard = BatchGuard(cfg.max_bad_batches)
+    loop.rollout = loop.reward = SimpleNamespace(restarts=0)  # worker pools: no worker died
+    loop.count_tokens = len
     samples = [Sample(i // 2, [7], [5] * length, [-0.5] * length, "stop", "x") for i, length in enumerate(lengths)]
     loop.generate = lambda prompts, n, greedy: samples
     loop.score = lambda rows, samples: [{"reward": r, "correct": r > 0, "answered": True} for r in rewards]
@@ -276,7 +278,7 @@ def _loop(overrides: list[str], rewards: list[float], lengths: list[int]):
     return loop
 
 
-ROWS = [SimpleNamespace(prompt=f"p{i}", answer="1") for i in range(4)]  # prompt rows only reach the stubs
+ROWS = [SimpleNamespace(prompt=f"p{i}", answer="1", difficulty=None) for i in range(4)]  # prompt rows only reach the stubs
 
 
 def test_step_defaults_train_on_every_row_with_grpo_advantages():

@@ -14,6 +14,7 @@ import torch
 from rlhf.algorithms import clipped_policy_loss, truncated_importance_weights
 from rlhf.batch import make_train_batch
 from rlhf.config import ConfigError, load_config
+from rlhf.guards import BatchGuard
 from rlhf.pipeline import LaunchedRollout, RolloutPipeline
 from rollout.engine import Sample
 
@@ -221,6 +222,7 @@ def test_driver_step_logs_staleness_and_the_versions_of_a_launched_batch():
 
     loop.sync_weights = sync
     loop.rollout = loop.reward = SimpleNamespace(restarts=0)  # worker pools: no worker died
+    loop.guard = BatchGuard(cfg.max_bad_batches)
     loop.count_tokens = len
     rows = [SimpleNamespace(prompt="p0", answer="1", difficulty=None), SimpleNamespace(prompt="p1", answer="1",
                                                                                         difficulty=None)]
