@@ -13,7 +13,6 @@ import torch
 
 from rlhf import curriculum, think
 from rlhf.config import ThinkConfig, WarmupConfig
-from rlhf.config import WarmupConfig
 from rlhf.progress import Progress
 from rlhf.tasks import arithmetic
 
