@@ -374,9 +374,10 @@ class Trainer:
                 self._loop.load_state(checkpoint.path, rng["rollout"], checkpoint.state["weights_version"],
                                       checkpoint.state["guard"])
             r = self.cfg.rollout
-            self._rollouts = RolloutPipeline(lambda: loop.launch(self._order.sample(self._train_rows,
-                                                                                   r.prompts_per_step)),
-                                             r.max_staleness if r.asynchronous else 0)
+            if r.asynchronous:  # the synchronous schedule generates each batch in step() instead
+                self._rollouts = RolloutPipeline(lambda: loop.launch(self._order.sample(self._train_rows,
+                                                                                       r.prompts_per_step)),
+                                                 r.max_staleness)
         return self._loop
 
     # ------------------------------------------------------------------------------------------------- resuming

@@ -152,6 +152,20 @@ def progress_line(step: int, steps: int, m: dict) -> str:
             f"kl {m.get('losses/kl', 0.0):.4f}  len {m['charts/response_tokens']:.1f}  {m['perf/step_s']:.1f} s")
 
 
+def rollout_figures(rewards: torch.Tensor, scores: list[dict], samples: list) -> dict:
+    """A step's rollout figures, shared by the GRPO and PPO loops: reward (over the finite rewards: a batch the
+    guard skips still logs), the verifier's accuracy and answer rate, response length and truncation."""
+    finite = rewards[torch.isfinite(rewards)]
+    return {
+        "reward/mean": finite.mean().item(),
+        "reward/std": finite.std().item(),
+        "reward/accuracy": sum(s["correct"] for s in scores) / len(scores),
+        "reward/answered": sum(s["answered"] for s in scores) / len(scores),
+        "charts/response_tokens": sum(len(s.response_ids) for s in samples) / len(samples),
+        "charts/truncated_rate": sum(s.finish_reason == "length" for s in samples) / len(samples),
+    }
+
+
 class GRPOLoop:
     """The actors of one run and the GRPO step over them."""
 
@@ -248,16 +262,10 @@ class GRPOLoop:
                                      [s["correct"] > 0.5 for s in scores], self.count_tokens)
         if "adaptive" in scores[0]:
             shaping["reward/adaptive"] = sum(s["adaptive"] for s in scores) / len(scores)
-        finite = rewards[torch.isfinite(rewards)]
         return {
             "step": step,
-            "reward/mean": finite.mean().item(),
-            "reward/std": finite.std().item(),
-            "reward/accuracy": sum(s["correct"] for s in scores) / len(scores),
-            "reward/answered": sum(s["answered"] for s in scores) / len(scores),
+            **rollout_figures(rewards, scores, samples),
             "reward/zero_signal_groups": (grouped.max(1).values == grouped.min(1).values).float().mean().item(),
-            "charts/response_tokens": sum(len(s.response_ids) for s in samples) / len(samples),
-            "charts/truncated_rate": sum(s.finish_reason == "length" for s in samples) / len(samples),
             "charts/weights_version": self.version,
             **per_bin,
             "charts/rollout_weights_version": generated_by,

@@ -22,7 +22,7 @@ from rlhf.pipeline import LaunchedRollout
 from rlhf.config import RunConfig
 from rlhf.critic import CriticGroup
 from rlhf.data import PromptRow
-from rlhf.driver import GRPOLoop
+from rlhf.driver import GRPOLoop, rollout_figures
 
 
 class PPOLoop(GRPOLoop):
@@ -103,7 +103,7 @@ class PPOLoop(GRPOLoop):
             audit = distill.audit(self.auditor, rows, samples, scores, cfg.reward)
         return {
             "step": step,
-            **_rollout_figures(rewards, scores, samples),
+            **rollout_figures(rewards, scores, samples),
             "charts/weights_version": self.version,
             "charts/rollout_weights_version": generated_by,
             "perf/staleness": self.version - generated_by,
@@ -131,18 +131,6 @@ class PPOLoop(GRPOLoop):
     def shutdown(self) -> None:
         self.critic.shutdown()
         super().shutdown()
-
-
-def _rollout_figures(rewards: torch.Tensor, scores: list[dict], samples: list) -> dict:
-    """The step's rollout figures, named as the GRPO loop names them."""
-    return {
-        "reward/mean": rewards.mean().item(),
-        "reward/std": rewards.std().item(),
-        "reward/accuracy": sum(s["correct"] for s in scores) / len(scores),
-        "reward/answered": sum(s["answered"] for s in scores) / len(scores),
-        "charts/response_tokens": sum(len(s.response_ids) for s in samples) / len(samples),
-        "charts/truncated_rate": sum(s.finish_reason == "length" for s in samples) / len(samples),
-    }
 
 
 def _value_figures(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> dict:
