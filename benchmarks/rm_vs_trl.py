@@ -71,11 +71,11 @@ def train(rm_dir: Path, pairs: list[dict], tokenizer, batch: int, steps: int, wa
     from trl import RewardConfig, RewardTrainer
 
     from reward.rm_trainer import RewardModelTrainerGroup, collate_pairs
+    from rlhf import cluster
 
     total = steps + warmup
     threads = os.cpu_count() or 1
-    ray.init(address="local", num_cpus=threads, include_dashboard=False, log_to_driver=False, logging_level="error",
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}})
+    cluster.connect("local", threads, 60, {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"})
     ours = RewardModelTrainerGroup(str(rm_dir), {
         "zero_stage": 2, "lr": LR, "micro_batch_size": batch, "threads": threads, "seed": SEED, "max_grad_norm": 1.0,
         "loss_weights": {"bt": 1.0, "quality": 0.0, "rv": 0.0, "cd": 0.0, "kl": 0.0}}, 1, 1800)

@@ -52,6 +52,7 @@ class PPOLoop(GRPOLoop):
 
         samples = self.collect(launched) if launched else self.generate([r.prompt for r in rows], n, greedy=False)
         generated_by = launched.version if launched else self.version
+        staleness = self.version - generated_by  # before this step's update moves self.version on
         timings["perf/generate_s"] = time.perf_counter() - t0
 
         t = time.perf_counter()
@@ -106,7 +107,7 @@ class PPOLoop(GRPOLoop):
             **rollout_figures(rewards, scores, samples),
             "charts/weights_version": self.version,
             "charts/rollout_weights_version": generated_by,
-            "perf/staleness": self.version - generated_by,
+            "perf/staleness": staleness,
             "charts/policy_frozen": float(step <= a.critic_warmup_steps),
             **_value_figures(values, returns, mask),
             **shaping,

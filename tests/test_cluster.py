@@ -63,6 +63,18 @@ def test_auto_without_a_running_cluster(monkeypatch):
         cluster.connect("auto", num_cpus=1, timeout_s=2, env_vars={})
 
 
+def test_a_local_instance_runs_its_workers_at_the_drivers_niceness():
+    # Ray's default (workers at niceness 15) let any ordinary process take the cores from rollout and training.
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster.connect("local", num_cpus=1, timeout_s=30, env_vars={})
+    try:
+        worker = ray.get(ray.remote(lambda: os.getpriority(os.PRIO_PROCESS, 0)).remote())
+    finally:
+        ray.shutdown()
+    assert worker == os.getpriority(os.PRIO_PROCESS, 0)
+
+
 # ------------------------------------------------------------------------------------------- a two-node cluster
 
 

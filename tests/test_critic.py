@@ -124,5 +124,6 @@ def test_ppo_run_end_to_end_writes_critic_metrics(ray_cluster, tmp_path):
     # Step 1 trains the critic alone: no policy update, no new weights; steps 2-3 update the policy.
     assert [m["charts/policy_frozen"] for m in lines] == [1.0, 0.0, 0.0]
     assert [m["charts/weights_version"] for m in lines] == [0, 1, 2]
+    assert [m["perf/staleness"] for m in lines] == [0, 0, 0]  # synchronous: sampled by the weights being updated
     assert "losses/policy_loss" not in lines[0] and "losses/policy_loss" in lines[1]
     assert "losses/kl" in lines[1]  # the KL to the reference is logged, though it is in the reward, not the loss
