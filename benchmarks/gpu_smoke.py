@@ -17,7 +17,9 @@ Prints a table, then one JSON object as the last line.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -78,6 +80,7 @@ def run(shape: dict, prompts: int, samples: int, new_tokens: int, micro_batch: i
     student.generation_config.min_new_tokens = new_tokens  # every response exactly new_tokens long
     params = sum(p.numel() for p in student.parameters())
     work = Path(tempfile.mkdtemp(prefix="gpu_smoke_"))
+    atexit.register(shutil.rmtree, work, True)  # the saved students and run dirs are scratch
     student.save_pretrained(work / "student")
     tokenizer.save_pretrained(work / "student")
     del student

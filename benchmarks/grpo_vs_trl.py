@@ -25,9 +25,11 @@ Prints a table, then one JSON object as the last line.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -143,6 +145,7 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, log=print) -> d
     torch.set_num_threads(os.cpu_count() or 1)
     rate_before = matmul_rate()
     work = Path(tempfile.mkdtemp(prefix="grpo_vs_trl_"))
+    atexit.register(shutil.rmtree, work, True)  # the saved students and run dirs are scratch
     params, tokenizer = make_student(workload, work / "student")
     dataset = prompt_dataset(512)
     log(f"workload {workload_name}: {params / 1e6:.2f}M parameters, {workload['prompts']} prompts x "

@@ -16,9 +16,11 @@ Prints a table, then one JSON object as the last line.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -170,6 +172,7 @@ def main() -> None:
     _quiet_libraries()
     warnings.filterwarnings("ignore")
     work = Path(tempfile.mkdtemp(prefix="rm_vs_trl_"))
+    atexit.register(shutil.rmtree, work, True)  # the saved students and run dirs are scratch
     tokenizer, params = make_reward_model(size, work / "rm")
     pairs = make_pairs(args.pairs * (args.steps + args.warmup))
     print(f"reward model: {params / 1e6:.2f}M parameters; {args.pairs} pairs per step, {args.warmup} warm-up + "

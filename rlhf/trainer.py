@@ -28,6 +28,7 @@ from rlhf.checkpoint import atomic_dir
 ENGINE_DEFAULTS = {
     "zero_stage": 2,
     "lr": 1e-6,
+    "lr_warmup_steps": 0,  # linear warm-up from 0 to lr over this many optimizer steps
     "weight_decay": 0.0,
     "adam_eps": 1e-8,
     "max_grad_norm": 1.0,
@@ -130,8 +131,13 @@ class DeepSpeedRank:
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
+        warm = cfg["lr_warmup_steps"]
+        # Optimizer step k (from 1) runs at lr * min(1, k / warm). (DeepSpeed's own WarmupLR spends its first two
+        # steps at its minimum lr.) DeepSpeed steps the schedule after each optimizer step and checkpoints it.
+        schedule = (lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda done: min(1.0, (done + 1) / warm))) if warm else None
         self.engine, *_ = self._deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                                     config=ds_config)
+                                                     config=ds_config, lr_scheduler=schedule)
         self.device = self.engine.device
 
     def _sum_across_ranks(self, sums: torch.Tensor) -> torch.Tensor:
@@ -243,6 +249,7 @@ class PolicyTrainer(DeepSpeedRank):
         if updates > 1:
             mini_batches = [{**mb, "old_logprobs": self._logprobs(mb)} for mb in mini_batches]
         engine.train()
+        lr = engine.get_lr()[0]  # of this batch's first update (lr_warmup_steps moves it between updates)
         sums = torch.zeros(len(_SUMMED), dtype=torch.float64)
         skipped_before = engine.skipped_steps
         grad_norms = []
@@ -262,6 +269,7 @@ class PolicyTrainer(DeepSpeedRank):
             "losses/entropy": total["entropy"] / tokens,
             "perf/logprob_mismatch": total["mismatch"] / tokens,
             "perf/optimizer_steps": float(updates),
+            "charts/lr": float(lr),
             "perf/train_s": time.perf_counter() - start,
         }
         if cfg["tis_cap"]:

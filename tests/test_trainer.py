@@ -155,6 +155,21 @@ def test_matches_single_process_update(ray_cluster, model_dir, batch, expected, 
     assert_weights_equal(weights, want["weights"])
 
 
+def test_lr_warmup_rises_linearly_over_optimizer_steps(ray_cluster, model_dir, batch, expected):
+    # Twice the lr warmed up over 2 steps: the first update runs at exactly CFG's lr, so it must give the
+    # single-process AdamW weights; the second runs at the full lr.
+    group = TrainerGroup(model_dir, {**CFG, "zero_stage": 2, "micro_batch_size": 2, "lr": 2 * CFG["lr"],
+                                     "lr_warmup_steps": 2}, num_ranks=2, timeout_s=120)
+    try:
+        first = group.train_step(batch)
+        weights = group.full_state_dict()
+        lrs = [first["charts/lr"]] + [group.train_step(batch)["charts/lr"] for _ in range(2)]
+    finally:
+        group.shutdown()
+    assert lrs == pytest.approx([CFG["lr"], 2 * CFG["lr"], 2 * CFG["lr"]], rel=1e-12)
+    assert_weights_equal(weights, expected()["weights"])
+
+
 def test_kl_save_pretrained_and_uneven_batch(ray_cluster, model_dir, batch, expected, tmp_path):
     """One ZeRO-3 group for the rest: KL against the reference, the checkpoint round trip, and the row check."""
     want = expected()
