@@ -19,22 +19,12 @@ pytest.importorskip("deepspeed")
 from rlhf import algorithms  # noqa: E402
 from rlhf.cli import main  # noqa: E402
 from rlhf.critic import CriticGroup  # noqa: E402
+# The tiny random causal LM that stands in for the warm-up student the critic starts from.
+from tests.test_trainer import model_dir  # noqa: E402,F401
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = {"lr": 1e-2, "adam_eps": 1e-4, "micro_batch_size": 2, "value_clip": 0.5, "seed": 0, "threads": 1,
        "timeout_s": 120, "zero_stage": 2}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random causal LM, standing in for the warm-up student the critic starts from."""
-    config = transformers.Qwen2Config(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
-                                      tie_word_embeddings=True)
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("student"))
-    transformers.Qwen2ForCausalLM(config).save_pretrained(path)
-    return path
 
 
 def _batch():

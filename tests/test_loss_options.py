@@ -252,6 +252,22 @@ class _Trainer:
         return {"losses/policy_loss": 0.0}
 
 
+def stub_rollout(loop, rewards: list[float], lengths: list[int]):
+    """Replace ``loop``'s generation, scoring and weight sync: 2 samples per prompt (prompt one token, responses of
+    the given lengths, sampling log-prob -0.5 per token) with the given rewards; ``loop.synced`` counts syncs."""
+    samples = [Sample(i // 2, [7], [5] * length, [-0.5] * length, "stop", "x") for i, length in enumerate(lengths)]
+    loop.generate = lambda prompts, n, greedy: samples
+    loop.score = lambda rows, samples: [{"reward": r, "correct": r > 0, "answered": True} for r in rewards]
+    loop.synced = 0
+
+    def sync():
+        loop.synced += 1
+        loop.version += 1
+
+    loop.sync_weights = sync
+    return loop
+
+
 def _loop(overrides: list[str], rewards: list[float], lengths: list[int]):
     """A GRPOLoop with stand-ins for the Ray actors: 4 prompts x 2 samples with the given rewards and response
     lengths, 2 trainer ranks, max_new_tokens 4."""
@@ -265,17 +281,7 @@ def _loop(overrides: list[str], rewards: list[float], lengths: list[int]):
     loop.guard = BatchGuard(cfg.max_bad_batches)
     loop.rollout = loop.reward = SimpleNamespace(restarts=0)  # worker pools: no worker died
     loop.count_tokens = len
-    samples = [Sample(i // 2, [7], [5] * length, [-0.5] * length, "stop", "x") for i, length in enumerate(lengths)]
-    loop.generate = lambda prompts, n, greedy: samples
-    loop.score = lambda rows, samples: [{"reward": r, "correct": r > 0, "answered": True} for r in rewards]
-    loop.synced = 0
-
-    def sync():
-        loop.synced += 1
-        loop.version += 1
-
-    loop.sync_weights = sync
-    return loop
+    return stub_rollout(loop, rewards, lengths)
 
 
 ROWS = [SimpleNamespace(prompt=f"p{i}", answer="1", difficulty=None) for i in range(4)]  # prompt rows only reach the stubs

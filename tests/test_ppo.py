@@ -11,7 +11,7 @@ import torch
 
 from rlhf.algorithms import clipped_value_loss, gae_advantages, token_returns, token_rewards, whiten
 from rlhf.config import ConfigError, load_config
-from rollout.engine import Sample
+from tests.test_loss_options import stub_rollout
 
 T = torch.tensor
 
@@ -208,17 +208,7 @@ def _ppo_loop(overrides: list[str], rewards: list[float], lengths: list[int]):
     loop = PPOLoop.__new__(PPOLoop)
     loop.cfg, loop.tokenizer, loop.auditor, loop.version = cfg, SimpleNamespace(pad_token_id=0), None, 0
     loop.trainer, loop.critic = _Policy(), _Critic()
-    samples = [Sample(i // 2, [7], [5] * length, [-0.5] * length, "stop", "x") for i, length in enumerate(lengths)]
-    loop.generate = lambda prompts, n, greedy: samples
-    loop.score = lambda rows, samples: [{"reward": r, "correct": r > 0, "answered": True} for r in rewards]
-    loop.synced = 0
-
-    def sync():
-        loop.synced += 1
-        loop.version += 1
-
-    loop.sync_weights = sync
-    return loop
+    return stub_rollout(loop, rewards, lengths)
 
 
 ROWS = [SimpleNamespace(prompt=f"p{i}", answer="1") for i in range(2)]
