@@ -6,9 +6,11 @@ The same reward model (a Qwen2 backbone with a quality head, ``reward.model.Dist
 loads it as the plain ``Qwen2ForSequenceClassification`` it is saved as), the same character tokenizer and the
 same pairs (arithmetic prompts, a correct worked answer chosen over a wrong one), the same pairs per optimizer step,
 learning rate, AdamW and gradient clipping, and the same loss (Bradley-Terry, -log sigmoid(chosen - rejected): our
-other loss terms are weighted 0 here). Training alternates one optimizer step of each (TRL's loop drives: a callback
-times each TRL step, then runs one of ours on a DeepSpeed ZeRO-2 rank in a Ray actor); the first ``--warmup`` steps
-are dropped and medians reported. Scoring: ``reward.model.score_texts`` against the plain Hugging Face way a TRL
+other loss terms are weighted 0 here). Training runs twice, on two kinds of pairs: rejected answers that go wrong
+at the end (a pair shares all but its last tokens) and at the first step (it shares the prompt and the first
+operation), because our trainer computes a pair's shared prefix once. Each run alternates one optimizer step of
+each side (TRL's loop drives: a callback times each TRL step, then runs one of ours on a DeepSpeed ZeRO-2 rank in a
+Ray actor); the first ``--warmup`` steps are dropped and medians reported. Scoring: ``reward.model.score_texts`` against the plain Hugging Face way a TRL
 user scores (tokenizer with padding, ``AutoModelForSequenceClassification`` forward), alternating, same batch size.
 
 Prints a table, then one JSON object as the last line.
@@ -36,18 +38,30 @@ SIZES = {
 }
 LR = 1e-5
 SEED = 0
+# Pair kinds measured, by where the rejected answer goes wrong (make_pairs). Our trainer computes the tokens a pair
+# shares once (reward.pair_packing), so the speed depends on it; TRL computes both sequences whole.
+SLIPS = {"late": "a wrong final answer after the same working", "early": "a slip in the first step, carried on"}
 
 
-def make_pairs(count: int) -> list[dict]:
-    """Arithmetic prompts; chosen: the worked, correct solution; rejected: the same with a wrong final answer."""
+def make_pairs(count: int, slip: str = "late") -> list[dict]:
+    """Arithmetic prompts; chosen: the worked, correct solution (running totals). Rejected, by ``slip``: "late",
+    the same working with a wrong final answer (the two share all but the last tokens); "early", a slip in the
+    first running total carried through to the end (they share the prompt and the first operation only)."""
     from rlhf.tasks import arithmetic
 
     rng = random.Random(SEED)
     pairs = []
     for problem in arithmetic.make_problems(count, SEED):
         chosen = arithmetic.solution(problem, verbosity=1)
-        wrong = problem.answer + rng.choice([-3, -2, -1, 1, 2, 3])
-        pairs.append({"prompt": problem.prompt, "chosen": chosen, "rejected": chosen.rsplit("#", 1)[0] + f"#{wrong}"})
+        error = rng.choice([-3, -2, -1, 1, 2, 3])
+        if slip == "late":
+            rejected = chosen.rsplit("#", 1)[0] + f"#{problem.answer + error}"
+        else:
+            totals = [t + error for t in problem.running_totals()[1:]]
+            steps = [f"{a}{op}{x}={b}" for a, op, x, b in zip([problem.operands[0]] + totals, problem.ops,
+                                                             problem.operands[1:], totals)]
+            rejected = ";".join(steps) + f";#{totals[-1]}"
+        pairs.append({"prompt": problem.prompt, "chosen": chosen, "rejected": rejected})
     return pairs
 
 
@@ -174,17 +188,21 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="rm_vs_trl_"))
     atexit.register(shutil.rmtree, work, True)  # the saved students and run dirs are scratch
     tokenizer, params = make_reward_model(size, work / "rm")
-    pairs = make_pairs(args.pairs * (args.steps + args.warmup))
+    pairs = {slip: make_pairs(args.pairs * (args.steps + args.warmup), slip) for slip in SLIPS}
     print(f"reward model: {params / 1e6:.2f}M parameters; {args.pairs} pairs per step, {args.warmup} warm-up + "
           f"{args.steps} timed steps each, alternating", flush=True)
     result = {"params_m": round(params / 1e6, 3), "pairs_per_step": args.pairs, "steps": args.steps,
-              **score(work / "rm", pairs, tokenizer, 2 * args.pairs, 1 if args.quick else 5),
-              **train(work / "rm", pairs, tokenizer, args.pairs, args.steps, args.warmup,
-                      lambda line: print(line, flush=True))}
-    print(f"\n{'':<22}{'distilrl':>12}{'TRL / HF':>12}{'ratio':>8}")
-    print(f"{'train pairs/s':<22}{result['distilrl_train_pairs_per_s']:>12.2f}{result['trl_train_pairs_per_s']:>12.2f}"
-          f"{result['train_ratio']:>8.2f}")
-    print(f"{'score sequences/s':<22}{result['distilrl_score_seqs_per_s']:>12.1f}{result['hf_score_seqs_per_s']:>12.1f}"
+              **score(work / "rm", pairs["late"], tokenizer, 2 * args.pairs, 1 if args.quick else 5)}
+    for slip in SLIPS:
+        print(f"pairs with {SLIPS[slip]}:", flush=True)
+        figures = train(work / "rm", pairs[slip], tokenizer, args.pairs, args.steps, args.warmup,
+                        lambda line: print(line, flush=True))
+        result.update({f"{name}_{slip}": value for name, value in figures.items()})
+    print(f"\n{'':<34}{'distilrl':>10}{'TRL / HF':>10}{'ratio':>8}")
+    for slip in SLIPS:
+        print(f"{'train pairs/s, ' + slip + ' slip':<34}{result[f'distilrl_train_pairs_per_s_{slip}']:>10.2f}"
+              f"{result[f'trl_train_pairs_per_s_{slip}']:>10.2f}{result[f'train_ratio_{slip}']:>8.2f}")
+    print(f"{'score sequences/s':<34}{result['distilrl_score_seqs_per_s']:>10.1f}{result['hf_score_seqs_per_s']:>10.1f}"
           f"{result['score_ratio']:>8.2f}")
     print(json.dumps(result))
 

@@ -62,12 +62,22 @@ class DistilledRewardModel(Qwen2ForSequenceClassification):
                 if layer.bias is not None:
                     layer.bias.zero_()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> RewardOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                read_index: torch.Tensor | None = None, **kwargs) -> RewardOutput:
+        """Scores each row at its last real token; or, given ``read_index`` (N, 2) of (row, position), at those
+        positions (packed rows: ``reward.pair_packing``, whose 4D boolean mask comes with position_ids)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if attention_mask.dim() == 4 and self.config._attn_implementation == "eager":
+            # Eager attention adds the mask to the scores; sdpa takes the boolean mask as it is.
+            attention_mask = torch.zeros(attention_mask.shape, dtype=self.dtype, device=attention_mask.device
+                                         ).masked_fill(~attention_mask, torch.finfo(self.dtype).min)
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                             **kwargs).last_hidden_state
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        if read_index is None:
+            read_index = torch.stack([torch.arange(hidden.shape[0], device=hidden.device),
+                                      last_token_index(attention_mask)], dim=1)
+        pooled = hidden[read_index[:, 0], read_index[:, 1]]
         rv_logits = self.rv_head(pooled).float()
         cd_logits = self.cd_head(pooled).float()
         return RewardOutput(quality=self.score(pooled).squeeze(-1).float(), rv_logits=rv_logits,

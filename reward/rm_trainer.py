@@ -20,6 +20,7 @@ import torch
 
 from reward.losses import NUM_SCORES, SIDES, loss_counts, reward_model_loss
 from reward.model import DistilledRewardModel, RewardOutput, encode_pair, is_reward_model_dir, pad_right
+from reward.pair_packing import pack_pairs, worth_packing
 from rlhf.trainer import ENGINE_DEFAULTS, DeepSpeedRank, RankGroup
 
 RM_DEFAULTS = {
@@ -52,6 +53,9 @@ class RewardModelTrainer(DeepSpeedRank):
         model = load_reward_model(init_dir, seed=self.cfg["seed"])
         # Saved with the model, so whoever scores with it later gives it the same kind of input.
         model.config.reference_in_input = bool(self.cfg["reference_in_input"])
+        # Packed pairs need a kernel that takes a custom 4D mask (flash-attention does not).
+        self._can_pack = model.config._attn_implementation in ("sdpa", "eager")
+        self._pad_id = model.config.pad_token_id or 0  # padding is masked out: any id will do
         self._wrap(model)
 
     def train_step(self, batch: dict[str, torch.Tensor], counts: dict[str, float] | None = None) -> dict[str, float]:
@@ -93,16 +97,18 @@ class RewardModelTrainer(DeepSpeedRank):
         return metrics
 
     def _forward_pairs(self, mb: dict[str, torch.Tensor]) -> tuple[RewardOutput, RewardOutput]:
-        """Chosen and rejected rows in one forward (one parameter gather under ZeRO-3), split afterwards."""
+        """Chosen and rejected rows in one forward (one parameter gather under ZeRO-3), split afterwards; packed
+        so that their shared prefix is computed once where that saves enough (``reward.pair_packing``)."""
         ids = [mb["chosen_input_ids"], mb["rejected_input_ids"]]
         masks = [mb["chosen_attention_mask"], mb["rejected_attention_mask"]]
-        # Rows are right-padded: columns past the longest row are pure padding.
-        width = max(int(m.sum(dim=1).max()) for m in masks)
-        pad = [width - t.shape[1] for t in ids]
-        input_ids = torch.cat([torch.nn.functional.pad(t, (0, max(p, 0)))[:, :width] for t, p in zip(ids, pad)])
-        mask = torch.cat([torch.nn.functional.pad(t, (0, max(p, 0)))[:, :width] for t, p in zip(masks, pad)])
-        out = self.engine(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device))
-        rows = ids[0].shape[0]
+        chosen, rejected = ([row[m.bool()].tolist() for row, m in zip(t, mask)] for t, mask in zip(ids, masks))
+        rows = len(chosen)
+        if self._can_pack and worth_packing(chosen, rejected):
+            packed = {k: v.to(self.device) for k, v in pack_pairs(chosen, rejected, self._pad_id).items()}
+            out = self.engine(**packed)
+        else:
+            input_ids, mask = pad_right(chosen + rejected, self._pad_id)
+            out = self.engine(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device))
         return (RewardOutput(**{f.name: getattr(out, f.name)[:rows] for f in fields(out)}),
                 RewardOutput(**{f.name: getattr(out, f.name)[rows:] for f in fields(out)}))
 
