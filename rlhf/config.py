@@ -119,13 +119,24 @@ class WarmupConfig(_Section):
     batch_size: int = Field(64, gt=0)
     lr: float = Field(2e-3, gt=0)
     # Share of teacher solutions written as a bare answer; the rest show their running totals. A mixture, so the
-    # student knows both ways to answer and RL has a real choice to learn: when to write the steps out.
-    terse_fraction: float = Field(0.6, ge=0, le=1)
+    # student knows both ways to answer and RL has a real choice to learn: when to write the steps out. A number:
+    # the same share at every level; a list: shares at evenly spaced levels from the easiest to the hardest, linear
+    # in between ([0.4, 0.0]: falling steadily; one per level: exactly those), like a reasoning teacher that writes
+    # more steps on harder problems.
+    terse_fraction: float | list[float] = 0.6
     # RV/CD curriculum (rlhf/curriculum.py): the teacher writes every problem at each verbosity, the traces are
     # scored with RV/CD, and per CD bin the ones whose RV is closest to the target are kept. none: the plain
     # terse/worked mixture above; matched: target RV rising with CD; low/medium/high: a fixed target RV.
     curriculum: Literal["none", "matched", "low", "medium", "high"] = "none"
     curriculum_keep: float = Field(0.34, gt=0, le=1)  # share of each CD bin's candidate traces kept
+
+    @field_validator("terse_fraction")
+    @classmethod
+    def _shares(cls, value):
+        shares = value if isinstance(value, list) else [value]
+        if not shares or not all(0 <= share <= 1 for share in shares):
+            raise ValueError(f"a share of bare answers is between 0 and 1, got {value}")
+        return value
 
 
 class ThinkConfig(_Section):

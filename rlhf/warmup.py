@@ -20,7 +20,7 @@ from rlhf.tasks import arithmetic
 def teacher_examples(cfg: WarmupConfig, seed: int, think_cfg: ThinkConfig | None = None,
                      target: Callable[[float], float] | None = None) -> Callable[[int], list[tuple[str, str]]]:
     """A function giving the n (prompt, solution) pairs of the next batch: fresh problems from the task, each
-    solved by the oracle teacher tersely (``terse_fraction`` of them) or with its steps written out; or, with a
+    solved by the oracle teacher tersely (``terse_fraction`` of them, ``terse_share``) or with its steps written out; or, with a
     curriculum (``cfg.curriculum``), the RV/CD-selected traces (rlhf/curriculum.py; ``target``: target RV as a
     function of CD, for ``matched``). With ``think_cfg.format`` the steps go in a ``<think>`` block, and a
     ``switch_fraction`` share of prompts carries ``/think`` or ``/no_think``, which the solution obeys."""
@@ -35,11 +35,23 @@ def teacher_examples(cfg: WarmupConfig, seed: int, think_cfg: ThinkConfig | None
             pairs = curriculum.curriculum_batch(rng, n, target, cfg.curriculum_keep, think_block)
         else:
             problems = [arithmetic.make_problem(rng, rng.choice(levels)) for _ in range(n)]
-            pairs = [(p.prompt, arithmetic.solution(p, 0 if rng.random() < cfg.terse_fraction else 1, think_block))
-                     for p in problems]
+            pairs = [(p.prompt, arithmetic.solution(p, 0 if rng.random() < terse_share(cfg, p.level) else 1,
+                                                    think_block)) for p in problems]
         return [_switched(rng, prompt, response, think_cfg) for prompt, response in pairs] if think_block else pairs
 
     return next_batch
+
+
+def terse_share(cfg: WarmupConfig, level: int) -> float:
+    """The teacher's share of bare answers at a level: ``terse_fraction``, or its list read as shares at evenly
+    spaced levels from the easiest to the hardest, linear in between."""
+    if not isinstance(cfg.terse_fraction, list):
+        return cfg.terse_fraction
+    shares = cfg.terse_fraction
+    at = (level - arithmetic.MIN_LEVEL) / (arithmetic.MAX_LEVEL - arithmetic.MIN_LEVEL) * (len(shares) - 1)
+    below = min(int(at), len(shares) - 1)
+    above = min(below + 1, len(shares) - 1)
+    return shares[below] + (shares[above] - shares[below]) * (at - below)
 
 
 def _switched(rng: random.Random, prompt: str, response: str, think_cfg: ThinkConfig) -> tuple[str, str]:

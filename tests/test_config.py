@@ -1,6 +1,8 @@
 """Tests for rlhf.config: defaults, YAML plus dotted overrides, one-line errors naming the key, round trips."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from rlhf.config import ConfigError, RunConfig, load_config, save_config
@@ -192,3 +194,13 @@ def test_describe_batches_mentions_the_rows_figure():
     assert "8 prompts x 4 samples" in text
     assert "2 trainer rank(s) x 16 rows" in text
     assert "\n" not in text
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_config_validates(name):
+    """The configs users start from load as written (the recipes have their own test in test_cluster.py)."""
+    cfg = load_config(CONFIGS / name)
+    assert cfg.stages

@@ -1,7 +1,11 @@
 """Warm-up distillation: labels cover the response only, teacher data mixes verbosities, the loss falls."""
+import pytest
+from pydantic import ValidationError
+
 from rlhf.config import ModelConfig, WarmupConfig
 from rlhf.models import build_student, build_tokenizer
-from rlhf.warmup import run_warmup, sft_batch, teacher_examples
+from rlhf.tasks.arithmetic import parse_prompt
+from rlhf.warmup import run_warmup, sft_batch, teacher_examples, terse_share
 
 
 def test_sft_batch_labels_only_the_response_and_its_end_token():
@@ -20,6 +24,29 @@ def test_teacher_examples_mix_terse_and_worked_solutions():
     terse = sum(response.startswith("#") for _, response in pairs)
     assert 150 < terse < 250
     assert all(response.rsplit("#", 1)[1].isdigit() for _, response in pairs)
+
+
+def test_terse_share_by_level():
+    assert [terse_share(WarmupConfig(terse_fraction=0.3), level) for level in (1, 6)] == [0.3, 0.3]
+    falling = WarmupConfig(terse_fraction=[0.5, 0.0])
+    assert [terse_share(falling, level) for level in range(1, 7)] == pytest.approx([0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
+    per_level = [0.6, 0.1, 0.0, 0.0, 0.0, 0.2]
+    assert [terse_share(WarmupConfig(terse_fraction=per_level), level) for level in range(1, 7)] == per_level
+    # Three points over six levels: 1 at level 1, 0 at level 3.5, 1 at level 6.
+    assert [terse_share(WarmupConfig(terse_fraction=[1.0, 0.0, 1.0]), level) for level in range(1, 7)] == \
+        pytest.approx([1.0, 0.6, 0.2, 0.2, 0.6, 1.0])
+    assert terse_share(WarmupConfig(terse_fraction=[0.7]), 4) == 0.7
+    # The teacher follows it: bare answers on about half the one-operation problems, never on six operations.
+    pairs = teacher_examples(falling, seed=0)(1200)
+    by_level = {1: [], 6: []}
+    for prompt, response in pairs:
+        level = parse_prompt(prompt).level
+        if level in by_level:
+            by_level[level].append(response.startswith("#"))
+    assert 0.38 < sum(by_level[1]) / len(by_level[1]) < 0.62 and not any(by_level[6])
+    for bad in ([0.5, 1.2], []):
+        with pytest.raises(ValidationError, match="between 0 and 1"):
+            WarmupConfig(terse_fraction=bad)
 
 
 def test_warmup_lowers_the_loss():
