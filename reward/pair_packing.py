@@ -29,9 +29,14 @@ def shared_prefix_length(a: list[int], b: list[int]) -> int:
     return shared
 
 
+def _packed_width(chosen: list[list[int]], rejected: list[list[int]]) -> int:
+    """The longest packed row: prefix + chosen suffix + rejected suffix."""
+    return max(len(c) + len(r) - shared_prefix_length(c, r) for c, r in zip(chosen, rejected))
+
+
 def packed_widths(chosen: list[list[int]], rejected: list[list[int]]) -> tuple[int, int]:
     """(tokens in the packed batch, tokens in the plain batch): rows padded to the longest in each layout."""
-    packed = max(len(c) + len(r) - shared_prefix_length(c, r) for c, r in zip(chosen, rejected))
+    packed = _packed_width(chosen, rejected)
     plain = max(len(s) for s in chosen + rejected)
     return len(chosen) * packed, 2 * len(chosen) * plain
 
@@ -53,7 +58,7 @@ def pack_pairs(chosen: list[list[int]], rejected: list[list[int]], pad_id: int) 
         raise ValueError(f"pack_pairs needs the same, non-zero number of chosen and rejected rows "
                          f"(got {len(chosen)} and {len(rejected)})")
     rows = len(chosen)
-    width = max(len(c) + len(r) - shared_prefix_length(c, r) for c, r in zip(chosen, rejected))
+    width = _packed_width(chosen, rejected)
     input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((rows, width), dtype=torch.long)
     # segment: 0 prefix, 1 chosen suffix, 2 rejected suffix, -1 padding.

@@ -126,8 +126,10 @@ class WorkerPool:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(first_deadline - time.monotonic(), 0.0),
                                 fetch_local=False)
             if not ready:
-                late = ", ".join(f"{self.role} worker {i}" for i, d in pending.values() if d <= time.monotonic())
-                raise TimeoutError(f"{what} did not finish within {timeout_s:.0f} s (waiting for {late or 'workers'}); "
+                # ray.wait can return a hair before its timeout: the part with the first deadline is late anyway.
+                now = max(time.monotonic(), first_deadline)
+                late = ", ".join(f"{self.role} worker {i}" for i, d in pending.values() if d <= now)
+                raise TimeoutError(f"{what} did not finish within {timeout_s:.0f} s (waiting for {late}); "
                                    f"raise call_timeout_s if the work is just slow")
             ref = ready[0]
             i, _ = pending.pop(ref)
