@@ -10,8 +10,9 @@ other loss terms are weighted 0 here). Training runs twice, on two kinds of pair
 at the end (a pair shares all but its last tokens) and at the first step (it shares the prompt and the first
 operation), because our trainer computes a pair's shared prefix once. Each run alternates one optimizer step of
 each side (TRL's loop drives: a callback times each TRL step, then runs one of ours on a DeepSpeed ZeRO-2 rank in a
-Ray actor); the first ``--warmup`` steps are dropped and medians reported. Scoring: ``reward.model.score_texts`` against the plain Hugging Face way a TRL
-user scores (tokenizer with padding, ``AutoModelForSequenceClassification`` forward), alternating, same batch size.
+Ray actor); the first ``--warmup`` steps are dropped and medians reported. Scoring: ``reward.model.score_texts``
+against the plain Hugging Face way a TRL user scores (tokenizer with padding, ``AutoModelForSequenceClassification``
+forward), alternating, same batch size.
 
 Prints a table, then one JSON object as the last line.
 """

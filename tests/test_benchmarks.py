@@ -32,18 +32,22 @@ def test_gpu_smoke_with_a_broken_python_fails_with_one_line():
     assert "cannot import torch" in done.stderr
 
 
-def test_rm_benchmark_pairs_prefer_the_correct_answer():
+@pytest.mark.parametrize("slip", ["late", "early"])
+def test_rm_benchmark_pairs_prefer_the_correct_answer(slip):
     import rm_vs_trl
 
     from reward.verifiers import final_number_correct
     from rlhf.tasks.arithmetic import parse_prompt
 
-    pairs = rm_vs_trl.make_pairs(12)
+    pairs = rm_vs_trl.make_pairs(12, slip)
     assert len(pairs) == 12
     for pair in pairs:
         answer = parse_prompt(pair["prompt"]).answer
         assert final_number_correct(pair["chosen"], answer) is True
         assert final_number_correct(pair["rejected"], answer) is False
+        # Where the two part: after the working (late) or at the first running total (early).
+        first_step = pair["chosen"].split(";")[0]
+        assert pair["rejected"].startswith(first_step) == (slip == "late")
 
 
 def test_grpo_benchmark_student_generates_exactly_max_new_tokens(tmp_path):
