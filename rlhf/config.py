@@ -135,7 +135,7 @@ class WarmupConfig(_Section):
     def _shares(cls, value):
         shares = value if isinstance(value, list) else [value]
         if not shares or not all(0 <= share <= 1 for share in shares):
-            raise ValueError(f"give a share of bare answers between 0 and 1, or a non-empty list of them; got {value}")
+            raise ValueError("give a share of bare answers between 0 and 1, or a non-empty list of them")
         return value
 
 
