@@ -29,14 +29,9 @@ def shared_prefix_length(a: list[int], b: list[int]) -> int:
     return shared
 
 
-def _packed_width(chosen: list[list[int]], rejected: list[list[int]]) -> int:
-    """The longest packed row: prefix + chosen suffix + rejected suffix."""
-    return max(len(c) + len(r) - shared_prefix_length(c, r) for c, r in zip(chosen, rejected))
-
-
 def packed_widths(chosen: list[list[int]], rejected: list[list[int]]) -> tuple[int, int]:
     """(tokens in the packed batch, tokens in the plain batch): rows padded to the longest in each layout."""
-    packed = _packed_width(chosen, rejected)
+    packed = max(len(c) + len(r) - shared_prefix_length(c, r) for c, r in zip(chosen, rejected))
     plain = max(len(s) for s in chosen + rejected)
     return len(chosen) * packed, 2 * len(chosen) * plain
 
@@ -58,14 +53,14 @@ def pack_pairs(chosen: list[list[int]], rejected: list[list[int]], pad_id: int) 
         raise ValueError(f"pack_pairs needs the same, non-zero number of chosen and rejected rows "
                          f"(got {len(chosen)} and {len(rejected)})")
     rows = len(chosen)
-    width = _packed_width(chosen, rejected)
+    prefixes = [shared_prefix_length(c, r) for c, r in zip(chosen, rejected)]
+    width = max(len(c) + len(r) - p for c, r, p in zip(chosen, rejected, prefixes))
     input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((rows, width), dtype=torch.long)
     # segment: 0 prefix, 1 chosen suffix, 2 rejected suffix, -1 padding.
     segment = torch.full((rows, width), -1, dtype=torch.long)
     read_index = torch.zeros((2 * rows, 2), dtype=torch.long)
-    for i, (c, r) in enumerate(zip(chosen, rejected)):
-        p = shared_prefix_length(c, r)
+    for i, (c, r, p) in enumerate(zip(chosen, rejected, prefixes)):
         tokens = c + r[p:]
         input_ids[i, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         position_ids[i, :len(c)] = torch.arange(len(c))

@@ -9,6 +9,7 @@ import random
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 
 from rlhf import curriculum, think
@@ -20,7 +21,7 @@ from rlhf.tasks import arithmetic
 def teacher_examples(cfg: WarmupConfig, seed: int, think_cfg: ThinkConfig | None = None,
                      target: Callable[[float], float] | None = None) -> Callable[[int], list[tuple[str, str]]]:
     """A function giving the n (prompt, solution) pairs of the next batch: fresh problems from the task, each
-    solved by the oracle teacher tersely (``terse_fraction`` of them, ``terse_share``) or with its steps written out; or, with a
+    solved by the oracle teacher tersely (a ``terse_share`` of them) or with its steps written out; or, with a
     curriculum (``cfg.curriculum``), the RV/CD-selected traces (rlhf/curriculum.py; ``target``: target RV as a
     function of CD, for ``matched``). With ``think_cfg.format`` the steps go in a ``<think>`` block, and a
     ``switch_fraction`` share of prompts carries ``/think`` or ``/no_think``, which the solution obeys."""
@@ -45,13 +46,9 @@ def teacher_examples(cfg: WarmupConfig, seed: int, think_cfg: ThinkConfig | None
 def terse_share(cfg: WarmupConfig, level: int) -> float:
     """The teacher's share of bare answers at a level: ``terse_fraction``, or its list read as shares at evenly
     spaced levels from the easiest to the hardest, linear in between."""
-    if not isinstance(cfg.terse_fraction, list):
-        return cfg.terse_fraction
-    shares = cfg.terse_fraction
-    at = (level - arithmetic.MIN_LEVEL) / (arithmetic.MAX_LEVEL - arithmetic.MIN_LEVEL) * (len(shares) - 1)
-    below = min(int(at), len(shares) - 1)
-    above = min(below + 1, len(shares) - 1)
-    return shares[below] + (shares[above] - shares[below]) * (at - below)
+    shares = cfg.terse_fraction if isinstance(cfg.terse_fraction, list) else [cfg.terse_fraction]
+    at_levels = np.linspace(arithmetic.MIN_LEVEL, arithmetic.MAX_LEVEL, len(shares))
+    return float(np.interp(level, at_levels, shares))
 
 
 def _switched(rng: random.Random, prompt: str, response: str, think_cfg: ThinkConfig) -> tuple[str, str]:
