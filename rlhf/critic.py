@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from rlhf import algorithms
+from rlhf import algorithms, packing
 from rlhf.trainer import ENGINE_DEFAULTS, DeepSpeedRank, RankGroup
 
 CRITIC_DEFAULTS = {
@@ -54,10 +54,11 @@ def load_value_model(init_dir: str):
     return model
 
 
-def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, L) values aligned with ``input_ids``: position t holds the head's output at t - 1, position 0 gets 0."""
-    head = model(input_ids=input_ids, attention_mask=attention_mask).logits[..., 0].float()
-    return torch.nn.functional.pad(head[:, :-1], (1, 0), value=0.0)
+def token_values(model, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(rows, L) values aligned with the micro-batch's ``input_ids`` (packed or not, see rlhf/packing.py):
+    position t holds the head's output at t - 1, each sequence's first position gets 0."""
+    head = model(**packing.model_inputs(mb)).logits[..., 0].float()
+    return packing.zero_sequence_starts(torch.nn.functional.pad(head[:, :-1], (1, 0), value=0.0), mb)
 
 
 class CriticTrainer(DeepSpeedRank):
@@ -77,13 +78,12 @@ class CriticTrainer(DeepSpeedRank):
         """Values (B, L) of this rank's rows, 0 where ``attention_mask`` is 0. Collective under ZeRO-3: every rank
         calls it with the same number of rows."""
         self.engine.eval()
-        out = []
-        size = self.cfg["micro_batch_size"]
-        for first in range(0, batch["input_ids"].shape[0], size):
-            ids = batch["input_ids"][first:first + size].to(self.device)
-            mask = batch["attention_mask"][first:first + size].to(self.device)
-            out.append((token_values(self.engine, ids, mask) * mask).cpu())
-        return torch.cat(out)
+        out = torch.zeros(batch["input_ids"].shape)
+        for first, mb, packed in self._micro_batches({k: batch[k] for k in VALUE_KEYS}):
+            values = token_values(self.engine, mb)
+            values = packed.unpack(values) if packed is not None else values * mb["attention_mask"]
+            out[first:first + values.shape[0], :values.shape[1]] = values.cpu()
+        return out
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimizer update of the value loss on this rank's rows. Collective: every rank calls it with a shard
@@ -97,17 +97,13 @@ class CriticTrainer(DeepSpeedRank):
         start = time.perf_counter()
         engine.train()
         sums = torch.zeros(len(_SUMMED), dtype=torch.float64)
-        starts = list(range(0, batch["input_ids"].shape[0], cfg["micro_batch_size"]))
-        for i, first in enumerate(starts):
-            mb = {k: batch[k][first:first + cfg["micro_batch_size"]] for k in TRAIN_KEYS}
-            # Rows are right-padded, so columns past the longest row in this micro-batch are pure padding.
-            length = max(int(mb["attention_mask"].sum(dim=1).max()), 1)
-            mb = {k: v[:, :length].to(self.device) for k, v in mb.items()}
-            values = token_values(engine, mb["input_ids"], mb["attention_mask"])
+        micro_batches = list(self._micro_batches({k: batch[k] for k in TRAIN_KEYS}))
+        for i, (_, mb, _) in enumerate(micro_batches):
+            values = token_values(engine, mb)
             per_token, clipped = algorithms.clipped_value_loss(values, mb["old_values"], mb["returns"],
                                                                cfg["value_clip"])
             loss = (per_token * mb["loss_weights"]).sum()
-            engine.set_gradient_accumulation_boundary(i == len(starts) - 1)
+            engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             # x world_size undoes DeepSpeed's averaging over ranks (see PolicyTrainer._micro_step).
             engine.backward(loss * self.world_size, scale_wrt_gas=False)
             engine.step()

@@ -21,7 +21,7 @@ from datetime import timedelta
 
 import torch
 
-from rlhf import algorithms, cluster
+from rlhf import algorithms, cluster, packing
 from rlhf.checkpoint import atomic_dir
 
 # The DeepSpeed engine's settings, shared by every trainer built on ``DeepSpeedRank`` (policy, reward model).
@@ -139,6 +139,12 @@ class DeepSpeedRank:
         self.engine, *_ = self._deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                      config=ds_config, lr_scheduler=schedule)
         self.device = self.engine.device
+
+    def _micro_batches(self, batch: dict[str, torch.Tensor]):
+        """(first row, micro-batch on the device, RowPacking or None) over ``batch``'s right-padded rows
+        (packing.micro_batches): padding-free where the model's attention kernel is known to take packed rows."""
+        can_pack = self.engine.module.config._attn_implementation in packing.PACKABLE_ATTENTION
+        return packing.micro_batches(batch, self.cfg["micro_batch_size"], self.device, can_pack)
 
     def _sum_across_ranks(self, sums: torch.Tensor) -> torch.Tensor:
         """All-reduce (sum) a small CPU tensor of per-rank figures; returns it on the CPU."""
@@ -284,24 +290,22 @@ class PolicyTrainer(DeepSpeedRank):
         metrics["faults/update_skipped"] = float(engine.skipped_steps > skipped_before)
         return metrics
 
-    def _micro_batches(self, batch: dict[str, torch.Tensor]):
-        """(first row, micro-batch on the device) pairs over ``batch``, each cut to its longest row."""
-        size = self.cfg["micro_batch_size"]
-        for first in range(0, batch["input_ids"].shape[0], size):
-            mb = {k: v[first:first + size] for k, v in batch.items()}
-            # Rows are right-padded, so columns past the longest row in this micro-batch are pure padding.
-            length = max(int(mb["attention_mask"].sum(dim=1).max()), 1)
-            yield first, {k: v[:, :length].to(self.device) for k, v in mb.items()}
-
     @torch.no_grad()
     def _logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The current policy's token log-probs (at the sampling temperature) over ``batch``, (B, L) on the CPU."""
         self.engine.eval()
+        return self._token_logprobs(self.engine, batch)
+
+    def _token_logprobs(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``model``'s token log-probs (at the sampling temperature) over ``batch``'s rows, (B, L) on the CPU."""
         out = torch.zeros(batch["input_ids"].shape)
-        for first, mb in self._micro_batches({k: batch[k] for k in ("input_ids", "attention_mask")}):
-            logits = self.engine(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-            logp = algorithms.token_logprobs(logits / self.cfg["temperature"], mb["input_ids"])
-            out[first:first + logp.shape[0], :logp.shape[1]] = logp.float().cpu()
+        for first, mb, packed in self._micro_batches({k: batch[k] for k in ("input_ids", "attention_mask")}):
+            logits = model(**packing.model_inputs(mb)).logits
+            logp = algorithms.token_logprobs(logits / self.cfg["temperature"], mb["input_ids"]).float()
+            logp = packing.zero_sequence_starts(logp, mb)
+            if packed is not None:
+                logp = packed.unpack(logp)
+            out[first:first + logp.shape[0], :logp.shape[1]] = logp.cpu()
         return out
 
     def _optimizer_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -309,7 +313,7 @@ class PolicyTrainer(DeepSpeedRank):
         engine = self.engine
         sums = torch.zeros(len(_SUMMED), dtype=torch.float64)
         micro_batches = list(self._micro_batches(batch))
-        for i, (_, mb) in enumerate(micro_batches):
+        for i, (_, mb, _) in enumerate(micro_batches):
             # Only the last micro-batch triggers the optimizer step, however many there are in this mini-batch.
             engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             sums += self._micro_step(mb)
@@ -320,9 +324,9 @@ class PolicyTrainer(DeepSpeedRank):
         """Forward and backward on one micro-batch; returns its contribution to the ``_SUMMED`` sums."""
         cfg = self.cfg
         mask = mb["response_mask"]
-        logits = self.engine(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+        logits = self.engine(**packing.model_inputs(mb)).logits
         logits = logits / cfg["temperature"]
-        logp = algorithms.token_logprobs(logits, mb["input_ids"])
+        logp = packing.zero_sequence_starts(algorithms.token_logprobs(logits, mb["input_ids"]), mb)
         # Without precomputed old log-probs this is the batch's only update: the old policy is the current one and
         # the ratio starts at exactly 1.
         old_logp = mb["old_logprobs"] if "old_logprobs" in mb else logp.detach()
@@ -335,9 +339,9 @@ class PolicyTrainer(DeepSpeedRank):
         kl = torch.zeros_like(logp)
         if self.reference is not None:
             with torch.no_grad():
-                ref_logits = self.reference(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+                ref_logits = self.reference(**packing.model_inputs(mb)).logits
                 ref_logits = ref_logits / cfg["temperature"]
-                ref_logp = algorithms.token_logprobs(ref_logits, mb["input_ids"])
+                ref_logp = packing.zero_sequence_starts(algorithms.token_logprobs(ref_logits, mb["input_ids"]), mb)
                 del ref_logits
             kl = algorithms.kl_penalty(logp, ref_logp, cfg["kl_estimator"])
         if cfg["entropy_coef"]:
@@ -347,6 +351,7 @@ class PolicyTrainer(DeepSpeedRank):
             with torch.no_grad():
                 # Row by row: a float copy of all logits at once can be as large as the activations (151k vocab).
                 entropy = torch.cat([algorithms.token_entropy(row) for row in logits.detach().split(1)])
+        entropy = packing.zero_sequence_starts(entropy, mb)
         kl_in_loss = self.reference is not None and not cfg["kl_in_reward"]
         per_token = algorithms.policy_token_loss(pg, entropy, kl, cfg["entropy_coef"],
                                                  cfg["kl_coef"] if kl_in_loss else 0.0)
@@ -375,13 +380,7 @@ class PolicyTrainer(DeepSpeedRank):
         ``algorithms.token_logprobs``; for a KL penalty in the reward, which is needed before the update."""
         if self.reference is None:
             raise RuntimeError("no reference model on this rank: it is loaded only when kl_coef > 0")
-        out = []
-        for first in range(0, batch["input_ids"].shape[0], self.cfg["micro_batch_size"]):
-            ids = batch["input_ids"][first:first + self.cfg["micro_batch_size"]].to(self.device)
-            mask = batch["attention_mask"][first:first + self.cfg["micro_batch_size"]].to(self.device)
-            logits = self.reference(input_ids=ids, attention_mask=mask).logits / self.cfg["temperature"]
-            out.append(algorithms.token_logprobs(logits, ids).float().cpu())
-        return torch.cat(out)
+        return self._token_logprobs(self.reference, batch)
 
 
 def _cpu_copy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

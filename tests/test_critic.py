@@ -23,14 +23,15 @@ from rlhf.critic import CriticGroup  # noqa: E402
 from tests.test_trainer import model_dir  # noqa: E402,F401
 
 REPO = Path(__file__).resolve().parents[1]
-CFG = {"lr": 1e-2, "adam_eps": 1e-4, "micro_batch_size": 2, "value_clip": 0.5, "seed": 0, "threads": 1,
+CFG = {"lr": 1e-2, "adam_eps": 1e-4, "micro_batch_size": 4, "value_clip": 0.5, "seed": 0, "threads": 1,
        "timeout_s": 120, "zero_stage": 2}
 
 
 def _batch():
-    """4 right-padded rows; returns 1.0 on the first two rows' responses, -1.0 on the others'."""
+    """4 right-padded rows; returns 1.0 on the first two rows' responses, -1.0 on the others'. On one rank the
+    rows (8, 10, 3 and 11 tokens) pack into 3 (rlhf/packing.py); on two, each rank's pair stays padded."""
     g = torch.Generator().manual_seed(1)
-    lengths = [(3, 5), (2, 8), (4, 1), (5, 6)]  # (prompt, response) tokens; one response of length one
+    lengths = [(3, 5), (2, 8), (2, 1), (5, 6)]  # (prompt, response) tokens; one response of length one
     width = max(p + r for p, r in lengths) + 1
     input_ids = torch.zeros(len(lengths), width, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
@@ -89,7 +90,8 @@ def test_critic_fits_returns_on_one_and_two_ranks_alike(ray_cluster, model_dir, 
     # The error falls towards the returns (from ~1, the size of the returns, with a fresh head; at this lr it
     # overshoots a little on the way, so not every step is lower).
     assert one[1] < one[0] and one[-1] < 0.3 * one[0], one
-    # One update on two ZeRO-2 ranks gives the same values as on one rank: the batch split does not matter.
+    # One update on two ZeRO-2 ranks gives the same values as on one rank: neither the batch split nor packing
+    # matters.
     torch.testing.assert_close(two_values, one_values, atol=1e-4, rtol=0)
     assert two[:2] == pytest.approx(one[:2], abs=1e-4)
     assert all(0.0 <= c <= 1.0 for c in clipfracs)

@@ -26,7 +26,7 @@ CFG = {
     # 1e-5. A larger eps keeps the update a smooth function of the gradient, so weights check the gradient too.
     "adam_eps": 1e-4,
     "max_grad_norm": 0.05,  # below the batch's gradient norm, so clipping is exercised
-    "micro_batch_size": 2,
+    "micro_batch_size": 4,
     "clip_low": 0.2,
     "clip_high": 0.28,
     "kl_coef": 0.0,
@@ -58,9 +58,11 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def batch():
-    """4 right-padded rows of different prompt and response lengths."""
+    """8 right-padded rows of different prompt and response lengths, 4 per rank. In micro-batches of 4 both ranks'
+    rows pack into 3 (rlhf/packing.py: 10 | 8 | 4+3 and 11 | 6+5 | 2 tokens), so those cases check the packed
+    forward against the padded one of the single-process reference; in micro-batches of 1 or 2 nothing packs."""
     g = torch.Generator().manual_seed(1)
-    lengths = [(3, 5), (2, 8), (4, 2), (5, 6)]  # (prompt, response) tokens
+    lengths = [(3, 5), (2, 2), (2, 1), (4, 6), (4, 2), (5, 6), (1, 1), (2, 3)]  # (prompt, response) tokens
     width = max(p + r for p, r in lengths) + 1
     input_ids = torch.zeros(len(lengths), width, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
@@ -127,11 +129,12 @@ def assert_weights_equal(actual: dict, expected: dict):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("zero_stage, micro_batch_size, entropy_coef", [(3, 2, 0.0), (3, 1, 0.0), (2, 1, 0.0),
-                                                                       (3, 1, 0.1)])
+@pytest.mark.parametrize("zero_stage, micro_batch_size, entropy_coef", [(3, 4, 0.0), (3, 1, 0.0), (2, 4, 0.0),
+                                                                       (2, 2, 0.0), (3, 4, 0.1)])
 def test_matches_single_process_update(ray_cluster, model_dir, batch, expected, zero_stage, micro_batch_size,
                                        entropy_coef):
-    """2 ranks x 2 rows, in one micro-batch per rank or in two; the last case adds the entropy bonus."""
+    """2 ranks x 4 rows, in one packed micro-batch per rank or in several plain ones; the last case adds the
+    entropy bonus."""
     cfg = {**CFG, "zero_stage": zero_stage, "micro_batch_size": micro_batch_size, "entropy_coef": entropy_coef}
     group = TrainerGroup(model_dir, cfg, num_ranks=2, timeout_s=120)
     try:
@@ -240,8 +243,10 @@ def off_policy_updates(model_dir: str, batch: dict, mini_batches: int, epochs: i
             "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
 
-def test_mini_batches_epochs_and_tis_match_single_process_updates(ray_cluster, model_dir, batch):
-    """2 mini-batches x 2 epochs = 4 optimizer steps on 2 ZeRO-3 ranks (one row per rank and mini-batch), the
+@pytest.mark.parametrize("mini_batches, micro_batch_size", [(2, 1), (1, 4)])
+def test_mini_batches_epochs_and_tis_match_single_process_updates(ray_cluster, model_dir, batch, mini_batches,
+                                                                   micro_batch_size):
+    """``mini_batches`` x 2 epochs of optimizer steps on 2 ZeRO-3 ranks (one row per micro-batch, or 4 packed), the
     ratio against log-probs from before the first step, and TIS weights from rollout log-probs within e^+-1 of
     the trainer's, so the cap (1.5) binds on some tokens and not on others."""
     with torch.no_grad():
@@ -252,13 +257,14 @@ def test_mini_batches_epochs_and_tis_match_single_process_updates(ray_cluster, m
     mask = batch["response_mask"]
     off_policy = {**batch,
                   "rollout_logprobs": (old + torch.rand(old.shape, generator=g) * 2 - 1) * mask,
-                  # each mini-batch's token-mean weights sum to 1 (what make_train_batch(..., mini_batches=2) gives)
+                  # each mini-batch's token-mean weights sum to 1 (what make_train_batch(..., mini_batches) gives)
                   "loss_weights": torch.cat([algorithms.loss_token_weights(part, "token-mean", 8)
-                                             for part in mask.split(2)])}
-    want = off_policy_updates(model_dir, off_policy, mini_batches=2, epochs=2, tis_cap=1.5)
+                                             for part in mask.split(len(mask) // mini_batches)])}
+    want = off_policy_updates(model_dir, off_policy, mini_batches=mini_batches, epochs=2, tis_cap=1.5)
     assert 0 < want["tis_capped"] < 1 and want["clipfrac"] > 0  # the cap and the PPO clip are both exercised
 
-    cfg = {**CFG, "zero_stage": 3, "micro_batch_size": 1, "mini_batches": 2, "epochs": 2, "tis_cap": 1.5}
+    cfg = {**CFG, "zero_stage": 3, "micro_batch_size": micro_batch_size, "mini_batches": mini_batches, "epochs": 2,
+           "tis_cap": 1.5}
     group = TrainerGroup(model_dir, cfg, num_ranks=2, timeout_s=120)
     try:
         metrics = group.train_step(off_policy)
@@ -268,7 +274,7 @@ def test_mini_batches_epochs_and_tis_match_single_process_updates(ray_cluster, m
     finally:
         group.shutdown()
 
-    assert metrics["perf/optimizer_steps"] == 4.0
+    assert metrics["perf/optimizer_steps"] == 2.0 * mini_batches
     assert metrics["losses/policy_loss"] == pytest.approx(want["loss"], rel=1e-5)
     assert metrics["losses/grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
     assert metrics["losses/clipfrac"] == pytest.approx(want["clipfrac"], abs=1e-9)
