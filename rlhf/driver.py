@@ -34,6 +34,14 @@ from rlhf.resume import complete_checkpoints
 from rlhf.trainer import TrainerGroup
 from rlhf.worker_pool import get_all
 
+# With asynchronous rollout the trainer ranks update while the rollout workers generate, and where they share CPU
+# cores the ranks run at this much lower priority. Generation runs on fewer threads than the update (one, on the
+# 2-core quickstart), so at equal priority the scheduler slows both alike, the update finishes first and a core
+# idles while generation ends alone. Yielding to generation keeps it at full speed, and the update takes the rest
+# of the cores, then all of them once generation is done (benchmarks/RESULTS.md, async_vs_sync). It only orders
+# our own processes; on machines where trainer and rollout have their own cores or GPUs it changes nothing.
+ASYNC_TRAINER_NICENESS = 5
+
 
 class RunDirError(ValueError):
     """An output_dir that cannot take this run (it holds a finished one, or checkpoints to resume from)."""
@@ -187,6 +195,7 @@ class GRPOLoop:
             "entropy_coef": a.entropy_coef, "epochs": a.ppo_epochs, "tis_cap": a.tis_cap,
             "mini_batches": t.mini_batches_per_step, "kl_in_reward": a.kl_in_reward,
             "temperature": cfg.rollout.temperature, "timeout_s": self.timeout,
+            "niceness": ASYNC_TRAINER_NICENESS if cfg.rollout.asynchronous else 0,
         }, t.num_ranks, self.timeout, resources=cluster.role_resources(cfg, "trainer"),
             strategy=cfg.cluster.trainer_strategy, placement_timeout_s=cfg.cluster.placement_timeout_s)
         self.version = 0  # weights version the rollout workers hold; bumped by every trainer update

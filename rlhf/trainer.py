@@ -41,6 +41,9 @@ ENGINE_DEFAULTS = {
     "gradient_checkpointing": False,
     # Extra keys for DeepSpeed's "zero_optimization" section (offload, bucket sizes, persistence threshold, ...).
     "zero_options": {},
+    # Added to the rank process's CPU niceness at start (0: unchanged). The driver sets it for asynchronous rollout,
+    # where generation and the update run at once (see driver.ASYNC_TRAINER_NICENESS).
+    "niceness": 0,
 }
 
 DEFAULTS = {
@@ -105,6 +108,8 @@ class DeepSpeedRank:
             # torch package itself, which that statement would return and patch instead.)
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         self._deepspeed = deepspeed
+        if cfg["niceness"]:
+            os.nice(cfg["niceness"])
         torch.set_num_threads(cfg["threads"])
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
                                    timeout=timedelta(seconds=cfg["timeout_s"]))

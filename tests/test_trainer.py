@@ -174,10 +174,15 @@ def test_lr_warmup_rises_linearly_over_optimizer_steps(ray_cluster, model_dir, b
 
 
 def test_kl_save_pretrained_and_uneven_batch(ray_cluster, model_dir, batch, expected, tmp_path):
-    """One ZeRO-3 group for the rest: KL against the reference, the checkpoint round trip, and the row check."""
+    """One ZeRO-3 group for the rest: KL against the reference, the checkpoint round trip, the row check, and the
+    ranks' lowered CPU priority (as asynchronous rollout asks for)."""
     want = expected()
-    group = TrainerGroup(model_dir, {**CFG, "zero_stage": 3, "kl_coef": 0.1}, num_ranks=2, timeout_s=120)
+    group = TrainerGroup(model_dir, {**CFG, "zero_stage": 3, "kl_coef": 0.1, "niceness": 3}, num_ranks=2,
+                         timeout_s=120)
     try:
+        nice = [ray.get(a.__ray_call__.remote(lambda self: os.getpriority(os.PRIO_PROCESS, 0))) for a in group.actors]
+        worker = ray.get(ray.remote(num_cpus=0)(lambda: os.getpriority(os.PRIO_PROCESS, 0)).remote())  # any worker
+        assert nice == [min(worker + 3, 19)] * 2
         metrics = group.train_step(batch)
         # Policy == reference on the first step, so KL (k3) is 0 up to rounding.
         assert 0.0 <= metrics["losses/kl"] < 1e-6
