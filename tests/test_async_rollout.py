@@ -1,10 +1,12 @@
 """One-step-off asynchronous rollout end to end on Ray with a tiny student: a few RL steps through rlhf.Trainer,
 an evaluation while a batch is in flight, then the logged staleness and weights versions."""
 import json
+import os
 
 import pytest
 
 import rlhf
+from rlhf.driver import ASYNC_TRAINER_NICENESS
 
 pytest.importorskip("deepspeed")
 
@@ -26,6 +28,12 @@ def test_one_step_off_async_steps_log_staleness_one_and_ordered_versions(tmp_pat
         # rollout workers refuse a generate call whose expected version they do not hold.
         mid = trainer.evaluate()
         steps += [trainer.step(), trainer.step()]
+        # The trainer rank yields the CPU to generation (the rollout workers run at this process's niceness).
+        import ray
+
+        rank = trainer._loop.trainer.actors[0]
+        nice = ray.get(rank.__ray_call__.remote(lambda self: os.getpriority(os.PRIO_PROCESS, 0)))
+        assert nice == min(os.getpriority(os.PRIO_PROCESS, 0) + ASYNC_TRAINER_NICENESS, 19)
 
     assert [m["step"] for m in steps] == [1, 2, 3]
     # Batch 1 and batch 2 both come from v0 (batch 2 launched before update 1); batch 3 from v1, after sync 1.
