@@ -68,6 +68,9 @@ def test_micro_batches_pack_only_where_it_pays():
     assert first == 3 and plan is None and mb["input_ids"].shape == (3, 6) and "position_ids" not in mb
     # A kernel that takes no packed rows gets plain micro-batches.
     assert all(p is None for _, _, p in packing.micro_batches(batch, 3, "cpu", can_pack=False))
+    # All-padding rows stay as they are, one column wide.
+    (_, mb, plan), = packing.micro_batches(batch_of([0, 0, 0], width=4), 3, "cpu", can_pack=True)
+    assert plan is None and mb["input_ids"].shape == (3, 1)
 
 
 def test_zero_sequence_starts():
