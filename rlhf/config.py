@@ -9,7 +9,8 @@ must split evenly across trainer ranks (``trainer.num_ranks``) and rollout worke
 The trainer splits the rollout rows into ``trainer.mini_batches_per_step`` equal *mini-batches* (one optimizer
 step each, in batch order; ``algorithm.ppo_epochs`` passes over them), each mini-batch into equal shards across
 the ranks, and each shard into *micro-batches* of at most ``trainer.micro_batch_size`` rows (gradient
-accumulation: memory only, the update is the same). So rollout rows must divide by mini_batches_per_step x
+accumulation: memory only, the update is the same; a micro-batch's rows are packed end to end where that saves
+padding, rlhf/packing.py). So rollout rows must divide by mini_batches_per_step x
 num_ranks; ``RunConfig.describe_batches`` prints the derived figures at start.
 """
 from __future__ import annotations
