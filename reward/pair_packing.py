@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch
 
-# Pack when it removes at least this share of the tokens the plain (2B rows, padded) forward would compute.
-MIN_TOKEN_SAVING = 0.15
+# Pack when it removes at least this share of the tokens the plain (2B rows, padded) forward would compute: the bar
+# of the policy's row packing, first measured on pairs (benchmarks/README.md).
+from rlhf.packing import MIN_TOKEN_SAVING
 
 
 def shared_prefix_length(a: list[int], b: list[int]) -> int:

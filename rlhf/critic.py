@@ -78,12 +78,7 @@ class CriticTrainer(DeepSpeedRank):
         """Values (B, L) of this rank's rows, 0 where ``attention_mask`` is 0. Collective under ZeRO-3: every rank
         calls it with the same number of rows."""
         self.engine.eval()
-        out = torch.zeros(batch["input_ids"].shape)
-        for first, mb, packed in self._micro_batches({k: batch[k] for k in VALUE_KEYS}):
-            values = token_values(self.engine, mb)
-            values = packed.unpack(values) if packed is not None else values * mb["attention_mask"]
-            out[first:first + values.shape[0], :values.shape[1]] = values.cpu()
-        return out
+        return self._per_token(batch, lambda mb: token_values(self.engine, mb))
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimizer update of the value loss on this rank's rows. Collective: every rank calls it with a shard

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-# Pack when it removes at least this share of the padded batch's tokens: the bar of the reward model's pair packing
-# (reward/pair_packing.py), where it was measured; for a smaller saving the gather and scatter back are not worth it.
+# Pack when it removes at least this share of the padded batch's tokens. The reward model's pair packing
+# (reward/pair_packing.py) shares the bar, measured there; for a smaller saving the gather and scatter back are not
+# worth it.
 MIN_TOKEN_SAVING = 0.15
 
 

@@ -151,6 +151,16 @@ class DeepSpeedRank:
         can_pack = self.engine.module.config._attn_implementation in packing.PACKABLE_ATTENTION
         return packing.micro_batches(batch, self.cfg["micro_batch_size"], self.device, can_pack)
 
+    def _per_token(self, batch: dict[str, torch.Tensor], compute) -> torch.Tensor:
+        """``compute(micro-batch)``, a per-token (rows, L) result, over ``batch``'s rows (input_ids,
+        attention_mask), back in the batch's padded layout: (B, L) on the CPU, 0 at padding."""
+        out = torch.zeros(batch["input_ids"].shape)
+        for first, mb, plan in self._micro_batches({k: batch[k] for k in ("input_ids", "attention_mask")}):
+            values = compute(mb).float()
+            values = plan.unpack(values) if plan is not None else values * mb["attention_mask"]
+            out[first:first + values.shape[0], :values.shape[1]] = values.cpu()
+        return out
+
     def _sum_across_ranks(self, sums: torch.Tensor) -> torch.Tensor:
         """All-reduce (sum) a small CPU tensor of per-rank figures; returns it on the CPU."""
         if torch.distributed.is_initialized() and self.world_size > 1:
@@ -303,15 +313,13 @@ class PolicyTrainer(DeepSpeedRank):
 
     def _token_logprobs(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``model``'s token log-probs (at the sampling temperature) over ``batch``'s rows, (B, L) on the CPU."""
-        out = torch.zeros(batch["input_ids"].shape)
-        for first, mb, packed in self._micro_batches({k: batch[k] for k in ("input_ids", "attention_mask")}):
+
+        def logprobs(mb):
             logits = model(**packing.model_inputs(mb)).logits
-            logp = algorithms.token_logprobs(logits / self.cfg["temperature"], mb["input_ids"]).float()
-            logp = packing.zero_sequence_starts(logp, mb)
-            if packed is not None:
-                logp = packed.unpack(logp)
-            out[first:first + logp.shape[0], :logp.shape[1]] = logp.cpu()
-        return out
+            return packing.zero_sequence_starts(
+                algorithms.token_logprobs(logits / self.cfg["temperature"], mb["input_ids"]), mb)
+
+        return self._per_token(batch, logprobs)
 
     def _optimizer_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward and backward over one mini-batch's micro-batches, then one optimizer step; returns its sums."""
