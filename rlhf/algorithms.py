@@ -27,15 +27,14 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -
     are all equal carries no signal and gets advantage 0 (not a division by ~0).
     """
     grouped = _grouped(rewards, group_size)
-    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    centred = _centred(grouped)
     std = grouped.std(dim=1, unbiased=True, keepdim=True) if group_size > 1 else torch.zeros_like(centred)
     return (centred / (std + eps)).reshape(-1)
 
 
 def dr_grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """Dr. GRPO: group-mean baseline without the std division, which over-weights near-unanimous groups."""
-    grouped = _grouped(rewards, group_size)
-    return (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
+    return _centred(_grouped(rewards, group_size)).reshape(-1)
 
 
 def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -48,9 +47,7 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """
     if group_size < 2:
         raise ValueError("RLOO needs groups of 2 or more samples (the baseline is the mean of the others)")
-    grouped = _grouped(rewards, group_size)
-    others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
-    return (grouped - others_mean).reshape(-1)
+    return (_centred(_grouped(rewards, group_size)) * group_size / (group_size - 1)).reshape(-1)
 
 
 def token_returns(rewards: torch.Tensor, response_mask: torch.Tensor, kl: torch.Tensor | None = None,
@@ -162,6 +159,13 @@ def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
     return rewards.float().reshape(-1, group_size)
+
+
+def _centred(grouped: torch.Tensor) -> torch.Tensor:
+    """Each reward minus its group's mean, exactly 0 in a group of equal rewards. (The mean of eight 0.7s is not
+    0.7 in floating point; GRPO's division by a std of ~1e-8 would turn that rounding into advantages of ~0.06.)"""
+    unanimous = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)
+    return torch.where(unanimous, 0.0, grouped - grouped.mean(dim=1, keepdim=True))
 
 
 # The registry's common signature: (rewards (B,), group_size, response_mask (B, L)) -> token advantages (B, L),

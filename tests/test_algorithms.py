@@ -64,6 +64,15 @@ def test_grpo_all_rewards_equal_gives_all_zeros():
     close(adv, [0.0, 0.0, 0.0, 0.0])
 
 
+@pytest.mark.parametrize("estimator", [grpo_advantages, dr_grpo_advantages, rloo_advantages])
+def test_a_group_of_equal_rewards_gets_exactly_zero_whatever_the_rounding(estimator):
+    # Eight 0.7s do not average to exactly 0.7 in float32: centred by the mean they left ~6e-8, which GRPO's
+    # division by a std of the same size turned into advantages of 0.056. The other group is [0, 1] x 4.
+    adv = estimator(T([0.7] * 8 + [0.0, 1.0] * 4), 8)
+    assert adv[:8].eq(0).all()
+    assert adv[8:].ne(0).all()
+
+
 def test_grpo_integer_rewards_give_float_advantages():
     adv = grpo_advantages(T([1, 0, 0, 1]), group_size=4)
     assert adv.dtype == torch.float32
