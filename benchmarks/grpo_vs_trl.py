@@ -218,6 +218,9 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, log=print) -> d
         "distilrl_reward_first_last": [round(ours_steps[0]["reward/mean"], 3), round(ours_steps[-1]["reward/mean"], 3)],
         "trl_reward_first_last": [round(trl_rewards[0], 3), round(trl_rewards[-1], 3)] if trl_rewards else None,
         "response_tokens": response_tokens,
+        # Rows our trainer left out of the update because their advantage was 0 everywhere (a group all right or all
+        # wrong: their gradient is exactly 0); TRL runs them through forward and backward.
+        "distilrl_skipped_rows": statistics.median(m.get("perf/skipped_rows", 0.0) for m in timed),
     }
     return result
 
@@ -230,6 +233,8 @@ def print_table(r: dict) -> None:
     print(f"ratio distilrl/TRL: {r['ratio']:.2f}x")
     split = ", ".join(f"{k} {v:.3f}" for k, v in r["phase_s"].items())
     print(f"distilrl step split (s): {split}")
+    print(f"distilrl rows left out of the update (advantage 0, no gradient), median: "
+          f"{r['distilrl_skipped_rows']:.0f} of {r['completions_per_step']}")
     print(f"matmul {r['matmul_gflops']:.0f} GFLOP/s fp32; MFU train {r['train_mfu']}, generate {r['generate_mfu']}")
 
 

@@ -53,3 +53,23 @@ def response_mask(samples: list[Sample]) -> torch.Tensor:
     for i, s in enumerate(samples):
         mask[i, len(s.prompt_ids):len(s.prompt_ids) + len(s.response_ids)] = 1.0
     return mask
+
+
+def without_zero_advantage_rows(batch: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
+    """``batch`` (make_train_batch's layout, its rows a multiple of ``multiple``) without the rows whose advantage
+    is 0 on every token, except as many of those (the shortest) as keep the row count a positive multiple of
+    ``multiple``: the trainer ranks split the rows evenly, and each takes part in the optimizer step.
+
+    When the loss is the clipped policy term alone (no KL or entropy term), such a row's gradient is exactly 0, and
+    the loss weights were set over the whole batch before this, so the rows kept give exactly the whole batch's
+    update; running the others through forward and backward is wasted work. GRPO with a verifier makes many of
+    them: every group all right or all wrong has advantage 0."""
+    zero = batch["advantages"].eq(0).all(dim=1)
+    signal = int((~zero).sum())
+    keep = ~zero
+    fill = max(multiple, -(-signal // multiple) * multiple) - signal  # zero rows that round the count up
+    if fill:
+        zero_rows = zero.nonzero().squeeze(1)
+        lengths = batch["attention_mask"][zero_rows].sum(dim=1)
+        keep[zero_rows[lengths.argsort(stable=True)[:fill]]] = True
+    return {k: v[keep] for k, v in batch.items()}

@@ -22,6 +22,7 @@ from datetime import timedelta
 import torch
 
 from rlhf import algorithms, cluster, packing
+from rlhf.batch import without_zero_advantage_rows
 from rlhf.checkpoint import atomic_dir
 
 # The DeepSpeed engine's settings, shared by every trainer built on ``DeepSpeedRank`` (policy, reward model).
@@ -497,29 +498,43 @@ class TrainerGroup(RankGroup):
 
     def __init__(self, model_dir: str, cfg: dict, num_ranks: int, timeout_s: float, **placement):
         """``placement``: RankGroup's resources, strategy and placement_timeout_s."""
-        super().__init__(PolicyTrainer, (model_dir,), {**DEFAULTS, **cfg}, num_ranks, timeout_s, **placement)
-        self.mini_batches = {**DEFAULTS, **cfg}["mini_batches"]
+        cfg = {**DEFAULTS, **cfg}
+        super().__init__(PolicyTrainer, (model_dir,), cfg, num_ranks, timeout_s, **placement)
+        self.mini_batches = cfg["mini_batches"]
+        # With neither an entropy bonus nor a KL term in the loss, a row whose advantage is 0 everywhere adds exactly
+        # 0 to the gradient, so train_step leaves such rows out (batch.without_zero_advantage_rows).
+        self.skip_zero_advantage_rows = not cfg["entropy_coef"] and (not cfg["kl_coef"] or cfg["kl_in_reward"])
 
     def train_step(self, batch: dict[str, torch.Tensor], mini_batches: int | None = None) -> dict[str, float]:
         """The update on one rollout batch: its rows split into ``mini_batches`` (default: the config's) contiguous
         equal parts, one optimizer step each (the batch's loss weights must sum each part's loss, as
-        ``make_train_batch(..., mini_batches)`` makes them), each part split evenly across the ranks."""
+        ``make_train_batch(..., mini_batches)`` makes them), each part split evenly across the ranks.
+
+        Rows that add nothing to the gradient (see ``skip_zero_advantage_rows``) are left out of each part, so the
+        update is the same and the per-token means in the metrics (entropy, clip fraction, mismatch) are over the
+        rows trained on; ``perf/skipped_rows`` counts the others."""
         mini_batches = mini_batches or self.mini_batches
         rows = batch["input_ids"].shape[0]
         if rows % mini_batches:
             raise ValueError(f"batch of {rows} rows does not split into {mini_batches} equal mini-batches")
         size = rows // mini_batches
+        hint = f"make rollout rows per step a multiple of mini-batches x {self.num_ranks} ranks"
         per_rank: list[list[dict[str, torch.Tensor]]] = [[] for _ in self.actors]
+        trained = 0
         for first in range(0, rows, size):
             part = {k: v[first:first + size] for k, v in batch.items()}
-            for shards, shard in zip(per_rank, self._shards(
-                    part, size, f"make rollout rows per step a multiple of mini-batches x {self.num_ranks} ranks")):
+            if self.skip_zero_advantage_rows and size % self.num_ranks == 0:
+                part = without_zero_advantage_rows(part, self.num_ranks)
+            part_rows = part["input_ids"].shape[0]
+            trained += part_rows
+            for shards, shard in zip(per_rank, self._shards(part, part_rows, hint)):
                 shards.append(shard)
         refs = [actor.train_step.remote(shards) for actor, shards in zip(self.actors, per_rank)]
         metrics = self._get(refs, "train_step")
         # Each rank already all-reduced the sums, so loss and means are whole-batch figures on every rank;
         # only the time differs, and the step takes as long as its slowest rank.
-        return {**metrics[0], "perf/train_s": max(m["perf/train_s"] for m in metrics)}
+        return {**metrics[0], "perf/train_s": max(m["perf/train_s"] for m in metrics),
+                "perf/skipped_rows": float(rows - trained)}
 
     def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reference model's token log-probs (B, L) of the batch's rows, computed on the ranks that hold it."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhf.algorithms import token_logprobs
-from rlhf.batch import make_train_batch
+from rlhf.batch import make_train_batch, without_zero_advantage_rows
 from rlhf.config import ModelConfig
 from rlhf.models import build_student, build_tokenizer
 from rollout.engine import Sample, generate
@@ -75,6 +75,42 @@ def test_pad_id_other_than_zero_fills_the_padding():
 def test_all_per_token_tensors_share_the_input_ids_shape(batch):
     for key in ("attention_mask", "response_mask", "rollout_logprobs", "advantages", "loss_weights"):
         assert batch[key].shape == batch["input_ids"].shape, key
+
+
+# ------------------------------------------------------------------------ rows with no gradient left out
+
+# Six rows of 5, 2, 4, 3, 6 and 1 tokens: a 1-token prompt, the rest response (15 response tokens in all).
+LENGTHS = [5, 2, 4, 3, 6, 1]
+
+
+def zero_signal_batch(signal_rows: list[int]) -> dict[str, torch.Tensor]:
+    samples = [Sample(i, [5], [7] * (n - 1), [-0.1] * (n - 1), "stop", "") for i, n in enumerate(LENGTHS)]
+    advantages = torch.zeros(len(LENGTHS))
+    advantages[signal_rows] = torch.arange(1.0, len(signal_rows) + 1)
+    return make_train_batch(samples, advantages, pad_id=0, aggregation="token-mean", max_response_tokens=5)
+
+
+@pytest.mark.parametrize("multiple, kept", [
+    (1, [0, 3]),         # only the signal rows
+    (3, [0, 3, 5]),      # rounded up to 3 with the shortest zero row (row 5, 1 token)
+    (2, [0, 3]),         # already a multiple of 2
+])
+def test_zero_advantage_rows_are_left_out_down_to_a_multiple_of_the_ranks(multiple, kept):
+    batch = zero_signal_batch([0, 3])
+    out = without_zero_advantage_rows(batch, multiple)
+    assert out.keys() == batch.keys()
+    for key, value in out.items():
+        torch.testing.assert_close(value, batch[key][kept], rtol=0, atol=0, msg=key)
+    # The loss weights stay the whole batch's, token-mean over all its 15 response tokens, not renormalised over
+    # the rows kept: the update must equal the whole batch's.
+    assert out["loss_weights"][0, 1].item() == pytest.approx(1 / 15)
+
+
+def test_a_batch_without_signal_keeps_its_shortest_row_per_rank():
+    # No row carries signal: one row per rank still goes through, so every rank takes the optimizer step (its
+    # gradient is 0; AdamW's weight decay and moments still move, as they would on the whole batch).
+    out = without_zero_advantage_rows(zero_signal_batch([]), 2)
+    assert out["input_ids"].tolist() == zero_signal_batch([])["input_ids"][[1, 5]].tolist()
 
 
 # ------------------------------------------------------------------------------- end-to-end alignment
