@@ -17,7 +17,7 @@ of each are dropped; medians over the rest are reported.
 
 Hardware limit: a large fp32 GEMM through torch (2 threads) gives the machine's matmul rate; model-FLOPs
 utilisation (MFU) of our phases is counted as 6 * params * tokens for training (forward and backward over prompt
-and response tokens) and 2 * params * tokens for generation (every prompt and generated token), attention's own
+and response tokens of the rows trained on) and 2 * params * tokens for generation (every prompt and generated token), attention's own
 FLOPs left out; params counts the tied embedding once (as the output projection).
 
 Prints a table, then one JSON object as the last line.
@@ -197,8 +197,10 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, log=print) -> d
     phase["idle"] = max(0.0, ours_s - sum(phase.values()))
     response_tokens = statistics.median(m["charts/response_tokens"] for m in timed)
     mean_prompt = statistics.mean(len(tokenizer(p, add_special_tokens=False).input_ids) for p in dataset["prompt"])
+    skipped = statistics.median(m.get("perf/skipped_rows", 0.0) for m in timed)
     tokens = rows * (mean_prompt + response_tokens)
-    train_flops, gen_flops = 6 * params * tokens, 2 * params * tokens
+    # Training counts only the rows it ran: those with advantage 0 everywhere are left out (no gradient).
+    train_flops, gen_flops = 6 * params * tokens * (rows - skipped) / rows, 2 * params * tokens
     result = {
         "workload": workload_name,
         "params_m": round(params / 1e6, 3),
@@ -220,7 +222,7 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, log=print) -> d
         "response_tokens": response_tokens,
         # Rows our trainer left out of the update because their advantage was 0 everywhere (a group all right or all
         # wrong: their gradient is exactly 0); TRL runs them through forward and backward.
-        "distilrl_skipped_rows": statistics.median(m.get("perf/skipped_rows", 0.0) for m in timed),
+        "distilrl_skipped_rows": skipped,
     }
     return result
 
