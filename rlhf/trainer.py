@@ -523,7 +523,7 @@ class TrainerGroup(RankGroup):
         trained = 0
         for first in range(0, rows, size):
             part = {k: v[first:first + size] for k, v in batch.items()}
-            if self.skip_zero_advantage_rows and size % self.num_ranks == 0:
+            if self.skip_zero_advantage_rows and size % self.num_ranks == 0:  # an uneven part is refused below
                 part = without_zero_advantage_rows(part, self.num_ranks)
             part_rows = part["input_ids"].shape[0]
             trained += part_rows
