@@ -95,7 +95,7 @@ def zero_signal_batch(signal_rows: list[int]) -> dict[str, torch.Tensor]:
     (3, [0, 3, 5]),      # rounded up to 3 with the shortest zero row (row 5, 1 token)
     (2, [0, 3]),         # already a multiple of 2
 ])
-def test_zero_advantage_rows_are_left_out_down_to_a_multiple_of_the_ranks(multiple, kept):
+def test_zero_advantage_rows_are_left_out_but_the_count_stays_a_multiple_of_the_ranks(multiple, kept):
     batch = zero_signal_batch([0, 3])
     out = without_zero_advantage_rows(batch, multiple)
     assert out.keys() == batch.keys()
