@@ -69,6 +69,12 @@ DEFAULTS = {
     "tis_cap": None,
 }
 
+def kl_in_loss(cfg: dict) -> bool:
+    """Whether the policy loss carries a KL term: a reference model is loaded (kl_coef > 0) and the KL is not put in
+    the reward instead (PPO's kl_in_reward)."""
+    return cfg["kl_coef"] > 0 and not cfg["kl_in_reward"]
+
+
 BATCH_KEYS = ("input_ids", "attention_mask", "response_mask", "rollout_logprobs", "advantages", "loss_weights")
 
 # Per-rank sums, all-reduced across ranks before they become whole-batch metrics (means divide by response_tokens).
@@ -366,9 +372,8 @@ class PolicyTrainer(DeepSpeedRank):
                 # Row by row: a float copy of all logits at once can be as large as the activations (151k vocab).
                 entropy = torch.cat([algorithms.token_entropy(row) for row in logits.detach().split(1)])
         entropy = packing.zero_sequence_starts(entropy, mb)
-        kl_in_loss = self.reference is not None and not cfg["kl_in_reward"]
         per_token = algorithms.policy_token_loss(pg, entropy, kl, cfg["entropy_coef"],
-                                                 cfg["kl_coef"] if kl_in_loss else 0.0)
+                                                 cfg["kl_coef"] if kl_in_loss(cfg) else 0.0)
         loss = (per_token * mb["loss_weights"]).sum()
         # DeepSpeed averages gradients over data-parallel ranks; multiplying by world_size turns that average back
         # into the sum of the ranks' shares, i.e. the gradient of the whole-batch loss. scale_wrt_gas=False: the
@@ -503,7 +508,7 @@ class TrainerGroup(RankGroup):
         self.mini_batches = cfg["mini_batches"]
         # With neither an entropy bonus nor a KL term in the loss, a row whose advantage is 0 everywhere adds exactly
         # 0 to the gradient, so train_step leaves such rows out (batch.without_zero_advantage_rows).
-        self.skip_zero_advantage_rows = not cfg["entropy_coef"] and (not cfg["kl_coef"] or cfg["kl_in_reward"])
+        self.skip_zero_advantage_rows = not cfg["entropy_coef"] and not kl_in_loss(cfg)
 
     def train_step(self, batch: dict[str, torch.Tensor], mini_batches: int | None = None) -> dict[str, float]:
         """The update on one rollout batch: its rows split into ``mini_batches`` (default: the config's) contiguous
