@@ -26,9 +26,9 @@ from pathlib import Path
 from rlhf import curriculum
 from rlhf.api import Trainer, run
 from rlhf.cli import _quiet_libraries
-from rlhf.config import load_config
+from rlhf.base.config import load_config
 from rlhf.driver import build_policy
-from rlhf.models import save_student
+from rlhf.base.models import save_student
 from rlhf.warmup import run_warmup
 
 

@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 
 from rlhf.cli import _quiet_libraries
-from rlhf.config import load_config
-from rlhf.driver import build_policy, run
-from rlhf.models import save_student
+from rlhf.base.config import load_config
+from rlhf.api import run
+from rlhf.driver import build_policy
+from rlhf.base.models import save_student
 from rlhf.warmup import run_warmup
 
 
@@ -65,10 +66,10 @@ def main() -> None:
     start = [*common, "stages=[rl,eval]", f"model.model_name_or_path={warmup_dir}", f"rollout.threads={threads}"]
 
     sync_cfg = load_config(args.config, [*start, f"output_dir={out / 'sync'}", "rollout.asynchronous=false"])
-    sync = run(sync_cfg, log=lambda line: print(f"[sync] {line}", flush=True))
+    sync = run(sync_cfg, log=lambda line: print(f"[sync] {line}", flush=True)).summary
     async_cfg = load_config(args.config, [*start, f"output_dir={out / 'async'}", "rollout.asynchronous=true",
                                           "rollout.max_staleness=1"])
-    asyn = run(async_cfg, log=lambda line: print(f"[async] {line}", flush=True))
+    asyn = run(async_cfg, log=lambda line: print(f"[async] {line}", flush=True)).summary
 
     def figures(summary: dict, cfg) -> dict:
         return {"steps_per_s": round(summary["steps"] / summary["stage_s"]["rl"], 4),

@@ -61,10 +61,10 @@ def run(shape: dict, prompts: int, samples: int, new_tokens: int, micro_batch: i
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from reward.verifiers import final_number_correct
-    from rlhf.algorithms import ADVANTAGE_ESTIMATORS
-    from rlhf.batch import make_train_batch, response_mask
-    from rlhf.data import arithmetic_rows
-    from rlhf.models import build_tokenizer
+    from rlhf.base.algorithms import ADVANTAGE_ESTIMATORS
+    from rlhf.base.batch import make_train_batch, response_mask
+    from rlhf.base.data import arithmetic_rows
+    from rlhf.base.models import build_tokenizer
     from rlhf.trainer import PolicyTrainer, _free_port
     from rollout.engine import generate
 

@@ -72,8 +72,8 @@ def matmul_rate(size: int = 2048, repeats: int = 5, dtype=None) -> float:
 def make_student(workload: dict, out_dir: Path) -> tuple[int, object]:
     """The shared student (random weights, fixed-length generation config) saved to ``out_dir``; returns its
     parameter count and tokenizer."""
-    from rlhf.config import ModelConfig
-    from rlhf.models import build_student, build_tokenizer, save_student
+    from rlhf.base.config import ModelConfig
+    from rlhf.base.models import build_student, build_tokenizer, save_student
 
     tokenizer = build_tokenizer("char")
     model_cfg = ModelConfig(**{k: workload[k] for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -89,7 +89,7 @@ def make_student(workload: dict, out_dir: Path) -> tuple[int, object]:
 def prompt_dataset(count: int):
     import datasets
 
-    from rlhf.data import arithmetic_rows
+    from rlhf.base.data import arithmetic_rows
 
     return datasets.Dataset.from_list([{"prompt": r.prompt, "answer": r.answer} for r in arithmetic_rows(count, SEED)])
 
@@ -106,8 +106,8 @@ def signal_batch(tokenizer, prompts: list[str], response_tokens: int) -> dict:
     nonzero advantage in every row, so no row is left out of the update."""
     import torch
 
-    from rlhf.batch import make_train_batch
-    from rollout.engine import Sample
+    from rlhf.base.batch import make_train_batch
+    from rlhf.base.samples import Sample
 
     g = torch.Generator().manual_seed(SEED)
     samples = [Sample(i, tokenizer(p, add_special_tokens=False).input_ids,
@@ -118,7 +118,7 @@ def signal_batch(tokenizer, prompts: list[str], response_tokens: int) -> dict:
 
 
 def ours_config(workload: dict, student_dir: Path, out_dir: Path, steps: int, ranks: int):
-    from rlhf.config import RunConfig
+    from rlhf.base.config import RunConfig
 
     rows = workload["prompts"] * workload["samples"]
     return RunConfig(

@@ -30,8 +30,8 @@ def build_scorer(kind: str, threads: int):
     import torch
 
     from reward.model import DistilledRewardModel, score_texts
-    from rlhf.config import ModelConfig
-    from rlhf.models import build_student, build_tokenizer
+    from rlhf.base.config import ModelConfig
+    from rlhf.base.models import build_student, build_tokenizer
 
     torch.set_num_threads(threads)
     tokenizer = build_tokenizer("char")

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from rlhf.cli import _quiet_libraries
-from rlhf.config import load_config
-from rlhf.driver import run
+from rlhf.base.config import load_config
+from rlhf.api import run
 
 
 def main() -> None:
@@ -32,11 +32,11 @@ def main() -> None:
 
     rm_cfg = load_config(args.config, [*args.overrides, f"output_dir={out / 'rm'}",
                                        "stages=[warmup,label,train_rm,rl,eval]", "reward.components={rm: 1.0}"])
-    rm = run(rm_cfg, log=lambda line: print(f"[rm] {line}", flush=True))
+    rm = run(rm_cfg, log=lambda line: print(f"[rm] {line}", flush=True)).summary
     oracle_cfg = load_config(args.config, [*args.overrides, f"output_dir={out / 'oracle'}", "stages=[rl,eval]",
                                            f"model.model_name_or_path={out / 'rm' / 'warmup'}",
                                            "reward.components={verifier: 1.0}", "reward.audit_every=0"])
-    oracle = run(oracle_cfg, log=lambda line: print(f"[oracle] {line}", flush=True))
+    oracle = run(oracle_cfg, log=lambda line: print(f"[oracle] {line}", flush=True)).summary
 
     def gain(summary: dict) -> float:
         return round(summary["eval_after"]["accuracy"] - summary["eval_before"]["accuracy"], 4)

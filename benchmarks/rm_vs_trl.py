@@ -48,7 +48,7 @@ def make_pairs(count: int, slip: str = "late") -> list[dict]:
     """Arithmetic prompts; chosen: the worked, correct solution (running totals). Rejected, by ``slip``: "late",
     the same working with a wrong final answer (the two share all but the last tokens); "early", a slip in the
     first running total carried through to the end (they share the prompt and the first operation only)."""
-    from rlhf.tasks import arithmetic
+    from rlhf.base.tasks import arithmetic
 
     rng = random.Random(SEED)
     pairs = []
@@ -69,8 +69,8 @@ def make_pairs(count: int, slip: str = "late") -> list[dict]:
 def make_reward_model(size: dict, out_dir: Path):
     """The shared RM: a random Qwen2 backbone with fresh heads, saved (with the tokenizer) to ``out_dir``."""
     from reward.model import DistilledRewardModel
-    from rlhf.config import ModelConfig
-    from rlhf.models import build_student, build_tokenizer
+    from rlhf.base.config import ModelConfig
+    from rlhf.base.models import build_student, build_tokenizer
 
     tokenizer = build_tokenizer("char")
     student = build_student(ModelConfig(**size, max_position_embeddings=256), tokenizer, SEED)
@@ -88,7 +88,7 @@ def train(rm_dir: Path, pairs: list[dict], tokenizer, batch: int, steps: int, wa
     from trl import RewardConfig, RewardTrainer
 
     from reward.rm_trainer import RewardModelTrainerGroup, collate_pairs
-    from rlhf import cluster
+    from rlhf.base import cluster
 
     total = steps + warmup
     threads = os.cpu_count() or 1

@@ -19,7 +19,7 @@ CD, e.g. the arithmetic task's oracle) or ``rm`` (the distilled reward model's R
 """
 from __future__ import annotations
 
-from rlhf import think
+from rlhf.base import think
 
 SCALE_MAX = 9.0  # RV and CD are 0-9 scores
 

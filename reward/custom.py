@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from rlhf.config import ConfigError
+from rlhf.base.config import ConfigError
 
 
 def load_reward_fn(spec: str, key: str = "reward.custom_fn") -> Callable:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from rlhf.data import PromptRow
-from rlhf.progress import Progress
+from rlhf.base.data import PromptRow
+from rlhf.base.progress import Progress
 
 # A response's text for the teacher, and the optional teacher-written solutions added beside student samples.
 SampleFn = Callable[[list[str], int], list[list[str]]]

@@ -17,7 +17,7 @@ import torch
 
 # Pack when it removes at least this share of the tokens the plain (2B rows, padded) forward would compute: the bar
 # of the policy's row packing, first measured on pairs (benchmarks/README.md).
-from rlhf.packing import MIN_TOKEN_SAVING
+from rlhf.base.packing import MIN_TOKEN_SAVING
 
 
 def shared_prefix_length(a: list[int], b: list[int]) -> int:

@@ -1,6 +1,6 @@
 """Training the distilled reward model on the project's DeepSpeed trainer ranks (ZeRO-2/3, one Ray actor per rank).
 
-The same core as the policy trainer (``rlhf.trainer.DeepSpeedRank`` / ``RankGroup``): one ``train_step`` is one
+The same core as the policy trainer (``rlhf.base.ranks.DeepSpeedRank`` / ``RankGroup``): one ``train_step`` is one
 optimizer update on one batch of preference pairs. The group counts the whole batch's targets (``loss_counts``)
 before splitting its rows across ranks, and every part divides by those counts, so the parts' losses sum to the
 whole-batch loss however the batch is split; each rank multiplies by world_size to undo DeepSpeed's averaging.
@@ -21,7 +21,7 @@ import torch
 from reward.losses import NUM_SCORES, SIDES, loss_counts, reward_model_loss
 from reward.model import DistilledRewardModel, RewardOutput, encode_pair, is_reward_model_dir, pad_right
 from reward.pair_packing import pack_pairs, worth_packing
-from rlhf.trainer import ENGINE_DEFAULTS, DeepSpeedRank, RankGroup
+from rlhf.base.ranks import ENGINE_DEFAULTS, DeepSpeedRank, RankGroup
 
 RM_DEFAULTS = {
     **ENGINE_DEFAULTS,

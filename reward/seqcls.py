@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.models import ModelLoadError
+from rlhf.base.models import ModelLoadError
 
 
 def check_seqcls_dir(path: str | Path) -> None:

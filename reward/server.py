@@ -45,7 +45,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from rlhf.http_server import BackgroundHTTPServer
+from rlhf.base.http_server import BackgroundHTTPServer
 
 logger = logging.getLogger(__name__)
 

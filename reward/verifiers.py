@@ -7,19 +7,8 @@ import threading
 from fractions import Fraction
 from typing import Callable
 
-from rlhf.think import answer_text
-
-# The number after a ``#``; thousands separators as GSM8K writes them ("#### 1,234") are part of the number.
-_FINAL_NUMBER_RE = re.compile(r"#\s*(-?\d{1,3}(?:,\d{3})+|-?\d+)")
-
-
-def final_number(response: str) -> int | None:
-    """The number after the last ``#`` of the response's answer part; None when there is none. The answer part is
-    the text outside ``<think>`` blocks (rlhf/think.py): numbers tried out while thinking are not the answer, and a
-    response that stopped inside an unclosed block has not answered."""
-    found = _FINAL_NUMBER_RE.findall(answer_text(response))
-    return int(found[-1].replace(",", "")) if found else None
-
+from rlhf.base.tasks.arithmetic import final_number
+from rlhf.base.think import answer_text
 
 def final_number_correct(response: str, reference: str | int) -> bool | None:
     """True/False for the number after the response's last ``#`` against the reference answer; None when the

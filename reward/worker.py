@@ -180,8 +180,8 @@ def _adaptive_component(settings: dict | None, teacher: dict | None):
         raise ValueError("reward component adaptive needs its settings (reward.adaptive)")
     judge = None
     if settings["source"] == "teacher":
-        from reward.distill import make_teacher
-        from rlhf.config import LabelConfig
+        from reward.teachers import make_teacher
+        from rlhf.base.config import LabelConfig
 
         judge = make_teacher(LabelConfig(**(teacher or {})))
     return AdaptiveLength(settings, judge)

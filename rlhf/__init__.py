@@ -2,7 +2,7 @@
 stage and step by step, ``rlhf.load_config`` / ``rlhf.RunConfig`` for the config (see rlhf/api.py and the README's
 "Scripting" section).
 
-The names load on first use: ``import rlhf.config`` in the CLI and in every Ray worker must not pay for importing
+The names load on first use: ``import rlhf.base.config`` in the CLI and in every Ray worker must not pay for importing
 Ray, DeepSpeed and the whole driver.
 """
 from __future__ import annotations
@@ -11,14 +11,14 @@ import importlib
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
-    "RunConfig": "rlhf.config",
-    "load_config": "rlhf.config",
-    "ConfigError": "rlhf.config",
-    "DatasetError": "rlhf.data",
+    "RunConfig": "rlhf.base.config",
+    "load_config": "rlhf.base.config",
+    "ConfigError": "rlhf.base.config",
+    "DatasetError": "rlhf.base.data",
     "RewardError": "reward.worker",
     "RunDirError": "rlhf.driver",
-    "ResumeError": "rlhf.resume",
-    "NonFiniteError": "rlhf.guards",
+    "ResumeError": "rlhf.base.resume",
+    "NonFiniteError": "rlhf.base.guards",
     "Trainer": "rlhf.api",
     "RunResult": "rlhf.api",
     "run": "rlhf.api",
@@ -28,11 +28,11 @@ __all__ = list(_EXPORTS)
 if TYPE_CHECKING:
     from reward.worker import RewardError
     from rlhf.api import RunResult, Trainer, run
-    from rlhf.config import ConfigError, RunConfig, load_config
-    from rlhf.data import DatasetError
+    from rlhf.base.config import ConfigError, RunConfig, load_config
+    from rlhf.base.data import DatasetError
     from rlhf.driver import RunDirError
-    from rlhf.guards import NonFiniteError
-    from rlhf.resume import ResumeError
+    from rlhf.base.guards import NonFiniteError
+    from rlhf.base.resume import ResumeError
 
 
 def __getattr__(name: str):

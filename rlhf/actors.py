@@ -10,10 +10,10 @@ import os
 import ray
 
 from reward.worker import RewardWorker
-from rlhf import cluster
-from rlhf.config import RunConfig
-from rlhf.tasks.arithmetic import MAX_LEVEL, MIN_LEVEL
-from rlhf.worker_pool import WorkerPool
+from rlhf.base import cluster
+from rlhf.base.config import RunConfig
+from rlhf.base.tasks.arithmetic import MAX_LEVEL, MIN_LEVEL
+from rlhf.base.worker_pool import WorkerPool
 from rollout.worker import RolloutWorker
 
 

@@ -26,19 +26,20 @@ from typing import TYPE_CHECKING, Callable
 import ray
 import torch
 
-from reward import distill
+from rlhf import distill
 from reward.custom import load_reward_fn
 from reward.seqcls import check_seqcls_dir
 from reward.worker import RewardFn
-from rlhf import actors, curriculum, driver, resume as checkpoints
-from rlhf.checkpoint import atomic_dir, write_json_atomic
-from rlhf.config import ConfigError, RunConfig
-from rlhf.guards import finite_metrics
+from rlhf import actors, curriculum, driver
+from rlhf.base import resume as checkpoints
+from rlhf.base.checkpoint import atomic_dir, write_json_atomic
+from rlhf.base.config import ConfigError, RunConfig
+from rlhf.base.guards import finite_metrics
 from rlhf.metrics import RunMetrics, check_wandb, eval_scalars
-from rlhf.models import check_model_dir, save_student
+from rlhf.base.models import check_model_dir, save_student
 from rlhf.pipeline import RolloutPipeline
 from rlhf.ppo import PPOLoop
-from rlhf.progress import Progress
+from rlhf.base.progress import Progress
 from rlhf.report import write_report
 from rlhf.warmup import run_warmup
 

@@ -79,13 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     from reward.labelling import TeacherError
     from reward.worker import RewardError
-    from rlhf.cluster import ClusterError
-    from rlhf.config import ConfigError
-    from rlhf.data import DatasetError
+    from rlhf.base.cluster import ClusterError
+    from rlhf.base.config import ConfigError
+    from rlhf.base.data import DatasetError
     from rlhf.driver import RunDirError
-    from rlhf.guards import NonFiniteError
-    from rlhf.models import ModelLoadError
-    from rlhf.worker_pool import WorkerDiedError
+    from rlhf.base.guards import NonFiniteError
+    from rlhf.base.models import ModelLoadError
+    from rlhf.base.worker_pool import WorkerDiedError
 
     try:
         return COMMANDS[args.command](args)
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from rlhf.config import load_config
+    from rlhf.base.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.command == "label":
@@ -121,7 +121,7 @@ def _log(line: str) -> None:
 
 def _train_rm(args) -> int:
     from rlhf.api import Trainer
-    from rlhf.config import ConfigError, load_config
+    from rlhf.base.config import ConfigError, load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.labels is None:
@@ -152,7 +152,7 @@ def _run_stages(cfg, resume: bool = False) -> None:
 def _eval(args) -> int:
     from pathlib import Path
 
-    from rlhf.config import load_config
+    from rlhf.base.config import load_config
     from rlhf.evaluate import evaluate_checkpoint
 
     config = args.config
@@ -172,7 +172,7 @@ def _report(args) -> int:
 
 
 def _eval_rm(args) -> int:
-    from reward.distill import evaluate_rm_dir
+    from rlhf.distill import evaluate_rm_dir
     from reward.labelling import judged_rows, make_pairs
 
     for path in (args.rm_dir, os.path.join(args.labels_dir, "rows.jsonl")):

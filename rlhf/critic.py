@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from rlhf import algorithms, packing
-from rlhf.trainer import ENGINE_DEFAULTS, DeepSpeedRank, RankGroup
+from rlhf.base import algorithms, packing
+from rlhf.base.ranks import ENGINE_DEFAULTS, DeepSpeedRank, RankGroup
 
 CRITIC_DEFAULTS = {
     **ENGINE_DEFAULTS,

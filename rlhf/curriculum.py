@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from reward.adaptive import target_rv
-from rlhf.tasks import arithmetic
+from rlhf.base.tasks import arithmetic
 
 FIXED_TARGETS = {"low": 1.0, "medium": 4.5, "high": 8.0}  # RV on the 0-9 scale
 VERBOSITIES = (0, 1, 2)  # the teacher's answer only / running totals / totals and a check

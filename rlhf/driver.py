@@ -18,21 +18,23 @@ from pathlib import Path
 
 import torch
 
-from reward import distill
-from rlhf import actors, cluster, think
-from rlhf.algorithms import ADVANTAGE_ESTIMATORS, informative_groups, overlong_penalty
-from rlhf.batch import make_train_batch, response_mask
-from rlhf.chat import template_override
-from rlhf.config import ConfigError, RunConfig, save_config
-from rlhf.data import DatasetError, PromptRow, load_rows, usable_rows
+from reward.teachers import make_teacher
+from rlhf import distill
+from rlhf import actors
+from rlhf.base import cluster, think
+from rlhf.base.algorithms import ADVANTAGE_ESTIMATORS, informative_groups, overlong_penalty
+from rlhf.base.batch import make_train_batch, response_mask
+from rlhf.base.chat import template_override
+from rlhf.base.config import ConfigError, RunConfig, save_config
+from rlhf.base.data import DatasetError, PromptRow, load_rows, usable_rows
 from rlhf.evaluate import difficulty_metrics, evaluate_policy
-from rlhf.models import build_student, build_tokenizer, check_model_dir, load_student
-from rlhf.models import load_tokenizer as load_model_tokenizer
+from rlhf.base.models import build_student, build_tokenizer, check_model_dir, load_student
+from rlhf.base.models import load_tokenizer as load_model_tokenizer
 from rlhf.pipeline import LaunchedRollout
-from rlhf.guards import BatchGuard, reward_fault, update_fault
-from rlhf.resume import complete_checkpoints
+from rlhf.base.guards import BatchGuard, reward_fault, update_fault
+from rlhf.base.resume import complete_checkpoints
 from rlhf.trainer import TrainerGroup
-from rlhf.worker_pool import get_all
+from rlhf.base.worker_pool import get_all
 
 # With asynchronous rollout the trainer ranks update while the rollout workers generate, and where they share CPU
 # cores the ranks run at this much lower priority. Generation runs on fewer threads than the update (one, on the
@@ -45,16 +47,6 @@ ASYNC_TRAINER_NICENESS = 5
 
 class RunDirError(ValueError):
     """An output_dir that cannot take this run (it holds a finished one, or checkpoints to resume from)."""
-
-
-def run(cfg: RunConfig, log=print) -> dict:
-    """Run the configured stages; returns the summary also written to ``output_dir/summary.json``.
-
-    The stages are sequenced by ``rlhf.api.run`` (the CLI's and scripts' one code path) on the pieces below.
-    """
-    from rlhf.api import run as run_pipeline  # here, not at the top: rlhf.api builds on this module
-
-    return run_pipeline(cfg, log=log).summary
 
 
 def load_prompts(cfg: RunConfig, train_dataset=None, eval_dataset=None, tokenizer=None, log=print,
@@ -184,7 +176,7 @@ class GRPOLoop:
         self.reward = actors.make_reward_workers(cfg, rm_dir, reward_fn)
         # Only a custom reward function reads the prompts' source records; other runs do not ship them each step.
         self.send_records = bool(cfg.reward.components.get("custom"))
-        self.auditor = distill.make_teacher(cfg.label) if cfg.reward.audit_every else None
+        self.auditor = make_teacher(cfg.label) if cfg.reward.audit_every else None
         t, a = cfg.trainer, cfg.algorithm
         self.trainer = TrainerGroup(model_dir, {
             "zero_stage": t.zero_stage, "lr": t.lr, "lr_warmup_steps": t.lr_warmup_steps,

@@ -8,11 +8,11 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Callable
 
-from rlhf import think
-from rlhf.config import RunConfig
-from rlhf.data import PromptRow
-from rlhf.progress import Progress
-from rollout.engine import Sample
+from rlhf.base import think
+from rlhf.base.config import RunConfig
+from rlhf.base.data import PromptRow
+from rlhf.base.progress import Progress
+from rlhf.base.samples import Sample
 
 # (correct, response tokens, thought: has a non-empty think block, reasoning tokens)
 Item = tuple[bool, int, bool, int]
@@ -38,7 +38,7 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str, log: Callable[[str], No
     (rendered with the checkpoint's tokenizer, with the think switch ``think.mode`` asks for), greedy answers of up
     to ``eval.max_new_tokens`` tokens, the task's verifier. What ``distilrl eval`` prints."""
     from reward.worker import RewardWorker
-    from rlhf.data import load_rows
+    from rlhf.base.data import load_rows
     from rollout.worker import RolloutWorker
 
     policy = RolloutWorker(checkpoint, cfg.rollout.threads, cfg.seed)

@@ -14,7 +14,7 @@ import numbers
 import os
 from pathlib import Path
 
-from rlhf.config import ConfigError, RunConfig
+from rlhf.base.config import ConfigError, RunConfig
 
 TENSORBOARD_DIR = "tensorboard"
 

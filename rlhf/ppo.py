@@ -15,13 +15,13 @@ import time
 
 import torch
 
-from reward import distill
-from rlhf.algorithms import gae_advantages, kl_penalty, loss_token_weights, overlong_penalty, token_rewards, whiten
-from rlhf.batch import make_train_batch
+from rlhf import distill
+from rlhf.base.algorithms import gae_advantages, kl_penalty, loss_token_weights, overlong_penalty, token_rewards, whiten
+from rlhf.base.batch import make_train_batch
 from rlhf.pipeline import LaunchedRollout
-from rlhf.config import RunConfig
+from rlhf.base.config import RunConfig
 from rlhf.critic import CriticGroup
-from rlhf.data import PromptRow
+from rlhf.base.data import PromptRow
 from rlhf.driver import GRPOLoop, rollout_figures
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from rlhf.http_server import BackgroundHTTPServer
+from rlhf.base.http_server import BackgroundHTTPServer
 from rollout.engine import generate
 
 logger = logging.getLogger(__name__)
@@ -315,7 +315,7 @@ def make_server(model: str | Path | tuple[Any, Any], host: str = "127.0.0.1", po
     pair. ``model_name`` defaults to the directory's name (``"distilrl-policy"`` for a pair).
     """
     if isinstance(model, (str, Path)):
-        from rlhf.models import load_student
+        from rlhf.base.models import load_student
 
         model_name = model_name or Path(model).resolve().name
         model, tokenizer = load_student(model)

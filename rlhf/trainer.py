@@ -8,44 +8,18 @@ averaging yields exactly that mini-batch gradient.
 
 ``PolicyTrainer`` is a plain class (usable in-process, one per process, e.g. under torchrun or in a test);
 ``TrainerGroup`` wraps it with ``ray.remote`` and starts one actor per rank. Their engine set-up, weight gathering,
-checkpointing and Ray group mechanics live in ``DeepSpeedRank`` and ``RankGroup``, which the reward-model trainer
-(reward/rm_trainer.py) shares.
+checkpointing and Ray group mechanics live in ``DeepSpeedRank`` and ``RankGroup`` (rlhf/base/ranks.py).
 """
 from __future__ import annotations
 
-import importlib
-import os
-import shutil
 import time
-from datetime import timedelta
 
 import torch
 
-from rlhf import algorithms, cluster, packing
-from rlhf.batch import without_zero_advantage_rows
-from rlhf.checkpoint import atomic_dir
+from rlhf.base import algorithms, packing
+from rlhf.base.batch import without_zero_advantage_rows
+from rlhf.base.ranks import ENGINE_DEFAULTS, DeepSpeedRank, RankGroup
 
-# The DeepSpeed engine's settings, shared by every trainer built on ``DeepSpeedRank`` (policy, reward model).
-ENGINE_DEFAULTS = {
-    "zero_stage": 2,
-    "lr": 1e-6,
-    "lr_warmup_steps": 0,  # linear warm-up from 0 to lr over this many optimizer steps
-    "weight_decay": 0.0,
-    "adam_eps": 1e-8,
-    "max_grad_norm": 1.0,
-    "micro_batch_size": 1,
-    "bf16": False,
-    "threads": 1,
-    "seed": 0,
-    "timeout_s": 600.0,
-    # Recompute activations in the backward pass instead of keeping them (GPU memory for long responses).
-    "gradient_checkpointing": False,
-    # Extra keys for DeepSpeed's "zero_optimization" section (offload, bucket sizes, persistence threshold, ...).
-    "zero_options": {},
-    # Added to the rank process's CPU niceness at start (0: unchanged). The driver sets it for asynchronous rollout,
-    # where generation and the update run at once (see driver.ASYNC_TRAINER_NICENESS).
-    "niceness": 0,
-}
 
 DEFAULTS = {
     **ENGINE_DEFAULTS,
@@ -80,150 +54,6 @@ BATCH_KEYS = ("input_ids", "attention_mask", "response_mask", "rollout_logprobs"
 # Per-rank sums, all-reduced across ranks before they become whole-batch metrics (means divide by response_tokens).
 _SUMMED = ("policy_loss", "kl", "clipped", "entropy", "mismatch", "tis_weight", "tis_capped", "response_tokens")
 
-
-class DeepSpeedRank:
-    """One data-parallel DeepSpeed rank: joins the process group, wraps a model in an engine, gathers and saves it.
-
-    The common core of the trainers (policy here, reward model in reward/rm_trainer.py). Creating one joins the
-    process group, so all ``world_size`` ranks must be created together; a subclass then sets ``model_dir`` (the
-    source of the side files save_pretrained copies) and calls ``_wrap(model)``.
-    """
-
-    # Files in model_dir that save_pretrained must not copy (e.g. a causal LM's generation config beside a reward
-    # model).
-    _side_files_to_skip: tuple[str, ...] = ()
-
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, cfg: dict):
-        self.cfg = cfg
-        self.rank, self.world_size = rank, world_size
-        cuda = torch.cuda.is_available()
-        # Under Ray each rank sees only its own GPU, so its local rank is 0; under torchrun all are visible.
-        local_rank = rank % torch.cuda.device_count() if cuda else 0
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-                          WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
-        if not cuda:
-            # DeepSpeed picks its accelerator when first imported; without this it may guess wrong on a CPU box.
-            os.environ["DS_ACCELERATOR"] = "cpu"
-        else:
-            torch.cuda.set_device(local_rank)
-        import deepspeed
-
-        if not cuda:
-            # DeepSpeed's CPU backend JIT-compiles a shared-memory allreduce extension on first use: minutes of
-            # C++ on a small box, to speed up collectives that are negligible at the sizes run on CPU. Gloo does.
-            # (importlib, not `import deepspeed.comm.torch as m`: deepspeed.comm has an attribute named torch, the
-            # torch package itself, which that statement would return and patch instead.)
-            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-        self._deepspeed = deepspeed
-        if cfg["niceness"]:
-            os.nice(cfg["niceness"])
-        torch.set_num_threads(cfg["threads"])
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
-                                   timeout=timedelta(seconds=cfg["timeout_s"]))
-        torch.manual_seed(cfg["seed"])
-        self.bf16 = bool(cfg["bf16"]) and cuda
-
-    def _wrap(self, model: torch.nn.Module) -> None:
-        """Make ``self.engine`` (AdamW, gradient clipping, ZeRO ``zero_stage``) over ``model``."""
-        cfg = self.cfg
-        ds_config = {
-            # One update per train_step, whatever the batch size: we mark the accumulation boundary ourselves
-            # (see train_step), so DeepSpeed's own count is 1 and its train_batch_size is only nominal.
-            "train_micro_batch_size_per_gpu": cfg["micro_batch_size"],
-            "gradient_accumulation_steps": 1,
-            "train_batch_size": cfg["micro_batch_size"] * self.world_size,
-            "gradient_clipping": cfg["max_grad_norm"],
-            "optimizer": {
-                "type": "AdamW",
-                "params": {"lr": cfg["lr"], "weight_decay": cfg["weight_decay"], "betas": [0.9, 0.999],
-                           "eps": cfg["adam_eps"], "torch_adam": True},
-            },
-            "zero_optimization": {"stage": cfg["zero_stage"], **cfg["zero_options"]},
-            "bf16": {"enabled": self.bf16},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
-        warm = cfg["lr_warmup_steps"]
-        # Optimizer step k (from 1) runs at lr * min(1, k / warm). (DeepSpeed's own WarmupLR spends its first two
-        # steps at its minimum lr.) DeepSpeed steps the schedule after each optimizer step and checkpoints it.
-        schedule = (lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda done: min(1.0, (done + 1) / warm))) if warm else None
-        self.engine, *_ = self._deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                                     config=ds_config, lr_scheduler=schedule)
-        self.device = self.engine.device
-
-    def _micro_batches(self, batch: dict[str, torch.Tensor]):
-        """(first row, micro-batch on the device, RowPacking or None) over ``batch``'s right-padded rows
-        (packing.micro_batches): padding-free where the model's attention kernel is known to take packed rows."""
-        can_pack = self.engine.module.config._attn_implementation in packing.PACKABLE_ATTENTION
-        return packing.micro_batches(batch, self.cfg["micro_batch_size"], self.device, can_pack)
-
-    def _per_token(self, batch: dict[str, torch.Tensor], compute) -> torch.Tensor:
-        """``compute(micro-batch)``, a per-token (rows, L) result, over ``batch``'s rows (input_ids,
-        attention_mask), back in the batch's padded layout: (B, L) on the CPU, 0 at padding."""
-        out = torch.zeros(batch["input_ids"].shape)
-        for first, mb, plan in self._micro_batches({k: batch[k] for k in ("input_ids", "attention_mask")}):
-            values = compute(mb).float()
-            values = plan.unpack(values) if plan is not None else values * mb["attention_mask"]
-            out[first:first + values.shape[0], :values.shape[1]] = values.cpu()
-        return out
-
-    def _sum_across_ranks(self, sums: torch.Tensor) -> torch.Tensor:
-        """All-reduce (sum) a small CPU tensor of per-rank figures; returns it on the CPU."""
-        if torch.distributed.is_initialized() and self.world_size > 1:
-            reduced = sums.to(self.device)
-            torch.distributed.all_reduce(reduced)
-            return reduced.cpu()
-        return sums
-
-    # --------------------------------------------------------------------------------------------------- weights
-
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The model's full weights (HF names, as ``model.state_dict()`` gives them) as CPU tensors on rank 0;
-        None on the others. Collective: under ZeRO-3 every rank must take part in gathering the partitions."""
-        module = self.engine.module
-        if self.cfg["zero_stage"] == 3:
-            # Gathers the whole model on every rank at once: simple, and fine while one full copy fits a device.
-            with self._deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                return _cpu_copy(module.state_dict()) if self.rank == 0 else None
-        return _cpu_copy(module.state_dict()) if self.rank == 0 else None
-
-    def save_pretrained(self, path: str) -> None:
-        """Write a Hugging Face checkpoint (safetensors) to ``path`` from rank 0. Collective (see full_state_dict).
-
-        Written into ``path + ".tmp"`` and renamed, so a crash never leaves a half-written checkpoint at ``path``.
-        """
-        state_dict = self.full_state_dict()
-        if self.rank != 0:
-            return
-        with atomic_dir(path) as tmp:
-            self.engine.module.save_pretrained(tmp, state_dict=state_dict)
-            # Tokenizer files and the like, so the checkpoint is usable on its own; weights come only from state_dict.
-            copy_side_files(self.model_dir, tmp, skip=self._side_files_to_skip)
-
-    # ---------------------------------------------------------------------------------------- resumable state
-
-    def save_state(self, path: str) -> None:
-        """This rank's engine state (weights with ZeRO partitions, optimizer, scheduler) in DeepSpeed's checkpoint
-        layout under ``path``, and its torch RNG state. Collective: every rank writes its own partition."""
-        from rlhf.resume import torch_rng_state
-
-        self.engine.save_checkpoint(path, tag=_DS_TAG, save_latest=False)
-        torch.save(torch_rng_state(), os.path.join(path, f"rng_rank{self.rank}.pt"))
-
-    def load_state(self, path: str) -> None:
-        """Restore what ``save_state`` wrote (the same number of ranks and ZeRO stage). Collective."""
-        from rlhf.resume import load_rng_file, set_torch_rng_state
-
-        loaded, _ = self.engine.load_checkpoint(path, tag=_DS_TAG, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
-        if loaded is None:
-            raise FileNotFoundError(f"no DeepSpeed state for rank {self.rank} in {path}")
-        set_torch_rng_state(load_rng_file(os.path.join(path, f"rng_rank{self.rank}.pt")))
-
-
-# DeepSpeed's checkpoint "tag" (subdirectory) inside a run checkpoint's trainer/ directory.
-_DS_TAG = "deepspeed"
 
 
 class PolicyTrainer(DeepSpeedRank):
@@ -401,101 +231,6 @@ class PolicyTrainer(DeepSpeedRank):
             raise RuntimeError("no reference model on this rank: it is loaded only when kl_coef > 0")
         return self._token_logprobs(self.reference, batch)
 
-
-def _cpu_copy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached CPU clones, one per distinct tensor: tied weights (embeddings = lm_head) stay one shared tensor,
-    as in the model, which save_pretrained expects."""
-    copies: dict[tuple[int, int], torch.Tensor] = {}
-    out = {}
-    for name, tensor in state_dict.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if key not in copies:
-            copies[key] = tensor.detach().to("cpu", copy=True)
-        out[name] = copies[key]
-    return out
-
-
-def copy_side_files(source_dir: str, target_dir, skip: tuple[str, ...] = ()) -> None:
-    """Copy tokenizer files and the like from ``source_dir`` into a checkpoint being written: every plain file that
-    is not a weight file, not already written there, and not named in ``skip``."""
-    for name in os.listdir(source_dir):
-        source = os.path.join(source_dir, name)
-        if (os.path.isfile(source) and name not in skip and not os.path.exists(os.path.join(target_dir, name))
-                and not name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json"))):
-            shutil.copy2(source, target_dir)
-
-
-# ----------------------------------------------------------------------------------------------------- the group
-
-
-class RankGroup:
-    """``num_ranks`` Ray actors of a ``DeepSpeedRank`` subclass forming one data-parallel DeepSpeed group.
-
-    Every call waits at most ``timeout_s`` and raises a TimeoutError naming the call, rather than hanging when a
-    rank dies or a collective stalls. Subclasses add train_step; ``_shards`` splits a batch's rows across ranks.
-    """
-
-    def __init__(self, rank_cls: type, args: tuple, cfg: dict, num_ranks: int, timeout_s: float,
-                 resources: cluster.Resources | None = None, strategy: str = "PACK", placement_timeout_s: float = 120.0,
-                 role: str = "trainer"):
-        """Start ``rank_cls(rank, num_ranks, master_addr, master_port, *args, cfg)`` on each rank, each rank in its
-        own bundle of one placement group (``strategy`` decides how the bundles spread over nodes). ``resources``:
-        what each rank asks for; by default ``cfg["threads"]`` CPUs and one GPU when the cluster has one per rank."""
-        import ray
-
-        self._ray = ray
-        self.num_ranks, self.timeout_s = num_ranks, timeout_s
-        if resources is None:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= num_ranks else 0
-            resources = cluster.Resources(num_cpus=cfg["threads"], num_gpus=gpus)
-        self.actors, self.placement_group = [], None
-        try:
-            self.placement_group = cluster.reserve(role, num_ranks, resources, strategy, placement_timeout_s)
-            # Rank 0 hosts the rendezvous, at its own node's address: the other ranks may run on other nodes.
-            master_addr, master_port = cluster.rendezvous_address(self.placement_group)
-            actor_cls = ray.remote(rank_cls)
-            self.actors = [actor_cls.options(**resources.options(), **cluster.in_bundle(self.placement_group, rank))
-                           .remote(rank, num_ranks, master_addr, master_port, *args, cfg) for rank in range(num_ranks)]
-            # Actor constructors run asynchronously; wait for all of them so start-up errors surface here.
-            self._get([actor.__ray_ready__.remote() for actor in self.actors], "start-up")
-        except Exception:
-            self.shutdown()  # the ranks that did start would otherwise hold their CPUs/GPUs
-            raise
-
-    def _shards(self, batch: dict[str, torch.Tensor], rows: int, hint: str) -> list[dict[str, torch.Tensor]]:
-        """Contiguous equal row slices of every tensor in ``batch``, one per rank; ``hint`` ends the error."""
-        if rows % self.num_ranks:
-            raise ValueError(f"batch of {rows} rows does not split evenly across {self.num_ranks} trainer ranks: "
-                             f"{hint}")
-        shard = rows // self.num_ranks
-        return [{k: v[r * shard:(r + 1) * shard] for k, v in batch.items()} for r in range(self.num_ranks)]
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return self._get([actor.full_state_dict.remote() for actor in self.actors], "full_state_dict")[0]
-
-    def save_pretrained(self, path: str) -> None:
-        self._get([actor.save_pretrained.remote(path) for actor in self.actors], "save_pretrained")
-
-    def save_state(self, path: str) -> None:
-        self._get([actor.save_state.remote(path) for actor in self.actors], "save_state")
-
-    def load_state(self, path: str) -> None:
-        self._get([actor.load_state.remote(path) for actor in self.actors], "load_state")
-
-    def shutdown(self) -> None:
-        for actor in self.actors:
-            self._ray.kill(actor)
-        self.actors = []
-        cluster.release(self.placement_group)
-        self.placement_group = None
-
-    def _get(self, refs: list, what: str, first_rank: int = 0) -> list:
-        """Results of one call per rank (``refs[i]`` from rank first_rank + i); a rank that died raises a one-line
-        WorkerDiedError naming it, a stuck one a TimeoutError (rlhf.worker_pool.get_all)."""
-        from rlhf.worker_pool import get_all
-
-        return get_all(refs, [f"trainer rank {first_rank + i}" for i in range(len(refs))], f"trainer {what}",
-                       self.timeout_s)
 
 
 class TrainerGroup(RankGroup):

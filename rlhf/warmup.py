@@ -12,10 +12,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from rlhf import curriculum, think
-from rlhf.config import ThinkConfig, WarmupConfig
-from rlhf.progress import Progress
-from rlhf.tasks import arithmetic
+from rlhf import curriculum
+from rlhf.base import think
+from rlhf.base.config import ThinkConfig, WarmupConfig
+from rlhf.base.progress import Progress
+from rlhf.base.tasks import arithmetic
 
 
 def teacher_examples(cfg: WarmupConfig, seed: int, think_cfg: ThinkConfig | None = None,

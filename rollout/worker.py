@@ -9,7 +9,8 @@ import time
 
 import torch
 
-from rollout.engine import Sample, generate
+from rlhf.base.samples import Sample
+from rollout.engine import generate
 
 
 class StaleWeightsError(RuntimeError):
@@ -18,7 +19,7 @@ class StaleWeightsError(RuntimeError):
 
 class RolloutWorker:
     def __init__(self, model_dir: str, threads: int, seed: int):
-        from rlhf.models import load_student
+        from rlhf.base.models import load_student
 
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
@@ -49,12 +50,12 @@ class RolloutWorker:
     def rng_state(self) -> dict:
         """The torch generators this worker samples with (a checkpoint stores them, so a resumed run draws the
         same samples as an uninterrupted one)."""
-        from rlhf.resume import torch_rng_state
+        from rlhf.base.resume import torch_rng_state
 
         return torch_rng_state()
 
     def set_rng_state(self, state: dict) -> None:
-        from rlhf.resume import set_torch_rng_state
+        from rlhf.base.resume import set_torch_rng_state
 
         set_torch_rng_state(state)
 

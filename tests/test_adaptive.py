@@ -6,10 +6,10 @@ from reward.adaptive import (AdaptiveLength, length_fit, length_penalty, rule_cd
                              target_rv)
 from reward.teachers import OracleTeacher
 from reward.worker import RewardError, RewardWorker
-from rlhf.config import AdaptiveConfig, ConfigError, load_config
-from rlhf.data import PromptRow
+from rlhf.base.config import AdaptiveConfig, ConfigError, load_config
+from rlhf.base.data import PromptRow
 from rlhf.evaluate import difficulty_metrics, score_eval
-from rollout.engine import Sample
+from rlhf.base.samples import Sample
 
 SHAPE = dict(rv_at_cd0=0.0, rv_at_cd9=8.0, tolerance=0.5, over_penalty=0.5, under_penalty=0.5)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf.algorithms import (
+from rlhf.base.algorithms import (
     ADVANTAGE_ESTIMATORS,
     clipped_policy_loss,
     dr_grpo_advantages,

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf.algorithms import token_logprobs
-from rlhf.batch import make_train_batch, without_zero_advantage_rows
-from rlhf.config import ModelConfig
-from rlhf.models import build_student, build_tokenizer
-from rollout.engine import Sample, generate
+from rlhf.base.algorithms import token_logprobs
+from rlhf.base.batch import make_train_batch, without_zero_advantage_rows
+from rlhf.base.config import ModelConfig
+from rlhf.base.models import build_student, build_tokenizer
+from rlhf.base.samples import Sample
+from rollout.engine import generate
 
 T = torch.tensor
 

@@ -37,7 +37,7 @@ def test_rm_benchmark_pairs_prefer_the_correct_answer(slip):
     import rm_vs_trl
 
     from reward.verifiers import final_number_correct
-    from rlhf.tasks.arithmetic import parse_prompt
+    from rlhf.base.tasks.arithmetic import parse_prompt
 
     pairs = rm_vs_trl.make_pairs(12, slip)
     assert len(pairs) == 12
@@ -55,7 +55,7 @@ def test_grpo_benchmark_student_generates_exactly_max_new_tokens(tmp_path):
     suppresses end-of-sequence until max_new_tokens, whatever the sampled tokens are."""
     import grpo_vs_trl
 
-    from rlhf.models import load_student
+    from rlhf.base.models import load_student
     from rollout.engine import generate
 
     workload = grpo_vs_trl.WORKLOADS["quick"]

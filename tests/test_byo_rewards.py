@@ -11,7 +11,7 @@ import torch
 from reward.custom import load_reward_fn
 from reward.verifiers import gsm8k_correct, last_boxed, make_verifier, math_correct
 from reward.worker import RewardError, RewardWorker
-from rlhf.config import ConfigError, config_from_dict
+from rlhf.base.config import ConfigError, config_from_dict
 
 # ------------------------------------------------------------------------------------------------- verifiers
 
@@ -161,7 +161,7 @@ def trl_reward_model(tmp_path_factory):
     from transformers import Qwen2Config, Qwen2ForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    from rlhf.char_tokenizer import build_char_tokenizer
+    from rlhf.base.char_tokenizer import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
     torch.manual_seed(0)
@@ -199,7 +199,7 @@ def test_seqcls_config_and_directory_errors(tmp_path):
     with pytest.raises(ConfigError, match="reward.components uses seqcls: set reward.seqcls_path"):
         config_from_dict({"reward": {"components": {"seqcls": 1.0}}})
     from reward.seqcls import check_seqcls_dir
-    from rlhf.models import ModelLoadError
+    from rlhf.base.models import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="reward.seqcls_path .* does not exist"):
         check_seqcls_dir(tmp_path / "none")

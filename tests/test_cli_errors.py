@@ -20,7 +20,7 @@ from reward.labelling import TeacherError, label
 from reward.teachers import OpenAITeacher
 from reward.worker import RewardError, RewardWorker
 from rlhf.cli import main
-from rlhf.data import PromptRow, load_jsonl_rows
+from rlhf.base.data import PromptRow, load_jsonl_rows
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -38,8 +38,8 @@ def one_line(text: str) -> bool:
 def good_models(tmp_path_factory) -> dict[str, Path]:
     """A tiny student and a reward model built on it, saved as a run would save them."""
     from reward.model import DistilledRewardModel
-    from rlhf.config import ModelConfig
-    from rlhf.models import build_student, build_tokenizer, save_student
+    from rlhf.base.config import ModelConfig
+    from rlhf.base.models import build_student, build_tokenizer, save_student
 
     root = tmp_path_factory.mktemp("models")
     tokenizer = build_tokenizer("char")
@@ -381,7 +381,7 @@ def test_a_nan_from_a_custom_reward_function_is_named_for_the_guard():
 def test_custom_reward_functions_that_fail(fn, expected, capsys, monkeypatch):
     import ray
 
-    from rlhf.worker_pool import application_error
+    from rlhf.base.worker_pool import application_error
 
     worker = RewardWorker({"custom": 1.0}, custom=fn)
     with pytest.raises(RewardError) as info:

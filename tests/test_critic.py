@@ -16,7 +16,7 @@ ray = pytest.importorskip("ray")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
-from rlhf import algorithms  # noqa: E402
+from rlhf.base import algorithms  # noqa: E402
 from rlhf.cli import main  # noqa: E402
 from rlhf.critic import CriticGroup  # noqa: E402
 # The tiny random causal LM that stands in for the warm-up student the critic starts from.

@@ -4,10 +4,10 @@ import random
 import pytest
 
 from rlhf import curriculum
-from rlhf.config import ThinkConfig, WarmupConfig
+from rlhf.base.config import ThinkConfig, WarmupConfig
 from rlhf.curriculum import Trace, select_traces, target_fn
-from rlhf.tasks import arithmetic
-from rlhf.think import split_think
+from rlhf.base.tasks import arithmetic
+from rlhf.base.think import split_think
 from rlhf.warmup import teacher_examples
 
 

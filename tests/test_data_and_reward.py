@@ -12,12 +12,12 @@ import torch
 
 from reward.verifiers import final_number_correct
 from reward.worker import RewardWorker
-from rlhf.config import ModelConfig, TaskConfig
-from rlhf.data import DatasetError, PromptRow, load_jsonl_rows, load_rows
+from rlhf.base.config import ModelConfig, TaskConfig
+from rlhf.base.data import DatasetError, PromptRow, load_jsonl_rows, load_rows
 from rlhf.evaluate import score_eval
-from rlhf.models import ModelLoadError, build_student, build_tokenizer, load_student, save_student
-from rlhf.tasks.arithmetic import MAX_LEVEL, MIN_LEVEL, parse_prompt
-from rollout.engine import Sample
+from rlhf.base.models import ModelLoadError, build_student, build_tokenizer, load_student, save_student
+from rlhf.base.tasks.arithmetic import MAX_LEVEL, MIN_LEVEL, parse_prompt
+from rlhf.base.samples import Sample
 
 GSM8K_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf.guards import (
+from rlhf.base.guards import (
     BatchGuard,
     NonFiniteError,
     finite_metrics,

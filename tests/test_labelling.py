@@ -2,9 +2,9 @@
 import json
 from dataclasses import dataclass
 
-from reward.distill import pairwise_agreement, teacher_solutions
+from rlhf.distill import pairwise_agreement, teacher_solutions
 from reward.labelling import judged_rows, label, make_pairs, write_datasets
-from rlhf.data import PromptRow
+from rlhf.base.data import PromptRow
 
 
 @dataclass

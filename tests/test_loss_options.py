@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf.algorithms import (
+from rlhf.base.algorithms import (
     ADVANTAGE_ESTIMATORS,
     clipped_policy_loss,
     dr_grpo_advantages,
@@ -23,9 +23,9 @@ from rlhf.algorithms import (
     policy_token_loss,
     token_entropy,
 )
-from rlhf.config import ConfigError, load_config
-from rlhf.guards import BatchGuard, NonFiniteError
-from rollout.engine import Sample
+from rlhf.base.config import ConfigError, load_config
+from rlhf.base.guards import BatchGuard, NonFiniteError
+from rlhf.base.samples import Sample
 
 T = torch.tensor
 

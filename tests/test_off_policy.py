@@ -11,12 +11,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf.algorithms import clipped_policy_loss, truncated_importance_weights
-from rlhf.batch import make_train_batch
-from rlhf.config import ConfigError, load_config
-from rlhf.guards import BatchGuard
+from rlhf.base.algorithms import clipped_policy_loss, truncated_importance_weights
+from rlhf.base.batch import make_train_batch
+from rlhf.base.config import ConfigError, load_config
+from rlhf.base.guards import BatchGuard
 from rlhf.pipeline import LaunchedRollout, RolloutPipeline
-from rollout.engine import Sample
+from rlhf.base.samples import Sample
 
 T = torch.tensor
 

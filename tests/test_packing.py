@@ -6,7 +6,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from rlhf import algorithms, packing  # noqa: E402
+from rlhf.base import algorithms, packing  # noqa: E402
 from rlhf.critic import token_values  # noqa: E402
 
 

@@ -7,8 +7,8 @@ import urllib.request
 
 import pytest
 
-from rlhf.config import ModelConfig
-from rlhf.models import build_student, build_tokenizer, save_student
+from rlhf.base.config import ModelConfig
+from rlhf.base.models import build_student, build_tokenizer, save_student
 from rlhf.serve import make_server
 
 TINY = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf.algorithms import clipped_value_loss, gae_advantages, token_returns, token_rewards, whiten
-from rlhf.config import ConfigError, load_config
+from rlhf.base.algorithms import clipped_value_loss, gae_advantages, token_returns, token_rewards, whiten
+from rlhf.base.config import ConfigError, load_config
 from tests.test_loss_options import stub_rollout
 
 T = torch.tensor

@@ -9,7 +9,7 @@ import unicodedata
 import pytest
 import torch
 
-from rlhf import qwen_tokenizer as qt
+from rlhf.base import qwen_tokenizer as qt
 
 SAMPLES = [
     "Hello world",

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from rlhf.cli import main
-from rlhf.config import ConfigError, RunConfig
+from rlhf.base.config import ConfigError, RunConfig
 from rlhf.metrics import RunMetrics, check_wandb, eval_scalars, scalars
 from rlhf.report import write_report
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.config import load_config
-from rlhf.resume import (
+from rlhf.base.config import load_config
+from rlhf.base.resume import (
     RNG_FILE,
     STATE_FILE,
     ResumeError,
@@ -135,7 +135,7 @@ RUN = ["algorithm.steps=4", "save_every=2", "algorithm.overlong_buffer=12", "tra
 KILLED_DRIVER = textwrap.dedent("""
     import os, signal, sys
     from rlhf.api import run
-    from rlhf.config import load_config
+    from rlhf.base.config import load_config
 
     def log(line):
         print(line, flush=True)

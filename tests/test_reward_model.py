@@ -13,7 +13,7 @@ from reward.losses import (bradley_terry_loss, hard_to_probs, loss_counts, point
                            reward_model_loss, soft_label_kl)
 from reward.model import DistilledRewardModel, RewardOutput, encode_pair, pad_right, score_texts  # noqa: E402
 from reward.rm_eval import average_ranks, calibration, evaluate_reward_model, spearman  # noqa: E402
-from rlhf.models import build_tokenizer  # noqa: E402
+from rlhf.base.models import build_tokenizer  # noqa: E402
 
 NAN = float("nan")
 LN3 = math.log(3.0)

@@ -20,7 +20,7 @@ from reward.losses import reward_model_loss  # noqa: E402
 from reward.model import DistilledRewardModel, score_texts  # noqa: E402
 from reward.rm_trainer import (RewardModelTrainerGroup, collate_pairs, load_reward_model,  # noqa: E402
                                train_reward_model)
-from rlhf.models import build_tokenizer  # noqa: E402
+from rlhf.base.models import build_tokenizer  # noqa: E402
 
 CFG = {
     "zero_stage": 2,

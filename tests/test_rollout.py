@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf.algorithms import token_logprobs
-from rlhf.config import ModelConfig
-from rlhf.models import build_student, build_tokenizer, save_student
+from rlhf.base.algorithms import token_logprobs
+from rlhf.base.config import ModelConfig
+from rlhf.base.models import build_student, build_tokenizer, save_student
 from rollout.engine import generate
 from rollout.worker import RolloutWorker, StaleWeightsError
 

@@ -16,9 +16,9 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from reward.teachers import HFJudgeTeacher, OpenAITeacher, OracleTeacher, Teacher, Verdict, parse_verdict
 from reward.teachers.cache import CACHE_FILE
-from rlhf.char_tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
-from rlhf.config import ModelConfig
-from rlhf.models import build_student, build_tokenizer, save_student
+from rlhf.base.char_tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
+from rlhf.base.config import ModelConfig
+from rlhf.base.models import build_student, build_tokenizer, save_student
 from rlhf.serve import make_server
 
 # Judging prompts run to about a thousand characters: the tiny models need room for them.

@@ -15,7 +15,7 @@ ray = pytest.importorskip("ray")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
-from rlhf import algorithms  # noqa: E402
+from rlhf.base import algorithms  # noqa: E402
 from rlhf.trainer import TrainerGroup  # noqa: E402
 
 CFG = {

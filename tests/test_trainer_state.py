@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from rlhf.guards import update_fault
+from rlhf.base.guards import update_fault
 
 NAN = float("nan")
 

@@ -2,9 +2,9 @@
 import pytest
 from pydantic import ValidationError
 
-from rlhf.config import ModelConfig, WarmupConfig
-from rlhf.models import build_student, build_tokenizer
-from rlhf.tasks.arithmetic import parse_prompt
+from rlhf.base.config import ModelConfig, WarmupConfig
+from rlhf.base.models import build_student, build_tokenizer
+from rlhf.base.tasks.arithmetic import parse_prompt
 from rlhf.warmup import run_warmup, sft_batch, teacher_examples, terse_share
 
 

@@ -5,11 +5,33 @@
 - ``OpenAITeacher``: any OpenAI-compatible chat endpoint, with retries, a concurrency limit and an on-disk cache.
 
 A row that cannot be judged comes back with ``Verdict.error`` set; ``judge`` itself does not raise for it.
+
+``TEACHERS`` is the registry ``label.teacher`` names: a factory per back-end taking the ``label`` config section and
+the directory an HTTP teacher caches its replies in. A new back-end is one module plus one entry here.
 """
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlhf.base.config import LabelConfig
+from rlhf.base.registry import Registry
 from reward.teachers.base import Teacher, Verdict
 from reward.teachers.hf_judge import HFJudgeTeacher
 from reward.teachers.openai_http import OpenAITeacher
 from reward.teachers.oracle import OracleTeacher
 from reward.teachers.parsing import parse_verdict
 
-__all__ = ["Teacher", "Verdict", "OracleTeacher", "HFJudgeTeacher", "OpenAITeacher", "parse_verdict"]
+__all__ = ["Teacher", "Verdict", "OracleTeacher", "HFJudgeTeacher", "OpenAITeacher", "parse_verdict", "TEACHERS",
+           "make_teacher"]
+
+TEACHERS: Registry = Registry("teacher")
+TEACHERS.register("oracle", lambda cfg, cache_dir: OracleTeacher())
+TEACHERS.register("hf", lambda cfg, cache_dir: HFJudgeTeacher(cfg.teacher_model_path))
+TEACHERS.register("openai", lambda cfg, cache_dir: OpenAITeacher(
+    base_url=cfg.base_url, model=cfg.model, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
+    cache_dir=str(cache_dir) if cache_dir else None))
+
+
+def make_teacher(cfg: LabelConfig, cache_dir: Path | None = None) -> Teacher:
+    """The teacher ``cfg.teacher`` names; an HTTP teacher caches its replies in ``cache_dir``."""
+    return TEACHERS[cfg.teacher](cfg, cache_dir)

@@ -24,7 +24,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 if TYPE_CHECKING:
-    from rlhf.config import RunConfig
+    from rlhf.base.config import RunConfig
 
 
 class ClusterError(RuntimeError):

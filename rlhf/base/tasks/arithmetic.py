@@ -19,8 +19,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from reward.verifiers import final_number
-from rlhf import think
+from rlhf.base import think
 
 MIN_LEVEL, MAX_LEVEL = 1, 6
 MAX_TOTAL = 19
@@ -113,6 +112,18 @@ def solution(problem: Problem, verbosity: int, think_block: bool = False) -> str
     if think_block:
         return think.wrap(";".join(steps), answer)
     return ";".join(steps) + ";" + answer
+
+
+# The number after a ``#``; thousands separators as GSM8K writes them ("#### 1,234") are part of the number.
+_FINAL_NUMBER_RE = re.compile(r"#\s*(-?\d{1,3}(?:,\d{3})+|-?\d+)")
+
+
+def final_number(response: str) -> int | None:
+    """The number after the last ``#`` of the response's answer part; None when there is none. The answer part is
+    the text outside ``<think>`` blocks (rlhf/base/think.py): numbers tried out while thinking are not the answer,
+    and a response that stopped inside an unclosed block has not answered."""
+    found = _FINAL_NUMBER_RE.findall(think.answer_text(response))
+    return int(found[-1].replace(",", "")) if found else None
 
 
 def extract_answer(response: str) -> int | None:

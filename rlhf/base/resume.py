@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.config import ConfigError
+from rlhf.base.config import ConfigError
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"

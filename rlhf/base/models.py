@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
-from rlhf.char_tokenizer import build_char_tokenizer
-from rlhf.checkpoint import atomic_dir
-from rlhf.config import ModelConfig
+from rlhf.base.char_tokenizer import build_char_tokenizer
+from rlhf.base.checkpoint import atomic_dir
+from rlhf.base.config import ModelConfig
 
 
 class ModelLoadError(ValueError):
@@ -20,7 +20,7 @@ def build_tokenizer(kind: str):
     if kind == "char":
         return build_char_tokenizer()
     if kind == "qwen2.5":
-        from rlhf.qwen_tokenizer import load_qwen2_5_tokenizer
+        from rlhf.base.qwen_tokenizer import load_qwen2_5_tokenizer
 
         return load_qwen2_5_tokenizer()
     raise ValueError(f"unknown tokenizer {kind!r}: use char or qwen2.5")

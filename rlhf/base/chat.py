@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf.config import ConfigError, TaskConfig
+from rlhf.base.config import ConfigError, TaskConfig
 
 
 def template_override(cfg: TaskConfig) -> str | None:

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from rlhf.chat import make_renderer
-from rlhf.config import TaskConfig
-from rlhf.tasks import arithmetic
+from rlhf.base.chat import make_renderer
+from rlhf.base.config import TaskConfig
+from rlhf.base.tasks import arithmetic
 
 
 class DatasetError(ValueError):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.algorithms import loss_token_weights
-from rollout.engine import Sample
+from rlhf.base.algorithms import loss_token_weights
+from rlhf.base.samples import Sample
 
 
 def make_train_batch(samples: list[Sample], advantages: torch.Tensor, pad_id: int, aggregation: str,

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rlhf.algorithms import ADVANTAGE_ESTIMATORS
+from rlhf.base.algorithms import ADVANTAGE_ESTIMATORS
 
 
 class ConfigError(ValueError):

@@ -13,29 +13,14 @@ from typing import Callable
 
 from reward.labelling import judged_rows, label, make_pairs, write_datasets
 from reward.model import with_reference
+from reward.teachers import make_teacher
 from rlhf import actors
-from rlhf.config import LabelConfig, RewardConfig, RunConfig
-from rlhf.data import PromptRow
-from rlhf.progress import Progress
-from rlhf.tasks import arithmetic
+from rlhf.base.config import LabelConfig, RewardConfig, RunConfig
+from rlhf.base.data import PromptRow
+from rlhf.base.progress import Progress
+from rlhf.base.tasks import arithmetic
 
 logger = logging.getLogger("distilrl")
-
-
-def make_teacher(cfg: LabelConfig, cache_dir: Path | None = None):
-    """The configured teacher back-end (reward/teachers); an HTTP teacher caches its replies in ``cache_dir``."""
-    if cfg.teacher == "oracle":
-        from reward.teachers import OracleTeacher
-
-        return OracleTeacher()
-    if cfg.teacher == "hf":
-        from reward.teachers import HFJudgeTeacher
-
-        return HFJudgeTeacher(cfg.teacher_model_path)
-    from reward.teachers import OpenAITeacher
-
-    return OpenAITeacher(base_url=cfg.base_url, model=cfg.model, api_key_env=cfg.api_key_env,
-                         concurrency=cfg.concurrency, cache_dir=str(cache_dir) if cache_dir else None)
 
 
 def teacher_solutions(row: PromptRow, think_block: bool = False) -> list[str]:
