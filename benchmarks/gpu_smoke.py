@@ -20,6 +20,7 @@ import argparse
 import atexit
 import json
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -61,11 +62,12 @@ def run(shape: dict, prompts: int, samples: int, new_tokens: int, micro_batch: i
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from reward.verifiers import final_number_correct
-    from rlhf.base.algorithms import ADVANTAGE_ESTIMATORS
+    from rlhf.base.algorithms import ADVANTAGE_ESTIMATORS, AdvantageInputs
+    from rlhf.base.config import RunConfig
     from rlhf.base.batch import make_train_batch, response_mask
     from rlhf.base.data import arithmetic_rows
     from rlhf.base.models import build_tokenizer
-    from rlhf.trainer import PolicyTrainer, _free_port
+    from rlhf.trainer import PolicyTrainer
     from rollout.engine import generate
 
     cuda = torch.cuda.is_available()
@@ -87,8 +89,12 @@ def run(shape: dict, prompts: int, samples: int, new_tokens: int, micro_batch: i
     log(f"student: {params / 1e6:.0f}M parameters, built and saved in {time.perf_counter() - start:.1f} s; device "
         f"{torch.cuda.get_device_name(device) if cuda else 'cpu'}")
 
-    trainer = PolicyTrainer(0, 1, "127.0.0.1", _free_port(), str(work / "student"), {
-        "zero_stage": 2, "bf16": cuda, "lr": 1e-6, "micro_batch_size": micro_batch, "threads": 2, "kl_coef": 0.0})
+    with socket.socket() as s:  # a free port for the one-rank process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    trainer = PolicyTrainer(0, 1, "127.0.0.1", port, str(work / "student"), RunConfig(
+        trainer={"zero_stage": 2, "bf16": cuda, "lr": 1e-6, "micro_batch_size": micro_batch, "threads": 2},
+        algorithm={"kl_coef": 0.0}))
     rollout = AutoModelForCausalLM.from_pretrained(work / "student", dtype=torch.bfloat16 if cuda else torch.float32,
                                                    use_safetensors=True).to(device).eval()
 
@@ -107,7 +113,7 @@ def run(shape: dict, prompts: int, samples: int, new_tokens: int, micro_batch: i
     generated = sum(len(s.response_ids) for s in out)
 
     rewards = torch.tensor([1.0 if final_number_correct(s.text, rows[s.prompt_index].answer) else 0.0 for s in out])
-    advantages = ADVANTAGE_ESTIMATORS["grpo"](rewards, samples, response_mask(out))
+    advantages, _ = ADVANTAGE_ESTIMATORS["grpo"].compute(AdvantageInputs(rewards, response_mask(out), samples))
     batch = make_train_batch(out, advantages, tokenizer.pad_token_id, "token-mean", new_tokens)
     train_tokens = int(batch["attention_mask"].sum())
     sync()

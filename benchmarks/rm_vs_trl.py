@@ -89,13 +89,14 @@ def train(rm_dir: Path, pairs: list[dict], tokenizer, batch: int, steps: int, wa
 
     from reward.rm_trainer import RewardModelTrainerGroup, collate_pairs
     from rlhf.base import cluster
+    from rlhf.base.config import RewardModelConfig
 
     total = steps + warmup
     threads = os.cpu_count() or 1
     cluster.connect("local", threads, 60, {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"})
-    ours = RewardModelTrainerGroup(str(rm_dir), {
-        "zero_stage": 2, "lr": LR, "micro_batch_size": batch, "threads": threads, "seed": SEED, "max_grad_norm": 1.0,
-        "loss_weights": {"bt": 1.0, "quality": 0.0, "rv": 0.0, "cd": 0.0, "kl": 0.0}}, 1, 1800)
+    ours = RewardModelTrainerGroup(str(rm_dir), RewardModelConfig(
+        zero_stage=2, lr=LR, micro_batch_size=batch, threads=threads, max_grad_norm=1.0, bt_weight=1.0,
+        quality_weight=0.0, rv_weight=0.0, cd_weight=0.0, kl_weight=0.0), 1, 1800, SEED)
     # Pairs as TRL sees them (the prompt written into both sides, as ours concatenates it) and as our batches.
     texts = [{"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"]} for p in pairs]
     ours_batches = [collate_pairs(tokenizer, pairs[i:i + batch]) for i in range(0, len(pairs), batch)]

@@ -21,16 +21,8 @@ import torch
 from reward.losses import NUM_SCORES, SIDES, loss_counts, reward_model_loss
 from reward.model import DistilledRewardModel, RewardOutput, encode_pair, is_reward_model_dir, pad_right
 from reward.pair_packing import pack_pairs, worth_packing
-from rlhf.base.ranks import ENGINE_DEFAULTS, DeepSpeedRank, RankGroup
-
-RM_DEFAULTS = {
-    **ENGINE_DEFAULTS,
-    "lr": 1e-5,
-    # Overrides of reward.losses.DEFAULT_WEIGHTS (bt, quality, rv, cd, kl).
-    "loss_weights": {},
-    # The pairs' responses carry the reference answer (reward.model.with_reference).
-    "reference_in_input": False,
-}
+from rlhf.base.config import RewardModelConfig
+from rlhf.base.ranks import DeepSpeedRank, RankGroup
 
 TOKEN_KEYS = tuple(f"{side}_{k}" for side in SIDES for k in ("input_ids", "attention_mask"))
 TARGET_KEYS = ("margin",) + tuple(f"{side}_{name}" for side in SIDES for name in ("quality", "rv", "cd"))
@@ -47,12 +39,16 @@ class RewardModelTrainer(DeepSpeedRank):
     # A causal LM's generation settings mean nothing beside a reward model.
     _side_files_to_skip = ("generation_config.json",)
 
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, init_dir: str, cfg: dict):
-        super().__init__(rank, world_size, master_addr, master_port, {**RM_DEFAULTS, **cfg})
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, init_dir: str,
+                 cfg: RewardModelConfig, seed: int, timeout_s: float):
+        super().__init__(rank, world_size, master_addr, master_port, cfg, seed, timeout_s)
         self.model_dir = init_dir
-        model = load_reward_model(init_dir, seed=self.cfg["seed"])
-        # Saved with the model, so whoever scores with it later gives it the same kind of input.
-        model.config.reference_in_input = bool(self.cfg["reference_in_input"])
+        self.loss_weights = {"bt": cfg.bt_weight, "quality": cfg.quality_weight, "rv": cfg.rv_weight,
+                             "cd": cfg.cd_weight, "kl": cfg.kl_weight}
+        model = load_reward_model(init_dir, seed=seed)
+        # Saved with the model, so whoever scores with it later gives it the same kind of input: the pairs'
+        # responses carry the reference answer (reward.model.with_reference) when use_reference is set.
+        model.config.reference_in_input = cfg.use_reference
         # Packed pairs need a kernel that takes a custom 4D mask (flash-attention does not).
         self._can_pack = model.config._attn_implementation in ("sdpa", "eager")
         self._pad_id = model.config.pad_token_id or 0  # padding is masked out: any id will do
@@ -68,16 +64,16 @@ class RewardModelTrainer(DeepSpeedRank):
         if missing:
             raise ValueError(f"reward-model batch lacks {missing}")
         counts = loss_counts(batch) if counts is None else counts
-        cfg, engine = self.cfg, self.engine
+        size, engine = self.engine_cfg.micro_batch_size, self.engine
         start = time.perf_counter()
         engine.train()
         pairs = batch["margin"].shape[0]
-        starts = list(range(0, pairs, cfg["micro_batch_size"]))
+        starts = list(range(0, pairs, size))
         sums: dict[str, float] = {}
         for i, first in enumerate(starts):
-            mb = {k: v[first:first + cfg["micro_batch_size"]] for k, v in batch.items()}
+            mb = {k: v[first:first + size] for k, v in batch.items()}
             out_chosen, out_rejected = self._forward_pairs(mb)
-            loss, metrics = reward_model_loss(out_chosen, out_rejected, mb, cfg["loss_weights"], counts)
+            loss, metrics = reward_model_loss(out_chosen, out_rejected, mb, self.loss_weights, counts)
             # Only the last micro-batch triggers the optimizer step, however many there are in this call.
             engine.set_gradient_accumulation_boundary(i == len(starts) - 1)
             # DeepSpeed averages gradients over ranks; x world_size turns that into the sum of the ranks' shares,
@@ -139,8 +135,9 @@ def _tokenizer_pad_id(model_dir: str) -> int | None:
 class RewardModelTrainerGroup(RankGroup):
     """``num_ranks`` RewardModelTrainer Ray actors forming one data-parallel DeepSpeed group."""
 
-    def __init__(self, init_dir: str, cfg: dict, num_ranks: int, timeout_s: float):
-        super().__init__(RewardModelTrainer, (init_dir,), {**RM_DEFAULTS, **cfg}, num_ranks, timeout_s)
+    def __init__(self, init_dir: str, cfg: RewardModelConfig, num_ranks: int, timeout_s: float, seed: int = 0):
+        """``cfg``: the reward_model section; its micro_batch_size is the pairs per forward on one rank."""
+        super().__init__(RewardModelTrainer, (init_dir, cfg, seed, timeout_s), cfg.threads, num_ranks, timeout_s)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         counts = loss_counts(batch)  # of the whole batch, before it is split
@@ -152,16 +149,16 @@ class RewardModelTrainerGroup(RankGroup):
         return {**metrics[0], "perf/train_s": max(m["perf/train_s"] for m in metrics)}
 
 
-def train_reward_model(batches: Iterable[dict[str, torch.Tensor]], init_dir: str, cfg: dict, num_ranks: int,
-                       out_dir: str, log: Callable[[dict], None] | None = None, epochs: int = 1,
-                       timeout_s: float = 600.0) -> list[dict[str, float]]:
+def train_reward_model(batches: Iterable[dict[str, torch.Tensor]], init_dir: str, cfg: RewardModelConfig,
+                       num_ranks: int, out_dir: str, log: Callable[[dict], None] | None = None, epochs: int = 1,
+                       timeout_s: float = 600.0, seed: int = 0) -> list[dict[str, float]]:
     """Train for ``epochs`` passes over ``batches`` (pre-tokenised, e.g. from ``collate_pairs``; re-iterated each
     epoch), save the model (and the tokenizer files of ``init_dir``) to ``out_dir``, return each step's metrics.
     ``log`` receives each step's metrics with ``rm/epoch`` and ``rm/step`` added."""
     batches = list(batches)
     if not batches:
         raise ValueError("no reward-model training batches")
-    group = RewardModelTrainerGroup(init_dir, cfg, num_ranks, timeout_s)
+    group = RewardModelTrainerGroup(init_dir, cfg, num_ranks, timeout_s, seed)
     history = []
     try:
         for epoch in range(epochs):

@@ -8,6 +8,7 @@ from fractions import Fraction
 from typing import Callable
 
 from rlhf.base.tasks.arithmetic import final_number
+from rlhf.base.registry import Registry
 from rlhf.base.think import answer_text
 
 def final_number_correct(response: str, reference: str | int) -> bool | None:
@@ -118,23 +119,29 @@ def _final_number_verifier(response: str, reference: str) -> bool | None:
     return final_number_correct(response, reference)
 
 
-VERIFIERS: dict[str, Verifier] = {
-    "final_number": _final_number_verifier,
-    "gsm8k": gsm8k_correct,
-    "math": math_correct,
-    "exact": exact_correct,
-}
+# ``task.verifier`` names one: a factory taking ``task.answer_regex`` (used by ``regex`` alone). A new verifier is
+# a function of (response, reference) plus one entry here.
+VERIFIERS: Registry[Callable[[str | None], Verifier]] = Registry("verifier")
+VERIFIERS.register("final_number", lambda answer_regex: _final_number_verifier)
+VERIFIERS.register("gsm8k", lambda answer_regex: gsm8k_correct)
+VERIFIERS.register("math", lambda answer_regex: math_correct)
+VERIFIERS.register("exact", lambda answer_regex: exact_correct)
+VERIFIERS.register("regex", lambda answer_regex: regex_verifier(answer_regex))
 
 
 def make_verifier(name: str = "final_number", answer_regex: str | None = None) -> Verifier:
     """The verifier ``task.verifier`` names (``regex`` with ``task.answer_regex``)."""
-    if name == "regex":
-        if not answer_regex:
-            raise ValueError("verifier regex needs task.answer_regex")
-        return _outside_think(regex_verifier(answer_regex))
+    if name == "regex" and not answer_regex:
+        raise ValueError("verifier regex needs task.answer_regex")
     if name not in VERIFIERS:
-        raise ValueError(f"unknown verifier {name!r}: use {', '.join([*VERIFIERS, 'regex'])}")
-    return _outside_think(VERIFIERS[name])
+        raise ValueError(VERIFIERS.unknown(name))
+    return _outside_think(VERIFIERS[name](answer_regex))
+
+
+def verdict_figures(verifier: Verifier, responses: list[str], references: list[str]) -> list[dict]:
+    """``correct`` (1.0/0.0) and ``answered`` per response: what held-out evaluation counts."""
+    verdicts = [verifier(r, ref) for r, ref in zip(responses, references, strict=True)]
+    return [{"correct": float(bool(v)), "answered": float(v is not None)} for v in verdicts]
 
 
 def _outside_think(verifier: Verifier) -> Verifier:

@@ -38,7 +38,8 @@ from rlhf.base.guards import finite_metrics
 from rlhf.metrics import RunMetrics, check_wandb, eval_scalars
 from rlhf.base.models import check_model_dir, save_student
 from rlhf.pipeline import RolloutPipeline
-from rlhf.ppo import PPOLoop
+from rlhf.extensions import check_registered
+from rlhf.loop import RLLoop
 from rlhf.base.progress import Progress
 from rlhf.report import write_report
 from rlhf.warmup import run_warmup
@@ -114,6 +115,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, reward_fn: RewardFn | None = None, train_dataset: Dataset | None = None,
                  eval_dataset: Dataset | None = None, log: Callable[[str], None] = print, resume: bool = False):
+        check_registered(cfg)
         reward_fn = _check_reward_fn(cfg, reward_fn)
         if cfg.reward.components.get("seqcls"):
             check_seqcls_dir(cfg.reward.seqcls_path)
@@ -156,7 +158,7 @@ class Trainer:
             self._resume_driver(checkpoint)  # before metrics.jsonl is opened: it cuts the file to the checkpoint
         self.metrics = RunMetrics(self.output_dir, cfg)  # metrics.jsonl, TensorBoard, W&B
         self._rollout: actors.WorkerPool | None = None
-        self._loop: driver.GRPOLoop | None = None
+        self._loop: RLLoop | None = None
         self._rollouts: RolloutPipeline | None = None  # generations launched ahead (asynchronous rollout)
         self._plan_end = cfg.algorithm.steps  # launch nothing ahead for steps beyond this one (see rlhf.pipeline)
         self._owns_ray = False
@@ -215,7 +217,7 @@ class Trainer:
         """Greedy answers to the held-out prompts, checked by the verifier: ``accuracy``, ``mean_response_tokens``,
         ``n`` and ``by_difficulty`` where the prompts have a difficulty. Recorded in the summary as ``eval_before``
         (the first evaluation before any RL step) or ``eval_after`` (any later one; the latest counts)."""
-        loop = self._grpo()
+        loop = self._rl_loop()
         with self._timer("eval"):
             figures = loop.evaluate(self._eval_rows, self.log)
         when = "before" if self.steps == 0 and "eval_before" not in self._summary else "after"
@@ -227,7 +229,7 @@ class Trainer:
     def step(self) -> dict:
         """One RL step on ``rollout.prompts_per_step`` prompts from the training pool; returns its metrics
         (``reward/*``, ``losses/*``, ``perf/*``, ``charts/*``), also appended to ``metrics.jsonl``."""
-        loop = self._grpo()
+        loop = self._rl_loop()
         start = time.perf_counter()
         if self.cfg.rollout.asynchronous:
             # This batch was launched while the previous one trained (rlhf/pipeline.py).
@@ -280,7 +282,7 @@ class Trainer:
         rank's optimizer state, the RNG states of the driver and the rollout workers, and the driver's state, so
         that ``distilrl run CONFIG --resume`` continues exactly. Atomic: a run killed while writing leaves no
         ``step_N``. Keeps the newest ``keep_checkpoints``; returns the path."""
-        loop = self._grpo()
+        loop = self._rl_loop()
         path = checkpoints.checkpoint_dir(self.output_dir, self.steps)
         with atomic_dir(path) as tmp:
             rollout_rng = loop.save_state(tmp)
@@ -305,7 +307,7 @@ class Trainer:
         """Write the current policy in Hugging Face format (safetensors, with its tokenizer) to ``path``, by
         default ``output_dir/policy``; returns the path."""
         path = Path(path) if path is not None else self.output_dir / "policy"
-        self._grpo().trainer.save_pretrained(str(path))
+        self._rl_loop().trainer.save_pretrained(str(path))
         return path
 
     @property
@@ -358,17 +360,16 @@ class Trainer:
         self._owns_ray = self._owns_ray or not ray.is_initialized()
         actors.start_ray(self.cfg)
 
-    def _grpo(self) -> driver.GRPOLoop:
+    def _rl_loop(self) -> RLLoop:
         """The trainer ranks and reward workers beside the rollout workers, started on first use."""
         if self._loop is None:
             rollout = self._rollout_workers()
             if self.cfg.reward.components.get("rm") and not (self.reward_model_dir or self.cfg.reward.rm_url):
                 raise ConfigError("reward.components uses rm but there is no reward model yet: call "
                                   "train_reward_model() first, or set reward_model.path or reward.rm_url")
-            loop_cls = PPOLoop if self.cfg.algorithm.advantage == "gae" else driver.GRPOLoop
-            self._loop = loop = loop_cls(self.cfg, self._start_dir(), self._tokenizer, rollout,
-                                         str(self.reward_model_dir) if self.reward_model_dir else None,
-                                         self._reward_fn)
+            self._loop = loop = actors.build_loop(self.cfg, self._start_dir(), self._tokenizer, rollout,
+                                                  str(self.reward_model_dir) if self.reward_model_dir else None,
+                                                  self._reward_fn)
             if self._restore is not None:
                 checkpoint, self._restore = self._restore, None
                 rng = checkpoints.load_rng_file(checkpoint.path / checkpoints.RNG_FILE)
@@ -396,7 +397,7 @@ class Trainer:
         return checkpoint
 
     def _resume_driver(self, checkpoint: checkpoints.Checkpoint) -> None:
-        """The driver's side of a checkpoint, now; the actors' side when they start (``_grpo``)."""
+        """The driver's side of a checkpoint, now; the actors' side when they start (``_rl_loop``)."""
         state = checkpoint.state
         self.steps = checkpoint.step
         self._summary = state["summary"]

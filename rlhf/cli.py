@@ -154,11 +154,13 @@ def _eval(args) -> int:
 
     from rlhf.base.config import load_config
     from rlhf.evaluate import evaluate_checkpoint
+    from rlhf.extensions import check_registered
 
     config = args.config
     if config is None and (Path(args.checkpoint).resolve().parent / "config.yaml").is_file():
         config = str(Path(args.checkpoint).resolve().parent / "config.yaml")
     cfg = load_config(config, args.overrides)
+    check_registered(cfg)
     figures = evaluate_checkpoint(cfg, args.checkpoint, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(figures, indent=2))
     return 0

@@ -19,14 +19,8 @@ import time
 import torch
 
 from rlhf.base import algorithms, packing
-from rlhf.base.ranks import ENGINE_DEFAULTS, DeepSpeedRank, RankGroup
-
-CRITIC_DEFAULTS = {
-    **ENGINE_DEFAULTS,
-    "lr": 1e-5,
-    # Clip range of the value loss around the values the advantages were computed with; 0 or None: no clipping.
-    "value_clip": 0.2,
-}
+from rlhf.base.config import RunConfig
+from rlhf.base.ranks import DeepSpeedRank, RankGroup
 
 VALUE_KEYS = ("input_ids", "attention_mask")
 TRAIN_KEYS = ("input_ids", "attention_mask", "response_mask", "old_values", "returns", "loss_weights")
@@ -68,8 +62,11 @@ class CriticTrainer(DeepSpeedRank):
     # A causal LM's generation settings mean nothing beside a value model.
     _side_files_to_skip = ("generation_config.json",)
 
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, init_dir: str, cfg: dict):
-        super().__init__(rank, world_size, master_addr, master_port, {**CRITIC_DEFAULTS, **cfg})
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, init_dir: str,
+                 cfg: RunConfig):
+        super().__init__(rank, world_size, master_addr, master_port, cfg.critic, cfg.seed, cfg.call_timeout_s)
+        # Clip range of the value loss around the values the advantages were computed with; 0: no clipping.
+        self.value_clip = cfg.algorithm.value_clip
         self.model_dir = init_dir
         self._wrap(load_value_model(init_dir))
 
@@ -88,7 +85,7 @@ class CriticTrainer(DeepSpeedRank):
         missing = [k for k in TRAIN_KEYS if k not in batch]
         if missing:
             raise ValueError(f"critic batch lacks {missing}")
-        cfg, engine = self.cfg, self.engine
+        engine = self.engine
         start = time.perf_counter()
         engine.train()
         sums = torch.zeros(len(_SUMMED), dtype=torch.float64)
@@ -96,7 +93,7 @@ class CriticTrainer(DeepSpeedRank):
         for i, (_, mb, _) in enumerate(micro_batches):
             values = token_values(engine, mb)
             per_token, clipped = algorithms.clipped_value_loss(values, mb["old_values"], mb["returns"],
-                                                               cfg["value_clip"])
+                                                               self.value_clip)
             loss = (per_token * mb["loss_weights"]).sum()
             engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             # x world_size undoes DeepSpeed's averaging over ranks (see PolicyTrainer._micro_step).
@@ -126,9 +123,9 @@ class CriticTrainer(DeepSpeedRank):
 class CriticGroup(RankGroup):
     """``num_ranks`` CriticTrainer Ray actors forming one data-parallel DeepSpeed group."""
 
-    def __init__(self, init_dir: str, cfg: dict, num_ranks: int, timeout_s: float, **placement):
+    def __init__(self, init_dir: str, cfg: RunConfig, num_ranks: int, timeout_s: float, **placement):
         """``placement``: RankGroup's resources, strategy and placement_timeout_s."""
-        super().__init__(CriticTrainer, (init_dir,), {**CRITIC_DEFAULTS, **cfg}, num_ranks, timeout_s, role="critic",
+        super().__init__(CriticTrainer, (init_dir, cfg), cfg.critic.threads, num_ranks, timeout_s, role="critic",
                          **placement)
 
     def values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -14,10 +14,10 @@ from typing import Callable
 from reward.labelling import judged_rows, label, make_pairs, write_datasets
 from reward.model import with_reference
 from reward.teachers import make_teacher
-from rlhf import actors
-from rlhf.base.config import LabelConfig, RewardConfig, RunConfig
+from rlhf.base.config import RewardConfig, RunConfig
 from rlhf.base.data import PromptRow
 from rlhf.base.progress import Progress
+from rlhf.rollout_group import generate
 from rlhf.base.tasks import arithmetic
 
 logger = logging.getLogger("distilrl")
@@ -50,7 +50,7 @@ def label_stage(cfg: RunConfig, rollout: list, train_pool: list[PromptRow], eval
                          f"{lc.prompts} + {lc.eval_prompts}: raise task.train_prompts")
 
     def sample(prompts: list[str], n: int) -> list[list[str]]:
-        samples = actors.generate(rollout, prompts, n, lc.max_new_tokens, lc.temperature, False, 0,
+        samples = generate(rollout, prompts, n, lc.max_new_tokens, lc.temperature, False, 0,
                                   cfg.call_timeout_s)
         return [[s.text for s in samples[i * n:(i + 1) * n]] for i in range(len(prompts))]
 
@@ -114,14 +114,10 @@ def train_rm(pairs: list[dict], init_dir: str, cfg: RunConfig, rm_dir: str, log:
             record({k: v for k, v in m.items() if k != "rm/step"}, int(m["rm/step"]))
         progress.update(loss=m["rm/loss"], pair_acc=m["rm/accuracy"])
 
-    engine_cfg = {"zero_stage": rc.zero_stage, "lr": rc.lr, "micro_batch_size": size // rc.num_ranks,
-                  "seed": cfg.seed, "threads": cfg.trainer.threads, "timeout_s": cfg.call_timeout_s,
-                  "reference_in_input": rc.use_reference,
-                  "loss_weights": {"bt": rc.bt_weight, "quality": rc.quality_weight, "rv": rc.rv_weight,
-                                   "cd": rc.cd_weight, "kl": rc.kl_weight}}
+    engine = rc.model_copy(update={"micro_batch_size": size // rc.num_ranks})
     with progress:
-        train_reward_model(batches, init_dir, engine_cfg, rc.num_ranks, rm_dir, on_step, rc.epochs,
-                           cfg.call_timeout_s)
+        train_reward_model(batches, init_dir, engine, rc.num_ranks, rm_dir, on_step, rc.epochs,
+                           cfg.call_timeout_s, cfg.seed)
 
 
 def evaluate_rm_dir(rm_dir: str, pairs: list[dict], pointwise: list[dict]) -> dict:

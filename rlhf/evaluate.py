@@ -37,14 +37,13 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str, log: Callable[[str], No
     """``evaluate_policy`` on a saved policy, in this process (no Ray): the held-out prompts of ``cfg.task``
     (rendered with the checkpoint's tokenizer, with the think switch ``think.mode`` asks for), greedy answers of up
     to ``eval.max_new_tokens`` tokens, the task's verifier. What ``distilrl eval`` prints."""
-    from reward.worker import RewardWorker
+    from reward.verifiers import make_verifier, verdict_figures
     from rlhf.base.data import load_rows
     from rollout.worker import RolloutWorker
 
-    policy = RolloutWorker(checkpoint, cfg.rollout.threads, cfg.seed)
+    policy = RolloutWorker(checkpoint, cfg.rollout, cfg.seed)
     _, rows = load_rows(cfg.task, cfg.seed, tokenizer=policy.tokenizer)
-    verifier = RewardWorker({"verifier": 1.0}, cfg.reward.correct, cfg.reward.unparseable,
-                            verifier=cfg.task.verifier, answer_regex=cfg.task.answer_regex)
+    verifier = make_verifier(cfg.task.verifier, cfg.task.answer_regex)
     log(f"evaluating {checkpoint} on {len(rows)} held-out prompts")
 
     def generate(prompts: list[str]) -> list[Sample]:
@@ -54,7 +53,8 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str, log: Callable[[str], No
     def count_tokens(text: str) -> int:
         return len(policy.tokenizer(text, add_special_tokens=False).input_ids)
 
-    return evaluate_policy(rows, generate, verifier.verify, cfg.eval.batch_size, log, count_tokens)
+    return evaluate_policy(rows, generate, lambda texts, refs: verdict_figures(verifier, texts, refs),
+                           cfg.eval.batch_size, log, count_tokens)
 
 
 def score_eval(rows: list[PromptRow], samples: list[Sample], verdicts: list[dict],

@@ -18,35 +18,23 @@ import torch
 
 from rlhf.base import algorithms, packing
 from rlhf.base.batch import without_zero_advantage_rows
-from rlhf.base.ranks import ENGINE_DEFAULTS, DeepSpeedRank, RankGroup
+from rlhf.base.config import AlgorithmConfig, RunConfig
+from rlhf.base.ranks import DeepSpeedRank, RankGroup
 
 
-DEFAULTS = {
-    **ENGINE_DEFAULTS,
-    "clip_low": 0.2,
-    "clip_high": 0.2,
-    "kl_coef": 0.0,
-    "kl_estimator": "k3",
-    # PPO's KL in the reward: the reference model is loaded (kl_coef > 0) for ``reference_logprobs`` and the KL is
-    # logged, but it is not added to the loss again.
-    "kl_in_reward": False,
-    # Entropy bonus: loss_t = pg_t - entropy_coef * H_t + kl_coef * KL_t (algorithms.policy_token_loss).
-    "entropy_coef": 0.0,
-    # Rollout's sampling temperature: log-probs are taken from logits / temperature on both sides, so the ratio and
-    # the mismatch metric compare the same distribution.
-    "temperature": 1.0,
-    # Mini-batches a rollout batch splits into (TrainerGroup.train_step), and passes over them: one optimizer step
-    # per mini-batch and pass.
-    "mini_batches": 1,
-    "epochs": 1,
-    # Truncated importance sampling cap (algorithms.truncated_importance_weights); None: off.
-    "tis_cap": None,
-}
+# With asynchronous rollout the trainer ranks update while the rollout workers generate, and where they share CPU
+# cores the ranks run at this much lower priority. Generation runs on fewer threads than the update (one, on the
+# 2-core quickstart), so at equal priority the scheduler slows both alike, the update finishes first and a core
+# idles while generation ends alone. Yielding to generation keeps it at full speed, and the update takes the rest
+# of the cores, then all of them once generation is done (benchmarks/RESULTS.md, async_vs_sync). It only orders
+# our own processes; on machines where trainer and rollout have their own cores or GPUs it changes nothing.
+ASYNC_TRAINER_NICENESS = 5
 
-def kl_in_loss(cfg: dict) -> bool:
-    """Whether the policy loss carries a KL term: a reference model is loaded (kl_coef > 0) and the KL is not put in
-    the reward instead (PPO's kl_in_reward)."""
-    return cfg["kl_coef"] > 0 and not cfg["kl_in_reward"]
+
+def kl_in_loss(algorithm: AlgorithmConfig) -> bool:
+    """Whether the policy loss carries a KL term: a reference model is loaded (kl_coef > 0) and the KL does not go
+    into the reward instead (``algorithm.reward_kl``)."""
+    return algorithm.kl_coef > 0 and not algorithm.reward_kl
 
 
 BATCH_KEYS = ("input_ids", "attention_mask", "response_mask", "rollout_logprobs", "advantages", "loss_weights")
@@ -62,20 +50,26 @@ class PolicyTrainer(DeepSpeedRank):
     Creating it joins the process group, so all ``world_size`` ranks must be created together.
     """
 
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_dir: str, cfg: dict):
-        super().__init__(rank, world_size, master_addr, master_port, {**DEFAULTS, **cfg})
-        cfg = self.cfg
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_dir: str,
+                 cfg: RunConfig):
+        super().__init__(rank, world_size, master_addr, master_port, cfg.trainer, cfg.seed, cfg.call_timeout_s,
+                         ASYNC_TRAINER_NICENESS if cfg.rollout.asynchronous else 0)
         from transformers import AutoModelForCausalLM
+
+        self.algorithm = cfg.algorithm
+        # The sampling temperature: log-probs are taken from logits / temperature on both sides, so the ratio and
+        # the mismatch metric compare the same distribution.
+        self.temperature = cfg.rollout.temperature
 
         self.model_dir = model_dir
         policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
         policy.config.use_cache = False
-        if cfg["gradient_checkpointing"]:
+        if cfg.trainer.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
         self._wrap(policy)
 
         self.reference = None
-        if cfg["kl_coef"] > 0:
+        if cfg.algorithm.kl_coef > 0:
             self.reference = AutoModelForCausalLM.from_pretrained(
                 model_dir, dtype=torch.bfloat16 if self.bf16 else torch.float32, use_safetensors=True)
             self.reference.config.use_cache = False
@@ -98,9 +92,9 @@ class PolicyTrainer(DeepSpeedRank):
             missing = [k for k in BATCH_KEYS if k not in mb]
             if missing:
                 raise ValueError(f"batch lacks {missing}")
-        cfg, engine = self.cfg, self.engine
+        algorithm, engine = self.algorithm, self.engine
         start = time.perf_counter()
-        updates = len(mini_batches) * cfg["epochs"]
+        updates = len(mini_batches) * algorithm.ppo_epochs
         # The PPO ratio's denominator (and TIS's numerator): log-probs under the weights before this batch's first
         # update. With one update they are the update's own log-probs, detached; with several, the later updates
         # need them after the weights have moved, so they are computed first, in one pass without gradients.
@@ -111,7 +105,7 @@ class PolicyTrainer(DeepSpeedRank):
         sums = torch.zeros(len(_SUMMED), dtype=torch.float64)
         skipped_before = engine.skipped_steps
         grad_norms = []
-        for _ in range(cfg["epochs"]):
+        for _ in range(algorithm.ppo_epochs):
             for mb in mini_batches:
                 sums += self._optimizer_step(mb)
                 grad_norm = engine.get_global_grad_norm()
@@ -130,7 +124,7 @@ class PolicyTrainer(DeepSpeedRank):
             "charts/lr": float(lr),
             "perf/train_s": time.perf_counter() - start,
         }
-        if cfg["tis_cap"]:
+        if algorithm.tis_cap:
             metrics["losses/tis_weight"] = total["tis_weight"] / tokens
             metrics["losses/tis_capped"] = total["tis_capped"] / tokens
         if self.reference is not None:
@@ -154,7 +148,7 @@ class PolicyTrainer(DeepSpeedRank):
         def logprobs(mb):
             logits = model(**packing.model_inputs(mb)).logits
             return packing.zero_sequence_starts(
-                algorithms.token_logprobs(logits / self.cfg["temperature"], mb["input_ids"]), mb)
+                algorithms.token_logprobs(logits / self.temperature, mb["input_ids"]), mb)
 
         return self._per_token(batch, logprobs)
 
@@ -172,29 +166,28 @@ class PolicyTrainer(DeepSpeedRank):
 
     def _micro_step(self, mb: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward and backward on one micro-batch; returns its contribution to the ``_SUMMED`` sums."""
-        cfg = self.cfg
+        a = self.algorithm
         mask = mb["response_mask"]
         logits = self.engine(**packing.model_inputs(mb)).logits
-        logits = logits / cfg["temperature"]
+        logits = logits / self.temperature
         logp = packing.zero_sequence_starts(algorithms.token_logprobs(logits, mb["input_ids"]), mb)
         # Without precomputed old log-probs this is the batch's only update: the old policy is the current one and
         # the ratio starts at exactly 1.
         old_logp = mb["old_logprobs"] if "old_logprobs" in mb else logp.detach()
-        pg, clipped = algorithms.clipped_policy_loss(logp, old_logp, mb["advantages"], cfg["clip_low"],
-                                                     cfg["clip_high"])
+        pg, clipped = algorithms.clipped_policy_loss(logp, old_logp, mb["advantages"], a.clip_low, a.clip_high)
         tis = torch.ones_like(logp)
-        if cfg["tis_cap"]:
-            tis = algorithms.truncated_importance_weights(old_logp, mb["rollout_logprobs"], mask, cfg["tis_cap"])
+        if a.tis_cap:
+            tis = algorithms.truncated_importance_weights(old_logp, mb["rollout_logprobs"], mask, a.tis_cap)
             pg = pg * tis
         kl = torch.zeros_like(logp)
         if self.reference is not None:
             with torch.no_grad():
                 ref_logits = self.reference(**packing.model_inputs(mb)).logits
-                ref_logits = ref_logits / cfg["temperature"]
+                ref_logits = ref_logits / self.temperature
                 ref_logp = packing.zero_sequence_starts(algorithms.token_logprobs(ref_logits, mb["input_ids"]), mb)
                 del ref_logits
-            kl = algorithms.kl_penalty(logp, ref_logp, cfg["kl_estimator"])
-        if cfg["entropy_coef"]:
+            kl = algorithms.kl_penalty(logp, ref_logp, a.kl_estimator)
+        if a.entropy_coef:
             # In the graph only for the bonus: its backward keeps a float softmax of all logits alive.
             entropy = algorithms.token_entropy(logits)
         else:
@@ -202,8 +195,8 @@ class PolicyTrainer(DeepSpeedRank):
                 # Row by row: a float copy of all logits at once can be as large as the activations (151k vocab).
                 entropy = torch.cat([algorithms.token_entropy(row) for row in logits.detach().split(1)])
         entropy = packing.zero_sequence_starts(entropy, mb)
-        per_token = algorithms.policy_token_loss(pg, entropy, kl, cfg["entropy_coef"],
-                                                 cfg["kl_coef"] if kl_in_loss(cfg) else 0.0)
+        per_token = algorithms.policy_token_loss(pg, entropy, kl, a.entropy_coef,
+                                                 a.kl_coef if kl_in_loss(a) else 0.0)
         loss = (per_token * mb["loss_weights"]).sum()
         # DeepSpeed averages gradients over data-parallel ranks; multiplying by world_size turns that average back
         # into the sum of the ranks' shares, i.e. the gradient of the whole-batch loss. scale_wrt_gas=False: the
@@ -219,7 +212,7 @@ class PolicyTrainer(DeepSpeedRank):
                 # Train/inference mismatch: the sampler's log-probs against the trainer's before this batch's update.
                 ((old_logp - mb["rollout_logprobs"]).abs() * mask).sum(),
                 (tis * mask).sum(),
-                ((tis >= cfg["tis_cap"]).float() * mask).sum() if cfg["tis_cap"] else torch.zeros(()),
+                ((tis >= a.tis_cap).float() * mask).sum() if a.tis_cap else torch.zeros(()),
                 mask.sum(),
             ]).double().cpu()
 
@@ -236,14 +229,13 @@ class PolicyTrainer(DeepSpeedRank):
 class TrainerGroup(RankGroup):
     """``num_ranks`` PolicyTrainer Ray actors forming one data-parallel DeepSpeed group."""
 
-    def __init__(self, model_dir: str, cfg: dict, num_ranks: int, timeout_s: float, **placement):
+    def __init__(self, model_dir: str, cfg: RunConfig, num_ranks: int, timeout_s: float, **placement):
         """``placement``: RankGroup's resources, strategy and placement_timeout_s."""
-        cfg = {**DEFAULTS, **cfg}
-        super().__init__(PolicyTrainer, (model_dir,), cfg, num_ranks, timeout_s, **placement)
-        self.mini_batches = cfg["mini_batches"]
+        super().__init__(PolicyTrainer, (model_dir, cfg), cfg.trainer.threads, num_ranks, timeout_s, **placement)
+        self.mini_batches = cfg.trainer.mini_batches_per_step
         # With neither an entropy bonus nor a KL term in the loss, a row whose advantage is 0 everywhere adds exactly
         # 0 to the gradient, so train_step leaves such rows out (batch.without_zero_advantage_rows).
-        self.skip_zero_advantage_rows = not cfg["entropy_coef"] and not kl_in_loss(cfg)
+        self.skip_zero_advantage_rows = not cfg.algorithm.entropy_coef and not kl_in_loss(cfg.algorithm)
 
     def train_step(self, batch: dict[str, torch.Tensor], mini_batches: int | None = None) -> dict[str, float]:
         """The update on one rollout batch: its rows split into ``mini_batches`` (default: the config's) contiguous

@@ -5,11 +5,12 @@ import pytest
 from reward.adaptive import (AdaptiveLength, length_fit, length_penalty, rule_cd, rule_rv, skip_think_bonus,
                              target_rv)
 from reward.teachers import OracleTeacher
-from reward.worker import RewardError, RewardWorker
+from reward.worker import RewardError
 from rlhf.base.config import AdaptiveConfig, ConfigError, load_config
 from rlhf.base.data import PromptRow
 from rlhf.evaluate import difficulty_metrics, score_eval
 from rlhf.base.samples import Sample
+from tests.scoring import reward_worker
 
 SHAPE = dict(rv_at_cd0=0.0, rv_at_cd9=8.0, tolerance=0.5, over_penalty=0.5, under_penalty=0.5)
 
@@ -84,7 +85,8 @@ def test_component_from_the_teacher_and_rm_sources():
 
 
 def test_reward_worker_adds_the_weighted_component_to_the_verifier():
-    worker = RewardWorker({"verifier": 1.0, "adaptive": 0.5}, adaptive=settings())
+    worker = reward_worker({"verifier": 1.0, "adaptive": 0.5}, 
+                           adaptive=AdaptiveConfig(**settings()))
     results = worker.score(["7+5="] * 3, ["#12", "<think>7+5=12</think>#12", "<think>7+5=12</think>#13"],
                            ["12"] * 3, None, [1, 1, 1])
     assert [r["reward"] for r in results] == pytest.approx([1.5, 1.375, 0.0])

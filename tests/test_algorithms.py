@@ -10,6 +10,8 @@ import torch
 
 from rlhf.base.algorithms import (
     ADVANTAGE_ESTIMATORS,
+    AdvantageInputs,
+    kl_reward,
     clipped_policy_loss,
     dr_grpo_advantages,
     grpo_advantages,
@@ -243,9 +245,15 @@ REGISTRY_MASK = T([[0.0, 1.0, 1.0],
                    [0.0, 0.0, 0.0]])  # an all-padding row last
 
 
-def test_advantage_registry_names_every_estimator():
-    assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "dr_grpo", "rloo", "reinforce_plus_plus",
-                                         "reinforce_plus_plus_baseline"}
+def _estimate(name: str, rewards, mask=REGISTRY_MASK, **inputs):
+    advantages, _ = ADVANTAGE_ESTIMATORS[name].compute(AdvantageInputs(rewards, mask, 2, **inputs))
+    return advantages
+
+
+def test_advantage_registry_names_every_estimator_and_what_it_needs():
+    needs = {name: set(e.needs) for name, e in ADVANTAGE_ESTIMATORS.items()}
+    assert needs == {"grpo": set(), "dr_grpo": set(), "rloo": set(), "reinforce_plus_plus": {"reference"},
+                     "reinforce_plus_plus_baseline": {"reference"}, "gae": {"critic"}}
 
 
 @pytest.mark.parametrize("name, sequence_level", [("grpo", grpo_advantages), ("dr_grpo", dr_grpo_advantages),
@@ -253,7 +261,7 @@ def test_advantage_registry_names_every_estimator():
 def test_registry_spreads_sequence_estimators_over_response_tokens(name, sequence_level):
     rewards = T([1.0, 0.0, 0.0, 2.0])
     per_sample = sequence_level(rewards, 2)
-    adv = ADVANTAGE_ESTIMATORS[name](rewards, 2, REGISTRY_MASK)
+    adv = _estimate(name, rewards)
     assert adv.shape == REGISTRY_MASK.shape
     torch.testing.assert_close(adv, per_sample.unsqueeze(1) * REGISTRY_MASK)
     assert (adv[3] == 0).all()  # all padding: no advantage anywhere
@@ -261,23 +269,62 @@ def test_registry_spreads_sequence_estimators_over_response_tokens(name, sequenc
 
 def test_registry_grpo_by_hand():
     # groups [1, 0 | 0, 2]: +-0.707107 each (see test_grpo_group_with_equal_rewards_gets_zero_not_nan)
-    adv = ADVANTAGE_ESTIMATORS["grpo"](T([1.0, 0.0, 0.0, 2.0]), 2, REGISTRY_MASK)
-    close(adv, [[0.0, 0.707107, 0.707107], [0.0, -0.707107, 0.0], [-0.707107, -0.707107, -0.707107],
-                [0.0, 0.0, 0.0]])
+    close(_estimate("grpo", T([1.0, 0.0, 0.0, 2.0])),
+          [[0.0, 0.707107, 0.707107], [0.0, -0.707107, 0.0], [-0.707107, -0.707107, -0.707107], [0.0, 0.0, 0.0]])
 
 
-def test_registry_reinforce_plus_plus_pair_take_no_kl_in_the_reward():
+def test_registry_reinforce_plus_plus_pair_match_the_plain_functions_with_and_without_token_rewards():
     rewards = T([1.0, 0.0, 0.0, 2.0])
-    torch.testing.assert_close(ADVANTAGE_ESTIMATORS["reinforce_plus_plus"](rewards, 2, REGISTRY_MASK),
+    kl = T([[0.0, 0.5, -0.5], [0.0, 1.0, 0.0], [0.2, 0.2, 0.2], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(_estimate("reinforce_plus_plus", rewards),
                                reinforce_plus_plus_advantages(rewards, REGISTRY_MASK))
-    torch.testing.assert_close(ADVANTAGE_ESTIMATORS["reinforce_plus_plus_baseline"](rewards, 2, REGISTRY_MASK),
+    torch.testing.assert_close(_estimate("reinforce_plus_plus_baseline", rewards),
                                reinforce_plus_plus_baseline_advantages(rewards, 2, REGISTRY_MASK))
+    # A KL in the reward arrives as token rewards -kl_coef * KL_t: the same as the functions' own KL arguments.
+    torch.testing.assert_close(_estimate("reinforce_plus_plus", rewards, token_rewards=-0.1 * kl * REGISTRY_MASK),
+                               reinforce_plus_plus_advantages(rewards, REGISTRY_MASK, kl, 0.1))
+    torch.testing.assert_close(
+        _estimate("reinforce_plus_plus_baseline", rewards, token_rewards=-0.1 * kl * REGISTRY_MASK),
+        reinforce_plus_plus_baseline_advantages(rewards, 2, REGISTRY_MASK, kl, 0.1))
     # by hand, REINFORCE++: the all-padding row's reward 2 has no token, so the token values are 1, 1, 0, 0, 0, 0
     # mean 2/6 = 0.333333; deviations 0.666667 (x2), -0.333333 (x4)
     # population var = (2 * 0.444444 + 4 * 0.111111) / 6 = 1.333333 / 6 = 0.222222, std 0.471405
     # -> 0.666667 / 0.471405 = 1.414214;  -0.333333 / 0.471405 = -0.707107
-    close(ADVANTAGE_ESTIMATORS["reinforce_plus_plus"](rewards, 2, REGISTRY_MASK),
+    close(_estimate("reinforce_plus_plus", rewards),
           [[0.0, 1.414214, 1.414214], [0.0, -0.707107, 0.0], [-0.707107, -0.707107, -0.707107], [0.0, 0.0, 0.0]])
+
+
+def test_registry_gae_takes_values_and_token_rewards_from_the_inputs():
+    # One row, response at 1-2, reward 1, values 0.25, token rewards -0.1 each, gamma = lam = 1:
+    # per-token rewards [-0.1, 0.9] -> returns [0.8, 0.9]; advantages returns - values = [0.55, 0.65].
+    mask = T([[0.0, 1.0, 1.0]])
+    advantages, returns = ADVANTAGE_ESTIMATORS["gae"].compute(AdvantageInputs(
+        T([1.0]), mask, 1, token_rewards=T([[0.0, -0.1, -0.1]]), values=T([[0.0, 0.25, 0.25]])))
+    close(returns, [[0.0, 0.8, 0.9]])
+    close(advantages, [[0.0, 0.55, 0.65]])
+    with pytest.raises(ValueError, match="critic"):
+        ADVANTAGE_ESTIMATORS["gae"].compute(AdvantageInputs(T([1.0]), mask, 1))
+
+
+def test_k1_in_the_reward_gives_the_gradient_of_kl_and_k3_does_not():
+    """The expected score-function gradient of a KL penalty put in the reward, E_pi[kl(x) grad log pi(x)], on a
+    7-way categorical near its reference: k1 (kl_reward) is exactly grad KL(pi || ref); k3 is about 0 there."""
+    torch.manual_seed(0)
+    ref = torch.log_softmax(torch.randn(7, dtype=torch.float64), 0)
+    logits = (ref + 0.05 * torch.randn(7, dtype=torch.float64)).requires_grad_(True)
+    logp = torch.log_softmax(logits, 0)
+    (kl_grad,) = torch.autograd.grad((logp.exp() * (logp - ref)).sum(), logits, retain_graph=True)
+
+    def reward_gradient(per_token: torch.Tensor) -> torch.Tensor:
+        # E_pi[-r(x) grad log pi(x)] for the penalty r = -kl_coef * kl: the loss gradient REINFORCE takes.
+        (grad,) = torch.autograd.grad((logp.exp().detach() * -per_token.detach() * logp).sum(), logits,
+                                      retain_graph=True)
+        return grad
+
+    k1 = reward_gradient(kl_reward(logp, ref, torch.ones(7), 1.0))
+    k3 = reward_gradient(-kl_penalty(logp, ref, "k3"))
+    assert torch.allclose(k1, kl_grad, atol=1e-12)
+    assert (k3 - kl_grad).norm() / kl_grad.norm() > 0.9  # k3 in the reward: nearly no regularisation at all
 
 
 # ---------------------------------------------------------------------------------------------------- KL

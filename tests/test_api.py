@@ -17,7 +17,7 @@ import pytest
 import ray
 
 import rlhf
-from reward.worker import RewardWorker
+from tests.scoring import reward_worker
 
 REPO = Path(__file__).resolve().parents[1]
 # configs/tiny.yaml, built in code.
@@ -118,10 +118,10 @@ def test_bad_dataset_is_refused_before_anything_starts(tmp_path):
 def test_custom_reward_component_weights_and_errors():
     rows = [{"question": "1+1="}, {"question": "2+2="}]
     # Instead of the verifier: the reward is the function's, times its weight.
-    alone = RewardWorker({"custom": 2.0}, custom=lambda p, r, rows: [len(x) for x in r])
+    alone = reward_worker({"custom": 2.0}, custom=lambda p, r, rows: [len(x) for x in r])
     assert [s["reward"] for s in alone.score(["1+1=", "2+2="], ["#2", "#5"], ["2", "4"], rows)] == [4.0, 4.0]
     # Beside it: the weighted sum; the verifier's verdict is reported either way.
-    beside = RewardWorker({"verifier": 1.0, "custom": 0.5}, custom=lambda p, r, rows: [1.0, 0.0])
+    beside = reward_worker({"verifier": 1.0, "custom": 0.5}, custom=lambda p, r, rows: [1.0, 0.0])
     scores = beside.score(["1+1=", "2+2="], ["#2", "#5"], ["2", "4"], rows)
     assert [s["reward"] for s in scores] == [1.5, 0.0] and [s["correct"] for s in scores] == [1.0, 0.0]
 
@@ -129,14 +129,14 @@ def test_custom_reward_component_weights_and_errors():
         return [1.0 / (row["question"] != "2+2=") for row in rows]
 
     with pytest.raises(rlhf.RewardError, match=r"reward_fn raised ZeroDivisionError.* prompt '2\+2=', response '#5'"):
-        RewardWorker({"custom": 1.0}, custom=fails_on_four).score(["1+1=", "2+2="], ["#2", "#5"], ["2", "4"], rows)
+        reward_worker({"custom": 1.0}, custom=fails_on_four).score(["1+1=", "2+2="], ["#2", "#5"], ["2", "4"], rows)
     with pytest.raises(rlhf.RewardError, match="returned 1 rewards for 2 responses"):
-        RewardWorker({"custom": 1.0}, custom=lambda p, r, rows: [1.0]).score(["a", "b"], ["x", "y"], ["1", "2"], rows)
+        reward_worker({"custom": 1.0}, custom=lambda p, r, rows: [1.0]).score(["a", "b"], ["x", "y"], ["1", "2"], rows)
     with pytest.raises(rlhf.RewardError, match=r"returned 'high', not a number, for prompt 'b', response 'y'"):
-        RewardWorker({"custom": 1.0}, custom=lambda p, r, rows: [1.0, "high"]).score(["a", "b"], ["x", "y"],
+        reward_worker({"custom": 1.0}, custom=lambda p, r, rows: [1.0, "high"]).score(["a", "b"], ["x", "y"],
                                                                                     ["1", "2"], rows)
     # A NaN is returned, naming its component, for the driver's guard to skip the batch (tests/test_guards.py).
-    scores = RewardWorker({"custom": 1.0}, custom=lambda p, r, rows: [float("nan"), 1.0]).score(
+    scores = reward_worker({"custom": 1.0}, custom=lambda p, r, rows: [float("nan"), 1.0]).score(
         ["a", "b"], ["x", "y"], ["1", "2"], rows)
     assert scores[0]["nonfinite"] == "custom=nan" and "nonfinite" not in scores[1]
 

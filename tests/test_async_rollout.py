@@ -7,7 +7,7 @@ import pytest
 import ray
 
 import rlhf
-from rlhf.driver import ASYNC_TRAINER_NICENESS
+from rlhf.trainer import ASYNC_TRAINER_NICENESS
 
 pytest.importorskip("deepspeed")
 

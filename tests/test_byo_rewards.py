@@ -10,8 +10,9 @@ import torch
 
 from reward.custom import load_reward_fn
 from reward.verifiers import gsm8k_correct, last_boxed, make_verifier, math_correct
-from reward.worker import RewardError, RewardWorker
+from reward.worker import RewardError
 from rlhf.base.config import ConfigError, config_from_dict
+from tests.scoring import reward_worker
 
 # ------------------------------------------------------------------------------------------------- verifiers
 
@@ -71,7 +72,7 @@ def test_exact_and_regex_verifiers_and_their_config():
 
 
 def test_reward_worker_uses_the_configured_verifier():
-    worker = RewardWorker({"verifier": 1.0}, correct=1.0, unparseable=-0.5, verifier="math")
+    worker = reward_worker({"verifier": 1.0}, correct=1.0, unparseable=-0.5, verifier="math")
     scores = worker.score(["p"] * 3, [r"\boxed{0.5}", r"\boxed{2}", "1/2"], ["1/2"] * 3)
     assert [s["reward"] for s in scores] == [1.0, 0.0, -0.5]
     assert [s["answered"] for s in scores] == [1.0, 1.0, 0.0]
@@ -103,7 +104,7 @@ def test_custom_reward_from_a_file_sync_and_async_weighted_beside_the_verifier(t
     rows = [{"answer": "4", "level": 2}, {"answer": "4", "level": 2}]
     for name, expected in (("brevity", [1.0 + 0.5, 0.0]), ("uses_rows", [1.0 + 1.0, 1.0])):
         fn = load_reward_fn(f"{path}:{name}")
-        worker = RewardWorker({"verifier": 1.0, "custom": 0.5}, custom=fn)
+        worker = reward_worker({"verifier": 1.0, "custom": 0.5}, custom=fn)
         scores = worker.score(["2+2="] * 2, ["#4", "it is 4, I think, #5"], ["4", "4"], rows)
         assert [s["reward"] for s in scores] == expected, name
 
@@ -130,7 +131,7 @@ def test_custom_reward_errors_name_the_failing_sample(tmp_path):
         async def picky(prompts, responses, rows):
             return [1.0 / len(r) for r in responses]  # an empty response divides by zero
     """)
-    worker = RewardWorker({"custom": 1.0}, custom=load_reward_fn(f"{path}:picky"))
+    worker = reward_worker({"custom": 1.0}, custom=load_reward_fn(f"{path}:picky"))
     with pytest.raises(RewardError, match=r"reward_fn raised ZeroDivisionError.* on prompt 'q2', response '', "
                                           r"row \{'id': 2\}"):
         worker.score(["q1", "q2"], ["ok", ""], ["1", "1"], [{"id": 1}, {"id": 2}])
@@ -187,7 +188,7 @@ def test_trl_reward_model_scores_as_the_seqcls_component(trl_reward_model):
     with torch.no_grad():  # what the trained model says for each prompt+response, one text at a time
         expected = [model(**tokenizer(p + r, return_tensors="pt")).logits[0, 0].item()
                     for p, r in zip(prompts, responses)]
-    worker = RewardWorker({"verifier": 1.0, "seqcls": 0.5}, seqcls_path=str(path))
+    worker = reward_worker({"verifier": 1.0, "seqcls": 0.5}, seqcls_path=str(path))
     scores = worker.score(prompts, responses, ["6", "10", "24"])
     verifier = [1.0, 0.0, 1.0]
     assert [s["reward"] for s in scores] == pytest.approx([v + 0.5 * e for v, e in zip(verifier, expected)],

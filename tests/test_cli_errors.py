@@ -18,9 +18,10 @@ import pytest
 
 from reward.labelling import TeacherError, label
 from reward.teachers import OpenAITeacher
-from reward.worker import RewardError, RewardWorker
+from reward.worker import RewardError
 from rlhf.cli import main
 from rlhf.base.data import PromptRow, load_jsonl_rows
+from tests.scoring import reward_worker
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -372,7 +373,7 @@ REWARD_FN_CASES = [
 def test_a_nan_from_a_custom_reward_function_is_named_for_the_guard():
     """A NaN is not an error of the function's: the batch is skipped by the driver's guard (rlhf/guards.py),
     which names the component, so the worker returns it marked instead of raising."""
-    worker = RewardWorker({"custom": 1.0}, custom=lambda p, r, rows: [float("nan"), 0.0])
+    worker = reward_worker({"custom": 1.0}, custom=lambda p, r, rows: [float("nan"), 0.0])
     scores = worker.score(["1+1=", "2+2="], ["#2", "#4"], ["2", "4"], [{"q": 1}, {"q": 2}])
     assert scores[0]["nonfinite"] == "custom=nan" and "nonfinite" not in scores[1]
 
@@ -383,7 +384,7 @@ def test_custom_reward_functions_that_fail(fn, expected, capsys, monkeypatch):
 
     from rlhf.base.worker_pool import application_error
 
-    worker = RewardWorker({"custom": 1.0}, custom=fn)
+    worker = reward_worker({"custom": 1.0}, custom=fn)
     with pytest.raises(RewardError) as info:
         worker.score(["1+1=", "2+2="], ["#2", "#4"], ["2", "4"], [{"q": 1}, {"q": 2}])
     assert expected in str(info.value) and one_line(str(info.value))

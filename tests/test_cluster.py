@@ -26,6 +26,7 @@ import rlhf  # noqa: E402
 from rlhf.base import cluster  # noqa: E402
 from rlhf.base.config import ConfigError, load_config  # noqa: E402
 from rlhf.trainer import TrainerGroup  # noqa: E402
+from tests.configs import run_config  # noqa: E402
 from tests.test_trainer import CFG, assert_weights_equal, batch, model_dir, single_process_update  # noqa: E402,F401
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,7 +102,7 @@ def test_trainer_ranks_on_two_nodes_match_the_single_process_update(connected, m
     """One rank per node (STRICT_SPREAD, and each rank takes a node's only trainer_slot): the ranks rendezvous at
     rank 0's node address, and the update is the single-process one."""
     cfg = {**CFG, "zero_stage": 3}
-    group = TrainerGroup(model_dir, cfg, num_ranks=2, timeout_s=300,
+    group = TrainerGroup(model_dir, run_config(cfg), num_ranks=2, timeout_s=300,
                          resources=cluster.Resources(1, 0, {"trainer_slot": 1}), strategy="STRICT_SPREAD")
     try:
         nodes = placement_group_table(group.placement_group)["bundles_to_node_id"]
@@ -119,7 +120,7 @@ def test_trainer_ranks_on_two_nodes_match_the_single_process_update(connected, m
 def test_asking_more_than_the_cluster_has_names_the_role_and_resource(connected, model_dir):
     with pytest.raises(cluster.ClusterError, match=r"lacks the resources for 2 trainer actor\(s\): asks GPU 2 "
                                                    r"\(cluster has 0\)"):
-        TrainerGroup(model_dir, CFG, num_ranks=2, timeout_s=60, resources=cluster.Resources(1, 1))
+        TrainerGroup(model_dir, run_config(CFG), num_ranks=2, timeout_s=60, resources=cluster.Resources(1, 1))
     with pytest.raises(cluster.ClusterError, match="could not place 3 trainer actor.*STRICT_SPREAD.*2 node"):
         cluster.reserve("trainer", 3, cluster.Resources(1), "STRICT_SPREAD", timeout_s=3)
 
@@ -212,8 +213,8 @@ def test_every_recipe_validates_and_asks_for_the_gpus_it_says(recipe):
 
 def test_trainer_gpu_options():
     cfg = load_config(None, ["trainer.zero_stage=3", "trainer.offload=optimizer+params"])
-    assert cfg.trainer.zero_options() == {"offload_optimizer": {"device": "cpu", "pin_memory": True},
+    assert cfg.trainer.zero_section() == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True},
                                           "offload_param": {"device": "cpu", "pin_memory": True}}
-    assert load_config(None, []).trainer.zero_options() == {}
+    assert load_config(None, []).trainer.zero_section() == {"stage": 2}
     with pytest.raises(ConfigError, match="offload optimizer\\+params needs trainer.zero_stage 3"):
         load_config(None, ["trainer.zero_stage=2", "trainer.offload=optimizer+params"])

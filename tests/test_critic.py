@@ -21,6 +21,7 @@ from rlhf.cli import main  # noqa: E402
 from rlhf.critic import CriticGroup  # noqa: E402
 # The tiny random causal LM that stands in for the warm-up student the critic starts from.
 from tests.test_trainer import model_dir  # noqa: E402,F401
+from tests.configs import run_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = {"lr": 1e-2, "adam_eps": 1e-4, "micro_batch_size": 4, "value_clip": 0.5, "seed": 0, "threads": 1,
@@ -50,7 +51,7 @@ def _fit(model_dir: str, num_ranks: int, steps: int, save_to: str | None = None)
     and the values after the first."""
     batch = _batch()
     mask = batch["response_mask"]
-    group = CriticGroup(model_dir, CFG, num_ranks, timeout_s=120)
+    group = CriticGroup(model_dir, run_config(CFG, role="critic"), num_ranks, timeout_s=120)
     try:
         errors, first_values, clipfracs = [], None, []
         for step in range(steps):

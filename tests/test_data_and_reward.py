@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from reward.verifiers import final_number_correct
-from reward.worker import RewardWorker
 from rlhf.base.config import ModelConfig, TaskConfig
 from rlhf.base.data import DatasetError, PromptRow, load_jsonl_rows, load_rows
 from rlhf.evaluate import score_eval
 from rlhf.base.models import ModelLoadError, build_student, build_tokenizer, load_student, save_student
 from rlhf.base.tasks.arithmetic import MAX_LEVEL, MIN_LEVEL, parse_prompt
 from rlhf.base.samples import Sample
+from tests.scoring import reward_worker
 
 GSM8K_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
 
@@ -190,7 +190,7 @@ def test_arithmetic_rows_have_difficulty_equal_to_level_and_correct_answers():
 
 
 def test_reward_worker_scores_correct_wrong_and_unparseable():
-    worker = RewardWorker({"verifier": 1.0}, correct=1.0, unparseable=-0.5)
+    worker = reward_worker({"verifier": 1.0}, correct=1.0, unparseable=-0.5)
     results = worker.score(["3+4=", "3+4=", "3+4="], ["3+4=7;#7", "#8", "seven"], ["7", "7", "7"])
     assert [r["reward"] for r in results] == [1.0, 0.0, -0.5]
     assert [r["correct"] for r in results] == [1.0, 0.0, 0.0]
@@ -198,13 +198,13 @@ def test_reward_worker_scores_correct_wrong_and_unparseable():
 
 
 def test_reward_worker_default_unparseable_reward_is_zero():
-    results = RewardWorker({"verifier": 1.0}, correct=1.0, unparseable=0.0).score(["p"], ["no answer here"], ["3"])
-    assert results == [{"reward": 0.0, "correct": 0.0, "answered": 0.0}]
+    results = reward_worker({"verifier": 1.0}, correct=1.0, unparseable=0.0).score(["p"], ["no answer here"], ["3"])
+    assert results == [{"reward": 0.0, "correct": 0.0, "answered": 0.0, "parts": {"verifier": 0.0}}]
 
 
 def test_reward_worker_refuses_mismatched_batch_lengths():
     with pytest.raises(ValueError):
-        RewardWorker({"verifier": 1.0}, 1.0, 0.0).score(["a", "b"], ["#1"], ["1", "2"])
+        reward_worker({"verifier": 1.0}, correct=1.0, unparseable=0.0).score(["a", "b"], ["#1"], ["1", "2"])
 
 
 def test_final_number_correct_reads_gsm8k_hashes_and_the_last_answer():
@@ -302,9 +302,9 @@ def test_save_and_load_student_round_trip_gives_identical_weights_and_no_tmp_dir
 
 
 def test_reward_worker_weights_components_and_names_a_non_finite_component():
-    worker = RewardWorker({"verifier": 2.0}, correct=1.0, unparseable=0.0)
+    worker = reward_worker({"verifier": 2.0}, correct=1.0, unparseable=0.0)
     assert [r["reward"] for r in worker.score(["p", "p"], ["#3", "#4"], ["3", "3"])] == [2.0, 0.0]
-    worker = RewardWorker({"verifier": 1.0}, correct=float("nan"), unparseable=0.0)
+    worker = reward_worker({"verifier": 1.0}, correct=float("nan"), unparseable=0.0)
     right, wrong = worker.score(["1+2=", "1+2="], ["#3", "#4"], ["3", "3"])
     assert math.isnan(right["reward"]) and right["nonfinite"] == "verifier=nan"
     assert wrong["reward"] == 0.0 and "nonfinite" not in wrong

@@ -24,8 +24,8 @@ from rlhf.base.algorithms import (
     token_entropy,
 )
 from rlhf.base.config import ConfigError, load_config
-from rlhf.base.guards import BatchGuard, NonFiniteError
-from rlhf.base.samples import Sample
+from rlhf.base.guards import NonFiniteError
+from tests.loop_stubs import stub_loop
 
 T = torch.tensor
 
@@ -243,45 +243,12 @@ def test_bad_algorithm_options_are_config_errors(override):
 # ------------------------------------------------------------------------ the driver's step, actors stubbed
 
 
-class _Trainer:
-    def __init__(self):
-        self.batches = []
-
-    def train_step(self, batch):
-        self.batches.append(batch)
-        return {"losses/policy_loss": 0.0}
-
-
-def stub_rollout(loop, rewards: list[float], lengths: list[int]):
-    """Replace ``loop``'s generation, scoring and weight sync: 2 samples per prompt (prompt one token, responses of
-    the given lengths, sampling log-prob -0.5 per token) with the given rewards; ``loop.synced`` counts syncs."""
-    samples = [Sample(i // 2, [7], [5] * length, [-0.5] * length, "stop", "x") for i, length in enumerate(lengths)]
-    loop.generate = lambda prompts, n, greedy: samples
-    loop.score = lambda rows, samples: [{"reward": r, "correct": r > 0, "answered": True} for r in rewards]
-    loop.synced = 0
-
-    def sync():
-        loop.synced += 1
-        loop.version += 1
-
-    loop.sync_weights = sync
-    return loop
-
-
 def _loop(overrides: list[str], rewards: list[float], lengths: list[int]):
-    """A GRPOLoop with stand-ins for the Ray actors: 4 prompts x 2 samples with the given rewards and response
+    """An RLLoop over stand-ins for the Ray actors: 4 prompts x 2 samples with the given rewards and response
     lengths, 2 trainer ranks, max_new_tokens 4."""
-    from rlhf.driver import GRPOLoop
-
     cfg = load_config(None, ["rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "trainer.num_ranks=2",
                              "rollout.max_new_tokens=4", *overrides])
-    loop = GRPOLoop.__new__(GRPOLoop)  # no actors: generate, score, train and sync are replaced below
-    loop.cfg, loop.tokenizer, loop.auditor, loop.version = cfg, SimpleNamespace(pad_token_id=0), None, 0
-    loop.trainer = _Trainer()
-    loop.guard = BatchGuard(cfg.max_bad_batches)
-    loop.rollout = loop.reward = SimpleNamespace(restarts=0)  # worker pools: no worker died
-    loop.count_tokens = len
-    return stub_rollout(loop, rewards, lengths)
+    return stub_loop(cfg, rewards, lengths)
 
 
 ROWS = [SimpleNamespace(prompt=f"p{i}", answer="1", difficulty=None) for i in range(4)]  # prompt rows only reach the stubs
@@ -290,12 +257,14 @@ ROWS = [SimpleNamespace(prompt=f"p{i}", answer="1", difficulty=None) for i in ra
 def test_step_defaults_train_on_every_row_with_grpo_advantages():
     loop = _loop([], rewards=[1, 0, 1, 1, 0, 0, 0, 1], lengths=[1, 1, 1, 1, 1, 1, 1, 1])
     metrics = loop.step(1, ROWS)
-    (batch,) = loop.trainer.batches
+    (batch,) = loop.update.policy.batches
     # groups [1, 0], [1, 1], [0, 0], [0, 1] -> +-0.707107 for the mixed ones, 0 for the equal ones;
     # one response token each, at column 1 after the 1-token prompt
     close(batch["advantages"][:, 1], [0.707107, -0.707107, 0.0, 0.0, 0.0, 0.0, -0.707107, 0.707107])
     assert "reward/dropped_groups" not in metrics and "reward/overlong_penalty" not in metrics
-    assert metrics["reward/zero_signal_groups"] == 0.5 and loop.synced == 1
+    assert metrics["reward/zero_signal_groups"] == 0.5 and loop.rollout.synced == 1
+    # each reward component's own mean beside the total
+    assert metrics["reward/verifier"] == pytest.approx(0.5) and metrics["reward/brevity"] == pytest.approx(0.5)
 
 
 def test_step_applies_the_overlong_penalty_then_drops_groups_without_signal():
@@ -311,7 +280,7 @@ def test_step_applies_the_overlong_penalty_then_drops_groups_without_signal():
     # penalties 0, 0, 0, -1, -0.5, -0.5, 0, 0 -> mean -2/8 = -0.25; shaped rewards sum 3 -> mean 0.375
     assert metrics["reward/overlong_penalty"] == pytest.approx(-0.25)
     assert metrics["reward/mean"] == pytest.approx(0.375)
-    (batch,) = loop.trainer.batches
+    (batch,) = loop.update.policy.batches
     assert batch["response_mask"].sum(dim=1).tolist() == [1, 4, 2, 2]  # rows of groups 1 and 3
     # GRPO on [1, 0] and [0, 1]: +-0.707107, spread over each row's response tokens
     close(batch["advantages"][:, 1], [0.707107, -0.707107, -0.707107, 0.707107])
@@ -322,7 +291,7 @@ def test_step_with_no_group_left_skips_the_update_and_the_weight_sync():
     loop = _loop(["algorithm.dynamic_sampling=true"], rewards=[1, 1, 0, 0, 1, 1, 0, 0], lengths=[1] * 8)
     metrics = loop.step(1, ROWS)
     assert metrics["reward/dropped_groups"] == 4
-    assert loop.trainer.batches == [] and loop.synced == 0
+    assert loop.update.policy.batches == [] and loop.rollout.synced == 0
     assert metrics["charts/weights_version"] == 0 and "losses/policy_loss" not in metrics
     assert metrics["perf/sync_s"] == 0.0
 
@@ -330,17 +299,18 @@ def test_step_with_no_group_left_skips_the_update_and_the_weight_sync():
 def test_step_with_a_nan_reward_trains_nothing_and_counts_the_batch():
     loop = _loop([], rewards=[1, math.nan, 0, 0, 1, 1, 0, 0], lengths=[1] * 8)
     metrics = loop.step(1, ROWS)
-    assert loop.trainer.batches == [] and loop.synced == 0 and metrics["faults/skipped_batches"] == 1
+    assert loop.update.policy.batches == [] and loop.rollout.synced == 0 and metrics["faults/skipped_batches"] == 1
+    assert metrics["reward/verifier"] == pytest.approx(3 / 7)  # a component's mean is over its finite values
     assert loop.guard.last_fault.startswith("non-finite reward from reward=nan in 1 of 8 samples")
     assert metrics["reward/mean"] == pytest.approx(3 / 7)  # over the finite rewards
 
 
 def test_step_with_a_skipped_update_does_not_sync_and_enough_in_a_row_stop_the_run():
     loop = _loop(["max_bad_batches=2"], rewards=[1, 0, 0, 0, 1, 1, 0, 0], lengths=[1] * 8)
-    loop.trainer.train_step = lambda batch: {"losses/policy_loss": math.nan, "faults/update_skipped": 1.0}
+    loop.update.policy.train_step = lambda batch: {"losses/policy_loss": math.nan, "faults/update_skipped": 1.0}
     loop.step(1, ROWS)
     loop.guard.check(1)
-    assert loop.synced == 0 and loop.version == 0
+    assert loop.rollout.synced == 0 and loop.version == 0
     loop.step(2, ROWS)
     with pytest.raises(NonFiniteError, match="stopping at step 2: 2 batches in a row .* non-finite policy loss nan"):
         loop.guard.check(2)
@@ -351,6 +321,21 @@ def test_step_passes_token_level_reinforce_plus_plus_advantages_to_the_trainer()
     # sqrt(0.125 * 0.875) = 0.330719 -> 0.875 / 0.330719 = 2.645751 and -0.125 / 0.330719 = -0.377964
     loop = _loop(["algorithm.advantage=reinforce_plus_plus"], rewards=[1, 0, 0, 0, 0, 0, 0, 0], lengths=[1] * 8)
     loop.step(1, ROWS)
-    (batch,) = loop.trainer.batches
+    (batch,) = loop.update.policy.batches
     close(batch["advantages"][:, 1], [2.645751] + [-0.377964] * 7)
     assert (batch["advantages"][:, 0] == 0).all()  # the prompt column
+
+
+def test_reinforce_plus_plus_takes_the_k1_kl_in_its_token_rewards():
+    # kl_coef 0.1, reference log-probs -1, sampling -0.5: k1 = 0.5 -> token reward -0.05 on every response token,
+    # then the returns-to-go whitened over the batch's 9 response tokens.
+    loop = _loop(["algorithm.advantage=reinforce_plus_plus", "algorithm.kl_coef=0.1", "algorithm.kl_estimator=k3"],
+                 rewards=[1, 0, 0, 0, 0, 0, 0, 0], lengths=[2] + [1] * 7)
+    metrics = loop.step(1, ROWS)
+    assert metrics["reward/kl_penalty"] == pytest.approx(0.05)  # k1 even with kl_estimator k3 (the loss's)
+    (batch,) = loop.update.policy.batches
+    # row 0 has two tokens: rewards [-0.05, 0.95] -> returns [0.9, 0.95]; the others -0.05.
+    returns = torch.tensor([0.9, 0.95] + [-0.05] * 7)
+    expected = (returns - returns.mean()) / (returns.var(unbiased=False).sqrt() + 1e-6)
+    close(batch["advantages"][0, 1:3], expected[:2].tolist())
+    close(batch["advantages"][1:, 1], expected[2:].tolist())

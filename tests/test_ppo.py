@@ -4,6 +4,7 @@ Expected values are literals worked out by hand in the comments beside them.
 """
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +12,8 @@ import torch
 
 from rlhf.base.algorithms import clipped_value_loss, gae_advantages, token_returns, token_rewards, whiten
 from rlhf.base.config import ConfigError, load_config
-from tests.test_loss_options import stub_rollout
+from rlhf.base.guards import NonFiniteError
+from tests.loop_stubs import StubCritic, stub_loop
 
 T = torch.tensor
 
@@ -149,8 +151,8 @@ def test_ppo_config_defaults_and_fields():
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (["algorithm.kl_in_reward=true", "algorithm.kl_coef=0.01"], "kl_in_reward and critic_warmup_steps are PPO"),
-    (["algorithm.critic_warmup_steps=2"], "kl_in_reward and critic_warmup_steps are PPO"),
+    (["algorithm.kl_in_reward=true", "algorithm.kl_coef=0.01"], "per-token rewards, which grpo does not take"),
+    (["algorithm.critic_warmup_steps=2"], "critic_warmup_steps needs an estimator with a critic"),
     (["algorithm.advantage=gae", "algorithm.kl_in_reward=true"], "kl_in_reward needs kl_coef"),
     (["algorithm.advantage=gae", "algorithm.dynamic_sampling=true"], "dynamic_sampling"),
     (["algorithm.advantage=gae", "algorithm.steps=5", "algorithm.critic_warmup_steps=5"], "no policy update"),
@@ -174,51 +176,22 @@ def test_critic_ranks_are_only_checked_for_ppo():
 # ---------------------------------------------------------------------------- the PPO step, actors stubbed
 
 
-class _Policy:
-    def __init__(self):
-        self.batches = []
-
-    def train_step(self, batch):
-        self.batches.append(batch)
-        return {"losses/policy_loss": 0.0}
-
-    def reference_logprobs(self, batch):
-        return torch.full(batch["input_ids"].shape, -1.0)  # rollout log-probs are -0.5: k1 KL = 0.5 per token
-
-
-class _Critic:
-    def __init__(self):
-        self.batches = []
-
-    def values(self, batch):
-        return torch.full(batch["input_ids"].shape, 0.25)
-
-    def train_step(self, batch):
-        self.batches.append(batch)
-        return {"losses/value_loss": 0.0}
-
-
 def _ppo_loop(overrides: list[str], rewards: list[float], lengths: list[int]):
-    """A PPOLoop with stand-ins for the actors: 2 prompts x 2 samples (prompt one token, responses of the given
-    lengths, sampling log-prob -0.5 per token), critic values 0.25 everywhere."""
-    from rlhf.ppo import PPOLoop
-
+    """An RLLoop with gae over stand-ins for the actors: 2 prompts x 2 samples (prompt one token, responses of the
+    given lengths, sampling log-prob -0.5 per token), critic values 0.25 everywhere."""
     cfg = load_config(None, ["rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "trainer.num_ranks=2",
                              "rollout.max_new_tokens=4", "algorithm.advantage=gae", *overrides])
-    loop = PPOLoop.__new__(PPOLoop)
-    loop.cfg, loop.tokenizer, loop.auditor, loop.version = cfg, SimpleNamespace(pad_token_id=0), None, 0
-    loop.trainer, loop.critic = _Policy(), _Critic()
-    return stub_rollout(loop, rewards, lengths)
+    return stub_loop(cfg, rewards, lengths, critic=StubCritic())
 
 
-ROWS = [SimpleNamespace(prompt=f"p{i}", answer="1") for i in range(2)]
+ROWS = [SimpleNamespace(prompt=f"p{i}", answer="1", difficulty=None) for i in range(2)]
 
 
 def test_ppo_step_trains_the_critic_on_gae_returns_and_the_policy_on_the_advantages():
     loop = _ppo_loop(["algorithm.lam=1.0", "algorithm.whiten_advantages=false"], [1.0, 0.0, 1.0, 0.0],
                      [2, 1, 3, 2])
     metrics = loop.step(1, ROWS)
-    critic, policy = loop.critic.batches[0], loop.trainer.batches[0]
+    critic, policy = loop.update.critic.batches[0], loop.update.policy.batches[0]
     # Row 0: prompt at 0, response at 1-2, reward 1: returns [0, 1, 1, 0], advantages 1 - 0.25 = 0.75 there.
     close(critic["returns"][0], [0.0, 1.0, 1.0, 0.0])
     close(critic["old_values"][0], [0.0, 0.25, 0.25, 0.0])
@@ -227,7 +200,7 @@ def test_ppo_step_trains_the_critic_on_gae_returns_and_the_policy_on_the_advanta
     close(policy["advantages"][1], [0.0, -0.25, 0.0, 0.0])
     # The value loss counts every response token equally (8 of them).
     close(critic["loss_weights"][2], [0.0, 0.125, 0.125, 0.125])
-    assert loop.synced == 1 and metrics["charts/weights_version"] == 1 and metrics["charts/policy_frozen"] == 0.0
+    assert loop.rollout.synced == 1 and metrics["charts/weights_version"] == 1 and metrics["charts/policy_frozen"] == 0.0
     assert metrics["charts/values_mean"] == pytest.approx(0.25)
     assert metrics["charts/returns_mean"] == pytest.approx(5 / 8)  # returns 1 on rows 0 and 2 (2 + 3 tokens)
 
@@ -236,14 +209,27 @@ def test_ppo_critic_warmup_freezes_the_policy_and_its_weights():
     loop = _ppo_loop(["algorithm.steps=4", "algorithm.critic_warmup_steps=2"], [1.0, 0.0, 1.0, 0.0], [2, 1, 3, 2])
     frozen = [loop.step(step, ROWS)["charts/policy_frozen"] for step in (1, 2, 3)]
     assert frozen == [1.0, 1.0, 0.0]
-    assert len(loop.critic.batches) == 3 and len(loop.trainer.batches) == 1 and loop.synced == 1
+    assert len(loop.update.critic.batches) == 3 and len(loop.update.policy.batches) == 1 and loop.rollout.synced == 1
 
 
 def test_ppo_kl_in_reward_enters_the_returns():
     # k1 KL = -0.5 - (-1) = 0.5 per token, kl_coef 0.2: -0.1 per response token. Row 0 (2 tokens, reward 1):
     #   token rewards [-0.1, 0.9] -> returns-to-go [0.8, 0.9].
-    loop = _ppo_loop(["algorithm.kl_coef=0.2", "algorithm.kl_estimator=k1", "algorithm.kl_in_reward=true",
+    loop = _ppo_loop(["algorithm.kl_coef=0.2", "algorithm.kl_in_reward=true",
                       "algorithm.lam=1.0"], [1.0, 0.0, 1.0, 0.0], [2, 1, 3, 2])
     metrics = loop.step(1, ROWS)
-    close(loop.critic.batches[0]["returns"][0], [0.0, 0.8, 0.9, 0.0])
+    close(loop.update.critic.batches[0]["returns"][0], [0.0, 0.8, 0.9, 0.0])
     assert metrics["reward/kl_penalty"] == pytest.approx(0.1)
+
+
+def test_ppo_batch_with_a_nan_reward_is_skipped_and_max_bad_batches_stops_the_run():
+    """The one RL step guards PPO as it does GRPO: no critic or policy update, no sync, counted; then it stops."""
+    loop = _ppo_loop(["max_bad_batches=2"], [1.0, math.nan, 1.0, 0.0], [2, 1, 3, 2])
+    metrics = loop.step(1, ROWS)
+    assert loop.update.critic.batches == [] and loop.update.policy.batches == [] and loop.rollout.synced == 0
+    assert metrics["faults/skipped_batches"] == 1 and "faults/restarts" in metrics
+    loop.guard.check(1)
+    loop.step(2, ROWS)
+    with pytest.raises(NonFiniteError, match="stopping at step 2: 2 batches in a row .* non-finite reward") as err:
+        loop.guard.check(2)
+    assert "\n" not in str(err.value)

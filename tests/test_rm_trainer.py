@@ -21,6 +21,7 @@ from reward.model import DistilledRewardModel, score_texts  # noqa: E402
 from reward.rm_trainer import (RewardModelTrainerGroup, collate_pairs, load_reward_model,  # noqa: E402
                                train_reward_model)
 from rlhf.base.models import build_tokenizer  # noqa: E402
+from rlhf.base.config import RewardModelConfig  # noqa: E402
 
 CFG = {
     "zero_stage": 2,
@@ -36,6 +37,13 @@ CFG = {
     "threads": 1,
     "timeout_s": 120,
 }
+
+
+def rm_config(flat: dict) -> RewardModelConfig:
+    """The reward_model section from CFG's flat settings (loss weights as the section's *_weight fields)."""
+    engine = {k: v for k, v in flat.items() if k in RewardModelConfig.model_fields}
+    weights = {f"{name}_weight": w for name, w in flat["loss_weights"].items()}
+    return RewardModelConfig(**engine, **weights)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +129,7 @@ def assert_matches_single_process(metrics: dict, weights: dict, expected: dict):
 
 def test_two_ranks_match_one_process_then_learn_and_save(ray_cluster, lm_dir, tokenizer, batches, expected,
                                                          tmp_path):
-    group = RewardModelTrainerGroup(lm_dir, CFG, num_ranks=2, timeout_s=120)
+    group = RewardModelTrainerGroup(lm_dir, rm_config(CFG), num_ranks=2, timeout_s=120)
     try:
         first = group.train_step(batches[0])
         weights = group.full_state_dict()
@@ -166,7 +174,7 @@ def test_train_reward_model_zero3_one_pair_per_micro_batch(ray_cluster, lm_dir, 
     holds exactly that update."""
     cfg = {**CFG, "zero_stage": 3, "micro_batch_size": 1, "zero_options": {"stage3_param_persistence_threshold": 0}}
     logged = []
-    history = train_reward_model([batches[0]], lm_dir, cfg, num_ranks=2, out_dir=str(tmp_path / "rm"),
+    history = train_reward_model([batches[0]], lm_dir, rm_config(cfg), num_ranks=2, out_dir=str(tmp_path / "rm"),
                                  log=logged.append, epochs=1, timeout_s=120)
     assert logged == history and len(history) == 1 and history[0]["rm/step"] == 1.0
     restored = DistilledRewardModel.from_pretrained(tmp_path / "rm")

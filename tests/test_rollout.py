@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlhf.base.algorithms import token_logprobs
-from rlhf.base.config import ModelConfig
+from rlhf.base.config import ModelConfig, RolloutConfig
 from rlhf.base.models import build_student, build_tokenizer, save_student
 from rollout.engine import generate
 from rollout.worker import RolloutWorker, StaleWeightsError
@@ -168,7 +168,7 @@ def test_eos_in_one_row_truncates_that_row_only_and_keeps_eos(model, tokenizer):
 def worker(model, tokenizer, tmp_path):
     save_student(model, tokenizer, tmp_path / "policy")
     # Pass the current thread count so the worker's torch.set_num_threads leaves the test process as it was.
-    return RolloutWorker(str(tmp_path / "policy"), threads=torch.get_num_threads(), seed=0)
+    return RolloutWorker(str(tmp_path / "policy"), RolloutConfig(threads=torch.get_num_threads()), seed=0)
 
 
 def _logits(model, text_ids: list[int]) -> torch.Tensor:
@@ -178,12 +178,12 @@ def _logits(model, text_ids: list[int]) -> torch.Tensor:
 
 def test_worker_load_weights_installs_new_weights_and_sets_version(worker, tokenizer):
     ids = tokenizer("7+8=", add_special_tokens=False).input_ids
-    before = _logits(worker.model, ids)
+    before = _logits(worker.engine.model, ids)
     other = build_student(TINY, tokenizer, seed=1).eval()
     seconds = worker.load_weights({k: v.clone() for k, v in other.state_dict().items()}, version=1)
     assert seconds >= 0.0
     assert worker.version == 1
-    after = _logits(worker.model, ids)
+    after = _logits(worker.engine.model, ids)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, _logits(other, ids))
     samples = worker.generate(["7+8="], n=2, max_new_tokens=4, temperature=1.0, greedy=True, expected_version=1)
@@ -195,7 +195,7 @@ def test_worker_accepts_state_dict_without_tied_lm_head(worker, tokenizer):
     state = {k: v for k, v in other.state_dict().items() if k != "lm_head.weight"}
     worker.load_weights(state, version=4)
     assert worker.version == 4
-    torch.testing.assert_close(worker.model.lm_head.weight, other.model.embed_tokens.weight)
+    torch.testing.assert_close(worker.engine.model.lm_head.weight, other.model.embed_tokens.weight)
 
 
 def test_worker_generate_with_stale_version_raises(worker):
@@ -211,20 +211,20 @@ def test_worker_load_weights_with_unknown_or_missing_keys_raises_value_error_and
         worker.load_weights({**state, "not.a.weight": torch.zeros(1)}, version=1)
     missing = {k: v for k, v in state.items() if "layers.0.mlp" not in k}
     ids = [4, 5, 6]
-    before = _logits(worker.model, ids)
+    before = _logits(worker.engine.model, ids)
     with pytest.raises(ValueError, match="missing"):
         worker.load_weights(missing, version=1)
     assert worker.version == 0
     # A refused state dict leaves the old weights whole, not half-replaced.
-    torch.testing.assert_close(_logits(worker.model, ids), before)
+    torch.testing.assert_close(_logits(worker.engine.model, ids), before)
 
 
 def test_worker_load_weights_from_a_model_of_another_size_raises_value_error_and_keeps_weights(worker, tokenizer):
     ids = tokenizer("3+4=", add_special_tokens=False).input_ids
-    before = _logits(worker.model, ids)
+    before = _logits(worker.engine.model, ids)
     bigger = build_student(ModelConfig(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
                                        intermediate_size=64), tokenizer, seed=1)
     with pytest.raises(ValueError, match="do not fit"):
         worker.load_weights(bigger.state_dict(), version=1)
     assert worker.version == 0
-    torch.testing.assert_close(_logits(worker.model, ids), before)
+    torch.testing.assert_close(_logits(worker.engine.model, ids), before)

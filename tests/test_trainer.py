@@ -16,7 +16,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
 from rlhf.base import algorithms  # noqa: E402
-from rlhf.trainer import TrainerGroup  # noqa: E402
+from rlhf.trainer import ASYNC_TRAINER_NICENESS, TrainerGroup  # noqa: E402
+from tests.configs import run_config  # noqa: E402
 
 CFG = {
     "lr": 1e-2,
@@ -136,7 +137,7 @@ def test_matches_single_process_update(ray_cluster, model_dir, batch, expected, 
     """2 ranks x 4 rows, in one packed micro-batch per rank or in several plain ones; the last case adds the
     entropy bonus."""
     cfg = {**CFG, "zero_stage": zero_stage, "micro_batch_size": micro_batch_size, "entropy_coef": entropy_coef}
-    group = TrainerGroup(model_dir, cfg, num_ranks=2, timeout_s=120)
+    group = TrainerGroup(model_dir, run_config(cfg), num_ranks=2, timeout_s=120)
     try:
         metrics = group.train_step(batch)
         weights = group.full_state_dict()
@@ -165,7 +166,8 @@ def test_rows_without_advantage_are_left_out_and_the_update_is_the_whole_batchs(
     batch = {**batch, "advantages": batch["advantages"].clone()}
     batch["advantages"][[1, 2, 6]] = 0.0
     want = single_process_update(model_dir, batch, 0.0)
-    group = TrainerGroup(model_dir, {**CFG, "zero_stage": 2, "micro_batch_size": 2}, num_ranks=2, timeout_s=120)
+    group = TrainerGroup(model_dir, run_config({**CFG, "zero_stage": 2, "micro_batch_size": 2}), num_ranks=2,
+                         timeout_s=120)
     try:
         metrics = group.train_step(batch)
         weights = group.full_state_dict()
@@ -180,8 +182,8 @@ def test_rows_without_advantage_are_left_out_and_the_update_is_the_whole_batchs(
 def test_lr_warmup_rises_linearly_over_optimizer_steps(ray_cluster, model_dir, batch, expected):
     # Twice the lr warmed up over 2 steps: the first update runs at exactly CFG's lr, so it must give the
     # single-process AdamW weights; the second runs at the full lr.
-    group = TrainerGroup(model_dir, {**CFG, "zero_stage": 2, "micro_batch_size": 2, "lr": 2 * CFG["lr"],
-                                     "lr_warmup_steps": 2}, num_ranks=2, timeout_s=120)
+    group = TrainerGroup(model_dir, run_config({**CFG, "zero_stage": 2, "micro_batch_size": 2, "lr": 2 * CFG["lr"],
+                                                "lr_warmup_steps": 2}), num_ranks=2, timeout_s=120)
     try:
         first = group.train_step(batch)
         weights = group.full_state_dict()
@@ -196,12 +198,12 @@ def test_kl_save_pretrained_and_uneven_batch(ray_cluster, model_dir, batch, expe
     """One ZeRO-3 group for the rest: KL against the reference, the checkpoint round trip, the row check, and the
     ranks' lowered CPU priority (as asynchronous rollout asks for)."""
     want = expected()
-    group = TrainerGroup(model_dir, {**CFG, "zero_stage": 3, "kl_coef": 0.1, "niceness": 3}, num_ranks=2,
-                         timeout_s=120)
+    group = TrainerGroup(model_dir, run_config({**CFG, "zero_stage": 3, "kl_coef": 0.1, "asynchronous": True}),
+                         num_ranks=2, timeout_s=120)
     try:
         nice = [ray.get(a.__ray_call__.remote(lambda self: os.getpriority(os.PRIO_PROCESS, 0))) for a in group.actors]
         worker = ray.get(ray.remote(num_cpus=0)(lambda: os.getpriority(os.PRIO_PROCESS, 0)).remote())  # any worker
-        assert nice == [min(worker + 3, 19)] * 2
+        assert nice == [min(worker + ASYNC_TRAINER_NICENESS, 19)] * 2
         metrics = group.train_step(batch)
         # Policy == reference on the first step, so KL (k3) is 0 up to rounding.
         assert 0.0 <= metrics["losses/kl"] < 1e-6
@@ -289,7 +291,7 @@ def test_mini_batches_epochs_and_tis_match_single_process_updates(ray_cluster, m
 
     cfg = {**CFG, "zero_stage": 3, "micro_batch_size": micro_batch_size, "mini_batches": mini_batches, "epochs": 2,
            "tis_cap": 1.5}
-    group = TrainerGroup(model_dir, cfg, num_ranks=2, timeout_s=120)
+    group = TrainerGroup(model_dir, run_config(cfg), num_ranks=2, timeout_s=120)
     try:
         metrics = group.train_step(off_policy)
         weights = group.full_state_dict()

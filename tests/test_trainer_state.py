@@ -20,6 +20,7 @@ def one_rank(tmp_path_factory):
     import socket
 
     from rlhf.trainer import PolicyTrainer
+    from tests.configs import run_config
 
     config = transformers.Qwen2Config(vocab_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                       num_key_value_heads=1, intermediate_size=32, max_position_embeddings=32)
@@ -29,8 +30,8 @@ def one_rank(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    trainer = PolicyTrainer(0, 1, "127.0.0.1", port, path, {"zero_stage": 2, "lr": 1e-2, "micro_batch_size": 2,
-                                                            "timeout_s": 60})
+    trainer = PolicyTrainer(0, 1, "127.0.0.1", port, path, run_config({"zero_stage": 2, "lr": 1e-2,
+                                                                       "micro_batch_size": 2, "timeout_s": 60}))
     yield trainer
     torch.distributed.destroy_process_group()
 

@@ -6,16 +6,19 @@ tested on its own against hand-computed numbers (tests/test_algorithms.py, tests
 Shapes: B sequences, L token positions. Per-token tensors are aligned with ``input_ids``: position t holds the
 log-probability of token t given tokens < t, and ``mask`` is 1 on response tokens only.
 
-Sections: advantage estimators (and ``ADVANTAGE_ESTIMATORS``, the registry the driver picks from by
-``algorithm.advantage``), reward shaping applied in the driver before advantages (overlong penalty, dynamic
+Sections: advantage estimators (and ``ADVANTAGE_ESTIMATORS``, the registry ``algorithm.advantage`` names:
+each entry takes one ``AdvantageInputs`` and declares what it needs), reward shaping applied in the driver before advantages (overlong penalty, dynamic
 sampling), KL estimators, the clipped policy loss and its per-token regularisers, loss aggregation weights.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
+
+from rlhf.base.registry import Registry
 
 # ----------------------------------------------------------------------------------------------- advantages
 
@@ -168,42 +171,80 @@ def _centred(grouped: torch.Tensor) -> torch.Tensor:
     return torch.where(unanimous, 0.0, grouped - grouped.mean(dim=1, keepdim=True))
 
 
-# The registry's common signature: (rewards (B,), group_size, response_mask (B, L)) -> token advantages (B, L),
-# 0 off the response. The driver calls every estimator this way; the functions above keep their own, smaller
-# signatures for direct use and tests.
-AdvantageEstimator = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+@dataclass
+class AdvantageInputs:
+    """Everything an advantage estimator may use, one object for all of them.
+
+    ``rewards`` (B,): each sample's sequence-level reward, the ``group_size`` samples of a prompt side by side;
+    ``response_mask`` (B, L): 1 on response tokens, in the trainer batch's layout. ``token_rewards`` (B, L): rewards
+    given per token on top of the sequence reward (the KL penalty in the reward, ``-kl_coef * KL_t``), None for
+    none; only estimators that declare ``token_rewards`` read it. ``values`` (B, L): the critic's values, for
+    estimators that need a ``critic``. ``gamma``, ``lam``: GAE's discount and trace decay."""
+
+    rewards: torch.Tensor
+    response_mask: torch.Tensor
+    group_size: int
+    token_rewards: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    gamma: float = 1.0
+    lam: float = 1.0
+
+    def per_token_rewards(self) -> torch.Tensor:
+        """The sequence reward on each row's last response token plus the per-token rewards: (B, L)."""
+        per_token = token_rewards(self.rewards, self.response_mask)
+        return per_token if self.token_rewards is None else per_token + self.token_rewards * self.response_mask
 
 
-def _per_sequence(estimator: Callable[[torch.Tensor, int], torch.Tensor]) -> AdvantageEstimator:
+@dataclass(frozen=True)
+class Estimator:
+    """An advantage estimator and what it needs. ``compute(inputs)`` returns (advantages (B, L), returns (B, L) or
+    None), 0 off the response. ``needs``: ``critic`` (a value model, trained towards the returns) and/or
+    ``reference`` (the KL to the reference model goes into its token rewards when ``algorithm.kl_coef`` > 0).
+    ``token_rewards``: it reads per-token rewards (so a KL in the reward, or a dense reward, can reach it).
+    ``group_baseline``: groups of equal rewards get advantage 0 (dynamic sampling may drop them)."""
+
+    compute: Callable[[AdvantageInputs], tuple[torch.Tensor, torch.Tensor | None]]
+    needs: frozenset[str] = frozenset()
+    token_rewards: bool = False
+    group_baseline: bool = False
+
+
+def _per_sequence(estimator: Callable[[torch.Tensor, int], torch.Tensor]) -> Estimator:
     """A sequence-level estimator (one advantage per sample) spread over each sample's response tokens."""
-    def per_token(rewards: torch.Tensor, group_size: int, response_mask: torch.Tensor) -> torch.Tensor:
-        return estimator(rewards, group_size).unsqueeze(1) * response_mask.float()
+    def compute(inputs: AdvantageInputs) -> tuple[torch.Tensor, None]:
+        return estimator(inputs.rewards, inputs.group_size).unsqueeze(1) * inputs.response_mask.float(), None
 
-    per_token.__name__ = per_token.__qualname__ = estimator.__name__
-    per_token.__doc__ = estimator.__doc__
-    return per_token
+    return Estimator(compute, group_baseline=True)
 
 
-def _reinforce_plus_plus(rewards: torch.Tensor, group_size: int, response_mask: torch.Tensor) -> torch.Tensor:
-    # Through the registry REINFORCE++ gets no KL in the reward: the reference log-probs are computed on the
-    # trainer ranks during the update, after advantages exist, so the KL to the reference goes in the loss
-    # instead (algorithm.kl_coef, as GRPO does). ``group_size`` is unused: REINFORCE++ has no group baseline.
-    return reinforce_plus_plus_advantages(rewards, response_mask)
+def _returns_whitened(centre_by_group: bool) -> Callable[[AdvantageInputs], tuple[torch.Tensor, None]]:
+    """REINFORCE++ (``centre_by_group``: its -baseline variant) over the inputs' per-token rewards."""
+    def compute(inputs: AdvantageInputs) -> tuple[torch.Tensor, None]:
+        rewards = dr_grpo_advantages(inputs.rewards, inputs.group_size) if centre_by_group else inputs.rewards
+        inputs = replace(inputs, rewards=rewards)
+        returns = inputs.per_token_rewards().flip(1).cumsum(1).flip(1) * inputs.response_mask.float()
+        return whiten(returns, inputs.response_mask), None
+
+    return compute
 
 
-def _reinforce_plus_plus_baseline(rewards: torch.Tensor, group_size: int,
-                                  response_mask: torch.Tensor) -> torch.Tensor:
-    # KL in the loss, not the reward, for the reason given in _reinforce_plus_plus.
-    return reinforce_plus_plus_baseline_advantages(rewards, group_size, response_mask)
+def _gae(inputs: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    if inputs.values is None:
+        raise ValueError("gae needs the critic's values (AdvantageInputs.values)")
+    return gae_advantages(inputs.per_token_rewards(), inputs.values, inputs.response_mask, inputs.gamma, inputs.lam)
 
 
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
-    "grpo": _per_sequence(grpo_advantages),
-    "dr_grpo": _per_sequence(dr_grpo_advantages),
-    "rloo": _per_sequence(rloo_advantages),
-    "reinforce_plus_plus": _reinforce_plus_plus,
-    "reinforce_plus_plus_baseline": _reinforce_plus_plus_baseline,
-}
+# ``algorithm.advantage`` names one of these. A new estimator is a function of AdvantageInputs plus one entry.
+ADVANTAGE_ESTIMATORS: Registry[Estimator] = Registry("advantage estimator")
+ADVANTAGE_ESTIMATORS.register("grpo", _per_sequence(grpo_advantages))
+ADVANTAGE_ESTIMATORS.register("dr_grpo", _per_sequence(dr_grpo_advantages))
+ADVANTAGE_ESTIMATORS.register("rloo", _per_sequence(rloo_advantages))
+# REINFORCE++ takes the KL to the reference in its token rewards, as in the paper (and OpenRLHF).
+ADVANTAGE_ESTIMATORS.register("reinforce_plus_plus", Estimator(
+    _returns_whitened(False), needs=frozenset({"reference"}), token_rewards=True))
+ADVANTAGE_ESTIMATORS.register("reinforce_plus_plus_baseline", Estimator(
+    _returns_whitened(True), needs=frozenset({"reference"}), token_rewards=True, group_baseline=True))
+ADVANTAGE_ESTIMATORS.register("gae", Estimator(_gae, needs=frozenset({"critic"}), token_rewards=True))
 
 # ------------------------------------------------------------------------------------------ reward shaping
 
@@ -263,6 +304,17 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
         neg = (-log_ratio).clamp(max=20.0)
         return neg.exp() - neg - 1.0
     raise ValueError(f"unknown KL estimator {estimator!r}: use k1, k2 or k3")
+
+
+def kl_reward(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor,
+              kl_coef: float) -> torch.Tensor:
+    """The KL to the reference as a per-token reward, ``-kl_coef * (log pi - log ref)`` on response tokens (k1).
+
+    Always k1 here, whatever ``kl_estimator`` the loss uses: a reward enters the gradient through the score
+    function, E[r * grad log pi], and only k1 makes that the gradient of KL(pi || ref). With k3 in the reward the
+    expected gradient is that of KL(pi || ref) - KL(ref || pi), about 0 near the reference: it barely regularises
+    (tests/test_algorithms.py measures both on a small categorical)."""
+    return -kl_coef * (logprobs - ref_logprobs) * response_mask.float()
 
 
 # ---------------------------------------------------------------------------------------------- policy loss

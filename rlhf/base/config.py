@@ -20,17 +20,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from rlhf.base.algorithms import ADVANTAGE_ESTIMATORS
+from rlhf.base.training_config import (AlgorithmConfig, CriticConfig, EngineConfig, RewardModelConfig,
+                                        TrainerConfig, _Section)
+
+__all__ = ["ConfigError", "RunConfig", "load_config", "config_from_dict", "save_config", "ModelConfig",
+           "TaskConfig", "WarmupConfig", "ThinkConfig", "RolloutConfig", "AdaptiveConfig", "RewardConfig",
+           "LabelConfig", "EngineConfig", "RewardModelConfig", "TrainerConfig", "CriticConfig", "AlgorithmConfig",
+           "RoleResources", "ClusterConfig", "EvalConfig"]
 
 
 class ConfigError(ValueError):
     """A configuration problem, with a one-line message naming the key."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelConfig(_Section):
@@ -80,7 +82,7 @@ class TaskConfig(_Section):
     # How a response's answer is checked against the reference (reward.verifiers.VERIFIERS): final_number (the
     # number after the last "#"), gsm8k (the same, tolerant of "$", commas and decimals), math (the last
     # \boxed{...}, compared by math-verify: 1/2 = 0.5 = \frac{1}{2}), exact (the whole response), regex.
-    verifier: Literal["final_number", "gsm8k", "math", "exact", "regex"] = "final_number"
+    verifier: str = "final_number"
     answer_regex: str | None = None  # regex verifier: the answer is the last match (its first group, if any)
 
     @model_validator(mode="after")
@@ -158,6 +160,8 @@ class ThinkConfig(_Section):
 
 
 class RolloutConfig(_Section):
+    # What the rollout workers sample with (rollout/engines.py ENGINES): hf, Hugging Face generate with a KV cache.
+    engine: str = "hf"
     num_workers: int = Field(1, gt=0)
     prompts_per_step: int = Field(16, gt=0)
     samples_per_prompt: int = Field(8, gt=1)
@@ -206,7 +210,7 @@ class RewardConfig(_Section):
     answers (``reward.adaptive``)."""
 
     num_workers: int = Field(1, gt=0)
-    components: dict[Literal["verifier", "rm", "seqcls", "custom", "adaptive"], float] = {"verifier": 1.0}
+    components: dict[str, float] = {"verifier": 1.0}  # names from reward.components.REWARD_COMPONENTS
     # The custom component's function: "module.path:function" or "path/to/file.py:function", called as
     # fn(prompts, responses, rows) -> one float per response; a coroutine function is awaited.
     custom_fn: str | None = None
@@ -243,7 +247,7 @@ class RewardConfig(_Section):
 class LabelConfig(_Section):
     """Labelling for the distilled RM: student samples (and teacher solutions) judged by the teacher."""
 
-    teacher: Literal["oracle", "hf", "openai"] = "oracle"
+    teacher: str = "oracle"  # reward.teachers.TEACHERS: oracle, hf (a local LLM judge), openai (an endpoint)
     teacher_model_path: str | None = None  # hf: a local causal-LM directory used as the judge
     base_url: str | None = None  # openai: the endpoint, e.g. http://127.0.0.1:8000/v1
     model: str | None = None  # openai: the model name
@@ -262,167 +266,6 @@ class LabelConfig(_Section):
             raise ValueError("teacher hf needs label.teacher_model_path")
         if self.teacher == "openai" and not (self.base_url and self.model):
             raise ValueError("teacher openai needs label.base_url and label.model")
-        return self
-
-
-class RewardModelConfig(_Section):
-    """The distilled reward model: trained from the warm-up student's backbone on the labels, on DeepSpeed ranks."""
-
-    path: str | None = None  # use this trained RM instead of training one (stage train_rm then only evaluates)
-    # Give the RM the dataset's reference answer beside the response (a reference-guided judge, as the teacher is).
-    # Off, a small RM must recompute the answer itself: on the quickstart task it then ranks pairs far worse.
-    use_reference: bool = True
-    num_ranks: int = Field(2, gt=0)
-    zero_stage: Literal[2, 3] = 2
-    lr: float = Field(1e-3, gt=0)
-    epochs: int = Field(3, gt=0)
-    batch_size: int = Field(32, gt=0)  # pairs per optimizer step
-    max_length: int = Field(128, gt=0)
-    # Loss weights: Bradley-Terry on pairs (with the teacher's margin), regression of quality (0-1) and RV/CD (0-9)
-    # on the teacher's scores, and KL to the teacher's soft labels (or one-hot scores). Small weights on the 0-9
-    # terms keep their larger squared errors from drowning the ranking signal.
-    bt_weight: float = Field(1.0, ge=0)
-    quality_weight: float = Field(0.1, ge=0)
-    rv_weight: float = Field(0.01, ge=0)
-    cd_weight: float = Field(0.01, ge=0)
-    kl_weight: float = Field(0.02, ge=0)
-
-
-class TrainerConfig(_Section):
-    """The policy trainer group: one DeepSpeed data-parallel rank per Ray actor."""
-
-    num_ranks: int = Field(2, gt=0)
-    zero_stage: Literal[2, 3] = 2
-    lr: float = Field(1e-4, gt=0)
-    # The learning rate rises linearly from 0 to lr over this many optimizer steps. A fresh Adam's first steps move
-    # every weight by about lr whatever its gradient's size; measured on configs/adaptive.yaml's warmed-up student,
-    # one such step at lr 1.5e-4 took training accuracy from 0.66 to 0.08. 0: the full lr from the first step.
-    lr_warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    micro_batch_size: int = Field(64, gt=0)  # rows per forward/backward on one rank (memory only)
-    # Optimizer steps per pass over a rollout batch: the rows split into this many equal mini-batches, in order.
-    mini_batches_per_step: int = Field(1, gt=0)
-    threads: int = Field(1, gt=0)
-    # The GPU path (ignored on CPU): bf16 weights and activations (fp32 master weights in the optimizer),
-    # activation recomputation to fit long responses, and ZeRO offload to host memory: "optimizer" (ZeRO-2/3) or
-    # "optimizer+params" (ZeRO-3 only). Attention is PyTorch SDPA, transformers' default.
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    offload: Literal["none", "optimizer", "optimizer+params"] = "none"
-
-    @model_validator(mode="after")
-    def _offload_needs_stage(self) -> "TrainerConfig":
-        if self.offload == "optimizer+params" and self.zero_stage != 3:
-            raise ValueError("trainer.offload optimizer+params needs trainer.zero_stage 3 (ZeRO-2 keeps parameters "
-                             "on every rank)")
-        return self
-
-    def zero_options(self) -> dict:
-        """Extra keys of DeepSpeed's zero_optimization section for the offload chosen."""
-        host = {"device": "cpu", "pin_memory": True}
-        return {"optimizer": {"offload_optimizer": host},
-                "optimizer+params": {"offload_optimizer": host, "offload_param": host}}.get(self.offload, {})
-
-
-class CriticConfig(_Section):
-    """PPO's critic (algorithm.advantage gae): a value model on its own DeepSpeed data-parallel ranks, started from
-    the warm-up student's backbone with a fresh scalar head (rlhf/critic.py). Unused by the other estimators."""
-
-    num_ranks: int = Field(2, gt=0)
-    zero_stage: Literal[2, 3] = 2
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    micro_batch_size: int = Field(64, gt=0)
-    threads: int = Field(1, gt=0)
-
-
-class AlgorithmConfig(_Section):
-    """The RL algorithm: advantage estimator, clipped policy loss and its regularisers, reward shaping.
-
-    The defaults are GRPO: group-normalised advantages, clipped token-mean policy loss, no entropy bonus, no
-    dynamic sampling, no overlong penalty. Formulas are in rlhf/algorithms.py, one pure function per option.
-    """
-
-    steps: int = Field(60, ge=0)  # RL steps (one rollout batch each)
-    # Passes over each rollout batch; optimizer steps per RL step = ppo_epochs x trainer.mini_batches_per_step.
-    # With more than one, the PPO ratio's denominator is the trainer's log-probs before the batch's first update.
-    ppo_epochs: int = Field(1, gt=0)
-    # Truncated importance sampling: the policy-gradient term of each token is weighted by
-    # min(exp(trainer log-prob before the update - rollout log-prob), tis_cap), correcting for tokens sampled by
-    # a different policy (inference-engine numerics; older weights with rollout.asynchronous). None: off. 2 is usual.
-    tis_cap: float | None = Field(None, gt=0)
-    # How rewards become advantages (rlhf.algorithms.ADVANTAGE_ESTIMATORS):
-    #   grpo: (r - group mean) / group std;  dr_grpo: r - group mean (pair with loss_aggregation dr-grpo);
-    #   rloo: r - mean of the group's other samples;  reinforce_plus_plus: no group baseline, returns whitened
-    #   over all response tokens of the batch;  reinforce_plus_plus_baseline: r - group mean, then whitened so;
-    #   gae: PPO with a critic (section critic): GAE over token rewards (the reward on the last response token),
-    #   with the gamma, lam, value_clip, whiten_advantages, kl_in_reward and critic_warmup_steps below.
-    # The REINFORCE++ pair take the KL to the reference in the loss (kl_coef below), not in the reward as in
-    # the paper: the reference log-probs are only computed on the trainer ranks, during the update.
-    advantage: str = "grpo"
-    # How per-token losses are averaged: token-mean (every token in the batch equal; DAPO), seq-mean (every
-    # response equal, tokens averaged within it; original GRPO), dr-grpo (sum / (rows * max_new_tokens)).
-    loss_aggregation: Literal["token-mean", "seq-mean", "dr-grpo"] = "token-mean"
-    # PPO ratio clip range [1 - clip_low, 1 + clip_high]. clip_high > clip_low is DAPO's clip-higher (e.g. 0.28
-    # over 0.2): room for unlikely tokens to grow, against entropy collapse.
-    clip_low: float = Field(0.2, ge=0)
-    clip_high: float = Field(0.2, ge=0)
-    # Weight of the per-token KL(policy || reference) in the loss (0: no reference model is loaded), and its
-    # estimator: k1 = log ratio (unbiased, can be < 0), k2 = log ratio^2 / 2, k3 = exp(-lr) + lr - 1 (>= 0).
-    kl_coef: float = Field(0.0, ge=0)
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    # Entropy bonus, in loss units per nat of per-token entropy: loss_t = pg_t - entropy_coef * H_t + KL term.
-    # Small values (1e-4 to 1e-3) when entropy collapses early; 0 adds nothing (and costs nothing).
-    entropy_coef: float = Field(0.0, ge=0)
-    # DAPO dynamic sampling: drop the groups whose rewards are all equal (zero advantage, no gradient) from the
-    # update, and log their count as reward/dropped_groups. If the remaining rows do not divide by
-    # trainer.num_ranks, the last informative groups are dropped too; a step with nothing left skips its update.
-    # Useful once many prompts are always solved (or never): their groups would only dilute the loss.
-    dynamic_sampling: bool = False
-    # DAPO soft overlong punishment, added to the reward: 0 up to rollout.max_new_tokens - overlong_buffer
-    # tokens, then falling linearly to -overlong_penalty at rollout.max_new_tokens. overlong_buffer in tokens,
-    # 0 = off; overlong_penalty in reward units (1.0 = a verifier reward). reward/mean then includes it, and
-    # reward/overlong_penalty logs its batch mean. Use when truncated answers are common (charts/truncated_rate).
-    overlong_buffer: int = Field(0, ge=0)
-    overlong_penalty: float = Field(1.0, ge=0)
-    # PPO (advantage gae) only. GAE's discount and trace decay over response tokens: gamma = lam = 1 (the default,
-    # as in veRL and OpenRLHF) makes the advantage the return minus the value, unbiased however rough the critic;
-    # lam < 1 trusts the critic more (less variance, more bias).
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(1.0, ge=0, le=1)
-    # Clip range of the value loss, in reward units, around the values the advantages were computed with (0: off).
-    value_clip: float = Field(0.2, ge=0)
-    # Whiten the GAE advantages over the batch's response tokens (mean 0, std 1) before the policy loss.
-    whiten_advantages: bool = True
-    # Where the KL to the reference goes: in the token rewards (-kl_coef * KL_t on every response token, k-estimator
-    # kl_estimator, before GAE; the critic learns it too) instead of in the loss. Needs kl_coef > 0.
-    kl_in_reward: bool = False
-    # The first N RL steps train the critic alone (the policy is frozen, no weight sync), so the first policy
-    # updates see values that already fit the warm-up student's returns rather than a random head.
-    critic_warmup_steps: int = Field(0, ge=0)
-
-    @model_validator(mode="after")
-    def _known_estimator(self) -> "AlgorithmConfig":
-        if self.advantage not in (*ADVANTAGE_ESTIMATORS, "gae"):
-            raise ValueError(f"unknown advantage estimator {self.advantage!r}: use "
-                             f"{', '.join((*ADVANTAGE_ESTIMATORS, 'gae'))}")
-        return self
-
-    @model_validator(mode="after")
-    def _ppo_options(self) -> "AlgorithmConfig":
-        ppo = self.advantage == "gae"
-        if not ppo and (self.kl_in_reward or self.critic_warmup_steps):
-            raise ValueError("kl_in_reward and critic_warmup_steps are PPO options: set advantage gae")
-        if ppo and self.dynamic_sampling:
-            raise ValueError("dynamic_sampling drops groups of equal rewards, which only a group baseline ignores: "
-                             "turn it off with advantage gae (the critic learns from those rows too)")
-        if self.kl_in_reward and not self.kl_coef:
-            raise ValueError("kl_in_reward needs kl_coef > 0 (the weight of the KL penalty in the reward)")
-        if ppo and self.steps and self.critic_warmup_steps >= self.steps:
-            raise ValueError(f"critic_warmup_steps={self.critic_warmup_steps} leaves no policy update in "
-                             f"steps={self.steps}: make it smaller than steps")
         return self
 
 
@@ -509,7 +352,7 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _batch_units_divide(self) -> "RunConfig":
         rows = self.rollout_rows
-        critic = (("critic.num_ranks", self.critic.num_ranks),) if self.algorithm.advantage == "gae" else ()
+        critic = (("critic.num_ranks", self.critic.num_ranks),) if self.algorithm.uses_critic else ()
         for name, parts in (("trainer.num_ranks", self.trainer.num_ranks),
                             ("rollout.num_workers", self.rollout.num_workers),
                             ("trainer.mini_batches_per_step x trainer.num_ranks",

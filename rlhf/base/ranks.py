@@ -16,30 +16,9 @@ import torch
 
 from rlhf.base import cluster, packing
 from rlhf.base.checkpoint import atomic_dir
+from rlhf.base.config import EngineConfig
 from rlhf.base.resume import load_rng_file, set_torch_rng_state, torch_rng_state
 from rlhf.base.worker_pool import get_all
-
-# The DeepSpeed engine's settings, shared by every trainer built on ``DeepSpeedRank`` (policy, reward model).
-ENGINE_DEFAULTS = {
-    "zero_stage": 2,
-    "lr": 1e-6,
-    "lr_warmup_steps": 0,  # linear warm-up from 0 to lr over this many optimizer steps
-    "weight_decay": 0.0,
-    "adam_eps": 1e-8,
-    "max_grad_norm": 1.0,
-    "micro_batch_size": 1,
-    "bf16": False,
-    "threads": 1,
-    "seed": 0,
-    "timeout_s": 600.0,
-    # Recompute activations in the backward pass instead of keeping them (GPU memory for long responses).
-    "gradient_checkpointing": False,
-    # Extra keys for DeepSpeed's "zero_optimization" section (offload, bucket sizes, persistence threshold, ...).
-    "zero_options": {},
-    # Added to the rank process's CPU niceness at start (0: unchanged). The driver sets it for asynchronous rollout,
-    # where generation and the update run at once (see driver.ASYNC_TRAINER_NICENESS).
-    "niceness": 0,
-}
 
 class DeepSpeedRank:
     """One data-parallel DeepSpeed rank: joins the process group, wraps a model in an engine, gathers and saves it.
@@ -53,8 +32,11 @@ class DeepSpeedRank:
     # model).
     _side_files_to_skip: tuple[str, ...] = ()
 
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, cfg: dict):
-        self.cfg = cfg
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, engine: EngineConfig,
+                 seed: int, timeout_s: float, niceness: int = 0):
+        """``engine``: the role's config section (trainer, critic, reward_model); ``niceness`` is added to the
+        process's CPU niceness (the driver's choice for asynchronous rollout, rlhf/trainer.py)."""
+        self.engine_cfg = engine
         self.rank, self.world_size = rank, world_size
         cuda = torch.cuda.is_available()
         # Under Ray each rank sees only its own GPU, so its local rank is 0; under torchrun all are visible.
@@ -75,35 +57,34 @@ class DeepSpeedRank:
             # torch package itself, which that statement would return and patch instead.)
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         self._deepspeed = deepspeed
-        if cfg["niceness"]:
-            os.nice(cfg["niceness"])
-        torch.set_num_threads(cfg["threads"])
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
-                                   timeout=timedelta(seconds=cfg["timeout_s"]))
-        torch.manual_seed(cfg["seed"])
-        self.bf16 = bool(cfg["bf16"]) and cuda
+        if niceness:
+            os.nice(niceness)
+        torch.set_num_threads(engine.threads)
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+        torch.manual_seed(seed)
+        self.bf16 = engine.bf16 and cuda
 
     def _wrap(self, model: torch.nn.Module) -> None:
         """Make ``self.engine`` (AdamW, gradient clipping, ZeRO ``zero_stage``) over ``model``."""
-        cfg = self.cfg
+        cfg = self.engine_cfg
         ds_config = {
             # One update per train_step, whatever the batch size: we mark the accumulation boundary ourselves
             # (see train_step), so DeepSpeed's own count is 1 and its train_batch_size is only nominal.
-            "train_micro_batch_size_per_gpu": cfg["micro_batch_size"],
+            "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
             "gradient_accumulation_steps": 1,
-            "train_batch_size": cfg["micro_batch_size"] * self.world_size,
-            "gradient_clipping": cfg["max_grad_norm"],
+            "train_batch_size": cfg.micro_batch_size * self.world_size,
+            "gradient_clipping": cfg.max_grad_norm,
             "optimizer": {
                 "type": "AdamW",
-                "params": {"lr": cfg["lr"], "weight_decay": cfg["weight_decay"], "betas": [0.9, 0.999],
-                           "eps": cfg["adam_eps"], "torch_adam": True},
+                "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": [0.9, 0.999],
+                           "eps": cfg.adam_eps, "torch_adam": True},
             },
-            "zero_optimization": {"stage": cfg["zero_stage"], **cfg["zero_options"]},
+            "zero_optimization": cfg.zero_section(),
             "bf16": {"enabled": self.bf16},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
-        warm = cfg["lr_warmup_steps"]
+        warm = cfg.lr_warmup_steps
         # Optimizer step k (from 1) runs at lr * min(1, k / warm). (DeepSpeed's own WarmupLR spends its first two
         # steps at its minimum lr.) DeepSpeed steps the schedule after each optimizer step and checkpoints it.
         schedule = (lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
@@ -116,7 +97,7 @@ class DeepSpeedRank:
         """(first row, micro-batch on the device, RowPacking or None) over ``batch``'s right-padded rows
         (packing.micro_batches): padding-free where the model's attention kernel is known to take packed rows."""
         can_pack = self.engine.module.config._attn_implementation in packing.PACKABLE_ATTENTION
-        return packing.micro_batches(batch, self.cfg["micro_batch_size"], self.device, can_pack)
+        return packing.micro_batches(batch, self.engine_cfg.micro_batch_size, self.device, can_pack)
 
     def _per_token(self, batch: dict[str, torch.Tensor], compute) -> torch.Tensor:
         """``compute(micro-batch)``, a per-token (rows, L) result, over ``batch``'s rows (input_ids,
@@ -142,7 +123,7 @@ class DeepSpeedRank:
         """The model's full weights (HF names, as ``model.state_dict()`` gives them) as CPU tensors on rank 0;
         None on the others. Collective: under ZeRO-3 every rank must take part in gathering the partitions."""
         module = self.engine.module
-        if self.cfg["zero_stage"] == 3:
+        if self.engine_cfg.zero_stage == 3:
             # Gathers the whole model on every rank at once: simple, and fine while one full copy fits a device.
             with self._deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
                 return _cpu_copy(module.state_dict()) if self.rank == 0 else None
@@ -215,19 +196,19 @@ class RankGroup:
     rank dies or a collective stalls. Subclasses add train_step; ``_shards`` splits a batch's rows across ranks.
     """
 
-    def __init__(self, rank_cls: type, args: tuple, cfg: dict, num_ranks: int, timeout_s: float,
+    def __init__(self, rank_cls: type, args: tuple, threads: int, num_ranks: int, timeout_s: float,
                  resources: cluster.Resources | None = None, strategy: str = "PACK", placement_timeout_s: float = 120.0,
                  role: str = "trainer"):
-        """Start ``rank_cls(rank, num_ranks, master_addr, master_port, *args, cfg)`` on each rank, each rank in its
-        own bundle of one placement group (``strategy`` decides how the bundles spread over nodes). ``resources``:
-        what each rank asks for; by default ``cfg["threads"]`` CPUs and one GPU when the cluster has one per rank."""
+        """Start ``rank_cls(rank, num_ranks, master_addr, master_port, *args)`` on each rank, each rank in its own
+        bundle of one placement group (``strategy`` decides how the bundles spread over nodes). ``resources``: what
+        each rank asks for; by default ``threads`` CPUs and one GPU when the cluster has one per rank."""
         import ray
 
         self._ray = ray
         self.num_ranks, self.timeout_s = num_ranks, timeout_s
         if resources is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) >= num_ranks else 0
-            resources = cluster.Resources(num_cpus=cfg["threads"], num_gpus=gpus)
+            resources = cluster.Resources(num_cpus=threads, num_gpus=gpus)
         self.actors, self.placement_group = [], None
         try:
             self.placement_group = cluster.reserve(role, num_ranks, resources, strategy, placement_timeout_s)
@@ -235,7 +216,7 @@ class RankGroup:
             master_addr, master_port = cluster.rendezvous_address(self.placement_group)
             actor_cls = ray.remote(rank_cls)
             self.actors = [actor_cls.options(**resources.options(), **cluster.in_bundle(self.placement_group, rank))
-                           .remote(rank, num_ranks, master_addr, master_port, *args, cfg) for rank in range(num_ranks)]
+                           .remote(rank, num_ranks, master_addr, master_port, *args) for rank in range(num_ranks)]
             # Actor constructors run asynchronously; wait for all of them so start-up errors surface here.
             self._get([actor.__ray_ready__.remote() for actor in self.actors], "start-up")
         except Exception:

@@ -1,0 +1,95 @@
+"""The update half of an RL step, one class for every estimator: advantages from what the estimator needs, then
+the trainer ranks' update (and the critic's, for an estimator that needs one).
+
+GRPO, Dr. GRPO, RLOO, REINFORCE++ and PPO differ only here, and only through ``ADVANTAGE_ESTIMATORS``' entry:
+``critic`` in its needs brings the critic's values in (and a critic update towards the returns); a KL in the
+reward (``algorithm.reward_kl``: REINFORCE++, or ``kl_in_reward``) brings the reference log-probs in, as k1 token
+rewards. During the first ``critic_warmup_steps`` the critic trains alone and the policy stays as it is.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from rlhf.base.algorithms import ADVANTAGE_ESTIMATORS, AdvantageInputs, kl_reward, loss_token_weights, whiten
+from rlhf.base.batch import make_train_batch
+from rlhf.base.config import RunConfig
+
+
+class PolicyUpdate:
+    """``policy``: the trainer group (train_step, reference_logprobs); ``critic``: the critic group, which the
+    estimator must need exactly when it is given."""
+
+    def __init__(self, cfg: RunConfig, pad_id: int, policy, critic=None):
+        self.cfg, self.pad_id, self.policy, self.critic = cfg, pad_id, policy, critic
+        self.estimator = ADVANTAGE_ESTIMATORS[cfg.algorithm.advantage]
+        if ("critic" in self.estimator.needs) != (critic is not None):
+            raise ValueError(f"advantage {cfg.algorithm.advantage} needs {sorted(self.estimator.needs) or 'nothing'};"
+                             f" a critic was {'given' if critic is not None else 'not given'}")
+
+    def __call__(self, step: int, samples: list, rewards: torch.Tensor, group_size: int) -> tuple[dict, bool]:
+        """Update on ``samples`` with their sequence ``rewards``; returns (metrics, whether the policy moved)."""
+        cfg, a = self.cfg, self.cfg.algorithm
+        start = time.perf_counter()
+        # The batch layout first: values, the reference's log-probs and advantages are per token in it.
+        batch = make_train_batch(samples, torch.zeros(len(samples)), self.pad_id, a.loss_aggregation,
+                                 cfg.rollout.max_new_tokens, cfg.trainer.mini_batches_per_step)
+        mask = batch["response_mask"]
+        inputs = AdvantageInputs(rewards, mask, group_size, gamma=a.gamma, lam=a.lam)
+        metrics: dict = {}
+        if self.critic is not None:
+            inputs.values = self.critic.values(batch) * mask
+        if a.reward_kl:
+            # The sampling log-probs stand for the policy's: the update has not moved it yet.
+            inputs.token_rewards = kl_reward(batch["rollout_logprobs"], self.policy.reference_logprobs(batch), mask,
+                                             a.kl_coef)
+            metrics["reward/kl_penalty"] = (-inputs.token_rewards.sum() / mask.sum().clamp(min=1)).item()
+        advantages, returns = self.estimator.compute(inputs)
+        if self.critic is not None:
+            if a.whiten_advantages:
+                advantages = whiten(advantages, mask)
+            metrics.update(value_figures(inputs.values, returns, mask))
+            # Every token's value error counts equally, whatever the policy loss's aggregation.
+            metrics.update(self.critic.train_step({
+                **batch, "old_values": inputs.values, "returns": returns,
+                "loss_weights": loss_token_weights(mask, "token-mean", cfg.rollout.max_new_tokens)}))
+            metrics["charts/policy_frozen"] = float(step <= a.critic_warmup_steps)
+        metrics["perf/advantages_s"] = time.perf_counter() - start
+        if step <= a.critic_warmup_steps:
+            return metrics, False
+        metrics.update(self.policy.train_step({**batch, "advantages": advantages * mask}))
+        return metrics, True
+
+    def save_state(self, path: Path) -> None:
+        """The policy (``path/policy``, Hugging Face format), the trainer ranks' state (``path/trainer``) and the
+        critic's (``path/critic``): a resumed run continues with the critic it had, not a fresh value head."""
+        self.policy.save_pretrained(str(path / "policy"))
+        self.policy.save_state(str(path / "trainer"))
+        if self.critic is not None:
+            self.critic.save_state(str(path / "critic"))
+
+    def load_state(self, path: Path) -> None:
+        self.policy.load_state(str(path / "trainer"))
+        if self.critic is not None:
+            self.critic.load_state(str(path / "critic"))
+
+    def shutdown(self) -> None:
+        if self.critic is not None:
+            self.critic.shutdown()
+        self.policy.shutdown()
+
+
+def value_figures(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> dict:
+    """How well the critic's values (before this step's update) predicted the returns, over response tokens.
+    Explained variance 1 - Var(R - V) / Var(R): 1 is a perfect critic, 0 no better than a constant, < 0 worse."""
+    on = mask.bool()
+    v, r = values[on], returns[on]
+    var_r = r.var(unbiased=False)
+    explained = (1 - (r - v).var(unbiased=False) / var_r).item() if var_r > 0 else 0.0
+    return {
+        "charts/values_mean": v.mean().item() if v.numel() else 0.0,
+        "charts/returns_mean": r.mean().item() if r.numel() else 0.0,
+        "charts/explained_variance": explained,
+    }

@@ -1,0 +1,57 @@
+"""Rollout engines behind one registry (``rollout.engine``): what a RolloutWorker samples with.
+
+An engine holds the policy, samples ``n`` responses per prompt with the sampler's token log-probs and finish
+reasons (``Sample``), and loads new weights. ``hf`` is Hugging Face ``generate`` with a KV cache (CPU and GPU). A
+new engine is one class with this interface in its own module plus one ``ENGINES.register`` line.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from rlhf.base.models import load_student
+from rlhf.base.registry import Registry
+from rlhf.base.samples import Sample
+from rollout.engine import generate
+
+
+class RolloutEngine(Protocol):
+    tokenizer: object
+
+    def generate(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
+                 greedy: bool) -> list[Sample]: ...
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None: ...
+
+
+ENGINES: Registry = Registry("rollout engine")
+
+
+@ENGINES.register("hf")
+class HFEngine:
+    """The policy as a transformers model in this process, sampled with ``generate`` (rollout/engine.py)."""
+
+    def __init__(self, model_dir: str):
+        self.model, self.tokenizer = load_student(model_dir)
+        if torch.cuda.is_available():  # Ray shows the actor only the GPU it was given (cluster.rollout.num_gpus)
+            self.model.to("cuda")
+        self.model.eval()
+
+    def generate(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
+                 greedy: bool) -> list[Sample]:
+        return generate(self.model, self.tokenizer, prompts, n, max_new_tokens, temperature, greedy)
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        # Checked before loading: a refused state dict must leave the current weights whole (load_state_dict with
+        # strict=False copies the keys that fit first, and raises a multi-line RuntimeError on a shape mismatch).
+        own = self.model.state_dict()
+        # Tied embeddings may appear under one name only; anything else missing means a wrong checkpoint.
+        missing = [k for k in own if k not in state_dict and k != "lm_head.weight"]
+        unexpected = [k for k in state_dict if k not in own]
+        shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
+                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        if missing or unexpected or shapes:
+            raise ValueError(f"weights do not fit the rollout model: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}, wrong shape {shapes[:3]}")
+        self.model.load_state_dict(state_dict, strict=False)
