@@ -18,7 +18,7 @@ Under load: at most ``max_concurrency`` scoring calls run at once (1 by default:
 ``max_queue`` more requests wait for a turn, each for at most ``queue_timeout_s``. A request beyond that, or one
 that waited too long, is answered at once with ``503 {"error": "busy: ..."}`` and ``Retry-After``, which
 ``RemoteRewardClient`` retries; so a burst costs latency or a clear refusal, never unbounded memory or threads.
-Connections are capped too (``max_connections``, rlhf/http_server.py). A client that disconnects mid-request
+Connections are capped too (``max_connections``, rlhf/base/http_server.py). A client that disconnects mid-request
 (while sending its body, or while its batch is scored) only loses its own answer.
 
 Usage::

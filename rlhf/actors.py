@@ -11,6 +11,7 @@ import os
 import ray
 
 from reward.components import REWARD_COMPONENTS
+from reward.teacher_logprobs import TEACHER_KL, check_same_vocabulary
 from reward.teachers import make_teacher
 from reward.verifiers import make_verifier
 from reward.worker import RewardWorker
@@ -21,6 +22,7 @@ from rlhf.critic import CriticGroup
 from rlhf.loop import RLLoop
 from rlhf.reward_group import RewardGroup
 from rlhf.rollout_group import RolloutGroup
+from rlhf.teacher_group import TeacherGroup
 from rlhf.trainer import TrainerGroup
 from rlhf.update import PolicyUpdate
 from rollout.engines import ENGINES
@@ -55,7 +57,8 @@ def make_reward_workers(cfg: RunConfig, rm_path: str | None, reward_fn=None) -> 
     cluster.check_fits("reward", cfg.reward.num_workers, resources)
     actor = ray.remote(**resources.options())(RewardWorker)
     # The registry entries resolved here: a component or verifier a script registered reaches the actors by value.
-    components = {name: REWARD_COMPONENTS[name] for name, w in cfg.reward.components.items() if w != 0}
+    components = {name: REWARD_COMPONENTS[name] for name, w in cfg.reward.components.items()
+                  if w != 0 and name != TEACHER_KL}
     verifier = make_verifier(cfg.task.verifier, cfg.task.answer_regex)
     return WorkerPool("reward", lambda i: actor.remote(cfg, rm_path, reward_fn, components, verifier),
                       cfg.reward.num_workers, cfg.call_timeout_s, cfg.max_worker_restarts)
@@ -80,7 +83,13 @@ def build_loop(cfg: RunConfig, model_dir: str, tokenizer, rollout: WorkerPool, r
             critic = CriticGroup(model_dir, cfg, cfg.critic.num_ranks, cfg.call_timeout_s,
                                  strategy=cfg.cluster.trainer_strategy,
                                  placement_timeout_s=cfg.cluster.placement_timeout_s)
-        update = PolicyUpdate(cfg, tokenizer.pad_token_id, policy, critic)
+            started.append(critic)
+        teacher = None
+        if cfg.reward.components.get(TEACHER_KL):
+            check_same_vocabulary(tokenizer, cfg.reward.teacher_model_path)
+            teacher = TeacherGroup(cfg)
+            started.append(teacher)
+        update = PolicyUpdate(cfg, tokenizer.pad_token_id, policy, critic, teacher)
     except Exception:
         for group in reversed(started):
             group.shutdown()

@@ -102,7 +102,7 @@ class Trainer:
     with a ``RewardError`` naming the sample. ``train_dataset``, ``eval_dataset``: ``datasets.Dataset``s of
     prompts (columns ``task.prompt_field``, ``task.answer_field``, optionally ``task.difficulty_field``) used
     instead of the task's training or held-out prompts. ``log``: where progress lines go. ``resume``: continue
-    from the newest complete checkpoint in ``output_dir`` (see rlhf/resume.py; a config change that matters is
+    from the newest complete checkpoint in ``output_dir`` (see rlhf/base/resume.py; a config change that matters is
     refused with a ``ResumeError``), or start afresh where there is none. Attributes: ``output_dir``, ``steps``
     (RL steps taken), ``reward_model_dir`` (None until there is one), ``resumed_step`` (the checkpoint's step, or
     None).
@@ -180,7 +180,8 @@ class Trainer:
 
     def warmup(self) -> dict:
         """Supervised distillation of the teacher's solutions into the student (``cfg.warmup``); returns its
-        figures. Runs in this process, before any actor starts: they all start from the warmed-up student."""
+        figures. Runs in this process, before any actor starts: they all start from the warmed-up student, written
+        to ``output_dir/warmup`` at the end (a warm-up-only run leaves it there, e.g. as a teacher)."""
         if self._student is None:
             raise RuntimeError("warmup() must come before label(), train_reward_model(), evaluate(), step(), "
                                "train() and save(): the actors start from the warmed-up student")
@@ -189,6 +190,7 @@ class Trainer:
             self._summary["warmup"] = run_warmup(
                 self._student, self._tokenizer, self.cfg.warmup, self.cfg.seed, self.log, self.cfg.think,
                 curriculum.target_fn("matched", adaptive.rv_at_cd0, adaptive.rv_at_cd9), self.metrics.log)
+            self._start_dir()
         return self._summary["warmup"]
 
     def label(self) -> dict:

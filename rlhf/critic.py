@@ -49,7 +49,7 @@ def load_value_model(init_dir: str):
 
 
 def token_values(model, mb: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(rows, L) values aligned with the micro-batch's ``input_ids`` (packed or not, see rlhf/packing.py):
+    """(rows, L) values aligned with the micro-batch's ``input_ids`` (packed or not, see rlhf/base/packing.py):
     position t holds the head's output at t - 1, each sequence's first position gets 0."""
     head = model(**packing.model_inputs(mb)).logits[..., 0].float()
     return packing.zero_sequence_starts(torch.nn.functional.pad(head[:, :-1], (1, 0), value=0.0), mb)

@@ -24,7 +24,7 @@ class RunDirError(ValueError):
 def load_prompts(cfg: RunConfig, train_dataset=None, eval_dataset=None, tokenizer=None, log=print,
                  stats: dict | None = None) -> tuple[list[PromptRow], list[PromptRow]]:
     """(training pool, held-out set), from the Datasets passed in or the configured task, rendered for ``tokenizer``
-    (rlhf/chat.py); ``stats`` gets the counts. Loaded first in a run: a bad dataset row should stop it before
+    (rlhf/base/chat.py); ``stats`` gets the counts. Loaded first in a run: a bad dataset row should stop it before
     minutes of warm-up, not after."""
     train_pool, eval_set = load_rows(cfg.task, cfg.seed, train_dataset, eval_dataset, tokenizer, log, stats)
     if len(train_pool) < cfg.rollout.prompts_per_step:

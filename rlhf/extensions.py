@@ -9,6 +9,7 @@ estimators (rlhf/base/algorithms.py, checked by the config itself).
 from __future__ import annotations
 
 from reward.components import REWARD_COMPONENTS
+from reward.teacher_logprobs import TEACHER_KL
 from reward.teachers import TEACHERS
 from reward.verifiers import VERIFIERS
 from rlhf.base.config import ConfigError, RunConfig
@@ -19,7 +20,8 @@ def check_registered(cfg: RunConfig) -> None:
     """A ConfigError naming the first config key whose value no registry holds."""
     named = [("rollout.engine", cfg.rollout.engine, ENGINES), ("task.verifier", cfg.task.verifier, VERIFIERS),
              ("label.teacher", cfg.label.teacher, TEACHERS)]
-    named += [(f"reward.components.{name}", name, REWARD_COMPONENTS) for name in cfg.reward.components]
+    named += [(f"reward.components.{name}", name, REWARD_COMPONENTS) for name in cfg.reward.components
+              if name != TEACHER_KL]  # per-token, computed in the update (rlhf/update.py)
     for key, name, registry in named:
         if name not in registry:
             raise ConfigError(f"config key {key}: {registry.unknown(name)}")

@@ -63,13 +63,14 @@ class RLLoop:
         timings["perf/score_s"] = time.perf_counter() - t
         fault = reward_fault([r.prompt for r in rows for _ in range(n)], scores)
         rewards, shaping = self._shaped(rewards, samples)
-        train_samples, train_rewards = self._with_signal(samples, rewards, shaping)
+        difficulties = [r.difficulty for r in rows for _ in range(n)]
+        train_samples, train_rewards, train_difficulties = self._with_signal(samples, rewards, difficulties, shaping)
 
         update_metrics: dict = {}
         timings["perf/sync_s"] = 0.0
         # Nothing to train on only when dynamic sampling found no group with signal: no update, no sync.
         if train_samples and fault is None:
-            update_metrics, moved = self.update(step, train_samples, train_rewards, n)
+            update_metrics, moved = self.update(step, train_samples, train_rewards, n, train_difficulties)
             fault = update_fault(update_metrics) if moved else None
             if moved and fault is None:
                 t = time.perf_counter()
@@ -101,15 +102,16 @@ class RLLoop:
                                    self.cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty)
         return rewards + penalty, {"reward/overlong_penalty": penalty.mean().item()}
 
-    def _with_signal(self, samples: list, rewards: torch.Tensor, shaping: dict) -> tuple[list, torch.Tensor]:
+    def _with_signal(self, samples: list, rewards: torch.Tensor, difficulties: list,
+                     shaping: dict) -> tuple[list, torch.Tensor, list]:
         """Dynamic sampling: the groups that carry signal, in a row count the trainer ranks can split."""
         if not self.cfg.algorithm.dynamic_sampling:
-            return samples, rewards
+            return samples, rewards, difficulties
         n, t = self.cfg.rollout.samples_per_prompt, self.cfg.trainer
-        keep = informative_groups(rewards, n, t.num_ranks * t.mini_batches_per_step)
-        kept = [s for s, k in zip(samples, keep.tolist()) if k]
+        keep = informative_groups(rewards, n, t.num_ranks * t.mini_batches_per_step).tolist()
+        kept = [s for s, k in zip(samples, keep) if k]
         shaping["reward/dropped_groups"] = (len(samples) - len(kept)) // n
-        return kept, rewards[keep]
+        return kept, rewards[torch.tensor(keep)], [d for d, k in zip(difficulties, keep) if k]
 
     def _figures(self, rows: list[PromptRow], samples: list, scores: list[dict], rewards: torch.Tensor) -> dict:
         """The rollout's figures: reward (over the finite rewards: a batch the guard skips still logs), the

@@ -132,7 +132,7 @@ class PolicyTrainer(DeepSpeedRank):
         if grad_norms:
             metrics["losses/grad_norm"] = sum(grad_norms) / len(grad_norms)
         # DeepSpeed checks the global gradient norm before each optimizer step and skips the step (same decision
-        # on every rank) when it is NaN or infinite; the driver's guard counts it (rlhf/guards.py).
+        # on every rank) when it is NaN or infinite; the driver's guard counts it (rlhf/base/guards.py).
         metrics["faults/update_skipped"] = float(engine.skipped_steps > skipped_before)
         return metrics
 

@@ -4,7 +4,8 @@ the trainer ranks' update (and the critic's, for an estimator that needs one).
 GRPO, Dr. GRPO, RLOO, REINFORCE++ and PPO differ only here, and only through ``ADVANTAGE_ESTIMATORS``' entry:
 ``critic`` in its needs brings the critic's values in (and a critic update towards the returns); a KL in the
 reward (``algorithm.reward_kl``: REINFORCE++, or ``kl_in_reward``) brings the reference log-probs in, as k1 token
-rewards. During the first ``critic_warmup_steps`` the critic trains alone and the policy stays as it is.
+rewards; ``teacher_kl`` in the reward components brings the teacher's log-probs in (on-policy distillation: minus
+the reverse KL on every token, weighted). During the first ``critic_warmup_steps`` the critic trains alone and the policy stays as it is.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from reward.teacher_logprobs import TEACHER_KL
 from rlhf.base.algorithms import ADVANTAGE_ESTIMATORS, AdvantageInputs, kl_reward, loss_token_weights, whiten
 from rlhf.base.batch import make_train_batch
 from rlhf.base.config import RunConfig
@@ -22,15 +24,18 @@ class PolicyUpdate:
     """``policy``: the trainer group (train_step, reference_logprobs); ``critic``: the critic group, which the
     estimator must need exactly when it is given."""
 
-    def __init__(self, cfg: RunConfig, pad_id: int, policy, critic=None):
-        self.cfg, self.pad_id, self.policy, self.critic = cfg, pad_id, policy, critic
+    def __init__(self, cfg: RunConfig, pad_id: int, policy, critic=None, teacher=None):
+        """``teacher``: the teacher group (``logprobs``) when ``reward.components`` has ``teacher_kl``."""
+        self.cfg, self.pad_id, self.policy, self.critic, self.teacher = cfg, pad_id, policy, critic, teacher
         self.estimator = ADVANTAGE_ESTIMATORS[cfg.algorithm.advantage]
         if ("critic" in self.estimator.needs) != (critic is not None):
             raise ValueError(f"advantage {cfg.algorithm.advantage} needs {sorted(self.estimator.needs) or 'nothing'};"
                              f" a critic was {'given' if critic is not None else 'not given'}")
 
-    def __call__(self, step: int, samples: list, rewards: torch.Tensor, group_size: int) -> tuple[dict, bool]:
-        """Update on ``samples`` with their sequence ``rewards``; returns (metrics, whether the policy moved)."""
+    def __call__(self, step: int, samples: list, rewards: torch.Tensor, group_size: int,
+                 difficulties: list | None = None) -> tuple[dict, bool]:
+        """Update on ``samples`` with their sequence ``rewards``; returns (metrics, whether the policy moved).
+        ``difficulties``: each sample's prompt difficulty, for per-difficulty figures."""
         cfg, a = self.cfg, self.cfg.algorithm
         start = time.perf_counter()
         # The batch layout first: values, the reference's log-probs and advantages are per token in it.
@@ -46,6 +51,11 @@ class PolicyUpdate:
             inputs.token_rewards = kl_reward(batch["rollout_logprobs"], self.policy.reference_logprobs(batch), mask,
                                              a.kl_coef)
             metrics["reward/kl_penalty"] = (-inputs.token_rewards.sum() / mask.sum().clamp(min=1)).item()
+        if self.teacher is not None:
+            reverse_kl = (batch["rollout_logprobs"] - self.teacher.logprobs(batch)) * mask
+            distill = -cfg.reward.components[TEACHER_KL] * reverse_kl
+            inputs.token_rewards = distill if inputs.token_rewards is None else inputs.token_rewards + distill
+            metrics.update(reverse_kl_figures(reverse_kl, mask, difficulties))
         advantages, returns = self.estimator.compute(inputs)
         if self.critic is not None:
             if a.whiten_advantages:
@@ -76,9 +86,19 @@ class PolicyUpdate:
             self.critic.load_state(str(path / "critic"))
 
     def shutdown(self) -> None:
-        if self.critic is not None:
-            self.critic.shutdown()
-        self.policy.shutdown()
+        for group in (self.teacher, self.critic, self.policy):
+            if group is not None:
+                group.shutdown()
+
+
+def reverse_kl_figures(reverse_kl: torch.Tensor, mask: torch.Tensor, difficulties: list | None) -> dict:
+    """The student's per-token reverse KL to the teacher, log p_student - log p_teacher at the sampled tokens,
+    averaged over response tokens: ``distill/reverse_kl``, and per difficulty bin."""
+    figures = {"distill/reverse_kl": (reverse_kl.sum() / mask.sum().clamp(min=1)).item()}
+    for level in sorted({d for d in difficulties or [] if d is not None}):
+        rows = torch.tensor([d == level for d in difficulties])
+        figures[f"difficulty/{level}/reverse_kl"] = (reverse_kl[rows].sum() / mask[rows].sum().clamp(min=1)).item()
+    return figures
 
 
 def value_figures(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> dict:

@@ -253,7 +253,8 @@ def _estimate(name: str, rewards, mask=REGISTRY_MASK, **inputs):
 def test_advantage_registry_names_every_estimator_and_what_it_needs():
     needs = {name: set(e.needs) for name, e in ADVANTAGE_ESTIMATORS.items()}
     assert needs == {"grpo": set(), "dr_grpo": set(), "rloo": set(), "reinforce_plus_plus": {"reference"},
-                     "reinforce_plus_plus_baseline": {"reference"}, "gae": {"critic"}}
+                     "reinforce_plus_plus_baseline": {"reference"}, "gae": {"critic"},
+                     "on_policy_distillation": set()}
 
 
 @pytest.mark.parametrize("name, sequence_level", [("grpo", grpo_advantages), ("dr_grpo", dr_grpo_advantages),

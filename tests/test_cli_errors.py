@@ -237,7 +237,7 @@ def test_console_script_exit_status_and_one_line(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["distilrl: error: config key nosuchsection: unknown key (check the "
-                                                  "spelling against rlhf/config.py)"]
+                                                  "spelling against rlhf/base/config.py)"]
 
 
 # --------------------------------------------------------------------------------- teachers, server, reward fns
@@ -371,7 +371,7 @@ REWARD_FN_CASES = [
 
 
 def test_a_nan_from_a_custom_reward_function_is_named_for_the_guard():
-    """A NaN is not an error of the function's: the batch is skipped by the driver's guard (rlhf/guards.py),
+    """A NaN is not an error of the function's: the batch is skipped by the driver's guard (rlhf/base/guards.py),
     which names the component, so the worker returns it marked instead of raising."""
     worker = reward_worker({"custom": 1.0}, custom=lambda p, r, rows: [float("nan"), 0.0])
     scores = worker.score(["1+1=", "2+2="], ["#2", "#4"], ["2", "4"], [{"q": 1}, {"q": 2}])

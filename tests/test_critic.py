@@ -30,7 +30,7 @@ CFG = {"lr": 1e-2, "adam_eps": 1e-4, "micro_batch_size": 4, "value_clip": 0.5, "
 
 def _batch():
     """4 right-padded rows; returns 1.0 on the first two rows' responses, -1.0 on the others'. On one rank the
-    rows (8, 10, 3 and 11 tokens) pack into 3 (rlhf/packing.py); on two, each rank's pair stays padded."""
+    rows (8, 10, 3 and 11 tokens) pack into 3 (rlhf/base/packing.py); on two, each rank's pair stays padded."""
     g = torch.Generator().manual_seed(1)
     lengths = [(3, 5), (2, 8), (2, 1), (5, 6)]  # (prompt, response) tokens; one response of length one
     width = max(p + r for p, r in lengths) + 1

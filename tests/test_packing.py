@@ -1,4 +1,4 @@
-"""Padding-free micro-batches (rlhf/packing.py): the layout by hand, and a packed forward equal to the padded one."""
+"""Padding-free micro-batches (rlhf/base/packing.py): the layout by hand, and a packed forward equal to the padded one."""
 from __future__ import annotations
 
 import pytest

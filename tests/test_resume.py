@@ -1,4 +1,4 @@
-"""Checkpoints and resume (rlhf/resume.py): which checkpoints count as complete, pruning, metrics truncation, the
+"""Checkpoints and resume (rlhf/base/resume.py): which checkpoints count as complete, pruning, metrics truncation, the
 config-change check and its messages; then the end-to-end invariant: 4 RL steps straight equal 2 steps, a hard
 kill of the driver process, and a resume to 4 (metrics and final weights), on CPU with fixed seeds."""
 from __future__ import annotations

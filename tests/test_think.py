@@ -1,4 +1,4 @@
-"""Think blocks (rlhf/think.py): splitting reasoning from answer, robust to messy samples; switches; the
+"""Think blocks (rlhf/base/think.py): splitting reasoning from answer, robust to messy samples; switches; the
 verifier and the oracle read the answer part only."""
 import pytest
 

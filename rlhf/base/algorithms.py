@@ -245,6 +245,10 @@ ADVANTAGE_ESTIMATORS.register("reinforce_plus_plus", Estimator(
 ADVANTAGE_ESTIMATORS.register("reinforce_plus_plus_baseline", Estimator(
     _returns_whitened(True), needs=frozenset({"reference"}), token_rewards=True, group_baseline=True))
 ADVANTAGE_ESTIMATORS.register("gae", Estimator(_gae, needs=frozenset({"critic"}), token_rewards=True))
+# On-policy distillation alone: each token's own reward is its advantage (no baseline, no return-to-go), as when the
+# reward is the teacher's per-token log-ratio (reward.components {teacher_kl: 1}).
+ADVANTAGE_ESTIMATORS.register("on_policy_distillation", Estimator(
+    lambda inputs: (inputs.per_token_rewards() * inputs.response_mask.float(), None), token_rewards=True))
 
 # ------------------------------------------------------------------------------------------ reward shaping
 

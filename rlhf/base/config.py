@@ -10,7 +10,7 @@ The trainer splits the rollout rows into ``trainer.mini_batches_per_step`` equal
 step each, in batch order; ``algorithm.ppo_epochs`` passes over them), each mini-batch into equal shards across
 the ranks, and each shard into *micro-batches* of at most ``trainer.micro_batch_size`` rows (gradient
 accumulation: memory only, the update is the same; a micro-batch's rows are packed end to end where that saves
-padding, rlhf/packing.py). So rollout rows must divide by mini_batches_per_step x
+padding, rlhf/base/packing.py). So rollout rows must divide by mini_batches_per_step x
 num_ranks; ``RunConfig.describe_batches`` prints the derived figures at start.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from rlhf.base.algorithms import ADVANTAGE_ESTIMATORS
 from rlhf.base.training_config import (AlgorithmConfig, CriticConfig, EngineConfig, RewardModelConfig,
                                         TrainerConfig, _Section)
 
@@ -143,7 +144,7 @@ class WarmupConfig(_Section):
 
 
 class ThinkConfig(_Section):
-    """Qwen3-style thinking (rlhf/think.py): reasoning in ``<think>...</think>`` blocks, and prompts switched."""
+    """Qwen3-style thinking (rlhf/base/think.py): reasoning in ``<think>...</think>`` blocks, and prompts switched."""
 
     # The teacher writes its worked steps in a think block (warm-up data); bare answers have none.
     format: bool = False
@@ -216,6 +217,10 @@ class RewardConfig(_Section):
     custom_fn: str | None = None
     seqcls_path: str | None = None  # the seqcls component's model: a local directory, safetensors
     adaptive: AdaptiveConfig = AdaptiveConfig()
+    # teacher_kl (on-policy distillation): the teacher, a local causal LM with the student's tokenizer, whose log-prob
+    # of every sampled token, minus the sampler's, is a per-token reward; and its Ray workers.
+    teacher_model_path: str | None = None
+    teacher_workers: int = Field(1, gt=0)
     # Score the rm component on a reward server (``distilrl serve-rm``) instead of in the reward workers.
     rm_url: str | None = None
     rm_token_env: str | None = None  # environment variable holding the server's bearer token
@@ -232,6 +237,9 @@ class RewardConfig(_Section):
     def _some_component(self) -> "RewardConfig":
         if not any(w != 0 for w in self.components.values()):
             raise ValueError("reward.components needs at least one non-zero weight (verifier, rm, seqcls, custom)")
+        if self.components.get("teacher_kl") and not self.teacher_model_path:
+            raise ValueError("reward.components uses teacher_kl: set reward.teacher_model_path to the teacher's "
+                             "directory (a causal LM with the student's tokenizer)")
         if self.components.get("seqcls") and not self.seqcls_path:
             raise ValueError("reward.components uses seqcls: set reward.seqcls_path to its model directory")
         return self
@@ -279,7 +287,7 @@ class RoleResources(_Section):
 
 
 class ClusterConfig(_Section):
-    """Where the run's Ray actors go (rlhf/cluster.py).
+    """Where the run's Ray actors go (rlhf/base/cluster.py).
 
     ``address``: ``local`` starts a private Ray in this process; ``auto`` joins the cluster ``ray start`` made on
     this node (or the one RAY_ADDRESS names, as under ``ray job submit``); ``host:port`` / ``ray://host:port`` join
@@ -327,7 +335,7 @@ class RunConfig(_Section):
     # call before the run stops; 0 stops at the first death. Trainer ranks are never restarted in place.
     max_worker_restarts: int = Field(3, ge=0)
     # Checkpoint every N RL steps (0: only the final policy): policy, optimizer, driver and worker state, enough
-    # for `distilrl run CONFIG --resume` to continue exactly (rlhf/resume.py). The newest keep_checkpoints are kept.
+    # for `distilrl run CONFIG --resume` to continue exactly (rlhf/base/resume.py). The newest keep_checkpoints are kept.
     save_every: int = Field(0, ge=0)
     keep_checkpoints: int = Field(2, gt=0)
     # Batches with a NaN or infinite reward, loss or gradient are skipped; this many in a row stop the run.
@@ -372,6 +380,20 @@ class RunConfig(_Section):
         if self.rollout.asynchronous and self.save_every:
             raise ValueError("rollout.asynchronous does not take checkpoints yet: set save_every=0, or turn "
                              "asynchronous rollout off for a resumable run")
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_kl_fits_the_algorithm(self) -> "RunConfig":
+        if not self.reward.components.get("teacher_kl"):
+            return self
+        estimator = ADVANTAGE_ESTIMATORS[self.algorithm.advantage]
+        if not estimator.token_rewards:
+            raise ValueError(f"reward.components.teacher_kl is a per-token reward, which algorithm.advantage "
+                             f"{self.algorithm.advantage} does not take: use on_policy_distillation, "
+                             f"reinforce_plus_plus(_baseline) or gae")
+        if self.algorithm.dynamic_sampling:
+            raise ValueError("algorithm.dynamic_sampling drops groups of equal rewards, but teacher_kl gives every "
+                             "token a reward: turn dynamic_sampling off")
         return self
 
     @model_validator(mode="after")
@@ -450,7 +472,7 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         key = ".".join(str(part) for part in first["loc"] if part != "[key]")
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling against rlhf/config.py)"
+            message = "unknown key (check the spelling against rlhf/base/config.py)"
         elif "input" in first and not isinstance(first["input"], dict):
             message += f" (got {first['input']!r})"
         raise ConfigError(f"config key {key}: {message}" if key else f"config: {message}") from None

@@ -4,7 +4,7 @@
 All give ``PromptRow``s: the prompt text, the reference answer the verifier checks against, and a difficulty
 bin for per-difficulty figures (the arithmetic level; a field of the file; or none). ``load_rows`` also splits
 train from held-out prompts (by split name or by fraction), shuffles by seed, renders dataset prompts with the chat
-template (rlhf/chat.py) and drops, with a count, those longer than ``task.max_prompt_tokens``.
+template (rlhf/base/chat.py) and drops, with a count, those longer than ``task.max_prompt_tokens``.
 
 A bad row (not JSON, not UTF-8, a missing field, empty text, a wrong type) is skipped and counted, with the first
 few shown in one log line; a source left with no usable row stops the run with a ``DatasetError`` naming the

@@ -120,6 +120,19 @@ def micro_batches(batch: dict[str, torch.Tensor], size: int, device, can_pack: b
         yield first, {k: v.to(device) for k, v in mb.items()}, plan
 
 
+def per_token(batch: dict[str, torch.Tensor], size: int, device, can_pack: bool, compute) -> torch.Tensor:
+    """``compute(micro-batch)``, a per-token (rows, L) result, over ``batch``'s rows (input_ids, attention_mask) in
+    micro-batches of ``size`` rows, packed where that pays: back in the batch's padded layout, (B, L) on the CPU, 0
+    at padding. The forward every per-token figure shares (log-probs, values, a teacher's log-probs)."""
+    out = torch.zeros(batch["input_ids"].shape)
+    for first, mb, plan in micro_batches({k: batch[k] for k in ("input_ids", "attention_mask")}, size, device,
+                                         can_pack):
+        values = compute(mb).float()
+        values = plan.unpack(values) if plan is not None else values * mb["attention_mask"]
+        out[first:first + values.shape[0], :values.shape[1]] = values.cpu()
+    return out
+
+
 def model_inputs(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The model's keyword arguments for a micro-batch from ``micro_batches``, packed or not."""
     if "position_ids" in mb:

@@ -102,12 +102,8 @@ class DeepSpeedRank:
     def _per_token(self, batch: dict[str, torch.Tensor], compute) -> torch.Tensor:
         """``compute(micro-batch)``, a per-token (rows, L) result, over ``batch``'s rows (input_ids,
         attention_mask), back in the batch's padded layout: (B, L) on the CPU, 0 at padding."""
-        out = torch.zeros(batch["input_ids"].shape)
-        for first, mb, plan in self._micro_batches({k: batch[k] for k in ("input_ids", "attention_mask")}):
-            values = compute(mb).float()
-            values = plan.unpack(values) if plan is not None else values * mb["attention_mask"]
-            out[first:first + values.shape[0], :values.shape[1]] = values.cpu()
-        return out
+        can_pack = self.engine.module.config._attn_implementation in packing.PACKABLE_ATTENTION
+        return packing.per_token(batch, self.engine_cfg.micro_batch_size, self.device, can_pack, compute)
 
     def _sum_across_ranks(self, sums: torch.Tensor) -> torch.Tensor:
         """All-reduce (sum) a small CPU tensor of per-rank figures; returns it on the CPU."""

@@ -93,7 +93,7 @@ class AlgorithmConfig(_Section):
     """The RL algorithm: advantage estimator, clipped policy loss and its regularisers, reward shaping.
 
     The defaults are GRPO: group-normalised advantages, clipped token-mean policy loss, no entropy bonus, no
-    dynamic sampling, no overlong penalty. Formulas are in rlhf/algorithms.py, one pure function per option.
+    dynamic sampling, no overlong penalty. Formulas are in rlhf/base/algorithms.py, one pure function per option.
     """
 
     steps: int = Field(60, ge=0)  # RL steps (one rollout batch each)

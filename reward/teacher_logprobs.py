@@ -1,0 +1,55 @@
+"""On-policy distillation's teacher: a local causal LM that gives its log-probability of every token the student
+sampled. The ``TeacherLogprobWorker`` Ray actor holds the teacher; its per-token log-probs, minus the sampler's,
+are the ``teacher_kl`` reward (rlhf/update.py): minus the reverse KL, log p_teacher(token) - log p_student(token).
+
+The teacher must read the student's token ids as the same text: the tokenizers' vocabularies must be equal, checked
+at start (``check_same_vocabulary``), else the log-probs would be of other tokens altogether.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlhf.base import algorithms, packing
+from rlhf.base.models import ModelLoadError, load_student, load_tokenizer
+
+# reward.components names it beside the sequence-level components; its rewards are per token, computed with the
+# reference's and the critic's in the update, not by the reward workers.
+TEACHER_KL = "teacher_kl"
+
+
+def check_same_vocabulary(student_tokenizer, teacher_dir: str | Path) -> None:
+    """A one-line ModelLoadError when the teacher's tokenizer maps any token to another id than the student's."""
+    teacher = load_tokenizer(teacher_dir).get_vocab()
+    student = student_tokenizer.get_vocab()
+    if teacher != student:
+        differ = sum(1 for token, i in student.items() if teacher.get(token) != i) + len(set(teacher) - set(student))
+        raise ModelLoadError(f"reward.teacher_model_path {teacher_dir}: the teacher's vocabulary ({len(teacher)} "
+                             f"tokens) is not the student's ({len(student)} tokens; {differ} differ): on-policy "
+                             f"distillation needs a teacher with the student's tokenizer")
+
+
+class TeacherLogprobWorker:
+    """The teacher in one process: ``logprobs`` of a batch's rows, as the trainer computes its own (same packing,
+    same alignment: position t holds log p(token t | tokens < t), 0 at each sequence's first position)."""
+
+    def __init__(self, model_dir: str, threads: int, micro_batch_size: int, temperature: float):
+        torch.set_num_threads(threads)
+        self.model, _ = load_student(model_dir)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device).eval().requires_grad_(False)
+        self.model.config.use_cache = False
+        self.micro_batch_size = micro_batch_size
+        # The student's sampling temperature: both sides' log-probs are of logits / temperature.
+        self.temperature = temperature
+
+    @torch.no_grad()
+    def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, L) on the CPU: the teacher's log-prob of each token of the rows (input_ids, attention_mask)."""
+        def compute(mb):
+            logits = self.model(**packing.model_inputs(mb)).logits / self.temperature
+            return packing.zero_sequence_starts(algorithms.token_logprobs(logits, mb["input_ids"]), mb)
+
+        can_pack = self.model.config._attn_implementation in packing.PACKABLE_ATTENTION
+        return packing.per_token(batch, self.micro_batch_size, self.device, can_pack, compute)

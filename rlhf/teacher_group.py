@@ -1,0 +1,37 @@
+"""The teacher log-prob workers as one group (on-policy distillation): a batch's rows split across them."""
+from __future__ import annotations
+
+import ray
+import torch
+
+from reward.teacher_logprobs import TeacherLogprobWorker
+from rlhf.base import cluster
+from rlhf.base.config import RunConfig
+from rlhf.base.worker_pool import WorkerPool
+from rlhf.rollout_group import shards
+
+
+class TeacherGroup:
+    """``reward.teacher_workers`` actors, each holding the teacher in ``reward.teacher_model_path``."""
+
+    def __init__(self, cfg: RunConfig):
+        r = cfg.reward
+        resources = cluster.role_resources(cfg, "reward")
+        actor = ray.remote(**resources.options())(TeacherLogprobWorker)
+        self.pool = WorkerPool("teacher", lambda i: actor.remote(r.teacher_model_path, cfg.rollout.threads,
+                                                                 cfg.trainer.micro_batch_size, cfg.rollout.temperature),
+                               r.teacher_workers, cfg.call_timeout_s, cfg.max_worker_restarts)
+
+    def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The teacher's (B, L) log-probs of the batch's rows (input_ids, attention_mask)."""
+        rows = batch["input_ids"].shape[0]
+        parts = [range(len(p)) for p in shards(list(range(rows)), len(self.pool))]
+        args, first = [], 0
+        for part in parts:
+            args.append(({k: batch[k][first:first + len(part)] for k in ("input_ids", "attention_mask")},)
+                        if len(part) else None)
+            first += len(part)
+        return torch.cat([p for p in self.pool.call("logprobs", args, "teacher logprobs") if p is not None])
+
+    def shutdown(self) -> None:
+        self.pool.shutdown()

@@ -1,0 +1,89 @@
+"""On-policy distillation: the teacher worker's log-probs, the per-token teacher_kl reward, the vocabulary check
+and the config's refusals."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from reward.teacher_logprobs import TeacherLogprobWorker, check_same_vocabulary
+from rlhf.base import algorithms
+from rlhf.base.char_tokenizer import build_char_tokenizer
+from rlhf.base.config import ConfigError, ModelConfig, load_config
+from rlhf.base.models import ModelLoadError, build_student, build_tokenizer, save_student
+from tests.loop_stubs import stub_loop
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    tokenizer = build_tokenizer("char")
+    model = build_student(ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                                      intermediate_size=64), tokenizer, seed=3)
+    path = tmp_path_factory.mktemp("teacher")
+    save_student(model, tokenizer, str(path))
+    return str(path)
+
+
+def test_teacher_logprobs_equal_a_plain_forward_row_by_row(teacher_dir):
+    """Rows of 9, 4 and 6 tokens, packed in micro-batches of 2: each row's log-probs are those of its own forward."""
+    tokenizer = build_tokenizer("char")
+    texts = ["7+5-3=#9;", "2+2=", "9-1=#8"]
+    ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    width = max(map(len, ids))
+    batch = {"input_ids": torch.tensor([r + [0] * (width - len(r)) for r in ids]),
+             "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids])}
+    worker = TeacherLogprobWorker(teacher_dir, threads=1, micro_batch_size=2, temperature=0.7)
+    got = worker.logprobs(batch)
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, use_safetensors=True).eval()
+    for i, row in enumerate(ids):
+        with torch.no_grad():
+            logits = model(torch.tensor([row])).logits / 0.7
+        want = algorithms.token_logprobs(logits, torch.tensor([row]))[0]
+        torch.testing.assert_close(got[i, :len(row)], want, atol=1e-5, rtol=1e-5)
+        assert (got[i, len(row):] == 0).all() and got[i, 0] == 0
+
+
+class StubTeacher:
+    """log p_teacher = -1.5 on every token (the sampler's are -0.5): reverse KL exactly 1.0 per token."""
+
+    def logprobs(self, batch):
+        return torch.full(batch["input_ids"].shape, -1.5)
+
+
+def test_teacher_kl_reward_is_the_teacher_minus_student_log_prob_on_every_token():
+    cfg = load_config(None, ["rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "trainer.num_ranks=2",
+                             "rollout.max_new_tokens=4", "algorithm.advantage=on_policy_distillation",
+                             "reward.components={teacher_kl: 0.5}", "reward.teacher_model_path=t"])
+    loop = stub_loop(cfg, [0.0, 0.0, 0.0, 0.0], [2, 1, 3, 2])
+    loop.update.teacher = StubTeacher()
+    rows = [SimpleNamespace(prompt="p0", answer="1", difficulty=1), SimpleNamespace(prompt="p1", answer="1",
+                                                                                     difficulty=2)]
+    metrics = loop.step(1, rows)
+    (batch,) = loop.update.policy.batches
+    # 0.5 * (-1.5 - (-0.5)) = -0.5 on each response token (columns 1..len), 0 on the prompt and padding.
+    assert batch["advantages"][:, 1:].tolist() == [[-0.5, -0.5, 0.0], [-0.5, 0.0, 0.0], [-0.5, -0.5, -0.5],
+                                                   [-0.5, -0.5, 0.0]]
+    assert (batch["advantages"][:, 0] == 0).all()
+    assert metrics["distill/reverse_kl"] == pytest.approx(1.0)
+    assert metrics["difficulty/1/reverse_kl"] == pytest.approx(1.0) and "difficulty/2/reverse_kl" in metrics
+
+
+def test_a_teacher_with_another_vocabulary_is_refused_in_one_line(teacher_dir):
+    other = build_char_tokenizer("0123456789+-=#;")
+    with pytest.raises(ModelLoadError, match="the teacher's vocabulary .* is not the student's") as err:
+        check_same_vocabulary(other, teacher_dir)
+    assert "\n" not in str(err.value)
+    check_same_vocabulary(build_tokenizer("char"), teacher_dir)  # the same tokenizer passes
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["reward.components={teacher_kl: 1.0}"], "set reward.teacher_model_path"),
+    (["reward.components={teacher_kl: 1.0}", "reward.teacher_model_path=t"], "does not take: use on_policy"),
+    (["reward.components={teacher_kl: 1.0}", "reward.teacher_model_path=t", "algorithm.advantage=reinforce_plus_plus",
+      "algorithm.dynamic_sampling=true"], "teacher_kl gives every token a reward"),
+])
+def test_teacher_kl_settings_that_cannot_work_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
