@@ -26,6 +26,7 @@ from rlhf.base.algorithms import ADVANTAGE_ESTIMATORS, informative_groups, overl
 from rlhf.base.batch import make_train_batch, response_mask
 from rlhf.base.chat import template_override
 from rlhf.base.config import ConfigError, RunConfig, save_config
+from rlhf.base.checkpoint import output_dir_problem
 from rlhf.base.data import DatasetError, PromptRow, load_rows, usable_rows
 from rlhf.evaluate import difficulty_metrics, evaluate_policy
 from rlhf.base.models import build_student, build_tokenizer, check_model_dir, load_student
@@ -125,6 +126,8 @@ class StageTimer:
 
 def refuse_finished_run(cfg: RunConfig) -> None:
     out = Path(cfg.output_dir)
+    if problem := output_dir_problem(out):
+        raise RunDirError(problem)
     if (out / "summary.json").exists():
         raise RunDirError(f"output_dir {out} holds a finished run: choose another output_dir (or delete it)")
 
