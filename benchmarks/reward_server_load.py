@@ -1,6 +1,7 @@
 """The reward server under load: N concurrent clients on loopback for a bounded time.
 
     python benchmarks/reward_server_load.py [--clients 32] [--seconds 10] [--batch 8] [--scorer rm|verifier]
+                                            [--slow-clients 256] [--long-request]
 
 The server (reward/server.py, default limits: one scoring call at a time, a queue of 64) runs in its own process,
 scoring with a small distilled RM (a Qwen2 backbone, hidden 128, 3 layers, random weights: the quickstart RM's
@@ -8,6 +9,12 @@ shape; speed does not depend on what it learned) or the rule verifier. Each clie
 connection and posts well-formed ``/score`` batches back to back. Prints requests/s, samples/s, p50/p99 latency,
 the error count (any non-200 answer or socket error; zero expected: the queue is longer than the client count) and
 busy answers; the last line is one JSON object with those figures.
+
+``--slow-clients N`` adds N attackers beside them: sockets that send a request line and then one header line every
+``--slow-interval`` seconds, reconnecting whenever the server closes them (its whole-request deadline, or eviction
+to make room). ``--long-request`` adds one client posting a ~900 KB sample, over the server's token limit, every
+second. The normal clients' error count must stay 0; the figures add how often the attackers were cut off and the
+statuses the over-long requests got (400 expected).
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import http.client
 import json
 import multiprocessing as mp
 import random
+import socket
 import statistics
 import threading
 import time
@@ -40,10 +48,14 @@ def build_scorer(kind: str, threads: int):
     return lambda prompts, responses: [s["quality"] for s in score_texts(model, tokenizer, prompts, responses, 64)]
 
 
+MAX_TOKENS = 512  # the server's limit per prompt + response (the RM's context is longer; any limit shows the point)
+
+
 def serve(kind: str, threads: int, max_queue: int, port_box) -> None:
     from reward.server import make_reward_server
 
-    server = make_reward_server(build_scorer(kind, threads), max_queue=max_queue)
+    server = make_reward_server(build_scorer(kind, threads), max_queue=max_queue,
+                                count_tokens=lambda p, r: len(p) + len(r) + 1, max_tokens=MAX_TOKENS)  # char tokens
     port_box.put(server.server_address[1])
     server.serve_forever(poll_interval=0.1)
 
@@ -73,6 +85,45 @@ def client(port: int, batch: int, until: float, seed: int, latencies: list, erro
     conn.close()
 
 
+def slow_client(port: int, interval_s: float, until: float, cut: list) -> None:
+    """Trickle a request's headers; count each time the server closes the connection, and start again."""
+    while time.monotonic() < until:
+        sock = None
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\n")
+            while time.monotonic() < until:
+                time.sleep(interval_s)
+                sock.sendall(b"X-Slow: 1\r\n")
+                sock.settimeout(0.001)
+                try:
+                    if sock.recv(4096) == b"":
+                        raise ConnectionResetError
+                except TimeoutError:
+                    pass
+        except OSError:
+            cut.append(1)
+            time.sleep(0.05)
+        finally:
+            if sock is not None:
+                sock.close()
+
+
+def long_client(port: int, until: float, statuses: list) -> None:
+    """One ~900 KB response (under the 1 MB body limit, far over the token limit) every second."""
+    body = json.dumps({"prompts": ["1+1="], "responses": ["9" * 900_000]})
+    while time.monotonic() < until:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            conn.request("POST", "/score", body, {"Content-Type": "application/json"})
+            statuses.append(conn.getresponse().status)
+        except (OSError, http.client.HTTPException) as err:
+            statuses.append(type(err).__name__)
+        finally:
+            conn.close()
+        time.sleep(1.0)
+
+
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
@@ -85,6 +136,9 @@ def main() -> None:
     parser.add_argument("--scorer", choices=("rm", "verifier"), default="rm")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server's RM")
     parser.add_argument("--max-queue", type=int, default=64, help="the server's queue limit")
+    parser.add_argument("--slow-clients", type=int, default=0, help="attackers trickling headers (see above)")
+    parser.add_argument("--slow-interval", type=float, default=2.0, help="seconds between their header lines")
+    parser.add_argument("--long-request", action="store_true", help="add a client posting an over-long sample")
     args = parser.parse_args()
 
     ctx = mp.get_context("spawn")
@@ -98,6 +152,16 @@ def main() -> None:
         busy: list[str] = []
         start = time.monotonic()
         until = start + args.seconds
+        cut: list[int] = []
+        long_statuses: list = []
+        attackers = [threading.Thread(target=slow_client, args=(port, args.slow_interval, until, cut), daemon=True)
+                     for _ in range(args.slow_clients)]
+        if args.long_request:
+            attackers.append(threading.Thread(target=long_client, args=(port, until, long_statuses), daemon=True))
+        for t in attackers:  # first, so they hold the slots when the normal clients come
+            t.start()
+        time.sleep(1.0 if attackers else 0.0)
+        start = time.monotonic()  # the normal clients' time, from here to ``until``
         threads = [threading.Thread(target=client, args=(port, args.batch, until, k, latencies, errors, busy))
                    for k in range(args.clients)]
         for t in threads:
@@ -105,6 +169,8 @@ def main() -> None:
         for t in threads:
             t.join()
         wall = time.monotonic() - start  # includes the last requests in flight at the deadline
+        for t in attackers:
+            t.join(10)
     finally:
         server.terminate()
         server.join(10)
@@ -116,12 +182,17 @@ def main() -> None:
         "samples_per_s": round(len(latencies) * args.batch / wall, 1),
         "p50_ms": round(percentile(ms, 50), 1), "p99_ms": round(percentile(ms, 99), 1),
         "errors": len(errors), "busy": len(busy),
+        "slow_clients": args.slow_clients, "slow_cut": len(cut),
+        "long_request_statuses": sorted({str(s) for s in long_statuses}), "long_requests": len(long_statuses),
     }
     print(f"reward server load: {args.clients} clients x {args.seconds:g} s, {args.batch} samples per request, "
           f"scorer {args.scorer}")
     print(f"{'requests/s':>12} {'samples/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'busy':>5}")
     print(f"{figures['requests_per_s']:>12} {figures['samples_per_s']:>10} {figures['p50_ms']:>8} "
           f"{figures['p99_ms']:>8} {figures['errors']:>7} {figures['busy']:>5}")
+    if args.slow_clients or args.long_request:
+        print(f"{args.slow_clients} slow clients cut off {len(cut)} times; {len(long_statuses)} over-long requests "
+              f"answered {figures['long_request_statuses']}")
     for line in errors[:3]:
         print("error:", line)
     print(json.dumps(figures))

@@ -20,10 +20,9 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
+from rlhf.base.http_client import RedirectRefused, credential_opener
+
 logger = logging.getLogger(__name__)
-
-_LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
-
 
 class RemoteRewardClient:
     """Scores (prompt, response) pairs on a reward server.
@@ -48,10 +47,8 @@ class RemoteRewardClient:
             if self._token is None:
                 raise ValueError(f"environment variable {token_env} (the reward server token) is not set")
         self.timeout_s, self.retries, self.batch_size, self.backoff_s = timeout_s, retries, batch_size, backoff_s
-        # A reward server on this machine must not be sent through an http_proxy from the environment (common on
-        # clusters); remote ones follow the environment as any HTTP client would.
-        handlers = [urllib.request.ProxyHandler({})] if parsed.hostname in _LOOPBACK_HOSTS else []
-        self._opener = urllib.request.build_opener(*handlers)
+        # Redirects are refused (the token would follow them); a local server bypasses http_proxy.
+        self._opener = credential_opener(parsed.hostname)
 
     def __repr__(self) -> str:  # never show the token
         return f"RemoteRewardClient({self.url!r}, token={'set' if self._token else 'none'})"
@@ -92,6 +89,8 @@ class RemoteRewardClient:
             try:
                 with self._opener.open(request, timeout=self.timeout_s) as response:
                     raw = response.read()
+            except RedirectRefused as err:
+                raise RuntimeError(f"reward server {self.url}: {err.reason}") from None
             except urllib.error.HTTPError as err:
                 retry_after = _seconds(err.headers.get("Retry-After"))  # a busy server (503) says when to come back
                 problem = f"HTTP {err.code}: {_error_message(err)}"

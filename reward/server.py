@@ -42,14 +42,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from rlhf.base.http_server import BackgroundHTTPServer
+from rlhf.base.http_server import BackgroundHTTPServer, GuardedHandler, parse_json
 
 logger = logging.getLogger(__name__)
 
 ScoreFn = Callable[[list[str], list[str]], Sequence[float]]
+CountTokensFn = Callable[[str, str], int]  # (prompt, response) -> the tokens the model would read
 
 # After refusing a request without reading its body (oversized, no token, wrong path) we still read and discard,
 # never keep, up to this much of it for at most _DRAIN_TIMEOUT_S: an HTTP/1.x client sends its whole body before
@@ -60,6 +60,9 @@ _DRAIN_LIMIT_BYTES = 16 * 1024 * 1024
 _DRAIN_TIMEOUT_S = 2.0
 # A client that announces a body and then stalls must not hold a handler thread forever.
 _SOCKET_TIMEOUT_S = 60.0
+# No token spans more characters than this (Qwen2.5's longest is 128 bytes); a text longer than limit * this many
+# characters is over the limit without being tokenized (tokenizing 1 MB costs a second of the server's CPU).
+_MAX_CHARS_PER_TOKEN = 256
 
 
 class _RequestError(Exception):
@@ -86,9 +89,11 @@ class RewardServer(BackgroundHTTPServer):
 
     def __init__(self, address: tuple[str, int], score_fn: ScoreFn, token: str | None,
                  max_request_bytes: int, max_batch: int, max_concurrency: int = 1, max_queue: int = 64,
-                 queue_timeout_s: float = 30.0, max_connections: int = 256):
+                 queue_timeout_s: float = 30.0, max_connections: int = 256,
+                 count_tokens: CountTokensFn | None = None, max_tokens: int | None = None):
         super().__init__(address, _RewardHandler, max_connections)
         self.score_fn = score_fn
+        self.count_tokens, self.max_tokens = count_tokens, max_tokens
         # Compare bytes so hmac.compare_digest accepts any token, not only ASCII ones.
         self.token_bytes = token.encode("utf-8") if token else None
         self.max_request_bytes = max_request_bytes
@@ -119,7 +124,7 @@ class RewardServer(BackgroundHTTPServer):
                 self._admitted -= 1
 
 
-class _RewardHandler(BaseHTTPRequestHandler):
+class _RewardHandler(GuardedHandler):
     server: RewardServer
     timeout = _SOCKET_TIMEOUT_S
     server_version = "distilrl-reward/1"
@@ -176,6 +181,7 @@ class _RewardHandler(BaseHTTPRequestHandler):
             self._check_token()  # before reading anything: unauthenticated clients cost us no body reads
             body = self._read_json_body()
             return getattr(self, handler)(body)
+        self.request_received()
         return getattr(self, handler)()
 
     def _check_token(self) -> None:
@@ -212,13 +218,14 @@ class _RewardHandler(BaseHTTPRequestHandler):
             self._body_read = self.close_connection = True
             raise _RequestError(HTTPStatus.BAD_REQUEST, f"body not received: {type(err).__name__}") from None
         self._body_read = True
+        self.request_received()
         if len(raw) != length:
             self.close_connection = True
             raise _RequestError(HTTPStatus.BAD_REQUEST, f"body ended after {len(raw)} of {length} bytes")
         try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise _RequestError(HTTPStatus.BAD_REQUEST, f"malformed JSON: {_one_line(str(err))}")
+            return parse_json(raw)
+        except ValueError as err:
+            raise _RequestError(HTTPStatus.BAD_REQUEST, f"malformed JSON: {err}") from None
 
     # ---- endpoints ----
 
@@ -253,6 +260,7 @@ class _RewardHandler(BaseHTTPRequestHandler):
                                 f"batch of {n} samples is over the limit of {self.server.max_batch}")
         if n == 0:
             return {"rewards": []}
+        self._check_lengths(prompts, responses)
         try:
             with self.server.scoring_turn():
                 raw = self.server.score_fn(prompts, responses)
@@ -271,6 +279,23 @@ class _RewardHandler(BaseHTTPRequestHandler):
                 # JSON has no NaN/Infinity; and a NaN reward would silently poison the advantage estimates.
                 raise _RequestError(HTTPStatus.INTERNAL_SERVER_ERROR, f"score_fn returned {reward} at index {i}")
         return {"rewards": rewards}
+
+    def _check_lengths(self, prompts: list[str], responses: list[str]) -> None:
+        """One over-long sample would keep the model busy for minutes while every other client waits: refuse it
+        (400, naming the limit) before it takes a scoring turn."""
+        count, limit = self.server.count_tokens, self.server.max_tokens
+        if count is None or limit is None:
+            return
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            if len(prompt) + len(response) > limit * _MAX_CHARS_PER_TOKEN:
+                tokens = f"more than {limit}"  # too long to be worth tokenizing
+            else:
+                n = count(prompt, response)
+                if n <= limit:
+                    continue
+                tokens = str(n)
+            raise _RequestError(HTTPStatus.BAD_REQUEST, f"sample {i} has {tokens} tokens, over this server's limit "
+                                f"of {limit} tokens per prompt + response")
 
     # ---- responses and logging ----
 
@@ -351,27 +376,31 @@ def _same_length(a: tuple[str, list[str]], b: tuple[str, list[str]]) -> None:
 
 def make_reward_server(score_fn: ScoreFn, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
                        max_request_bytes: int = 1_000_000, max_batch: int = 1024, max_concurrency: int = 1,
-                       max_queue: int = 64, queue_timeout_s: float = 30.0, max_connections: int = 256
-                       ) -> RewardServer:
+                       max_queue: int = 64, queue_timeout_s: float = 30.0, max_connections: int = 256,
+                       count_tokens: CountTokensFn | None = None, max_tokens: int | None = None) -> RewardServer:
     """Bind a reward server (not yet serving): call ``.start()`` for a background thread or ``.serve_forever()``.
 
     ``port=0`` lets the OS pick a free port (see ``.url``). ``token``, when given, is required on the scoring
     endpoints as ``Authorization: Bearer <token>``. ``max_concurrency``: scoring calls at once (raise it only for
     a thread-safe ``score_fn``); ``max_queue``, ``queue_timeout_s``: how many requests may wait, and how long,
-    before the answer is 503 busy; ``max_connections``: open connections (one thread each).
+    before the answer is 503 busy; ``max_connections``: open connections (one thread each). ``count_tokens`` and
+    ``max_tokens``: a sample (prompt + response) of more tokens is refused with 400.
     """
     if min(max_request_bytes, max_batch, max_concurrency, max_connections) <= 0 or max_queue < 0 \
             or queue_timeout_s <= 0:
         raise ValueError("max_request_bytes, max_batch, max_concurrency, max_connections and queue_timeout_s must "
                          "be positive and max_queue non-negative")
+    if max_tokens is not None and (max_tokens <= 0 or count_tokens is None):
+        raise ValueError("max_tokens must be positive and needs count_tokens")
     return RewardServer((host, port), score_fn, token or None, max_request_bytes, max_batch, max_concurrency,
-                        max_queue, queue_timeout_s, max_connections)
+                        max_queue, queue_timeout_s, max_connections, count_tokens, max_tokens)
 
 
 def serve_reward(score_fn: ScoreFn, host: str = "127.0.0.1", port: int = 5000, token: str | None = None,
                  max_request_bytes: int = 1_000_000, max_batch: int = 1024, **limits) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM turned into KeyboardInterrupt), then release the port.
-    ``limits``: ``make_reward_server``'s max_concurrency, max_queue, queue_timeout_s, max_connections."""
+    ``limits``: ``make_reward_server``'s max_concurrency, max_queue, queue_timeout_s, max_connections, count_tokens,
+    max_tokens."""
     server = make_reward_server(score_fn, host, port, token, max_request_bytes, max_batch, **limits)
     if not token and host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("reward server on %s has no token: anyone who can reach it can use it", host)

@@ -388,7 +388,7 @@ class Trainer:
 
     def _checkpoint_to_resume(self, cfg: RunConfig) -> checkpoints.Checkpoint | None:
         """The newest complete checkpoint in output_dir, once the config is checked against its own."""
-        checkpoint = checkpoints.newest_checkpoint(cfg.output_dir)
+        checkpoint = checkpoints.newest_usable_checkpoint(cfg.output_dir, self.log)  # damaged: the one before
         if checkpoint is None:
             self.log(f"no complete checkpoint in {cfg.output_dir}: starting the run from the beginning")
             return None

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--token-env", help="environment variable holding a bearer token clients must send")
     cmd.add_argument("--max-queue", type=int, default=64,
                      help="requests that may wait for scoring; beyond that the answer is 503 busy (default 64)")
+    cmd.add_argument("--max-tokens", type=int, help="longest prompt + response in tokens; longer samples get 400 "
+                     "(default: the model's max_position_embeddings)")
     cmd = commands.add_parser("serve", help="serve a policy checkpoint over an OpenAI-compatible API on 127.0.0.1")
     cmd.add_argument("checkpoint", help="a policy directory in Hugging Face format (a run's policy/)")
     cmd.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -188,21 +190,38 @@ def _eval_rm(args) -> int:
 def _serve_rm(args) -> int:
     from transformers import AutoTokenizer
 
-    from reward.model import DistilledRewardModel, score_texts
+    from reward.model import DistilledRewardModel, encode_pair, score_texts
     from reward.server import serve_reward
+    from rlhf.base.models import check_model_dir
 
-    model = DistilledRewardModel.from_pretrained(args.rm_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.rm_dir)
+    _check_serve_args(args)
+    check_model_dir(args.rm_dir, "RM_DIR (a run's reward_model/)", "ForSequenceClassification")
     token = os.environ.get(args.token_env) if args.token_env else None
     if args.token_env and not token:
         raise FileNotFoundError(f"environment variable {args.token_env} is not set")
+    model = DistilledRewardModel.from_pretrained(args.rm_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.rm_dir)
+    # Longer samples than the model's positions cannot be scored as trained; refusing them also bounds a request.
+    limit = args.max_tokens or getattr(model.config, "max_position_embeddings", None) or 4096
     serve_reward(lambda p, r: [s["quality"] for s in score_texts(model, tokenizer, p, r, 64)], args.host, args.port,
-                 token, max_queue=args.max_queue)
+                 token, max_queue=args.max_queue, count_tokens=lambda p, r: len(encode_pair(tokenizer, p, r)),
+                 max_tokens=limit)
     return 0
+
+
+def _check_serve_args(args) -> None:
+    from rlhf.base.config import ConfigError
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port} is not a port number (0-65535)")
+    if getattr(args, "max_tokens", None) is not None and args.max_tokens <= 0:
+        raise ConfigError(f"--max-tokens {args.max_tokens} must be positive")
 
 
 def _serve(args) -> int:
     from rlhf.serve import serve
+
+    _check_serve_args(args)
 
     serve(args.checkpoint, args.host, args.port)
     return 0

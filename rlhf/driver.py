@@ -11,6 +11,7 @@ from pathlib import Path
 
 from rlhf.base.chat import template_override
 from rlhf.base.config import ConfigError, RunConfig, save_config
+from rlhf.base.checkpoint import output_dir_problem
 from rlhf.base.data import DatasetError, PromptRow, load_rows, usable_rows
 from rlhf.base.models import build_student, build_tokenizer, check_model_dir, load_student
 from rlhf.base.models import load_tokenizer as load_model_tokenizer
@@ -97,6 +98,8 @@ class StageTimer:
 
 def refuse_finished_run(cfg: RunConfig) -> None:
     out = Path(cfg.output_dir)
+    if problem := output_dir_problem(out):
+        raise RunDirError(problem)
     if (out / "summary.json").exists():
         raise RunDirError(f"output_dir {out} holds a finished run: choose another output_dir (or delete it)")
 

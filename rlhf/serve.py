@@ -29,19 +29,20 @@ import threading
 import time
 import uuid
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rlhf.base.http_server import BackgroundHTTPServer
+from rlhf.base.http_server import BackgroundHTTPServer, GuardedHandler, parse_json
 from rollout.engine import generate
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256  # when the request names none; also capped by the context left after the prompt
 MAX_N = 64
+MAX_SEED = 2**63 - 1  # torch's generator takes a 64-bit seed
+_MAX_CHARS_PER_TOKEN = 256  # no token spans more characters (Qwen2.5's longest is 128 bytes)
 # After refusing an oversized body, read and discard (up to a bound) what the client is still sending: closing a
 # socket with unread input resets the connection, and the client would see "connection reset", not our 413.
 _DRAIN_LIMIT_BYTES = 16 * 1024 * 1024
@@ -79,7 +80,7 @@ class PolicyServer(BackgroundHTTPServer):
             self.request_count += 1
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(GuardedHandler):
     server: PolicyServer
     timeout = _SOCKET_TIMEOUT_S
     server_version = "distilrl-policy/1"
@@ -118,6 +119,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise _ApiError(HTTPStatus.NOT_FOUND, f"unknown path {path!r}: use /v1/chat/completions or /v1/models")
         if self.command != method:
             raise _ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} accepts {method} only")
+        if method == "GET":
+            self.request_received()
         if path == "/health":
             return {"status": "ok"}
         if path == "/v1/models":
@@ -142,14 +145,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._drain = length
             raise _ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                             f"request body of {length} bytes is over the limit of {self.server.max_request_bytes}")
-        raw = self.rfile.read(length)
+        try:
+            raw = self.rfile.read(length)
+        except OSError as err:  # the client reset the connection, or missed the server's deadline
+            self.close_connection = True
+            raise _ApiError(HTTPStatus.BAD_REQUEST, f"request body not received: {type(err).__name__}") from None
+        self.request_received()
         if len(raw) != length:
             self.close_connection = True
             raise _ApiError(HTTPStatus.BAD_REQUEST, f"request body ended after {len(raw)} of {length} bytes")
         try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise _ApiError(HTTPStatus.BAD_REQUEST, f"malformed JSON body: {_one_line(err)}") from None
+            return parse_json(raw)
+        except ValueError as err:
+            raise _ApiError(HTTPStatus.BAD_REQUEST, f"malformed JSON body: {err}") from None
 
     # ---- the completion ----
 
@@ -161,22 +169,28 @@ class _Handler(BaseHTTPRequestHandler):
         messages = _messages(body.get("messages"))
         temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
         n = _integer(body, "n", 1, 1, MAX_N)
-        seed = body.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise _ApiError(HTTPStatus.BAD_REQUEST, "seed must be an integer", "seed")
+        seed = _integer(body, "seed", None, 0, MAX_SEED)
         max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         requested = _integer(body, max_key, None, 1, None)
 
         server = self.server
+        chars = sum(len(m["content"]) for m in messages)
+        if server.context_length and chars > server.context_length * _MAX_CHARS_PER_TOKEN:
+            # Surely over the context, and tokenizing it would hold the model's lock for a while: refuse it now.
+            raise _ApiError(HTTPStatus.BAD_REQUEST, f"the messages hold {chars} characters: more than this model's "
+                            f"maximum context length of {server.context_length} tokens", "messages")
         with server.generate_lock:  # tokenizer and model together: neither is guaranteed thread-safe
             prompt = self._render(messages)
             prompt_tokens = len(server.tokenizer(prompt, add_special_tokens=False).input_ids)
             max_tokens = self._max_tokens(prompt_tokens, requested, max_key)
-            if seed is not None:
-                torch.manual_seed(seed)
             try:
-                samples = generate(server.model, server.tokenizer, [prompt], n=n, max_new_tokens=max_tokens,
-                                   temperature=temperature or 1.0, greedy=temperature == 0)
+                # A seeded request samples from its own generator state: the global RNG (what unseeded requests
+                # draw from) is put back as it was, so one client's seed never changes another's samples.
+                with torch.random.fork_rng(devices=[], enabled=seed is not None):
+                    if seed is not None:
+                        torch.manual_seed(seed)
+                    samples = generate(server.model, server.tokenizer, [prompt], n=n, max_new_tokens=max_tokens,
+                                       temperature=temperature or 1.0, greedy=temperature == 0)
             except Exception as err:
                 logger.exception("generation failed")
                 raise _ApiError(HTTPStatus.INTERNAL_SERVER_ERROR,

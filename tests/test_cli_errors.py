@@ -77,6 +77,8 @@ def damaged_student(tmp, models, how):
         config = json.loads((model / "config.json").read_text())
         (model / "config.json").write_text(json.dumps({**config, "model_type": "nosuchmodel",
                                                        "architectures": ["NoSuchForCausalLM"]}))
+    elif how == "config_list":
+        (model / "config.json").write_text("[1, 2]")
     elif how == "no_tokenizer":
         for name in model.iterdir():
             if "token" in name.name or name.name == "vocab.json":
@@ -96,6 +98,18 @@ def jsonl_task(tmp: Path, content: bytes | list, eval_rows: list | None = None) 
     return ["task.name=jsonl", f"task.train_file={train}", f"task.eval_file={held_out}"]
 
 
+def csv_task(tmp: Path, content: bytes) -> list[str]:
+    train = tmp / "train.csv"
+    train.write_bytes(content)
+    return ["task.name=jsonl", f"task.train_file={train}", f"task.eval_file={train}"]
+
+
+def binary_file(tmp: Path, content: bytes) -> Path:
+    path = tmp / "bad.yaml"
+    path.write_bytes(content)
+    return path
+
+
 def yaml_file(tmp: Path, text: str) -> Path:
     path = tmp / "bad.yaml"
     path.write_text(text)
@@ -109,6 +123,18 @@ CLI_CASES = [
      ["bad.yaml is not valid YAML"]),
     ("yaml_not_a_mapping", lambda t, m: (yaml_file(t, "- a\n- b\n"), []), ["must hold a mapping", "list"]),
     ("config_file_missing", lambda t, m: (t / "nowhere.yaml", []), ["nowhere.yaml does not exist"]),
+    ("config_path_is_a_directory", lambda t, m: (t, []), ["is a directory", "give the YAML file in it"]),
+    ("binary_config", lambda t, m: (binary_file(t, bytes(range(256)) * 4), []), ["is not UTF-8 text"]),
+    ("utf16_config", lambda t, m: (binary_file(t, "trainer: {lr: 0.01}\n".encode("utf-16")), []),
+     ["is not UTF-8 text", "UTF-16"]),
+    ("infinite_lr", lambda t, m: (None, ["trainer.lr=inf"]), ["trainer.lr", "finite number"]),
+    ("nan_kl", lambda t, m: (None, ["algorithm.kl_coef=.nan"]), ["algorithm.kl_coef", "finite number"]),
+    ("infinite_reward_weight", lambda t, m: (None, ["reward.components={verifier: .inf}"]),
+     ["reward.components.verifier", "finite number"]),
+    ("output_dir_is_a_file", lambda t, m: (None, [f"output_dir={binary_file(t, b'x')}"]),
+     ["bad.yaml is a file, not a directory"]),
+    ("output_dir_under_a_file", lambda t, m: (None, [f"output_dir={binary_file(t, b'x') / 'run'}"]),
+     ["cannot be made", "bad.yaml is a file"]),
     ("unknown_key", lambda t, m: (None, ["trainer.zero_stagee=3"]), ["trainer.zero_stagee", "unknown key"]),
     ("unknown_section", lambda t, m: (None, ["nosuchsection.key=1"]), ["nosuchsection", "unknown key"]),
     ("bad_enum_value", lambda t, m: (None, ["trainer.zero_stage=5"]), ["trainer.zero_stage"]),
@@ -150,6 +176,10 @@ CLI_CASES = [
     ("not_json", lambda t, m: (None, jsonl_task(t, b'{"prompt": "1+1=", answer: 2}\n')), ["not valid JSON"]),
     ("json_array_row", lambda t, m: (None, jsonl_task(t, [["1+1=", "2"]])), ["is a JSON list"]),
     ("empty_file", lambda t, m: (None, jsonl_task(t, b"\n\n")), ["holds no rows"]),
+    ("garbage_csv", lambda t, m: (None, csv_task(t, b'prompt,answer\n"1+1=,2\n3,"4\n\x00garbage",,,,\n')),
+     ["cannot read", "as csv (ParserError", "Expected 2 fields in line 3"]),
+    ("binary_csv", lambda t, m: (None, csv_task(t, bytes(range(128, 256)) * 8)),
+     ["as csv (UnicodeDecodeError"]),
     ("missing_file", lambda t, m: (None, ["task.name=jsonl", f"task.train_file={t / 'no.jsonl'}",
                                           f"task.eval_file={t / 'no.jsonl'}"]), ["no.jsonl does not exist"]),
     ("over_long_prompts", lambda t, m: (None, jsonl_task(t, [{"prompt": "1+" * 80 + "1=", "answer": "81"}] * 4)),
@@ -173,6 +203,8 @@ CLI_CASES = [
      ["safetensors"]),
     ("unknown_model_type", lambda t, m: (None, damaged_student(t, m, "unknown_model_type")),
      ["cannot load the model in", "nosuchmodel"]),
+    ("model_config_a_list", lambda t, m: (None, damaged_student(t, m, "config_list")),
+     ["config.json holds a JSON list, not the object save_pretrained writes"]),
     ("model_without_tokenizer", lambda t, m: (None, damaged_student(t, m, "no_tokenizer")),
      ["has no tokenizer (tokenizer.json"]),
     ("reward_model_given_as_policy", lambda t, m: (None, [f"model.model_name_or_path={m['rm']}"]),
@@ -238,6 +270,58 @@ def test_console_script_exit_status_and_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["distilrl: error: config key nosuchsection: unknown key (check the "
                                                   "spelling against rlhf/base/config.py)"]
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_first(tmp_path, capsys, monkeypatch):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.geteuid() == 0:  # root writes anywhere: stand in for the permission the kernel would refuse
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    try:
+        assert main(["run", TINY, f"output_dir={locked / 'run'}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert one_line(err) and f"output_dir {locked / 'run'} (nor its parent {locked}) is not writable" in err
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o700)
+
+
+@pytest.fixture
+def busy_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        yield sock.getsockname()[1]
+
+
+# (id, make(tmp, models, busy port) -> argv, expected parts of the one-line message)
+SERVE_CASES = [
+    ("serve_rm_missing_dir", lambda t, m, p: ["serve-rm", str(t / "nope")], ["nope does not exist", "RM_DIR"]),
+    ("serve_rm_on_a_policy", lambda t, m, p: ["serve-rm", str(m["student"])],
+     ["holds a Qwen2ForCausalLM, not a *ForSequenceClassification model"]),
+    ("serve_rm_port_in_use", lambda t, m, p: ["serve-rm", str(m["rm"]), "--port", str(p)],
+     ["cannot listen on 127.0.0.1:{p}", "choose another --port"]),
+    ("serve_rm_bad_port", lambda t, m, p: ["serve-rm", str(m["rm"]), "--port", "70000"], ["is not a port number"]),
+    ("serve_rm_bad_max_tokens", lambda t, m, p: ["serve-rm", str(m["rm"]), "--max-tokens", "0"],
+     ["--max-tokens 0 must be positive"]),
+    ("serve_port_in_use", lambda t, m, p: ["serve", str(m["student"]), "--port", str(p)],
+     ["cannot listen on 127.0.0.1:{p}"]),
+    ("serve_missing_dir", lambda t, m, p: ["serve", str(t / "nope")], ["nope does not exist"]),
+    ("serve_on_a_reward_model", lambda t, m, p: ["serve", str(m["rm"])], ["not a *ForCausalLM model"]),
+]
+
+
+@pytest.mark.parametrize("make, expected", [c[1:] for c in SERVE_CASES], ids=[c[0] for c in SERVE_CASES])
+def test_bad_input_to_the_servers(make, expected, tmp_path, good_models, busy_port, capsys):
+    assert main(make(tmp_path, good_models, busy_port)) == 2
+    err = capsys.readouterr().err.strip()
+    assert one_line(err) and err.startswith("distilrl: error: "), err
+    for part in expected:
+        assert part.replace("{p}", str(busy_port)) in err, (part, err)
 
 
 # --------------------------------------------------------------------------------- teachers, server, reward fns

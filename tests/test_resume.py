@@ -249,3 +249,43 @@ def test_resuming_a_finished_run_says_so_and_trains_nothing(straight, capsys):
     assert main(["run", TINY, f"output_dir={straight}", *RUN, "--resume"]) == 0
     assert "holds a finished run (4 RL steps): nothing to resume" in capsys.readouterr().out
     assert ((straight / "metrics.jsonl").read_text(), (straight / "summary.json").read_text()) == before
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))  # unpickling would create the marker file
+
+
+def test_a_tampered_checkpoint_is_refused_and_a_damaged_one_passed_over(straight, tmp_path, capsys):
+    import shutil
+
+    from rlhf.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    (out / "summary.json").unlink()  # as if killed after step 4, before the end of the run
+    step_2 = out / "checkpoints" / "step_2"
+    model_states = sorted((step_2 / "trainer").rglob("*model_states.pt"))[0]
+    original = model_states.read_bytes()
+    state = torch.load(model_states, weights_only=False)
+    state["module_hook"] = _Payload(tmp_path / "ran")
+    torch.save(state, model_states)
+    before = (out / "metrics.jsonl").read_text()
+    assert main(["run", TINY, f"output_dir={out}", *RUN, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model_states.pt holds objects a checkpoint never holds" in err
+    assert not (tmp_path / "ran").exists() and (out / "metrics.jsonl").read_text() == before
+
+    # A newer checkpoint whose rng.pt is damaged: passed over, with a warning, for step 2.
+    model_states.write_bytes(original)
+    step_4 = out / "checkpoints" / "step_4"
+    shutil.copytree(step_2, step_4)
+    (step_4 / STATE_FILE).write_text(json.dumps({**json.loads((step_2 / STATE_FILE).read_text()), "step": 4}))
+    (step_4 / RNG_FILE).write_bytes(b"\x00" * 64)
+    assert main(["run", TINY, f"output_dir={out}", *RUN, "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: checkpoint step 4 is damaged" in printed and "from step 2" in printed
+    assert [without_timings(m) for m in metrics(out)] == [without_timings(m) for m in metrics(straight)]

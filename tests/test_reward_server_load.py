@@ -116,6 +116,7 @@ def test_client_retries_a_busy_server_after_retry_after():
 
 def test_connections_over_the_cap_get_503_without_a_thread():
     with make_reward_server(lambda p, r: [0.0] * len(p), max_connections=2) as server:
+        server.evict_after_s = 60.0  # the idle connections are too young to be closed for the newcomer
         server.start()
         idle = [socket.create_connection(server.server_address[:2]) for _ in range(2)]  # hold both slots
         try:

@@ -77,3 +77,31 @@ def test_a_ranks_state_round_trips_exactly(one_rank, tmp_path):
     assert again["losses/policy_loss"] == expected_next["losses/policy_loss"]
     assert again["losses/grad_norm"] == expected_next["losses/grad_norm"]
     assert all(torch.equal(v, expected_weights[k]) for k, v in one_rank.engine.module.state_dict().items())
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))  # unpickling would create the marker file
+
+
+def test_deepspeed_state_holding_a_pickled_payload_is_refused_and_never_runs(one_rank, tmp_path):
+    """DeepSpeed reads its files with torch.load(weights_only=False); the rank forces the safe loader."""
+    import glob
+
+    import torch
+
+    from rlhf.base.safe_load import UnsafeCheckpointError
+
+    one_rank.save_state(str(tmp_path / "trainer"))
+    one_rank.load_state(str(tmp_path / "trainer"))  # the real state passes the allow-list
+    [model_states] = glob.glob(str(tmp_path / "trainer" / "**" / "*model_states.pt"), recursive=True)
+    state = torch.load(model_states, weights_only=False)
+    state["module_hook"] = _Payload(tmp_path / "ran")
+    torch.save(state, model_states)
+    with pytest.raises(UnsafeCheckpointError, match="model_states.pt holds objects"):
+        one_rank.load_state(str(tmp_path / "trainer"))
+    assert not (tmp_path / "ran").exists()
+    assert torch.load is torch.serialization.load  # the patch is undone after a refusal too

@@ -18,9 +18,11 @@ from typing import Any
 CACHE_FILE = "judge_cache.jsonl"
 
 
-def request_key(payload: dict[str, Any]) -> str:
-    """A stable hash of what determines the reply (model, messages, sampling settings)."""
-    canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+def request_key(payload: dict[str, Any], endpoint: str) -> str:
+    """A stable hash of what determines the reply: the endpoint (two servers may report the same model name and
+    still judge differently) and the request (model, messages, sampling settings)."""
+    canonical = json.dumps({"endpoint": endpoint, "request": payload}, sort_keys=True, ensure_ascii=False,
+                           separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 

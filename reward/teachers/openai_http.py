@@ -29,6 +29,7 @@ from reward.teachers.base import Verdict, check_rows, failed, one_line
 from reward.teachers.cache import ReplyCache, request_key
 from reward.teachers.parsing import parse_verdict
 from reward.teachers.prompts import JSON_INSTRUCTION, SYSTEM, rubric
+from rlhf.base.http_client import RedirectRefused, credential_opener
 
 _MAX_RETRY_AFTER_S = 60.0  # a server asking us to wait longer than this is treated as asking for the maximum
 
@@ -59,6 +60,7 @@ class OpenAITeacher:
         self.timeout_s = timeout_s
         self.max_tokens, self.temperature = max_tokens, temperature
         self.cache = ReplyCache(cache_dir) if cache_dir is not None else None
+        self._opener = credential_opener(urllib.parse.urlsplit(self.url).hostname)  # never follows a redirect
         self._stats_lock = threading.Lock()
         self.stats = {"http_requests": 0, "retries": 0, "cache_hits": 0, "failed_rows": 0}
 
@@ -69,7 +71,7 @@ class OpenAITeacher:
     def judge(self, prompts: list[str], responses: list[str], references: list[str | None]) -> list[Verdict]:
         check_rows(prompts, responses, references)
         payloads = [self._payload(p, r, ref) for p, r, ref in zip(prompts, responses, references)]
-        keys = [request_key(p) for p in payloads]
+        keys = [request_key(p, self.url) for p in payloads]
         replies: dict[str, str | _RequestFailed] = {}
         todo: dict[str, dict[str, Any]] = {}  # one request per distinct key, however many rows share it
         for key, payload in zip(keys, payloads):
@@ -119,9 +121,11 @@ class OpenAITeacher:
             self._count("http_requests")
             try:
                 request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as answer:
+                with self._opener.open(request, timeout=self.timeout_s) as answer:
                     raw = answer.read()
                 return self._content(raw)
+            except RedirectRefused as err:
+                raise _RequestFailed(self._redact(f"judge server {self.url}: {err.reason}")) from None
             except urllib.error.HTTPError as err:
                 detail = _error_detail(err)
                 reason = f"HTTP {err.code} from the judge server: {detail}"

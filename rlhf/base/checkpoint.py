@@ -40,3 +40,19 @@ def write_json_atomic(path: str | Path, data: object) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def output_dir_problem(path: str | Path) -> str | None:
+    """Why a run could not write into ``path`` (a file is in the way, or no write permission on the directory or
+    on its nearest existing parent), as one line; None when it can. Checked before anything is written."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"cannot be made: {existing} is a file"
+        return f"output_dir {path} {where}, not a directory: choose another output_dir"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f" (nor its parent {existing})"
+        return f"output_dir {path}{where} is not writable: choose an output_dir you can write to"
+    return None

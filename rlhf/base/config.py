@@ -443,10 +443,17 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory: give the YAML file in it, e.g. {path}/config.yaml")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not UTF-8 text (a binary file, or UTF-16?): save the config as UTF-8 "
+                              f"YAML") from None
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(data, dict):

@@ -12,7 +12,9 @@ first problem (typically a wrong ``task.*_field`` name, which every row then lac
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -179,11 +181,36 @@ def load_file_rows(path: str | Path, split: str | None, cfg: TaskConfig,
                            f".parquet, .csv or a save_to_disk directory")
     else:
         try:
-            dataset = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train")
+            with _quiet_logger("datasets"):  # it logs the reader's error itself; ours is the one line below
+                dataset = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train")
         except Exception as err:  # noqa: BLE001 - the library's reasons vary by format; one line names the file
-            raise DatasetError(f"cannot read {path} as {_BUILDERS[path.suffix]} "
-                               f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
+            root, kind = _root_cause(err), _BUILDERS[path.suffix]
+            header = " with a header row naming task.prompt_field and task.answer_field" if kind == "csv" else ""
+            raise DatasetError(f"cannot read {path} as {kind} ({type(root).__name__}: "
+                               f"{' '.join(str(root).split())[:200] or 'no detail'}): check that it is {kind}"
+                               f"{header}") from None
     return dataset_rows(dataset, **fields, name=str(path), log=log)
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """``datasets`` wraps the reader's error ("An error occurred while generating the dataset"): the innermost
+    one says what is wrong with the file (a line with too many fields, bytes that are not text)."""
+    seen = {id(err)}
+    while (inner := err.__cause__ or err.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        err = inner
+    return err
 
 
 def load_rows(cfg: TaskConfig, seed: int, train_dataset=None, eval_dataset=None, tokenizer=None,

@@ -62,7 +62,10 @@ def check_model_dir(path: str | Path, key: str = "model.model_name_or_path", kin
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ModelLoadError(f"{path / 'config.json'} is not valid JSON ({_one_line(err)})") from None
-    architectures = config.get("architectures") if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path / 'config.json'} holds a JSON {type(config).__name__}, not the object "
+                             f"save_pretrained writes: re-save or re-copy the model")
+    architectures = config.get("architectures")
     if architectures and not any(str(a).endswith(kind) for a in architectures):
         raise ModelLoadError(f"model directory {path} holds a {', '.join(map(str, architectures))}, not a *{kind} "
                              f"model: set {key} to the right directory")

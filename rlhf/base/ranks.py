@@ -18,6 +18,7 @@ from rlhf.base import cluster, packing
 from rlhf.base.checkpoint import atomic_dir
 from rlhf.base.config import EngineConfig
 from rlhf.base.resume import load_rng_file, set_torch_rng_state, torch_rng_state
+from rlhf.base.safe_load import weights_only_torch_load
 from rlhf.base.worker_pool import get_all
 
 class DeepSpeedRank:
@@ -148,8 +149,9 @@ class DeepSpeedRank:
 
     def load_state(self, path: str) -> None:
         """Restore what ``save_state`` wrote (the same number of ranks and ZeRO stage). Collective."""
-        loaded, _ = self.engine.load_checkpoint(path, tag=_DS_TAG, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+        with weights_only_torch_load():  # DeepSpeed asks torch.load for weights_only=False: never unpickle code
+            loaded, _ = self.engine.load_checkpoint(path, tag=_DS_TAG, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
         if loaded is None:
             raise FileNotFoundError(f"no DeepSpeed state for rank {self.rank} in {path}")
         set_torch_rng_state(load_rng_file(os.path.join(path, f"rng_rank{self.rank}.pt")))

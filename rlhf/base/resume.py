@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf.base import safe_load
 from rlhf.base.config import ConfigError
 
 CHECKPOINTS = "checkpoints"
@@ -81,6 +82,39 @@ def complete_checkpoints(output_dir: str | Path) -> list[Checkpoint]:
 def newest_checkpoint(output_dir: str | Path) -> Checkpoint | None:
     found = complete_checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def newest_usable_checkpoint(output_dir: str | Path, log=print) -> Checkpoint | None:
+    """The newest complete checkpoint whose files all read back safely. A damaged one (a corrupt ``rng.pt``, a
+    truncated DeepSpeed state: a write cut short on another disk, a copy gone wrong) is passed over for the one
+    before it, with a warning; one holding objects a checkpoint never holds (possibly code) is refused:
+    ``ResumeError``, since someone put them there and an older checkpoint from the same hands is no safer."""
+    for checkpoint in reversed(complete_checkpoints(output_dir)):
+        try:
+            check_checkpoint_files(checkpoint.path)
+        except safe_load.UnsafeCheckpointError as e:
+            raise ResumeError(f"cannot resume {output_dir}: {e}") from None
+        except safe_load.DamagedCheckpointError as e:
+            log(f"warning: checkpoint step {checkpoint.step} is damaged, passed over: {e}")
+            continue
+        return checkpoint
+    return None
+
+
+def check_checkpoint_files(path: Path) -> None:
+    """Every ``.pt`` file of a checkpoint is safe to load and readable; ``rng.pt`` is loaded whole (it is small)
+    and the trainer state has a model and an RNG file per rank (a copy that lost files counts as damaged)."""
+    safe_load.check_files(path)
+    rng = load_rng_file(path / RNG_FILE)
+    if not isinstance(rng, dict) or "driver" not in rng or "rollout" not in rng:
+        raise safe_load.DamagedCheckpointError(f"{path / RNG_FILE} does not hold the driver's and the rollout "
+                                               f"workers' RNG states")
+    trainer = path / "trainer"
+    models = list(trainer.rglob("*model_states.pt"))
+    ranks = list(trainer.glob("rng_rank*.pt"))
+    if not models or len(ranks) != len(models):
+        raise safe_load.DamagedCheckpointError(f"{trainer} is incomplete: {len(models)} DeepSpeed model state "
+                                               f"file(s) and {len(ranks)} rank RNG file(s)")
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
@@ -172,7 +206,8 @@ def set_torch_rng_state(state: dict) -> None:
 
 
 def load_rng_file(path: str | Path) -> dict:
-    return torch.load(Path(path), weights_only=True)
+    """An ``rng.pt`` / ``rng_rankN.pt``, read without unpickling code (see rlhf.base.safe_load)."""
+    return safe_load.load_weights_only(Path(path))
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

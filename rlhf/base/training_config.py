@@ -11,7 +11,8 @@ from rlhf.base.algorithms import ADVANTAGE_ESTIMATORS
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Every float must be finite: lr=inf or a NaN weight is accepted by YAML and would fail steps later.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class EngineConfig(_Section):
