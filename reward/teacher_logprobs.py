@@ -7,9 +7,12 @@ at start (``check_same_vocabulary``), else the log-probs would be of other token
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+
+from reward.teachers.openai_http import OpenAITeacher, _RequestFailed
 
 from rlhf.base import algorithms, packing
 from rlhf.base.models import ModelLoadError, load_student, load_tokenizer
@@ -53,3 +56,44 @@ class TeacherLogprobWorker:
 
         can_pack = self.model.config._attn_implementation in packing.PACKABLE_ATTENTION
         return packing.per_token(batch, self.micro_batch_size, self.device, can_pack, compute)
+
+
+class RemoteTeacherLogprobs(OpenAITeacher):
+    """The teacher behind an OpenAI-compatible *completions* endpoint that echoes the prompt's log-probs (vLLM:
+    ``echo: true, logprobs: 0``): each row's token ids are sent as the prompt, so the server scores exactly the
+    student's tokens (it must use the student's tokenizer, which cannot be checked from here). Log-probs are the
+    server's own, at temperature 1. The judge's machinery is reused: retries, bounded concurrency, the on-disk
+    cache keyed by endpoint and ids, redirects refused; a row that fails for good comes back as NaN and is counted
+    (``stats['failed_rows']``), and the update gives it no distillation reward."""
+
+    def __init__(self, base_url: str, model: str, api_key_env: str | None = None, concurrency: int = 4,
+                 cache_dir: str | Path | None = None, **http):
+        super().__init__(base_url, model, api_key_env, concurrency, cache_dir=cache_dir, **http)
+        self.url = self.url[: -len("/chat/completions")] + "/completions"
+
+    def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, L): each row's teacher log-probs (0 at the first token and at padding; NaN for a failed row)."""
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        rows = [ids[:n] for ids, n in zip(batch["input_ids"].tolist(), lengths)]
+        replies = self._replies([{"model": self.model, "prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 0,
+                                  "temperature": 0.0} for ids in rows])
+        out = torch.zeros(batch["input_ids"].shape)
+        for i, (ids, reply) in enumerate(zip(rows, replies)):
+            values = None if isinstance(reply, Exception) else json.loads(reply)
+            if values is None or len(values) < len(ids):
+                out[i] = float("nan")
+                self._count("failed_rows")
+                continue
+            out[i, 1:len(ids)] = torch.tensor([float(v) for v in values[1:len(ids)]])
+        return out
+
+    def _content(self, raw: bytes) -> str:
+        """The echoed prompt's token log-probs, as JSON text (what the cache keeps)."""
+        try:
+            values = json.loads(raw)["choices"][0]["logprobs"]["token_logprobs"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise _RequestFailed("malformed reply from the teacher server (no choices[0].logprobs.token_logprobs)") \
+                from None
+        if not isinstance(values, list) or not all(v is None or isinstance(v, (int, float)) for v in values[1:]):
+            raise _RequestFailed("the teacher server's token_logprobs are not a list of numbers")
+        return json.dumps([None] + values[1:])

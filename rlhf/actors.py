@@ -7,6 +7,7 @@ critic ranks) are DeepSpeed rank groups (rlhf/trainer.py, rlhf/critic.py).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import ray
 
@@ -22,7 +23,7 @@ from rlhf.critic import CriticGroup
 from rlhf.loop import RLLoop
 from rlhf.reward_group import RewardGroup
 from rlhf.rollout_group import RolloutGroup
-from rlhf.teacher_group import TeacherGroup
+from rlhf.teacher_group import make_teacher_group
 from rlhf.trainer import TrainerGroup
 from rlhf.update import PolicyUpdate
 from rollout.engines import ENGINES
@@ -86,8 +87,9 @@ def build_loop(cfg: RunConfig, model_dir: str, tokenizer, rollout: WorkerPool, r
             started.append(critic)
         teacher = None
         if cfg.reward.components.get(TEACHER_KL):
-            check_same_vocabulary(tokenizer, cfg.reward.teacher_model_path)
-            teacher = TeacherGroup(cfg)
+            if not cfg.reward.teacher_url:
+                check_same_vocabulary(tokenizer, cfg.reward.teacher_model_path)
+            teacher = make_teacher_group(cfg, Path(cfg.output_dir) / "teacher_cache")
             started.append(teacher)
         update = PolicyUpdate(cfg, tokenizer.pad_token_id, policy, critic, teacher)
     except Exception:

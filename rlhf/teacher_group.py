@@ -1,10 +1,13 @@
-"""The teacher log-prob workers as one group (on-policy distillation): a batch's rows split across them."""
+"""On-policy distillation's teacher as the update sees it: the local teacher's log-prob workers as one group (a
+batch's rows split across them), or a remote teacher called from the driver."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import ray
 import torch
 
-from reward.teacher_logprobs import TeacherLogprobWorker
+from reward.teacher_logprobs import RemoteTeacherLogprobs, TeacherLogprobWorker
 from rlhf.base import cluster
 from rlhf.base.config import RunConfig
 from rlhf.base.worker_pool import WorkerPool
@@ -35,3 +38,26 @@ class TeacherGroup:
 
     def shutdown(self) -> None:
         self.pool.shutdown()
+
+
+def make_teacher_group(cfg: RunConfig, cache_dir: Path):
+    """The local teacher's workers, or the remote teacher (``reward.teacher_url``) called from the driver, its
+    replies cached in ``cache_dir``."""
+    r = cfg.reward
+    if r.teacher_url:
+        return RemoteTeacher(RemoteTeacherLogprobs(r.teacher_url, r.teacher_model, r.teacher_api_key_env,
+                                                   cache_dir=cache_dir))
+    return TeacherGroup(cfg)
+
+
+class RemoteTeacher:
+    """A remote teacher as the update sees a teacher group."""
+
+    def __init__(self, client: RemoteTeacherLogprobs):
+        self.client = client
+
+    def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.client.logprobs(batch)
+
+    def shutdown(self) -> None:
+        pass

@@ -52,7 +52,11 @@ class PolicyUpdate:
                                              a.kl_coef)
             metrics["reward/kl_penalty"] = (-inputs.token_rewards.sum() / mask.sum().clamp(min=1)).item()
         if self.teacher is not None:
-            reverse_kl = (batch["rollout_logprobs"] - self.teacher.logprobs(batch)) * mask
+            teacher = self.teacher.logprobs(batch)
+            failed = teacher.isnan().any(dim=1)  # a remote teacher's rows that failed: no distillation reward
+            teacher = torch.where(failed.unsqueeze(1), batch["rollout_logprobs"], teacher)
+            metrics["distill/teacher_failed_rows"] = float(failed.sum())
+            reverse_kl = (batch["rollout_logprobs"] - teacher) * mask
             distill = -cfg.reward.components[TEACHER_KL] * reverse_kl
             inputs.token_rewards = distill if inputs.token_rewards is None else inputs.token_rewards + distill
             metrics.update(reverse_kl_figures(reverse_kl, mask, difficulties))

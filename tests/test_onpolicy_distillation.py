@@ -87,3 +87,65 @@ def test_a_teacher_with_another_vocabulary_is_refused_in_one_line(teacher_dir):
 def test_teacher_kl_settings_that_cannot_work_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+class _CompletionsServer:
+    """A real OpenAI-compatible completions endpoint on 127.0.0.1 that echoes prompt log-probs from the teacher
+    (as vLLM does with echo and logprobs); a prompt starting with token 99 gets a 500. Counts requests."""
+
+    def __init__(self, teacher_dir: str):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        model = AutoModelForCausalLM.from_pretrained(teacher_dir, use_safetensors=True).eval()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                server.requests.append(self.path)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                ids = body["prompt"]
+                if self.path != "/v1/completions" or ids[0] == 99:
+                    self.send_response(500)
+                    self.end_headers()
+                    return
+                with torch.no_grad():
+                    logp = algorithms.token_logprobs(model(torch.tensor([ids])).logits, torch.tensor([ids]))[0]
+                reply = {"choices": [{"logprobs": {"token_logprobs": [None] + logp[1:].tolist() + [-0.1]}}]}
+                raw = json.dumps(reply).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+        self.requests: list[str] = []
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+def test_remote_teacher_log_probs_match_the_local_teacher_with_cache_and_failures_counted(teacher_dir, tmp_path):
+    from reward.teacher_logprobs import RemoteTeacherLogprobs
+
+    server = _CompletionsServer(teacher_dir)
+    try:
+        ids = [[4, 5, 6, 7, 8], [9, 10, 11, 0, 0], [99, 5, 6, 0, 0]]
+        batch = {"input_ids": torch.tensor(ids),
+                 "attention_mask": torch.tensor([[1] * 5, [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]])}
+        remote = RemoteTeacherLogprobs(server.url, "teacher", cache_dir=tmp_path / "cache", max_retries=0)
+        got = remote.logprobs(batch)
+        local = TeacherLogprobWorker(teacher_dir, threads=1, micro_batch_size=4, temperature=1.0).logprobs(
+            {k: v[:2] for k, v in batch.items()})
+        torch.testing.assert_close(got[:2], local, atol=1e-5, rtol=1e-5)
+        assert got[2].isnan().all() and remote.stats["failed_rows"] == 1  # the 500: counted, not fatal
+        assert set(server.requests) == {"/v1/completions"} and len(server.requests) == 3
+        again = remote.logprobs({k: v[:2] for k, v in batch.items()})  # both rows from the on-disk cache
+        torch.testing.assert_close(again, got[:2])
+        assert len(server.requests) == 3 and remote.stats["cache_hits"] == 2
+    finally:
+        server.httpd.shutdown()

@@ -70,10 +70,17 @@ class OpenAITeacher:
 
     def judge(self, prompts: list[str], responses: list[str], references: list[str | None]) -> list[Verdict]:
         check_rows(prompts, responses, references)
-        payloads = [self._payload(p, r, ref) for p, r, ref in zip(prompts, responses, references)]
+        replies = self._replies([self._payload(p, r, ref) for p, r, ref in zip(prompts, responses, references)])
+        verdicts = [self._verdict(reply) for reply in replies]
+        self._count("failed_rows", sum(v.error is not None for v in verdicts))
+        return verdicts
+
+    def _replies(self, payloads: list[dict[str, Any]]) -> list[str | _RequestFailed]:
+        """One reply per payload, in order: from the cache, else fetched concurrently (one request per distinct
+        payload, however many rows share it); a request that failed for good comes back as ``_RequestFailed``."""
         keys = [request_key(p, self.url) for p in payloads]
         replies: dict[str, str | _RequestFailed] = {}
-        todo: dict[str, dict[str, Any]] = {}  # one request per distinct key, however many rows share it
+        todo: dict[str, dict[str, Any]] = {}
         for key, payload in zip(keys, payloads):
             cached = self.cache.get(key) if self.cache is not None else None
             if cached is not None:
@@ -86,9 +93,7 @@ class OpenAITeacher:
                                     thread_name_prefix="judge-http") as pool:
                 for key, result in zip(todo, pool.map(self._fetch_or_error, todo.values(), todo.keys())):
                     replies[key] = result
-        verdicts = [self._verdict(replies[key]) for key in keys]
-        self._count("failed_rows", sum(v.error is not None for v in verdicts))
-        return verdicts
+        return [replies[key] for key in keys]
 
     # ---- one request ----
 

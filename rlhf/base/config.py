@@ -221,6 +221,11 @@ class RewardConfig(_Section):
     # of every sampled token, minus the sampler's, is a per-token reward; and its Ray workers.
     teacher_model_path: str | None = None
     teacher_workers: int = Field(1, gt=0)
+    # Or a remote teacher: an OpenAI-compatible completions endpoint that echoes prompt log-probs (vLLM serves
+    # one), its model name and the environment variable holding its key. It must use the student's tokenizer.
+    teacher_url: str | None = None
+    teacher_model: str | None = None
+    teacher_api_key_env: str | None = None
     # Score the rm component on a reward server (``distilrl serve-rm``) instead of in the reward workers.
     rm_url: str | None = None
     rm_token_env: str | None = None  # environment variable holding the server's bearer token
@@ -237,9 +242,11 @@ class RewardConfig(_Section):
     def _some_component(self) -> "RewardConfig":
         if not any(w != 0 for w in self.components.values()):
             raise ValueError("reward.components needs at least one non-zero weight (verifier, rm, seqcls, custom)")
-        if self.components.get("teacher_kl") and not self.teacher_model_path:
+        if self.components.get("teacher_kl") and not (self.teacher_model_path or self.teacher_url):
             raise ValueError("reward.components uses teacher_kl: set reward.teacher_model_path to the teacher's "
-                             "directory (a causal LM with the student's tokenizer)")
+                             "directory (a causal LM with the student's tokenizer), or reward.teacher_url")
+        if self.teacher_url and not self.teacher_model:
+            raise ValueError("reward.teacher_url needs reward.teacher_model (the model name the server knows)")
         if self.components.get("seqcls") and not self.seqcls_path:
             raise ValueError("reward.components uses seqcls: set reward.seqcls_path to its model directory")
         return self
