@@ -50,6 +50,29 @@ def test_math_verifier_uses_math_verify_equivalence(response, reference, verdict
     assert math_correct(response, reference) is verdict
 
 
+@pytest.mark.parametrize("response, reference, verdict", [
+    # MATH-500's escaped dollars: the identical boxed string and the bare number both match
+    (r"\boxed{\$36}", r"\$36", True),
+    (r"\boxed{36}", r"\$36", True),
+    (r"\boxed{\$18.90}", r"\$18.90", True),
+    (r"\boxed{18.9}", r"\$18.90", True),
+    (r"\boxed{\$32,\!348}", r"\$32,\!348", True),
+    (r"\boxed{32348}", r"\$32,\!348", True),
+    (r"\boxed{\$37}", r"\$36", False),
+    (r"\boxed{25\%}", r"25\%", True),                        # percentages
+    (r"\boxed{25}", r"25\%", True),
+    (r"\boxed{26\%}", r"25\%", False),
+    (r"\boxed{5\text{ cm}}", r"5\text{ cm}", True),          # units
+    (r"\boxed{5}", r"5\text{ cm}", True),
+    (r"\boxed{6\text{ cm}}", r"5\text{ cm}", False),
+    (r"\boxed{\text{Monday}}", r"\text{Monday}", True),      # text answers
+    (r"\boxed{\text{Tuesday}}", r"\text{Monday}", False),
+    (r"\boxed{\text{(C)}}", r"\text{(C)}", True),
+])
+def test_math_verifier_on_currency_percentages_units_and_text(response, reference, verdict):
+    assert math_correct(response, reference) is verdict
+
+
 def test_last_boxed_balances_braces():
     assert last_boxed(r"a \boxed{\frac{1}{2}} b \fbox{3}") == r"\boxed{3}"
     assert last_boxed(r"\boxed{\frac{a}{b}} end") == r"\boxed{\frac{a}{b}}"
