@@ -4,6 +4,7 @@
   distilrl run CONFIG --resume                    continue output_dir's run from its newest complete checkpoint
   distilrl label CONFIG [...]                     only warm-up (if listed) and labelling
   distilrl train-rm CONFIG [--labels RUN] [...]   train and evaluate a distilled RM on a labelling run's labels
+  distilrl train-rm CONFIG --data PAIRS [...]     ... on your own preference data (TRL layouts), or on both
   distilrl eval CHECKPOINT [--config C] [...]     a policy checkpoint on the held-out prompts, as JSON
   distilrl eval-rm RM_DIR LABELS_DIR              a distilled RM against the teacher's held-out labels, as JSON
   distilrl serve-rm RM_DIR                        the RM over HTTP (OpenRLHF's /get_reward shape, and /score)
@@ -42,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. reward_model.epochs=5")
     cmd.add_argument("--labels", metavar="RUN_DIR", help="a run directory from `distilrl label` (its labels/ and "
                      "warmup/ student are used); the RM goes to the config's output_dir")
+    cmd.add_argument("--data", metavar="PATH", help="your own preference data (reward_model.train_file): chosen/"
+                     "rejected pairs in TRL's layouts (explicit or implicit prompt, text or messages; optional "
+                     "margin, score_chosen/score_rejected) or prompt/completion with score or label; a .jsonl, "
+                     ".json, .parquet, .csv file or a save_to_disk directory. With --labels, both are used")
+    cmd.add_argument("--eval-data", metavar="PATH", help="held-out preference data (reward_model.eval_file; "
+                     "default: reward_model.eval_fraction of --data's prompts)")
     text = "evaluate a policy checkpoint on the held-out prompts (accuracy, response length, per difficulty)"
     cmd = commands.add_parser("eval", help=text, description=text + "; prints JSON.")
     cmd.add_argument("checkpoint", help="a policy directory in Hugging Face format (a run's policy/)")
@@ -124,6 +131,17 @@ def _train_rm(args) -> int:
     from rlhf.base.config import ConfigError, load_config
 
     cfg = load_config(args.config, args.overrides)
+    for key, path in (("train_file", args.data), ("eval_file", args.eval_data)):
+        if path is not None:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"preference data {path} does not exist")
+            setattr(cfg.reward_model, key, path)
+    if args.eval_data and not cfg.reward_model.train_file:
+        raise ConfigError("--eval-data needs --data (or reward_model.train_file): the preference data to train on")
+    if args.labels is None and cfg.reward_model.train_file:
+        cfg.stages = ["train_rm"]  # your own data alone: no labelling (its RM starts from model.*)
+        _run_stages(cfg)
+        return 0
     if args.labels is None:
         cfg.stages = [s for s in cfg.stages if s in ("warmup", "label")] + ["train_rm"]
         _run_stages(cfg)

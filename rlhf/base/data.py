@@ -146,8 +146,9 @@ def _final_answer(answer: str) -> str:
     return answer.rsplit("####", 1)[-1].strip().replace(",", "") if "####" in answer else answer.strip()
 
 
-# File suffix -> the ``datasets`` builder that reads it (JSONL has its own reader above: its errors name the line).
-_BUILDERS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# File suffix -> the ``datasets`` builder that reads it (prompt JSONL files have their own reader above: its errors
+# name the line).
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 def load_file_rows(path: str | Path, split: str | None, cfg: TaskConfig,
@@ -159,8 +160,16 @@ def load_file_rows(path: str | Path, split: str | None, cfg: TaskConfig,
                   difficulty_field=cfg.difficulty_field, system_field=cfg.system_field)
     if path.suffix == ".jsonl" and not path.is_dir():
         return load_jsonl_rows(path, **fields, log=log)
+    dataset = open_dataset(path, split, "task.train_split / task.eval_split")
+    return dataset_rows(dataset, **fields, name=str(path), log=log)
+
+
+def open_dataset(path: str | Path, split: str | None = None, split_key: str = "the split"):
+    """A ``datasets.Dataset`` from a ``.jsonl``, ``.json``, ``.parquet`` or ``.csv`` file or a ``save_to_disk``
+    directory (one ``split`` of a DatasetDict; ``split_key`` names the setting that picks it)."""
     import datasets
 
+    path = Path(path)
     if path.is_dir():
         try:
             dataset = datasets.load_from_disk(str(path))
@@ -170,7 +179,7 @@ def load_file_rows(path: str | Path, split: str | None, cfg: TaskConfig,
         if isinstance(dataset, datasets.DatasetDict):
             if split not in dataset:
                 raise DatasetError(f"{path} has no split {split!r} (splits: {', '.join(dataset)}); set "
-                                   f"task.train_split / task.eval_split to one of them")
+                                   f"{split_key} to one of them")
             dataset = dataset[split]
     elif not path.is_file():
         raise DatasetError(f"dataset file {path} does not exist")
@@ -179,11 +188,11 @@ def load_file_rows(path: str | Path, split: str | None, cfg: TaskConfig,
                            f".parquet, .csv or a save_to_disk directory")
     else:
         try:
-            dataset = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train")
+            return datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train")
         except Exception as err:  # noqa: BLE001 - the library's reasons vary by format; one line names the file
             raise DatasetError(f"cannot read {path} as {_BUILDERS[path.suffix]} "
                                f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
-    return dataset_rows(dataset, **fields, name=str(path), log=log)
+    return dataset
 
 
 def load_rows(cfg: TaskConfig, seed: int, train_dataset=None, eval_dataset=None, tokenizer=None,
