@@ -82,7 +82,8 @@ class RewardWorker:
     def score(self, prompts: list[str], responses: list[str], references: list[str],
               rows: list[dict] | None = None, difficulties: list[float | None] | None = None) -> list[dict]:
         """One dict per sample: ``reward``, the verifier's ``correct`` (1.0/0.0) and ``answered``, ``rm`` (the
-        reward model's quality) and ``adaptive`` when those components are on. ``rows``: each sample's prompt
+        reward model's quality) and ``adaptive`` when those components are on, and ``parts``: each weighted
+        component's raw value. ``rows``: each sample's prompt
         record, for ``custom``; ``difficulties``: each prompt's difficulty, for ``adaptive`` from the rule source."""
         use_rm = self.rm is not None or self.remote is not None
         rm_full = self._rm_scores(prompts, responses, references) if use_rm else None
@@ -109,7 +110,9 @@ class RewardWorker:
             if seqcls_scores is not None:
                 parts["seqcls"] = seqcls_scores[i]
             reward = sum(w * parts[name] for name, w in self.components.items())
-            result = {"reward": reward, "correct": float(bool(verdict)), "answered": float(verdict is not None)}
+            # parts: each component's raw (unweighted) value, for the reward/<component> metrics.
+            result = {"reward": reward, "correct": float(bool(verdict)), "answered": float(verdict is not None),
+                      "parts": {name: parts[name] for name in self.components}}
             if not math.isfinite(reward):
                 # Returned, not raised: the driver's guard skips the batch and names this (rlhf/guards.py).
                 result["nonfinite"] = ", ".join(f"{name}={parts[name]}" for name in self.components

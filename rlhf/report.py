@@ -18,6 +18,8 @@ from typing import Callable
 
 import yaml
 
+from rlhf.diagnostics import learning_warnings, setting
+
 PLOTS_DIR = "plots"
 BEFORE, AFTER = "#8c8c8c", "#1f77b4"  # evaluation before RL in grey, after in blue, in every plot
 
@@ -56,12 +58,7 @@ class RunData:
         return sorted(levels, key=lambda level: (float(level) if _is_number(level) else math.inf, level))
 
     def conf(self, dotted: str, default=None):
-        node = self.config
-        for part in dotted.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return default
-            node = node[part]
-        return node
+        return setting(self.config, dotted, default)
 
 
 def _is_number(text: str) -> bool:
@@ -313,6 +310,14 @@ def overview(run: RunData) -> list[str]:
     return lines
 
 
+def warnings_section(run: RunData) -> list[str]:
+    """The signs that the run could not learn (rlhf/diagnostics.py), at the top where they cannot be missed."""
+    warnings = learning_warnings(run.steps, run.config)
+    if not warnings:
+        return []
+    return ["## Warnings: this run may not be learning", "", *[f"- **{w}**" for w in warnings], ""]
+
+
 def evaluation_section(run: RunData) -> list[str]:
     lines = ["## Held-out evaluation, per difficulty", ""]
     before, after = run.eval("before"), run.eval("after")
@@ -409,6 +414,7 @@ def write_report(run_dir: str | Path) -> Path:
     run = RunData(run_dir)
     lines = [f"# Run report: {run.dir.name}", ""]
     lines += overview(run)
+    lines += warnings_section(run)
     _image(lines, run, "overview.png", [reward_panel, accuracy_panel, kl_panel, difficulty_accuracy_panel,
                                         difficulty_length_panel, audit_panel], "", 3, f"distilrl run {run.dir.name}")
     lines += evaluation_section(run)
