@@ -87,7 +87,9 @@ def reward_panel(run: RunData, ax) -> bool:
         return False
     ax.plot(steps, mean, color=AFTER, label="mean")
     _, std = run.series("reward/std")
-    if len(std) == len(mean):
+    if len(std) == len(mean) == 1:  # one step: a band through one point is invisible, an error bar is not
+        ax.errorbar(steps, mean, yerr=std, color=AFTER, capsize=4, label="± std")
+    elif len(std) == len(mean):
         ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                         color=AFTER, alpha=0.15, label="± std")
     ax.set(title="Reward per RL step", xlabel="RL step", ylabel="reward")
@@ -166,17 +168,29 @@ difficulty_length_panel = _difficulty_panel("mean_response_tokens", "Held-out re
                                             "mean tokens")
 
 
-def rm_difficulty_panel(run: RunData, ax) -> bool:
-    bins = (run.summary.get("reward_model") or {}).get("by_difficulty") or {}
-    if not bins:
-        return False
+def _rm_bins_panel(key: str, xlabel: str, title: str) -> Panel:
+    """The RM's held-out pairwise accuracy per bin of ``reward_model[key]`` (task difficulty or teacher CD)."""
+    def panel(run: RunData, ax) -> bool:
+        bins = _rm_bins(run, key)
+        if not bins:
+            return False
+        ax.bar(range(len(bins)), [group["accuracy"] for _, group in bins], color="#2ca02c")
+        ax.set_xticks(range(len(bins)), [level for level, _ in bins])
+        ax.axhline(0.5, color="black", lw=0.8, ls=":")  # a coin flip ranks pairs at 0.5
+        ax.set(title=title, xlabel=xlabel, ylabel="pairwise accuracy", ylim=(0, 1.02))
+        return True
+
+    return panel
+
+
+def _rm_bins(run: RunData, key: str) -> list[tuple[str, dict]]:
+    bins = (run.summary.get("reward_model") or {}).get(key) or {}
     levels = sorted(bins, key=lambda level: float(level) if _is_number(str(level)) else math.inf)
-    ax.bar(range(len(levels)), [bins[level]["accuracy"] for level in levels], color="#2ca02c")
-    ax.set_xticks(range(len(levels)), [str(level) for level in levels])
-    ax.axhline(0.5, color="black", lw=0.8, ls=":")  # a coin flip ranks pairs at 0.5
-    ax.set(title="RM ranks held-out pairs like the teacher", xlabel="teacher's difficulty (CD)",
-           ylabel="pairwise accuracy", ylim=(0, 1.02))
-    return True
+    return [(str(level), bins[level]) for level in levels]
+
+
+rm_difficulty_panel = _rm_bins_panel("by_difficulty", "task difficulty", "RM on held-out pairs, per difficulty")
+rm_cd_panel = _rm_bins_panel("by_cd", "teacher's difficulty (CD)", "RM on held-out pairs, per teacher CD")
 
 
 def audit_panel(run: RunData, ax) -> bool:
@@ -217,7 +231,12 @@ def step_time_panel(run: RunData, ax) -> bool:
     if not parts:
         return False
     steps = parts[0][1]
-    if all(s == steps for _, s, _ in parts):
+    if len(steps) == 1 and all(s == steps for _, s, _ in parts):  # one step: stacked bars (a stack plot is empty)
+        bottom = 0.0
+        for label, s, v in parts:
+            ax.bar(s, v, 0.5, bottom=bottom, label=label, alpha=0.8)
+            bottom += v[0]
+    elif all(s == steps for _, s, _ in parts):
         ax.stackplot(steps, *[v for _, _, v in parts], labels=[label for label, _, _ in parts], alpha=0.8)
     else:
         for label, s, v in parts:
@@ -248,12 +267,31 @@ def draw(path: Path, run: RunData, panels: list[Panel], columns: int = 3, title:
     for i, panel in enumerate(drawable):
         ax = figure.add_subplot(rows, columns, i + 1)
         panel(run, ax)
-        ax.grid(alpha=0.3)
+        finish_axes(ax)
     if title:
         figure.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     return True
+
+
+def finish_axes(ax) -> None:
+    """What every panel gets: a light grid; on an RL-step axis whole-number ticks (no 1.5 between two steps, one
+    tick at a one-step run's step); a marker on a line through a single point (a one-step run), which a plain
+    line would leave invisible."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.grid(alpha=0.3)
+    if ax.get_xlabel() == "RL step":
+        low, high = ax.dataLim.intervalx
+        if math.isfinite(low) and high - low < 1:
+            ax.set_xlim(low - 1, high + 1)
+            ax.set_xticks(sorted({round(low), round(high)}))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for line in ax.get_lines():
+        if len(line.get_xdata()) == 1 and line.get_marker() in ("None", "", None):
+            line.set_marker("o")
 
 
 # ------------------------------------------------------------------------------------------------ the markdown
@@ -387,8 +425,14 @@ def reward_model_section(run: RunData) -> list[str]:
                   f"sign that the policy exploits the RM.", ""]
     else:
         lines += ["No teacher audit ran during RL (`reward.audit_every` is 0).", ""]
-    _image(lines, run, "reward_model.png", [rm_difficulty_panel, audit_panel],
-           "No per-difficulty RM figures and no audits to plot.", 2)
+    for key, name in (("by_difficulty", "task difficulty"), ("by_cd", "teacher's CD score")):
+        bins = _rm_bins(run, key)
+        if bins:
+            lines += [f"| {name} | pairs | RM pairwise accuracy |", "|---|---|---|",
+                      *[f"| {level} | {group.get('count', '?')} | {_fmt(group.get('accuracy'))} |"
+                        for level, group in bins], ""]
+    _image(lines, run, "reward_model.png", [rm_difficulty_panel, rm_cd_panel, audit_panel],
+           "No per-difficulty RM figures and no audits to plot.", 3)
     return lines
 
 

@@ -280,10 +280,10 @@ def test_evaluate_reward_model_on_hand_made_rows():
         return [scores[r] for r in responses]
 
     pairwise = [
-        {"prompt": "p", "chosen": "a", "rejected": "b", "cd": 2},        # right
-        {"prompt": "p", "chosen": "b", "rejected": "c", "chosen_cd": 2},  # tie: a miss
-        {"prompt": "p", "chosen": "c", "rejected": "a", "cd": 7},        # wrong
-        {"prompt": "p", "chosen": "a", "rejected": "d"},                 # right, no CD
+        {"prompt": "p", "chosen": "a", "rejected": "b", "cd": 2, "difficulty": 1},        # right
+        {"prompt": "p", "chosen": "b", "rejected": "c", "chosen_cd": 2, "difficulty": 3},  # tie: a miss
+        {"prompt": "p", "chosen": "c", "rejected": "a", "cd": 7, "difficulty": 3},        # wrong
+        {"prompt": "p", "chosen": "a", "rejected": "d"},                                  # right, no CD
     ]
     pointwise = [
         {"prompt": "p", "response": "a", "quality": 9, "rv": 0, "cd": 5, "correct": True},
@@ -293,7 +293,8 @@ def test_evaluate_reward_model_on_hand_made_rows():
     ]
     result = evaluate_reward_model(score_fn, pairwise, pointwise, calibration_bins=2)
     assert result["pairwise_accuracy"] == 0.5 and result["pairwise_count"] == 4
-    assert result["by_difficulty"] == {2: {"accuracy": 0.5, "count": 2}, 7: {"accuracy": 0.0, "count": 1}}
+    assert result["by_cd"] == {2: {"accuracy": 0.5, "count": 2}, 7: {"accuracy": 0.0, "count": 1}}
+    assert result["by_difficulty"] == {1: {"accuracy": 1.0, "count": 1}, 3: {"accuracy": 0.0, "count": 2}}
     # quality: predictions [2, 1, 1, 0] vs teacher [9, 5, 5, 1]: the same order, ties in the same place.
     assert result["spearman"] == pytest.approx(1.0)
     assert result["rv_spearman"] == pytest.approx(spearman([1, 2, 3, 4], [0, 2, 1, 3]))
