@@ -30,6 +30,9 @@ RM_DEFAULTS = {
     "loss_weights": {},
     # The pairs' responses carry the reference answer (reward.model.with_reference).
     "reference_in_input": False,
+    # The heads the training data and loss weights teach (quality, rv, cd); saved so that evaluation reports
+    # correlations only for those. None: not recorded.
+    "trained_heads": None,
 }
 
 TOKEN_KEYS = tuple(f"{side}_{k}" for side in SIDES for k in ("input_ids", "attention_mask"))
@@ -53,6 +56,8 @@ class RewardModelTrainer(DeepSpeedRank):
         model = load_reward_model(init_dir, seed=self.cfg["seed"])
         # Saved with the model, so whoever scores with it later gives it the same kind of input.
         model.config.reference_in_input = bool(self.cfg["reference_in_input"])
+        if self.cfg["trained_heads"] is not None:
+            model.config.trained_heads = list(self.cfg["trained_heads"])
         # Packed pairs need a kernel that takes a custom 4D mask (flash-attention does not).
         self._can_pack = model.config._attn_implementation in ("sdpa", "eager")
         self._pad_id = model.config.pad_token_id or 0  # padding is masked out: any id will do

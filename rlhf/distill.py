@@ -156,12 +156,23 @@ def train_rm(pairs: list[dict], init_dir: str, cfg: RunConfig, rm_dir: str, log:
 
     engine_cfg = {"zero_stage": rc.zero_stage, "lr": rc.lr, "micro_batch_size": size // rc.num_ranks,
                   "seed": cfg.seed, "threads": cfg.trainer.threads, "timeout_s": cfg.call_timeout_s,
-                  "reference_in_input": use_reference,
+                  "reference_in_input": use_reference, "trained_heads": trained_heads(pairs, rc),
                   "loss_weights": {"bt": rc.bt_weight, "quality": rc.quality_weight, "rv": rc.rv_weight,
                                    "cd": rc.cd_weight, "kl": rc.kl_weight}}
     with progress:
         train_reward_model(batches, init_dir, engine_cfg, rc.num_ranks, rm_dir, on_step, rc.epochs,
                            cfg.call_timeout_s)
+
+
+def trained_heads(pairs: list[dict], rc) -> list[str]:
+    """The RM heads this training teaches: quality always; RV and CD where some pair has that target (a score
+    or a soft label) and a loss weight on it is non-zero."""
+    heads = ["quality"]
+    for name, weight in (("rv", rc.rv_weight), ("cd", rc.cd_weight)):
+        if (weight or rc.kl_weight) and any(p.get(f"{side}_{name}{suffix}") is not None for p in pairs
+                                            for side in ("chosen", "rejected") for suffix in ("", "_probs")):
+            heads.append(name)
+    return heads
 
 
 def evaluate_rm_dir(rm_dir: str, pairs: list[dict], pointwise: list[dict]) -> dict:
@@ -175,7 +186,12 @@ def evaluate_rm_dir(rm_dir: str, pairs: list[dict], pointwise: list[dict]) -> di
     if uses_reference(model):
         pairs = [referenced_pair(p) for p in pairs]
         pointwise = [{**r, "response": with_reference(r["response"], r.get("reference"))} for r in pointwise]
-    return evaluate_reward_model(model, pairs, pointwise, tokenizer=tokenizer, batch_size=64)
+    figures = evaluate_reward_model(model, pairs, pointwise, tokenizer=tokenizer, batch_size=64)
+    trained = getattr(model.config, "trained_heads", None)
+    for name in ("rv", "cd"):
+        if trained is not None and name not in trained:
+            figures[f"{name}_spearman"] = None  # an untrained head's correlation is noise, not a finding
+    return figures
 
 
 def referenced_pair(pair: dict) -> dict:

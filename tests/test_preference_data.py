@@ -128,12 +128,13 @@ RM_ARGS = ["reward_model.num_ranks=1", "reward_model.epochs=2", "reward_model.ba
            "reward_model.eval_fraction=0.25"]
 
 
-def train_rm_on(tmp_path, data_file: str, *extra: str) -> dict:
+def train_rm_on(tmp_path, data_file: str, *extra: str) -> tuple[dict, list[str]]:
+    """(the summary's reward_model figures, the heads the saved RM records as trained)."""
     out = tmp_path / "rm_run"
     assert main(["train-rm", TINY, "--data", data_file, f"output_dir={out}", *RM_ARGS, *extra]) == 0
     model = AutoModelForSequenceClassification.from_pretrained(out / "reward_model")
     assert model.config.num_labels == 1
-    return json.loads((out / "summary.json").read_text())["reward_model"]
+    return json.loads((out / "summary.json").read_text())["reward_model"], model.config.trained_heads
 
 
 # Two runs cover the four layouts: each trains on one and is scored on another read the same way (a run costs
@@ -142,10 +143,11 @@ def train_rm_on(tmp_path, data_file: str, *extra: str) -> dict:
                                                        ("implicit_text", "explicit_chat")])
 def test_train_rm_on_trl_layouts_reports_held_out_accuracy(ray_cluster, tmp_path, train_layout, eval_layout):
     held_out = write_jsonl(tmp_path / "eval.jsonl", layout_records(eval_layout, 8))
-    figures = train_rm_on(tmp_path, write_jsonl(tmp_path / "pairs.jsonl", layout_records(train_layout)),
-                          "--eval-data", held_out)
+    figures, heads = train_rm_on(tmp_path, write_jsonl(tmp_path / "pairs.jsonl", layout_records(train_layout)),
+                                 "--eval-data", held_out)
     assert figures["pairwise_count"] == 8 and 0.0 <= figures["pairwise_accuracy"] <= 1.0
     assert figures["spearman"] is None  # pairs without scores: nothing to correlate
+    assert heads == ["quality"]  # no RV/CD targets: those heads are untrained, and not reported
 
 
 def write_teacher_labels(run_dir) -> str:
@@ -164,7 +166,8 @@ def test_train_rm_mixes_scored_responses_with_teacher_labels(ray_cluster, tmp_pa
     records = [{"prompt": f"{a}+{a}=", "completion": f"#{2 * a + d}", "score": 1.0 - abs(d)}
                for a in range(20, 36) for d in (-1, 0, 2)]
     labels = write_teacher_labels(tmp_path / "labelling_run")
-    figures = train_rm_on(tmp_path, write_jsonl(tmp_path / "scores.jsonl", records), "--labels", labels)
+    figures, heads = train_rm_on(tmp_path, write_jsonl(tmp_path / "scores.jsonl", records), "--labels", labels)
+    assert heads == ["quality", "rv", "cd"]  # the teacher's labels carry RV and CD
     trained_on = [line for line in capsys.readouterr().out.splitlines() if "training the distilled RM" in line]
     assert "from 24 teacher-judged responses and 36 of your own (scored responses)" in trained_on[0]
     # against the teacher's held-out labels, as before; your own held-out responses beside it
