@@ -314,3 +314,20 @@ def test_evaluate_with_model_and_tokenizer(rm, tokenizer):
     scored = score_texts(rm, tokenizer, [p for p, _ in TEXTS], [r for _, r in TEXTS])
     assert result["spearman"] == pytest.approx(spearman([s["quality"] for s in scored], [0, 1, 2]))
     assert result["pairwise_accuracy"] in (0.0, 1.0)
+
+
+def test_correlations_only_for_the_heads_that_were_trained(rm, tokenizer, tmp_path):
+    from rlhf.distill import evaluate_rm_dir
+
+    rows = [{"prompt": p, "response": r, "quality": q, "rv": rv, "cd": cd}
+            for (p, r), q, rv, cd in zip(TEXTS, [1, 5, 9], [0, 4, 2], [1, 2, 3])]
+    for heads, reported in ((None, {"rv", "cd"}), (["quality", "cd"], {"cd"}), (["quality"], set())):
+        path = tmp_path / f"rm_{len(heads or [])}"
+        if heads is not None:
+            rm.config.trained_heads = heads
+        rm.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        figures = evaluate_rm_dir(str(path), [], rows)
+        assert figures["spearman"] is not None
+        assert {name for name in ("rv", "cd") if figures[f"{name}_spearman"] is not None} == reported
+    del rm.config.trained_heads
