@@ -4,7 +4,7 @@
 ``reward/rm``, ...), so a run rewarded by several components shows which of them moves. ``learning_warnings``: the
 signs of a run that cannot learn, read from the metrics history (metrics.jsonl's lines): most rollouts truncated,
 most groups without signal, a zero gradient for several steps; each warning names the likely cause and the setting
-to change. The console (after a step) and report.md show them.
+to change. The console (after a step, each sign once while it lasts: ``fresh_warnings``) and report.md show them.
 """
 from __future__ import annotations
 
@@ -58,6 +58,23 @@ def learning_warnings(history: list[dict], settings: dict | None = None) -> list
         warnings.append(f"the gradient has been zero for the last {ZERO_GRAD_STEPS} steps "
                         f"({_span(history[-ZERO_GRAD_STEPS:])}): the policy is not changing; {cause}")
     return warnings
+
+
+def fresh_warnings(history: list[dict], settings: dict | None, said: set[str]) -> list[str]:
+    """The warnings for the console after a step: ``learning_warnings`` less those already said while their sign
+    lasted. ``said`` (kept by the caller between steps) is updated: a sign that went away may be said again when it
+    comes back."""
+    warnings = learning_warnings(history, settings)
+    kinds = {_kind(w): w for w in warnings}
+    fresh = [w for kind, w in kinds.items() if kind not in said]
+    said.intersection_update(kinds)
+    said.update(kinds)
+    return fresh
+
+
+def _kind(warning: str) -> str:
+    """What a warning is about, without its figures: the words before its first parenthesis."""
+    return warning.split(" (", 1)[0]
 
 
 def _no_signal_cause(accuracy: float | None, truncated: float | None, conf: dict) -> str:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from reward.worker import RewardWorker
-from rlhf.diagnostics import component_figures, learning_warnings
+from rlhf.diagnostics import component_figures, fresh_warnings, learning_warnings
 from rlhf.report import write_report
 
 SETTINGS = {"rollout": {"max_new_tokens": 48, "samples_per_prompt": 8, "temperature": 0.7}, "trainer": {"lr": 1e-4}}
@@ -74,3 +74,15 @@ def test_report_shows_the_warnings(tmp_path):
     assert "raise rollout.max_new_tokens (now 48)" in report
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(step(n)) + "\n" for n in range(1, 6)))
     assert "## Warnings" not in write_report(tmp_path).read_text()
+
+
+def test_the_console_says_each_sign_once_while_it_lasts():
+    said: set[str] = set()
+    history = [step(n, no_signal=0.9) for n in range(1, 6)]
+    assert len(fresh_warnings(history, SETTINGS, said)) == 1
+    history.append(step(6, no_signal=0.9))
+    assert fresh_warnings(history, SETTINGS, said) == []  # still stuck: not repeated every step
+    history += [step(n) for n in range(7, 12)]
+    assert fresh_warnings(history, SETTINGS, said) == [] and said == set()  # recovered
+    history += [step(n, no_signal=0.9) for n in range(12, 17)]
+    assert len(fresh_warnings(history, SETTINGS, said)) == 1  # stuck again: said again
