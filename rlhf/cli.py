@@ -6,7 +6,7 @@
   distilrl train-rm CONFIG [--labels RUN] [...]   train and evaluate a distilled RM on a labelling run's labels
   distilrl train-rm CONFIG --data PAIRS [...]     ... on your own preference data (TRL layouts), or on both
   distilrl eval CHECKPOINT [--config C] [...]     a policy checkpoint on the held-out prompts, as JSON
-  distilrl eval-rm RM_DIR LABELS_DIR              a distilled RM against the teacher's held-out labels, as JSON
+  distilrl eval-rm RM_DIR LABELS_DIR|DATA         a distilled RM on held-out labels or preference data, as JSON
   distilrl serve-rm RM_DIR                        the RM over HTTP (OpenRLHF's /get_reward shape, and /score)
   distilrl serve CHECKPOINT                       a policy over an OpenAI-compatible /v1/chat/completions
   distilrl report RUN_DIR                         (re)write a run's report.md and plots
@@ -55,9 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. task.eval_prompts=500")
     cmd.add_argument("--config", help="the config whose task and eval settings to use (default: the config.yaml "
                      "of the run the checkpoint is in, if any)")
-    cmd = commands.add_parser("eval-rm", help="evaluate a distilled RM against the teacher's held-out labels")
+    cmd = commands.add_parser("eval-rm", help="evaluate a distilled RM against the teacher's held-out labels or "
+                              "your own held-out preference data")
     cmd.add_argument("rm_dir", help="a distilled reward model directory (a run's reward_model/)")
-    cmd.add_argument("labels_dir", help="a labelling directory with rows.jsonl (a run's labels/eval/)")
+    cmd.add_argument("labels_dir", help="a labelling directory with rows.jsonl (a run's labels/eval/), or "
+                     "preference data in the layouts train-rm --data reads")
     cmd = commands.add_parser("serve-rm", help="serve a distilled RM over HTTP on 127.0.0.1")
     cmd.add_argument("rm_dir", help="a distilled reward model directory (a run's reward_model/)")
     cmd.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -193,11 +195,21 @@ def _eval_rm(args) -> int:
     from rlhf.distill import evaluate_rm_dir
     from reward.labelling import judged_rows, make_pairs
 
-    for path in (args.rm_dir, os.path.join(args.labels_dir, "rows.jsonl")):
+    for path in (args.rm_dir, args.labels_dir):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} does not exist")
-    rows = judged_rows(args.labels_dir)
-    print(json.dumps(evaluate_rm_dir(args.rm_dir, make_pairs(rows, seed=1), rows), indent=2))
+    if os.path.exists(os.path.join(args.labels_dir, "rows.jsonl")):
+        rows = judged_rows(args.labels_dir)
+        pairs, pointwise = make_pairs(rows, seed=1), rows
+    else:  # your own preference data, conversational prompts rendered with the RM's chat template
+        from transformers import AutoTokenizer
+
+        from reward.preference_data import load_preference_data, message_renderer
+
+        render = message_renderer(AutoTokenizer.from_pretrained(args.rm_dir))
+        data = load_preference_data(args.labels_dir, render, seed=1)
+        pairs, pointwise = data.pairs, data.pointwise
+    print(json.dumps(evaluate_rm_dir(args.rm_dir, pairs, pointwise), indent=2))
     return 0
 
 

@@ -199,7 +199,7 @@ def test_reward_worker_scores_correct_wrong_and_unparseable():
 
 def test_reward_worker_default_unparseable_reward_is_zero():
     results = RewardWorker({"verifier": 1.0}, correct=1.0, unparseable=0.0).score(["p"], ["no answer here"], ["3"])
-    assert results == [{"reward": 0.0, "correct": 0.0, "answered": 0.0}]
+    assert results == [{"reward": 0.0, "correct": 0.0, "answered": 0.0, "parts": {"verifier": 0.0}}]
 
 
 def test_reward_worker_refuses_mismatched_batch_lengths():

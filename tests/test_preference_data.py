@@ -141,13 +141,18 @@ def train_rm_on(tmp_path, data_file: str, *extra: str) -> tuple[dict, list[str]]
 # some 25 s of Ray and DeepSpeed start-up on a CPU box; that the layouts give the same pairs is tested above).
 @pytest.mark.parametrize("train_layout, eval_layout", [("explicit_text", "implicit_chat"),
                                                        ("implicit_text", "explicit_chat")])
-def test_train_rm_on_trl_layouts_reports_held_out_accuracy(ray_cluster, tmp_path, train_layout, eval_layout):
+def test_train_rm_on_trl_layouts_reports_held_out_accuracy(ray_cluster, tmp_path, capsys, train_layout,
+                                                           eval_layout):
     held_out = write_jsonl(tmp_path / "eval.jsonl", layout_records(eval_layout, 8))
     figures, heads = train_rm_on(tmp_path, write_jsonl(tmp_path / "pairs.jsonl", layout_records(train_layout)),
                                  "--eval-data", held_out)
     assert figures["pairwise_count"] == 8 and 0.0 <= figures["pairwise_accuracy"] <= 1.0
     assert figures["spearman"] is None  # pairs without scores: nothing to correlate
     assert heads == ["quality"]  # no RV/CD targets: those heads are untrained, and not reported
+    capsys.readouterr()  # eval-rm scores the same held-out file the same way
+    assert main(["eval-rm", str(tmp_path / "rm_run" / "reward_model"), held_out]) == 0
+    assert json.loads(capsys.readouterr().out)["pairwise_accuracy"] == figures["pairwise_accuracy"]
+
 
 
 def write_teacher_labels(run_dir) -> str:
