@@ -106,8 +106,9 @@ def _pairwise(records: list[dict], render: RenderFn) -> PreferenceData:
         if record.get("margin") is not None:
             pair["margin"] = float(record["margin"])
         pairs.append(pair)
-    layout = f"{'an explicit' if explicit else 'an implicit'} prompt, {'conversational' if conversational else 'plain text'}"
-    return PreferenceData(pairs=pairs, layout=f"pairs with {layout}")
+    prompt = "an explicit" if explicit else "an implicit"
+    text = "conversational" if conversational else "plain text"
+    return PreferenceData(pairs=pairs, layout=f"pairs with {prompt} prompt, {text}")
 
 
 def _split_pair(record: dict, conversational: bool, explicit: bool, render: RenderFn, index: int

@@ -2,8 +2,8 @@
 
 Pairwise rows {prompt, chosen, rejected, optional difficulty, cd or chosen_cd} give ``pairwise_accuracy`` (chosen
 scored strictly above rejected), ``by_difficulty`` (the same per task difficulty, where the data has one) and
-``by_cd`` (per the teacher's cognitive-difficulty score, a judgment of its own). Pointwise rows {prompt, response, quality,
-optional rv, cd, correct} give Spearman rank correlations with the teacher (``spearman`` for quality,
+``by_cd`` (per the teacher's cognitive-difficulty score, a judgment of its own). Pointwise rows {prompt, response,
+quality, optional rv, cd, correct} give Spearman rank correlations with the teacher (``spearman`` for quality,
 ``rv_spearman``, ``cd_spearman``) and, where rows say whether the response is ``correct``, ``calibration``.
 A figure with nothing to compute from is None (JSON null), never NaN.
 """
