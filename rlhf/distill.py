@@ -102,7 +102,7 @@ def reward_model_stage(cfg: RunConfig, init_dir: str, out: Path, log: Callable[[
     if own_eval is not None:
         own = evaluate_rm_dir(rm_dir, own_eval.pairs, own_eval.pointwise)
         log(f"reward model on your held-out preference data: {_figures_line(own)}")
-        figures = {**figures, "own_data": own} if has_labels else own
+        figures = {**figures, "own_data": own} if has_labels else {**own, "source": "your preference data"}
     return rm_dir, figures
 
 

@@ -21,6 +21,7 @@ import yaml
 from rlhf.diagnostics import learning_warnings, setting
 
 PLOTS_DIR = "plots"
+OWN_DATA = "your preference data"  # reward_model.source of an RM evaluated on your own data alone
 BEFORE, AFTER = "#8c8c8c", "#1f77b4"  # evaluation before RL in grey, after in blue, in every plot
 
 
@@ -406,7 +407,13 @@ def reward_model_section(run: RunData) -> list[str]:
     steps, agreement = run.series("audit/rm_teacher_agreement")
     if not rm and not steps:
         return lines + ["This run trained no distilled reward model and ran no teacher audit.", ""]
-    if rm:
+    own = rm.get("own_data") or (rm if rm.get("source") == OWN_DATA else None)
+    if own is not None:
+        lines += [f"On your held-out preference data ({own.get('pairwise_count', '?')} pairs, "
+                  f"{own.get('pointwise_count', '?')} scored responses) the RM scores the chosen response above the "
+                  f"rejected one in {_fmt(own.get('pairwise_accuracy'))} of the pairs (0.5 is chance); Spearman with "
+                  f"the data's scores {_fmt(own.get('spearman'))}.", ""]
+    if rm and rm is not own:
         lines += [f"On held-out labelled samples ({rm.get('pairwise_count', '?')} pairs, "
                   f"{rm.get('pointwise_count', '?')} single responses) the RM orders "
                   f"{_fmt(rm.get('pairwise_accuracy'))} of the teacher's pairs the same way (0.5 is chance); Spearman "

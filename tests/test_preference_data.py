@@ -148,6 +148,7 @@ def test_train_rm_on_trl_layouts_reports_held_out_accuracy(ray_cluster, tmp_path
                                  "--eval-data", held_out)
     assert figures["pairwise_count"] == 8 and 0.0 <= figures["pairwise_accuracy"] <= 1.0
     assert figures["spearman"] is None  # pairs without scores: nothing to correlate
+    assert figures["source"] == "your preference data"
     assert heads == ["quality"]  # no RV/CD targets: those heads are untrained, and not reported
     capsys.readouterr()  # eval-rm scores the same held-out file the same way
     assert main(["eval-rm", str(tmp_path / "rm_run" / "reward_model"), held_out]) == 0

@@ -208,3 +208,14 @@ def test_rm_accuracy_per_task_difficulty_and_teacher_cd_are_separate_tables(tmp_
     report = write_report(run).read_text()
     assert "| task difficulty | pairs | RM pairwise accuracy |\n|---|---|---|\n| 1 | 100 | 0.990 |" in report
     assert "| teacher's CD score | pairs | RM pairwise accuracy |\n|---|---|---|\n| 5 | 40 | 0.750 |" in report
+
+
+def test_rm_figures_on_your_own_preference_data_are_said_so(tmp_path):
+    run = write_run(tmp_path / "run")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["reward_model"] = {"pairwise_accuracy": 0.8, "spearman": None, "pairwise_count": 50,
+                               "pointwise_count": 0, "source": "your preference data"}
+    (run / "summary.json").write_text(json.dumps(summary))
+    report = write_report(run).read_text()
+    assert "On your held-out preference data (50 pairs, 0 scored responses)" in report
+    assert "of the teacher's pairs" not in report
