@@ -79,7 +79,8 @@ class SeqClsComponent:
     def __init__(self, cfg: RunConfig, custom: RewardFn | None = None):
         from reward.seqcls import SeqClsReward
 
-        self.model = SeqClsReward(cfg.reward.seqcls_path, cfg.rollout.threads, batch_size=min(cfg.rollout_rows, 16))
+        self.model = SeqClsReward(cfg.reward.seqcls_path, cfg.rollout.threads, batch_size=min(cfg.rollout_rows, 16),
+                                  text_format=cfg.reward.seqcls_format)
 
     def score(self, batch: ScoringBatch) -> list[float]:
         try:

@@ -1,8 +1,9 @@
 """How well a reward model imitates its teacher, on held-out labelled rows (numpy only; scoring is the caller's).
 
-Pairwise rows {prompt, chosen, rejected, optional cd or chosen_cd} give ``pairwise_accuracy`` (chosen scored
-strictly above rejected) and ``by_difficulty`` (the same per CD score). Pointwise rows {prompt, response, quality,
-optional rv, cd, correct} give Spearman rank correlations with the teacher (``spearman`` for quality,
+Pairwise rows {prompt, chosen, rejected, optional difficulty, cd or chosen_cd} give ``pairwise_accuracy`` (chosen
+scored strictly above rejected), ``by_difficulty`` (the same per task difficulty, where the data has one) and
+``by_cd`` (per the teacher's cognitive-difficulty score, a judgment of its own). Pointwise rows {prompt, response,
+quality, optional rv, cd, correct} give Spearman rank correlations with the teacher (``spearman`` for quality,
 ``rv_spearman``, ``cd_spearman``) and, where rows say whether the response is ``correct``, ``calibration``.
 A figure with nothing to compute from is None (JSON null), never NaN.
 """
@@ -38,7 +39,8 @@ def evaluate_reward_model(scorer, pairwise_rows: Sequence[dict] = (), pointwise_
 
     result = {"pairwise_count": n, "pointwise_count": len(pointwise_rows)}
     result.update(pairwise_figures([c["quality"] for c in chosen], [r["quality"] for r in rejected],
-                                   [_row_cd(row) for row in pairwise_rows]))
+                                   [_row_cd(row) for row in pairwise_rows],
+                                   [_row_difficulty(row) for row in pairwise_rows]))
     for name, key in (("quality", "spearman"), ("rv", "rv_spearman"), ("cd", "cd_spearman")):
         pairs = [(s[name], row[name]) for s, row in zip(pointwise, pointwise_rows)
                  if _present(s.get(name)) and _present(row.get(name))]
@@ -65,22 +67,35 @@ def _row_cd(row: dict):
     return cd if _present(cd) else None
 
 
+def _row_difficulty(row: dict):
+    level = row.get("difficulty")
+    return level if _present(level) else None
+
+
 # -------------------------------------------------------------------------------------------------- figures
 
 
-def pairwise_figures(chosen: Sequence[float], rejected: Sequence[float], cds: Sequence | None = None) -> dict:
+def pairwise_figures(chosen: Sequence[float], rejected: Sequence[float], cds: Sequence | None = None,
+                     difficulties: Sequence | None = None) -> dict:
     """``pairwise_accuracy``: fraction of pairs with chosen strictly above rejected (a tie is a miss: the model
-    did not tell them apart); ``by_difficulty``: {cd: {accuracy, count}} over pairs with a CD score, else None."""
+    did not tell them apart); ``by_difficulty``: {task difficulty: {accuracy, count}} over pairs with one, and
+    ``by_cd``: the same per the teacher's CD score; None where no pair has one."""
     wins = [float(c > r) for c, r in zip(chosen, rejected, strict=True)]
-    by_cd: dict[int, list[float]] = {}
-    for win, cd in zip(wins, cds or [None] * len(wins), strict=True):
-        if cd is not None:
-            by_cd.setdefault(int(round(float(cd))), []).append(win)
     return {
         "pairwise_accuracy": float(np.mean(wins)) if wins else None,
-        "by_difficulty": ({cd: {"accuracy": float(np.mean(w)), "count": len(w)} for cd, w in sorted(by_cd.items())}
-                          if by_cd else None),
+        "by_difficulty": _accuracy_by(wins, difficulties),
+        "by_cd": _accuracy_by(wins, cds),
     }
+
+
+def _accuracy_by(wins: list[float], levels: Sequence | None) -> dict | None:
+    """{level: {accuracy, count}} over the pairs with a level (rounded to an integer bin), or None."""
+    groups: dict[int, list[float]] = {}
+    for win, level in zip(wins, levels or [None] * len(wins), strict=True):
+        if level is not None:
+            groups.setdefault(int(round(float(level))), []).append(win)
+    return {level: {"accuracy": float(np.mean(w)), "count": len(w)} for level, w in sorted(groups.items())} \
+        if groups else None
 
 
 def average_ranks(values: Sequence[float]) -> np.ndarray:

@@ -40,7 +40,9 @@ class RewardModelTrainer(DeepSpeedRank):
     _side_files_to_skip = ("generation_config.json",)
 
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, init_dir: str,
-                 cfg: RewardModelConfig, seed: int, timeout_s: float):
+                 cfg: RewardModelConfig, seed: int, timeout_s: float, trained_heads: list[str] | None = None):
+        """``trained_heads``: the heads the training data and loss weights teach (quality, rv, cd), saved with the
+        model so that evaluation reports correlations only for those; None: not recorded."""
         super().__init__(rank, world_size, master_addr, master_port, cfg, seed, timeout_s)
         self.model_dir = init_dir
         self.loss_weights = {"bt": cfg.bt_weight, "quality": cfg.quality_weight, "rv": cfg.rv_weight,
@@ -49,6 +51,8 @@ class RewardModelTrainer(DeepSpeedRank):
         # Saved with the model, so whoever scores with it later gives it the same kind of input: the pairs'
         # responses carry the reference answer (reward.model.with_reference) when use_reference is set.
         model.config.reference_in_input = cfg.use_reference
+        if trained_heads is not None:
+            model.config.trained_heads = list(trained_heads)
         # Packed pairs need a kernel that takes a custom 4D mask (flash-attention does not).
         self._can_pack = model.config._attn_implementation in ("sdpa", "eager")
         self._pad_id = model.config.pad_token_id or 0  # padding is masked out: any id will do
@@ -135,9 +139,11 @@ def _tokenizer_pad_id(model_dir: str) -> int | None:
 class RewardModelTrainerGroup(RankGroup):
     """``num_ranks`` RewardModelTrainer Ray actors forming one data-parallel DeepSpeed group."""
 
-    def __init__(self, init_dir: str, cfg: RewardModelConfig, num_ranks: int, timeout_s: float, seed: int = 0):
+    def __init__(self, init_dir: str, cfg: RewardModelConfig, num_ranks: int, timeout_s: float, seed: int = 0,
+                 trained_heads: list[str] | None = None):
         """``cfg``: the reward_model section; its micro_batch_size is the pairs per forward on one rank."""
-        super().__init__(RewardModelTrainer, (init_dir, cfg, seed, timeout_s), cfg.threads, num_ranks, timeout_s)
+        super().__init__(RewardModelTrainer, (init_dir, cfg, seed, timeout_s, trained_heads), cfg.threads, num_ranks,
+                         timeout_s)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         counts = loss_counts(batch)  # of the whole batch, before it is split
@@ -151,14 +157,15 @@ class RewardModelTrainerGroup(RankGroup):
 
 def train_reward_model(batches: Iterable[dict[str, torch.Tensor]], init_dir: str, cfg: RewardModelConfig,
                        num_ranks: int, out_dir: str, log: Callable[[dict], None] | None = None, epochs: int = 1,
-                       timeout_s: float = 600.0, seed: int = 0) -> list[dict[str, float]]:
+                       timeout_s: float = 600.0, seed: int = 0,
+                       trained_heads: list[str] | None = None) -> list[dict[str, float]]:
     """Train for ``epochs`` passes over ``batches`` (pre-tokenised, e.g. from ``collate_pairs``; re-iterated each
     epoch), save the model (and the tokenizer files of ``init_dir``) to ``out_dir``, return each step's metrics.
     ``log`` receives each step's metrics with ``rm/epoch`` and ``rm/step`` added."""
     batches = list(batches)
     if not batches:
         raise ValueError("no reward-model training batches")
-    group = RewardModelTrainerGroup(init_dir, cfg, num_ranks, timeout_s, seed)
+    group = RewardModelTrainerGroup(init_dir, cfg, num_ranks, timeout_s, seed, trained_heads)
     history = []
     try:
         for epoch in range(epochs):

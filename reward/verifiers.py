@@ -64,8 +64,14 @@ def math_correct(response: str, reference: str) -> bool | None:
         return None
     gold = _parse_reference(reference, timeout)
     if not gold:  # a reference math-verify cannot read: compare its text with the boxed text
-        return str(answer[-1]).strip() == reference.strip()
+        reference_boxed = last_boxed(reference) or f"\\boxed{{{reference}}}"
+        return _boxed_content(boxed) == _boxed_content(reference_boxed) or str(answer[-1]).strip() == reference.strip()
     return bool(verify(list(gold), answer, timeout_seconds=timeout))
+
+
+def _boxed_content(boxed: str) -> str:
+    """What a ``\\boxed{...}`` holds, whitespace aside: two spellings of the same text compare equal."""
+    return "".join(boxed[len("\\boxed{"):-1].split())
 
 
 def last_boxed(text: str) -> str | None:
@@ -82,12 +88,16 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+_MATH_DELIMITER_RE = re.compile(r"(?<!\\)\$")
+
+
 @functools.lru_cache(maxsize=4096)
 def _parse_reference(reference: str, timeout: int | None) -> tuple:
     """The reference parsed once per prompt (a group's n samples share it)."""
     from math_verify import parse
 
-    text = last_boxed(reference) or (reference if "$" in reference else f"${reference}$")
+    # Only an unescaped "$" opens math: "\\$36" (MATH's currency) is a dollar sign inside math, not a delimiter.
+    text = last_boxed(reference) or (reference if _MATH_DELIMITER_RE.search(reference) else f"${reference}$")
     return tuple(parse(text, parsing_timeout=timeout) or parse(reference, parsing_timeout=timeout))
 
 

@@ -30,7 +30,7 @@ from rlhf import distill
 from reward.custom import load_reward_fn
 from reward.seqcls import check_seqcls_dir
 from reward.worker import RewardFn
-from rlhf import actors, curriculum, driver
+from rlhf import actors, curriculum, diagnostics, driver
 from rlhf.base import resume as checkpoints
 from rlhf.base.checkpoint import atomic_dir, write_json_atomic
 from rlhf.base.config import ConfigError, RunConfig
@@ -149,6 +149,8 @@ class Trainer:
             self._student = None
         self._rl_progress: Progress | None = None  # the RL stage's progress bar, while train() runs
         self._last_metrics: dict = {}
+        self._history: list[dict] = []  # recent steps' metrics, for the signs of a run that cannot learn
+        self._warned: set[str] = set()  # those signs said on the console while they last
         self._order = random.Random(cfg.seed + 3)  # which prompts each RL step takes
         self.reward_model_dir: Path | None = Path(cfg.reward_model.path) if cfg.reward_model.path else None
         self.steps = 0  # RL steps taken
@@ -246,6 +248,9 @@ class Trainer:
         self.steps += 1
         self._last_metrics = metrics
         self.metrics.rl_step(metrics)
+        self._history = [*self._history, metrics][-diagnostics.WINDOW:]
+        for warning in diagnostics.fresh_warnings(self._history, self.cfg.model_dump(), self._warned):
+            self.log(f"warning: {warning}")
         if self._rl_progress is not None:
             self._rl_progress.update(reward=metrics["reward/mean"], acc=metrics["reward/accuracy"],
                                      kl=metrics.get("losses/kl", 0.0), len=metrics["charts/response_tokens"])

@@ -4,8 +4,9 @@
   distilrl run CONFIG --resume                    continue output_dir's run from its newest complete checkpoint
   distilrl label CONFIG [...]                     only warm-up (if listed) and labelling
   distilrl train-rm CONFIG [--labels RUN] [...]   train and evaluate a distilled RM on a labelling run's labels
+  distilrl train-rm CONFIG --data PAIRS [...]     ... on your own preference data (TRL layouts), or on both
   distilrl eval CHECKPOINT [--config C] [...]     a policy checkpoint on the held-out prompts, as JSON
-  distilrl eval-rm RM_DIR LABELS_DIR              a distilled RM against the teacher's held-out labels, as JSON
+  distilrl eval-rm RM_DIR LABELS_DIR|DATA         a distilled RM on held-out labels or preference data, as JSON
   distilrl serve-rm RM_DIR                        the RM over HTTP (OpenRLHF's /get_reward shape, and /score)
   distilrl serve CHECKPOINT                       a policy over an OpenAI-compatible /v1/chat/completions
   distilrl report RUN_DIR                         (re)write a run's report.md and plots
@@ -42,15 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. reward_model.epochs=5")
     cmd.add_argument("--labels", metavar="RUN_DIR", help="a run directory from `distilrl label` (its labels/ and "
                      "warmup/ student are used); the RM goes to the config's output_dir")
+    cmd.add_argument("--data", metavar="PATH", help="your own preference data (reward_model.train_file): chosen/"
+                     "rejected pairs in TRL's layouts (explicit or implicit prompt, text or messages; optional "
+                     "margin, score_chosen/score_rejected) or prompt/completion with score or label; a .jsonl, "
+                     ".json, .parquet, .csv file or a save_to_disk directory. With --labels, both are used")
+    cmd.add_argument("--eval-data", metavar="PATH", help="held-out preference data (reward_model.eval_file; "
+                     "default: reward_model.eval_fraction of --data's prompts)")
     text = "evaluate a policy checkpoint on the held-out prompts (accuracy, response length, per difficulty)"
     cmd = commands.add_parser("eval", help=text, description=text + "; prints JSON.")
     cmd.add_argument("checkpoint", help="a policy directory in Hugging Face format (a run's policy/)")
     cmd.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. task.eval_prompts=500")
     cmd.add_argument("--config", help="the config whose task and eval settings to use (default: the config.yaml "
                      "of the run the checkpoint is in, if any)")
-    cmd = commands.add_parser("eval-rm", help="evaluate a distilled RM against the teacher's held-out labels")
+    cmd = commands.add_parser("eval-rm", help="evaluate a distilled RM against the teacher's held-out labels or "
+                              "your own held-out preference data")
     cmd.add_argument("rm_dir", help="a distilled reward model directory (a run's reward_model/)")
-    cmd.add_argument("labels_dir", help="a labelling directory with rows.jsonl (a run's labels/eval/)")
+    cmd.add_argument("labels_dir", help="a labelling directory with rows.jsonl (a run's labels/eval/), or "
+                     "preference data in the layouts train-rm --data reads")
     cmd = commands.add_parser("serve-rm", help="serve a distilled RM over HTTP on 127.0.0.1")
     cmd.add_argument("rm_dir", help="a distilled reward model directory (a run's reward_model/)")
     cmd.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -126,6 +135,17 @@ def _train_rm(args) -> int:
     from rlhf.base.config import ConfigError, load_config
 
     cfg = load_config(args.config, args.overrides)
+    for key, path in (("train_file", args.data), ("eval_file", args.eval_data)):
+        if path is not None:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"preference data {path} does not exist")
+            setattr(cfg.reward_model, key, path)
+    if args.eval_data and not cfg.reward_model.train_file:
+        raise ConfigError("--eval-data needs --data (or reward_model.train_file): the preference data to train on")
+    if args.labels is None and cfg.reward_model.train_file:
+        cfg.stages = ["train_rm"]  # your own data alone: no labelling (its RM starts from model.*)
+        _run_stages(cfg)
+        return 0
     if args.labels is None:
         cfg.stages = [s for s in cfg.stages if s in ("warmup", "label")] + ["train_rm"]
         _run_stages(cfg)
@@ -179,11 +199,21 @@ def _eval_rm(args) -> int:
     from rlhf.distill import evaluate_rm_dir
     from reward.labelling import judged_rows, make_pairs
 
-    for path in (args.rm_dir, os.path.join(args.labels_dir, "rows.jsonl")):
+    for path in (args.rm_dir, args.labels_dir):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} does not exist")
-    rows = judged_rows(args.labels_dir)
-    print(json.dumps(evaluate_rm_dir(args.rm_dir, make_pairs(rows, seed=1), rows), indent=2))
+    if os.path.exists(os.path.join(args.labels_dir, "rows.jsonl")):
+        rows = judged_rows(args.labels_dir)
+        pairs, pointwise = make_pairs(rows, seed=1), rows
+    else:  # your own preference data, conversational prompts rendered with the RM's chat template
+        from transformers import AutoTokenizer
+
+        from reward.preference_data import load_preference_data, message_renderer
+
+        render = message_renderer(AutoTokenizer.from_pretrained(args.rm_dir))
+        data = load_preference_data(args.labels_dir, render, seed=1)
+        pairs, pointwise = data.pairs, data.pointwise
+    print(json.dumps(evaluate_rm_dir(args.rm_dir, pairs, pointwise), indent=2))
     return 0
 
 

@@ -67,28 +67,66 @@ def label_stage(cfg: RunConfig, rollout: list, train_pool: list[PromptRow], eval
 def reward_model_stage(cfg: RunConfig, init_dir: str, out: Path, log: Callable[[str], None],
                        labels_dir: Path | None = None,
                        record: Callable[[dict, int], None] | None = None) -> tuple[str, dict]:
-    """Train the distilled RM on ``labels/train`` (unless ``reward_model.path`` names one) and evaluate it against
-    the teacher on the held-out ``labels/eval``; returns (RM directory, figures for summary.json). ``labels_dir``:
-    the labels to use (default ``out/labels``); ``record``: receives each training step's ``rm/*`` figures."""
+    """Train the distilled RM on ``labels/train`` and on your own preference data (``reward_model.train_file``),
+    either or both (unless ``reward_model.path`` names an RM), and evaluate it on what is held out of each;
+    returns (RM directory, figures for summary.json: against the teacher where there are labels, with your data's
+    figures under ``own_data``; your data's alone otherwise). ``labels_dir``: the labels to use (default
+    ``out/labels``); ``record``: receives each training step's ``rm/*`` figures."""
     rc = cfg.reward_model
     labels = Path(labels_dir) if labels_dir is not None else out / "labels"
-    for name in ("train", "eval"):
-        if not (labels / name / "rows.jsonl").exists():
-            raise FileNotFoundError(f"stage train_rm needs labels in {labels / name}: add stage label "
-                                    f"before it (labelling resumes where an earlier run in this output_dir stopped)")
+    has_labels = all((labels / name / "rows.jsonl").exists() for name in ("train", "eval"))
+    if not has_labels and (labels_dir is not None or not rc.train_file):
+        raise FileNotFoundError(f"stage train_rm needs labels in {labels}/train and /eval: add stage label before "
+                                f"it (labelling resumes where an earlier run in this output_dir stopped), or give "
+                                f"your own preference data (reward_model.train_file, train-rm --data)")
+    own_train, own_eval = own_preference_data(cfg, init_dir, log) if rc.train_file else (None, None)
     rm_dir = rc.path
     if rm_dir is None:
         rm_dir = str(out / "reward_model")
-        rows = judged_rows(labels / "train")
-        pairs = make_pairs(rows, cfg.seed)
-        log(f"training the distilled RM on {len(pairs)} pairs from {len(rows)} judged responses "
-            f"({rc.epochs} epochs, {rc.batch_size} pairs per step, {rc.num_ranks} DeepSpeed ranks)")
+        pairs, sources = [], []
+        if has_labels:
+            rows = judged_rows(labels / "train")
+            pairs += make_pairs(rows, cfg.seed)
+            sources.append(f"{len(pairs)} pairs from {len(rows)} teacher-judged responses")
+        if own_train is not None:
+            pairs += own_train.pairs
+            sources.append(f"{len(own_train.pairs)} of your own ({own_train.layout})")
+        log(f"training the distilled RM on {' and '.join(sources)} ({rc.epochs} epochs, {rc.batch_size} pairs per "
+            f"step, {rc.num_ranks} DeepSpeed ranks)")
         train_rm(pairs, init_dir, cfg, rm_dir, log, record)
-    held_out = judged_rows(labels / "eval")
-    figures = evaluate_rm_dir(rm_dir, make_pairs(held_out, cfg.seed + 1), held_out)
-    log(f"reward model vs teacher on held-out samples: pairwise accuracy {figures['pairwise_accuracy']:.3f}, "
-        f"spearman {figures['spearman']:.3f}")
+    figures = {}
+    if has_labels:
+        held_out = judged_rows(labels / "eval")
+        figures = evaluate_rm_dir(rm_dir, make_pairs(held_out, cfg.seed + 1), held_out)
+        log(f"reward model vs teacher on held-out samples: {_figures_line(figures)}")
+    if own_eval is not None:
+        own = evaluate_rm_dir(rm_dir, own_eval.pairs, own_eval.pointwise)
+        log(f"reward model on your held-out preference data: {_figures_line(own)}")
+        figures = {**figures, "own_data": own} if has_labels else {**own, "source": "your preference data"}
     return rm_dir, figures
+
+
+def own_preference_data(cfg: RunConfig, init_dir: str, log: Callable[[str], None]):
+    """(train, held out) ``PreferenceData`` from ``reward_model.train_file`` and ``eval_file`` (or a held-out
+    fraction of the training file's prompts), conversational prompts rendered as the run renders its prompts."""
+    from transformers import AutoTokenizer
+
+    from reward.preference_data import load_preference_data, message_renderer
+    from rlhf.base.chat import template_override
+
+    rc = cfg.reward_model
+    render = message_renderer(AutoTokenizer.from_pretrained(init_dir), template_override(cfg.task),
+                              cfg.task.chat_template_kwargs, plain=cfg.task.chat_template == "plain")
+    data = load_preference_data(rc.train_file, render, cfg.seed, log)
+    if rc.eval_file:
+        return data, load_preference_data(rc.eval_file, render, cfg.seed + 1, log)
+    return data.held_out(rc.eval_fraction, cfg.seed)
+
+
+def _figures_line(figures: dict) -> str:
+    named = (("pairwise accuracy", "pairwise_accuracy"), ("spearman", "spearman"))
+    return ", ".join(f"{name} {figures[key]:.3f}" for name, key in named if figures.get(key) is not None) \
+        or "nothing to score"
 
 
 def train_rm(pairs: list[dict], init_dir: str, cfg: RunConfig, rm_dir: str, log: Callable[[str], None],
@@ -101,7 +139,9 @@ def train_rm(pairs: list[dict], init_dir: str, cfg: RunConfig, rm_dir: str, log:
 
     rc = cfg.reward_model
     tokenizer = AutoTokenizer.from_pretrained(init_dir)
-    if rc.use_reference:
+    # A reference answer in the input only where the pairs have one (teacher labels do; your own data may not).
+    use_reference = rc.use_reference and any(p.get("reference") is not None for p in pairs)
+    if use_reference:
         pairs = [referenced_pair(p) for p in pairs]
     random.Random(cfg.seed + 11).shuffle(pairs)
     size = max(rc.num_ranks, rc.batch_size - rc.batch_size % rc.num_ranks)
@@ -114,10 +154,21 @@ def train_rm(pairs: list[dict], init_dir: str, cfg: RunConfig, rm_dir: str, log:
             record({k: v for k, v in m.items() if k != "rm/step"}, int(m["rm/step"]))
         progress.update(loss=m["rm/loss"], pair_acc=m["rm/accuracy"])
 
-    engine = rc.model_copy(update={"micro_batch_size": size // rc.num_ranks})
+    engine = rc.model_copy(update={"micro_batch_size": size // rc.num_ranks, "use_reference": use_reference})
     with progress:
         train_reward_model(batches, init_dir, engine, rc.num_ranks, rm_dir, on_step, rc.epochs,
-                           cfg.call_timeout_s, cfg.seed)
+                           cfg.call_timeout_s, cfg.seed, trained_heads(pairs, rc))
+
+
+def trained_heads(pairs: list[dict], rc) -> list[str]:
+    """The RM heads this training teaches: quality always; RV and CD where some pair has that target (a score
+    or a soft label) and a loss weight on it is non-zero."""
+    heads = ["quality"]
+    for name, weight in (("rv", rc.rv_weight), ("cd", rc.cd_weight)):
+        if (weight or rc.kl_weight) and any(p.get(f"{side}_{name}{suffix}") is not None for p in pairs
+                                            for side in ("chosen", "rejected") for suffix in ("", "_probs")):
+            heads.append(name)
+    return heads
 
 
 def evaluate_rm_dir(rm_dir: str, pairs: list[dict], pointwise: list[dict]) -> dict:
@@ -131,7 +182,12 @@ def evaluate_rm_dir(rm_dir: str, pairs: list[dict], pointwise: list[dict]) -> di
     if uses_reference(model):
         pairs = [referenced_pair(p) for p in pairs]
         pointwise = [{**r, "response": with_reference(r["response"], r.get("reference"))} for r in pointwise]
-    return evaluate_reward_model(model, pairs, pointwise, tokenizer=tokenizer, batch_size=64)
+    figures = evaluate_reward_model(model, pairs, pointwise, tokenizer=tokenizer, batch_size=64)
+    trained = getattr(model.config, "trained_heads", None)
+    for name in ("rv", "cd"):
+        if trained is not None and name not in trained:
+            figures[f"{name}_spearman"] = None  # an untrained head's correlation is noise, not a finding
+    return figures
 
 
 def referenced_pair(pair: dict) -> dict:

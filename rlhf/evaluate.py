@@ -1,5 +1,9 @@
 """Held-out evaluation figures: accuracy, response length and thinking, overall and per difficulty bin.
 
+Thinking figures (``think_rate``, reasoning tokens) appear only where think blocks are in use: when some response
+of the batch has a ``<think>`` block. Elsewhere (a MATH or GSM8K run without them) the arithmetic task's rule,
+steps written before the ``#`` answer mark, would count whole responses as reasoning and report nonsense.
+
 The same per-bin figures are logged during RL (``difficulty/<bin>/*`` in metrics.jsonl), so the length of the
 policy's reasoning can be followed against difficulty as it trains.
 """
@@ -14,8 +18,8 @@ from rlhf.base.data import PromptRow
 from rlhf.base.progress import Progress
 from rlhf.base.samples import Sample
 
-# (correct, response tokens, thought: has a non-empty think block, reasoning tokens)
-Item = tuple[bool, int, bool, int]
+# (correct, response tokens, thought: has a non-empty think block, reasoning tokens, has a think tag at all)
+Item = tuple[bool, int, bool, int, bool]
 
 def evaluate_policy(rows: list[PromptRow], generate: Callable[[list[str]], list[Sample]],
                     verify: Callable[[list[str], list[str]], list[dict]], batch_size: int,
@@ -64,26 +68,32 @@ def score_eval(rows: list[PromptRow], samples: list[Sample], verdicts: list[dict
     appear when the rows carry a difficulty (the arithmetic level, or a dataset field). ``count_tokens`` measures
     reasoning text in the policy's tokens (default: characters)."""
     items = _items(samples, [v["correct"] > 0.5 for v in verdicts], count_tokens)
-    result = _figures(items)
+    thinking = _thinking(items)
+    result = _figures(items, thinking)
     by_bin = _by_bin([r.difficulty for r in rows], items)
     if by_bin:
-        result["by_difficulty"] = {str(level): _figures(group) for level, group in by_bin.items()}
+        result["by_difficulty"] = {str(level): _figures(group, thinking) for level, group in by_bin.items()}
     return result
 
 
 def difficulty_metrics(difficulties: list[int | None], samples: list[Sample], correct: list[bool],
                        count_tokens: Callable[[str], int] | None = None) -> dict[str, float]:
     """The per-bin figures of one RL batch as flat metrics: ``difficulty/<bin>/accuracy``, ``response_tokens``,
-    ``think_rate``, ``reasoning_tokens``; plus the batch's ``charts/think_rate`` and ``charts/reasoning_tokens``."""
+    ``think_rate``, ``reasoning_tokens``; plus the batch's ``charts/think_rate`` and ``charts/reasoning_tokens``
+    (the thinking figures only where think blocks are in use)."""
     items = _items(samples, correct, count_tokens)
-    overall = _figures(items)
-    out = {"charts/think_rate": overall["think_rate"], "charts/reasoning_tokens": overall["mean_reasoning_tokens"]}
+    thinking = _thinking(items)
+    out = {}
+    if thinking:
+        overall = _figures(items, thinking)
+        out = {"charts/think_rate": overall["think_rate"], "charts/reasoning_tokens": overall["mean_reasoning_tokens"]}
     for level, group in _by_bin(difficulties, items).items():
-        f = _figures(group)
+        f = _figures(group, thinking)
         out.update({f"difficulty/{level}/accuracy": f["accuracy"],
-                    f"difficulty/{level}/response_tokens": f["mean_response_tokens"],
-                    f"difficulty/{level}/think_rate": f["think_rate"],
-                    f"difficulty/{level}/reasoning_tokens": f["mean_reasoning_tokens"]})
+                    f"difficulty/{level}/response_tokens": f["mean_response_tokens"]})
+        if thinking:
+            out.update({f"difficulty/{level}/think_rate": f["think_rate"],
+                        f"difficulty/{level}/reasoning_tokens": f["mean_reasoning_tokens"]})
     return out
 
 
@@ -93,8 +103,16 @@ def _items(samples: list[Sample], correct: list[bool], count_tokens: Callable[[s
     for sample, ok in zip(samples, correct, strict=True):
         parts = think.split_think(sample.text)
         reasoning = think.reasoning_text(sample.text)
-        items.append((bool(ok), len(sample.response_ids), parts.thought, count(reasoning) if reasoning else 0))
+        tokens = len(sample.response_ids)
+        # Reasoning is part of the response: never counted longer than it (a re-tokenised text can come out longer).
+        items.append((bool(ok), tokens, parts.thought, min(count(reasoning), tokens) if reasoning else 0,
+                      parts.has_block))
     return items
+
+
+def _thinking(items: list[Item]) -> bool:
+    """Whether think blocks are in use: some response has one (an empty block, Qwen3's no-think output, counts)."""
+    return any(item[4] for item in items)
 
 
 def _by_bin(difficulties: list[int | None], items: list[Item]) -> dict[int, list[Item]]:
@@ -105,12 +123,11 @@ def _by_bin(difficulties: list[int | None], items: list[Item]) -> dict[int, list
     return dict(sorted(by_bin.items()))
 
 
-def _figures(items: list[Item]) -> dict:
+def _figures(items: list[Item], thinking: bool) -> dict:
     n = max(1, len(items))
-    return {
-        "accuracy": round(sum(i[0] for i in items) / n, 4),
-        "mean_response_tokens": round(sum(i[1] for i in items) / n, 2),
-        "think_rate": round(sum(i[2] for i in items) / n, 4),
-        "mean_reasoning_tokens": round(sum(i[3] for i in items) / n, 2),
-        "n": len(items),
-    }
+    figures = {"accuracy": round(sum(i[0] for i in items) / n, 4),
+               "mean_response_tokens": round(sum(i[1] for i in items) / n, 2)}
+    if thinking:
+        figures["think_rate"] = round(sum(i[2] for i in items) / n, 4)
+        figures["mean_reasoning_tokens"] = round(sum(i[3] for i in items) / n, 2)
+    return {**figures, "n": len(items)}

@@ -17,6 +17,7 @@ from rlhf import distill
 from rlhf.base.algorithms import informative_groups, overlong_penalty
 from rlhf.base.config import RunConfig
 from rlhf.base.data import PromptRow
+from rlhf.diagnostics import component_figures
 from rlhf.base.guards import BatchGuard, reward_fault, update_fault
 from rlhf.evaluate import difficulty_metrics, evaluate_policy
 from rlhf.pipeline import LaunchedRollout
@@ -130,10 +131,7 @@ class RLLoop:
             **difficulty_metrics([r.difficulty for r in rows for _ in range(n)], samples,
                                  [s["correct"] > 0.5 for s in scores], self.count_tokens),
         }
-        for name in scores[0].get("parts", {}):  # each component's own mean (over its finite values)
-            values = torch.tensor([s["parts"][name] for s in scores], dtype=torch.float64)
-            figures[f"reward/{name}"] = values[torch.isfinite(values)].mean().item()
-        return figures
+        return {**figures, **component_figures(scores)}  # each component's own mean beside the total
 
     def count_tokens(self, text: str) -> int:
         """Length of a piece of text (e.g. the reasoning) in the policy's tokens."""

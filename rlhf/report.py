@@ -18,7 +18,10 @@ from typing import Callable
 
 import yaml
 
+from rlhf.diagnostics import learning_warnings, setting
+
 PLOTS_DIR = "plots"
+OWN_DATA = "your preference data"  # reward_model.source of an RM evaluated on your own data alone
 BEFORE, AFTER = "#8c8c8c", "#1f77b4"  # evaluation before RL in grey, after in blue, in every plot
 
 
@@ -56,12 +59,7 @@ class RunData:
         return sorted(levels, key=lambda level: (float(level) if _is_number(level) else math.inf, level))
 
     def conf(self, dotted: str, default=None):
-        node = self.config
-        for part in dotted.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return default
-            node = node[part]
-        return node
+        return setting(self.config, dotted, default)
 
 
 def _is_number(text: str) -> bool:
@@ -90,7 +88,9 @@ def reward_panel(run: RunData, ax) -> bool:
         return False
     ax.plot(steps, mean, color=AFTER, label="mean")
     _, std = run.series("reward/std")
-    if len(std) == len(mean):
+    if len(std) == len(mean) == 1:  # one step: a band through one point is invisible, an error bar is not
+        ax.errorbar(steps, mean, yerr=std, color=AFTER, capsize=4, label="± std")
+    elif len(std) == len(mean):
         ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                         color=AFTER, alpha=0.15, label="± std")
     ax.set(title="Reward per RL step", xlabel="RL step", ylabel="reward")
@@ -169,17 +169,29 @@ difficulty_length_panel = _difficulty_panel("mean_response_tokens", "Held-out re
                                             "mean tokens")
 
 
-def rm_difficulty_panel(run: RunData, ax) -> bool:
-    bins = (run.summary.get("reward_model") or {}).get("by_difficulty") or {}
-    if not bins:
-        return False
+def _rm_bins_panel(key: str, xlabel: str, title: str) -> Panel:
+    """The RM's held-out pairwise accuracy per bin of ``reward_model[key]`` (task difficulty or teacher CD)."""
+    def panel(run: RunData, ax) -> bool:
+        bins = _rm_bins(run, key)
+        if not bins:
+            return False
+        ax.bar(range(len(bins)), [group["accuracy"] for _, group in bins], color="#2ca02c")
+        ax.set_xticks(range(len(bins)), [level for level, _ in bins])
+        ax.axhline(0.5, color="black", lw=0.8, ls=":")  # a coin flip ranks pairs at 0.5
+        ax.set(title=title, xlabel=xlabel, ylabel="pairwise accuracy", ylim=(0, 1.02))
+        return True
+
+    return panel
+
+
+def _rm_bins(run: RunData, key: str) -> list[tuple[str, dict]]:
+    bins = (run.summary.get("reward_model") or {}).get(key) or {}
     levels = sorted(bins, key=lambda level: float(level) if _is_number(str(level)) else math.inf)
-    ax.bar(range(len(levels)), [bins[level]["accuracy"] for level in levels], color="#2ca02c")
-    ax.set_xticks(range(len(levels)), [str(level) for level in levels])
-    ax.axhline(0.5, color="black", lw=0.8, ls=":")  # a coin flip ranks pairs at 0.5
-    ax.set(title="RM ranks held-out pairs like the teacher", xlabel="teacher's difficulty (CD)",
-           ylabel="pairwise accuracy", ylim=(0, 1.02))
-    return True
+    return [(str(level), bins[level]) for level in levels]
+
+
+rm_difficulty_panel = _rm_bins_panel("by_difficulty", "task difficulty", "RM on held-out pairs, per difficulty")
+rm_cd_panel = _rm_bins_panel("by_cd", "teacher's difficulty (CD)", "RM on held-out pairs, per teacher CD")
 
 
 def audit_panel(run: RunData, ax) -> bool:
@@ -220,7 +232,12 @@ def step_time_panel(run: RunData, ax) -> bool:
     if not parts:
         return False
     steps = parts[0][1]
-    if all(s == steps for _, s, _ in parts):
+    if len(steps) == 1 and all(s == steps for _, s, _ in parts):  # one step: stacked bars (a stack plot is empty)
+        bottom = 0.0
+        for label, s, v in parts:
+            ax.bar(s, v, 0.5, bottom=bottom, label=label, alpha=0.8)
+            bottom += v[0]
+    elif all(s == steps for _, s, _ in parts):
         ax.stackplot(steps, *[v for _, _, v in parts], labels=[label for label, _, _ in parts], alpha=0.8)
     else:
         for label, s, v in parts:
@@ -251,12 +268,31 @@ def draw(path: Path, run: RunData, panels: list[Panel], columns: int = 3, title:
     for i, panel in enumerate(drawable):
         ax = figure.add_subplot(rows, columns, i + 1)
         panel(run, ax)
-        ax.grid(alpha=0.3)
+        finish_axes(ax)
     if title:
         figure.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     return True
+
+
+def finish_axes(ax) -> None:
+    """What every panel gets: a light grid; on an RL-step axis whole-number ticks (no 1.5 between two steps, one
+    tick at a one-step run's step); a marker on a line through a single point (a one-step run), which a plain
+    line would leave invisible."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.grid(alpha=0.3)
+    if ax.get_xlabel() == "RL step":
+        low, high = ax.dataLim.intervalx
+        if math.isfinite(low) and high - low < 1:
+            ax.set_xlim(low - 1, high + 1)
+            ax.set_xticks(sorted({round(low), round(high)}))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for line in ax.get_lines():
+        if len(line.get_xdata()) == 1 and line.get_marker() in ("None", "", None):
+            line.set_marker("o")
 
 
 # ------------------------------------------------------------------------------------------------ the markdown
@@ -313,6 +349,14 @@ def overview(run: RunData) -> list[str]:
     return lines
 
 
+def warnings_section(run: RunData) -> list[str]:
+    """The signs that the run could not learn (rlhf/diagnostics.py), at the top where they cannot be missed."""
+    warnings = learning_warnings(run.steps, run.config)
+    if not warnings:
+        return []
+    return ["## Warnings: this run may not be learning", "", *[f"- **{w}**" for w in warnings], ""]
+
+
 def evaluation_section(run: RunData) -> list[str]:
     lines = ["## Held-out evaluation, per difficulty", ""]
     before, after = run.eval("before"), run.eval("after")
@@ -363,7 +407,13 @@ def reward_model_section(run: RunData) -> list[str]:
     steps, agreement = run.series("audit/rm_teacher_agreement")
     if not rm and not steps:
         return lines + ["This run trained no distilled reward model and ran no teacher audit.", ""]
-    if rm:
+    own = rm.get("own_data") or (rm if rm.get("source") == OWN_DATA else None)
+    if own is not None:
+        lines += [f"On your held-out preference data ({own.get('pairwise_count', '?')} pairs, "
+                  f"{own.get('pointwise_count', '?')} scored responses) the RM scores the chosen response above the "
+                  f"rejected one in {_fmt(own.get('pairwise_accuracy'))} of the pairs (0.5 is chance); Spearman with "
+                  f"the data's scores {_fmt(own.get('spearman'))}.", ""]
+    if rm and rm is not own:
         lines += [f"On held-out labelled samples ({rm.get('pairwise_count', '?')} pairs, "
                   f"{rm.get('pointwise_count', '?')} single responses) the RM orders "
                   f"{_fmt(rm.get('pairwise_accuracy'))} of the teacher's pairs the same way (0.5 is chance); Spearman "
@@ -382,8 +432,14 @@ def reward_model_section(run: RunData) -> list[str]:
                   f"sign that the policy exploits the RM.", ""]
     else:
         lines += ["No teacher audit ran during RL (`reward.audit_every` is 0).", ""]
-    _image(lines, run, "reward_model.png", [rm_difficulty_panel, audit_panel],
-           "No per-difficulty RM figures and no audits to plot.", 2)
+    for key, name in (("by_difficulty", "task difficulty"), ("by_cd", "teacher's CD score")):
+        bins = _rm_bins(run, key)
+        if bins:
+            lines += [f"| {name} | pairs | RM pairwise accuracy |", "|---|---|---|",
+                      *[f"| {level} | {group.get('count', '?')} | {_fmt(group.get('accuracy'))} |"
+                        for level, group in bins], ""]
+    _image(lines, run, "reward_model.png", [rm_difficulty_panel, rm_cd_panel, audit_panel],
+           "No per-difficulty RM figures and no audits to plot.", 3)
     return lines
 
 
@@ -409,6 +465,7 @@ def write_report(run_dir: str | Path) -> Path:
     run = RunData(run_dir)
     lines = [f"# Run report: {run.dir.name}", ""]
     lines += overview(run)
+    lines += warnings_section(run)
     _image(lines, run, "overview.png", [reward_panel, accuracy_panel, kl_panel, difficulty_accuracy_panel,
                                         difficulty_length_panel, audit_panel], "", 3, f"distilrl run {run.dir.name}")
     lines += evaluation_section(run)

@@ -128,3 +128,17 @@ def test_per_difficulty_figures_by_hand():
     assert figures["by_difficulty"]["6"] == {"accuracy": 0.5, "mean_response_tokens": 20.0, "think_rate": 1.0,
                                              "mean_reasoning_tokens": 6.0, "n": 2}
     assert figures["think_rate"] == 0.75 and figures["n"] == 4
+
+
+def test_thinking_figures_only_where_think_blocks_are_in_use():
+    """A MATH response without blocks is not all reasoning, nor longer in reasoning than in response tokens."""
+    samples = [_sample(r"First, 3 + 4 = 7. ### Answer \boxed{7}", 12), _sample(r"\boxed{8}", 4)]
+    metrics = difficulty_metrics([2, 2], samples, [True, False], count_tokens=lambda t: 100)
+    assert metrics == {"difficulty/2/accuracy": 0.5, "difficulty/2/response_tokens": 8.0}
+    figures = score_eval([PromptRow("p", "7", 2), PromptRow("q", "7", 2)], samples,
+                         [{"correct": 1.0}, {"correct": 0.0}])
+    assert "think_rate" not in figures and "think_rate" not in figures["by_difficulty"]["2"]
+    # with a block in the batch, reasoning is capped at the response's own length
+    thought = [_sample("<think>" + "x" * 50 + "</think>#7", 12), _sample("#7", 2)]
+    metrics = difficulty_metrics([1, 1], thought, [True, True], count_tokens=len)
+    assert metrics["charts/think_rate"] == 0.5 and metrics["charts/reasoning_tokens"] == 6.0  # (12 + 0) / 2

@@ -51,6 +51,29 @@ def test_math_verifier_uses_math_verify_equivalence(response, reference, verdict
     assert math_correct(response, reference) is verdict
 
 
+@pytest.mark.parametrize("response, reference, verdict", [
+    # MATH-500's escaped dollars: the identical boxed string and the bare number both match
+    (r"\boxed{\$36}", r"\$36", True),
+    (r"\boxed{36}", r"\$36", True),
+    (r"\boxed{\$18.90}", r"\$18.90", True),
+    (r"\boxed{18.9}", r"\$18.90", True),
+    (r"\boxed{\$32,\!348}", r"\$32,\!348", True),
+    (r"\boxed{32348}", r"\$32,\!348", True),
+    (r"\boxed{\$37}", r"\$36", False),
+    (r"\boxed{25\%}", r"25\%", True),                        # percentages
+    (r"\boxed{25}", r"25\%", True),
+    (r"\boxed{26\%}", r"25\%", False),
+    (r"\boxed{5\text{ cm}}", r"5\text{ cm}", True),          # units
+    (r"\boxed{5}", r"5\text{ cm}", True),
+    (r"\boxed{6\text{ cm}}", r"5\text{ cm}", False),
+    (r"\boxed{\text{Monday}}", r"\text{Monday}", True),      # text answers
+    (r"\boxed{\text{Tuesday}}", r"\text{Monday}", False),
+    (r"\boxed{\text{(C)}}", r"\text{(C)}", True),
+])
+def test_math_verifier_on_currency_percentages_units_and_text(response, reference, verdict):
+    assert math_correct(response, reference) is verdict
+
+
 def test_last_boxed_balances_braces():
     assert last_boxed(r"a \boxed{\frac{1}{2}} b \fbox{3}") == r"\boxed{3}"
     assert last_boxed(r"\boxed{\frac{a}{b}} end") == r"\boxed{\frac{a}{b}}"
@@ -155,9 +178,18 @@ def test_custom_fn_travels_to_a_process_that_cannot_import_it(tmp_path):
 # --------------------------------------------------------------------- a TRL-trained reward model as seqcls
 
 
+# A ChatML-like template in the character tokenizer's alphabet, for TRL's conversational datasets. (No newline
+# after <eos>: the saved character tokenizer reloads as a Qwen2Tokenizer, which drops whitespace after it.)
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
 @pytest.fixture(scope="module")
 def trl_reward_model(tmp_path_factory):
-    """A tiny Qwen2 reward model trained for a couple of steps by TRL's RewardTrainer on CPU, saved as TRL does."""
+    """A tiny Qwen2 reward model trained for a couple of steps by TRL's RewardTrainer on CPU, saved as TRL does;
+    a copy of it whose tokenizer has a chat template (``chat``) for TRL's conversational layout."""
+    import shutil
+
     import datasets
     from transformers import Qwen2Config, Qwen2ForSequenceClassification
     from trl import RewardConfig, RewardTrainer
@@ -178,22 +210,73 @@ def trl_reward_model(tmp_path_factory):
     trainer = RewardTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer)
     trainer.train()
     trainer.save_model(str(out / "rm"))
-    return out / "rm", trainer.model.eval(), tokenizer
+    shutil.copytree(out / "rm", out / "chat")
+    chat_tokenizer = build_char_tokenizer()
+    chat_tokenizer.chat_template = CHAT_TEMPLATE
+    chat_tokenizer.save_pretrained(str(out / "chat"))
+    trainer.model.eval()
+    return out / "rm", out / "chat", trainer, chat_tokenizer
+
+
+def trl_scores(trainer, pairs: list[dict], tokenizer=None) -> tuple[list[float], list[float]]:
+    """TRL's own forward on preference pairs: its dataset preparation (end-of-sequence token, chat template),
+    its collator and the trained model, as in RewardTrainer.compute_loss: (chosen scores, rejected scores)."""
+    import datasets
+
+    tokenizer = tokenizer or trainer.processing_class
+    prepared = trainer._prepare_dataset(datasets.Dataset.from_list(pairs), tokenizer, trainer.args, "parity")
+    batch = trainer.data_collator([{k: row[k] for k in ("chosen_ids", "rejected_ids")} for row in prepared])
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    chosen, rejected = torch.chunk(logits, 2)
+    return chosen.tolist(), rejected.tolist()
+
+
+PROMPTS, GOOD, BAD = ["3+3=", "5+5=", "12+12="], ["#6", "#10", "#24"], ["#7", "#11", "#2"]
+
+
+def test_seqcls_scores_plain_text_pairs_as_trl_trained_them(trl_reward_model):
+    from reward.seqcls import SeqClsReward
+
+    path, _, trainer, _ = trl_reward_model
+    assert any(path.glob("*.safetensors"))
+    reward = SeqClsReward(path, batch_size=2)  # two batches, rows of different lengths padded
+    assert reward.text_format == "plain"
+    chosen, rejected = trl_scores(trainer, [{"prompt": p, "chosen": g, "rejected": b}
+                                            for p, g, b in zip(PROMPTS, GOOD, BAD)])
+    assert reward.score(PROMPTS, GOOD) == pytest.approx(chosen, abs=1e-5)
+    assert reward.score(PROMPTS, BAD) == pytest.approx(rejected, abs=1e-5)
+    assert reward.token_ids("1+1=", "#2")[-1] == trainer.processing_class.eos_token_id  # TRL appends it
+    assert len({round(c, 6) for c in chosen}) == 3  # a real score per text, not a constant
+
+
+def test_seqcls_scores_conversational_pairs_through_the_chat_template(trl_reward_model):
+    from reward.seqcls import SeqClsReward
+
+    _, chat_path, trainer, chat_tokenizer = trl_reward_model
+    reward = SeqClsReward(chat_path)
+    assert reward.text_format == "chat"
+    pairs = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": g}],
+              "rejected": [{"role": "assistant", "content": b}]} for p, g, b in zip(PROMPTS, GOOD, BAD)]
+    chosen, rejected = trl_scores(trainer, pairs, chat_tokenizer)
+    assert reward.score(PROMPTS, GOOD) == pytest.approx(chosen, abs=1e-5)
+    assert reward.score(PROMPTS, BAD) == pytest.approx(rejected, abs=1e-5)
+    # prompts the run rendered already (a chat student's) are not wrapped a second time
+    rendered = [chat_tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                   add_generation_prompt=True) for p in PROMPTS]
+    assert reward.score(rendered, GOOD) == pytest.approx(chosen, abs=1e-5)
+    plain = SeqClsReward(chat_path, text_format="plain").score(PROMPTS, GOOD)
+    assert plain != pytest.approx(chosen, abs=1e-3)  # the format matters: the parity above is not by chance
 
 
 def test_trl_reward_model_scores_as_the_seqcls_component(trl_reward_model):
-    path, model, tokenizer = trl_reward_model
-    assert any(path.glob("*.safetensors"))
-    prompts, responses = ["3+3=", "5+5=", "12+12="], ["#6", "#11", "#24"]
-    with torch.no_grad():  # what the trained model says for each prompt+response, one text at a time
-        expected = [model(**tokenizer(p + r, return_tensors="pt")).logits[0, 0].item()
-                    for p, r in zip(prompts, responses)]
+    path, _, trainer, _ = trl_reward_model
+    expected, _ = trl_scores(trainer, [{"prompt": p, "chosen": r, "rejected": r} for p, r in zip(PROMPTS, GOOD)])
     worker = reward_worker({"verifier": 1.0, "seqcls": 0.5}, seqcls_path=str(path))
-    scores = worker.score(prompts, responses, ["6", "10", "24"])
+    scores = worker.score(PROMPTS, GOOD, ["6", "11", "24"])
     verifier = [1.0, 0.0, 1.0]
     assert [s["reward"] for s in scores] == pytest.approx([v + 0.5 * e for v, e in zip(verifier, expected)],
                                                           abs=1e-5)
-    assert len({round(e, 6) for e in expected}) == 3  # a real score per text, not a constant
 
 
 def test_seqcls_config_and_directory_errors(tmp_path):

@@ -239,8 +239,8 @@ def test_score_eval_by_hand_on_four_rows_in_two_difficulty_bins():
     assert result["accuracy"] == 0.75 and result["mean_response_tokens"] == 4.5 and result["n"] == 4
     # level 1: 1/2 correct, (3+5)/2 = 4; level 2: 2/2 correct, (2+8)/2 = 5
     assert result["by_difficulty"] == {
-        "1": {"accuracy": 0.5, "mean_response_tokens": 4.0, "think_rate": 0.0, "mean_reasoning_tokens": 1.0, "n": 2},
-        "2": {"accuracy": 1.0, "mean_response_tokens": 5.0, "think_rate": 0.0, "mean_reasoning_tokens": 1.0, "n": 2},
+        "1": {"accuracy": 0.5, "mean_response_tokens": 4.0, "n": 2},
+        "2": {"accuracy": 1.0, "mean_response_tokens": 5.0, "n": 2},
     }
 
 
@@ -248,8 +248,8 @@ def test_score_eval_without_difficulty_has_no_bins():
     rows = [PromptRow("a", "1"), PromptRow("b", "2"), PromptRow("c", "3")]
     result = score_eval(rows, [_sample(1), _sample(2), _sample(6)],
                         [{"correct": 1.0}, {"correct": 0.0}, {"correct": 0.0}])
-    assert result == {"accuracy": 0.3333, "mean_response_tokens": 3.0, "think_rate": 0.0,
-                      "mean_reasoning_tokens": 1.0, "n": 3}
+    # no think blocks in use: no thinking figures (the whole of "x" is not reasoning)
+    assert result == {"accuracy": 0.3333, "mean_response_tokens": 3.0, "n": 3}
 
 
 # ---------------------------------------------------------------------------------------- model files

@@ -181,3 +181,41 @@ def test_wandb_is_optional_and_offline(tmp_path, monkeypatch):
     sink.close()
     assert calls[0][0] == "init" and calls[0][1]["mode"] == "offline" and calls[0][1]["dir"] == str(tmp_path / "run")
     assert calls[1:] == [("log", {"reward/mean": 0.25, "step": 3}), ("finish",)]
+
+
+def test_step_axes_have_whole_ticks_and_one_step_is_visible():
+    from matplotlib.figure import Figure
+
+    from rlhf.report import finish_axes
+
+    ax = Figure().add_subplot()
+    ax.plot([1, 2], [0.1, 0.2])
+    ax.set(xlabel="RL step")
+    finish_axes(ax)
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    one = Figure().add_subplot()
+    one.plot([3], [0.5])
+    one.set(xlabel="RL step")
+    finish_axes(one)
+    assert list(one.get_xticks()) == [3] and one.get_lines()[0].get_marker() == "o"
+
+
+def test_rm_accuracy_per_task_difficulty_and_teacher_cd_are_separate_tables(tmp_path):
+    run = write_run(tmp_path / "run")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["reward_model"]["by_cd"] = {"5": {"accuracy": 0.75, "count": 40}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    report = write_report(run).read_text()
+    assert "| task difficulty | pairs | RM pairwise accuracy |\n|---|---|---|\n| 1 | 100 | 0.990 |" in report
+    assert "| teacher's CD score | pairs | RM pairwise accuracy |\n|---|---|---|\n| 5 | 40 | 0.750 |" in report
+
+
+def test_rm_figures_on_your_own_preference_data_are_said_so(tmp_path):
+    run = write_run(tmp_path / "run")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["reward_model"] = {"pairwise_accuracy": 0.8, "spearman": None, "pairwise_count": 50,
+                               "pointwise_count": 0, "source": "your preference data"}
+    (run / "summary.json").write_text(json.dumps(summary))
+    report = write_report(run).read_text()
+    assert "On your held-out preference data (50 pairs, 0 scored responses)" in report
+    assert "of the teacher's pairs" not in report

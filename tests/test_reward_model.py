@@ -280,10 +280,10 @@ def test_evaluate_reward_model_on_hand_made_rows():
         return [scores[r] for r in responses]
 
     pairwise = [
-        {"prompt": "p", "chosen": "a", "rejected": "b", "cd": 2},        # right
-        {"prompt": "p", "chosen": "b", "rejected": "c", "chosen_cd": 2},  # tie: a miss
-        {"prompt": "p", "chosen": "c", "rejected": "a", "cd": 7},        # wrong
-        {"prompt": "p", "chosen": "a", "rejected": "d"},                 # right, no CD
+        {"prompt": "p", "chosen": "a", "rejected": "b", "cd": 2, "difficulty": 1},        # right
+        {"prompt": "p", "chosen": "b", "rejected": "c", "chosen_cd": 2, "difficulty": 3},  # tie: a miss
+        {"prompt": "p", "chosen": "c", "rejected": "a", "cd": 7, "difficulty": 3},        # wrong
+        {"prompt": "p", "chosen": "a", "rejected": "d"},                                  # right, no CD
     ]
     pointwise = [
         {"prompt": "p", "response": "a", "quality": 9, "rv": 0, "cd": 5, "correct": True},
@@ -293,7 +293,8 @@ def test_evaluate_reward_model_on_hand_made_rows():
     ]
     result = evaluate_reward_model(score_fn, pairwise, pointwise, calibration_bins=2)
     assert result["pairwise_accuracy"] == 0.5 and result["pairwise_count"] == 4
-    assert result["by_difficulty"] == {2: {"accuracy": 0.5, "count": 2}, 7: {"accuracy": 0.0, "count": 1}}
+    assert result["by_cd"] == {2: {"accuracy": 0.5, "count": 2}, 7: {"accuracy": 0.0, "count": 1}}
+    assert result["by_difficulty"] == {1: {"accuracy": 1.0, "count": 1}, 3: {"accuracy": 0.0, "count": 2}}
     # quality: predictions [2, 1, 1, 0] vs teacher [9, 5, 5, 1]: the same order, ties in the same place.
     assert result["spearman"] == pytest.approx(1.0)
     assert result["rv_spearman"] == pytest.approx(spearman([1, 2, 3, 4], [0, 2, 1, 3]))
@@ -313,3 +314,20 @@ def test_evaluate_with_model_and_tokenizer(rm, tokenizer):
     scored = score_texts(rm, tokenizer, [p for p, _ in TEXTS], [r for _, r in TEXTS])
     assert result["spearman"] == pytest.approx(spearman([s["quality"] for s in scored], [0, 1, 2]))
     assert result["pairwise_accuracy"] in (0.0, 1.0)
+
+
+def test_correlations_only_for_the_heads_that_were_trained(rm, tokenizer, tmp_path):
+    from rlhf.distill import evaluate_rm_dir
+
+    rows = [{"prompt": p, "response": r, "quality": q, "rv": rv, "cd": cd}
+            for (p, r), q, rv, cd in zip(TEXTS, [1, 5, 9], [0, 4, 2], [1, 2, 3])]
+    for heads, reported in ((None, {"rv", "cd"}), (["quality", "cd"], {"cd"}), (["quality"], set())):
+        path = tmp_path / f"rm_{len(heads or [])}"
+        if heads is not None:
+            rm.config.trained_heads = heads
+        rm.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        figures = evaluate_rm_dir(str(path), [], rows)
+        assert figures["spearman"] is not None
+        assert {name for name in ("rv", "cd") if figures[f"{name}_spearman"] is not None} == reported
+    del rm.config.trained_heads

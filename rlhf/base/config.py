@@ -216,6 +216,10 @@ class RewardConfig(_Section):
     # fn(prompts, responses, rows) -> one float per response; a coroutine function is awaited.
     custom_fn: str | None = None
     seqcls_path: str | None = None  # the seqcls component's model: a local directory, safetensors
+    # How the seqcls model reads a sample, as TRL's RewardTrainer fed it in training: chat (the tokenizer's chat
+    # template over the conversation), plain (prompt + response + end-of-sequence), auto (chat where the saved
+    # tokenizer has a template).
+    seqcls_format: Literal["auto", "chat", "plain"] = "auto"
     adaptive: AdaptiveConfig = AdaptiveConfig()
     # teacher_kl (on-policy distillation): the teacher, a local causal LM with the student's tokenizer, whose log-prob
     # of every sampled token, minus the sampler's, is a per-token reward; and its Ray workers.

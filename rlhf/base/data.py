@@ -148,8 +148,9 @@ def _final_answer(answer: str) -> str:
     return answer.rsplit("####", 1)[-1].strip().replace(",", "") if "####" in answer else answer.strip()
 
 
-# File suffix -> the ``datasets`` builder that reads it (JSONL has its own reader above: its errors name the line).
-_BUILDERS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# File suffix -> the ``datasets`` builder that reads it (prompt JSONL files have their own reader above: its errors
+# name the line).
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 def load_file_rows(path: str | Path, split: str | None, cfg: TaskConfig,
@@ -161,8 +162,16 @@ def load_file_rows(path: str | Path, split: str | None, cfg: TaskConfig,
                   difficulty_field=cfg.difficulty_field, system_field=cfg.system_field)
     if path.suffix == ".jsonl" and not path.is_dir():
         return load_jsonl_rows(path, **fields, log=log)
+    dataset = open_dataset(path, split, "task.train_split / task.eval_split")
+    return dataset_rows(dataset, **fields, name=str(path), log=log)
+
+
+def open_dataset(path: str | Path, split: str | None = None, split_key: str = "the split"):
+    """A ``datasets.Dataset`` from a ``.jsonl``, ``.json``, ``.parquet`` or ``.csv`` file or a ``save_to_disk``
+    directory (one ``split`` of a DatasetDict; ``split_key`` names the setting that picks it)."""
     import datasets
 
+    path = Path(path)
     if path.is_dir():
         try:
             dataset = datasets.load_from_disk(str(path))
@@ -172,7 +181,7 @@ def load_file_rows(path: str | Path, split: str | None, cfg: TaskConfig,
         if isinstance(dataset, datasets.DatasetDict):
             if split not in dataset:
                 raise DatasetError(f"{path} has no split {split!r} (splits: {', '.join(dataset)}); set "
-                                   f"task.train_split / task.eval_split to one of them")
+                                   f"{split_key} to one of them")
             dataset = dataset[split]
     elif not path.is_file():
         raise DatasetError(f"dataset file {path} does not exist")
@@ -182,14 +191,14 @@ def load_file_rows(path: str | Path, split: str | None, cfg: TaskConfig,
     else:
         try:
             with _quiet_logger("datasets"):  # it logs the reader's error itself; ours is the one line below
-                dataset = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train")
+                return datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train")
         except Exception as err:  # noqa: BLE001 - the library's reasons vary by format; one line names the file
             root, kind = _root_cause(err), _BUILDERS[path.suffix]
-            header = " with a header row naming task.prompt_field and task.answer_field" if kind == "csv" else ""
+            header = " with a header row naming its columns" if kind == "csv" else ""
             raise DatasetError(f"cannot read {path} as {kind} ({type(root).__name__}: "
                                f"{' '.join(str(root).split())[:200] or 'no detail'}): check that it is {kind}"
                                f"{header}") from None
-    return dataset_rows(dataset, **fields, name=str(path), log=log)
+    return dataset
 
 
 @contextlib.contextmanager

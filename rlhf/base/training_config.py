@@ -57,6 +57,11 @@ class RewardModelConfig(EngineConfig):
     """The distilled reward model: trained from the warm-up student's backbone on the labels, on DeepSpeed ranks."""
 
     path: str | None = None  # use this trained RM instead of training one (stage train_rm then only evaluates)
+    # Your own preference data (TRL's pair layouts or scored responses, reward/preference_data.py), alone or mixed
+    # with the teacher's labels; held out: eval_file, else eval_fraction of train_file's prompts.
+    train_file: str | None = None
+    eval_file: str | None = None
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
     # Give the RM the dataset's reference answer beside the response (a reference-guided judge, as the teacher is).
     # Off, a small RM must recompute the answer itself: on the quickstart task it then ranks pairs far worse.
     use_reference: bool = True
