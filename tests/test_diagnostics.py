@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from reward.worker import RewardWorker
+from tests.scoring import reward_worker
 from rlhf.diagnostics import component_figures, fresh_warnings, learning_warnings
 from rlhf.report import write_report
 
@@ -24,7 +24,7 @@ STUCK = [step(n, truncated=1.0, no_signal=1.0, accuracy=0.0, grad_norm=0.0) for 
 
 
 def test_component_figures_are_each_components_raw_mean():
-    worker = RewardWorker({"verifier": 1.0, "custom": 0.5}, custom=lambda p, r, rows: [len(x) for x in r])
+    worker = reward_worker({"verifier": 1.0, "custom": 0.5}, custom=lambda p, r, rows: [len(x) for x in r])
     scores = worker.score(["1+1=", "2+2="], ["#2", "#55"], ["2", "4"], [{}, {}])
     assert [s["parts"] for s in scores] == [{"verifier": 1.0, "custom": 2.0}, {"verifier": 0.0, "custom": 3.0}]
     assert component_figures(scores) == {"reward/verifier": 0.5, "reward/custom": 2.5}  # unweighted
