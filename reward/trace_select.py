@@ -62,7 +62,7 @@ def select_traces(traces: list, target: Callable[[float], float], keep: float) -
 def reasoning_steps(response: str) -> int:
     """Reasoning steps by rule: the non-empty lines of the reasoning (think blocks and the text before the final
     answer)."""
-    return sum(1 for line in think.reasoning_text(response).splitlines() if line.strip())
+    return sum(1 for line in think.reasoning_text(response).splitlines() if line.strip().strip("#").strip())
 
 
 def rule_scores(traces: list[Trace], chars_per_rv: float, difficulties: list[float | None] | None = None,

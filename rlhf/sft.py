@@ -25,7 +25,7 @@ import torch
 from rlhf.base.chat import (ChatFormatError, check_messages, make_renderer, template_override, uses_template,
                             with_system)
 from rlhf.base.config import ConfigError, RunConfig, TaskConfig, WarmupConfig
-from rlhf.base.data import DatasetError, usable_rows
+from rlhf.base.data import DatasetError, load_rows, usable_rows
 from rlhf.base.packing import PACKABLE_ATTENTION, micro_batches, model_inputs, zero_sequence_starts
 from rlhf.base.progress import Progress
 
@@ -46,6 +46,16 @@ def traces_path(cfg: RunConfig, output_dir: str | Path, custom_prompts: bool = F
                           f"traces dataset: set warmup.traces_file (e.g. from `distilrl traces`), or add stage "
                           f"traces before it")
     return None
+
+
+def traces_stage(cfg: RunConfig, output_dir: str | Path, log: Callable[[str], None] = print,
+                 train_dataset=None) -> dict:
+    """The ``traces`` stage: teacher traces on the training prompts (raw: the teacher applies its own chat
+    template), graded and selected, into ``output_dir/traces`` (reward/traces.py); returns its summary."""
+    from reward.traces import build_traces
+
+    train, _ = load_rows(cfg.task, cfg.seed, train_dataset, None, log=log)
+    return build_traces(cfg, train, Path(output_dir) / TRACES_DATASET.parent, log)
 
 
 def load_conversations(path: str | Path, cfg: WarmupConfig, system_prompt: str | None = None,

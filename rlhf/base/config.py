@@ -609,7 +609,8 @@ class RunConfig(_Section):
         if "warmup" in self.stages and "sft" in self.stages:
             raise ValueError("stages lists both warmup and sft (the same stage): keep one")
         sft = "sft" in self.stages or ("warmup" in self.stages and self.task.name != "arithmetic")
-        if sft and not (self.warmup.traces_file or "traces" in self.stages):
+        written = Path(self.output_dir) / "traces" / "dataset"  # what an earlier `distilrl traces` wrote
+        if sft and not (self.warmup.traces_file or "traces" in self.stages or written.is_dir()):
             raise ValueError(f"stage {'sft' if 'sft' in self.stages else 'warmup'} on task {self.task.name} needs "
                              f"a traces dataset: set warmup.traces_file, or add stage traces before it")
         return self
