@@ -217,6 +217,7 @@ def run_sft(model, tokenizer, cfg: RunConfig, path: str | Path, log: Callable[[s
         optimizer, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1.0 - s / steps))
     order, rng, start, figures = [], random.Random(cfg.seed + 1), time.perf_counter(), {}
     model.train()
+    before = held_out_loss(model, held_out, w.batch_size, tokenizer.pad_token_id, w.pack) if held_out else None
     progress = Progress(steps, "sft", "step", log)
     for step in range(1, steps + 1):
         if len(order) < w.batch_size:  # a fresh pass, shuffled, once the current one runs out
@@ -237,6 +238,7 @@ def run_sft(model, tokenizer, cfg: RunConfig, path: str | Path, log: Callable[[s
         progress.update(loss=figures["sft/loss"])
     progress.close()
     model.eval()
-    return {"loss": figures.get("sft/loss"), "eval_loss": figures.get("sft/eval_loss"), "steps": steps,
+    return {"loss": figures.get("sft/loss"), "eval_loss_before": before, "eval_loss": figures.get("sft/eval_loss"),
+            "steps": steps,
             "train_examples": len(train), "eval_examples": len(held_out), "traces": str(path),
             "wall_s": time.perf_counter() - start}
