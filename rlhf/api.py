@@ -181,7 +181,8 @@ class Trainer:
 
     def warmup(self) -> dict:
         """Supervised distillation of the teacher's solutions into the student (``cfg.warmup``); returns its
-        figures. Runs in this process, before any actor starts: they all start from the warmed-up student."""
+        figures. Runs in this process, before any actor starts: they all start from the warmed-up student. On a
+        traces dataset (``warmup.traces_file`` or the traces stage's output) this is the SFT of rlhf/sft.py."""
         if self._student is None:
             raise RuntimeError("warmup() must come before label(), train_reward_model(), evaluate(), step(), "
                                "train() and save(): the actors start from the warmed-up student")

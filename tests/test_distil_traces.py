@@ -186,3 +186,32 @@ def test_hub_names_resolve_from_the_local_cache_and_a_missing_one_is_one_line(tm
     with pytest.raises(ModelLoadError, match="neither a local directory nor in the Hugging Face cache") as err:
         resolve_model_path("Qwen/Qwen2.5-0.5B-Instruct")
     assert "\n" not in str(err.value)
+
+
+def test_a_local_hf_teacher_writes_n_samples_and_resumes_from_its_cache(tmp_path):
+    from rlhf.base.char_tokenizer import build_char_tokenizer
+    from rlhf.base.config import ModelConfig
+    from rlhf.base.models import build_student, save_student
+    from reward.teachers.writers import HFWriter
+
+    tok = build_char_tokenizer()
+    tiny = ModelConfig(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32)
+    save_student(build_student(tiny, tok, seed=0), tok, tmp_path / "teacher")
+    writer = HFWriter(tmp_path / "teacher", tmp_path / "cache", temperature=1.0, max_new_tokens=5)
+    out = writer.write(_conversations(["1+2=", "3+4="]), n=3)
+    assert [len(r) for r in out] == [3, 3] and all(isinstance(s, str) for r in out for s in r)
+    assert writer.stats["requests"] == 6
+    again = HFWriter(tmp_path / "teacher", tmp_path / "cache", temperature=1.0, max_new_tokens=5)
+    assert again.write(_conversations(["1+2=", "3+4="]), n=3) == out and again.stats["cache_hits"] == 6
+
+
+def test_distilrl_traces_command_writes_the_selected_dataset(tmp_path, capsys):
+    from rlhf.cli import main
+
+    out = tmp_path / "run"
+    assert main(["traces", "configs/tiny.yaml", f"output_dir={out}", "traces.prompts=20",
+                 "traces.samples_per_prompt=3", "traces.chars_per_rv=6", "traces.keep=0.34"]) == 0
+    summary = json.loads((out / "traces" / "summary.json").read_text())
+    assert summary["written"] == 60 and summary["correct"] == 60 and 0 < summary["kept"] < 60
+    assert len(datasets.load_from_disk(str(out / "traces" / "dataset"))) == summary["kept"]
+    assert "per CD bin kept" in capsys.readouterr().out
