@@ -101,6 +101,8 @@ def _conversation(row: dict, cfg: WarmupConfig, system_prompt: str | None) -> li
                               f"{cfg.response_field!r} columns (set warmup.messages_field/prompt_field/response_field)")
     if not any(m["role"] == "assistant" for m in messages):
         raise ChatFormatError("has no assistant turn to train on")
+    if next(m["role"] for m in messages if m["role"] != "system") != "user":
+        raise ChatFormatError("starts with an assistant turn: a reply needs a user turn before it")
     return messages
 
 
