@@ -186,7 +186,7 @@ class Trainer:
         if self._student is None:
             raise RuntimeError("warmup() must come before label(), train_reward_model(), evaluate(), step(), "
                                "train() and save(): the actors start from the warmed-up student")
-        traces = sft.traces_path(self.cfg, self.output_dir, custom_prompts=self._train_dataset is not None)
+        traces = sft.traces_path(self.cfg, self.output_dir, self._train_dataset is not None, self.log)
         if traces is not None:  # distillation SFT on a traces dataset (rlhf/sft.py)
             with self._timer("warmup"):
                 self._summary["warmup"] = sft.run_sft(self._student, self._tokenizer, self.cfg, traces, self.log,

@@ -32,19 +32,23 @@ from rlhf.base.progress import Progress
 TRACES_DATASET = Path("traces") / "dataset"  # where the traces stage writes, inside output_dir
 
 
-def traces_path(cfg: RunConfig, output_dir: str | Path, custom_prompts: bool = False) -> str | None:
+def traces_path(cfg: RunConfig, output_dir: str | Path, custom_prompts: bool = False,
+                log: Callable[[str], None] | None = None) -> str | None:
     """The traces dataset the warm-up trains on: ``warmup.traces_file``, else the traces stage's output in
-    ``output_dir``; None for the arithmetic task's own warm-up. Any other task (or prompts passed in from
-    Python, or the ``sft`` stage) without traces is a ConfigError: never a silent fallback to arithmetic."""
+    ``output_dir``; None for the arithmetic task's own warm-up. Any other task (or the ``sft`` stage) without
+    traces is a ConfigError: never a silent fallback to arithmetic. Prompts passed in from Python to an arithmetic
+    config keep the arithmetic warm-up (their prompts may well be sums), said in one ``log`` line."""
     if cfg.warmup.traces_file:
         return cfg.warmup.traces_file
     written = Path(output_dir) / TRACES_DATASET
     if "traces" in cfg.stages or written.is_dir():
         return str(written)
-    if cfg.task.name != "arithmetic" or custom_prompts or "sft" in cfg.stages:
-        raise ConfigError(f"the warm-up on {'your prompts' if custom_prompts else 'task ' + cfg.task.name} needs a "
-                          f"traces dataset: set warmup.traces_file (e.g. from `distilrl traces`), or add stage "
-                          f"traces before it")
+    if cfg.task.name != "arithmetic" or "sft" in cfg.stages:
+        raise ConfigError(f"the warm-up on task {cfg.task.name} needs a traces dataset: set warmup.traces_file "
+                          f"(e.g. from `distilrl traces`), or add stage traces before it")
+    if custom_prompts and log is not None:
+        log("warm-up: on the arithmetic task's oracle traces, not on train_dataset's prompts; to distil a teacher "
+            "on them, set warmup.traces_file (or add stage traces)")
     return None
 
 

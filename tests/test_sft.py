@@ -129,7 +129,10 @@ def test_warmup_on_another_task_without_traces_is_refused_in_one_line(tmp_path, 
     assert "\n" not in err and "needs a traces dataset" in err and not (tmp_path / "run").exists()
     assert main(["sft", "configs/tiny.yaml", f"output_dir={tmp_path / 'run'}"]) == 2
     assert "needs a traces dataset" in capsys.readouterr().err
-    # Prompts passed in from Python to an arithmetic config: the same refusal, not the arithmetic warm-up.
-    with pytest.raises(ConfigError, match="your prompts"):
-        traces_path(RunConfig(), tmp_path, custom_prompts=True)
-    assert traces_path(RunConfig(), tmp_path) is None  # the arithmetic task's own warm-up
+    # Prompts passed in from Python to an arithmetic config: the arithmetic warm-up, said out loud.
+    said = []
+    assert traces_path(RunConfig(), tmp_path, custom_prompts=True, log=said.append) is None
+    assert "warmup.traces_file" in said[0]
+    with pytest.raises(ConfigError, match="task dataset needs a traces dataset"):
+        traces_path(RunConfig.model_construct(stages=["warmup"], warmup=RunConfig().warmup,
+                                              task=TaskConfig.model_construct(name="dataset")), tmp_path)
