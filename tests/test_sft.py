@@ -136,3 +136,18 @@ def test_warmup_on_another_task_without_traces_is_refused_in_one_line(tmp_path, 
     with pytest.raises(ConfigError, match="task dataset needs a traces dataset"):
         traces_path(RunConfig.model_construct(stages=["warmup"], warmup=RunConfig().warmup,
                                               task=TaskConfig.model_construct(name="dataset")), tmp_path)
+
+
+def test_run_with_traces_and_sft_stages_distils_the_oracle_into_the_student(tmp_path):
+    import rlhf
+
+    cfg = RunConfig(output_dir=str(tmp_path / "run"), stages=["traces", "sft"], model=TINY.model_dump(),
+                    traces={"teacher": "oracle", "prompts": 30, "samples_per_prompt": 3, "chars_per_rv": 6.0,
+                            "keep": 0.5},
+                    warmup={"steps": 6, "batch_size": 8, "eval_fraction": 0.2})
+    result = rlhf.run(cfg, log=lambda line: None)
+    traces, warmup = result.summary["traces"], result.summary["warmup"]
+    assert traces["written"] == 90 and 0 < traces["kept"] < 90
+    assert warmup["train_examples"] + warmup["eval_examples"] == traces["kept"] and warmup["steps"] == 6
+    assert warmup["eval_loss"] < warmup["eval_loss_before"]
+    assert AutoModelForCausalLM.from_pretrained(warmup["student_dir"]).config.hidden_size == 32
