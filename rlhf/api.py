@@ -30,7 +30,7 @@ from rlhf import distill
 from reward.custom import load_reward_fn
 from reward.seqcls import check_seqcls_dir
 from reward.worker import RewardFn
-from rlhf import actors, curriculum, diagnostics, driver
+from rlhf import actors, curriculum, diagnostics, driver, sft
 from rlhf.base import resume as checkpoints
 from rlhf.base.checkpoint import atomic_dir, write_json_atomic
 from rlhf.base.config import ConfigError, RunConfig
@@ -74,7 +74,9 @@ def run(cfg: RunConfig, reward_fn: RewardFn | None = None, train_dataset: Datase
                          rm_dir if rm_dir.is_dir() else None)
     with Trainer(cfg, reward_fn, train_dataset, eval_dataset, log, resume=resume) as trainer:
         before_rl = trainer.resumed_step is None  # a checkpoint comes after every stage before RL
-        if "warmup" in cfg.stages and before_rl:
+        if "traces" in cfg.stages and before_rl:
+            trainer.traces()
+        if ("warmup" in cfg.stages or "sft" in cfg.stages) and before_rl:
             trainer.warmup()
         if "label" in cfg.stages and before_rl:
             trainer.label()
@@ -122,6 +124,7 @@ class Trainer:
         check_wandb(cfg)
         self.cfg, self.log = cfg, log
         self._reward_fn = reward_fn
+        self._train_dataset = train_dataset  # the traces stage writes for these prompts (raw, not rendered)
         self._start = time.perf_counter()
         # Every input is checked before the run directory is touched: bad input leaves what is there as it was.
         driver.refuse_finished_run(cfg)
@@ -183,10 +186,18 @@ class Trainer:
     def warmup(self) -> dict:
         """Supervised distillation of the teacher's solutions into the student (``cfg.warmup``); returns its
         figures. Runs in this process, before any actor starts: they all start from the warmed-up student, written
-        to ``output_dir/warmup`` at the end (a warm-up-only run leaves it there, e.g. as a teacher)."""
+        to ``output_dir/warmup`` at the end (a warm-up-only run leaves it there, e.g. as a teacher). On a traces
+        dataset (``warmup.traces_file`` or the traces stage's output) this is the SFT of rlhf/sft.py."""
         if self._student is None:
             raise RuntimeError("warmup() must come before label(), train_reward_model(), evaluate(), step(), "
                                "train() and save(): the actors start from the warmed-up student")
+        traces = sft.traces_path(self.cfg, self.output_dir, self._train_dataset is not None, self.log)
+        if traces is not None:  # distillation SFT on a traces dataset (rlhf/sft.py)
+            with self._timer("warmup"):
+                self._summary["warmup"] = sft.run_sft(self._student, self._tokenizer, self.cfg, traces, self.log,
+                                                      self.metrics.log)
+            self._summary["warmup"]["student_dir"] = self._start_dir()  # plain Hugging Face format
+            return self._summary["warmup"]
         with self._timer("warmup"):
             adaptive = self.cfg.reward.adaptive  # a matched curriculum aims at the adaptive reward's RV targets
             self._summary["warmup"] = run_warmup(
@@ -194,6 +205,13 @@ class Trainer:
                 curriculum.target_fn("matched", adaptive.rv_at_cd0, adaptive.rv_at_cd9), self.metrics.log)
             self._start_dir()
         return self._summary["warmup"]
+
+    def traces(self) -> dict:
+        """Teacher traces on the training prompts, graded and selected per CD bin (``cfg.traces``), written to
+        ``output_dir/traces`` (a ``datasets`` dataset and summary.json); ``warmup()`` then trains on them."""
+        with self._timer("traces"):
+            self._summary["traces"] = sft.traces_stage(self.cfg, self.output_dir, self.log, self._train_dataset)
+        return self._summary["traces"]
 
     def label(self) -> dict:
         """The teacher judges student samples (``cfg.label``), written to ``output_dir/labels``; returns the

@@ -3,6 +3,8 @@
   distilrl run CONFIG [dotted.key=value ...]      the stages the config lists (warm-up, label, train_rm, RL, eval)
   distilrl run CONFIG --resume                    continue output_dir's run from its newest complete checkpoint
   distilrl label CONFIG [...]                     only warm-up (if listed) and labelling
+  distilrl traces CONFIG [...]                    teacher traces on the prompts: write, grade, select per CD bin
+  distilrl sft CONFIG [...]                       distillation SFT of the student on traces (and eval if listed)
   distilrl train-rm CONFIG [--labels RUN] [...]   train and evaluate a distilled RM on a labelling run's labels
   distilrl train-rm CONFIG --data PAIRS [...]     ... on your own preference data (TRL layouts), or on both
   distilrl eval CHECKPOINT [--config C] [...]     a policy checkpoint on the held-out prompts, as JSON
@@ -36,6 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             cmd.add_argument("--resume", action="store_true", help="continue the run in output_dir from its newest "
                              "complete checkpoint (save_every); a finished run is left as it is")
+    text = "teacher traces on the config's training prompts: write, grade by the verifier, score RV/CD, select"
+    cmd = commands.add_parser("traces", help=text, description=text + " per CD bin by the curriculum (traces.*); "
+                              "writes a datasets dataset and summary.json to output_dir/traces. A stopped job "
+                              "resumes from its cache there.")
+    cmd.add_argument("config", help="YAML config file, e.g. configs/gsm8k_sft.yaml")
+    cmd.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. traces.prompts=100")
+    text = "distillation SFT of the student on a traces dataset (warmup.traces_file, or output_dir/traces)"
+    cmd = commands.add_parser("sft", help=text, description=text + "; the traces stage runs first if the config "
+                              "lists it, the evaluation after if it lists eval. The student is saved to "
+                              "output_dir/warmup in Hugging Face format.")
+    cmd.add_argument("config", help="YAML config file, e.g. configs/gsm8k_sft.yaml")
+    cmd.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. warmup.steps=50")
     text = "train a distilled RM on labels (and score it against the teacher's held-out labels)"
     cmd = commands.add_parser("train-rm", help=text, description=text + ". Without --labels, the config's warm-up "
                               "(if listed) and labelling run first, in its output_dir.")
@@ -119,6 +133,27 @@ def _run(args) -> int:
         if "label" not in cfg.stages:
             cfg.stages.append("label")
     _run_stages(cfg, resume=getattr(args, "resume", False))
+    return 0
+
+
+def _traces(args) -> int:
+    from rlhf.base.config import load_config
+    from rlhf.driver import refuse_finished_run
+    from rlhf.sft import traces_stage
+
+    cfg = load_config(args.config, args.overrides)
+    refuse_finished_run(cfg)
+    traces_stage(cfg, cfg.output_dir, _log)
+    return 0
+
+
+def _sft(args) -> int:
+    from rlhf.base.config import config_from_dict, load_config
+
+    data = load_config(args.config, args.overrides).model_dump()
+    stages = [s for s in data["stages"] if s in ("traces", "eval")]
+    data["stages"] = stages[:1] + ["sft"] + stages[1:] if "traces" in stages else ["sft", *stages]
+    _run_stages(config_from_dict(data))  # validated again: sft needs its traces
     return 0
 
 
@@ -257,7 +292,7 @@ def _serve(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "label": _run, "train-rm": _train_rm, "eval": _eval, "eval-rm": _eval_rm,
+COMMANDS = {"run": _run, "label": _run, "traces": _traces, "sft": _sft, "train-rm": _train_rm, "eval": _eval, "eval-rm": _eval_rm,
             "serve-rm": _serve_rm, "serve": _serve, "report": _report}
 
 

@@ -5,6 +5,8 @@
 - ``OpenAITeacher``: any OpenAI-compatible chat endpoint, with retries, a concurrency limit and an on-disk cache.
 
 A row that cannot be judged comes back with ``Verdict.error`` set; ``judge`` itself does not raise for it.
+Teachers that write responses (distillation traces) are in ``writers.py``: the oracle, a local HF model and the
+OpenAI-compatible endpoint, sharing this package's HTTP client and reply cache.
 
 ``TEACHERS`` is the registry ``label.teacher`` names: a factory per back-end taking the ``label`` config section and
 the directory an HTTP teacher caches its replies in. A new back-end is one module plus one entry here.

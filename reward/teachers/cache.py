@@ -29,8 +29,8 @@ def request_key(payload: dict[str, Any], endpoint: str) -> str:
 class ReplyCache:
     """Thread-safe: judge requests run in a pool and each stores its reply as soon as it arrives."""
 
-    def __init__(self, directory: str | Path):
-        self.path = Path(directory) / CACHE_FILE
+    def __init__(self, directory: str | Path, file_name: str = CACHE_FILE):
+        self.path = Path(directory) / file_name
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:

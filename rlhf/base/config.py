@@ -133,6 +133,18 @@ class WarmupConfig(_Section):
     # terse/worked mixture above; matched: target RV rising with CD; low/medium/high: a fixed target RV.
     curriculum: Literal["none", "matched", "low", "medium", "high"] = "none"
     curriculum_keep: float = Field(0.34, gt=0, le=1)  # share of each CD bin's candidate traces kept
+    # Distillation SFT on a traces dataset (``distilrl traces``' output, or any dataset with prompt/response
+    # columns or a ``messages`` column) instead of the arithmetic oracle's traces: a save_to_disk directory or a
+    # .jsonl/.json/.parquet file. Needed whenever the task is not the arithmetic task (no silent fallback).
+    traces_file: str | None = None
+    prompt_field: str = "prompt"  # traces_file's columns; a messages column (OpenAI format) wins where present
+    response_field: str = "response"
+    messages_field: str = "messages"
+    epochs: float = Field(1.0, gt=0)  # with traces_file: passes over the traces when steps is 0
+    eval_fraction: float = Field(0.05, ge=0, lt=1)  # traces held out for the held-out loss
+    eval_every: int = Field(0, ge=0)  # steps between held-out losses (0: at the end only)
+    max_length: int | None = Field(None, gt=0)  # longer examples are dropped and counted (default: the model's)
+    pack: bool = True  # padding-free packing of each batch's rows (rlhf/base/packing.py) where it saves enough
 
     @field_validator("terse_fraction")
     @classmethod
@@ -141,6 +153,42 @@ class WarmupConfig(_Section):
         if not shares or not all(0 <= share <= 1 for share in shares):
             raise ValueError("give a share of bare answers between 0 and 1, or a non-empty list of them")
         return value
+
+
+class TracesConfig(_Section):
+    """Teacher traces on the task's training prompts (``distilrl traces``, reward/traces.py): a teacher writes
+    ``samples_per_prompt`` responses per prompt, the verifier grades them against the reference, RV/CD are scored
+    by rule or by the label teacher, and per CD bin the curriculum picks the traces kept. Written to
+    ``output_dir/traces`` (a ``datasets`` save_to_disk directory and summary.json)."""
+
+    # dataset: the responses already in the data (response_field, e.g. GSM8K's worked ``answer``); oracle: the
+    # arithmetic task's oracle (each verbosity in turn); hf: a local causal LM (model_path); openai: an
+    # OpenAI-compatible chat endpoint (base_url, model, api_key_env).
+    teacher: Literal["dataset", "oracle", "hf", "openai"] = "oracle"
+    response_field: str = "answer"
+    model_path: str | None = None
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
+    concurrency: int = Field(4, gt=0)  # requests in flight at once (openai)
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(2, ge=0)
+    prompts: int = Field(1000, gt=0)  # training prompts to write traces for
+    samples_per_prompt: int = Field(1, gt=0)
+    temperature: float = Field(0.7, ge=0)
+    max_new_tokens: int = Field(512, gt=0)
+    # auto: the teacher's own; low/medium/high: an instruction in the system prompt (oracle: its verbosity 0/1/2).
+    verbosity: Literal["auto", "low", "medium", "high"] = "auto"
+    # Where RV and CD come from: rule (RV: reasoning length, chars_per_rv characters a point; CD: task's
+    # difficulty_field scaled by difficulty_range, else the reasoning steps of the prompt's correct traces) or
+    # teacher (label.teacher's judge: oracle, hf or openai).
+    scores: Literal["rule", "teacher"] = "rule"
+    chars_per_rv: float = Field(40.0, gt=0)
+    difficulty_range: tuple[float, float] | None = None
+    # Selection per CD bin: none keeps every correct trace; matched/low/medium/high as warmup.curriculum.
+    curriculum: Literal["none", "matched", "low", "medium", "high"] = "matched"
+    keep: float = Field(0.5, gt=0, le=1)  # share of each CD bin's correct traces kept
+    keep_unverified: bool = True  # keep traces with no reference to check (when no judge says they are wrong)
 
 
 class ThinkConfig(_Section):
@@ -339,7 +387,8 @@ class RunConfig(_Section):
     output_dir: str = "runs/quickstart"
     seed: int = 0
     # In pipeline order; any subset runs: warmup -> label -> train_rm -> rl, with eval before and after rl.
-    stages: list[Literal["warmup", "label", "train_rm", "rl", "eval"]] = ["warmup", "rl", "eval"]
+    # traces (teacher traces, graded and selected) and sft (the warm-up trained on them) come first when listed.
+    stages: list[Literal["traces", "warmup", "sft", "label", "train_rm", "rl", "eval"]] = ["warmup", "rl", "eval"]
     # Seconds any single remote call (generate, score, train, weight sync) may take before the run stops.
     call_timeout_s: float = Field(600.0, gt=0)
     # Times a rollout or reward worker whose process died is restarted (its unfinished work re-issued) within one
@@ -366,6 +415,7 @@ class RunConfig(_Section):
     critic: CriticConfig = CriticConfig()
     eval: EvalConfig = EvalConfig()
     think: ThinkConfig = ThinkConfig()
+    traces: TracesConfig = TracesConfig()
     cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
@@ -427,6 +477,18 @@ class RunConfig(_Section):
                                                                             and ad.difficulty_range):
             raise ValueError("reward.adaptive.source rule needs task.difficulty_field and "
                              "reward.adaptive.difficulty_range (the field's easiest and hardest values)")
+        return self
+
+    @model_validator(mode="after")
+    def _warmup_has_data(self) -> "RunConfig":
+        # The arithmetic oracle's traces teach nothing about another task: never fall back to them silently.
+        if "warmup" in self.stages and "sft" in self.stages:
+            raise ValueError("stages lists both warmup and sft (the same stage): keep one")
+        sft = "sft" in self.stages or ("warmup" in self.stages and self.task.name != "arithmetic")
+        written = Path(self.output_dir) / "traces" / "dataset"  # what an earlier `distilrl traces` wrote
+        if sft and not (self.warmup.traces_file or "traces" in self.stages or written.is_dir()):
+            raise ValueError(f"stage {'sft' if 'sft' in self.stages else 'warmup'} on task {self.task.name} needs "
+                             f"a traces dataset: set warmup.traces_file, or add stage traces before it")
         return self
 
     @property

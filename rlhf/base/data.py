@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from rlhf.base.chat import make_renderer
+from rlhf.base.chat import ChatFormatError, make_renderer, prompt_conversation
 from rlhf.base.config import TaskConfig
 from rlhf.base.tasks import arithmetic
 
@@ -39,6 +39,9 @@ class PromptRow:
     # All fields of the source line or dataset row, for a custom reward function that needs more than the answer.
     record: dict | None = field(default=None, compare=False, repr=False)
     system: str | None = None  # the system prompt rendered with it (task.system_field or task.system_prompt)
+    # A chat row (prompt_field holds OpenAI-format messages): the conversation up to its last user turn, which is
+    # the one answered (``prompt`` is that turn's text); earlier turns are context.
+    messages: tuple | None = field(default=None, compare=False, repr=False)
 
     def as_dict(self) -> dict:
         """What a custom reward function sees for this prompt: its source record, or (for the arithmetic task)
@@ -121,8 +124,15 @@ def _row(record: dict, where: str, prompt_field: str, answer_field: str, difficu
                                f"set task.{_field_key(name, prompt_field, answer_field, difficulty_field)} to the "
                                f"right name")
     prompt, answer = record[prompt_field], record[answer_field]
+    messages = None
+    if isinstance(prompt, (list, tuple)):  # a chat row: OpenAI-format messages
+        try:
+            messages = tuple(prompt_conversation(prompt))
+        except ChatFormatError as err:
+            raise DatasetError(f"{where}: field {prompt_field!r} {err}") from None
+        prompt = messages[-1]["content"]
     if not isinstance(prompt, str) or not prompt.strip():
-        raise DatasetError(f"{where}: field {prompt_field!r} must be non-empty text")
+        raise DatasetError(f"{where}: field {prompt_field!r} must be non-empty text or a list of chat messages")
     if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
         raise DatasetError(f"{where}: field {answer_field!r} must be text or a number")
     difficulty = None
@@ -135,7 +145,7 @@ def _row(record: dict, where: str, prompt_field: str, answer_field: str, difficu
         system = record[system_field]
         if system is not None and not isinstance(system, str):
             raise DatasetError(f"{where}: field {system_field!r} must be text (or null for none)")
-    return PromptRow(prompt, _final_answer(str(answer)), difficulty, record, system or None)
+    return PromptRow(prompt, _final_answer(str(answer)), difficulty, record, system or None, messages)
 
 
 def _field_key(name: str, prompt_field: str, answer_field: str, difficulty_field: str | None) -> str:
@@ -287,7 +297,8 @@ def _prepare(rows: list[PromptRow], which: str, cfg: TaskConfig, render, tokeniz
         if len(kept) >= cap:
             break
         part = rows[start:start + chunk]
-        texts = render([r.prompt for r in part], [r.system or cfg.system_prompt for r in part])
+        texts = render([r.prompt for r in part], [r.system or cfg.system_prompt for r in part],
+                       [r.messages for r in part])
         examined += len(part)
         lengths = ([len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
                    if cfg.max_prompt_tokens else [0] * len(part))
@@ -295,7 +306,7 @@ def _prepare(rows: list[PromptRow], which: str, cfg: TaskConfig, render, tokeniz
             if cfg.max_prompt_tokens and n > cfg.max_prompt_tokens:
                 dropped.append((start + i, n))
             else:
-                kept.append(replace(row, prompt=text))
+                kept.append(replace(row, prompt=text, messages=None))
     if not cfg.max_prompt_tokens:
         return kept
     stats[f"{which}_dropped_too_long"] = len(dropped)

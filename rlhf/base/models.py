@@ -45,13 +45,32 @@ def build_student(cfg: ModelConfig, tokenizer, seed: int) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config)
 
 
+def resolve_model_path(name: str | Path, key: str = "model.model_name_or_path") -> Path:
+    """A local directory as it is; a hub name (``Qwen/Qwen2.5-0.5B-Instruct``) that is not one resolves to its
+    snapshot in the local Hugging Face cache, as transformers finds it (HF_HOME / HF_HUB_CACHE honoured), never
+    downloading. A hub name not in the cache is a one-line ModelLoadError."""
+    path = Path(name)
+    text = str(name)
+    if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
+        return path
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(text, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        raise ModelLoadError(f"{key}: {text} is neither a local directory nor in the Hugging Face cache "
+                             f"({constants.HF_HUB_CACHE}): download it there first (huggingface-cli download "
+                             f"{text}) or give a local directory") from None
+
+
 def check_model_dir(path: str | Path, key: str = "model.model_name_or_path", kind: str = "ForCausalLM") -> Path:
     """Cheap checks of a Hugging Face directory before anything loads it (or starts actors that would): it
     exists, its config.json is JSON naming an architecture ending in ``kind`` (when it names one), and its
     safetensors files have readable headers. Raises a one-line ModelLoadError naming ``key``."""
     from safetensors import safe_open
 
-    path = Path(path)
+    path = resolve_model_path(path, key)
     if not path.is_dir():
         raise ModelLoadError(f"model directory {path} does not exist: set {key} to a local Hugging Face directory"
                              + (", or leave it empty to build a student from model.* sizes"

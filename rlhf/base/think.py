@@ -68,7 +68,8 @@ def reasoning_text(response: str) -> str:
     (a response without blocks that writes its steps out before ``#N`` reasons too)."""
     parts = split_think(response)
     cut = parts.answer.rfind(ANSWER_MARK)
-    outside = parts.answer[:cut] if cut >= 0 else ("" if parts.has_block else parts.answer)
+    # A mark of several (GSM8K's "#### 18") is one mark: its first #s are not reasoning.
+    outside = parts.answer[:cut].rstrip(ANSWER_MARK) if cut >= 0 else ("" if parts.has_block else parts.answer)
     return "".join(s for s in (parts.reasoning.strip(), outside.strip()) if s)
 
 
