@@ -181,3 +181,14 @@ def test_wandb_is_optional_and_offline(tmp_path, monkeypatch):
     sink.close()
     assert calls[0][0] == "init" and calls[0][1]["mode"] == "offline" and calls[0][1]["dir"] == str(tmp_path / "run")
     assert calls[1:] == [("log", {"reward/mean": 0.25, "step": 3}), ("finish",)]
+
+
+def test_an_audit_below_the_threshold_gets_an_alarm_line(tmp_path):
+    from rlhf.report import RunData, audit_alarm_lines
+
+    run = RunData(write_run(tmp_path / "run", steps=16))  # agreement 0.91, 0.87, 0.83, then 0.79 at step 16
+    steps, agreement = run.series("audit/rm_teacher_agreement")
+    [line, _] = audit_alarm_lines(run, steps, agreement)
+    assert line.startswith("**Audit alarm** at step 16: agreement below `reward.audit_warn_below` (0.8)")
+    assert line.endswith("The run went on (set `reward.audit_stop_on_alarm` to stop it).")
+    assert audit_alarm_lines(run, steps[:3], agreement[:3]) == []

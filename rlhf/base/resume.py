@@ -40,6 +40,7 @@ HARMLESS_KEYS = (
     "output_dir", "algorithm.steps", "save_every", "keep_checkpoints", "max_bad_batches", "call_timeout_s",
     "rollout.threads", "trainer.threads", "trainer.micro_batch_size", "eval.batch_size", "label.concurrency",
     "reward.num_workers", "reward.audit_every", "reward.audit_samples", "reward.audit_warn_below",
+    "reward.audit_stop_on_alarm",
     "trainer.gradient_checkpointing",
 )
 # Where the actors run (cluster address, per-role resources, placement) does not change what they compute.
