@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-# module.Class of every non-torch object found in DeepSpeed's checkpoint files (ZeRO-2 and ZeRO-3, world size 1
-# and 2): the loss scaler, the ZeRO stage enum and ZeRO-2's fragment addresses. DynamicLossScaler is what fp16
-# training (on GPU) stores in the same place as LossScaler.
+# module.Class of every non-torch object found in DeepSpeed 0.19.8's checkpoint files of our ranks (listed with
+# torch.serialization.get_unsafe_globals_in_checkpoint; ZeRO-2 and ZeRO-3, fp32 and bf16, optimizer and parameter
+# offload, with and without the lr warm-up schedule): the loss scaler, the ZeRO stage enum and ZeRO-2's fragment
+# addresses. DynamicLossScaler is what fp16 training stores in the same place as LossScaler.
 DEEPSPEED_STATE_TYPES = (
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
