@@ -295,6 +295,10 @@ class Trainer:
         try:
             for i in range(1, steps + 1):
                 history.append(self.step())
+                if stop := distill.audit_stop(history[-1], self.cfg.reward):  # the reward-hacking alarm
+                    self.log(stop)
+                    self._summary["audit_stopped_at"] = self.steps
+                    break
                 if self.cfg.save_every and self.steps % self.cfg.save_every == 0 and i < steps:
                     self.save_checkpoint()
         finally:

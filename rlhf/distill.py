@@ -226,8 +226,20 @@ def audit(teacher, rows: list[PromptRow], samples: list, scores: list[dict], cfg
                 if verdicts[i].quality is not None] for g in range(len(take) // n)]
     agreement, pairs = pairwise_agreement(grouped)
     judged = [v.quality for v in verdicts if v.quality is not None]
-    if pairs and agreement < cfg.audit_warn_below:
+    alarm = bool(pairs) and agreement < cfg.audit_warn_below
+    if alarm:
         logger.warning("teacher audit: RM-teacher agreement %.2f is below %.2f: the policy may be exploiting the "
                        "reward model", agreement, cfg.audit_warn_below)
     return {"audit/rm_teacher_agreement": agreement, "audit/pairs": pairs,
-            "audit/teacher_quality": sum(judged) / max(1, len(judged))}
+            "audit/teacher_quality": sum(judged) / max(1, len(judged)), "audit/alarm": float(alarm)}
+
+
+def audit_stop(metrics: dict, cfg: RewardConfig) -> str | None:
+    """The one line that ends the RL stage when this step's audit raised the alarm and
+    ``reward.audit_stop_on_alarm`` is set; None otherwise."""
+    if not (cfg.audit_stop_on_alarm and metrics.get("audit/alarm")):
+        return None
+    return (f"stopped at step {metrics['step']}: the teacher audit's agreement with the reward "
+            f"({metrics['audit/rm_teacher_agreement']:.2f} over {metrics['audit/pairs']} pairs) is below "
+            f"reward.audit_warn_below={cfg.audit_warn_below}: the policy may be exploiting the reward "
+            f"(reward.audit_stop_on_alarm)")

@@ -430,6 +430,7 @@ def reward_model_section(run: RunData) -> list[str]:
         lines += [f"During RL the teacher re-judged fresh rollouts {len(steps)} times: agreement with the RM from "
                   f"{agreement[0]:.3f} to {agreement[-1]:.3f} (lowest {low:.3f}). A falling agreement is the first "
                   f"sign that the policy exploits the RM.", ""]
+        lines += audit_alarm_lines(run, steps, agreement)
     else:
         lines += ["No teacher audit ran during RL (`reward.audit_every` is 0).", ""]
     for key, name in (("by_difficulty", "task difficulty"), ("by_cd", "teacher's CD score")):
@@ -441,6 +442,19 @@ def reward_model_section(run: RunData) -> list[str]:
     _image(lines, run, "reward_model.png", [rm_difficulty_panel, rm_cd_panel, audit_panel],
            "No per-difficulty RM figures and no audits to plot.", 3)
     return lines
+
+
+def audit_alarm_lines(run: RunData, steps: list[int], agreement: list[float]) -> list[str]:
+    """One line when an audit fell below ``reward.audit_warn_below``: where, and whether the run stopped there."""
+    warn = run.conf("reward.audit_warn_below")
+    alarms = [step for step, value in zip(steps, agreement) if warn is not None and value < warn]
+    if not alarms:
+        return []
+    stopped = run.summary.get("audit_stopped_at")
+    return [f"**Audit alarm** at step {', '.join(map(str, alarms))}: agreement below `reward.audit_warn_below` "
+            f"({warn}); the policy may be exploiting the reward. "
+            + (f"The run was stopped at step {stopped} (`reward.audit_stop_on_alarm`)." if stopped else
+               "The run went on (set `reward.audit_stop_on_alarm` to stop it)."), ""]
 
 
 def time_section(run: RunData) -> list[str]:

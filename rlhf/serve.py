@@ -93,6 +93,9 @@ class _Handler(GuardedHandler):
     def do_POST(self) -> None:
         self._dispatch()
 
+    # Other methods get 405 naming the allowed one (the base class would answer 501, a server error).
+    do_PUT = do_DELETE = do_PATCH = do_POST
+
     def _dispatch(self) -> None:
         started = time.perf_counter()
         self._drain = 0

@@ -219,3 +219,14 @@ def test_rm_figures_on_your_own_preference_data_are_said_so(tmp_path):
     report = write_report(run).read_text()
     assert "On your held-out preference data (50 pairs, 0 scored responses)" in report
     assert "of the teacher's pairs" not in report
+
+
+def test_an_audit_below_the_threshold_gets_an_alarm_line(tmp_path):
+    from rlhf.report import RunData, audit_alarm_lines
+
+    run = RunData(write_run(tmp_path / "run", steps=16))  # agreement 0.91, 0.87, 0.83, then 0.79 at step 16
+    steps, agreement = run.series("audit/rm_teacher_agreement")
+    [line, _] = audit_alarm_lines(run, steps, agreement)
+    assert line.startswith("**Audit alarm** at step 16: agreement below `reward.audit_warn_below` (0.8)")
+    assert line.endswith("The run went on (set `reward.audit_stop_on_alarm` to stop it).")
+    assert audit_alarm_lines(run, steps[:3], agreement[:3]) == []

@@ -40,7 +40,7 @@ def test_a_pickled_payload_is_refused_by_both_loaders_and_never_runs(tmp_path):
     marker = tmp_path / "ran"
     torch.save({"module": Payload(marker)}, tmp_path / "evil.pt")
     assert not marker.exists()
-    with pytest.raises(safe_load.UnsafeCheckpointError, match="holds objects a checkpoint never holds .*pathlib") as info:
+    with pytest.raises(safe_load.UnsafeCheckpointError, match="never holds .*pathlib") as info:
         safe_load.check_file(tmp_path / "evil.pt")
     assert "\n" not in str(info.value)
     with pytest.raises(safe_load.UnsafeCheckpointError) as info:
@@ -95,9 +95,21 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one_with_a_warni
     assert len(lines) == 1 and lines[0].startswith("warning: checkpoint step 4 is damaged")
 
 
-def test_no_usable_checkpoint_means_none(tmp_path):
-    (real_checkpoint(tmp_path, 2) / RNG_FILE).write_bytes(b"")
+def test_no_checkpoint_means_none_and_only_damaged_ones_are_refused(tmp_path):
     assert newest_usable_checkpoint(tmp_path, log=lambda line: None) is None
+    (real_checkpoint(tmp_path, 2) / RNG_FILE).write_bytes(b"")
+    with pytest.raises(ResumeError, match="all 1 checkpoint\\(s\\) are damaged"):
+        newest_usable_checkpoint(tmp_path, log=lambda line: None)
+
+
+def test_a_payload_in_torchs_legacy_format_is_refused_too(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"module": Payload(marker)}, tmp_path / "evil.pt", _use_new_zipfile_serialization=False)
+    torch.save({"w": torch.ones(2)}, tmp_path / "fine.pt", _use_new_zipfile_serialization=False)
+    safe_load.check_file(tmp_path / "fine.pt")
+    with pytest.raises(safe_load.UnsafeCheckpointError):
+        safe_load.check_file(tmp_path / "evil.pt")
+    assert not marker.exists()
 
 
 def test_rng_files_load_weights_only(tmp_path):

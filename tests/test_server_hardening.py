@@ -151,7 +151,7 @@ def test_a_request_must_arrive_whole_within_the_deadline(reward_server):
                 closed = True
                 break
             time.sleep(0.25)
-        assert closed and time.monotonic() - started < 3
+        assert closed and time.monotonic() - started < 5  # cut at ~1 s (8 s of trickling were offered)
     finally:
         reward_server.request_deadline_s = type(reward_server).request_deadline_s
         sock.close()

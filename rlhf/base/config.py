@@ -289,6 +289,7 @@ class RewardConfig(_Section):
     audit_every: int = Field(0, ge=0)
     audit_samples: int = Field(64, gt=1)
     audit_warn_below: float = Field(0.8, ge=0, le=1)
+    audit_stop_on_alarm: bool = False  # end the RL stage at an audit below audit_warn_below (then eval, save, report)
 
     @model_validator(mode="after")
     def _some_component(self) -> "RewardConfig":

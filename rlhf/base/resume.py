@@ -40,6 +40,7 @@ HARMLESS_KEYS = (
     "output_dir", "algorithm.steps", "save_every", "keep_checkpoints", "max_bad_batches", "call_timeout_s",
     "rollout.threads", "trainer.threads", "trainer.micro_batch_size", "eval.batch_size", "label.concurrency",
     "reward.num_workers", "reward.audit_every", "reward.audit_samples", "reward.audit_warn_below",
+    "reward.audit_stop_on_alarm",
     "trainer.gradient_checkpointing",
 )
 # Where the actors run (cluster address, per-role resources, placement) does not change what they compute.
@@ -89,7 +90,8 @@ def newest_usable_checkpoint(output_dir: str | Path, log=print) -> Checkpoint | 
     truncated DeepSpeed state: a write cut short on another disk, a copy gone wrong) is passed over for the one
     before it, with a warning; one holding objects a checkpoint never holds (possibly code) is refused:
     ``ResumeError``, since someone put them there and an older checkpoint from the same hands is no safer."""
-    for checkpoint in reversed(complete_checkpoints(output_dir)):
+    found = complete_checkpoints(output_dir)
+    for checkpoint in reversed(found):
         try:
             check_checkpoint_files(checkpoint.path)
         except safe_load.UnsafeCheckpointError as e:
@@ -98,6 +100,9 @@ def newest_usable_checkpoint(output_dir: str | Path, log=print) -> Checkpoint | 
             log(f"warning: checkpoint step {checkpoint.step} is damaged, passed over: {e}")
             continue
         return checkpoint
+    if found:
+        raise ResumeError(f"cannot resume {output_dir}: all {len(found)} checkpoint(s) are damaged (see the "
+                          f"warnings above): start a new run in another output_dir")
     return None
 
 

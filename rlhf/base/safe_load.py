@@ -17,13 +17,15 @@ import contextlib
 import importlib
 import pickle
 import threading
+import zipfile
 from pathlib import Path
 
 import torch
 
-# module.Class of every non-torch object found in DeepSpeed's checkpoint files (ZeRO-2 and ZeRO-3, world size 1
-# and 2): the loss scaler, the ZeRO stage enum and ZeRO-2's fragment addresses. DynamicLossScaler is what fp16
-# training (on GPU) stores in the same place as LossScaler.
+# module.Class of every non-torch object found in DeepSpeed 0.19.8's checkpoint files of our ranks (listed with
+# torch.serialization.get_unsafe_globals_in_checkpoint; ZeRO-2 and ZeRO-3, fp32 and bf16, optimizer and parameter
+# offload, with and without the lr warm-up schedule): the loss scaler, the ZeRO stage enum and ZeRO-2's fragment
+# addresses. DynamicLossScaler is what fp16 training stores in the same place as LossScaler.
 DEEPSPEED_STATE_TYPES = (
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
@@ -59,6 +61,8 @@ def load_weights_only(path: str | Path, map_location=None):
         with torch.serialization.safe_globals(allowed_globals()):
             return _TORCH_LOAD(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # bytes that are no pickle ("Unsupported operand"): damage, not a plot
+            raise DamagedCheckpointError(f"{path} cannot be read ({_first_line(e)})") from None
         raise UnsafeCheckpointError(f"{path} holds objects a checkpoint never holds ({_first_line(e)}); it was not "
                                     f"loaded: use a checkpoint from a source you trust") from None
     except (OSError, RuntimeError, EOFError, ValueError, KeyError) as e:
@@ -68,6 +72,9 @@ def load_weights_only(path: str | Path, map_location=None):
 def check_file(path: str | Path) -> None:
     """Read the pickle of one checkpoint file without building anything (cheap: no tensor data is loaded) and
     raise as ``load_weights_only`` would: a global outside torch's and our allow-list, or an unreadable file."""
+    if Path(path).is_file() and not zipfile.is_zipfile(path):  # torch's legacy format: load it, restricted
+        load_weights_only(path)
+        return
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception as e:  # noqa: BLE001 - any failure to parse the zip or the pickle means: damaged
