@@ -97,7 +97,7 @@ class OpenAIWriter(OpenAITeacher):
             payload = {"model": self.model, "messages": conversation, "temperature": self.temperature,
                        "max_tokens": self.max_tokens}
             for j in range(n):
-                key = request_key({**payload, "sample": j})  # n samples of one prompt: n cache entries
+                key = request_key({**payload, "sample": j}, self.url)  # n samples of one prompt: n cache entries
                 cached = self.cache.get(key) if self.cache is not None else None
                 if cached is not None:
                     out[i][j] = cached
@@ -146,7 +146,7 @@ class HFWriter:
 
     def _key(self, conversation: list[dict], sample: int) -> str:
         return request_key({"model": self.name, "messages": conversation, "temperature": self.temperature,
-                            "max_tokens": self.max_new_tokens, "sample": sample})
+                            "max_tokens": self.max_new_tokens, "sample": sample}, f"local:{self.name}")
 
     def _text(self, conversation: list[dict]) -> str:
         if getattr(self.tokenizer, "chat_template", None):
