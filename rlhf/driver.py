@@ -188,6 +188,7 @@ class GRPOLoop:
             "mini_batches": t.mini_batches_per_step, "kl_in_reward": a.kl_in_reward,
             "temperature": cfg.rollout.temperature, "timeout_s": self.timeout,
             "niceness": ASYNC_TRAINER_NICENESS if cfg.rollout.asynchronous else 0,
+            "lora": cfg.model.lora.model_dump() if cfg.model.lora else None,  # rlhf/base/lora.py
         }, t.num_ranks, self.timeout, resources=cluster.role_resources(cfg, "trainer"),
             strategy=cfg.cluster.trainer_strategy, placement_timeout_s=cfg.cluster.placement_timeout_s)
         self.version = 0  # weights version the rollout workers hold; bumped by every trainer update

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from rlhf.base import algorithms, packing
+from rlhf.base import algorithms, lora, packing
 from rlhf.base.batch import without_zero_advantage_rows
 from rlhf.base.ranks import ENGINE_DEFAULTS, DeepSpeedRank, RankGroup
 
@@ -41,6 +41,8 @@ DEFAULTS = {
     "epochs": 1,
     # Truncated importance sampling cap (algorithms.truncated_importance_weights); None: off.
     "tis_cap": None,
+    # LoRA settings (r, alpha, dropout, target_modules: ModelConfig.lora as a dict); None: full fine-tuning.
+    "lora": None,
 }
 
 def kl_in_loss(cfg: dict) -> bool:
@@ -72,10 +74,14 @@ class PolicyTrainer(DeepSpeedRank):
         policy.config.use_cache = False
         if cfg["gradient_checkpointing"]:
             policy.gradient_checkpointing_enable()
+        if cfg["lora"]:  # only the adapters train (rlhf/base/lora.py)
+            policy = lora.wrap(policy, cfg["lora"])
         self._wrap(policy)
 
         self.reference = None
-        if cfg["kl_coef"] > 0:
+        if cfg["kl_coef"] > 0 and cfg["lora"]:  # the same model with its adapters off: no second copy
+            self.reference = lora.AdaptersOff(self.engine.module)
+        elif cfg["kl_coef"] > 0:
             self.reference = AutoModelForCausalLM.from_pretrained(
                 model_dir, dtype=torch.bfloat16 if self.bf16 else torch.float32, use_safetensors=True)
             self.reference.config.use_cache = False
