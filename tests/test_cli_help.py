@@ -6,7 +6,7 @@ import pytest
 
 from rlhf.cli import COMMANDS, build_parser, main
 
-SUBCOMMANDS = ["run", "label", "train-rm", "eval", "eval-rm", "serve-rm", "serve", "report"]
+SUBCOMMANDS = ["run", "label", "train-rm", "eval", "eval-rm", "serve-rm", "serve", "report", "import-model"]
 
 
 def test_the_documented_subcommands_exist():
