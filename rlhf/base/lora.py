@@ -111,9 +111,9 @@ def save_merged_with_adapter(peft_model, state_dict: dict[str, torch.Tensor], pa
                                save_embedding_layers=False)
 
 
-def describe(model) -> str:
-    """"trainable parameters: N of M (x%)", the figure a LoRA run is chosen for."""
-    # Under ZeRO-3 a parameter's own numel is 0 (partitioned); ds_numel is its full size.
-    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainable_parameters(model))
-    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters of ``model``, also when ZeRO-3 has partitioned them (``ds_numel``: full size)."""
+    def size(p):
+        return getattr(p, "ds_numel", p.numel())
+
+    return sum(size(p) for p in trainable_parameters(model)), sum(size(p) for p in model.parameters())
