@@ -35,6 +35,7 @@ from rlhf.base import resume as checkpoints
 from rlhf.base.checkpoint import atomic_dir, write_json_atomic
 from rlhf.base.config import ConfigError, RunConfig
 from rlhf.base.guards import finite_metrics
+from rlhf.base.memory import check_run_memory
 from rlhf.metrics import RunMetrics, check_wandb, eval_scalars
 from rlhf.base.models import check_model_dir, save_student
 from rlhf.pipeline import RolloutPipeline
@@ -135,6 +136,7 @@ class Trainer:
         train_rows, eval_rows = driver.load_prompts(cfg, train_dataset, eval_dataset, tokenizer, log,
                                                     self._summary["data"])
         log(cfg.describe_batches())
+        log(check_run_memory(cfg, tokenizer, [row.prompt for row in train_rows]))  # refuses a run that cannot fit
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self._student, self._tokenizer = driver.build_policy(cfg, log, tokenizer)

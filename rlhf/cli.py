@@ -12,6 +12,7 @@
   distilrl serve-rm RM_DIR                        the RM over HTTP (OpenRLHF's /get_reward shape, and /score)
   distilrl serve CHECKPOINT                       a policy over an OpenAI-compatible /v1/chat/completions
   distilrl report RUN_DIR                         (re)write a run's report.md and plots
+  distilrl import-model SRC OUT                   a GGUF file or HF directory as a HF safetensors directory
 
 Exit status 0 on success. Errors a user can fix (a bad config, a missing model directory, a dataset with no usable row, a teacher that
 cannot judge) end the process with one line on stderr and exit status 2, not a traceback; a run that fails on the
@@ -90,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     text = "write a run's report.md and plots (reward, accuracy, KL, per-difficulty, RM-teacher agreement, time)"
     cmd = commands.add_parser("report", help=text, description=text + " from its summary.json and metrics.jsonl.")
     cmd.add_argument("run_dir", help="a run's output_dir")
+    text = "write a Hugging Face directory (safetensors, tokenizer, chat template) from a GGUF file or a directory"
+    cmd = commands.add_parser("import-model", help=text, description=text + "; point model.model_name_or_path at "
+                              "OUT. GGUF files are de-quantized to float (needs `pip install gguf`).")
+    cmd.add_argument("source", help="a .gguf file, or a Hugging Face model directory to re-save")
+    cmd.add_argument("out", help="the directory to write (must not exist)")
+    cmd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype "
+                     "(default float32, what CPU training uses)")
     return parser
 
 
@@ -292,8 +300,16 @@ def _serve(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "label": _run, "traces": _traces, "sft": _sft, "train-rm": _train_rm, "eval": _eval, "eval-rm": _eval_rm,
-            "serve-rm": _serve_rm, "serve": _serve, "report": _report}
+def _import_model(args) -> int:
+    from rlhf.base.model_import import import_model
+
+    print(import_model(args.source, args.out, args.dtype))
+    return 0
+
+
+COMMANDS = {"run": _run, "label": _run, "traces": _traces, "sft": _sft, "train-rm": _train_rm, "eval": _eval,
+            "eval-rm": _eval_rm, "serve-rm": _serve_rm, "serve": _serve, "report": _report,
+            "import-model": _import_model}
 
 
 def _quiet_libraries() -> None:

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from rlhf.base import algorithms, packing
+from rlhf.base import algorithms, lora, packing
 from rlhf.base.batch import without_zero_advantage_rows
 from rlhf.base.config import AlgorithmConfig, RunConfig
 from rlhf.base.ranks import DeepSpeedRank, RankGroup
@@ -66,10 +66,15 @@ class PolicyTrainer(DeepSpeedRank):
         policy.config.use_cache = False
         if cfg.trainer.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
+        lora_settings = cfg.model.lora.model_dump() if cfg.model.lora else None
+        if lora_settings:  # only the adapters train (rlhf/base/lora.py)
+            policy = lora.wrap(policy, lora_settings)
         self._wrap(policy)
 
         self.reference = None
-        if cfg.algorithm.kl_coef > 0:
+        if cfg.algorithm.kl_coef > 0 and lora_settings:  # the same model with its adapters off: no second copy
+            self.reference = lora.AdaptersOff(self.engine.module)
+        elif cfg.algorithm.kl_coef > 0:
             self.reference = AutoModelForCausalLM.from_pretrained(
                 model_dir, dtype=torch.bfloat16 if self.bf16 else torch.float32, use_safetensors=True)
             self.reference.config.use_cache = False

@@ -7,7 +7,7 @@ ENGINE_KEYS = set(EngineConfig.model_fields)
 # Flat test names of settings that live elsewhere in the tree.
 ELSEWHERE = {"seed": ("seed",), "timeout_s": ("call_timeout_s",), "temperature": ("rollout", "temperature"),
              "mini_batches": ("trainer", "mini_batches_per_step"), "epochs": ("algorithm", "ppo_epochs"),
-             "asynchronous": ("rollout", "asynchronous")}
+             "asynchronous": ("rollout", "asynchronous"), "lora": ("model", "lora")}
 
 
 def run_config(flat: dict, role: str = "trainer") -> RunConfig:

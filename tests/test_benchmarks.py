@@ -73,3 +73,10 @@ def test_grpo_benchmark_student_generates_exactly_max_new_tokens(tmp_path):
     assert [len(s.response_ids) for s in samples] == [workload["max_new_tokens"]] * 6
     # EOS stays suppressed up to the last step, so every response runs to the length limit.
     assert all(s.finish_reason == "length" and tokenizer.eos_token_id not in s.response_ids for s in samples)
+
+
+def test_real_model_benchmark_format_reward_wants_the_final_answer_last():
+    import real_model
+
+    assert real_model.format_reward([], ["so 3 + 4 = 7\n#### 7", "#### 1,200.50 ", "#### 7 apples", "7"], []) == [
+        1.0, 1.0, 0.0, 0.0]

@@ -196,7 +196,7 @@ def test_distilrl_run_joins_a_ray_start_cluster_with_address_auto(ray_start_head
 
 # --------------------------------------------------------------------------------------------------- recipes
 
-RECIPE_GPUS = {"qwen2.5-7b_grpo_2x8gpu.yaml": 16, "qwen2.5-0.5b_grpo_1gpu.yaml": 1}
+RECIPE_GPUS = {"qwen2.5-7b_grpo_2x8gpu.yaml": 16, "qwen2.5-0.5b_grpo_1gpu.yaml": 1, "qwen2.5-7b_grpo_lora_8gpu.yaml": 8}
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "configs/recipes").glob("*.yaml")))

@@ -36,6 +36,18 @@ class ConfigError(ValueError):
     """A configuration problem, with a one-line message naming the key."""
 
 
+class LoraSettings(_Section):
+    """LoRA adapters on the policy (rlhf/base/lora.py, through peft): only the adapters train; the reference is the
+    same model with them off; rollout workers and exports get merged weights. Setting any key turns LoRA on."""
+
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)  # the adapters' output is scaled by alpha / r
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # Linear layers to adapt, by name (Qwen2/Llama: the attention and MLP projections).
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"], min_length=1)
+
+
 class ModelConfig(_Section):
     """The student. Either a local Hugging Face directory, or a Qwen2 of the given size built with random weights."""
 
@@ -47,6 +59,7 @@ class ModelConfig(_Section):
     num_kv_heads: int = Field(2, gt=0)
     intermediate_size: int = Field(512, gt=0)
     max_position_embeddings: int = Field(128, gt=0)
+    lora: LoraSettings | None = None  # None: full fine-tuning
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":

@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import torch
 
-from rlhf.base import cluster, packing
+from rlhf.base import cluster, lora, packing
 from rlhf.base.checkpoint import atomic_dir
 from rlhf.base.config import EngineConfig
 from rlhf.base.resume import load_rng_file, set_torch_rng_state, torch_rng_state
@@ -90,7 +90,8 @@ class DeepSpeedRank:
         # steps at its minimum lr.) DeepSpeed steps the schedule after each optimizer step and checkpoints it.
         schedule = (lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda done: min(1.0, (done + 1) / warm))) if warm else None
-        self.engine, *_ = self._deepspeed.initialize(model=model, model_parameters=model.parameters(),
+        # Only what trains: with LoRA the optimizer state is the adapters' alone.
+        self.engine, *_ = self._deepspeed.initialize(model=model, model_parameters=lora.trainable_parameters(model),
                                                      config=ds_config, lr_scheduler=schedule)
         self.device = self.engine.device
 
@@ -117,8 +118,13 @@ class DeepSpeedRank:
     # --------------------------------------------------------------------------------------------------- weights
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The model's full weights (HF names, as ``model.state_dict()`` gives them) as CPU tensors on rank 0;
-        None on the others. Collective: under ZeRO-3 every rank must take part in gathering the partitions."""
+        """The model's full weights (HF names, as ``model.state_dict()`` gives them; LoRA adapters merged in) as CPU
+        tensors on rank 0; None on the others. Collective: under ZeRO-3 every rank must take part in gathering."""
+        state_dict = self._gathered_state_dict()
+        return lora.hf_state_dict(self.engine.module, state_dict) if state_dict is not None else None
+
+    def _gathered_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """``engine.module.state_dict()`` whole, as CPU tensors on rank 0; None on the others. Collective."""
         module = self.engine.module
         if self.engine_cfg.zero_stage == 3:
             # Gathers the whole model on every rank at once: simple, and fine while one full copy fits a device.
@@ -131,11 +137,14 @@ class DeepSpeedRank:
 
         Written into ``path + ".tmp"`` and renamed, so a crash never leaves a half-written checkpoint at ``path``.
         """
-        state_dict = self.full_state_dict()
+        state_dict = self._gathered_state_dict()
         if self.rank != 0:
             return
         with atomic_dir(path) as tmp:
-            self.engine.module.save_pretrained(tmp, state_dict=state_dict)
+            if lora.is_peft(self.engine.module):  # merged weights, and the adapters alone in tmp/adapter
+                lora.save_merged_with_adapter(self.engine.module, state_dict, tmp)
+            else:
+                self.engine.module.save_pretrained(tmp, state_dict=state_dict)
             # Tokenizer files and the like, so the checkpoint is usable on its own; weights come only from state_dict.
             copy_side_files(self.model_dir, tmp, skip=self._side_files_to_skip)
 
@@ -144,14 +153,17 @@ class DeepSpeedRank:
     def save_state(self, path: str) -> None:
         """This rank's engine state (weights with ZeRO partitions, optimizer, scheduler) in DeepSpeed's checkpoint
         layout under ``path``, and its torch RNG state. Collective: every rank writes its own partition."""
-        self.engine.save_checkpoint(path, tag=_DS_TAG, save_latest=False)
+        # With LoRA the frozen base weights are left out: they are the model directory's, reloaded at start.
+        self.engine.save_checkpoint(path, tag=_DS_TAG, save_latest=False,
+                                    exclude_frozen_parameters=lora.is_peft(self.engine.module))
         torch.save(torch_rng_state(), os.path.join(path, f"rng_rank{self.rank}.pt"))
 
     def load_state(self, path: str) -> None:
         """Restore what ``save_state`` wrote (the same number of ranks and ZeRO stage). Collective."""
         with weights_only_torch_load():  # DeepSpeed asks torch.load for weights_only=False: never unpickle code
             loaded, _ = self.engine.load_checkpoint(path, tag=_DS_TAG, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=True)
+                                                    load_lr_scheduler_states=True,
+                                                    load_module_strict=not lora.is_peft(self.engine.module))
         if loaded is None:
             raise FileNotFoundError(f"no DeepSpeed state for rank {self.rank} in {path}")
         set_torch_rng_state(load_rng_file(os.path.join(path, f"rng_rank{self.rank}.pt")))

@@ -1,0 +1,119 @@
+"""LoRA for the policy (through ``peft``): wrapping a model, the reference from the same model with its adapters off,
+merged Hugging Face weights for rollout workers and exports, and the adapter directory kept beside an export.
+
+Settings arrive as a plain dict (``ModelConfig.lora.model_dump()``: r, alpha, dropout, target_modules) or None
+for full fine-tuning. Merging is done on a state dict, not on the model: under ZeRO-3 the gathered weights are a
+copy anyway, and the training model must keep its separate adapters.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Where a wrapped model's own (Hugging Face) parameter names start inside the peft model's state dict.
+_PEFT_PREFIX = "base_model.model."
+ADAPTER_DIR = "adapter"  # the PEFT adapter directory inside an exported (merged) policy directory
+
+
+def is_peft(model) -> bool:
+    """Whether ``model`` is a peft-wrapped model (what ``wrap`` returns)."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def wrap(model, settings: dict):
+    """``model`` with LoRA adapters on ``settings["target_modules"]``; only the adapters train (the base weights are
+    frozen, so the optimizer holds state for the adapters alone). Refuses a target that is not a plain
+    ``nn.Linear`` (embeddings, GPT-2's Conv1D), which ``merged_state_dict`` would merge wrongly."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import Linear as LoraLinear
+
+    config = LoraConfig(r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
+                        target_modules=list(settings["target_modules"]), bias="none", task_type="CAUSAL_LM")
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as err:  # peft: "Target modules {...} not found in the base model"
+        raise ValueError(f"model.lora.target_modules: {' '.join(str(err).split())[:200]}") from None
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and (not isinstance(module, LoraLinear) or module.fan_in_fan_out):
+            raise ValueError(f"model.lora.target_modules: {name} is a {type(module).__name__}, not a plain "
+                             f"Linear layer: target the attention and MLP projections (q_proj, v_proj, ...)")
+    if getattr(model, "is_activation_checkpointing", False):
+        # Recomputed segments need an input that requires grad, which frozen embeddings no longer give.
+        peft_model.enable_input_require_grads()
+    return peft_model
+
+
+def scaling(peft_model) -> float:
+    """LoRA's factor on B @ A (alpha / r) of the model's adapter."""
+    config = peft_model.peft_config["default"]
+    return config.lora_alpha / config.r
+
+
+def hf_state_dict(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``model``'s (gathered) state dict as a plain Hugging Face model's: merged if ``model`` carries LoRA
+    adapters, as it is otherwise. What rollout workers load and exports hold."""
+    return merged_state_dict(state_dict, scaling(model)) if is_peft(model) else state_dict
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    """The parameters an optimizer should hold: all of them in full fine-tuning, the adapters with LoRA."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class AdaptersOff:
+    """The reference policy without a second copy: the peft model called with its adapters disabled, i.e. the
+    frozen base weights. Callable like a model; gradients are never taken through it."""
+
+    def __init__(self, peft_model):
+        self.model = peft_model
+
+    @torch.no_grad()
+    def __call__(self, **inputs):
+        with self.model.disable_adapter():
+            return self.model(**inputs)
+
+
+def merged_state_dict(state_dict: dict[str, torch.Tensor], lora_scaling: float) -> dict[str, torch.Tensor]:
+    """A peft LoRA model's state dict as the plain model's: Hugging Face names, each adapted weight W replaced by
+    W + scaling * B @ A (computed in float32, stored in W's dtype), the adapter tensors dropped. Tensors that were
+    shared (tied embeddings) stay shared."""
+    adapters: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in state_dict.items():
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}."
+            if marker in name:
+                layer = name.split(marker)[0]
+                adapters.setdefault(layer, {})[part] = tensor
+    merged = {}
+    for name, tensor in state_dict.items():
+        if ".lora_" in name:
+            continue
+        layer, _, leaf = name.rpartition(".")
+        if layer.endswith(".base_layer") and leaf == "weight":
+            ab = adapters[layer.removesuffix(".base_layer")]
+            delta = lora_scaling * (ab["lora_B"].float() @ ab["lora_A"].float())
+            tensor = (tensor.float() + delta).to(tensor.dtype)
+        merged[_hf_name(name)] = tensor
+    return merged
+
+
+def _hf_name(peft_name: str) -> str:
+    return peft_name.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")
+
+
+def save_merged_with_adapter(peft_model, state_dict: dict[str, torch.Tensor], path) -> None:
+    """Write ``path`` as a plain Hugging Face directory of the merged weights (loads with AutoModelForCausalLM,
+    no peft needed), and the adapters alone in ``path/adapter`` (``PeftModel.from_pretrained(base, ...)``).
+    ``state_dict``: the peft model's full state dict (gathered under ZeRO-3)."""
+    peft_model.get_base_model().save_pretrained(path, state_dict=merged_state_dict(state_dict, scaling(peft_model)))
+    peft_model.save_pretrained(os.path.join(path, ADAPTER_DIR), state_dict=state_dict,
+                               save_embedding_layers=False)
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters of ``model``, also when ZeRO-3 has partitioned them (``ds_numel``: full size)."""
+    def size(p):
+        return getattr(p, "ds_numel", p.numel())
+
+    return sum(size(p) for p in trainable_parameters(model)), sum(size(p) for p in model.parameters())

@@ -1,0 +1,61 @@
+"""Pretrained weights into the layout a run expects: a Hugging Face directory (safetensors, tokenizer, chat template).
+
+``distilrl import-model SRC OUT``: SRC is a GGUF file (llama.cpp's format; transformers de-quantizes it to float
+with the ``gguf`` package) or a Hugging Face directory (re-saved: safetensors only, the tokenizer with a pad token).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlhf.base.models import ModelLoadError, check_model_dir, load_student, save_student
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def import_model(source: str | Path, out: str | Path, dtype: str = "float32") -> str:
+    """Write ``out`` from ``source`` (a ``.gguf`` file or a model directory) and check that it loads back; returns
+    a one-line description of what was written. Refuses to overwrite an existing ``out``."""
+    source, out = Path(source), Path(out)
+    if out.exists():
+        raise ModelLoadError(f"{out} already exists: import into a new directory (or delete it first)")
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if source.is_file() and source.suffix == ".gguf":
+        model, tokenizer = _load_gguf(source)
+    elif source.is_dir():
+        model, tokenizer = load_student(source)
+    else:
+        raise ModelLoadError(f"{source} is neither a .gguf file nor a Hugging Face model directory")
+    model.to(DTYPES[dtype])
+    model.config.dtype = DTYPES[dtype]
+    save_student(model, tokenizer, out)
+    check_model_dir(out, key="OUT")
+    params = sum(p.numel() for p in model.parameters())
+    template = "with its chat template" if getattr(tokenizer, "chat_template", None) else "no chat template"
+    return (f"{out}: {type(model).__name__}, {params / 1e6:.1f}M parameters ({dtype}), vocabulary {len(tokenizer)}, "
+            f"{template}")
+
+
+def _load_gguf(path: Path):
+    """Model and tokenizer from one GGUF file, de-quantized; the GGUF "quantization" note is dropped from the config,
+    so that the saved directory loads as the plain float model it now is."""
+    try:
+        import gguf  # noqa: F401 - transformers needs it to read the file
+    except ImportError:
+        raise ModelLoadError("reading a GGUF file needs the gguf package: pip install gguf (or distilrl[gguf])") \
+            from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except Exception as err:  # noqa: BLE001 - a damaged or unsupported GGUF fails in many ways; all mean "this file"
+        raise ModelLoadError(f"cannot read {path} as a GGUF model ({' '.join(str(err).split())[:200]})") from None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
