@@ -61,10 +61,10 @@ def overrides(args, out: Path, model_dir: str, use_lora: bool) -> list[str]:
 
 def held_out(trainer: Trainer) -> dict:
     """Greedy answers to the held-out prompts: the share in the required format, and the share correct."""
-    loop = trainer._grpo()
+    loop = trainer._rl_loop()
     rows = trainer._eval_rows
-    samples = loop.generate([r.prompt for r in rows], 1, greedy=True)
-    scores = loop.score(rows, samples)
+    samples = loop.rollout.generate([r.prompt for r in rows], 1, greedy=True)
+    scores = loop.reward.score(rows, samples)
     return {"format": round(sum(bool(FORMAT.search(s.text.strip())) for s in samples) / len(samples), 4),
             "accuracy": round(sum(s["correct"] for s in scores) / len(scores), 4), "n": len(samples)}
 

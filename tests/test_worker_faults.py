@@ -52,7 +52,7 @@ def run(out, kill=None, kill_trainer_rank=None, start_from=None):
             trainer.warmup()
         trainer.evaluate()
         trainer.step()
-        loop = trainer._grpo()
+        loop = trainer._rl_loop()
         killed = []
         submit = WorkerPool._submit
 
@@ -64,7 +64,7 @@ def run(out, kill=None, kill_trainer_rank=None, start_from=None):
                 killed.append((pool.role, ref))
             return ref
 
-        pids = {pool.role: [pid_of(w) for w in pool.workers] for pool in (loop.rollout, loop.reward)}
+        pids = {pool.role: [pid_of(w) for w in pool.workers] for pool in (loop.rollout.pool, loop.reward.pool)}
         WorkerPool._submit = submit_then_kill
         try:
             trainer.step()
