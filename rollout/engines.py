@@ -35,6 +35,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ENGINES: Registry = Registry("rollout engine")
 
 
+def check_fits(state_dict: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+    """Raise a one-line ValueError unless ``state_dict`` has exactly the ``expected`` names and shapes (the HF
+    checkpoint layout; tied embeddings may come under one name only, so lm_head.weight may be missing)."""
+    missing = [k for k in expected if k not in state_dict and k != "lm_head.weight"]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f"{k} {tuple(v.shape)} vs {expected[k]}" for k, v in state_dict.items()
+              if k in expected and tuple(v.shape) != expected[k]]
+    if missing or unexpected or shapes:
+        raise ValueError(f"weights do not fit the rollout model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, wrong shape {shapes[:3]}")
+
+
 @ENGINES.register("hf")
 class HFEngine:
     """The policy as a transformers model in this process, sampled with ``generate`` (rollout/engine.py)."""
@@ -53,15 +65,7 @@ class HFEngine:
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         # Checked before loading: a refused state dict must leave the current weights whole (load_state_dict with
         # strict=False copies the keys that fit first, and raises a multi-line RuntimeError on a shape mismatch).
-        own = self.model.state_dict()
-        # Tied embeddings may appear under one name only; anything else missing means a wrong checkpoint.
-        missing = [k for k in own if k not in state_dict and k != "lm_head.weight"]
-        unexpected = [k for k in state_dict if k not in own]
-        shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
-                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
-        if missing or unexpected or shapes:
-            raise ValueError(f"weights do not fit the rollout model: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}, wrong shape {shapes[:3]}")
+        check_fits(state_dict, {k: tuple(v.shape) for k, v in self.model.state_dict().items()})
         self.model.load_state_dict(state_dict, strict=False)  # copies into the model's own dtype and device
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from rlhf.base.config import RolloutConfig
 from rlhf.base.resume import set_torch_rng_state, torch_rng_state
 from rlhf.base.samples import Sample
 from rlhf.base.weight_sync import BroadcastGroup, TensorSpec
+from rollout import vllm_engine  # noqa: F401 - registers the optional vllm engine (vllm itself loads when built)
 from rollout.engines import ENGINES
 
 

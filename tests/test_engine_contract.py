@@ -1,7 +1,8 @@
 """The rollout-engine contract (rollout/engines.py), one module run against every engine: ``hf`` and a stand-in
 registered here (one full forward per token, no KV cache: an independent implementation, so the checks rely on
-nothing but the interface). A new engine joins by adding its name to ENGINE_NAMES; the vLLM engine has its own
-GPU-only module (tests/test_vllm_engine.py), which runs these same checks.
+nothing but the interface). A new engine joins by adding its name to ENGINE_NAMES; the vLLM engine runs these same
+checks from its GPU-only module (tests/test_vllm_engine.py), which overrides the fixtures ``engine``, ``shape``
+(vLLM's attention kernels want wider heads) and ``logprob_atol`` (bf16).
 
 Checks: ``n`` samples per prompt, grouped in prompt order; the sampler's log-probs equal a recomputed full forward
 at the temperature; finish reasons agree with end-of-sequence and the length cap; ``load_weights`` changes what is
@@ -60,16 +61,26 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tokenizer, tmp_path_factory):
+def shape() -> ModelConfig:
+    return TINY
+
+
+@pytest.fixture(scope="module")
+def logprob_atol() -> float:
+    return 1e-4
+
+
+@pytest.fixture(scope="module")
+def model_dir(tokenizer, shape, tmp_path_factory):
     path = tmp_path_factory.mktemp("policy")
-    save_student(build_student(TINY, tokenizer, seed=0), tokenizer, path)
+    save_student(build_student(shape, tokenizer, seed=0), tokenizer, path)
     return str(path)
 
 
 @pytest.fixture(scope="module")
-def other_weights(tokenizer):
+def other_weights(tokenizer, shape):
     """Another policy of the same shape."""
-    return build_student(TINY, tokenizer, seed=1).eval()
+    return build_student(shape, tokenizer, seed=1).eval()
 
 
 @pytest.fixture(params=ENGINE_NAMES)
@@ -85,10 +96,10 @@ def recomputed(model, sample: Sample, temperature: float) -> torch.Tensor:
     return token_logprobs(logits / temperature, ids)[0, len(sample.prompt_ids):]
 
 
-def uniform_policy(tokenizer) -> torch.nn.Module:
+def uniform_policy(tokenizer, shape) -> torch.nn.Module:
     """A policy whose every next-token distribution is uniform (final norm zeroed): end-of-sequence comes at
     random, so sampled responses both stop and hit the length cap."""
-    model = build_student(TINY, tokenizer, seed=2).eval()
+    model = build_student(shape, tokenizer, seed=2).eval()
     with torch.no_grad():
         model.model.norm.weight.zero_()
     return model
@@ -105,16 +116,16 @@ def test_n_samples_per_prompt_grouped_in_prompt_order(engine, tokenizer):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_logprobs_equal_a_recomputed_forward_at_the_temperature(engine, model_dir, temperature):
+def test_logprobs_equal_a_recomputed_forward_at_the_temperature(engine, model_dir, temperature, logprob_atol):
     reference, _ = load_student(model_dir)
     torch.manual_seed(1)
     for s in engine.generate(PROMPTS, 2, 8, temperature, False):
-        torch.testing.assert_close(torch.tensor(s.logprobs), recomputed(reference, s, temperature), atol=1e-4,
-                                   rtol=0)
+        torch.testing.assert_close(torch.tensor(s.logprobs), recomputed(reference, s, temperature),
+                                   atol=logprob_atol, rtol=0)
 
 
-def test_finish_reasons_agree_with_end_of_sequence_and_the_length_cap(engine, tokenizer):
-    engine.load_weights(uniform_policy(tokenizer).state_dict())
+def test_finish_reasons_agree_with_end_of_sequence_and_the_length_cap(engine, tokenizer, shape, logprob_atol):
+    engine.load_weights(uniform_policy(tokenizer, shape).state_dict())
     torch.manual_seed(2)
     samples = engine.generate(PROMPTS, 12, 48, 1.0, False)
     eos = tokenizer.eos_token_id
@@ -125,25 +136,26 @@ def test_finish_reasons_agree_with_end_of_sequence_and_the_length_cap(engine, to
         else:
             assert s.finish_reason == "length" and len(s.response_ids) == 48 and s.response_ids[-1] != eos
         # Uniform over the vocabulary: every token's log-prob is exactly -log(vocabulary).
-        assert s.logprobs == pytest.approx([-torch.log(torch.tensor(83.0)).item()] * len(s.logprobs), abs=1e-4)
+        uniform = -torch.log(torch.tensor(float(len(tokenizer)))).item()
+        assert s.logprobs == pytest.approx([uniform] * len(s.logprobs), abs=logprob_atol)
     assert {s.finish_reason for s in samples} == {"stop", "length"}
 
 
-def test_load_weights_changes_what_is_sampled(engine, model_dir, other_weights):
+def test_load_weights_changes_what_is_sampled(engine, model_dir, other_weights, logprob_atol):
     # Tiny random policies are all nearly uniform (the same seed may draw the same tokens from either): the
     # log-probs tell which weights sampled.
     original, _ = load_student(model_dir)
     engine.load_weights({k: v.clone() for k, v in other_weights.state_dict().items()})
     torch.manual_seed(3)
     for s in engine.generate(PROMPTS, 2, 6, 1.0, False):
-        torch.testing.assert_close(torch.tensor(s.logprobs), recomputed(other_weights, s, 1.0), atol=1e-4, rtol=0)
-        assert not torch.allclose(torch.tensor(s.logprobs), recomputed(original, s, 1.0), atol=1e-3)
+        torch.testing.assert_close(torch.tensor(s.logprobs), recomputed(other_weights, s, 1.0), atol=logprob_atol,
+                                   rtol=0)
+        assert not torch.allclose(torch.tensor(s.logprobs), recomputed(original, s, 1.0), atol=logprob_atol)
 
 
-def test_load_weights_refuses_another_shape_and_keeps_the_old_weights(engine, tokenizer):
+def test_load_weights_refuses_another_shape_and_keeps_the_old_weights(engine, tokenizer, shape):
     before = engine.generate(PROMPTS, 1, 6, 1.0, True)
-    bigger = build_student(ModelConfig(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
-                                       intermediate_size=64), tokenizer, seed=1)
+    bigger = build_student(shape.model_copy(update={"hidden_size": 2 * shape.hidden_size}), tokenizer, seed=1)
     with pytest.raises(ValueError, match="do not fit"):
         engine.load_weights(bigger.state_dict())
     assert engine.generate(PROMPTS, 1, 6, 1.0, True) == before
