@@ -173,3 +173,19 @@ def test_worker_checks_the_version_and_times_its_engine(name, model_dir, other_w
     timing = worker.timing()
     assert timing["generate_s"] > 0 and timing["load_weights_s"] > 0
     assert timing["response_tokens"] == sum(len(s.response_ids) for s in samples)
+
+
+def test_bf16_rollout_holds_bf16_weights_scores_in_float32_and_turns_tis_on(model_dir):
+    from rlhf.base.config import RunConfig
+
+    engine = HFEngine(model_dir, RolloutConfig(dtype="bfloat16", threads=torch.get_num_threads()))
+    assert engine.model.dtype == torch.bfloat16
+    reference, _ = load_student(model_dir)
+    torch.manual_seed(4)
+    for s in engine.generate(PROMPTS, 2, 6, 1.0, False):
+        # bf16 logits, float32 log-softmax: near the float32 policy's, not equal (the mismatch TIS corrects).
+        torch.testing.assert_close(torch.tensor(s.logprobs), recomputed(reference, s, 1.0), atol=5e-2, rtol=0)
+    assert RunConfig(rollout={"dtype": "bfloat16"}).algorithm.tis_cap == 2.0
+    assert RunConfig(rollout={"dtype": "bfloat16"}, algorithm={"tis_cap": 3.0}).algorithm.tis_cap == 3.0
+    assert RunConfig(rollout={"dtype": "bfloat16"}, algorithm={"tis_cap": None}).algorithm.tis_cap is None
+    assert RunConfig().algorithm.tis_cap is None
