@@ -1,7 +1,7 @@
 """Weight sync by collective broadcast (rlhf/base/weight_sync.py, rlhf/weight_broadcast.py) on CPU over gloo.
 
-Two trainer ranks (ZeRO-2 and ZeRO-3) and two rollout workers: after every update the workers hold the trainer's
-weights bit for bit; a worker killed during a broadcast is restarted and joins a fresh group. The group itself is
+Two trainer ranks (ZeRO-2 and ZeRO-3) and two rollout workers under a RolloutGroup, as a run wires them: after every
+update the workers hold the trainer's weights bit for bit; a worker killed during a broadcast is restarted and joins a fresh group. The group itself is
 checked in one process with threads (buckets, the version check, a member that stops answering).
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from rlhf.base.models import build_student, build_tokenizer, save_student  # noq
 from rlhf.base.weight_sync import (BroadcastGroup, TensorSpec, WeightSyncError, host_store,  # noqa: E402
                                    plan_buckets)
 from rlhf.base.worker_pool import WorkerPool  # noqa: E402
+from rlhf.rollout_group import RolloutGroup  # noqa: E402
 from rlhf.trainer import TrainerGroup  # noqa: E402
 from rlhf.weight_broadcast import BroadcastSync  # noqa: E402
 from rollout.worker import RolloutWorker  # noqa: E402
@@ -163,23 +164,23 @@ def test_workers_hold_the_trainers_weights_bit_for_bit_after_each_step(ray_clust
     rollout = RolloutConfig(threads=1, sync_bucket_mb=cfg.rollout.sync_bucket_mb)
     pool = WorkerPool("rollout", lambda i: actor.remote(model_dir, rollout, i, marker), 2, 60, 1)
     try:
-        sync = BroadcastSync(cfg, trainer, pool)
+        group = RolloutGroup(cfg, pool, trainer.full_state_dict_ref, BroadcastSync(cfg, trainer, pool))
         vocab = len(build_tokenizer("char"))
         for version in (1, 2):
             trainer.train_step(_batch(vocab))
-            sync.sync(version)
+            group.sync()
+            assert group.version == version
             _assert_workers_hold(pool, trainer)
-        assert sync.generation == 1
+        assert group.broadcast.generation == 1
         samples = ray.get(pool.workers[1].generate.remote(["1+1="], 2, 3, 1.0, False, 2))
         assert len(samples) == 2
 
-        # Worker 1 dies as the broadcast of v3 starts: it is restarted (restored through the object store, as the
-        # pool's owner would) and v3 goes to both in a fresh group.
-        pool.restore = lambda w: ray.get(w.load_weights.remote(trainer.full_state_dict(), 2))
+        # Worker 1 dies as the broadcast of v3 starts: it is restarted (given the weights through the object store
+        # by the group's restore) and v3 goes to both in a fresh group.
         open(marker, "w").close()
         trainer.train_step(_batch(vocab))
-        sync.sync(3)
-        assert pool.restarts == 1 and sync.generation == 2 and not os.path.exists(marker)
+        group.sync()
+        assert pool.restarts == 1 and group.broadcast.generation == 2 and not os.path.exists(marker)
         _assert_workers_hold(pool, trainer)
         assert ray.get([w.generate.remote(["2+2="], 1, 2, 1.0, False, 3) for w in pool.workers])
     finally:
