@@ -1,13 +1,13 @@
 """One RL step of a Qwen2.5-0.5B-shaped random student in bf16 on one GPU: rollout tokens/s, training MFU against
 the GPU's bf16 peak, weight-sync seconds. Run through ``benchmarks/gpu_smoke.sh`` (which checks for a GPU first).
 
-    python benchmarks/gpu_smoke.py [--prompts 64] [--samples 8] [--new-tokens 256] [--tiny]
+    python benchmarks/gpu_smoke.py [--engine hf|vllm] [--prompts 64] [--samples 8] [--new-tokens 256] [--tiny]
 
-The step uses the project's own pieces in one process: ``rollout.engine.generate`` (HF generate with a KV cache,
-bf16 weights) samples ``prompts x samples`` responses of exactly ``new_tokens`` tokens (end-of-sequence suppressed
-until then), the verifier scores them, ``rlhf.batch.make_train_batch`` builds the batch, a ``PolicyTrainer`` rank
-(DeepSpeed ZeRO-2, bf16, world size 1) takes one GRPO update, and its full weights go back into the rollout model
-(``full_state_dict`` then ``load_state_dict``: the same transfer the rollout workers get). MFU counts
+The step uses the project's own pieces in one process: the rollout engine ``--engine`` names (rollout/engines.py:
+``hf``, HF generate with a KV cache, or ``vllm``; bf16 weights, colocated with the trainer on the one GPU) samples
+``prompts x samples`` responses of ``new_tokens`` tokens (end-of-sequence suppressed until then with hf), the verifier scores them, ``rlhf.batch.make_train_batch`` builds the batch, a ``PolicyTrainer`` rank
+(DeepSpeed ZeRO-2, bf16, world size 1) takes one GRPO update, and its full weights go back into the rollout engine
+(``full_state_dict`` then the engine's ``load_weights``: the object-store route's transfer, without Ray). MFU counts
 6 * params * tokens for the update (forward and backward over prompt and response tokens; attention's own FLOPs left
 out) against the GPU's nominal dense bf16 peak (a table of known parts; else a measured large bf16 GEMM).
 ``--tiny`` runs a toy shape on whatever device there is (a CPU check of this script).
@@ -57,9 +57,10 @@ def bf16_peak(device) -> tuple[float, str]:
     return 2 * size**3 * 10 / (time.perf_counter() - start) / 1e12, f"measured bf16 GEMM ({name})"
 
 
-def run(shape: dict, prompts: int, samples: int, new_tokens: int, micro_batch: int, log=print) -> dict:
+def run(shape: dict, prompts: int, samples: int, new_tokens: int, micro_batch: int, engine: str = "hf",
+        log=print) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from reward.verifiers import final_number_correct
     from rlhf.base.algorithms import ADVANTAGE_ESTIMATORS, AdvantageInputs
@@ -67,8 +68,9 @@ def run(shape: dict, prompts: int, samples: int, new_tokens: int, micro_batch: i
     from rlhf.base.batch import make_train_batch, response_mask
     from rlhf.base.data import arithmetic_rows
     from rlhf.base.models import build_tokenizer
+    from rlhf.base.config import RolloutConfig
     from rlhf.trainer import PolicyTrainer
-    from rollout.engine import generate
+    from rollout.worker import ENGINES
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -79,7 +81,9 @@ def run(shape: dict, prompts: int, samples: int, new_tokens: int, micro_batch: i
     torch.manual_seed(0)
     start = time.perf_counter()
     student = Qwen2ForCausalLM(config)
-    student.generation_config.min_new_tokens = new_tokens  # every response exactly new_tokens long
+    # Every response exactly new_tokens long with the hf engine (vLLM does not read this; a random student over a
+    # 151k vocabulary almost never draws end-of-sequence anyway).
+    student.generation_config.min_new_tokens = new_tokens
     params = sum(p.numel() for p in student.parameters())
     work = Path(tempfile.mkdtemp(prefix="gpu_smoke_"))
     atexit.register(shutil.rmtree, work, True)  # the saved students and run dirs are scratch
@@ -95,8 +99,12 @@ def run(shape: dict, prompts: int, samples: int, new_tokens: int, micro_batch: i
     trainer = PolicyTrainer(0, 1, "127.0.0.1", port, str(work / "student"), RunConfig(
         trainer={"zero_stage": 2, "bf16": cuda, "lr": 1e-6, "micro_batch_size": micro_batch, "threads": 2},
         algorithm={"kl_coef": 0.0}))
-    rollout = AutoModelForCausalLM.from_pretrained(work / "student", dtype=torch.bfloat16 if cuda else torch.float32,
-                                                   use_safetensors=True).to(device).eval()
+    # The rollout engine beside the trainer on the same GPU (colocated): vLLM takes 30% of its memory.
+    rollout = ENGINES[engine](str(work / "student"), RolloutConfig(
+        engine=engine, dtype="bfloat16" if cuda else "float32", gpu_memory_utilization=0.3))
+
+    def generate(prompts_, n, tokens):
+        return rollout.generate(prompts_, n, tokens, 1.0, False)
 
     def sync() -> None:
         if cuda:
@@ -104,10 +112,10 @@ def run(shape: dict, prompts: int, samples: int, new_tokens: int, micro_batch: i
 
     rows = arithmetic_rows(prompts, seed=0)
     # One untimed generation of two rows first: CUDA kernels, allocator and cuBLAS handles warm up outside the figures.
-    generate(rollout, tokenizer, [rows[0].prompt], 2, new_tokens)
+    generate([rows[0].prompt], 2, new_tokens)
     sync()
     start = time.perf_counter()
-    out = generate(rollout, tokenizer, [r.prompt for r in rows], samples, new_tokens)
+    out = generate([r.prompt for r in rows], samples, new_tokens)
     sync()
     generate_s = time.perf_counter() - start
     generated = sum(len(s.response_ids) for s in out)
@@ -122,8 +130,7 @@ def run(shape: dict, prompts: int, samples: int, new_tokens: int, micro_batch: i
     train_s = metrics["perf/train_s"]
 
     start = time.perf_counter()
-    weights = trainer.full_state_dict()
-    rollout.load_state_dict(weights, strict=False)
+    rollout.load_weights(trainer.full_state_dict())
     sync()
     sync_s = time.perf_counter() - start
 
@@ -131,6 +138,7 @@ def run(shape: dict, prompts: int, samples: int, new_tokens: int, micro_batch: i
     train_tflops = 6 * params * train_tokens / train_s / 1e12
     return {
         "gpu": cuda,
+        "engine": engine,
         "params_m": round(params / 1e6, 1),
         "rollout_rows": len(out),
         "new_tokens": new_tokens,
@@ -155,6 +163,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=16, help="trainer rows per forward/backward")
     parser.add_argument("--tiny", action="store_true", help="a toy shape, 2 prompts x 2 samples x 4 tokens")
+    parser.add_argument("--engine", default="hf", help="rollout engine: hf or vllm (rollout/engines.py)")
     args = parser.parse_args()
     from rlhf.cli import _quiet_libraries
 
@@ -163,10 +172,10 @@ def main() -> None:
     if args.tiny:
         args.prompts, args.samples, args.new_tokens, args.micro_batch = 2, 2, 4, 4
     start = time.perf_counter()
-    r = run(shape, args.prompts, args.samples, args.new_tokens, args.micro_batch,
+    r = run(shape, args.prompts, args.samples, args.new_tokens, args.micro_batch, args.engine,
             log=lambda line: print(line, flush=True))
     r["wall_s"] = round(time.perf_counter() - start, 1)
-    print(f"\nrollout: {r['rollout_rows']} x {r['new_tokens']} tokens in {r['generate_s']} s = "
+    print(f"\nrollout ({r['engine']} engine): {r['rollout_rows']} x {r['new_tokens']} tokens in {r['generate_s']} s = "
           f"{r['rollout_tokens_per_s']} tokens/s")
     print(f"train:   {r['train_tokens']} tokens in {r['train_s']} s = {r['train_tflops']} TFLOP/s; "
           f"MFU {r['train_mfu']} "

@@ -26,6 +26,7 @@ from rlhf.rollout_group import RolloutGroup
 from rlhf.teacher_group import make_teacher_group
 from rlhf.trainer import TrainerGroup
 from rlhf.update import PolicyUpdate
+from rlhf.weight_broadcast import BroadcastSync
 from rollout.engines import ENGINES
 from rollout.worker import RolloutWorker
 
@@ -97,4 +98,6 @@ def build_loop(cfg: RunConfig, model_dir: str, tokenizer, rollout: WorkerPool, r
             group.shutdown()
         raise
     auditor = make_teacher(cfg.label) if cfg.reward.audit_every else None
-    return RLLoop(cfg, tokenizer, RolloutGroup(cfg, rollout, policy.full_state_dict_ref), reward, update, auditor)
+    broadcast = BroadcastSync(cfg, policy, rollout) if cfg.rollout.weight_sync == "broadcast" else None
+    return RLLoop(cfg, tokenizer, RolloutGroup(cfg, rollout, policy.full_state_dict_ref, broadcast), reward, update,
+                  auditor)

@@ -13,6 +13,7 @@ from reward.teacher_logprobs import TEACHER_KL
 from reward.teachers import TEACHERS
 from reward.verifiers import VERIFIERS
 from rlhf.base.config import ConfigError, RunConfig
+from rollout import vllm_engine  # noqa: F401 - registers the optional vllm engine
 from rollout.engines import ENGINES
 
 

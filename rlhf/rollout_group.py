@@ -1,7 +1,8 @@
 """The rollout workers as one group: sampling (now, or launched ahead), and the policy's weights, with a version.
 
-Weights go from trainer rank 0 to every rollout worker through Ray's object store, tagged with a version the
-workers check before sampling. With asynchronous rollout a sync is queued behind the generation in flight (a Ray
+Weights go from trainer rank 0 to every rollout worker through Ray's object store, or by collective broadcast
+(``rollout.weight_sync: broadcast``, rlhf/weight_broadcast.py), tagged with a version the workers check before
+sampling. With asynchronous rollout a sync is queued behind the generation in flight (a Ray
 actor runs one caller's calls in order) and waited for before the next batch is collected.
 """
 from __future__ import annotations
@@ -38,11 +39,14 @@ class RolloutGroup:
     """``pool``'s workers sample for the run; ``trainer_weights()`` gives the object ref of the current policy
     weights (trainer rank 0's), for syncs and for restoring a restarted worker."""
 
-    def __init__(self, cfg: RunConfig, pool: WorkerPool, trainer_weights: Callable[[], object]):
-        self.cfg, self.pool, self.trainer_weights = cfg, pool, trainer_weights
+    def __init__(self, cfg: RunConfig, pool: WorkerPool, trainer_weights: Callable[[], object], broadcast=None):
+        """``broadcast``: a BroadcastSync that carries the syncs instead of the object store (which still restores
+        a restarted worker)."""
+        self.cfg, self.pool, self.trainer_weights, self.broadcast = cfg, pool, trainer_weights, broadcast
         self.timeout = cfg.call_timeout_s
         self.version = 0  # weights version the workers hold; bumped by every sync
         self._syncing: list = []  # sync calls submitted and not yet waited for (asynchronous rollout)
+        self._syncing_names: list[str] = []  # whose they are
         self._weights = None  # the object ref of the weights being synced, while a sync is in progress
         pool.restore = self._restore
 
@@ -71,19 +75,26 @@ class RolloutGroup:
     def collect(self, launched: LaunchedRollout) -> list:
         """The samples of a launched generation, after any weight sync still in flight."""
         refs = self._syncing + launched.calls
-        names = [f"rollout worker {i}" for i in range(len(self.pool))]
-        results = get_all(refs, [names[i % len(names)] for i in range(len(refs))],
-                          "weight sync and rollout generate", self.timeout)
-        parts, self._syncing, self._weights = results[len(self._syncing):], [], None
+        names = self._syncing_names + [f"rollout worker {i}" for i in range(len(launched.calls))]
+        results = get_all(refs, names, "weight sync and rollout generate", self.timeout)
+        parts = results[len(self._syncing):]
+        self._syncing, self._syncing_names, self._weights = [], [], None
         return [sample for part in parts for sample in part]
 
     def sync(self, version: int | None = None) -> None:
         """The trainer's weights to every worker, tagged with the next version (or ``version`` when resuming).
         Asynchronous rollout does not wait: the workers load them after the generation in flight."""
         self.version = self.version + 1 if version is None else version
+        if self.broadcast is not None:
+            if not self.cfg.rollout.asynchronous:
+                return self.broadcast.sync(self.version)
+            refs, names = self.broadcast.submit(self.version)
+            self._syncing, self._syncing_names = self._syncing + refs, self._syncing_names + names
+            return
         self._weights = self.trainer_weights()
         if self.cfg.rollout.asynchronous:
             self._syncing += [w.load_weights.remote(self._weights, self.version) for w in self.pool.workers]
+            self._syncing_names += [f"rollout worker {i}" for i in range(len(self.pool))]
             return
         try:
             self.pool.call("load_weights", [(self._weights, self.version)] * len(self.pool), "weight sync")
@@ -93,9 +104,8 @@ class RolloutGroup:
     def finish_sync(self) -> None:
         """Wait for a sync in flight (before generating from the current weights)."""
         if self._syncing:
-            get_all(self._syncing, [f"rollout worker {i}" for i in range(len(self._syncing))], "weight sync",
-                    self.timeout)
-            self._syncing, self._weights = [], None
+            get_all(self._syncing, self._syncing_names, "weight sync", self.timeout)
+            self._syncing, self._syncing_names, self._weights = [], [], None
 
     def _restore(self, worker) -> None:
         """A restarted worker starts from the initial policy: give it the current weights and version, from the
@@ -105,6 +115,8 @@ class RolloutGroup:
         weights = self._weights if self._weights is not None else self.trainer_weights()
         get_all([worker.load_weights.remote(weights, self.version)], ["restarted rollout worker"], "weight restore",
                 self.timeout)
+        if self.broadcast is not None:
+            self.broadcast.stale = True  # the replacement joins a fresh group at the next sync
 
     def rng_states(self) -> list:
         return self.pool.call("rng_state", [()] * len(self.pool), "rollout rng_state")

@@ -20,6 +20,7 @@ from rlhf.base import algorithms, lora, packing
 from rlhf.base.batch import without_zero_advantage_rows
 from rlhf.base.config import AlgorithmConfig, RunConfig
 from rlhf.base.ranks import DeepSpeedRank, RankGroup
+from rlhf.base.weight_sync import WeightBroadcaster
 
 
 # With asynchronous rollout the trainer ranks update while the rollout workers generate, and where they share CPU
@@ -44,7 +45,7 @@ _SUMMED = ("policy_loss", "kl", "clipped", "entropy", "mismatch", "tis_weight", 
 
 
 
-class PolicyTrainer(DeepSpeedRank):
+class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
     """One data-parallel rank: a DeepSpeed engine over the policy, plus a frozen reference model when kl_coef > 0.
 
     Creating it joins the process group, so all ``world_size`` ranks must be created together.

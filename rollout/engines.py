@@ -1,8 +1,11 @@
 """Rollout engines behind one registry (``rollout.engine``): what a RolloutWorker samples with.
 
-An engine holds the policy, samples ``n`` responses per prompt with the sampler's token log-probs and finish
-reasons (``Sample``), and loads new weights. ``hf`` is Hugging Face ``generate`` with a KV cache (CPU and GPU). A
-new engine is one class with this interface in its own module plus one ``ENGINES.register`` line.
+An engine is built as ``Engine(model_dir, rollout)`` (the run's rollout section: dtype, vLLM's memory share...),
+holds the policy, samples ``n`` responses per prompt with the sampler's token log-probs and finish reasons
+(``Sample``), and loads new weights (all or none: a refused state dict leaves the current weights whole). The
+RolloutWorker keeps the version and times each call. ``hf`` is Hugging Face ``generate`` with a KV cache (CPU and
+GPU); ``vllm`` (rollout/vllm_engine.py, optional) is vLLM on a GPU. A new engine is one class with this interface in
+its own module plus one ``ENGINES.register`` line; tests/test_engine_contract.py is the check every engine passes.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from rlhf.base.config import RolloutConfig
 from rlhf.base.models import load_student
 from rlhf.base.registry import Registry
 from rlhf.base.samples import Sample
@@ -25,15 +29,31 @@ class RolloutEngine(Protocol):
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None: ...
 
 
+# rollout.dtype -> the dtype the engine holds its weights in (log-probs are float32 whatever it is).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 ENGINES: Registry = Registry("rollout engine")
+
+
+def check_fits(state_dict: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+    """Raise a one-line ValueError unless ``state_dict`` has exactly the ``expected`` names and shapes (the HF
+    checkpoint layout; tied embeddings may come under one name only, so lm_head.weight may be missing)."""
+    missing = [k for k in expected if k not in state_dict and k != "lm_head.weight"]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f"{k} {tuple(v.shape)} vs {expected[k]}" for k, v in state_dict.items()
+              if k in expected and tuple(v.shape) != expected[k]]
+    if missing or unexpected or shapes:
+        raise ValueError(f"weights do not fit the rollout model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, wrong shape {shapes[:3]}")
 
 
 @ENGINES.register("hf")
 class HFEngine:
     """The policy as a transformers model in this process, sampled with ``generate`` (rollout/engine.py)."""
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, rollout: RolloutConfig | None = None):
         self.model, self.tokenizer = load_student(model_dir)
+        self.model.to(DTYPES[(rollout or RolloutConfig()).dtype])
         if torch.cuda.is_available():  # Ray shows the actor only the GPU it was given (cluster.rollout.num_gpus)
             self.model.to("cuda")
         self.model.eval()
@@ -45,13 +65,9 @@ class HFEngine:
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         # Checked before loading: a refused state dict must leave the current weights whole (load_state_dict with
         # strict=False copies the keys that fit first, and raises a multi-line RuntimeError on a shape mismatch).
-        own = self.model.state_dict()
-        # Tied embeddings may appear under one name only; anything else missing means a wrong checkpoint.
-        missing = [k for k in own if k not in state_dict and k != "lm_head.weight"]
-        unexpected = [k for k in state_dict if k not in own]
-        shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
-                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
-        if missing or unexpected or shapes:
-            raise ValueError(f"weights do not fit the rollout model: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}, wrong shape {shapes[:3]}")
-        self.model.load_state_dict(state_dict, strict=False)
+        check_fits(state_dict, {k: tuple(v.shape) for k, v in self.model.state_dict().items()})
+        self.model.load_state_dict(state_dict, strict=False)  # copies into the model's own dtype and device
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights the engine samples with, as CPU tensors (for checks that a sync arrived bit for bit)."""
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}

@@ -1,7 +1,10 @@
 """The RolloutWorker Ray actor: holds the policy in a rollout engine (rollout/engines.py) and samples from it.
 
-After every trainer update the driver sends new weights with a version number; ``generate`` is told which
-version the driver expects and refuses to sample from stale weights rather than silently training off-policy.
+After every trainer update the driver sends new weights with a version number, as a state dict through Ray's object
+store (``load_weights``) or by collective broadcast from trainer rank 0 (``join_weight_sync``, then
+``receive_weights``: rlhf/base/weight_sync.py); ``generate`` is told which version the driver expects and refuses
+to sample from stale weights rather than silently training off-policy. The worker times its engine's calls
+(``timing``).
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import torch
 from rlhf.base.config import RolloutConfig
 from rlhf.base.resume import set_torch_rng_state, torch_rng_state
 from rlhf.base.samples import Sample
+from rlhf.base.weight_sync import BroadcastGroup, TensorSpec
+from rollout import vllm_engine  # noqa: F401 - registers the optional vllm engine (vllm itself loads when built)
 from rollout.engines import ENGINES
 
 
@@ -26,16 +31,49 @@ class RolloutWorker:
         here)."""
         torch.set_num_threads(rollout.threads)
         torch.manual_seed(seed)
-        self.engine = (engine or ENGINES[rollout.engine])(model_dir)
+        self.engine = (engine or ENGINES[rollout.engine])(model_dir, rollout)
         self.tokenizer = self.engine.tokenizer
         self.version = 0
+        self.bucket_bytes = int(rollout.sync_bucket_mb * 2**20)
+        self._sync: BroadcastGroup | None = None
+        self._manifest: list[TensorSpec] = []
+        # The engine's last calls, timed here: generate_s and response_tokens of the last generate, load_weights_s
+        # (and receive_s for a broadcast) of the last sync.
+        self.last: dict[str, float] = {}
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> float:
         """Install new policy weights; returns the seconds it took."""
         start = time.perf_counter()
         self.engine.load_weights(state_dict)
         self.version = version
+        self.last["load_weights_s"] = time.perf_counter() - start
+        return self.last["load_weights_s"]
+
+    def join_weight_sync(self, host: str, port: int, rank: int, size: int, generation: int,
+                         manifest: list[TensorSpec], timeout_s: float) -> None:
+        """Become member ``rank`` of generation ``generation`` of the weight-sync group (collective with the other
+        members: trainer rank 0 hosts the store at host:port). Replaces any earlier generation."""
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self._sync = None
+        self._sync = BroadcastGroup(None, host, port, rank, size, generation, timeout_s, device)
+        self._manifest = manifest
+
+    def receive_weights(self, version: int) -> float:
+        """Receive and install the weights trainer rank 0 broadcasts as ``version``; returns the seconds it took."""
+        if self._sync is None:
+            raise RuntimeError("receive_weights before join_weight_sync: the driver forms the group first")
+        start = time.perf_counter()
+        state_dict = self._sync.receive(self._manifest, version, self.bucket_bytes)
+        self.last["receive_s"] = time.perf_counter() - start
+        self.load_weights(state_dict, version)
         return time.perf_counter() - start
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights the engine samples with (CPU tensors), for checks that a sync arrived whole."""
+        return self.engine.state_dict()
+
+    def timing(self) -> dict[str, float]:
+        return dict(self.last)
 
     def rng_state(self) -> dict:
         """The torch generators this worker samples with (a checkpoint stores them, so a resumed run draws the
@@ -49,4 +87,8 @@ class RolloutWorker:
                  expected_version: int) -> list[Sample]:
         if self.version != expected_version:
             raise StaleWeightsError(f"rollout worker holds weights v{self.version}, driver expects v{expected_version}")
-        return self.engine.generate(prompts, n, max_new_tokens, temperature, greedy)
+        start = time.perf_counter()
+        samples = self.engine.generate(prompts, n, max_new_tokens, temperature, greedy)
+        self.last["generate_s"] = time.perf_counter() - start
+        self.last["response_tokens"] = float(sum(len(s.response_ids) for s in samples))
+        return samples

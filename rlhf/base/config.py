@@ -222,8 +222,24 @@ class ThinkConfig(_Section):
 
 
 class RolloutConfig(_Section):
-    # What the rollout workers sample with (rollout/engines.py ENGINES): hf, Hugging Face generate with a KV cache.
+    # What the rollout workers sample with (rollout/engines.py ENGINES): hf, Hugging Face generate with a KV cache
+    # (CPU or GPU); vllm, vLLM on a GPU (optional extra, rollout/vllm_engine.py). README "Choosing a rollout engine".
     engine: str = "hf"
+    # The dtype the engine holds the policy in. bfloat16 pays on CPUs with fast bf16 matmuls (AVX512-BF16, AMX) and
+    # on GPUs; log-probs are float32 from its logits either way, the mismatch with the trainer's is logged as
+    # perf/logprob_mismatch, and algorithm.tis_cap defaults to 2 in that mode (set it to null to turn it off).
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    # How new weights reach the workers after an update: object_store, trainer rank 0's full state dict through
+    # Ray's object store (any layout); broadcast, a torch.distributed group of trainer rank 0 and the workers
+    # (gloo on CPU, NCCL on GPU) in buckets of sync_bucket_mb, ZeRO-3 parameters gathered one at a time.
+    weight_sync: Literal["object_store", "broadcast"] = "object_store"
+    sync_bucket_mb: float = Field(64.0, gt=0)
+    # vllm engine only: the share of the GPU's memory vLLM takes (weights + KV cache; lower it where the trainer
+    # shares the GPU), GPUs per worker for tensor parallelism, and whether to release that memory between rollouts
+    # (sleep/wake) for a trainer on the same GPU.
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, gt=0)
+    sleep_between_rollouts: bool = False
     num_workers: int = Field(1, gt=0)
     prompts_per_step: int = Field(16, gt=0)
     samples_per_prompt: int = Field(8, gt=1)
@@ -446,6 +462,14 @@ class RunConfig(_Section):
         if self.rollout.prompts_per_step % self.rollout.num_workers:
             raise ValueError(f"rollout.prompts_per_step={self.rollout.prompts_per_step} does not divide by "
                              f"rollout.num_workers={self.rollout.num_workers} (a prompt's samples stay together)")
+        return self
+
+    @model_validator(mode="after")
+    def _tis_on_for_bf16_rollout(self) -> "RunConfig":
+        # bf16 sampling draws from a slightly different distribution than the float32 trainer scores: truncated
+        # importance sampling corrects for it unless the config says otherwise (tis_cap given, null included).
+        if self.rollout.dtype == "bfloat16" and "tis_cap" not in self.algorithm.model_fields_set:
+            self.algorithm.tis_cap = 2.0
         return self
 
     @model_validator(mode="after")
