@@ -23,8 +23,8 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from rlhf.base.algorithms import ADVANTAGE_ESTIMATORS
-from rlhf.base.training_config import (AlgorithmConfig, CriticConfig, EngineConfig, RewardModelConfig,
-                                        TrainerConfig, _Section)
+from rlhf.base.training_config import (AlgorithmConfig, ClusterConfig, CriticConfig, EngineConfig, RewardModelConfig,
+                                        RoleResources, TrainerConfig, _Section)
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "config_from_dict", "save_config", "ModelConfig",
            "TaskConfig", "WarmupConfig", "ThinkConfig", "RolloutConfig", "AdaptiveConfig", "RewardConfig",
@@ -366,45 +366,6 @@ class LabelConfig(_Section):
         return self
 
 
-class RoleResources(_Section):
-    """What one actor of a role asks Ray for: CPUs, GPUs (fractions share a GPU) and custom node resources (e.g.
-    ``{trainer_node: 1}`` to keep the role on the nodes started with ``ray start --resources='{"trainer_node": 8}'``)."""
-
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    resources: dict[str, float] = {}
-
-
-class ClusterConfig(_Section):
-    """Where the run's Ray actors go (rlhf/base/cluster.py).
-
-    ``address``: ``local`` starts a private Ray in this process; ``auto`` joins the cluster ``ray start`` made on
-    this node (or the one RAY_ADDRESS names, as under ``ray job submit``); ``host:port`` / ``ray://host:port`` join
-    that one. Per role, what each actor asks for; unset roles keep the defaults that suit one machine: a trainer
-    rank takes ``trainer.threads`` CPUs and one GPU when the cluster has a GPU per rank, a rollout worker one CPU
-    (and one GPU when the trainer ranks take GPUs), a reward worker no reservation (it scores while the others
-    wait). The reference model lives on the trainer ranks, beside the batch it scores, so it has no role here.
-    """
-
-    address: str = "local"
-    connect_timeout_s: float = Field(30.0, gt=0)  # how long an unreachable address may take to fail
-    placement_timeout_s: float = Field(120.0, gt=0)  # how long the trainer ranks may wait for their resources
-    # PACK: trainer ranks on as few nodes as possible (fast collectives); SPREAD: spread if possible;
-    # STRICT_PACK: all on one node; STRICT_SPREAD: each rank on its own node.
-    trainer_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    trainer: RoleResources | None = None
-    critic: RoleResources | None = None
-    rollout: RoleResources | None = None
-    reward: RoleResources | None = None
-
-    @model_validator(mode="after")
-    def _address_form(self) -> "ClusterConfig":
-        a = self.address
-        if a not in ("local", "auto") and not (":" in a and a.rsplit(":", 1)[1].isdigit()):
-            raise ValueError(f"cluster.address must be local, auto, host:port or ray://host:port, not {a!r}")
-        return self
-
-
 class EvalConfig(_Section):
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(256, gt=0)
@@ -470,6 +431,15 @@ class RunConfig(_Section):
         # importance sampling corrects for it unless the config says otherwise (tis_cap given, null included).
         if self.rollout.dtype == "bfloat16" and "tis_cap" not in self.algorithm.model_fields_set:
             self.algorithm.tis_cap = 2.0
+        return self
+
+    @model_validator(mode="after")
+    def _broadcast_sends_plain_weights(self) -> "RunConfig":
+        # The broadcast sends the trainer's parameters as they are; with LoRA those are the adapters, not the merged
+        # weights the rollout engine holds (the object store path sends merged ones).
+        if self.model.lora and self.rollout.weight_sync == "broadcast":
+            raise ValueError("rollout.weight_sync broadcast does not merge LoRA adapters yet: use object_store with "
+                             "model.lora")
         return self
 
     @model_validator(mode="after")

@@ -1,5 +1,5 @@
 """The training sections of the run config: the DeepSpeed engine settings every trainer shares (policy, critic,
-reward model) and the RL algorithm. Part of the one config tree in rlhf/base/config.py, which re-exports them.
+reward model), the RL algorithm, and where the actors run (cluster). Part of the one config tree in rlhf/base/config.py, which re-exports them.
 """
 from __future__ import annotations
 
@@ -195,3 +195,42 @@ class AlgorithmConfig(_Section):
         than into the loss: for estimators that need the reference (REINFORCE++), or where kl_in_reward asks."""
         needs = ADVANTAGE_ESTIMATORS[self.advantage].needs
         return self.kl_coef > 0 and ("reference" in needs or self.kl_in_reward)
+
+
+class RoleResources(_Section):
+    """What one actor of a role asks Ray for: CPUs, GPUs (fractions share a GPU) and custom node resources (e.g.
+    ``{trainer_node: 1}`` to keep the role on the nodes started with ``ray start --resources='{"trainer_node": 8}'``)."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = {}
+
+
+class ClusterConfig(_Section):
+    """Where the run's Ray actors go (rlhf/base/cluster.py).
+
+    ``address``: ``local`` starts a private Ray in this process; ``auto`` joins the cluster ``ray start`` made on
+    this node (or the one RAY_ADDRESS names, as under ``ray job submit``); ``host:port`` / ``ray://host:port`` join
+    that one. Per role, what each actor asks for; unset roles keep the defaults that suit one machine: a trainer
+    rank takes ``trainer.threads`` CPUs and one GPU when the cluster has a GPU per rank, a rollout worker one CPU
+    (and one GPU when the trainer ranks take GPUs), a reward worker no reservation (it scores while the others
+    wait). The reference model lives on the trainer ranks, beside the batch it scores, so it has no role here.
+    """
+
+    address: str = "local"
+    connect_timeout_s: float = Field(30.0, gt=0)  # how long an unreachable address may take to fail
+    placement_timeout_s: float = Field(120.0, gt=0)  # how long the trainer ranks may wait for their resources
+    # PACK: trainer ranks on as few nodes as possible (fast collectives); SPREAD: spread if possible;
+    # STRICT_PACK: all on one node; STRICT_SPREAD: each rank on its own node.
+    trainer_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    trainer: RoleResources | None = None
+    critic: RoleResources | None = None
+    rollout: RoleResources | None = None
+    reward: RoleResources | None = None
+
+    @model_validator(mode="after")
+    def _address_form(self) -> "ClusterConfig":
+        a = self.address
+        if a not in ("local", "auto") and not (":" in a and a.rsplit(":", 1)[1].isdigit()):
+            raise ValueError(f"cluster.address must be local, auto, host:port or ray://host:port, not {a!r}")
+        return self
