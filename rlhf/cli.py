@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                      ".json, .parquet, .csv file or a save_to_disk directory. With --labels, both are used")
     cmd.add_argument("--eval-data", metavar="PATH", help="held-out preference data (reward_model.eval_file; "
                      "default: reward_model.eval_fraction of --data's prompts)")
+    _add_model_commands(commands)
+    return parser
+
+
+def _add_model_commands(commands) -> None:
+    """The commands that take a trained model or a run directory: evaluate, serve, report, import."""
     text = "evaluate a policy checkpoint on the held-out prompts (accuracy, response length, per difficulty)"
     cmd = commands.add_parser("eval", help=text, description=text + "; prints JSON.")
     cmd.add_argument("checkpoint", help="a policy directory in Hugging Face format (a run's policy/)")
@@ -98,7 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("out", help="the directory to write (must not exist)")
     cmd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype "
                      "(default float32, what CPU training uses)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
