@@ -16,7 +16,7 @@ def one_rank(tmp_path_factory):
     """One ZeRO-2 PolicyTrainer rank in this process (world size 1, gloo)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    pytest.importorskip("deepspeed")
+    deepspeed = pytest.importorskip("deepspeed")
     import socket
 
     from rlhf.trainer import PolicyTrainer
@@ -33,7 +33,7 @@ def one_rank(tmp_path_factory):
     trainer = PolicyTrainer(0, 1, "127.0.0.1", port, path, run_config({"zero_stage": 2, "lr": 1e-2,
                                                                        "micro_batch_size": 2, "timeout_s": 60}))
     yield trainer
-    torch.distributed.destroy_process_group()
+    deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups, for the next rank in this process
 
 
 def _batch(advantage: float):
