@@ -1,6 +1,6 @@
 """On-policy distillation against GRPO on the quickstart task, from one warm-up student, same steps and seeds.
 
-    python benchmarks/onpolicy_distillation.py [--steps 30] [--eval-every 5] [--out runs/onpolicy] [key=value ...]
+    python benchmarks/onpolicy_distillation.py [--steps 30] [--eval-every 5] [--teacher-steps N] [--out DIR] [k=v ...]
 
 First a larger teacher is warmed up (configs/arithmetic_teacher.yaml) and the student as in
 configs/quickstart_verifier.yaml. Then three RL runs from that student: (a) GRPO rewarded by the verifier; (b)
@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--out", default="runs/onpolicy")
+    parser.add_argument("--teacher-steps", type=int, help="the teacher's warm-up steps (default: its config's)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     _quiet_libraries()
@@ -53,7 +54,9 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     log = lambda line: print(line, flush=True)  # noqa: E731
 
-    teacher = run(load_config("configs/arithmetic_teacher.yaml", [*args.overrides, f"output_dir={out / 'teacher'}"]),
+    teacher_steps = [f"warmup.steps={args.teacher_steps}"] if args.teacher_steps else []
+    teacher = run(load_config("configs/arithmetic_teacher.yaml", [*args.overrides, f"output_dir={out / 'teacher'}",
+                                                                 *teacher_steps]),
                   log=lambda line: log(f"[teacher] {line}")).summary
     run(load_config("configs/quickstart_verifier.yaml", [*args.overrides, f"output_dir={out / 'student'}",
                                                         "stages=[warmup]"]), log=lambda line: log(f"[student] {line}"))
