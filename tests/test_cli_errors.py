@@ -89,19 +89,24 @@ def damaged_student(tmp, models, how):
 # ----------------------------------------------------------------------------------------------- datasets
 
 
+# A dataset task cannot warm up without a traces dataset (no silent fallback to the arithmetic teacher); the
+# data cases below check the data, so they run RL and evaluation only.
+RL_ONLY = ["stages=[rl,eval]"]
+
+
 def jsonl_task(tmp: Path, content: bytes | list, eval_rows: list | None = None) -> list[str]:
     """Overrides for a jsonl task whose training file holds ``content`` (records, or raw bytes)."""
     train, held_out = tmp / "train.jsonl", tmp / "eval.jsonl"
     train.write_bytes(content if isinstance(content, bytes) else
                       "".join(json.dumps(r) + "\n" for r in content).encode())
     held_out.write_text("".join(json.dumps(r) + "\n" for r in (eval_rows or [GOOD_ROW] * 4)))
-    return ["task.name=jsonl", f"task.train_file={train}", f"task.eval_file={held_out}"]
+    return ["task.name=jsonl", f"task.train_file={train}", f"task.eval_file={held_out}", *RL_ONLY]
 
 
 def csv_task(tmp: Path, content: bytes) -> list[str]:
     train = tmp / "train.csv"
     train.write_bytes(content)
-    return ["task.name=jsonl", f"task.train_file={train}", f"task.eval_file={train}"]
+    return ["task.name=jsonl", f"task.train_file={train}", f"task.eval_file={train}", *RL_ONLY]
 
 
 def binary_file(tmp: Path, content: bytes) -> Path:
@@ -181,7 +186,7 @@ CLI_CASES = [
     ("binary_csv", lambda t, m: (None, csv_task(t, bytes(range(128, 256)) * 8)),
      ["as csv (UnicodeDecodeError"]),
     ("missing_file", lambda t, m: (None, ["task.name=jsonl", f"task.train_file={t / 'no.jsonl'}",
-                                          f"task.eval_file={t / 'no.jsonl'}"]), ["no.jsonl does not exist"]),
+                                          f"task.eval_file={t / 'no.jsonl'}", *RL_ONLY]), ["no.jsonl does not exist"]),
     ("over_long_prompts", lambda t, m: (None, jsonl_task(t, [{"prompt": "1+" * 80 + "1=", "answer": "81"}] * 4)),
      ["training prompts has no usable rows (4 skipped)", "162 tokens, over the 112 that fit"]),
     ("over_long_held_out_prompts", lambda t, m: (None, jsonl_task(t, [GOOD_ROW] * 4,
@@ -260,7 +265,8 @@ def test_bad_rows_are_skipped_counted_and_shown(tmp_path):
     assert load_jsonl_rows(path, "prompt", "answer", log=logged.append) == [PromptRow("1+1=", "2")] * 2
     assert len(logged) == 1 and one_line(logged[0])
     assert logged[0].startswith(f"warning: skipped 5 of 7 rows of {path}: line 2 is not valid JSON")
-    assert "line 3: field 'prompt' must be non-empty text; line 5 has no field 'prompt'" in logged[0]
+    assert "line 3: field 'prompt' must be non-empty text or a list of chat messages; line 5 has no field 'prompt'" \
+        in logged[0]
     assert logged[0].endswith("; and 2 more")
 
 

@@ -213,8 +213,8 @@ def test_every_recipe_validates_and_asks_for_the_gpus_it_says(recipe):
 
 def test_trainer_gpu_options():
     cfg = load_config(None, ["trainer.zero_stage=3", "trainer.offload=optimizer+params"])
-    assert cfg.trainer.zero_section() == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+    assert cfg.trainer.zero_section() == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
                                           "offload_param": {"device": "cpu", "pin_memory": True}}
     assert load_config(None, []).trainer.zero_section() == {"stage": 2}
-    with pytest.raises(ConfigError, match="offload optimizer\\+params needs trainer.zero_stage 3"):
+    with pytest.raises(ConfigError, match="trainer: offload optimizer\\+params needs zero_stage 3"):
         load_config(None, ["trainer.zero_stage=2", "trainer.offload=optimizer+params"])
