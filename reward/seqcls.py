@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from reward.model import pad_right
 from rlhf.base.models import ModelLoadError
 
 
@@ -81,20 +82,9 @@ class SeqClsReward:
         rows = [self.token_ids(p, r) for p, r in zip(prompts, responses, strict=True)]
         scores: list[float] = []
         for start in range(0, len(rows), self.batch_size):
-            input_ids, attention_mask = _pad_right(rows[start:start + self.batch_size], self.tokenizer.pad_token_id)
+            input_ids, attention_mask = pad_right(rows[start:start + self.batch_size], self.tokenizer.pad_token_id)
             scores += self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float().tolist()
         return scores
-
-
-def _pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right padding, as TRL's preference collator pads: positions count from 0 in every row."""
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, :len(row)] = 1
-    return input_ids, attention_mask
 
 
 def _assistant_turn(tokenizer) -> tuple[str, str] | None:

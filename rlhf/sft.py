@@ -25,7 +25,7 @@ import torch
 from rlhf.base.chat import (ChatFormatError, check_messages, make_renderer, template_override, uses_template,
                             with_system)
 from rlhf.base.config import ConfigError, RunConfig, TaskConfig, WarmupConfig
-from rlhf.base.data import DatasetError, load_rows, usable_rows
+from rlhf.base.data import DatasetError, load_rows, open_dataset, usable_rows
 from rlhf.base.packing import PACKABLE_ATTENTION, micro_batches, model_inputs, zero_sequence_starts
 from rlhf.base.progress import Progress
 
@@ -66,25 +66,11 @@ def load_conversations(path: str | Path, cfg: WarmupConfig, system_prompt: str |
                        log: Callable[[str], None] | None = print) -> list[list[dict]]:
     """One conversation per row of the traces dataset: its ``messages``, or its prompt and response as a user and
     an assistant turn (with ``system_prompt``). Rows without an assistant turn are skipped and counted."""
-    import datasets
-
     path = Path(path)
-    if path.is_dir():
-        try:
-            data = datasets.load_from_disk(str(path))
-        except (FileNotFoundError, ValueError) as err:
-            raise DatasetError(f"warmup.traces_file {path} is not a save_to_disk directory "
-                               f"({' '.join(str(err).split())[:150]})") from None
-        if isinstance(data, datasets.DatasetDict):
-            data = data["train"] if "train" in data else next(iter(data.values()))
-    elif path.suffix in (".jsonl", ".json", ".parquet"):
-        if not path.is_file():
-            raise DatasetError(f"warmup.traces_file {path} does not exist: run `distilrl traces` first, or fix it")
-        data = datasets.load_dataset("parquet" if path.suffix == ".parquet" else "json", data_files=str(path),
-                                     split="train")
-    else:
-        raise DatasetError(f"warmup.traces_file {path} does not exist (or is not .jsonl, .json, .parquet or a "
-                           f"save_to_disk directory): run `distilrl traces` first, or fix the path")
+    if not (path.is_dir() or path.is_file()):
+        raise DatasetError(f"warmup.traces_file {path} does not exist: run `distilrl traces` first, or fix the path")
+    # A save_to_disk directory of several splits: its train split (the traces stage writes a single Dataset).
+    data = open_dataset(path, "train", "warmup.traces_file's split")
     conversations, problems = [], []
     for i, row in enumerate(data):
         try:
