@@ -24,8 +24,7 @@ from rlhf.cli import _quiet_libraries
 ARMS = {
     "a_grpo_verifier": ["reward.components={verifier: 1.0}", "algorithm.advantage=grpo"],
     "b_onpolicy": ["reward.components={teacher_kl: 1.0}", "algorithm.advantage=on_policy_distillation"],
-    "c_both": ["reward.components={verifier: 1.0, teacher_kl: 0.1}",
-               "algorithm.advantage=reinforce_plus_plus_baseline"],
+    "c_both": ["reward.components={verifier: 1.0, teacher_kl: 0.1}", "algorithm.advantage=grpo"],
 }
 
 

@@ -4,8 +4,8 @@ the trainer ranks' update (and the critic's, for an estimator that needs one).
 GRPO, Dr. GRPO, RLOO, REINFORCE++ and PPO differ only here, and only through ``ADVANTAGE_ESTIMATORS``' entry:
 ``critic`` in its needs brings the critic's values in (and a critic update towards the returns); a KL in the
 reward (``algorithm.reward_kl``: REINFORCE++, or ``kl_in_reward``) brings the reference log-probs in, as k1 token
-rewards; ``teacher_kl`` in the reward components brings the teacher's log-probs in (on-policy distillation: minus
-the reverse KL on every token, weighted). During the first ``critic_warmup_steps`` the critic trains alone and the policy stays as it is.
+rewards; ``teacher_kl`` in the reward components brings the teacher's log-probs in (on-policy distillation: each
+token's log-ratio to the teacher, centred and weighted, added to any estimator's advantages). During the first ``critic_warmup_steps`` the critic trains alone and the policy stays as it is.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from reward.teacher_logprobs import TEACHER_KL
-from rlhf.base.algorithms import ADVANTAGE_ESTIMATORS, AdvantageInputs, kl_reward, loss_token_weights, whiten
+from rlhf.base.algorithms import (ADVANTAGE_ESTIMATORS, AdvantageInputs, distillation_advantages, kl_reward,
+                                  loss_token_weights, whiten)
 from rlhf.base.batch import make_train_batch
 from rlhf.base.config import RunConfig
 
@@ -51,19 +52,12 @@ class PolicyUpdate:
             inputs.token_rewards = kl_reward(batch["rollout_logprobs"], self.policy.reference_logprobs(batch), mask,
                                              a.kl_coef)
             metrics["reward/kl_penalty"] = (-inputs.token_rewards.sum() / mask.sum().clamp(min=1)).item()
-        if self.teacher is not None:
-            teacher = self.teacher.logprobs(batch)
-            failed = teacher.isnan().any(dim=1)  # a remote teacher's rows that failed: no distillation reward
-            teacher = torch.where(failed.unsqueeze(1), batch["rollout_logprobs"], teacher)
-            metrics["distill/teacher_failed_rows"] = float(failed.sum())
-            reverse_kl = (batch["rollout_logprobs"] - teacher) * mask
-            distill = -cfg.reward.components[TEACHER_KL] * reverse_kl
-            inputs.token_rewards = distill if inputs.token_rewards is None else inputs.token_rewards + distill
-            metrics.update(reverse_kl_figures(reverse_kl, mask, difficulties))
         advantages, returns = self.estimator.compute(inputs)
+        if self.critic is not None and a.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        if self.teacher is not None:
+            advantages = advantages + self._distillation(batch, difficulties, metrics)
         if self.critic is not None:
-            if a.whiten_advantages:
-                advantages = whiten(advantages, mask)
             metrics.update(value_figures(inputs.values, returns, mask))
             # Every token's value error counts equally, whatever the policy loss's aggregation.
             metrics.update(self.critic.train_step({
@@ -75,6 +69,18 @@ class PolicyUpdate:
             return metrics, False
         metrics.update(self.policy.train_step({**batch, "advantages": advantages * mask}))
         return metrics, True
+
+    def _distillation(self, batch: dict, difficulties: list | None, metrics: dict) -> torch.Tensor:
+        """The teacher_kl component's per-token advantage term (algorithms.distillation_advantages), with its
+        figures. The sampler's log-probs stand for the student's: the update has not moved it yet."""
+        mask, student = batch["response_mask"], batch["rollout_logprobs"]
+        teacher = self.teacher.logprobs(batch)
+        failed = teacher.isnan().any(dim=1)  # a remote teacher's rows that failed: no distillation term
+        metrics["distill/teacher_failed_rows"] = float(failed.sum())
+        scored = mask * ~failed.unsqueeze(1)
+        teacher = torch.where(failed.unsqueeze(1), student, teacher)
+        metrics.update(reverse_kl_figures((student - teacher) * scored, scored, difficulties))
+        return distillation_advantages(student, teacher, scored, self.cfg.reward.components[TEACHER_KL])
 
     def save_state(self, path: Path) -> None:
         """The policy (``path/policy``, Hugging Face format), the trainer ranks' state (``path/trainer``) and the

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rlhf.base.algorithms import (
+    distillation_advantages,
     ADVANTAGE_ESTIMATORS,
     AdvantageInputs,
     kl_reward,
@@ -558,3 +559,14 @@ def test_token_logprobs_takes_half_precision_logits_in_float32():
     assert out.dtype == torch.float32
     close(out, [[0.0, -0.693147, -0.126928]], atol=1e-3)
 
+
+
+def test_distillation_advantages_centre_each_tokens_own_log_ratio():
+    student = T([[0.0, -0.2, -0.4, -1.0], [0.0, -0.1, -3.0, 0.0]])
+    teacher = T([[0.0, -0.2, -2.4, -1.0], [0.0, -0.6, -0.5, 0.0]])
+    mask = T([[0, 1, 1, 1], [0, 1, 1, 0]])
+    # Log-ratios on the response: [0, -2, 0] and [-0.5, 2.5]; their mean 0/5 = 0: each token keeps its own.
+    torch.testing.assert_close(distillation_advantages(student, teacher, mask, 2.0),
+                               T([[0.0, 0.0, -4.0, 0.0], [0.0, -1.0, 5.0, 0.0]]))
+    # A teacher below the student everywhere by 1: every token equally worse, nothing to prefer.
+    assert distillation_advantages(student, student - 1.0, mask, 1.0).abs().max() == 0

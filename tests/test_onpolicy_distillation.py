@@ -46,28 +46,48 @@ def test_teacher_logprobs_equal_a_plain_forward_row_by_row(teacher_dir):
 
 
 class StubTeacher:
-    """log p_teacher = -1.5 on every token (the sampler's are -0.5): reverse KL exactly 1.0 per token."""
+    """log p_teacher = -1.5 on the first prompt's rows and -0.5 on the second's (the sampler's are -0.5 on every
+    token): a reverse KL of 1.0 per token on the first prompt's samples, 0 on the second's."""
 
     def logprobs(self, batch):
-        return torch.full(batch["input_ids"].shape, -1.5)
+        out = torch.full(batch["input_ids"].shape, -0.5)
+        out[:2] = -1.5
+        return out
 
 
-def test_teacher_kl_reward_is_the_teacher_minus_student_log_prob_on_every_token():
+def _distillation_step(overrides: list[str], rewards: list[float]):
     cfg = load_config(None, ["rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "trainer.num_ranks=2",
-                             "rollout.max_new_tokens=4", "algorithm.advantage=on_policy_distillation",
-                             "reward.components={teacher_kl: 0.5}", "reward.teacher_model_path=t"])
-    loop = stub_loop(cfg, [0.0, 0.0, 0.0, 0.0], [2, 1, 3, 2])
+                             "rollout.max_new_tokens=4", "reward.teacher_model_path=t", *overrides])
+    loop = stub_loop(cfg, rewards, [2, 1, 3, 2])
     loop.update.teacher = StubTeacher()
     rows = [SimpleNamespace(prompt="p0", answer="1", difficulty=1), SimpleNamespace(prompt="p1", answer="1",
                                                                                      difficulty=2)]
     metrics = loop.step(1, rows)
     (batch,) = loop.update.policy.batches
-    # 0.5 * (-1.5 - (-0.5)) = -0.5 on each response token (columns 1..len), 0 on the prompt and padding.
-    assert batch["advantages"][:, 1:].tolist() == [[-0.5, -0.5, 0.0], [-0.5, 0.0, 0.0], [-0.5, -0.5, -0.5],
-                                                   [-0.5, -0.5, 0.0]]
-    assert (batch["advantages"][:, 0] == 0).all()
-    assert metrics["distill/reverse_kl"] == pytest.approx(1.0)
-    assert metrics["difficulty/1/reverse_kl"] == pytest.approx(1.0) and "difficulty/2/reverse_kl" in metrics
+    return batch["advantages"], metrics
+
+
+def test_teacher_kl_advantage_is_each_tokens_centred_log_ratio_to_the_teacher():
+    advantages, metrics = _distillation_step(["algorithm.advantage=on_policy_distillation",
+                                              "reward.components={teacher_kl: 0.5}"], [0.0] * 4)
+    # Log-ratios -1 on the 3 response tokens of rows 0-1, 0 on the 5 of rows 2-3: mean -3/8. Each token gets
+    # 0.5 * (its log-ratio + 3/8), its own and no later token's (discount 0); 0 on the prompt and padding.
+    a, b = 0.5 * (-1 + 3 / 8), 0.5 * (3 / 8)
+    assert advantages[:, 1:].tolist() == [[a, a, 0.0], [a, 0.0, 0.0], [b, b, b], [b, b, 0.0]]
+    assert (advantages[:, 0] == 0).all()
+    assert metrics["distill/reverse_kl"] == pytest.approx(3 / 8)
+    assert metrics["difficulty/1/reverse_kl"] == pytest.approx(1.0)
+    assert metrics["difficulty/2/reverse_kl"] == pytest.approx(0.0)
+
+
+def test_teacher_kl_adds_to_the_estimators_own_advantages():
+    """GRPO over the verifier's rewards plus the distillation term: the sum of the two, token by token."""
+    advantages, _ = _distillation_step(["algorithm.advantage=grpo", "reward.components={verifier: 1.0, teacher_kl: 0.5}"],
+                                       [1.0, 0.0, 0.0, 0.0])
+    grpo = algorithms.grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 2)
+    a, b = 0.5 * (-1 + 3 / 8), 0.5 * (3 / 8)
+    want = [[grpo[0] + a, grpo[0] + a, 0.0], [grpo[1] + a, 0.0, 0.0], [b, b, b], [b, b, 0.0]]
+    torch.testing.assert_close(advantages[:, 1:], torch.tensor(want))
 
 
 def test_a_teacher_with_another_vocabulary_is_refused_in_one_line(teacher_dir):
@@ -80,7 +100,8 @@ def test_a_teacher_with_another_vocabulary_is_refused_in_one_line(teacher_dir):
 
 @pytest.mark.parametrize("overrides, message", [
     (["reward.components={teacher_kl: 1.0}"], "set reward.teacher_model_path"),
-    (["reward.components={teacher_kl: 1.0}", "reward.teacher_model_path=t"], "does not take: use on_policy"),
+    (["reward.components={teacher_kl: 1.0, verifier: 1.0}", "reward.teacher_model_path=t",
+      "algorithm.advantage=on_policy_distillation"], "learns from reward.components.teacher_kl alone"),
     (["reward.components={teacher_kl: 1.0}", "reward.teacher_model_path=t", "algorithm.advantage=reinforce_plus_plus",
       "algorithm.dynamic_sampling=true"], "teacher_kl gives every token a reward"),
 ])

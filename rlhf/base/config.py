@@ -22,7 +22,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from rlhf.base.algorithms import ADVANTAGE_ESTIMATORS
 from rlhf.base.training_config import (AlgorithmConfig, ClusterConfig, CriticConfig, EngineConfig, RewardModelConfig,
                                         RoleResources, TrainerConfig, _Section)
 
@@ -299,7 +298,7 @@ class RewardConfig(_Section):
     seqcls_format: Literal["auto", "chat", "plain"] = "auto"
     adaptive: AdaptiveConfig = AdaptiveConfig()
     # teacher_kl (on-policy distillation): the teacher, a local causal LM with the student's tokenizer, whose log-prob
-    # of every sampled token, minus the sampler's, is a per-token reward; and its Ray workers.
+    # of every sampled token, minus the sampler's, is a per-token advantage term; and its Ray workers.
     teacher_model_path: str | None = None
     teacher_workers: int = Field(1, gt=0)
     # Or a remote teacher: an OpenAI-compatible completions endpoint that echoes prompt log-probs (vLLM serves
@@ -453,13 +452,13 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _teacher_kl_fits_the_algorithm(self) -> "RunConfig":
-        if not self.reward.components.get("teacher_kl"):
+        weighted = {name for name, weight in self.reward.components.items() if weight}
+        if self.algorithm.advantage == "on_policy_distillation" and weighted != {"teacher_kl"}:
+            raise ValueError(f"algorithm.advantage on_policy_distillation learns from reward.components.teacher_kl "
+                             f"alone (components now: {sorted(weighted)}): to add other rewards, keep teacher_kl and "
+                             f"pick an estimator for them, e.g. algorithm.advantage=grpo")
+        if "teacher_kl" not in weighted:
             return self
-        estimator = ADVANTAGE_ESTIMATORS[self.algorithm.advantage]
-        if not estimator.token_rewards:
-            raise ValueError(f"reward.components.teacher_kl is a per-token reward, which algorithm.advantage "
-                             f"{self.algorithm.advantage} does not take: use on_policy_distillation, "
-                             f"reinforce_plus_plus(_baseline) or gae")
         if self.algorithm.dynamic_sampling:
             raise ValueError("algorithm.dynamic_sampling drops groups of equal rewards, but teacher_kl gives every "
                              "token a reward: turn dynamic_sampling off")
