@@ -23,8 +23,8 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from rlhf.base.algorithms import ADVANTAGE_ESTIMATORS
-from rlhf.base.training_config import (AlgorithmConfig, ClusterConfig, CriticConfig, EngineConfig, RewardModelConfig,
-                                        RoleResources, TrainerConfig, _Section)
+from rlhf.base.training_config import (AlgorithmConfig, ClusterConfig, CriticConfig, EngineConfig, LoraSettings,
+                                        RewardModelConfig, RoleResources, TrainerConfig, _Section)
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "config_from_dict", "save_config", "ModelConfig",
            "TaskConfig", "WarmupConfig", "ThinkConfig", "RolloutConfig", "AdaptiveConfig", "RewardConfig",
@@ -34,18 +34,6 @@ __all__ = ["ConfigError", "RunConfig", "load_config", "config_from_dict", "save_
 
 class ConfigError(ValueError):
     """A configuration problem, with a one-line message naming the key."""
-
-
-class LoraSettings(_Section):
-    """LoRA adapters on the policy (rlhf/base/lora.py, through peft): only the adapters train; the reference is the
-    same model with them off; rollout workers and exports get merged weights. Setting any key turns LoRA on."""
-
-    r: int = Field(8, gt=0)
-    alpha: float = Field(16.0, gt=0)  # the adapters' output is scaled by alpha / r
-    dropout: float = Field(0.0, ge=0, lt=1)
-    # Linear layers to adapt, by name (Qwen2/Llama: the attention and MLP projections).
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                               "up_proj", "down_proj"], min_length=1)
 
 
 class ModelConfig(_Section):
