@@ -422,15 +422,6 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _broadcast_sends_plain_weights(self) -> "RunConfig":
-        # The broadcast sends the trainer's parameters as they are; with LoRA those are the adapters, not the merged
-        # weights the rollout engine holds (the object store path sends merged ones).
-        if self.model.lora and self.rollout.weight_sync == "broadcast":
-            raise ValueError("rollout.weight_sync broadcast does not merge LoRA adapters yet: use object_store with "
-                             "model.lora")
-        return self
-
-    @model_validator(mode="after")
     def _checkpoints_are_synchronous(self) -> "RunConfig":
         # A checkpoint taken while the next batch is already being generated would lose that batch's prompts on
         # resume (they are drawn, not yet trained on): exact resume needs the synchronous schedule for now.
