@@ -21,19 +21,23 @@ import torch
 from reward.losses import NUM_SCORES, SIDES, loss_counts, reward_model_loss
 from reward.model import DistilledRewardModel, RewardOutput, encode_pair, is_reward_model_dir, pad_right
 from reward.pair_packing import pack_pairs, worth_packing
+from rlhf.base import lora
 from rlhf.base.config import RewardModelConfig
 from rlhf.base.ranks import DeepSpeedRank, RankGroup
 
 TOKEN_KEYS = tuple(f"{side}_{k}" for side in SIDES for k in ("input_ids", "attention_mask"))
 TARGET_KEYS = ("margin",) + tuple(f"{side}_{name}" for side in SIDES for name in ("quality", "rv", "cd"))
 PROBS_KEYS = tuple(f"{side}_{name}_probs" for side in SIDES for name in ("rv", "cd"))
+REWARD_HEADS = ("score", "rv_head", "cd_head")  # DistilledRewardModel's quality, RV and CD heads
 
 
 class RewardModelTrainer(DeepSpeedRank):
     """One data-parallel rank training a ``DistilledRewardModel``.
 
     ``init_dir`` is a causal LM (the warm-up student: backbone taken, heads fresh) or a saved reward model (all
-    heads restored). Creating it joins the process group, so all ``world_size`` ranks must be created together.
+    heads restored). With ``cfg.lora`` only LoRA adapters on the backbone and the heads train; the saved model is
+    merged (a plain Hugging Face directory), the adapters and heads also in its ``adapter/`` directory. Creating it
+    joins the process group, so all ``world_size`` ranks must be created together.
     """
 
     # A causal LM's generation settings mean nothing beside a reward model.
@@ -56,6 +60,8 @@ class RewardModelTrainer(DeepSpeedRank):
         # Packed pairs need a kernel that takes a custom 4D mask (flash-attention does not).
         self._can_pack = model.config._attn_implementation in ("sdpa", "eager")
         self._pad_id = model.config.pad_token_id or 0  # padding is masked out: any id will do
+        if cfg.lora:  # adapters on the backbone; the heads train whole, and save_pretrained writes merged weights
+            model = lora.wrap(model, cfg.lora.model_dump(), heads=REWARD_HEADS, key="reward_model.lora")
         self._wrap(model)
 
     def train_step(self, batch: dict[str, torch.Tensor], counts: dict[str, float] | None = None) -> dict[str, float]:

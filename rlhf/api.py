@@ -36,6 +36,7 @@ from rlhf.base.checkpoint import atomic_dir, write_json_atomic
 from rlhf.base.config import ConfigError, RunConfig
 from rlhf.base.guards import finite_metrics
 from rlhf.base.memory import check_run_memory
+from rlhf.base.model_import import student_from_gguf
 from rlhf.metrics import RunMetrics, check_wandb, eval_scalars
 from rlhf.base.models import check_model_dir, save_student
 from rlhf.pipeline import RolloutPipeline
@@ -123,6 +124,7 @@ class Trainer:
         if cfg.reward.components.get("seqcls"):
             check_seqcls_dir(cfg.reward.seqcls_path)
         check_wandb(cfg)
+        cfg = student_from_gguf(cfg, log)  # a .gguf student, imported once: every actor loads a HF directory
         self.cfg, self.log = cfg, log
         self._reward_fn = reward_fn
         self._train_dataset = train_dataset  # the traces stage writes for these prompts (raw, not rendered)

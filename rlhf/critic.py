@@ -2,7 +2,8 @@
 
 The value model is ``AutoModelForTokenClassification`` with one label: the policy's backbone with a scalar head
 on every position, so it saves and loads as a plain Hugging Face checkpoint (safetensors). It starts from the
-warm-up student's backbone (head fresh) or from a saved value model.
+warm-up student's backbone (head fresh) or from a saved value model. With ``critic.lora`` only LoRA adapters on the
+backbone and the head train (rlhf/base/lora.py); checkpoints then hold those alone.
 
 Values are aligned as ``algorithms.token_logprobs`` is: position t holds V(state before token t), read from the
 head at position t - 1, so ``values[:, t]`` and the log-prob of token t describe the same decision.
@@ -18,11 +19,13 @@ import time
 
 import torch
 
-from rlhf.base import algorithms, packing
+from rlhf.base import algorithms, lora, packing
 from rlhf.base.config import RunConfig
 from rlhf.base.ranks import DeepSpeedRank, RankGroup
 
 VALUE_KEYS = ("input_ids", "attention_mask")
+# The value head of Hugging Face's token classifiers (Qwen2, Llama: ``score``).
+VALUE_HEADS = ("score",)
 TRAIN_KEYS = ("input_ids", "attention_mask", "response_mask", "old_values", "returns", "loss_weights")
 
 # Per-rank sums, all-reduced into whole-batch figures.
@@ -68,7 +71,10 @@ class CriticTrainer(DeepSpeedRank):
         # Clip range of the value loss around the values the advantages were computed with; 0: no clipping.
         self.value_clip = cfg.algorithm.value_clip
         self.model_dir = init_dir
-        self._wrap(load_value_model(init_dir))
+        model = load_value_model(init_dir)
+        if cfg.critic.lora:  # adapters on the backbone; the value head is fresh, so it trains whole
+            model = lora.wrap(model, cfg.critic.lora.model_dump(), heads=VALUE_HEADS, key="critic.lora")
+        self._wrap(model)
 
     @torch.no_grad()
     def values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

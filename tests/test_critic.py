@@ -102,10 +102,11 @@ def test_critic_fits_returns_on_one_and_two_ranks_alike(ray_cluster, model_dir, 
 
 
 def test_ppo_run_end_to_end_writes_critic_metrics(ray_cluster, tmp_path):
+    """With LoRA on the critic (critic.lora; tests/test_lora_heads.py checks what it trains and saves)."""
     out = tmp_path / "ppo"
     assert main(["run", str(REPO / "configs" / "tiny.yaml"), f"output_dir={out}", "algorithm.advantage=gae",
                  "algorithm.steps=3", "algorithm.critic_warmup_steps=1", "algorithm.kl_in_reward=true",
-                 "critic.zero_stage=2", "critic.micro_batch_size=8"]) == 0
+                 "critic.zero_stage=2", "critic.micro_batch_size=8", "critic.lora.r=4"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and "accuracy" in summary["eval_before"] and "accuracy" in summary["eval_after"]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -13,8 +13,10 @@ RM_STAGES = ["stages=[warmup,label,train_rm,rl,eval]", "reward.components={rm: 1
 
 @pytest.fixture(scope="module")
 def rm_run(tmp_path_factory):
+    """With LoRA on the RM (reward_model.lora): the merged RM is what labels RL and loads below; the full-fine-tuning RM
+    trainer is tests/test_rm_trainer.py's."""
     out = tmp_path_factory.mktemp("rm") / "run"
-    assert main(["run", TINY, f"output_dir={out}", *RM_STAGES]) == 0
+    assert main(["run", TINY, f"output_dir={out}", *RM_STAGES, "reward_model.lora.r=4"]) == 0
     return out
 
 
@@ -45,6 +47,8 @@ def test_rl_was_rewarded_by_the_rm_and_audited(rm_run):
 def test_reward_model_loads_as_a_sequence_classifier(rm_run):
     model = AutoModelForSequenceClassification.from_pretrained(rm_run / "reward_model")
     assert model.config.num_labels == 1
+    assert not any("lora" in name for name in model.state_dict())  # merged; the adapters sit in adapter/
+    assert (rm_run / "reward_model" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_eval_rm_command_prints_the_figures(rm_run, capsys):

@@ -1,7 +1,7 @@
 """Weight sync by collective broadcast (rlhf/base/weight_sync.py, rlhf/weight_broadcast.py) on CPU over gloo.
 
 Two trainer ranks (ZeRO-2 and ZeRO-3) and two rollout workers under a RolloutGroup, as a run wires them: after every
-update the workers hold the trainer's weights bit for bit; a worker killed during a broadcast is restarted and joins a fresh group. The group itself is
+update the workers hold the trainer's weights bit for bit (merged ones, with LoRA); a worker killed during a broadcast is restarted and joins a fresh group. The group itself is
 checked in one process with threads (buckets, the version check, a member that stops answering).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ pytest.importorskip("deepspeed")
 
 from rlhf.base import algorithms  # noqa: E402
 from rlhf.base.config import ModelConfig, RolloutConfig  # noqa: E402
-from rlhf.base.models import build_student, build_tokenizer, save_student  # noqa: E402
+from rlhf.base.models import build_student, build_tokenizer, load_student, save_student  # noqa: E402
 from rlhf.base.weight_sync import (BroadcastGroup, TensorSpec, WeightSyncError, host_store,  # noqa: E402
                                    plan_buckets)
 from rlhf.base.worker_pool import WorkerPool  # noqa: E402
@@ -144,18 +144,22 @@ def _batch(vocab: int, rows: int = 4, width: int = 8) -> dict:
             "loss_weights": algorithms.loss_token_weights(response_mask, "token-mean", 1)}
 
 
-def _assert_workers_hold(pool, trainer):
+def _assert_workers_hold(pool, trainer, model_dir: str):
     want = trainer.full_state_dict()
+    start = load_student(model_dir)[0].state_dict()
+    assert not torch.equal(want["model.layers.0.mlp.up_proj.weight"], start["model.layers.0.mlp.up_proj.weight"])
     for held in ray.get([w.state_dict.remote() for w in pool.workers]):
         for name, tensor in want.items():
             assert torch.equal(held[name], tensor), name
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
+# ZeRO-3 runs with LoRA on the policy: the sender gathers each weight with its adapters and sends it merged, under
+# the plain model's names (what full_state_dict gives the object-store path); ZeRO-2 sends the plain model.
+@pytest.mark.parametrize("zero_stage, lora", [(2, None), (3, {"r": 2, "target_modules": ["q_proj", "up_proj"]})])
 def test_workers_hold_the_trainers_weights_bit_for_bit_after_each_step(ray_cluster, model_dir, tmp_path,
-                                                                       zero_stage):
+                                                                       zero_stage, lora):
     cfg = run_config({"zero_stage": zero_stage, "lr": 1e-2, "threads": 1, "timeout_s": 60, "micro_batch_size": 2,
-                      "zero_options": {"stage3_param_persistence_threshold": 0}})
+                      "zero_options": {"stage3_param_persistence_threshold": 0}, "lora": lora})
     # Small buckets: the embedding (vocab x 16) travels alone, the rest in several shared buckets.
     cfg.rollout.sync_bucket_mb = 2048 / 2**20
     trainer = TrainerGroup(model_dir, cfg, num_ranks=2, timeout_s=60)
@@ -170,7 +174,7 @@ def test_workers_hold_the_trainers_weights_bit_for_bit_after_each_step(ray_clust
             trainer.train_step(_batch(vocab))
             group.sync()
             assert group.version == version
-            _assert_workers_hold(pool, trainer)
+            _assert_workers_hold(pool, trainer, model_dir)
         assert group.broadcast.generation == 1
         samples = ray.get(pool.workers[1].generate.remote(["1+1="], 2, 3, 1.0, False, 2))
         assert len(samples) == 2
@@ -181,7 +185,7 @@ def test_workers_hold_the_trainers_weights_bit_for_bit_after_each_step(ray_clust
         trainer.train_step(_batch(vocab))
         group.sync()
         assert pool.restarts == 1 and group.broadcast.generation == 2 and not os.path.exists(marker)
-        _assert_workers_hold(pool, trainer)
+        _assert_workers_hold(pool, trainer, model_dir)
         assert ray.get([w.generate.remote(["2+2="], 1, 2, 1.0, False, 3) for w in pool.workers])
     finally:
         pool.shutdown()

@@ -22,8 +22,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from rlhf.base.training_config import (AlgorithmConfig, ClusterConfig, CriticConfig, EngineConfig, RewardModelConfig,
-                                        RoleResources, TrainerConfig, _Section)
+from rlhf.base.training_config import (AlgorithmConfig, ClusterConfig, CriticConfig, EngineConfig, LoraSettings,
+                                        RewardModelConfig, RoleResources, TrainerConfig, _Section)
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "config_from_dict", "save_config", "ModelConfig",
            "TaskConfig", "WarmupConfig", "ThinkConfig", "RolloutConfig", "AdaptiveConfig", "RewardConfig",
@@ -33,18 +33,6 @@ __all__ = ["ConfigError", "RunConfig", "load_config", "config_from_dict", "save_
 
 class ConfigError(ValueError):
     """A configuration problem, with a one-line message naming the key."""
-
-
-class LoraSettings(_Section):
-    """LoRA adapters on the policy (rlhf/base/lora.py, through peft): only the adapters train; the reference is the
-    same model with them off; rollout workers and exports get merged weights. Setting any key turns LoRA on."""
-
-    r: int = Field(8, gt=0)
-    alpha: float = Field(16.0, gt=0)  # the adapters' output is scaled by alpha / r
-    dropout: float = Field(0.0, ge=0, lt=1)
-    # Linear layers to adapt, by name (Qwen2/Llama: the attention and MLP projections).
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                               "up_proj", "down_proj"], min_length=1)
 
 
 class ModelConfig(_Section):
@@ -430,15 +418,6 @@ class RunConfig(_Section):
         # importance sampling corrects for it unless the config says otherwise (tis_cap given, null included).
         if self.rollout.dtype == "bfloat16" and "tis_cap" not in self.algorithm.model_fields_set:
             self.algorithm.tis_cap = 2.0
-        return self
-
-    @model_validator(mode="after")
-    def _broadcast_sends_plain_weights(self) -> "RunConfig":
-        # The broadcast sends the trainer's parameters as they are; with LoRA those are the adapters, not the merged
-        # weights the rollout engine holds (the object store path sends merged ones).
-        if self.model.lora and self.rollout.weight_sync == "broadcast":
-            raise ValueError("rollout.weight_sync broadcast does not merge LoRA adapters yet: use object_store with "
-                             "model.lora")
         return self
 
     @model_validator(mode="after")

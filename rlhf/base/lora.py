@@ -1,8 +1,11 @@
-"""LoRA for the policy (through ``peft``): wrapping a model, the reference from the same model with its adapters off,
-merged Hugging Face weights for rollout workers and exports, and the adapter directory kept beside an export.
+"""LoRA through ``peft`` for every trainer (the policy, PPO's critic, the reward model): wrapping a model, the
+reference from the same model with its adapters off, merged Hugging Face weights for rollout workers and exports,
+and the adapter directory kept beside an export.
 
-Settings arrive as a plain dict (``ModelConfig.lora.model_dump()``: r, alpha, dropout, target_modules) or None
-for full fine-tuning. Merging is done on a state dict, not on the model: under ZeRO-3 the gathered weights are a
+Settings arrive as a plain dict (``LoraSettings.model_dump()``: r, alpha, dropout, target_modules) or None for full
+fine-tuning. A value or reward model's heads are fresh, so they train whole: peft's ``modules_to_save`` keeps a
+trainable copy of each (saved with the adapters, so a PEFT user's adapter directory is complete), and merging puts
+that copy under the head's own name. Merging is done on a state dict, not on the model: under ZeRO-3 the gathered weights are a
 copy anyway, and the training model must keep its separate adapters.
 """
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 
 # Where a wrapped model's own (Hugging Face) parameter names start inside the peft model's state dict.
 _PEFT_PREFIX = "base_model.model."
+_ADAPTER = "default"  # peft's name for the one adapter wrap adds
 ADAPTER_DIR = "adapter"  # the PEFT adapter directory inside an exported (merged) policy directory
 
 
@@ -21,22 +25,26 @@ def is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def wrap(model, settings: dict):
-    """``model`` with LoRA adapters on ``settings["target_modules"]``; only the adapters train (the base weights are
-    frozen, so the optimizer holds state for the adapters alone). Refuses a target that is not a plain
-    ``nn.Linear`` (embeddings, GPT-2's Conv1D), which ``merged_state_dict`` would merge wrongly."""
+def wrap(model, settings: dict, heads: tuple[str, ...] = (), key: str = "model.lora"):
+    """``model`` with LoRA adapters on ``settings["target_modules"]``; only the adapters (and the modules named in
+    ``heads``, whole) train: the base weights are frozen, so the optimizer holds state for the adapters alone.
+    Refuses a target that is not a plain ``nn.Linear`` (embeddings, GPT-2's Conv1D), which ``merged_state_dict``
+    would merge wrongly. ``key``: the config section named in errors."""
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import Linear as LoraLinear
 
+    # A causal LM gets peft's causal-LM wrapper (generation helpers); a model with heads the plain PeftModel, whose
+    # forward passes every argument through (the reward model's read_index, packed position_ids).
     config = LoraConfig(r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
-                        target_modules=list(settings["target_modules"]), bias="none", task_type="CAUSAL_LM")
+                        target_modules=list(settings["target_modules"]), bias="none",
+                        modules_to_save=list(heads) or None, task_type=None if heads else "CAUSAL_LM")
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as err:  # peft: "Target modules {...} not found in the base model"
-        raise ValueError(f"model.lora.target_modules: {' '.join(str(err).split())[:200]}") from None
+        raise ValueError(f"{key}.target_modules: {' '.join(str(err).split())[:200]}") from None
     for name, module in peft_model.named_modules():
         if hasattr(module, "lora_A") and (not isinstance(module, LoraLinear) or module.fan_in_fan_out):
-            raise ValueError(f"model.lora.target_modules: {name} is a {type(module).__name__}, not a plain "
+            raise ValueError(f"{key}.target_modules: {name} is a {type(module).__name__}, not a plain "
                              f"Linear layer: target the attention and MLP projections (q_proj, v_proj, ...)")
     if getattr(model, "is_activation_checkpointing", False):
         # Recomputed segments need an input that requires grad, which frozen embeddings no longer give.
@@ -76,30 +84,41 @@ class AdaptersOff:
 
 def merged_state_dict(state_dict: dict[str, torch.Tensor], lora_scaling: float) -> dict[str, torch.Tensor]:
     """A peft LoRA model's state dict as the plain model's: Hugging Face names, each adapted weight W replaced by
-    W + scaling * B @ A (computed in float32, stored in W's dtype), the adapter tensors dropped. Tensors that were
-    shared (tied embeddings) stay shared."""
-    adapters: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in state_dict.items():
-        for part in ("lora_A", "lora_B"):
-            marker = f".{part}."
-            if marker in name:
-                layer = name.split(marker)[0]
-                adapters.setdefault(layer, {})[part] = tensor
-    merged = {}
-    for name, tensor in state_dict.items():
-        if ".lora_" in name:
+    W + scaling * B @ A (``merge_weight``), the adapter tensors and the heads' frozen originals dropped, the heads'
+    trained copies under the heads' names. Tensors that were shared (tied embeddings) stay shared."""
+    return {hf_name: merge_weight(parts, lora_scaling)
+            for hf_name, parts in hf_sources(list(state_dict.items())).items()}
+
+
+def hf_sources(named: list[tuple[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+    """What each of the plain model's tensors is made of, by Hugging Face name, in ``named``'s order (a peft
+    model's tensors by its own names): [W, lora_A, lora_B] for an adapted weight, [tensor] for the others."""
+    by_name = dict(named)
+    sources = {}
+    for name, tensor in named:
+        if ".lora_" in name or ".original_module." in name:
             continue
         layer, _, leaf = name.rpartition(".")
+        parts = [tensor]
         if layer.endswith(".base_layer") and leaf == "weight":
-            ab = adapters[layer.removesuffix(".base_layer")]
-            delta = lora_scaling * (ab["lora_B"].float() @ ab["lora_A"].float())
-            tensor = (tensor.float() + delta).to(tensor.dtype)
-        merged[_hf_name(name)] = tensor
-    return merged
+            owner = layer.removesuffix(".base_layer")
+            parts += [by_name[f"{owner}.lora_A.{_ADAPTER}.weight"], by_name[f"{owner}.lora_B.{_ADAPTER}.weight"]]
+        sources[_hf_name(name)] = parts
+    return sources
+
+
+def merge_weight(parts: list[torch.Tensor], lora_scaling: float) -> torch.Tensor:
+    """One tensor of the plain model from its ``hf_sources`` parts: W + scaling * B @ A computed in float32 and
+    stored in W's dtype; an unadapted tensor as it is."""
+    if len(parts) == 1:
+        return parts[0]
+    weight, lora_a, lora_b = parts
+    return (weight.float() + lora_scaling * (lora_b.float() @ lora_a.float())).to(weight.dtype)
 
 
 def _hf_name(peft_name: str) -> str:
-    return peft_name.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")
+    return (peft_name.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")
+            .replace(f".modules_to_save.{_ADAPTER}.", "."))
 
 
 def save_merged_with_adapter(peft_model, state_dict: dict[str, torch.Tensor], path) -> None:

@@ -15,6 +15,20 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+class LoraSettings(_Section):
+    """LoRA adapters (rlhf/base/lora.py, through peft): only the adapters train. On the policy (``model.lora``) the
+    reference is the same model with them off, and rollout workers and exports get merged weights; on the critic
+    (``critic.lora``) and the reward model (``reward_model.lora``) their heads train whole beside the adapters and
+    a saved RM is merged. Setting any key turns LoRA on."""
+
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)  # the adapters' output is scaled by alpha / r
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # Linear layers to adapt, by name (Qwen2/Llama: the attention and MLP projections).
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"], min_length=1)
+
+
 class EngineConfig(_Section):
     """The DeepSpeed engine settings every trainer shares (the policy's, the critic's, the reward model's): the
     ``trainer``, ``critic`` and ``reward_model`` sections each hold these, with their own defaults."""
@@ -78,6 +92,11 @@ class RewardModelConfig(EngineConfig):
     rv_weight: float = Field(0.01, ge=0)
     cd_weight: float = Field(0.01, ge=0)
     kl_weight: float = Field(0.02, ge=0)
+    # LoRA on the RM's backbone (its quality/RV/CD heads train whole); the saved RM is merged, a plain HF directory.
+    # A section of its own, not model.lora: the RM is a separate model whose size and budget are its own (a LoRA
+    # policy beside a small fully trained RM is common), and not in EngineConfig, which would give the policy's
+    # trainer section a second switch beside model.lora.
+    lora: LoraSettings | None = None
 
 
 class TrainerConfig(EngineConfig):
@@ -93,6 +112,10 @@ class CriticConfig(EngineConfig):
     the warm-up student's backbone with a fresh scalar head (rlhf/critic.py). Unused by the other estimators."""
 
     num_ranks: int = Field(2, gt=0)
+    # LoRA on the value model's backbone (its head trains whole). Its own switch, not model.lora (see
+    # RewardModelConfig); set it beside model.lora for a large PPO run, where a fully trained critic's optimizer
+    # state would dwarf the LoRA policy's.
+    lora: LoraSettings | None = None
 
 
 class AlgorithmConfig(_Section):

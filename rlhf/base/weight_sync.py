@@ -3,7 +3,8 @@ torch.distributed process group of their own (``rollout.weight_sync: broadcast``
 
 The group is not DeepSpeed's: trainer rank 0 hosts a ``TCPStore`` and each *generation* of the group (a fresh one
 after a worker restarts) rendezvouses under its own key prefix, with gloo on CPU and NCCL on GPU. Member 0 is
-trainer rank 0, members 1.. the workers. Both sides walk the same *manifest* (name, shape, dtype of every tensor,
+trainer rank 0, members 1.. the workers. A LoRA policy's adapters are merged on the way (the engine holds the plain
+model). Both sides walk the same *manifest* (name, shape, dtype of every tensor,
 in the trainer model's order) cut into the same buckets of at most ``bucket_bytes`` (a tensor larger than that
 travels alone), so only flat bucket tensors cross the wire. A header with the version and generation goes first
 and each receiver checks it. Every wait has the run's timeout: a dead or stuck peer raises, never hangs.
@@ -17,6 +18,8 @@ from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
+
+from rlhf.base import lora
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
 # A store key that a member who saw the generation fail sets; how often the others look for it, and how long they
@@ -189,21 +192,34 @@ def module_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+def hf_sources(module: torch.nn.Module) -> dict[str, list[torch.Tensor]]:
+    """What every tensor a rollout engine holds is made of, by its Hugging Face name, in state-dict order: the
+    tensor itself, or for a LoRA model (rlhf/base/lora.py) an adapted weight's [W, lora_A, lora_B], merged before
+    it is sent: the engine holds the plain model, as the object-store sync's ``full_state_dict`` gives it."""
+    named = module_tensors(module)
+    return lora.hf_sources(named) if lora.is_peft(module) else {name: [tensor] for name, tensor in named}
+
+
 def manifest_of(module: torch.nn.Module) -> list[TensorSpec]:
-    """The manifest of ``module``'s full tensors (a ZeRO-3 partitioned parameter counts at its full shape)."""
-    return [TensorSpec(name, tuple(getattr(t, "ds_shape", t.shape)), str(t.dtype)) for name, t in module_tensors(module)]
+    """The manifest of ``module``'s full tensors as a rollout engine holds them (``hf_sources``; a ZeRO-3
+    partitioned parameter counts at its full shape)."""
+    return [TensorSpec(name, tuple(getattr(parts[0], "ds_shape", parts[0].shape)), str(parts[0].dtype))
+            for name, parts in hf_sources(module).items()]
 
 
 def full_tensors(module: torch.nn.Module, deepspeed=None) -> Iterator[torch.Tensor]:
-    """``module``'s full tensors in manifest order. With ``deepspeed`` given (ZeRO-3) each partitioned parameter is
-    gathered on its own and released when the next is asked for: one parameter's full copy at a time, not the
-    model's. Collective under ZeRO-3: every rank must walk it to the end."""
-    for _, tensor in module_tensors(module):
-        if deepspeed is not None and hasattr(tensor, "ds_id"):
-            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
-                yield tensor.data
+    """``module``'s full tensors in manifest order (LoRA adapters merged). With ``deepspeed`` given (ZeRO-3) the
+    parameters of each tensor (one, or a weight and its two adapters) are gathered together and released when the
+    next is asked for: one tensor's full copy at a time, not the model's. Collective under ZeRO-3: every rank must
+    walk it to the end."""
+    lora_scaling = lora.scaling(module) if lora.is_peft(module) else 1.0
+    for parts in hf_sources(module).values():
+        partitioned = [p for p in parts if deepspeed is not None and hasattr(p, "ds_id")]
+        if partitioned:
+            with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+                yield lora.merge_weight([p.data for p in parts], lora_scaling)
         else:
-            yield tensor.data
+            yield lora.merge_weight([p.data for p in parts], lora_scaling)
 
 
 class WeightBroadcaster:
