@@ -4,8 +4,8 @@
 
 First a larger teacher is warmed up (configs/arithmetic_teacher.yaml) and the student as in
 configs/quickstart_verifier.yaml. Then three RL runs from that student: (a) GRPO rewarded by the verifier; (b)
-on-policy distillation alone (the teacher's per-token log-ratio as the reward, advantage on_policy_distillation);
-(c) both, REINFORCE++-baseline over the verifier's reward plus the per-token teacher reward. Held-out accuracy (and
+on-policy distillation alone (the teacher's per-token log-ratio as the advantage, on_policy_distillation); (c)
+both: GRPO over the verifier's reward plus the teacher's per-token term. Held-out accuracy (and
 per difficulty) is measured every --eval-every steps. Prints a table, then one JSON object: each arm's final
 accuracy, the first step at which (b) and (c) reach (a)'s final accuracy (null: not within the steps), and the
 teacher's own accuracy. key=value overrides apply to every run (e.g. algorithm.steps is --steps).
