@@ -46,9 +46,11 @@ class TeacherError(RuntimeError):
 
 
 def label(rows: list[PromptRow], sample: SampleFn, teacher, out_dir: str | Path, samples_per_prompt: int,
-          solve: SolveFn | None = None, chunk_prompts: int = 64, log: Callable[[str], None] = print) -> LabelReport:
+          solve: SolveFn | None = None, chunk_prompts: int = 64, log: Callable[[str], None] = print,
+          reference_of: Callable[[PromptRow], str] | None = None) -> LabelReport:
     """Judge ``samples_per_prompt`` student samples per prompt (plus the teacher's own solutions when ``solve``
-    is given); append the judged rows to ``out_dir/rows.jsonl``; return counts. Safe to call again after a crash."""
+    is given); append the judged rows to ``out_dir/rows.jsonl``; return counts. Safe to call again after a crash.
+    The teacher sees ``reference_of(row)`` as the reference (default the answer; e.g. a worked solution)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows_file = out / "rows.jsonl"
@@ -67,7 +69,7 @@ def label(rows: list[PromptRow], sample: SampleFn, teacher, out_dir: str | Path,
             extra = solve(row) if solve else []
             items += [(row, text, "student") for text in row_responses] + [(row, text, "teacher") for text in extra]
         verdicts = teacher.judge([r.prompt for r, _, _ in items], [t for _, t, _ in items],
-                                 [r.answer for r, _, _ in items])
+                                 [reference_of(r) if reference_of else r.answer for r, _, _ in items])
         if start == 0 and items and all(v.error for v in verdicts):
             # A teacher that fails every row (endpoint down, wrong model name, replies it cannot parse) would
             # otherwise mark every prompt done with nothing judged; stop before writing anything.

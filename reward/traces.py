@@ -26,7 +26,7 @@ from reward.verifiers import make_verifier
 from rlhf.base.chat import with_system
 from rlhf.base.checkpoint import write_json_atomic
 from rlhf.base.config import ConfigError, RunConfig, TracesConfig
-from rlhf.base.data import DatasetError, PromptRow
+from rlhf.base.data import DatasetError, PromptRow, worked_solution
 from rlhf.base.progress import Progress
 
 DATASET_DIR, SUMMARY_FILE, CACHE_DIR = "dataset", "summary.json", "cache"
@@ -101,7 +101,8 @@ def grade(cfg: RunConfig, rows: list[PromptRow], responses: list[list[str | None
         return rule_scores(traces, cfg.traces.chars_per_rv, difficulties, _difficulty_range(cfg)), 0
     teacher = make_teacher(cfg.label, out_dir / CACHE_DIR)
     verdicts = teacher.judge([t.prompt for t in traces], [t.response for t in traces],
-                             [rows[t.prompt_index].answer or None for t in traces])
+                             [worked_solution(rows[t.prompt_index], cfg.task.answer_field)
+                              or rows[t.prompt_index].answer or None for t in traces])
     judged = [replace(t, rv=v.rv, cd=v.cd, correct=t.correct if t.correct is not None else v.correct)
               for t, v in zip(traces, verdicts) if v.error is None and v.rv is not None and v.cd is not None]
     return judged, len(traces) - len(judged)

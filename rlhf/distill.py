@@ -15,7 +15,7 @@ from reward.labelling import judged_rows, label, make_pairs, write_datasets
 from reward.model import with_reference
 from reward.teachers import make_teacher
 from rlhf.base.config import RewardConfig, RunConfig
-from rlhf.base.data import PromptRow
+from rlhf.base.data import PromptRow, worked_solution
 from rlhf.base.progress import Progress
 from rlhf.rollout_group import generate
 from rlhf.base.tasks import arithmetic
@@ -23,14 +23,16 @@ from rlhf.base.tasks import arithmetic
 logger = logging.getLogger("distilrl")
 
 
-def teacher_solutions(row: PromptRow, think_block: bool = False) -> list[str]:
+def teacher_solutions(row: PromptRow, think_block: bool = False, answer_field: str = "answer") -> list[str]:
     """The oracle's own worked solutions (terse, with steps, with a check) for arithmetic prompts: correct
     responses of every verbosity, so the RM sees good answers the student rarely writes yet. ``think_block``: the
-    steps in a ``<think>`` block, as the student writes them when ``think.format`` is on."""
+    steps in a ``<think>`` block, as the student writes them when ``think.format`` is on. A dataset row's own
+    worked solution (GSM8K's) where it has one."""
     try:
         problem = arithmetic.parse_prompt(row.prompt)
     except ValueError:
-        return []
+        solution = worked_solution(row, answer_field)
+        return [solution] if solution else []
     return [arithmetic.solution(problem, verbosity, think_block) for verbosity in (0, 1, 2)]
 
 
@@ -55,10 +57,16 @@ def label_stage(cfg: RunConfig, rollout: list, train_pool: list[PromptRow], eval
         return [[s.text for s in samples[i * n:(i + 1) * n]] for i in range(len(prompts))]
 
     figures = {}
-    solutions = functools.partial(teacher_solutions, think_block=cfg.think.format)
+    solutions = functools.partial(teacher_solutions, think_block=cfg.think.format, answer_field=cfg.task.answer_field)
+    # The teacher judges against the worked solution where the data has one (a judge's rubric, the reference
+    # teacher's CD); the rows keep the final answer as their reference.
+    def reference_of(row: PromptRow) -> str:
+        return worked_solution(row, cfg.task.answer_field) or row.answer
+
     for name, rows, solve in (("train", train_rows, solutions if lc.teacher_solutions else None),
                               ("eval", held_out, None)):
-        report = label(rows, sample, teacher, out / "labels" / name, lc.samples_per_prompt, solve, log=log)
+        report = label(rows, sample, teacher, out / "labels" / name, lc.samples_per_prompt, solve, log=log,
+                       reference_of=reference_of)
         sizes = write_datasets(out / "labels" / name, cfg.seed)
         figures[name] = {"prompts": report.prompts, "judged": report.judged, "failed": report.failed, **sizes}
     return figures

@@ -3,6 +3,8 @@
 - ``OracleTeacher``: the arithmetic task's exact oracle (certain verdicts, no soft labels).
 - ``HFJudgeTeacher``: a local Hugging Face causal LM read through its next-token digit distribution (soft labels).
 - ``OpenAITeacher``: any OpenAI-compatible chat endpoint, with retries, a concurrency limit and an on-disk cache.
+- ``ReferenceTeacher``: rules against the dataset's reference solution (verifier, reasoning length, the solution's
+  steps): certain verdicts on CPU for GSM8K-like data, the stand-in for an LLM judge.
 
 A row that cannot be judged comes back with ``Verdict.error`` set; ``judge`` itself does not raise for it.
 Teachers that write responses (distillation traces) are in ``writers.py``: the oracle, a local HF model and the
@@ -22,12 +24,15 @@ from reward.teachers.hf_judge import HFJudgeTeacher
 from reward.teachers.openai_http import OpenAITeacher
 from reward.teachers.oracle import OracleTeacher
 from reward.teachers.parsing import parse_verdict
+from reward.teachers.reference import ReferenceTeacher
 
-__all__ = ["Teacher", "Verdict", "OracleTeacher", "HFJudgeTeacher", "OpenAITeacher", "parse_verdict", "TEACHERS",
-           "make_teacher"]
+__all__ = ["Teacher", "Verdict", "OracleTeacher", "HFJudgeTeacher", "OpenAITeacher", "ReferenceTeacher",
+           "parse_verdict", "TEACHERS", "make_teacher"]
 
 TEACHERS: Registry = Registry("teacher")
 TEACHERS.register("oracle", lambda cfg, cache_dir: OracleTeacher())
+TEACHERS.register("reference", lambda cfg, cache_dir: ReferenceTeacher(cfg.verifier or "final_number",
+                                                                      cfg.chars_per_rv))
 TEACHERS.register("hf", lambda cfg, cache_dir: HFJudgeTeacher(cfg.teacher_model_path))
 TEACHERS.register("openai", lambda cfg, cache_dir: OpenAITeacher(
     base_url=cfg.base_url, model=cfg.model, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,

@@ -331,7 +331,9 @@ class RewardConfig(_Section):
 class LabelConfig(_Section):
     """Labelling for the distilled RM: student samples (and teacher solutions) judged by the teacher."""
 
-    teacher: str = "oracle"  # reward.teachers.TEACHERS: oracle, hf (a local LLM judge), openai (an endpoint)
+    # reward.teachers.TEACHERS: oracle, reference (rules against the reference solution), hf (a local LLM judge),
+    # openai (an endpoint)
+    teacher: str = "oracle"
     teacher_model_path: str | None = None  # hf: a local causal-LM directory used as the judge
     base_url: str | None = None  # openai: the endpoint, e.g. http://127.0.0.1:8000/v1
     model: str | None = None  # openai: the model name
@@ -343,6 +345,10 @@ class LabelConfig(_Section):
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(56, gt=0)
     teacher_solutions: bool = True  # add the teacher's own worked solutions beside the student's samples
+    # teacher reference (rule-based, reward/teachers/reference.py): the verifier (task.verifier's names; default
+    # task.verifier) and the reasoning characters per RV point (as traces.chars_per_rv).
+    verifier: str | None = None
+    chars_per_rv: float = Field(40.0, gt=0)
 
     @model_validator(mode="after")
     def _teacher_settings(self) -> "LabelConfig":
@@ -475,6 +481,12 @@ class RunConfig(_Section):
         if sft and not (self.warmup.traces_file or "traces" in self.stages or written.is_dir()):
             raise ValueError(f"stage {'sft' if 'sft' in self.stages else 'warmup'} on task {self.task.name} needs "
                              f"a traces dataset: set warmup.traces_file, or add stage traces before it")
+        return self
+
+    @model_validator(mode="after")
+    def _label_verifier_from_task(self) -> "RunConfig":
+        if self.label.verifier is None:  # the reference teacher checks answers as the task does
+            self.label.verifier = self.task.verifier
         return self
 
     @property

@@ -145,7 +145,7 @@ def _row(record: dict, where: str, prompt_field: str, answer_field: str, difficu
         system = record[system_field]
         if system is not None and not isinstance(system, str):
             raise DatasetError(f"{where}: field {system_field!r} must be text (or null for none)")
-    return PromptRow(prompt, _final_answer(str(answer)), difficulty, record, system or None, messages)
+    return PromptRow(prompt, final_answer(str(answer)), difficulty, record, system or None, messages)
 
 
 def _field_key(name: str, prompt_field: str, answer_field: str, difficulty_field: str | None) -> str:
@@ -153,9 +153,16 @@ def _field_key(name: str, prompt_field: str, answer_field: str, difficulty_field
             else "difficulty_field" if name == difficulty_field else "system_field")
 
 
-def _final_answer(answer: str) -> str:
+def final_answer(answer: str) -> str:
     """GSM8K-style answers end in ``#### N`` after the worked solution: the reference is N."""
     return answer.rsplit("####", 1)[-1].strip().replace(",", "") if "####" in answer else answer.strip()
+
+
+def worked_solution(row: PromptRow, answer_field: str) -> str | None:
+    """The row's worked solution: its record's answer text where that holds more than the final answer (GSM8K's
+    steps before ``#### N``); None for bare answers and rows without a record (the arithmetic task)."""
+    text = (row.record or {}).get(answer_field)
+    return text if isinstance(text, str) and final_answer(text) != text.strip() else None
 
 
 # File suffix -> the ``datasets`` builder that reads it (prompt JSONL files have their own reader above: its errors
