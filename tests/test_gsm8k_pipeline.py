@@ -63,7 +63,7 @@ def test_reference_teacher_is_registered_with_the_task_verifier():
     assert worked_solution(PromptRow(PROMPT, "72", record={"answer": "72"}), "answer") is None
 
 
-@pytest.mark.slow  # six stages, Ray actors, the 151k-token vocabulary: 10 min on the shared 2-core box at load 10
+@pytest.mark.slow  # six stages, Ray actors, the 151k-token vocabulary: 67 s on the 2-core box at load 2, 10 min at load 10
 @needs_gsm8k
 def test_gsm8k_pipeline_runs_end_to_end_and_every_output_loads_with_plain_libraries(tmp_path, capsys):
     out = tmp_path / "run"
