@@ -58,6 +58,14 @@ class HFEngine:
             self.model.to("cuda")
         self.model.eval()
 
+    @classmethod
+    def from_model(cls, model, tokenizer) -> "HFEngine":
+        """An hf engine around a model already loaded in this process, as it is (dtype, device): for serving a
+        model a script holds (rlhf/serve.py's ``make_server((model, tokenizer))``)."""
+        engine = cls.__new__(cls)
+        engine.model, engine.tokenizer = model.eval(), tokenizer
+        return engine
+
     def generate(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
                  greedy: bool) -> list[Sample]:
         return generate(self.model, self.tokenizer, prompts, n, max_new_tokens, temperature, greedy)
