@@ -11,7 +11,7 @@ for training. Two kinds of workload:
   ``max_new_tokens`` long on both sides: the student's generation config and TRL's ``generation_kwargs`` set
   ``min_new_tokens = max_new_tokens`` (end-of-sequence is suppressed until then), so both do the same number of
   token-steps however the policy drifts.
-- realistic: the quickstart's warmed-up student (configs/quickstart.yaml's model and warm-up, run once by
+- realistic: the quickstart's warmed-up student (configs/quickstart_verifier.yaml's model and warm-up, run once by
   ``rlhf.Trainer.warmup`` and kept in ``--warm-dir``), its rollout shape (32 prompts x 8 samples, 56 new tokens,
   temperature 0.7), natural response lengths (rows stop at end-of-sequence) and the verifier's real reward
   distribution. What each side does with that (our padding-free packing, leaving rows without signal out of the
@@ -60,7 +60,7 @@ WORKLOADS = {
     "medium": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 2, "intermediate_size": 2048,
                "prompts": 8, "samples": 8, "max_new_tokens": 128},
     # For the test that keeps this script working: seconds, not minutes.
-    # configs/quickstart.yaml's model and rollout, from its warmed-up student (warm_student); lengths not forced.
+    # configs/quickstart_verifier.yaml's model and rollout, from its warmed-up student (warm_student); lengths not forced.
     "realistic": {"hidden_size": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 512,
                   "prompts": 32, "samples": 8, "max_new_tokens": 56, "temperature": 0.7, "warm": True},
     "quick": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64,
@@ -86,14 +86,15 @@ def matmul_rate(size: int = 2048, repeats: int = 5, dtype=None) -> float:
 
 
 def warm_student(cache_dir: Path, overrides: tuple[str, ...] = ()) -> Path:
-    """The quickstart's warmed-up student: configs/quickstart.yaml's model and warm-up, run in this process by
-    ``rlhf.Trainer.warmup`` as the quickstart runs it, written once to ``cache_dir/warmup`` and reused after."""
+    """The quickstart's warmed-up student: the model and warm-up of configs/quickstart_verifier.yaml (the
+    quickstart's, rewarded by the verifier), run in this process by ``rlhf.Trainer.warmup`` as the quickstart runs
+    it, written once to ``cache_dir/warmup`` and reused after."""
     import rlhf
     from rlhf.base.config import load_config
 
     student = cache_dir / "warmup"
     if not (student / "model.safetensors").is_file():
-        cfg = load_config(str(ROOT / "configs" / "quickstart.yaml"),
+        cfg = load_config(str(ROOT / "configs" / "quickstart_verifier.yaml"),
                           [f"output_dir={cache_dir}", "stages=[warmup]", *overrides])
         with rlhf.Trainer(cfg, log=lambda line: None) as trainer:
             trainer.warmup()
