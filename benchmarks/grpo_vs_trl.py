@@ -154,7 +154,8 @@ def signal_batch(tokenizer, prompts: list[str], response_tokens: int) -> dict:
     return make_train_batch(samples, advantages, tokenizer.pad_token_id, "token-mean", response_tokens)
 
 
-def ours_config(workload: dict, student_dir: Path, out_dir: Path, steps: int, ranks: int, bf16: bool):
+def ours_config(workload: dict, student_dir: Path, out_dir: Path, steps: int, ranks: int, bf16: bool,
+                engine: str = "hf"):
     from rlhf.base.config import RunConfig
 
     rows = workload["prompts"] * workload["samples"]
@@ -162,7 +163,7 @@ def ours_config(workload: dict, student_dir: Path, out_dir: Path, steps: int, ra
         output_dir=str(out_dir), seed=SEED, stages=["rl"], call_timeout_s=1800,
         model={"model_name_or_path": str(student_dir)},
         task={"train_prompts": 512, "eval_prompts": 8},
-        rollout={"num_workers": 1, "prompts_per_step": workload["prompts"], "samples_per_prompt": workload["samples"],
+        rollout={"engine": engine, "num_workers": 1, "prompts_per_step": workload["prompts"], "samples_per_prompt": workload["samples"],
                  "max_new_tokens": workload["max_new_tokens"], "threads": os.cpu_count() or 1,
                  "temperature": workload.get("temperature", 1.0), "dtype": "bfloat16" if bf16 else "float32"},
         trainer={"num_ranks": ranks, "zero_stage": 2, "lr": LR, "micro_batch_size": rows // ranks,
@@ -188,7 +189,8 @@ def trl_config(workload: dict, out_dir: Path, steps: int, bf16: bool):
     )
 
 
-def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path, log=print) -> dict:
+def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path, engine: str = "hf",
+        log=print) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, PrinterCallback, TrainerCallback
     from trl import GRPOTrainer
@@ -210,14 +212,14 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path,
     lengths = "up to" if workload.get("warm") else "exactly"
     log(f"workload {workload_name}: {params / 1e6:.2f}M parameters, {workload['prompts']} prompts x "
         f"{workload['samples']} samples = {rows} completions of {lengths} {workload['max_new_tokens']} tokens per "
-        f"step; {warmup} warm-up + {steps} timed steps each, alternating; matmul {rate_before:.0f} GFLOP/s fp32, "
-        f"{bf16_rate:.0f} bf16: both sides sample in {'bf16' if bf16 else 'fp32'}")
+        f"step; our engine {engine}; {warmup} warm-up + {steps} timed steps each, alternating; matmul "
+        f"{rate_before:.0f} GFLOP/s fp32, {bf16_rate:.0f} bf16: both sides sample in {'bf16' if bf16 else 'fp32'}")
 
     ours_steps: list[dict] = []
     trl_times: list[float] = []
     trl_logs: list[dict] = []
 
-    with rlhf.Trainer(ours_config(workload, work / "student", work / "ours", total, ranks, bf16),
+    with rlhf.Trainer(ours_config(workload, work / "student", work / "ours", total, ranks, bf16, engine),
                       train_dataset=dataset, log=lambda line: None) as ours:
 
         class Alternate(TrainerCallback):
@@ -273,6 +275,7 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path,
         "steps": steps,
         "trainer_ranks": ranks,
         "lengths": "natural" if workload.get("warm") else "forced",
+        "distilrl_engine": engine,
         "precision": {"distilrl_rollout": "bf16" if bf16 else "fp32", "distilrl_train": "fp32",
                       "trl": "bf16 (bf16=True)" if bf16 else "fp32 (bf16=False)"},
         "matmul_bf16_gflops": round(bf16_rate, 1),
@@ -312,6 +315,7 @@ def print_table(r: dict) -> None:
     print(f"{'reward (median)':<22}{r['distilrl_reward_median']!s:>12}{r['trl_reward_median']!s:>12}")
     print(f"{'response tokens':<22}{r['response_tokens']:>12.1f}{r['trl_response_tokens'] or 0:>12.1f}"
           f"   ({r['lengths']} lengths; ours: median of the step's mean, TRL: completions/mean_length)")
+    print(f"{'rollout engine':<22}{r['distilrl_engine']:>12}{'generate':>12}")
     print(f"{'sampling precision':<22}{r['precision']['distilrl_rollout']:>12}{r['precision']['trl'][:4]:>12}"
           f"   (GEMM fp32 {r['matmul_gflops']:.0f}, bf16 {r['matmul_bf16_gflops']:.0f} GFLOP/s)")
     print(f"ratio distilrl/TRL: {r['ratio']:.2f}x ({r['ratio_if_every_row_trained']:.2f}x if every row were trained: "
@@ -331,6 +335,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first on each side")
     parser.add_argument("--ranks", type=int, default=1, help="distilrl trainer ranks (threads split among them)")
     parser.add_argument("--quick", action="store_true", help="the tiny workload, 1 warm-up + 1 step: a smoke test")
+    parser.add_argument("--engine", default="hf", help="our rollout.engine (hf, or hf_compact: finished rows "
+                        "leave the batch; default hf)")
     parser.add_argument("--warm-dir", type=Path, default=ROOT / "runs" / "grpo_vs_trl_warm",
                         help="where the realistic workload's warmed-up student is made once and reused "
                              "(default runs/grpo_vs_trl_warm)")
@@ -344,7 +350,7 @@ def main() -> None:
     _quiet_libraries()
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    result = run(args.workload, args.steps, args.warmup, args.ranks, args.warm_dir, log=lambda line: print(line, flush=True))
+    result = run(args.workload, args.steps, args.warmup, args.ranks, args.warm_dir, args.engine, log=lambda line: print(line, flush=True))
     print_table(result)
     print(json.dumps(result))
 

@@ -1,11 +1,12 @@
-"""transformers' continuous batching (``model.generate_batch``) against our hf engine on the quickstart's rollouts.
+"""CPU rollout speed on the quickstart's rollouts: our hf engine (Hugging Face ``generate``), our hf_compact engine
+(a decode loop that drops finished rows) and transformers' continuous batching (``model.generate_batch``).
 
-    python benchmarks/continuous_batching.py [--warm-dir runs/grpo_vs_trl_warm] [--repeats 3] [--threads 2]
+    python benchmarks/rollout_speed.py [--warm-dir runs/grpo_vs_trl_warm] [--repeats 3] [--threads 2] [--no-cb]
 
 The quickstart's warmed-up student (made once by grpo_vs_trl.py's ``warm_student``), 32 arithmetic prompts x 8
-samples, up to 56 new tokens at temperature 0.7: responses of natural, varying length, where continuous batching
-could save the padded steps of rows that have already finished. Alternating, median seconds over ``--repeats``; the
-log-probs ``generate_batch`` returns are checked against a recomputed forward. Prints a table, then one JSON line.
+samples, up to 56 new tokens at temperature 0.7: responses of natural, varying length, where not computing rows
+that have already finished can save work. Round-robin, median seconds over ``--repeats`` after one untimed round;
+the log-probs each returns are checked against a recomputed forward. Prints a table, then one JSON line.
 """
 from __future__ import annotations
 
@@ -61,45 +62,55 @@ def main() -> None:
     parser.add_argument("--warm-dir", type=Path, default=ROOT / "runs" / "grpo_vs_trl_warm")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-cb", action="store_true", help="leave generate_batch out (it is slow on a CPU)")
     args = parser.parse_args()
     import torch
 
     import grpo_vs_trl
     from rlhf.base.data import arithmetic_rows
     from rlhf.base.models import load_student
-    from rollout.engine import generate
+    from rollout.engine import generate, generate_compacting
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_student(grpo_vs_trl.warm_student(args.warm_dir))
     model.eval()
     prompts = [r.prompt for r in arithmetic_rows(PROMPTS, 0)]
-    times: dict[str, list[float]] = {"hf generate": [], "generate_batch": []}
-    lengths: dict[str, list[float]] = {"hf generate": [], "generate_batch": []}
-    rows = []
-    for repeat in range(args.repeats + 1):  # the first round of each is a warm-up, not timed
-        start = time.perf_counter()
-        samples = generate(model, tokenizer, prompts, SAMPLES, MAX_NEW_TOKENS, TEMPERATURE)
-        hf_s = time.perf_counter() - start
-        start = time.perf_counter()
-        rows = continuous_batch(model, tokenizer, prompts, SAMPLES, MAX_NEW_TOKENS, TEMPERATURE)
-        cb_s = time.perf_counter() - start
-        if repeat:
-            times["hf generate"].append(hf_s)
-            times["generate_batch"].append(cb_s)
-            lengths["hf generate"].append(statistics.mean(len(s.response_ids) for s in samples))
-            lengths["generate_batch"].append(statistics.mean(len(r[1]) for r in rows))
-        print(f"round {repeat}: hf generate {hf_s:.2f} s, generate_batch {cb_s:.2f} s", flush=True)
-    result = {name: {"s": round(statistics.median(t), 3), "rows_per_s": round(PROMPTS * SAMPLES / statistics.median(t), 1),
-                     "mean_response_tokens": round(statistics.median(lengths[name]), 1)} for name, t in times.items()}
-    result["speedup_generate_batch"] = round(result["hf generate"]["s"] / result["generate_batch"]["s"], 3)
-    result["generate_batch_logprob_max_gap"] = round(logprob_gap(model, rows[:16], TEMPERATURE), 5)
+
+    def as_rows(samples):
+        return [(s.prompt_ids, s.response_ids, s.logprobs) for s in samples]
+
+    contenders = {"hf": lambda: as_rows(generate(model, tokenizer, prompts, SAMPLES, MAX_NEW_TOKENS, TEMPERATURE)),
+                  "hf_compact": lambda: as_rows(generate_compacting(model, tokenizer, prompts, SAMPLES,
+                                                                    MAX_NEW_TOKENS, TEMPERATURE))}
+    if not args.no_cb:
+        contenders["generate_batch"] = lambda: continuous_batch(model, tokenizer, prompts, SAMPLES, MAX_NEW_TOKENS,
+                                                                TEMPERATURE)
+    times = {name: [] for name in contenders}
+    lengths = {name: [] for name in contenders}
+    last = {}
+    for repeat in range(args.repeats + 1):  # the first round is a warm-up, not timed
+        line = []
+        for name, run in contenders.items():
+            start = time.perf_counter()
+            last[name] = run()
+            seconds = time.perf_counter() - start
+            line.append(f"{name} {seconds:.2f} s")
+            if repeat:
+                times[name].append(seconds)
+                lengths[name].append(statistics.mean(len(r[1]) for r in last[name]))
+        print(f"round {repeat}: " + ", ".join(line), flush=True)
+    result = {name: {"s": round(statistics.median(t), 3),
+                     "rows_per_s": round(PROMPTS * SAMPLES / statistics.median(t), 1),
+                     "mean_response_tokens": round(statistics.median(lengths[name]), 1),
+                     "speedup_vs_hf": round(statistics.median(times["hf"]) / statistics.median(t), 3),
+                     "logprob_max_gap": round(logprob_gap(model, last[name][:16], TEMPERATURE), 5)}
+              for name, t in times.items()}
     result["threads"] = args.threads
-    print(f"\n{'':<16}{'s (median)':>12}{'rows/s':>10}{'mean tokens':>13}")
+    print(f"\n{'':<16}{'s (median)':>12}{'rows/s':>10}{'mean tokens':>13}{'vs hf':>8}{'log-prob gap':>14}")
     for name in times:
-        print(f"{name:<16}{result[name]['s']:>12.3f}{result[name]['rows_per_s']:>10.1f}"
-              f"{result[name]['mean_response_tokens']:>13.1f}")
-    print(f"generate_batch / hf: {result['speedup_generate_batch']:.2f}x; its log-probs vs a recomputed forward: "
-          f"max gap {result['generate_batch_logprob_max_gap']}")
+        r = result[name]
+        print(f"{name:<16}{r['s']:>12.3f}{r['rows_per_s']:>10.1f}{r['mean_response_tokens']:>13.1f}"
+              f"{r['speedup_vs_hf']:>7.2f}x{r['logprob_max_gap']:>14}")
     print(json.dumps(result))
 
 
