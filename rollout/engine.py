@@ -85,7 +85,8 @@ def generate_compacting(model, tokenizer, prompts: list[str], n: int, max_new_to
     """What ``generate`` returns, from a decode loop that takes finished rows out of the batch and the KV cache
     (once at least an eighth of the batch has finished, so the cache is not copied every step): with responses of
     varying length most rows stop well before the longest, and ``generate`` would keep computing them to the end.
-    Sampling is plain multinomial at the temperature (no top-k/top-p), as ``generate`` is called."""
+    Sampling is plain multinomial at the temperature (no top-k/top-p), as ``generate`` is called; unlike
+    ``generate`` it does not read the model's saved generation config (``min_new_tokens`` and the like)."""
     rows, input_ids, attention_mask = _left_padded(model, tokenizer, prompts, n)
     eos, scale = tokenizer.eos_token_id, 1.0 if greedy else temperature
     cache = DynamicCache(config=model.config)
