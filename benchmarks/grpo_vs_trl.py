@@ -1,13 +1,25 @@
 """GRPO throughput, distilrl against TRL's GRPOTrainer on the same work, alternating step by step in one process.
 
-    python benchmarks/grpo_vs_trl.py [--workload small|medium] [--steps 6] [--warmup 2] [--quick]
+    python benchmarks/grpo_vs_trl.py [--workload small|medium|realistic] [--steps 6] [--warmup 2] [--quick]
 
-Both sides get the same randomly initialised Qwen2 student (saved once, loaded by both), the same character
-tokenizer, the same arithmetic prompts, the same verifier reward (reward.verifiers), samples per prompt, max new
-tokens, learning rate (AdamW, grad-norm clip 1), token-mean loss, no KL term (TRL's beta 0; our kl_coef 0), fp32
-weights. Every response is exactly ``max_new_tokens`` long on both sides: the student's generation config and TRL's
-``generation_kwargs`` set ``min_new_tokens = max_new_tokens`` (end-of-sequence is suppressed until then), so both
-do the same number of token-steps however the policy drifts.
+Both sides get the same Qwen2 student (saved once, loaded by both), the same character tokenizer, the same
+arithmetic prompts, the same verifier reward (reward.verifiers), samples per prompt, max new tokens, temperature,
+learning rate (AdamW, grad-norm clip 1), token-mean loss, no KL term (TRL's beta 0; our kl_coef 0), fp32 weights
+for training. Two kinds of workload:
+
+- forced length (small, medium; engine for engine): a randomly initialised student, and every response exactly
+  ``max_new_tokens`` long on both sides: the student's generation config and TRL's ``generation_kwargs`` set
+  ``min_new_tokens = max_new_tokens`` (end-of-sequence is suppressed until then), so both do the same number of
+  token-steps however the policy drifts.
+- realistic: the quickstart's warmed-up student (configs/quickstart_verifier.yaml's model and warm-up, run once by
+  ``rlhf.Trainer.warmup`` and kept in ``--warm-dir``), its rollout shape (32 prompts x 8 samples, 56 new tokens,
+  temperature 0.7), natural response lengths (rows stop at end-of-sequence) and the verifier's real reward
+  distribution. What each side does with that (our padding-free packing, leaving rows without signal out of the
+  update; generation stopping when every row has finished, on both) counts, as it would for a user.
+
+Each side samples at its best precision on this CPU: bf16 where a bf16 GEMM through torch is faster than fp32
+(AVX512-BF16 or AMX), else fp32 (TRL ``bf16=True`` then, our ``rollout.dtype: bfloat16``); the GEMM rates and the
+choice are printed.
 
 distilrl runs its real path (``rlhf.Trainer``: a RolloutWorker actor, a RewardWorker actor, DeepSpeed ZeRO-2
 trainer ranks in Ray actors, weights to the rollout worker after every update); TRL runs ``GRPOTrainer`` on the
@@ -38,7 +50,8 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 WORKLOADS = {
     # hidden, layers, heads, kv heads, MLP width; prompts x samples = completions per step; new tokens each
@@ -47,6 +60,9 @@ WORKLOADS = {
     "medium": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 2, "intermediate_size": 2048,
                "prompts": 8, "samples": 8, "max_new_tokens": 128},
     # For the test that keeps this script working: seconds, not minutes.
+    # configs/quickstart_verifier.yaml's model and rollout, from its warmed-up student (warm_student); lengths not forced.
+    "realistic": {"hidden_size": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 512,
+                  "prompts": 32, "samples": 8, "max_new_tokens": 56, "temperature": 0.7, "warm": True},
     "quick": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64,
               "prompts": 2, "samples": 2, "max_new_tokens": 4},
 }
@@ -69,12 +85,33 @@ def matmul_rate(size: int = 2048, repeats: int = 5, dtype=None) -> float:
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
-def make_student(workload: dict, out_dir: Path) -> tuple[int, object]:
-    """The shared student (random weights, fixed-length generation config) saved to ``out_dir``; returns its
-    parameter count and tokenizer."""
-    from rlhf.base.config import ModelConfig
-    from rlhf.base.models import build_student, build_tokenizer, save_student
+def warm_student(cache_dir: Path, overrides: tuple[str, ...] = ()) -> Path:
+    """The quickstart's warmed-up student: the model and warm-up of configs/quickstart_verifier.yaml (the
+    quickstart's, rewarded by the verifier), run in this process by ``rlhf.Trainer.warmup`` as the quickstart runs
+    it, written once to ``cache_dir/warmup`` and reused after."""
+    import rlhf
+    from rlhf.base.config import load_config
 
+    student = cache_dir / "warmup"
+    if not (student / "model.safetensors").is_file():
+        cfg = load_config(str(ROOT / "configs" / "quickstart_verifier.yaml"),
+                          [f"output_dir={cache_dir}", "stages=[warmup]", *overrides])
+        with rlhf.Trainer(cfg, log=lambda line: None) as trainer:
+            trainer.warmup()
+    return student
+
+
+def make_student(workload: dict, out_dir: Path, warm_dir: Path | None = None) -> tuple[int, object]:
+    """The shared student saved to ``out_dir`` (a realistic workload's: the warmed-up student from ``warm_dir``,
+    natural lengths; else random weights with a fixed-length generation config); returns its parameter count and
+    tokenizer."""
+    from rlhf.base.config import ModelConfig
+    from rlhf.base.models import build_student, build_tokenizer, load_student, save_student
+
+    if workload.get("warm"):
+        student, tokenizer = load_student(warm_student(warm_dir))
+        save_student(student, tokenizer, out_dir)
+        return sum(p.numel() for p in student.parameters()), tokenizer
     tokenizer = build_tokenizer("char")
     model_cfg = ModelConfig(**{k: workload[k] for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
                                                          "intermediate_size")}, max_position_embeddings=256)
@@ -117,7 +154,8 @@ def signal_batch(tokenizer, prompts: list[str], response_tokens: int) -> dict:
     return make_train_batch(samples, advantages, tokenizer.pad_token_id, "token-mean", response_tokens)
 
 
-def ours_config(workload: dict, student_dir: Path, out_dir: Path, steps: int, ranks: int):
+def ours_config(workload: dict, student_dir: Path, out_dir: Path, steps: int, ranks: int, bf16: bool,
+                engine: str = "hf"):
     from rlhf.base.config import RunConfig
 
     rows = workload["prompts"] * workload["samples"]
@@ -125,31 +163,34 @@ def ours_config(workload: dict, student_dir: Path, out_dir: Path, steps: int, ra
         output_dir=str(out_dir), seed=SEED, stages=["rl"], call_timeout_s=1800,
         model={"model_name_or_path": str(student_dir)},
         task={"train_prompts": 512, "eval_prompts": 8},
-        rollout={"num_workers": 1, "prompts_per_step": workload["prompts"], "samples_per_prompt": workload["samples"],
-                 "max_new_tokens": workload["max_new_tokens"], "threads": os.cpu_count() or 1},
+        rollout={"engine": engine, "num_workers": 1, "prompts_per_step": workload["prompts"], "samples_per_prompt": workload["samples"],
+                 "max_new_tokens": workload["max_new_tokens"], "threads": os.cpu_count() or 1,
+                 "temperature": workload.get("temperature", 1.0), "dtype": "bfloat16" if bf16 else "float32"},
         trainer={"num_ranks": ranks, "zero_stage": 2, "lr": LR, "micro_batch_size": rows // ranks,
                  "threads": max(1, (os.cpu_count() or 1) // ranks)},
-        algorithm={"steps": steps, "kl_coef": 0.0, "loss_aggregation": "token-mean"},
+        # tis_cap stays off in both precisions: TRL runs no importance-sampling correction on this path either.
+        algorithm={"steps": steps, "kl_coef": 0.0, "loss_aggregation": "token-mean", "tis_cap": None},
     )
 
 
-def trl_config(workload: dict, out_dir: Path, steps: int):
+def trl_config(workload: dict, out_dir: Path, steps: int, bf16: bool):
     from trl import GRPOConfig
 
     rows = workload["prompts"] * workload["samples"]
     return GRPOConfig(
-        output_dir=str(out_dir), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, use_vllm=False,
+        output_dir=str(out_dir), use_cpu=True, bf16=bf16, fp16=False, gradient_checkpointing=False, use_vllm=False,
         report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=SEED,
         per_device_train_batch_size=rows, gradient_accumulation_steps=1, num_generations=workload["samples"],
         max_completion_length=workload["max_new_tokens"],
-        generation_kwargs={"min_new_tokens": workload["max_new_tokens"]},
-        temperature=1.0, top_k=0, top_p=1.0, beta=0.0, loss_type="dapo", learning_rate=LR, weight_decay=0.0,
+        generation_kwargs={} if workload.get("warm") else {"min_new_tokens": workload["max_new_tokens"]},
+        temperature=workload.get("temperature", 1.0), top_k=0, top_p=1.0, beta=0.0, loss_type="dapo", learning_rate=LR, weight_decay=0.0,
         max_grad_norm=1.0, lr_scheduler_type="constant", warmup_steps=0, max_steps=steps, num_iterations=1,
         dataloader_num_workers=0,
     )
 
 
-def run(workload_name: str, steps: int, warmup: int, ranks: int, log=print) -> dict:
+def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path, engine: str = "hf",
+        log=print) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, PrinterCallback, TrainerCallback
     from trl import GRPOTrainer
@@ -161,19 +202,24 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, log=print) -> d
     total = steps + warmup
     torch.set_num_threads(os.cpu_count() or 1)
     rate_before = matmul_rate()
+    # Each side's best precision on this CPU: bf16 only where its GEMM beats fp32's (AVX512-BF16 / AMX).
+    bf16_rate = matmul_rate(512, 3, dtype=torch.bfloat16)  # small: without bf16 hardware it runs at ~0.5 GFLOP/s
+    bf16 = bf16_rate > matmul_rate(512, 3)
     work = Path(tempfile.mkdtemp(prefix="grpo_vs_trl_"))
     atexit.register(shutil.rmtree, work, True)  # the saved students and run dirs are scratch
-    params, tokenizer = make_student(workload, work / "student")
+    params, tokenizer = make_student(workload, work / "student", warm_dir)
     dataset = prompt_dataset(512)
+    lengths = "up to" if workload.get("warm") else "exactly"
     log(f"workload {workload_name}: {params / 1e6:.2f}M parameters, {workload['prompts']} prompts x "
-        f"{workload['samples']} samples = {rows} completions of {workload['max_new_tokens']} tokens per step; "
-        f"{warmup} warm-up + {steps} timed steps each, alternating; matmul {rate_before:.0f} GFLOP/s fp32")
+        f"{workload['samples']} samples = {rows} completions of {lengths} {workload['max_new_tokens']} tokens per "
+        f"step; our engine {engine}; {warmup} warm-up + {steps} timed steps each, alternating; matmul "
+        f"{rate_before:.0f} GFLOP/s fp32, {bf16_rate:.0f} bf16: both sides sample in {'bf16' if bf16 else 'fp32'}")
 
     ours_steps: list[dict] = []
     trl_times: list[float] = []
-    trl_rewards: list[float] = []
+    trl_logs: list[dict] = []
 
-    with rlhf.Trainer(ours_config(workload, work / "student", work / "ours", total, ranks),
+    with rlhf.Trainer(ours_config(workload, work / "student", work / "ours", total, ranks, bf16, engine),
                       train_dataset=dataset, log=lambda line: None) as ours:
 
         class Alternate(TrainerCallback):
@@ -193,18 +239,19 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, log=print) -> d
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if logs and "reward" in logs:
-                    trl_rewards.append(float(logs["reward"]))
+                    trl_logs.append(logs)
 
         # The same weights and tokenizer as ours (the saved student); TRL keeps its generation settings in its own
         # config, so min_new_tokens goes in through generation_kwargs.
         model = AutoModelForCausalLM.from_pretrained(work / "student", dtype=torch.float32, use_safetensors=True)
-        trl = GRPOTrainer(model=model, reward_funcs=verifier_reward, args=trl_config(workload, work / "trl", total),
+        trl = GRPOTrainer(model=model, reward_funcs=verifier_reward, args=trl_config(workload, work / "trl", total, bf16),
                           train_dataset=dataset, processing_class=tokenizer, callbacks=[Alternate()])
         trl.remove_callback(PrinterCallback)  # its per-step dicts would bury the table
         trl.train()
         # Training MFU is measured on one update over a whole batch with signal in every row: the steps above
         # leave out the rows whose advantage is 0, nearly all of them with a random student.
-        batch = signal_batch(tokenizer, dataset["prompt"][:rows], workload["max_new_tokens"])
+        batch = signal_batch(tokenizer, dataset["prompt"][:rows],
+                             round(statistics.median(m["charts/response_tokens"] for m in ours_steps)))
         full_batch_train_s = ours._loop.trainer.train_step(batch)["perf/train_s"]
     rate_after = matmul_rate()
     rate = statistics.median([rate_before, rate_after])
@@ -227,6 +274,11 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, log=print) -> d
         "max_new_tokens": workload["max_new_tokens"],
         "steps": steps,
         "trainer_ranks": ranks,
+        "lengths": "natural" if workload.get("warm") else "forced",
+        "distilrl_engine": engine,
+        "precision": {"distilrl_rollout": "bf16" if bf16 else "fp32", "distilrl_train": "fp32",
+                      "trl": "bf16 (bf16=True)" if bf16 else "fp32 (bf16=False)"},
+        "matmul_bf16_gflops": round(bf16_rate, 1),
         "distilrl_completions_per_s": round(rows / ours_s, 2),
         "trl_completions_per_s": round(rows / trl_s, 2),
         "ratio": round(trl_s / ours_s, 3),
@@ -240,8 +292,14 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, log=print) -> d
         "train_mfu": round(train_flops / full_batch_train_s / 1e9 / rate, 3),
         "generate_mfu": round(gen_flops / phase["generate"] / 1e9 / rate, 3) if phase["generate"] else None,
         "distilrl_reward_first_last": [round(ours_steps[0]["reward/mean"], 3), round(ours_steps[-1]["reward/mean"], 3)],
-        "trl_reward_first_last": [round(trl_rewards[0], 3), round(trl_rewards[-1], 3)] if trl_rewards else None,
+        "trl_reward_first_last": ([round(trl_logs[0]["reward"], 3), round(trl_logs[-1]["reward"], 3)]
+                                  if trl_logs else None),
+        "distilrl_reward_median": round(statistics.median(m["reward/mean"] for m in timed), 3),
+        "trl_reward_median": (round(statistics.median(float(g["reward"]) for g in trl_logs[warmup:]), 3)
+                              if trl_logs[warmup:] else None),
         "response_tokens": response_tokens,
+        "trl_response_tokens": (round(statistics.median(float(g.get("completions/mean_length", 0.0))
+                                                        for g in trl_logs[warmup:]), 1) if trl_logs[warmup:] else None),
         # Rows our trainer left out of the update because their advantage was 0 everywhere (a group all right or all
         # wrong: their gradient is exactly 0); TRL runs them through forward and backward.
         "distilrl_skipped_rows": statistics.median(m.get("perf/skipped_rows", 0.0) for m in timed),
@@ -254,6 +312,12 @@ def print_table(r: dict) -> None:
     print(f"{'completions/s':<22}{r['distilrl_completions_per_s']:>12.2f}{r['trl_completions_per_s']:>12.2f}")
     print(f"{'step s (median)':<22}{r['distilrl_step_s']:>12.3f}{r['trl_step_s']:>12.3f}")
     print(f"{'reward first/last':<22}{r['distilrl_reward_first_last']!s:>12}{r['trl_reward_first_last']!s:>12}")
+    print(f"{'reward (median)':<22}{r['distilrl_reward_median']!s:>12}{r['trl_reward_median']!s:>12}")
+    print(f"{'response tokens':<22}{r['response_tokens']:>12.1f}{r['trl_response_tokens'] or 0:>12.1f}"
+          f"   ({r['lengths']} lengths; ours: median of the step's mean, TRL: completions/mean_length)")
+    print(f"{'rollout engine':<22}{r['distilrl_engine']:>12}{'generate':>12}")
+    print(f"{'sampling precision':<22}{r['precision']['distilrl_rollout']:>12}{r['precision']['trl'][:4]:>12}"
+          f"   (GEMM fp32 {r['matmul_gflops']:.0f}, bf16 {r['matmul_bf16_gflops']:.0f} GFLOP/s)")
     print(f"ratio distilrl/TRL: {r['ratio']:.2f}x ({r['ratio_if_every_row_trained']:.2f}x if every row were trained: "
           f"the step's train phase replaced by the full-batch update)")
     split = ", ".join(f"{k} {v:.3f}" for k, v in r["phase_s"].items())
@@ -271,6 +335,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first on each side")
     parser.add_argument("--ranks", type=int, default=1, help="distilrl trainer ranks (threads split among them)")
     parser.add_argument("--quick", action="store_true", help="the tiny workload, 1 warm-up + 1 step: a smoke test")
+    parser.add_argument("--engine", default="hf", help="our rollout.engine (hf, or hf_compact: finished rows "
+                        "leave the batch; default hf)")
+    parser.add_argument("--warm-dir", type=Path, default=ROOT / "runs" / "grpo_vs_trl_warm",
+                        help="where the realistic workload's warmed-up student is made once and reused "
+                             "(default runs/grpo_vs_trl_warm)")
     args = parser.parse_args()
     if args.quick:
         args.workload, args.steps, args.warmup = "quick", 1, 1
@@ -281,7 +350,7 @@ def main() -> None:
     _quiet_libraries()
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    result = run(args.workload, args.steps, args.warmup, args.ranks, log=lambda line: print(line, flush=True))
+    result = run(args.workload, args.steps, args.warmup, args.ranks, args.warm_dir, args.engine, log=lambda line: print(line, flush=True))
     print_table(result)
     print(json.dumps(result))
 

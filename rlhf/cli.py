@@ -92,6 +92,9 @@ def _add_model_commands(commands) -> None:
                      "(default: the model's max_position_embeddings)")
     cmd = commands.add_parser("serve", help="serve a policy checkpoint over an OpenAI-compatible API on 127.0.0.1")
     cmd.add_argument("checkpoint", help="a policy directory in Hugging Face format (a run's policy/)")
+    cmd.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. rollout.dtype=bfloat16")
+    cmd.add_argument("--config", help="the config whose rollout section (engine, dtype) to serve with (default: the "
+                     "config.yaml of the run the checkpoint is in, if any; else rollout.engine hf)")
     cmd.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     cmd.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     text = "write a run's report.md and plots (reward, accuracy, KL, per-difficulty, RM-teacher agreement, time)"
@@ -219,11 +222,12 @@ def _run_stages(cfg, resume: bool = False) -> None:
     run(cfg, log=_log, resume=resume)
 
 
-def _eval(args) -> int:
+def _checkpoint_config(args):
+    """The config a command on a checkpoint uses: --config, else the config.yaml of the run the checkpoint is in
+    (if any), with the overrides; its registered names checked."""
     from pathlib import Path
 
     from rlhf.base.config import load_config
-    from rlhf.evaluate import evaluate_checkpoint
     from rlhf.extensions import check_registered
 
     config = args.config
@@ -231,6 +235,13 @@ def _eval(args) -> int:
         config = str(Path(args.checkpoint).resolve().parent / "config.yaml")
     cfg = load_config(config, args.overrides)
     check_registered(cfg)
+    return cfg
+
+
+def _eval(args) -> int:
+    from rlhf.evaluate import evaluate_checkpoint
+
+    cfg = _checkpoint_config(args)
     figures = evaluate_checkpoint(cfg, args.checkpoint, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(figures, indent=2))
     return 0
@@ -300,8 +311,7 @@ def _serve(args) -> int:
     from rlhf.serve import serve
 
     _check_serve_args(args)
-
-    serve(args.checkpoint, args.host, args.port)
+    serve(args.checkpoint, args.host, args.port, rollout=_checkpoint_config(args).rollout)
     return 0
 
 

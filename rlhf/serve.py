@@ -7,7 +7,8 @@ Endpoints (JSON; errors in OpenAI's shape ``{"error": {"message", "type", "param
 - ``POST /v1/chat/completions``: ``messages`` (rendered with the tokenizer's chat template when it has one,
   otherwise the message contents joined by newlines), ``max_tokens`` (or ``max_completion_tokens``),
   ``temperature`` (0 = greedy), ``n``, ``seed``. Other OpenAI parameters are accepted and ignored; ``stream`` is
-  refused. Generation goes through ``rollout.engine.generate``, the same sampler RL uses.
+  refused. Generation goes through a rollout engine (rollout/engines.py: ``rollout.engine``, default ``hf``), the
+  same sampler RL and evaluation use.
 - ``GET /health``.
 
 One model, so generation is serialised with a lock; the HTTP side is threaded, so slow clients do not block each
@@ -16,7 +17,8 @@ authentication.
 
 Usage in a test or script::
 
-    server = make_server((model, tokenizer), port=0)   # port 0: the OS picks a free port
+    server = make_server((model, tokenizer), port=0)   # port 0: the OS picks a free port; or a checkpoint directory
+                                                       # (built with rollout.engine), or an engine object
     server.start()                                     # serve from a daemon thread
     ... POST f"{server.url}/v1/chat/completions" ...
     server.close()
@@ -34,8 +36,10 @@ from typing import Any
 
 import torch
 
+from rlhf.base.config import RolloutConfig
 from rlhf.base.http_server import BackgroundHTTPServer, GuardedHandler, parse_json
-from rollout.engine import generate
+from rollout import vllm_engine  # noqa: F401 - registers the optional vllm engine (vllm itself loads when built)
+from rollout.engines import ENGINES, HFEngine, RolloutEngine
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +67,15 @@ class _ApiError(Exception):
 
 
 class PolicyServer(BackgroundHTTPServer):
-    """The HTTP server holding the model, its tokenizer, the generation lock and a request counter."""
+    """The HTTP server holding the rollout engine, its tokenizer, the generation lock and a request counter."""
 
-    def __init__(self, address: tuple[str, int], model, tokenizer, model_name: str, max_request_bytes: int):
+    def __init__(self, address: tuple[str, int], engine: RolloutEngine, model_name: str, max_request_bytes: int,
+                 context_length: int | None):
         super().__init__(address, _Handler)
-        self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
+        self.engine, self.tokenizer, self.model_name = engine, engine.tokenizer, model_name
+        self.model = getattr(engine, "model", None)  # the transformers model, for engines that hold one (hf)
         self.max_request_bytes = max_request_bytes
-        self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
+        self.context_length = context_length
         self.created = int(time.time())
         self.generate_lock = threading.Lock()  # one model: never generate from two threads at once
         self._count_lock = threading.Lock()
@@ -182,7 +188,7 @@ class _Handler(GuardedHandler):
             # Surely over the context, and tokenizing it would hold the model's lock for a while: refuse it now.
             raise _ApiError(HTTPStatus.BAD_REQUEST, f"the messages hold {chars} characters: more than this model's "
                             f"maximum context length of {server.context_length} tokens", "messages")
-        with server.generate_lock:  # tokenizer and model together: neither is guaranteed thread-safe
+        with server.generate_lock:  # tokenizer and engine together: neither is guaranteed thread-safe
             prompt = self._render(messages)
             prompt_tokens = len(server.tokenizer(prompt, add_special_tokens=False).input_ids)
             max_tokens = self._max_tokens(prompt_tokens, requested, max_key)
@@ -192,8 +198,7 @@ class _Handler(GuardedHandler):
                 with torch.random.fork_rng(devices=[], enabled=seed is not None):
                     if seed is not None:
                         torch.manual_seed(seed)
-                    samples = generate(server.model, server.tokenizer, [prompt], n=n, max_new_tokens=max_tokens,
-                                       temperature=temperature or 1.0, greedy=temperature == 0)
+                    samples = server.engine.generate([prompt], n, max_tokens, temperature or 1.0, temperature == 0)
             except Exception as err:
                 logger.exception("generation failed")
                 raise _ApiError(HTTPStatus.INTERNAL_SERVER_ERROR,
@@ -324,34 +329,51 @@ def _one_line(text: object, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def make_server(model: str | Path | tuple[Any, Any], host: str = "127.0.0.1", port: int = 0,
-                model_name: str | None = None, max_request_bytes: int = 1_000_000) -> PolicyServer:
+def make_server(model: str | Path | tuple[Any, Any] | RolloutEngine, host: str = "127.0.0.1", port: int = 0,
+                model_name: str | None = None, max_request_bytes: int = 1_000_000,
+                rollout: RolloutConfig | None = None) -> PolicyServer:
     """Bind a policy server (not yet serving): ``.start()`` for a background thread, or ``.serve_forever()``.
 
-    ``model`` is a checkpoint directory (Hugging Face format, safetensors) or a loaded ``(model, tokenizer)``
-    pair. ``model_name`` defaults to the directory's name (``"distilrl-policy"`` for a pair).
+    ``model`` is a checkpoint directory (Hugging Face format, safetensors), loaded into the engine that
+    ``rollout.engine`` names (default ``hf``, in ``rollout.dtype``); a loaded ``(model, tokenizer)`` pair, served by
+    the hf engine as it is; or a built rollout engine. ``model_name`` defaults to the directory's name
+    (``"distilrl-policy"`` otherwise).
     """
-    if isinstance(model, (str, Path)):
-        from rlhf.base.models import load_student
-
-        model_name = model_name or Path(model).resolve().name
-        model, tokenizer = load_student(model)
-    elif isinstance(model, tuple) and len(model) == 2:
-        model, tokenizer = model
-    else:
-        raise ValueError("make_server takes a checkpoint directory or a (model, tokenizer) pair")
     if max_request_bytes <= 0:
         raise ValueError("max_request_bytes must be positive")
+    model_dir = None
+    if isinstance(model, (str, Path)):
+        rollout = rollout or RolloutConfig()
+        model_dir, model_name = str(model), model_name or Path(model).resolve().name
+        engine = ENGINES[rollout.engine](model_dir, rollout)
+    elif isinstance(model, tuple) and len(model) == 2:
+        engine = HFEngine.from_model(*model)
+    elif hasattr(model, "generate") and hasattr(model, "tokenizer"):
+        engine = model
+    else:
+        raise ValueError("make_server takes a checkpoint directory, a (model, tokenizer) pair or a rollout engine")
+    tokenizer = engine.tokenizer
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer needs a pad and an end-of-sequence token to batch and stop generation")
-    # rollout.engine.generate builds its inputs on the CPU, so the model is served from there too.
-    model = model.to("cpu").eval()
-    return PolicyServer((host, port), model, tokenizer, model_name or "distilrl-policy", max_request_bytes)
+    return PolicyServer((host, port), engine, model_name or "distilrl-policy", max_request_bytes,
+                        _context_length(engine, model_dir))
 
 
-def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None) -> None:
-    """Serve a checkpoint until interrupted (Ctrl-C, or SIGTERM turned into KeyboardInterrupt)."""
-    server = make_server(checkpoint, host, port, model_name)
+def _context_length(engine: RolloutEngine, model_dir: str | None) -> int | None:
+    """The model's maximum positions: from the engine's transformers model, else the checkpoint's config.json."""
+    config = getattr(getattr(engine, "model", None), "config", None)
+    if config is not None:
+        return getattr(config, "max_position_embeddings", None)
+    if model_dir is None or not (Path(model_dir) / "config.json").is_file():
+        return None
+    return json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")
+
+
+def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
+          rollout: RolloutConfig | None = None) -> None:
+    """Serve a checkpoint with the engine ``rollout`` names until interrupted (Ctrl-C, or SIGTERM turned into
+    KeyboardInterrupt)."""
+    server = make_server(checkpoint, host, port, model_name, rollout=rollout)
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("policy server on %s has no authentication: anyone who can reach it can use it", host)
     print(f"serving {server.model_name} at {server.url}/v1 (OpenAI-compatible; Ctrl-C to stop)", flush=True)

@@ -1,9 +1,10 @@
-"""Batched sampling from a causal LM with Hugging Face ``generate`` (KV cache), returning what RL needs:
-token ids, the sampler's log-probability of each token, and why each response ended."""
+"""Batched sampling from a causal LM with a KV cache, returning what RL needs: token ids, the sampler's
+log-probability of each token, and why each response ended. ``generate``: Hugging Face ``generate``;
+``generate_compacting``: our own decode loop that drops finished rows from the batch and the cache."""
 from __future__ import annotations
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from rlhf.base.samples import Sample
 
@@ -36,19 +37,24 @@ class TokenLogprobs(LogitsProcessor):
         return torch.stack(self.steps, dim=1)
 
 
+def _left_padded(model, tokenizer, prompts: list[str], n: int) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    """Each prompt's ids ``n`` times, and the batch's input ids and attention mask, left-padded so every row's next
+    token is at the same column."""
+    encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    rows = [ids for ids in encoded for _ in range(n)]
+    width, pad = max(map(len, rows)), tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device=model.device)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long,
+                                  device=model.device)
+    return rows, input_ids, attention_mask
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], n: int, max_new_tokens: int, temperature: float = 1.0,
              greedy: bool = False) -> list[Sample]:
     """``n`` responses per prompt, grouped: samples for prompt i are at [i*n, (i+1)*n)."""
-    encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-    rows = [ids for ids in encoded for _ in range(n)]
-    width = max(map(len, rows))
-    pad = tokenizer.pad_token_id
-    # Left padding so every row's next token is at the same column; generate derives positions from the mask.
-    device = model.device
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
-    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long,
-                                  device=device)
+    rows, input_ids, attention_mask = _left_padded(model, tokenizer, prompts, n)
+    width, pad = input_ids.shape[1], tokenizer.pad_token_id
     sampling = {} if greedy else {"temperature": temperature, "top_k": 0, "top_p": 1.0}
     recorder = TokenLogprobs(1.0 if greedy else temperature)
     out = model.generate(
@@ -58,12 +64,58 @@ def generate(model, tokenizer, prompts: list[str], n: int, max_new_tokens: int, 
     new_tokens = out.sequences[:, width:].cpu()
     token_logprobs = recorder.finish(out.sequences).cpu()
 
-    samples = []
-    eos = tokenizer.eos_token_id
-    for row, (tokens, logps) in enumerate(zip(new_tokens.tolist(), token_logprobs.tolist())):
-        length, reason = len(tokens), "length"
-        if eos in tokens:
-            length, reason = tokens.index(eos) + 1, "stop"
-        text = tokenizer.decode(tokens[:length], skip_special_tokens=True)
-        samples.append(Sample(row // n, rows[row], tokens[:length], logps[:length], reason, text))
+    return _samples(tokenizer, rows, n, new_tokens.tolist(), token_logprobs.tolist())
+
+
+def _samples(tokenizer, rows: list[list[int]], n: int, tokens: list[list[int]], logprobs: list[list[float]]):
+    """Samples from each row's generated tokens and their log-probs, cut after the first end-of-sequence."""
+    samples, eos = [], tokenizer.eos_token_id
+    for row, (row_tokens, logps) in enumerate(zip(tokens, logprobs)):
+        length, reason = len(row_tokens), "length"
+        if eos in row_tokens:
+            length, reason = row_tokens.index(eos) + 1, "stop"
+        text = tokenizer.decode(row_tokens[:length], skip_special_tokens=True)
+        samples.append(Sample(row // n, rows[row], row_tokens[:length], logps[:length], reason, text))
     return samples
+
+
+@torch.no_grad()
+def generate_compacting(model, tokenizer, prompts: list[str], n: int, max_new_tokens: int,
+                        temperature: float = 1.0, greedy: bool = False) -> list[Sample]:
+    """What ``generate`` returns, from a decode loop that takes finished rows out of the batch and the KV cache
+    (once at least an eighth of the batch has finished, so the cache is not copied every step): with responses of
+    varying length most rows stop well before the longest, and ``generate`` would keep computing them to the end.
+    Sampling is plain multinomial at the temperature (no top-k/top-p), as ``generate`` is called; unlike
+    ``generate`` it does not read the model's saved generation config (``min_new_tokens`` and the like)."""
+    rows, input_ids, attention_mask = _left_padded(model, tokenizer, prompts, n)
+    eos, scale = tokenizer.eos_token_id, 1.0 if greedy else temperature
+    cache = DynamicCache(config=model.config)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                   cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    live = torch.arange(len(rows), device=model.device)  # the original row of each batch row
+    done = torch.zeros(len(rows), dtype=torch.bool, device=model.device)
+    next_position = attention_mask.sum(-1)
+    tokens: list[list[int]] = [[] for _ in rows]
+    logprobs: list[list[float]] = [[] for _ in rows]
+    for step in range(max_new_tokens):
+        logp = torch.log_softmax(logits.float() / scale, dim=-1)
+        token = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(-1)
+        chosen = logp.gather(-1, token[:, None]).squeeze(-1)
+        for row, t, lp, finished in zip(live.tolist(), token.tolist(), chosen.tolist(), done.tolist()):
+            if not finished:
+                tokens[row].append(t)
+                logprobs[row].append(lp)
+        done |= token == eos
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        if int(done.sum()) >= max(1, len(live) // 8):
+            keep = (~done).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            live, done, token = live[keep], done[keep], token[keep]
+            attention_mask, next_position = attention_mask[keep], next_position[keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(live), 1)], dim=1)
+        logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position[:, None],
+                       cache=cache, use_cache=True).logits[:, -1]
+        next_position = next_position + 1
+    return _samples(tokenizer, rows, n, tokens, logprobs)

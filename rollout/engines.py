@@ -17,7 +17,7 @@ from rlhf.base.config import RolloutConfig
 from rlhf.base.models import load_student
 from rlhf.base.registry import Registry
 from rlhf.base.samples import Sample
-from rollout.engine import generate
+from rollout.engine import generate, generate_compacting
 
 
 class RolloutEngine(Protocol):
@@ -58,6 +58,14 @@ class HFEngine:
             self.model.to("cuda")
         self.model.eval()
 
+    @classmethod
+    def from_model(cls, model, tokenizer) -> "HFEngine":
+        """An hf engine around a model already loaded in this process, as it is (dtype, device): for serving a
+        model a script holds (rlhf/serve.py's ``make_server((model, tokenizer))``)."""
+        engine = cls.__new__(cls)
+        engine.model, engine.tokenizer = model.eval(), tokenizer
+        return engine
+
     def generate(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
                  greedy: bool) -> list[Sample]:
         return generate(self.model, self.tokenizer, prompts, n, max_new_tokens, temperature, greedy)
@@ -71,3 +79,13 @@ class HFEngine:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The weights the engine samples with, as CPU tensors (for checks that a sync arrived bit for bit)."""
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+
+@ENGINES.register("hf_compact")
+class CompactingHFEngine(HFEngine):
+    """The hf engine's model, sampled by our own decode loop that takes finished rows out of the batch and the KV
+    cache (rollout/engine.py ``generate_compacting``): faster where responses differ in length."""
+
+    def generate(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
+                 greedy: bool) -> list[Sample]:
+        return generate_compacting(self.model, self.tokenizer, prompts, n, max_new_tokens, temperature, greedy)

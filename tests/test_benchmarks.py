@@ -80,3 +80,28 @@ def test_real_model_benchmark_format_reward_wants_the_final_answer_last():
 
     assert real_model.format_reward([], ["so 3 + 4 = 7\n#### 7", "#### 1,200.50 ", "#### 7 apples", "7"], []) == [
         1.0, 1.0, 0.0, 0.0]
+
+
+def test_grpo_benchmark_realistic_student_is_the_warmed_up_one_with_natural_lengths(tmp_path):
+    """The realistic workload: the quickstart's warm-up is run once into the warm dir and reused; neither side
+    forces the response length, and both sample at the workload's temperature."""
+    import grpo_vs_trl
+
+    from rlhf.base.models import load_student
+
+    tiny = ("warmup.steps=2", "warmup.batch_size=4", "model.hidden_size=32", "model.num_layers=1",
+            "model.intermediate_size=64")
+    student = grpo_vs_trl.warm_student(tmp_path / "warm", tiny)
+    made = (student / "model.safetensors").stat().st_mtime_ns
+    workload = grpo_vs_trl.WORKLOADS["realistic"]
+    params, _ = grpo_vs_trl.make_student(workload, tmp_path / "student", tmp_path / "warm")
+    assert (student / "model.safetensors").stat().st_mtime_ns == made  # reused, not warmed up again
+    model, _ = load_student(tmp_path / "student")
+    warm, _ = load_student(student)
+    assert params == sum(p.numel() for p in warm.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), warm.state_dict().values()))
+    assert not model.generation_config.min_new_tokens
+    trl = grpo_vs_trl.trl_config(workload, tmp_path / "trl", 3, bf16=False)
+    assert "min_new_tokens" not in trl.generation_kwargs and trl.temperature == workload["temperature"]
+    ours = grpo_vs_trl.ours_config(workload, tmp_path / "student", tmp_path / "ours", 3, 1, bf16=False)
+    assert ours.rollout.temperature == trl.temperature and ours.rollout.dtype == "float32"

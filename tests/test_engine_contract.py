@@ -52,7 +52,7 @@ class OneTokenAtATimeEngine(HFEngine):
 
 if "one_token_at_a_time" not in ENGINES:
     ENGINES.register("one_token_at_a_time", OneTokenAtATimeEngine)
-ENGINE_NAMES = ["hf", "one_token_at_a_time"]
+ENGINE_NAMES = ["hf", "hf_compact", "one_token_at_a_time"]
 
 
 @pytest.fixture(scope="module")
