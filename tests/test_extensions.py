@@ -14,7 +14,7 @@ from tests.scoring import reward_worker
 @pytest.mark.parametrize("override, key, listed", [
     ("rollout.engine=sglang", "rollout.engine", "hf"),
     ("task.verifier=roman", "task.verifier", "final_number, gsm8k, math, exact, regex"),
-    ("label.teacher=oracel", "label.teacher", "oracle, hf, openai"),
+    ("label.teacher=oracel", "label.teacher", "oracle, reference, hf, openai"),
     ("reward.components={brevity: 1.0}", "reward.components.brevity", "verifier, rm, seqcls, custom, adaptive"),
 ])
 def test_an_unknown_name_is_refused_in_one_line_listing_the_registered_ones(override, key, listed):
