@@ -31,7 +31,8 @@ Hardware limit: a large fp32 GEMM through torch (2 threads) gives the machine's 
 utilisation (MFU) of our phases is counted as 6 * params * tokens for training (forward and backward over prompt
 and response tokens) and 2 * params * tokens for generation (every prompt and generated token), attention's own
 FLOPs left out; params counts the tied embedding once (as the output projection). Training is timed on one extra
-update over a whole batch with signal in every row: the benchmark's steps leave out the rows without any.
+update over a whole batch with signal in every row (its second call; the first warms the allocator): the
+benchmark's steps leave out the rows without any.
 
 Prints a table, then one JSON object as the last line.
 """
@@ -154,6 +155,18 @@ def signal_batch(tokenizer, prompts: list[str], response_tokens: int) -> dict:
     return make_train_batch(samples, advantages, tokenizer.pad_token_id, "token-mean", response_tokens)
 
 
+def timing_calls(method, times: list[float]):
+    """``method``, appending the seconds of each call to ``times`` (TRL's generation and scoring, once per step)."""
+
+    def call(*args, **kwargs):
+        start = time.perf_counter()
+        result = method(*args, **kwargs)
+        times.append(time.perf_counter() - start)
+        return result
+
+    return call
+
+
 def ours_config(workload: dict, student_dir: Path, out_dir: Path, steps: int, ranks: int, bf16: bool,
                 engine: str = "hf"):
     from rlhf.base.config import RunConfig
@@ -217,6 +230,7 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path,
 
     ours_steps: list[dict] = []
     trl_times: list[float] = []
+    trl_generate_times: list[float] = []
     trl_logs: list[dict] = []
 
     with rlhf.Trainer(ours_config(workload, work / "student", work / "ours", total, ranks, bf16, engine),
@@ -234,8 +248,8 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path,
                 metrics = ours.step()
                 metrics["wall_s"] = time.perf_counter() - start
                 ours_steps.append(metrics)
-                log(f"step {len(trl_times)}/{total}: trl {trl_times[-1]:.2f} s, distilrl {metrics['wall_s']:.2f} s "
-                    f"(generate {metrics['perf/generate_s']:.2f}, train {metrics.get('perf/train_s', 0):.2f})")
+                log(f"step {len(trl_times)}/{total}: trl {trl_times[-1]:.2f} s (generate {trl_generate_times[-1]:.2f}), "
+                    f"distilrl {metrics['wall_s']:.2f} s (generate {metrics['perf/generate_s']:.2f}, train {metrics.get('perf/train_s', 0):.2f})")
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if logs and "reward" in logs:
@@ -247,11 +261,15 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path,
         trl = GRPOTrainer(model=model, reward_funcs=verifier_reward, args=trl_config(workload, work / "trl", total, bf16),
                           train_dataset=dataset, processing_class=tokenizer, callbacks=[Alternate()])
         trl.remove_callback(PrinterCallback)  # its per-step dicts would bury the table
+        trl._generate_and_score_completions = timing_calls(trl._generate_and_score_completions, trl_generate_times)
         trl.train()
         # Training MFU is measured on one update over a whole batch with signal in every row: the steps above
         # leave out the rows whose advantage is 0, nearly all of them with a random student.
+        # Timed on its second call: the first pays for allocating the larger activations, as each side's warm-up
+        # steps do.
         batch = signal_batch(tokenizer, dataset["prompt"][:rows],
                              round(statistics.median(m["charts/response_tokens"] for m in ours_steps)))
+        ours._loop.trainer.train_step(batch)
         full_batch_train_s = ours._loop.trainer.train_step(batch)["perf/train_s"]
     rate_after = matmul_rate()
     rate = statistics.median([rate_before, rate_after])
@@ -263,6 +281,7 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path,
              for name in ("generate", "score", "train", "sync")}
     phase["reference"] = 0.0  # no KL term (beta 0), so no reference model runs; with one it is inside train
     phase["idle"] = max(0.0, ours_s - sum(phase.values()))
+    trl_generate_s = statistics.median(trl_generate_times[warmup:total])
     response_tokens = statistics.median(m["charts/response_tokens"] for m in timed)
     mean_prompt = statistics.mean(len(tokenizer(p, add_special_tokens=False).input_ids) for p in dataset["prompt"])
     tokens = rows * (mean_prompt + response_tokens)
@@ -287,6 +306,8 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path,
         "distilrl_step_s": round(ours_s, 3),
         "trl_step_s": round(trl_s, 3),
         "phase_s": {k: round(v, 3) for k, v in phase.items()},
+        # TRL's generation and scoring (_generate_and_score_completions), and the rest of its step (the update).
+        "trl_phase_s": {"generate": round(trl_generate_s, 3), "train": round(trl_s - trl_generate_s, 3)},
         "matmul_gflops": round(rate, 1),
         "train_full_batch_s": round(full_batch_train_s, 3),
         "train_mfu": round(train_flops / full_batch_train_s / 1e9 / rate, 3),
@@ -322,6 +343,8 @@ def print_table(r: dict) -> None:
           f"the step's train phase replaced by the full-batch update)")
     split = ", ".join(f"{k} {v:.3f}" for k, v in r["phase_s"].items())
     print(f"distilrl step split (s): {split}")
+    print(f"TRL step split (s): generate and score {r['trl_phase_s']['generate']:.3f}, "
+          f"update {r['trl_phase_s']['train']:.3f}")
     print(f"distilrl rows left out of the update (advantage 0, no gradient), median: "
           f"{r['distilrl_skipped_rows']:.0f} of {r['completions_per_step']}")
     print(f"matmul {r['matmul_gflops']:.0f} GFLOP/s fp32; MFU train {r['train_mfu']} (one update on a whole batch "

@@ -85,10 +85,12 @@ def generate_compacting(model, tokenizer, prompts: list[str], n: int, max_new_to
     """What ``generate`` returns, from a decode loop that takes finished rows out of the batch and the KV cache
     (once at least an eighth of the batch has finished, so the cache is not copied every step): with responses of
     varying length most rows stop well before the longest, and ``generate`` would keep computing them to the end.
-    Sampling is plain multinomial at the temperature (no top-k/top-p), as ``generate`` is called; unlike
-    ``generate`` it does not read the model's saved generation config (``min_new_tokens`` and the like)."""
+    Sampling is plain multinomial at the temperature (no top-k/top-p), as ``generate`` is called. Of the model's
+    saved generation config it reads ``min_new_tokens`` only (end-of-sequence impossible before then, the log-probs
+    those of the distribution without it, as ``generate`` records them); the rest is ``generate``'s alone."""
     rows, input_ids, attention_mask = _left_padded(model, tokenizer, prompts, n)
     eos, scale = tokenizer.eos_token_id, 1.0 if greedy else temperature
+    min_new_tokens = getattr(model.generation_config, "min_new_tokens", None) or 0
     cache = DynamicCache(config=model.config)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
@@ -99,7 +101,10 @@ def generate_compacting(model, tokenizer, prompts: list[str], n: int, max_new_to
     tokens: list[list[int]] = [[] for _ in rows]
     logprobs: list[list[float]] = [[] for _ in rows]
     for step in range(max_new_tokens):
-        logp = torch.log_softmax(logits.float() / scale, dim=-1)
+        logits = logits.float() / scale
+        if step < min_new_tokens:
+            logits[:, eos] = float("-inf")
+        logp = torch.log_softmax(logits, dim=-1)
         token = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(-1)
         chosen = logp.gather(-1, token[:, None]).squeeze(-1)
         for row, t, lp, finished in zip(live.tolist(), token.tolist(), chosen.tolist(), done.tolist()):

@@ -141,6 +141,25 @@ def test_finish_reasons_agree_with_end_of_sequence_and_the_length_cap(engine, to
     assert {s.finish_reason for s in samples} == {"stop", "length"}
 
 
+@pytest.mark.parametrize("name", ["hf", "hf_compact"])
+def test_the_hf_engines_keep_the_saved_min_new_tokens(name, model_dir, tokenizer, shape, logprob_atol):
+    # The forced-length benchmarks save min_new_tokens in the student's generation config; both hf engines must
+    # keep end-of-sequence out until then and record the log-probs of the distribution without it.
+    engine = ENGINES[name](model_dir, RolloutConfig(threads=torch.get_num_threads()))
+    engine.load_weights(uniform_policy(tokenizer, shape).state_dict())
+    engine.model.generation_config.min_new_tokens = 10
+    torch.manual_seed(5)
+    samples = engine.generate(PROMPTS, 12, 16, 1.0, False)
+    vocabulary = float(len(tokenizer))
+    for s in samples:
+        assert len(s.response_ids) >= 10 and tokenizer.eos_token_id not in s.response_ids[:10]
+        assert s.logprobs[:10] == pytest.approx([-torch.log(torch.tensor(vocabulary - 1)).item()] * 10,
+                                                abs=logprob_atol)
+        assert s.logprobs[10:] == pytest.approx([-torch.log(torch.tensor(vocabulary)).item()] * (len(s.logprobs) - 10),
+                                                abs=logprob_atol)
+    assert {s.finish_reason for s in samples} == {"stop", "length"}
+
+
 def test_load_weights_changes_what_is_sampled(engine, model_dir, other_weights, logprob_atol):
     # Tiny random policies are all nearly uniform (the same seed may draw the same tokens from either): the
     # log-probs tell which weights sampled.
