@@ -85,16 +85,21 @@ def generate_compacting(model, tokenizer, prompts: list[str], n: int, max_new_to
     """What ``generate`` returns, from a decode loop that takes finished rows out of the batch and the KV cache
     (once at least an eighth of the batch has finished, so the cache is not copied every step): with responses of
     varying length most rows stop well before the longest, and ``generate`` would keep computing them to the end.
+    Each prompt's forward runs once for its ``n`` samples (``generate`` runs it ``n`` times).
     Sampling is plain multinomial at the temperature (no top-k/top-p), as ``generate`` is called. Of the model's
     saved generation config it reads ``min_new_tokens`` only (end-of-sequence impossible before then, the log-probs
     those of the distribution without it, as ``generate`` records them); the rest is ``generate``'s alone."""
-    rows, input_ids, attention_mask = _left_padded(model, tokenizer, prompts, n)
+    prompt_rows, input_ids, attention_mask = _left_padded(model, tokenizer, prompts, 1)
+    rows = [ids for ids in prompt_rows for _ in range(n)]
     eos, scale = tokenizer.eos_token_id, 1.0 if greedy else temperature
     min_new_tokens = getattr(model.generation_config, "min_new_tokens", None) or 0
     cache = DynamicCache(config=model.config)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    # Each prompt is computed once; its n samples start from copies of its keys and values.
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                   cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                   cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].repeat_interleave(n, dim=0)
+    cache.batch_repeat_interleave(n)
+    attention_mask = attention_mask.repeat_interleave(n, dim=0)
     live = torch.arange(len(rows), device=model.device)  # the original row of each batch row
     done = torch.zeros(len(rows), dtype=torch.bool, device=model.device)
     next_position = attention_mask.sum(-1)
