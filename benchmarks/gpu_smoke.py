@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=16, help="trainer rows per forward/backward")
     parser.add_argument("--tiny", action="store_true", help="a toy shape, 2 prompts x 2 samples x 4 tokens")
-    parser.add_argument("--engine", default="hf", help="rollout engine: hf or vllm (rollout/engines.py)")
+    parser.add_argument("--engine", default="hf", help="rollout engine: hf, hf_compact or vllm (rollout/engines.py)")
     args = parser.parse_args()
     from rlhf.cli import _quiet_libraries
 

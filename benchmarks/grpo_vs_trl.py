@@ -168,7 +168,7 @@ def timing_calls(method, times: list[float]):
 
 
 def ours_config(workload: dict, student_dir: Path, out_dir: Path, steps: int, ranks: int, bf16: bool,
-                engine: str = "hf"):
+                engine: str = "hf_compact"):
     from rlhf.base.config import RunConfig
 
     rows = workload["prompts"] * workload["samples"]
@@ -202,7 +202,7 @@ def trl_config(workload: dict, out_dir: Path, steps: int, bf16: bool):
     )
 
 
-def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path, engine: str = "hf",
+def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path, engine: str = "hf_compact",
         log=print) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, PrinterCallback, TrainerCallback
@@ -358,8 +358,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first on each side")
     parser.add_argument("--ranks", type=int, default=1, help="distilrl trainer ranks (threads split among them)")
     parser.add_argument("--quick", action="store_true", help="the tiny workload, 1 warm-up + 1 step: a smoke test")
-    parser.add_argument("--engine", default="hf", help="our rollout.engine (hf, or hf_compact: finished rows "
-                        "leave the batch; default hf)")
+    parser.add_argument("--engine", default="hf_compact", help="our rollout.engine (default hf_compact, whose "
+                        "finished rows leave the batch; hf: Hugging Face generate, as TRL samples)")
     parser.add_argument("--warm-dir", type=Path, default=ROOT / "runs" / "grpo_vs_trl_warm",
                         help="where the realistic workload's warmed-up student is made once and reused "
                              "(default runs/grpo_vs_trl_warm)")

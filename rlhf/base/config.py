@@ -209,9 +209,11 @@ class ThinkConfig(_Section):
 
 
 class RolloutConfig(_Section):
-    # What the rollout workers sample with (rollout/engines.py ENGINES): hf, Hugging Face generate with a KV cache
-    # (CPU or GPU); vllm, vLLM on a GPU (optional extra, rollout/vllm_engine.py). README "Choosing a rollout engine".
-    engine: str = "hf"
+    # What the rollout workers sample with (rollout/engines.py ENGINES): hf_compact, our decode loop over the
+    # transformers model that drops finished rows (2-2.5x hf on the quickstart's rollouts, the same on fixed-length
+    # ones); hf, Hugging Face generate, which also applies the checkpoint's saved generation config; vllm, vLLM on a
+    # GPU (optional extra, rollout/vllm_engine.py). README "Choosing a rollout engine".
+    engine: str = "hf_compact"
     # The dtype the engine holds the policy in. bfloat16 pays on CPUs with fast bf16 matmuls (AVX512-BF16, AMX) and
     # on GPUs; log-probs are float32 from its logits either way, the mismatch with the trainer's is logged as
     # perf/logprob_mismatch, and algorithm.tis_cap defaults to 2 in that mode (set it to null to turn it off).
