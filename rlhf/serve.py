@@ -7,8 +7,8 @@ Endpoints (JSON; errors in OpenAI's shape ``{"error": {"message", "type", "param
 - ``POST /v1/chat/completions``: ``messages`` (rendered with the tokenizer's chat template when it has one,
   otherwise the message contents joined by newlines), ``max_tokens`` (or ``max_completion_tokens``),
   ``temperature`` (0 = greedy), ``n``, ``seed``. Other OpenAI parameters are accepted and ignored; ``stream`` is
-  refused. Generation goes through a rollout engine (rollout/engines.py: ``rollout.engine``, default ``hf``), the
-  same sampler RL and evaluation use.
+  refused. Generation goes through a rollout engine (rollout/engines.py: ``rollout.engine``, default
+  ``hf_compact``), the same sampler RL and evaluation use.
 - ``GET /health``.
 
 One model, so generation is serialised with a lock; the HTTP side is threaded, so slow clients do not block each
@@ -335,8 +335,8 @@ def make_server(model: str | Path | tuple[Any, Any] | RolloutEngine, host: str =
     """Bind a policy server (not yet serving): ``.start()`` for a background thread, or ``.serve_forever()``.
 
     ``model`` is a checkpoint directory (Hugging Face format, safetensors), loaded into the engine that
-    ``rollout.engine`` names (default ``hf``, in ``rollout.dtype``); a loaded ``(model, tokenizer)`` pair, served by
-    the hf engine as it is; or a built rollout engine. ``model_name`` defaults to the directory's name
+    ``rollout.engine`` names (default ``hf_compact``, in ``rollout.dtype``); a loaded ``(model, tokenizer)`` pair,
+    served by the hf engine as it is; or a built rollout engine. ``model_name`` defaults to the directory's name
     (``"distilrl-policy"`` otherwise).
     """
     if max_request_bytes <= 0:
