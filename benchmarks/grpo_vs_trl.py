@@ -168,16 +168,19 @@ def timing_calls(method, times: list[float]):
 
 
 def ours_config(workload: dict, student_dir: Path, out_dir: Path, steps: int, ranks: int, bf16: bool,
-                engine: str = "hf_compact"):
+                engine: str = "hf_compact", asynchronous: bool = False):
     from rlhf.base.config import RunConfig
 
     rows = workload["prompts"] * workload["samples"]
+    # One-step-off asynchronous rollout as configs/quickstart_verifier.yaml's async runs it best on 2 cores
+    # (benchmarks/RESULTS.md, async_vs_sync): one rollout thread beside the trainer, which yields to it.
+    rollout_threads = 1 if asynchronous else os.cpu_count() or 1
     return RunConfig(
         output_dir=str(out_dir), seed=SEED, stages=["rl"], call_timeout_s=1800,
         model={"model_name_or_path": str(student_dir)},
         task={"train_prompts": 512, "eval_prompts": 8},
         rollout={"engine": engine, "num_workers": 1, "prompts_per_step": workload["prompts"], "samples_per_prompt": workload["samples"],
-                 "max_new_tokens": workload["max_new_tokens"], "threads": os.cpu_count() or 1,
+                 "max_new_tokens": workload["max_new_tokens"], "threads": rollout_threads, "asynchronous": asynchronous,
                  "temperature": workload.get("temperature", 1.0), "dtype": "bfloat16" if bf16 else "float32"},
         trainer={"num_ranks": ranks, "zero_stage": 2, "lr": LR, "micro_batch_size": rows // ranks,
                  "threads": max(1, (os.cpu_count() or 1) // ranks)},
@@ -203,7 +206,7 @@ def trl_config(workload: dict, out_dir: Path, steps: int, bf16: bool):
 
 
 def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path, engine: str = "hf_compact",
-        log=print) -> dict:
+        asynchronous: bool = False, log=print) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, PrinterCallback, TrainerCallback
     from trl import GRPOTrainer
@@ -225,7 +228,8 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path,
     lengths = "up to" if workload.get("warm") else "exactly"
     log(f"workload {workload_name}: {params / 1e6:.2f}M parameters, {workload['prompts']} prompts x "
         f"{workload['samples']} samples = {rows} completions of {lengths} {workload['max_new_tokens']} tokens per "
-        f"step; our engine {engine}; {warmup} warm-up + {steps} timed steps each, alternating; matmul "
+        f"step; our engine {engine}; {warmup} warm-up + {steps} timed steps each, "
+        f"{'TRL first, then ours (asynchronous rollout)' if asynchronous else 'alternating'}; matmul "
         f"{rate_before:.0f} GFLOP/s fp32, {bf16_rate:.0f} bf16: both sides sample in {'bf16' if bf16 else 'fp32'}")
 
     ours_steps: list[dict] = []
@@ -233,23 +237,29 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path,
     trl_generate_times: list[float] = []
     trl_logs: list[dict] = []
 
-    with rlhf.Trainer(ours_config(workload, work / "student", work / "ours", total, ranks, bf16, engine),
+    with rlhf.Trainer(ours_config(workload, work / "student", work / "ours", total, ranks, bf16, engine, asynchronous),
                       train_dataset=dataset, log=lambda line: None) as ours:
 
+        def our_step() -> None:
+            start = time.perf_counter()
+            metrics = ours.step()
+            metrics["wall_s"] = time.perf_counter() - start
+            ours_steps.append(metrics)
+            log(f"distilrl step {len(ours_steps)}/{total}: {metrics['wall_s']:.2f} s (generate "
+                f"{metrics['perf/generate_s']:.2f}, train {metrics.get('perf/train_s', 0):.2f})")
+
         class Alternate(TrainerCallback):
-            """Times each TRL optimizer step (generation included), then runs one distilrl step."""
+            """Times each TRL optimizer step (generation included), then runs one distilrl step (synchronous
+            rollout; an asynchronous one would keep generating in the background through TRL's next step)."""
 
             def on_step_begin(self, args, state, control, **kwargs):
                 self.start = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):
                 trl_times.append(time.perf_counter() - self.start)
-                start = time.perf_counter()
-                metrics = ours.step()
-                metrics["wall_s"] = time.perf_counter() - start
-                ours_steps.append(metrics)
-                log(f"step {len(trl_times)}/{total}: trl {trl_times[-1]:.2f} s (generate {trl_generate_times[-1]:.2f}), "
-                    f"distilrl {metrics['wall_s']:.2f} s (generate {metrics['perf/generate_s']:.2f}, train {metrics.get('perf/train_s', 0):.2f})")
+                log(f"TRL step {len(trl_times)}/{total}: {trl_times[-1]:.2f} s (generate {trl_generate_times[-1]:.2f})")
+                if not asynchronous:
+                    our_step()
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if logs and "reward" in logs:
@@ -263,6 +273,12 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path,
         trl.remove_callback(PrinterCallback)  # its per-step dicts would bury the table
         trl._generate_and_score_completions = timing_calls(trl._generate_and_score_completions, trl_generate_times)
         trl.train()
+        if asynchronous:
+            # Our steps after TRL's, every row trained: rows without signal go through forward and backward as
+            # TRL's do, so the step is the engine-for-engine figure as it runs, overlap included.
+            ours._rl_loop().trainer.skip_zero_advantage_rows = False
+            for _ in range(total):
+                our_step()
         # Training MFU is measured on one update over a whole batch with signal in every row: the steps above
         # leave out the rows whose advantage is 0, nearly all of them with a random student.
         # Timed on its second call: the first pays for allocating the larger activations, as each side's warm-up
@@ -295,6 +311,7 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path,
         "trainer_ranks": ranks,
         "lengths": "natural" if workload.get("warm") else "forced",
         "distilrl_engine": engine,
+        "asynchronous": asynchronous,
         "precision": {"distilrl_rollout": "bf16" if bf16 else "fp32", "distilrl_train": "fp32",
                       "trl": "bf16 (bf16=True)" if bf16 else "fp32 (bf16=False)"},
         "matmul_bf16_gflops": round(bf16_rate, 1),
@@ -302,7 +319,8 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path,
         "trl_completions_per_s": round(rows / trl_s, 2),
         "ratio": round(trl_s / ours_s, 3),
         # Engine for engine: our step as if every row had signal, its train phase replaced by the full-batch update.
-        "ratio_if_every_row_trained": round(trl_s / (ours_s - phase["train"] + full_batch_train_s), 3),
+        "ratio_if_every_row_trained": round(trl_s / (ours_s if asynchronous else
+                                                     ours_s - phase["train"] + full_batch_train_s), 3),
         "distilrl_step_s": round(ours_s, 3),
         "trl_step_s": round(trl_s, 3),
         "phase_s": {k: round(v, 3) for k, v in phase.items()},
@@ -336,11 +354,15 @@ def print_table(r: dict) -> None:
     print(f"{'reward (median)':<22}{r['distilrl_reward_median']!s:>12}{r['trl_reward_median']!s:>12}")
     print(f"{'response tokens':<22}{r['response_tokens']:>12.1f}{r['trl_response_tokens'] or 0:>12.1f}"
           f"   ({r['lengths']} lengths; ours: median of the step's mean, TRL: completions/mean_length)")
-    print(f"{'rollout engine':<22}{r['distilrl_engine']:>12}{'generate':>12}")
+    schedule = "async" if r["asynchronous"] else "sync"
+    print(f"{'rollout engine':<22}{r['distilrl_engine'] + ', ' + schedule:>12}{'generate':>12}")
     print(f"{'sampling precision':<22}{r['precision']['distilrl_rollout']:>12}{r['precision']['trl'][:4]:>12}"
           f"   (GEMM fp32 {r['matmul_gflops']:.0f}, bf16 {r['matmul_bf16_gflops']:.0f} GFLOP/s)")
-    print(f"ratio distilrl/TRL: {r['ratio']:.2f}x ({r['ratio_if_every_row_trained']:.2f}x if every row were trained: "
-          f"the step's train phase replaced by the full-batch update)")
+    if r["asynchronous"]:
+        print(f"ratio distilrl/TRL: {r['ratio']:.2f}x (every row trained; TRL's steps ran first, then ours)")
+    else:
+        print(f"ratio distilrl/TRL: {r['ratio']:.2f}x ({r['ratio_if_every_row_trained']:.2f}x if every row were "
+              f"trained: the step's train phase replaced by the full-batch update)")
     split = ", ".join(f"{k} {v:.3f}" for k, v in r["phase_s"].items())
     print(f"distilrl step split (s): {split}")
     print(f"TRL step split (s): generate and score {r['trl_phase_s']['generate']:.3f}, "
@@ -360,6 +382,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the tiny workload, 1 warm-up + 1 step: a smoke test")
     parser.add_argument("--engine", default="hf_compact", help="our rollout.engine (default hf_compact, whose "
                         "finished rows leave the batch; hf: Hugging Face generate, as TRL samples)")
+    parser.add_argument("--asynchronous", action="store_true",
+                        help="our one-step-off asynchronous rollout (one rollout thread), every row trained; the "
+                             "sides then run one after the other (TRL's steps first) instead of alternating")
     parser.add_argument("--warm-dir", type=Path, default=ROOT / "runs" / "grpo_vs_trl_warm",
                         help="where the realistic workload's warmed-up student is made once and reused "
                              "(default runs/grpo_vs_trl_warm)")
@@ -373,7 +398,8 @@ def main() -> None:
     _quiet_libraries()
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    result = run(args.workload, args.steps, args.warmup, args.ranks, args.warm_dir, args.engine, log=lambda line: print(line, flush=True))
+    result = run(args.workload, args.steps, args.warmup, args.ranks, args.warm_dir, args.engine,
+                 args.asynchronous, log=lambda line: print(line, flush=True))
     print_table(result)
     print(json.dumps(result))
 

@@ -56,7 +56,7 @@ def test_grpo_benchmark_student_generates_exactly_max_new_tokens(tmp_path):
     import grpo_vs_trl
 
     from rlhf.base.models import load_student
-    from rollout.engine import generate
+    from rollout.engine import generate, generate_compacting
 
     workload = grpo_vs_trl.WORKLOADS["quick"]
     params, _ = grpo_vs_trl.make_student(workload, tmp_path / "student")
@@ -66,11 +66,12 @@ def test_grpo_benchmark_student_generates_exactly_max_new_tokens(tmp_path):
     handle = model.lm_head.register_forward_hook(
         lambda module, inputs, output: output.index_add(-1, torch.tensor([tokenizer.eos_token_id]),
                                                         torch.full((*output.shape[:-1], 1), 50.0)))
-    try:
-        samples = generate(model.eval(), tokenizer, ["1+2=", "3+4-5="], 3, workload["max_new_tokens"])
+    try:  # both hf engines' samplers: hf (HF generate) and hf_compact, the default
+        samples = [s for sample in (generate, generate_compacting)
+                   for s in sample(model.eval(), tokenizer, ["1+2=", "3+4-5="], 3, workload["max_new_tokens"])]
     finally:
         handle.remove()
-    assert [len(s.response_ids) for s in samples] == [workload["max_new_tokens"]] * 6
+    assert [len(s.response_ids) for s in samples] == [workload["max_new_tokens"]] * 12
     # EOS stays suppressed up to the last step, so every response runs to the length limit.
     assert all(s.finish_reason == "length" and tokenizer.eos_token_id not in s.response_ids for s in samples)
 
@@ -105,3 +106,7 @@ def test_grpo_benchmark_realistic_student_is_the_warmed_up_one_with_natural_leng
     assert "min_new_tokens" not in trl.generation_kwargs and trl.temperature == workload["temperature"]
     ours = grpo_vs_trl.ours_config(workload, tmp_path / "student", tmp_path / "ours", 3, 1, bf16=False)
     assert ours.rollout.temperature == trl.temperature and ours.rollout.dtype == "float32"
+    assert not ours.rollout.asynchronous
+    asynchronous = grpo_vs_trl.ours_config(workload, tmp_path / "student", tmp_path / "ours", 3, 1, bf16=False,
+                                           asynchronous=True)
+    assert asynchronous.rollout.asynchronous and asynchronous.rollout.threads == 1
