@@ -329,7 +329,9 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path,
         "matmul_gflops": round(rate, 1),
         "train_full_batch_s": round(full_batch_train_s, 3),
         "train_mfu": round(train_flops / full_batch_train_s / 1e9 / rate, 3),
-        "generate_mfu": round(gen_flops / phase["generate"] / 1e9 / rate, 3) if phase["generate"] else None,
+        # Asynchronous, the generate phase is only the wait the overlap left: no generation rate to take from it.
+        "generate_mfu": (round(gen_flops / phase["generate"] / 1e9 / rate, 3)
+                         if phase["generate"] and not asynchronous else None),
         "distilrl_reward_first_last": [round(ours_steps[0]["reward/mean"], 3), round(ours_steps[-1]["reward/mean"], 3)],
         "trl_reward_first_last": ([round(trl_logs[0]["reward"], 3), round(trl_logs[-1]["reward"], 3)]
                                   if trl_logs else None),
