@@ -31,7 +31,7 @@ Hardware limit: a large fp32 GEMM through torch (2 threads) gives the machine's 
 utilisation (MFU) of our phases is counted as 6 * params * tokens for training (forward and backward over prompt
 and response tokens) and 2 * params * tokens for generation (every prompt and generated token), attention's own
 FLOPs left out; params counts the tied embedding once (as the output projection). Training is timed on one extra
-update over a whole batch with signal in every row (its second call; the first warms the allocator): the
+update over a whole batch with signal in every row (synchronous: its second call, the first warms the allocator): the
 benchmark's steps leave out the rows without any.
 
 Prints a table, then one JSON object as the last line.
@@ -54,6 +54,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from rlhf.base.config import RolloutConfig  # noqa: E402
+
 WORKLOADS = {
     # hidden, layers, heads, kv heads, MLP width; prompts x samples = completions per step; new tokens each
     "small": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 512,
@@ -69,6 +71,8 @@ WORKLOADS = {
 }
 LR = 1e-5
 SEED = 0
+# Our rollout engine unless --engine says otherwise: the config's own default.
+DEFAULT_ENGINE = RolloutConfig().engine
 
 
 def matmul_rate(size: int = 2048, repeats: int = 5, dtype=None) -> float:
@@ -168,7 +172,7 @@ def timing_calls(method, times: list[float]):
 
 
 def ours_config(workload: dict, student_dir: Path, out_dir: Path, steps: int, ranks: int, bf16: bool,
-                engine: str = "hf_compact", asynchronous: bool = False):
+                engine: str = DEFAULT_ENGINE, asynchronous: bool = False):
     from rlhf.base.config import RunConfig
 
     rows = workload["prompts"] * workload["samples"]
@@ -205,7 +209,7 @@ def trl_config(workload: dict, out_dir: Path, steps: int, bf16: bool):
     )
 
 
-def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path, engine: str = "hf_compact",
+def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path, engine: str = DEFAULT_ENGINE,
         asynchronous: bool = False, log=print) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, PrinterCallback, TrainerCallback
@@ -281,11 +285,12 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path,
                 our_step()
         # Training MFU is measured on one update over a whole batch with signal in every row: the steps above
         # leave out the rows whose advantage is 0, nearly all of them with a random student.
-        # Timed on its second call: the first pays for allocating the larger activations, as each side's warm-up
-        # steps do.
+        # Synchronous, timed on its second call: the first pays for allocating the larger activations, as each
+        # side's warm-up steps do (asynchronous, every step already trained a whole batch).
         batch = signal_batch(tokenizer, dataset["prompt"][:rows],
                              round(statistics.median(m["charts/response_tokens"] for m in ours_steps)))
-        ours._loop.trainer.train_step(batch)
+        if not asynchronous:
+            ours._loop.trainer.train_step(batch)
         full_batch_train_s = ours._loop.trainer.train_step(batch)["perf/train_s"]
     rate_after = matmul_rate()
     rate = statistics.median([rate_before, rate_after])
@@ -382,8 +387,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first on each side")
     parser.add_argument("--ranks", type=int, default=1, help="distilrl trainer ranks (threads split among them)")
     parser.add_argument("--quick", action="store_true", help="the tiny workload, 1 warm-up + 1 step: a smoke test")
-    parser.add_argument("--engine", default="hf_compact", help="our rollout.engine (default hf_compact, whose "
-                        "finished rows leave the batch; hf: Hugging Face generate, as TRL samples)")
+    parser.add_argument("--engine", default=DEFAULT_ENGINE, help=f"our rollout.engine (default {DEFAULT_ENGINE}, "
+                        "the config's; hf: Hugging Face generate, as TRL samples)")
     parser.add_argument("--asynchronous", action="store_true",
                         help="our one-step-off asynchronous rollout (one rollout thread), every row trained; the "
                              "sides then run one after the other (TRL's steps first) instead of alternating")

@@ -94,7 +94,7 @@ def _add_model_commands(commands) -> None:
     cmd.add_argument("checkpoint", help="a policy directory in Hugging Face format (a run's policy/)")
     cmd.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. rollout.dtype=bfloat16")
     cmd.add_argument("--config", help="the config whose rollout section (engine, dtype) to serve with (default: the "
-                     "config.yaml of the run the checkpoint is in, if any; else rollout.engine hf)")
+                     "config.yaml of the run the checkpoint is in, if any; else the default rollout section)")
     cmd.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     cmd.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     text = "write a run's report.md and plots (reward, accuracy, KL, per-difficulty, RM-teacher agreement, time)"
