@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 from rlhf.cli import _quiet_libraries
-from rlhf.base.config import load_config
+from rlhf.core.config.run_config import load_config
 from rlhf.api import run
-from rlhf.driver import build_policy
-from rlhf.base.models import save_student
-from rlhf.warmup import run_warmup
+from rlhf.stages.run_dir import build_policy
+from rlhf.core.models.build import save_student
+from rlhf.stages.warmup import run_warmup
 
 
 def main() -> None:

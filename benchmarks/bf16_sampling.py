@@ -44,7 +44,7 @@ def mismatch(model, fp32_model, samples) -> float:
     the sampler's own log-probs would also carry the forced length's end-of-sequence suppression)."""
     import torch
 
-    from rlhf.base.algorithms import token_logprobs
+    from rlhf.core.algorithms import token_logprobs
 
     diffs = []
     with torch.no_grad():
@@ -59,8 +59,8 @@ def run(workload_name: str, repeats: int, gemm_size: int, log=print) -> dict:
     import torch
 
     import grpo_vs_trl
-    from rlhf.base.config import RolloutConfig
-    from rlhf.base.data import arithmetic_rows
+    from rlhf.core.config.run_config import RolloutConfig
+    from rlhf.core.data.datasets import arithmetic_rows
     from rollout.engines import HFEngine
 
     torch.set_num_threads(os.cpu_count() or 1)

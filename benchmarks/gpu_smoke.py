@@ -62,14 +62,14 @@ def run(shape: dict, prompts: int, samples: int, new_tokens: int, micro_batch: i
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from reward.verifiers import final_number_correct
-    from rlhf.base.algorithms import ADVANTAGE_ESTIMATORS, AdvantageInputs
-    from rlhf.base.config import RunConfig
-    from rlhf.base.batch import make_train_batch, response_mask
-    from rlhf.base.data import arithmetic_rows
-    from rlhf.base.models import build_tokenizer
-    from rlhf.base.config import RolloutConfig
-    from rlhf.trainer import PolicyTrainer
+    from reward.scoring.verifiers import final_number_correct
+    from rlhf.core.algorithms import ADVANTAGE_ESTIMATORS, AdvantageInputs
+    from rlhf.core.config.run_config import RunConfig
+    from rlhf.core.data.batch import make_train_batch, response_mask
+    from rlhf.core.data.datasets import arithmetic_rows
+    from rlhf.core.models.build import build_tokenizer
+    from rlhf.core.config.run_config import RolloutConfig
+    from rlhf.rl.ranks.policy import PolicyTrainer
     from rollout.worker import ENGINES
 
     cuda = torch.cuda.is_available()

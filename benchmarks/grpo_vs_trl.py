@@ -3,7 +3,7 @@
     python benchmarks/grpo_vs_trl.py [--workload small|medium|realistic] [--steps 6] [--warmup 2] [--quick]
 
 Both sides get the same Qwen2 student (saved once, loaded by both), the same character tokenizer, the same
-arithmetic prompts, the same verifier reward (reward.verifiers), samples per prompt, max new tokens, temperature,
+arithmetic prompts, the same verifier reward (reward.scoring.verifiers), samples per prompt, max new tokens, temperature,
 learning rate (AdamW, grad-norm clip 1), token-mean loss, no KL term (TRL's beta 0; our kl_coef 0), fp32 weights
 for training. Two kinds of workload:
 
@@ -54,7 +54,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rlhf.base.config import RolloutConfig  # noqa: E402
+from rlhf.core.config.run_config import RolloutConfig  # noqa: E402
 
 WORKLOADS = {
     # hidden, layers, heads, kv heads, MLP width; prompts x samples = completions per step; new tokens each
@@ -95,7 +95,7 @@ def warm_student(cache_dir: Path, overrides: tuple[str, ...] = ()) -> Path:
     quickstart's, rewarded by the verifier), run in this process by ``rlhf.Trainer.warmup`` as the quickstart runs
     it, written once to ``cache_dir/warmup`` and reused after."""
     import rlhf
-    from rlhf.base.config import load_config
+    from rlhf.core.config.run_config import load_config
 
     student = cache_dir / "warmup"
     if not (student / "model.safetensors").is_file():
@@ -110,8 +110,8 @@ def make_student(workload: dict, out_dir: Path, warm_dir: Path | None = None) ->
     """The shared student saved to ``out_dir`` (a realistic workload's: the warmed-up student from ``warm_dir``,
     natural lengths; else random weights with a fixed-length generation config); returns its parameter count and
     tokenizer."""
-    from rlhf.base.config import ModelConfig
-    from rlhf.base.models import build_student, build_tokenizer, load_student, save_student
+    from rlhf.core.config.run_config import ModelConfig
+    from rlhf.core.models.build import build_student, build_tokenizer, load_student, save_student
 
     if workload.get("warm"):
         student, tokenizer = load_student(warm_student(warm_dir))
@@ -131,14 +131,14 @@ def make_student(workload: dict, out_dir: Path, warm_dir: Path | None = None) ->
 def prompt_dataset(count: int):
     import datasets
 
-    from rlhf.base.data import arithmetic_rows
+    from rlhf.core.data.datasets import arithmetic_rows
 
     return datasets.Dataset.from_list([{"prompt": r.prompt, "answer": r.answer} for r in arithmetic_rows(count, SEED)])
 
 
 def verifier_reward(prompts, completions, answer, **_) -> list[float]:
-    """TRL's reward function: our verifier, 1.0 for a correct final number, else 0.0 (as reward.worker scores it)."""
-    from reward.verifiers import final_number_correct
+    """TRL's reward function: our verifier, 1.0 for a correct final number, else 0.0 (as reward.scoring.worker scores it)."""
+    from reward.scoring.verifiers import final_number_correct
 
     return [1.0 if final_number_correct(c, a) else 0.0 for c, a in zip(completions, answer)]
 
@@ -148,8 +148,8 @@ def signal_batch(tokenizer, prompts: list[str], response_tokens: int) -> dict:
     nonzero advantage in every row, so no row is left out of the update."""
     import torch
 
-    from rlhf.base.batch import make_train_batch
-    from rlhf.base.samples import Sample
+    from rlhf.core.data.batch import make_train_batch
+    from rlhf.core.data.samples import Sample
 
     g = torch.Generator().manual_seed(SEED)
     samples = [Sample(i, tokenizer(p, add_special_tokens=False).input_ids,
@@ -173,7 +173,7 @@ def timing_calls(method, times: list[float]):
 
 def ours_config(workload: dict, student_dir: Path, out_dir: Path, steps: int, ranks: int, bf16: bool,
                 engine: str = DEFAULT_ENGINE, asynchronous: bool = False):
-    from rlhf.base.config import RunConfig
+    from rlhf.core.config.run_config import RunConfig
 
     rows = workload["prompts"] * workload["samples"]
     # One-step-off asynchronous rollout as configs/quickstart_verifier.yaml's async runs it best on 2 cores

@@ -3,7 +3,7 @@
     python benchmarks/reward_server_load.py [--clients 32] [--seconds 10] [--batch 8] [--scorer rm|verifier]
                                             [--slow-clients 256] [--long-request]
 
-The server (reward/server.py, default limits: one scoring call at a time, a queue of 64) runs in its own process,
+The server (rlhf/serve/reward_server.py, default limits: one scoring call at a time, a queue of 64) runs in its own process,
 scoring with a small distilled RM (a Qwen2 backbone, hidden 128, 3 layers, random weights: the quickstart RM's
 shape; speed does not depend on what it learned) or the rule verifier. Each client thread keeps one HTTP/1.1
 connection and posts well-formed ``/score`` batches back to back. Prints requests/s, samples/s, p50/p99 latency,
@@ -31,15 +31,15 @@ import time
 
 def build_scorer(kind: str, threads: int):
     if kind == "verifier":
-        from reward.verifiers import final_number_correct
+        from reward.scoring.verifiers import final_number_correct
 
         return lambda prompts, responses: [float(bool(final_number_correct(r, p.rsplit("=", 1)[-1] or "0")))
                                            for p, r in zip(prompts, responses)]
     import torch
 
-    from reward.model import DistilledRewardModel, score_texts
-    from rlhf.base.config import ModelConfig
-    from rlhf.base.models import build_student, build_tokenizer
+    from reward.model.distilled import DistilledRewardModel, score_texts
+    from rlhf.core.config.run_config import ModelConfig
+    from rlhf.core.models.build import build_student, build_tokenizer
 
     torch.set_num_threads(threads)
     tokenizer = build_tokenizer("char")
@@ -52,7 +52,7 @@ MAX_TOKENS = 512  # the server's limit per prompt + response (the RM's context i
 
 
 def serve(kind: str, threads: int, max_queue: int, port_box) -> None:
-    from reward.server import make_reward_server
+    from rlhf.serve.reward_server import make_reward_server
 
     server = make_reward_server(build_scorer(kind, threads), max_queue=max_queue,
                                 count_tokens=lambda p, r: len(p) + len(r) + 1, max_tokens=MAX_TOKENS)  # char tokens

@@ -2,7 +2,7 @@
 
     python benchmarks/rm_vs_trl.py [--steps 8] [--warmup 2] [--pairs 32] [--quick]
 
-The same reward model (a Qwen2 backbone with a quality head, ``reward.model.DistilledRewardModel``, saved once; TRL
+The same reward model (a Qwen2 backbone with a quality head, ``reward.model.distilled.DistilledRewardModel``, saved once; TRL
 loads it as the plain ``Qwen2ForSequenceClassification`` it is saved as), the same character tokenizer and the
 same pairs (arithmetic prompts, a correct worked answer chosen over a wrong one), the same pairs per optimizer step,
 learning rate, AdamW and gradient clipping, and the same loss (Bradley-Terry, -log sigmoid(chosen - rejected): our
@@ -10,7 +10,7 @@ other loss terms are weighted 0 here). Training runs twice, on two kinds of pair
 at the end (a pair shares all but its last tokens) and at the first step (it shares the prompt and the first
 operation), because our trainer computes a pair's shared prefix once. Each run alternates one optimizer step of
 each side (TRL's loop drives: a callback times each TRL step, then runs one of ours on a DeepSpeed ZeRO-2 rank in a
-Ray actor); the first ``--warmup`` steps are dropped and medians reported. Scoring: ``reward.model.score_texts``
+Ray actor); the first ``--warmup`` steps are dropped and medians reported. Scoring: ``reward.model.distilled.score_texts``
 against the plain Hugging Face way a TRL user scores (tokenizer with padding, ``AutoModelForSequenceClassification``
 forward), alternating, same batch size.
 
@@ -40,7 +40,7 @@ SIZES = {
 LR = 1e-5
 SEED = 0
 # Pair kinds measured, by where the rejected answer goes wrong (make_pairs). Our trainer computes the tokens a pair
-# shares once (reward.pair_packing), so the speed depends on it; TRL computes both sequences whole.
+# shares once (reward.model.pair_packing), so the speed depends on it; TRL computes both sequences whole.
 SLIPS = {"late": "a wrong final answer after the same working", "early": "a slip in the first step, carried on"}
 
 
@@ -48,7 +48,7 @@ def make_pairs(count: int, slip: str = "late") -> list[dict]:
     """Arithmetic prompts; chosen: the worked, correct solution (running totals). Rejected, by ``slip``: "late",
     the same working with a wrong final answer (the two share all but the last tokens); "early", a slip in the
     first running total carried through to the end (they share the prompt and the first operation only)."""
-    from rlhf.base.tasks import arithmetic
+    from rlhf.core.tasks import arithmetic
 
     rng = random.Random(SEED)
     pairs = []
@@ -68,9 +68,9 @@ def make_pairs(count: int, slip: str = "late") -> list[dict]:
 
 def make_reward_model(size: dict, out_dir: Path):
     """The shared RM: a random Qwen2 backbone with fresh heads, saved (with the tokenizer) to ``out_dir``."""
-    from reward.model import DistilledRewardModel
-    from rlhf.base.config import ModelConfig
-    from rlhf.base.models import build_student, build_tokenizer
+    from reward.model.distilled import DistilledRewardModel
+    from rlhf.core.config.run_config import ModelConfig
+    from rlhf.core.models.build import build_student, build_tokenizer
 
     tokenizer = build_tokenizer("char")
     student = build_student(ModelConfig(**size, max_position_embeddings=256), tokenizer, SEED)
@@ -87,9 +87,9 @@ def train(rm_dir: Path, pairs: list[dict], tokenizer, batch: int, steps: int, wa
     from transformers import AutoModelForSequenceClassification, PrinterCallback, TrainerCallback
     from trl import RewardConfig, RewardTrainer
 
-    from reward.rm_trainer import RewardModelTrainerGroup, collate_pairs
-    from rlhf.base import cluster
-    from rlhf.base.config import RewardModelConfig
+    from reward.model.ranks import RewardModelTrainerGroup, collate_pairs
+    from rlhf.core.distributed import cluster
+    from rlhf.core.config.run_config import RewardModelConfig
 
     total = steps + warmup
     threads = os.cpu_count() or 1
@@ -139,7 +139,7 @@ def score(rm_dir: Path, pairs: list[dict], tokenizer, batch: int, repeats: int) 
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from reward.model import DistilledRewardModel, score_texts
+    from reward.model.distilled import DistilledRewardModel, score_texts
 
     torch.set_num_threads(os.cpu_count() or 1)
     prompts, responses = [p["prompt"] for p in pairs], [p["chosen"] for p in pairs]

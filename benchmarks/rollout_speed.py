@@ -46,7 +46,7 @@ def logprob_gap(model, rows, temperature: float) -> float:
     """Largest |log-prob from generate_batch - recomputed full forward at the temperature| over ``rows``."""
     import torch
 
-    from rlhf.base.algorithms import token_logprobs
+    from rlhf.core.algorithms import token_logprobs
 
     gap = 0.0
     for prompt_ids, response, logprobs in rows:
@@ -67,8 +67,8 @@ def main() -> None:
     import torch
 
     import grpo_vs_trl
-    from rlhf.base.data import arithmetic_rows
-    from rlhf.base.models import load_student
+    from rlhf.core.data.datasets import arithmetic_rows
+    from rlhf.core.models.build import load_student
     from rollout.engine import generate, generate_compacting
 
     torch.set_num_threads(args.threads)

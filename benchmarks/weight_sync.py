@@ -30,11 +30,11 @@ def run(workload_name: str, syncs: int, ranks: int, workers: int, zero_stage: in
     import torch
 
     import grpo_vs_trl
-    from rlhf.base.config import RunConfig
-    from rlhf.base.worker_pool import WorkerPool
-    from rlhf.rollout_group import RolloutGroup
-    from rlhf.trainer import TrainerGroup
-    from rlhf.weight_broadcast import BroadcastSync
+    from rlhf.core.config.run_config import RunConfig
+    from rlhf.core.distributed.worker_pool import WorkerPool
+    from rlhf.rl.groups.rollout import RolloutGroup
+    from rlhf.rl.ranks.policy import TrainerGroup
+    from rlhf.rl.groups.weight_broadcast import BroadcastSync
     from rollout.worker import RolloutWorker
 
     workload = grpo_vs_trl.WORKLOADS[workload_name]

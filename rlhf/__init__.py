@@ -2,7 +2,7 @@
 stage and step by step, ``rlhf.load_config`` / ``rlhf.RunConfig`` for the config (see rlhf/api.py and the README's
 "Scripting" section).
 
-The names load on first use: ``import rlhf.base.config`` in the CLI and in every Ray worker must not pay for importing
+The names load on first use: ``import rlhf.core.config.run_config`` in the CLI and in every Ray worker must not pay for importing
 Ray, DeepSpeed and the whole driver.
 """
 from __future__ import annotations
@@ -11,14 +11,14 @@ import importlib
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
-    "RunConfig": "rlhf.base.config",
-    "load_config": "rlhf.base.config",
-    "ConfigError": "rlhf.base.config",
-    "DatasetError": "rlhf.base.data",
-    "RewardError": "reward.worker",
-    "RunDirError": "rlhf.driver",
-    "ResumeError": "rlhf.base.resume",
-    "NonFiniteError": "rlhf.base.guards",
+    "RunConfig": "rlhf.core.config.run_config",
+    "load_config": "rlhf.core.config.run_config",
+    "ConfigError": "rlhf.core.config.run_config",
+    "DatasetError": "rlhf.core.data.datasets",
+    "RewardError": "reward.scoring.worker",
+    "RunDirError": "rlhf.stages.run_dir",
+    "ResumeError": "rlhf.core.checkpoints.resume",
+    "NonFiniteError": "rlhf.core.guards",
     "Trainer": "rlhf.api",
     "RunResult": "rlhf.api",
     "run": "rlhf.api",
@@ -26,13 +26,13 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
-    from reward.worker import RewardError
+    from reward.scoring.worker import RewardError
     from rlhf.api import RunResult, Trainer, run
-    from rlhf.base.config import ConfigError, RunConfig, load_config
-    from rlhf.base.data import DatasetError
-    from rlhf.driver import RunDirError
-    from rlhf.base.guards import NonFiniteError
-    from rlhf.base.resume import ResumeError
+    from rlhf.core.config.run_config import ConfigError, RunConfig, load_config
+    from rlhf.core.data.datasets import DatasetError
+    from rlhf.stages.run_dir import RunDirError
+    from rlhf.core.guards import NonFiniteError
+    from rlhf.core.checkpoints.resume import ResumeError
 
 
 def __getattr__(name: str):

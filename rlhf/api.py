@@ -26,25 +26,27 @@ from typing import TYPE_CHECKING, Callable
 import ray
 import torch
 
-from rlhf import distill
-from reward.custom import load_reward_fn
-from reward.seqcls import check_seqcls_dir
-from reward.worker import RewardFn
-from rlhf import actors, curriculum, diagnostics, driver, sft
-from rlhf.base import resume as checkpoints
-from rlhf.base.checkpoint import atomic_dir, write_json_atomic
-from rlhf.base.config import ConfigError, RunConfig
-from rlhf.base.guards import finite_metrics
-from rlhf.base.memory import check_run_memory
-from rlhf.base.model_import import student_from_gguf
-from rlhf.metrics import RunMetrics, check_wandb, eval_scalars
-from rlhf.base.models import check_model_dir, save_student
-from rlhf.pipeline import RolloutPipeline
-from rlhf.extensions import check_registered
-from rlhf.loop import RLLoop
-from rlhf.base.progress import Progress
-from rlhf.report import write_report
-from rlhf.warmup import run_warmup
+from rlhf.stages import reward_model as distill
+from reward.scoring.custom import load_reward_fn
+from reward.model.seqcls import check_seqcls_dir
+from reward.scoring.worker import RewardFn
+from rlhf.rl import launch as actors
+from rlhf.stages import curriculum, run_dir as driver, sft
+from rlhf.outputs import diagnostics
+from rlhf.core.checkpoints import resume as checkpoints
+from rlhf.core.checkpoints.atomic import atomic_dir, write_json_atomic
+from rlhf.core.config.run_config import ConfigError, RunConfig
+from rlhf.core.guards import finite_metrics
+from rlhf.core.models.memory import check_run_memory
+from rlhf.core.models.model_import import student_from_gguf
+from rlhf.outputs.metrics import RunMetrics, check_wandb, eval_scalars
+from rlhf.core.models.build import check_model_dir, save_student
+from rlhf.rl.prefetch import RolloutPipeline
+from rlhf.registered import check_registered
+from rlhf.rl.step import RLLoop
+from rlhf.core.progress import Progress
+from rlhf.outputs.report import write_report
+from rlhf.stages.warmup import run_warmup
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -106,7 +108,7 @@ class Trainer:
     with a ``RewardError`` naming the sample. ``train_dataset``, ``eval_dataset``: ``datasets.Dataset``s of
     prompts (columns ``task.prompt_field``, ``task.answer_field``, optionally ``task.difficulty_field``) used
     instead of the task's training or held-out prompts. ``log``: where progress lines go. ``resume``: continue
-    from the newest complete checkpoint in ``output_dir`` (see rlhf/base/resume.py; a config change that matters is
+    from the newest complete checkpoint in ``output_dir`` (see rlhf/core/checkpoints/resume.py; a config change that matters is
     refused with a ``ResumeError``), or start afresh where there is none. Attributes: ``output_dir``, ``steps``
     (RL steps taken), ``reward_model_dir`` (None until there is one), ``resumed_step`` (the checkpoint's step, or
     None).
@@ -169,7 +171,7 @@ class Trainer:
         self._rollout: actors.WorkerPool | None = None
         self._loop: RLLoop | None = None
         self._rollouts: RolloutPipeline | None = None  # generations launched ahead (asynchronous rollout)
-        self._plan_end = cfg.algorithm.steps  # launch nothing ahead for steps beyond this one (see rlhf.pipeline)
+        self._plan_end = cfg.algorithm.steps  # launch nothing ahead for steps beyond this one (see rlhf.rl.prefetch)
         self._owns_ray = False
         self._closed = False
         self._wall_s: float | None = None
@@ -191,12 +193,12 @@ class Trainer:
         """Supervised distillation of the teacher's solutions into the student (``cfg.warmup``); returns its
         figures. Runs in this process, before any actor starts: they all start from the warmed-up student, written
         to ``output_dir/warmup`` at the end (a warm-up-only run leaves it there, e.g. as a teacher). On a traces
-        dataset (``warmup.traces_file`` or the traces stage's output) this is the SFT of rlhf/sft.py."""
+        dataset (``warmup.traces_file`` or the traces stage's output) this is the SFT of rlhf/stages/sft.py."""
         if self._student is None:
             raise RuntimeError("warmup() must come before label(), train_reward_model(), evaluate(), step(), "
                                "train() and save(): the actors start from the warmed-up student")
         traces = sft.traces_path(self.cfg, self.output_dir, self._train_dataset is not None, self.log)
-        if traces is not None:  # distillation SFT on a traces dataset (rlhf/sft.py)
+        if traces is not None:  # distillation SFT on a traces dataset (rlhf/stages/sft.py)
             with self._timer("warmup"):
                 self._summary["warmup"] = sft.run_sft(self._student, self._tokenizer, self.cfg, traces, self.log,
                                                       self.metrics.log)
@@ -258,7 +260,7 @@ class Trainer:
         loop = self._rl_loop()
         start = time.perf_counter()
         if self.cfg.rollout.asynchronous:
-            # This batch was launched while the previous one trained (rlhf/pipeline.py).
+            # This batch was launched while the previous one trained (rlhf/rl/prefetch.py).
             launched = self._rollouts.next(remaining=self._plan_end - self.steps - 1)
             metrics = loop.step(self.steps + 1, launched.rows, launched)
         else:
@@ -398,7 +400,7 @@ class Trainer:
         if self._loop is None:
             rollout = self._rollout_workers()
             if self.cfg.reward.components.get("rm") and not (self.reward_model_dir or self.cfg.reward.rm_url):
-                raise ConfigError("reward.components uses rm but there is no reward model yet: call "
+                raise ConfigError("reward.scoring.components uses rm but there is no reward model yet: call "
                                   "train_reward_model() first, or set reward_model.path or reward.rm_url")
             self._loop = loop = actors.build_loop(self.cfg, self._start_dir(), self._tokenizer, rollout,
                                                   str(self.reward_model_dir) if self.reward_model_dir else None,
@@ -468,12 +470,12 @@ def _check_reward_fn(cfg: RunConfig, reward_fn) -> RewardFn | None:
     if cfg.reward.custom_fn:
         reward_fn = load_reward_fn(cfg.reward.custom_fn)
     if reward_fn is None and weight:
-        raise ConfigError("reward.components.custom needs a reward function: set reward.custom_fn "
+        raise ConfigError("reward.scoring.components.custom needs a reward function: set reward.custom_fn "
                           "(module.path:function or file.py:function), or pass reward_fn to rlhf.Trainer or rlhf.run")
     if reward_fn is not None and not callable(reward_fn):
         raise TypeError(f"reward_fn must be callable as fn(prompts, responses, rows), not a "
                         f"{type(reward_fn).__name__}")
     if reward_fn is not None and not weight:
-        raise ConfigError("reward_fn has no weight: set reward.components.custom, e.g. {'custom': 1.0} to reward "
+        raise ConfigError("reward_fn has no weight: set reward.scoring.components.custom, e.g. {'custom': 1.0} to reward "
                           "by it alone or {'verifier': 1.0, 'custom': 0.5} beside the verifier")
     return reward_fn

@@ -118,15 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_libraries()
-    from reward.labelling import TeacherError
-    from reward.worker import RewardError
-    from rlhf.base.cluster import ClusterError
-    from rlhf.base.config import ConfigError
-    from rlhf.base.data import DatasetError
-    from rlhf.driver import RunDirError
-    from rlhf.base.guards import NonFiniteError
-    from rlhf.base.models import ModelLoadError
-    from rlhf.base.worker_pool import WorkerDiedError
+    from reward.model.labelling import TeacherError
+    from reward.scoring.worker import RewardError
+    from rlhf.core.distributed.cluster import ClusterError
+    from rlhf.core.config.run_config import ConfigError
+    from rlhf.core.data.datasets import DatasetError
+    from rlhf.stages.run_dir import RunDirError
+    from rlhf.core.guards import NonFiniteError
+    from rlhf.core.models.build import ModelLoadError
+    from rlhf.core.distributed.worker_pool import WorkerDiedError
 
     try:
         return COMMANDS[args.command](args)
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from rlhf.base.config import load_config
+    from rlhf.core.config.run_config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.command == "label":
@@ -153,9 +153,9 @@ def _run(args) -> int:
 
 
 def _traces(args) -> int:
-    from rlhf.base.config import load_config
-    from rlhf.driver import refuse_finished_run
-    from rlhf.sft import traces_stage
+    from rlhf.core.config.run_config import load_config
+    from rlhf.stages.run_dir import refuse_finished_run
+    from rlhf.stages.sft import traces_stage
 
     cfg = load_config(args.config, args.overrides)
     refuse_finished_run(cfg)
@@ -164,7 +164,7 @@ def _traces(args) -> int:
 
 
 def _sft(args) -> int:
-    from rlhf.base.config import config_from_dict, load_config
+    from rlhf.core.config.run_config import config_from_dict, load_config
 
     data = load_config(args.config, args.overrides).model_dump()
     stages = [s for s in data["stages"] if s in ("traces", "eval")]
@@ -183,7 +183,7 @@ def _log(line: str) -> None:
 
 def _train_rm(args) -> int:
     from rlhf.api import Trainer
-    from rlhf.base.config import ConfigError, load_config
+    from rlhf.core.config.run_config import ConfigError, load_config
 
     cfg = load_config(args.config, args.overrides)
     for key, path in (("train_file", args.data), ("eval_file", args.eval_data)):
@@ -227,8 +227,8 @@ def _checkpoint_config(args):
     (if any), with the overrides; its registered names checked."""
     from pathlib import Path
 
-    from rlhf.base.config import load_config
-    from rlhf.extensions import check_registered
+    from rlhf.core.config.run_config import load_config
+    from rlhf.registered import check_registered
 
     config = args.config
     if config is None and (Path(args.checkpoint).resolve().parent / "config.yaml").is_file():
@@ -239,7 +239,7 @@ def _checkpoint_config(args):
 
 
 def _eval(args) -> int:
-    from rlhf.evaluate import evaluate_checkpoint
+    from rlhf.rl.evaluate import evaluate_checkpoint
 
     cfg = _checkpoint_config(args)
     figures = evaluate_checkpoint(cfg, args.checkpoint, log=lambda line: print(line, file=sys.stderr, flush=True))
@@ -248,15 +248,15 @@ def _eval(args) -> int:
 
 
 def _report(args) -> int:
-    from rlhf.report import write_report
+    from rlhf.outputs.report import write_report
 
     print(write_report(args.run_dir))
     return 0
 
 
 def _eval_rm(args) -> int:
-    from rlhf.distill import evaluate_rm_dir
-    from reward.labelling import judged_rows, make_pairs
+    from rlhf.stages.reward_model import evaluate_rm_dir
+    from reward.model.labelling import judged_rows, make_pairs
 
     for path in (args.rm_dir, args.labels_dir):
         if not os.path.exists(path):
@@ -267,7 +267,7 @@ def _eval_rm(args) -> int:
     else:  # your own preference data, conversational prompts rendered with the RM's chat template
         from transformers import AutoTokenizer
 
-        from reward.preference_data import load_preference_data, message_renderer
+        from reward.model.preference_data import load_preference_data, message_renderer
 
         render = message_renderer(AutoTokenizer.from_pretrained(args.rm_dir))
         data = load_preference_data(args.labels_dir, render, seed=1)
@@ -279,9 +279,9 @@ def _eval_rm(args) -> int:
 def _serve_rm(args) -> int:
     from transformers import AutoTokenizer
 
-    from reward.model import DistilledRewardModel, encode_pair, score_texts
-    from reward.server import serve_reward
-    from rlhf.base.models import check_model_dir
+    from reward.model.distilled import DistilledRewardModel, encode_pair, score_texts
+    from rlhf.serve.reward_server import serve_reward
+    from rlhf.core.models.build import check_model_dir
 
     _check_serve_args(args)
     check_model_dir(args.rm_dir, "RM_DIR (a run's reward_model/)", "ForSequenceClassification")
@@ -299,7 +299,7 @@ def _serve_rm(args) -> int:
 
 
 def _check_serve_args(args) -> None:
-    from rlhf.base.config import ConfigError
+    from rlhf.core.config.run_config import ConfigError
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port} is not a port number (0-65535)")
@@ -308,7 +308,7 @@ def _check_serve_args(args) -> None:
 
 
 def _serve(args) -> int:
-    from rlhf.serve import serve
+    from rlhf.serve.policy_server import serve
 
     _check_serve_args(args)
     serve(args.checkpoint, args.host, args.port, rollout=_checkpoint_config(args).rollout)
@@ -316,7 +316,7 @@ def _serve(args) -> int:
 
 
 def _import_model(args) -> int:
-    from rlhf.base.model_import import import_model
+    from rlhf.core.models.model_import import import_model
 
     print(import_model(args.source, args.out, args.dtype))
     return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
-from rlhf.base.samples import Sample
+from rlhf.core.data.samples import Sample
 
 
 class TokenLogprobs(LogitsProcessor):

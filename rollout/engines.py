@@ -14,10 +14,10 @@ from typing import Protocol
 
 import torch
 
-from rlhf.base.config import RolloutConfig
-from rlhf.base.models import load_student
-from rlhf.base.registry import Registry
-from rlhf.base.samples import Sample
+from rlhf.core.config.run_config import RolloutConfig
+from rlhf.core.models.build import load_student
+from rlhf.core.config.registry import Registry
+from rlhf.core.data.samples import Sample
 from rollout.engine import generate, generate_compacting
 
 
@@ -62,7 +62,7 @@ class HFEngine:
     @classmethod
     def from_model(cls, model, tokenizer) -> "HFEngine":
         """An hf engine around a model already loaded in this process, as it is (dtype, device): for serving a
-        model a script holds (rlhf/serve.py's ``make_server((model, tokenizer))``)."""
+        model a script holds (rlhf/serve/policy_server.py's ``make_server((model, tokenizer))``)."""
         engine = cls.__new__(cls)
         engine.model, engine.tokenizer = model.eval(), tokenizer
         return engine

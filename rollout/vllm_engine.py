@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from rlhf.base.config import RolloutConfig
-from rlhf.base.models import load_tokenizer
-from rlhf.base.samples import Sample
+from rlhf.core.config.run_config import RolloutConfig
+from rlhf.core.models.build import load_tokenizer
+from rlhf.core.data.samples import Sample
 from rollout.engines import ENGINES, check_fits
 
 

@@ -2,7 +2,7 @@
 
 After every trainer update the driver sends new weights with a version number, as a state dict through Ray's object
 store (``load_weights``) or by collective broadcast from trainer rank 0 (``join_weight_sync``, then
-``receive_weights``: rlhf/base/weight_sync.py); ``generate`` is told which version the driver expects and refuses
+``receive_weights``: rlhf/core/distributed/weight_sync.py); ``generate`` is told which version the driver expects and refuses
 to sample from stale weights rather than silently training off-policy. The worker times its engine's calls
 (``timing``).
 """
@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from rlhf.base.config import RolloutConfig
-from rlhf.base.resume import set_torch_rng_state, torch_rng_state
-from rlhf.base.samples import Sample
-from rlhf.base.weight_sync import BroadcastGroup, TensorSpec
+from rlhf.core.config.run_config import RolloutConfig
+from rlhf.core.checkpoints.resume import set_torch_rng_state, torch_rng_state
+from rlhf.core.data.samples import Sample
+from rlhf.core.distributed.weight_sync import BroadcastGroup, TensorSpec
 from rollout import vllm_engine  # noqa: F401 - registers the optional vllm engine (vllm itself loads when built)
 from rollout.engines import ENGINES
 

@@ -1,7 +1,7 @@
 """Run configs for tests that drive a trainer group directly, from the flat settings such a test cares about."""
 from __future__ import annotations
 
-from rlhf.base.config import EngineConfig, RunConfig
+from rlhf.core.config.run_config import EngineConfig, RunConfig
 
 ENGINE_KEYS = set(EngineConfig.model_fields)
 # Flat test names of settings that live elsewhere in the tree.

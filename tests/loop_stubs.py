@@ -5,9 +5,9 @@ from types import SimpleNamespace
 
 import torch
 
-from rlhf.base.samples import Sample
-from rlhf.loop import RLLoop
-from rlhf.update import PolicyUpdate
+from rlhf.core.data.samples import Sample
+from rlhf.rl.step import RLLoop
+from rlhf.rl.update import PolicyUpdate
 
 
 class StubPolicy:

@@ -1,8 +1,8 @@
 """A RewardWorker from the few settings a test cares about, through the run config as the actors get it."""
 from __future__ import annotations
 
-from reward.worker import RewardWorker
-from rlhf.base.config import RunConfig
+from reward.scoring.worker import RewardWorker
+from rlhf.core.config.run_config import RunConfig
 
 
 def reward_worker(components: dict[str, float], custom=None, rm_path: str | None = None,

@@ -1,15 +1,15 @@
-"""The adaptive-length reward (reward/adaptive.py) against hand-computed values, its reward-worker component, and
-the per-difficulty figures (rlhf/evaluate.py)."""
+"""The adaptive-length reward (reward/scoring/adaptive.py) against hand-computed values, its reward-worker component, and
+the per-difficulty figures (rlhf/rl/evaluate.py)."""
 import pytest
 
-from reward.adaptive import (AdaptiveLength, length_fit, length_penalty, rule_cd, rule_rv, skip_think_bonus,
+from reward.scoring.adaptive import (AdaptiveLength, length_fit, length_penalty, rule_cd, rule_rv, skip_think_bonus,
                              target_rv)
 from reward.teachers import OracleTeacher
-from reward.worker import RewardError
-from rlhf.base.config import AdaptiveConfig, ConfigError, load_config
-from rlhf.base.data import PromptRow
-from rlhf.evaluate import difficulty_metrics, score_eval
-from rlhf.base.samples import Sample
+from reward.scoring.worker import RewardError
+from rlhf.core.config.run_config import AdaptiveConfig, ConfigError, load_config
+from rlhf.core.data.datasets import PromptRow
+from rlhf.rl.evaluate import difficulty_metrics, score_eval
+from rlhf.core.data.samples import Sample
 from tests.scoring import reward_worker
 
 SHAPE = dict(rv_at_cd0=0.0, rv_at_cd9=8.0, tolerance=0.5, over_penalty=0.5, under_penalty=0.5)
@@ -96,16 +96,16 @@ def test_reward_worker_adds_the_weighted_component_to_the_verifier():
 
 
 def test_adaptive_config_errors_name_the_key(tmp_path):
-    with pytest.raises(ConfigError, match="reward.adaptive.source"):
-        load_config(None, ["reward.adaptive.source=oracle"])
+    with pytest.raises(ConfigError, match="reward.scoring.adaptive.source"):
+        load_config(None, ["reward.scoring.adaptive.source=oracle"])
     with pytest.raises(ConfigError, match="difficulty_range"):
-        load_config(None, ["reward.adaptive.difficulty_range=[6, 1]"])
+        load_config(None, ["reward.scoring.adaptive.difficulty_range=[6, 1]"])
     data = tmp_path / "d.jsonl"
-    with pytest.raises(ConfigError, match="reward.adaptive.source rule needs task.difficulty_field"):
+    with pytest.raises(ConfigError, match="reward.scoring.adaptive.source rule needs task.difficulty_field"):
         load_config(None, ["task.name=jsonl", f"task.train_file={data}", f"task.eval_file={data}",
-                           "reward.components={verifier: 1.0, adaptive: 0.5}"])
+                           "reward.scoring.components={verifier: 1.0, adaptive: 0.5}"])
     with pytest.raises(ConfigError, match="source rm needs a local reward model"):
-        load_config(None, ["reward.components={verifier: 1.0, adaptive: 0.5}", "reward.adaptive.source=rm"])
+        load_config(None, ["reward.scoring.components={verifier: 1.0, adaptive: 0.5}", "reward.scoring.adaptive.source=rm"])
 
 
 def _sample(text: str, tokens: int) -> Sample:

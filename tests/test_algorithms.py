@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf.base.algorithms import (
+from rlhf.core.algorithms import (
     distillation_advantages,
     ADVANTAGE_ESTIMATORS,
     AdvantageInputs,

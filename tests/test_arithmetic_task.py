@@ -5,8 +5,8 @@ from collections import Counter
 
 import pytest
 
-from rlhf.base.char_tokenizer import DEFAULT_ALPHABET, SPECIAL_TOKENS, build_char_tokenizer
-from rlhf.base.tasks.arithmetic import (
+from rlhf.core.models.char_tokenizer import DEFAULT_ALPHABET, SPECIAL_TOKENS, build_char_tokenizer
+from rlhf.core.tasks.arithmetic import (
     MAX_LEVEL,
     MAX_TOTAL,
     MIN_LEVEL,

@@ -7,7 +7,7 @@ import pytest
 import ray
 
 import rlhf
-from rlhf.trainer import ASYNC_TRAINER_NICENESS
+from rlhf.rl.ranks.policy import ASYNC_TRAINER_NICENESS
 
 pytest.importorskip("deepspeed")
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf.base.algorithms import token_logprobs
-from rlhf.base.batch import make_train_batch, without_zero_advantage_rows
-from rlhf.base.config import ModelConfig
-from rlhf.base.models import build_student, build_tokenizer
-from rlhf.base.samples import Sample
+from rlhf.core.algorithms import token_logprobs
+from rlhf.core.data.batch import make_train_batch, without_zero_advantage_rows
+from rlhf.core.config.run_config import ModelConfig
+from rlhf.core.models.build import build_student, build_tokenizer
+from rlhf.core.data.samples import Sample
 from rollout.engine import generate
 
 T = torch.tensor

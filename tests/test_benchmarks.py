@@ -36,8 +36,8 @@ def test_gpu_smoke_with_a_broken_python_fails_with_one_line():
 def test_rm_benchmark_pairs_prefer_the_correct_answer(slip):
     import rm_vs_trl
 
-    from reward.verifiers import final_number_correct
-    from rlhf.base.tasks.arithmetic import parse_prompt
+    from reward.scoring.verifiers import final_number_correct
+    from rlhf.core.tasks.arithmetic import parse_prompt
 
     pairs = rm_vs_trl.make_pairs(12, slip)
     assert len(pairs) == 12
@@ -55,7 +55,7 @@ def test_grpo_benchmark_student_generates_exactly_max_new_tokens(tmp_path):
     suppresses end-of-sequence until max_new_tokens, whatever the sampled tokens are."""
     import grpo_vs_trl
 
-    from rlhf.base.models import load_student
+    from rlhf.core.models.build import load_student
     from rollout.engine import generate, generate_compacting
 
     workload = grpo_vs_trl.WORKLOADS["quick"]
@@ -88,7 +88,7 @@ def test_grpo_benchmark_realistic_student_is_the_warmed_up_one_with_natural_leng
     forces the response length, and both sample at the workload's temperature."""
     import grpo_vs_trl
 
-    from rlhf.base.models import load_student
+    from rlhf.core.models.build import load_student
 
     tiny = ("warmup.steps=2", "warmup.batch_size=4", "model.hidden_size=32", "model.num_layers=1",
             "model.intermediate_size=64")

@@ -8,9 +8,9 @@ from pathlib import Path
 import datasets
 import pytest
 
-from rlhf.base.config import ConfigError, TaskConfig, config_from_dict
-from rlhf.base.data import DatasetError, load_rows
-from rlhf.base.models import build_tokenizer
+from rlhf.core.config.run_config import ConfigError, TaskConfig, config_from_dict
+from rlhf.core.data.datasets import DatasetError, load_rows
+from rlhf.core.models.build import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,8 +172,8 @@ def test_plain_mode_and_template_overrides(tmp_path, qwen_tokenizer):
 
 
 def test_qwen3_think_blocks_stay_in_prompts_and_decoded_responses(qwen_tokenizer):
-    from rlhf.base.chat import make_renderer
-    from rlhf.base.qwen_tokenizer import load_qwen2_5_tokenizer
+    from rlhf.core.data.chat import make_renderer
+    from rlhf.core.models.qwen_tokenizer import load_qwen2_5_tokenizer
 
     qwen3 = load_qwen2_5_tokenizer(qwen3=True)
     # Qwen3's own template is not rebuilt offline; its enable_thinking switch is a template variable like this.

@@ -11,9 +11,9 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-from rlhf.base.char_tokenizer import build_char_tokenizer
-from rlhf.base.config import load_config
-from rlhf.base.models import load_student
+from rlhf.core.models.char_tokenizer import build_char_tokenizer
+from rlhf.core.config.run_config import load_config
+from rlhf.core.models.build import load_student
 from rollout.engine import generate
 
 ROOT = Path(__file__).resolve().parents[1]

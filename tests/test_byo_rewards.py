@@ -8,10 +8,10 @@ import textwrap
 import pytest
 import torch
 
-from reward.custom import load_reward_fn
-from reward.verifiers import gsm8k_correct, last_boxed, make_verifier, math_correct
-from reward.worker import RewardError
-from rlhf.base.config import ConfigError, config_from_dict
+from reward.scoring.custom import load_reward_fn
+from reward.scoring.verifiers import gsm8k_correct, last_boxed, make_verifier, math_correct
+from reward.scoring.worker import RewardError
+from rlhf.core.config.run_config import ConfigError, config_from_dict
 from tests.scoring import reward_worker
 
 # ------------------------------------------------------------------------------------------------- verifiers
@@ -194,7 +194,7 @@ def trl_reward_model(tmp_path_factory):
     from transformers import Qwen2Config, Qwen2ForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    from rlhf.base.char_tokenizer import build_char_tokenizer
+    from rlhf.core.models.char_tokenizer import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
     torch.manual_seed(0)
@@ -236,7 +236,7 @@ PROMPTS, GOOD, BAD = ["3+3=", "5+5=", "12+12="], ["#6", "#10", "#24"], ["#7", "#
 
 
 def test_seqcls_scores_plain_text_pairs_as_trl_trained_them(trl_reward_model):
-    from reward.seqcls import SeqClsReward
+    from reward.model.seqcls import SeqClsReward
 
     path, _, trainer, _ = trl_reward_model
     assert any(path.glob("*.safetensors"))
@@ -251,7 +251,7 @@ def test_seqcls_scores_plain_text_pairs_as_trl_trained_them(trl_reward_model):
 
 
 def test_seqcls_scores_conversational_pairs_through_the_chat_template(trl_reward_model):
-    from reward.seqcls import SeqClsReward
+    from reward.model.seqcls import SeqClsReward
 
     _, chat_path, trainer, chat_tokenizer = trl_reward_model
     reward = SeqClsReward(chat_path)
@@ -280,10 +280,10 @@ def test_trl_reward_model_scores_as_the_seqcls_component(trl_reward_model):
 
 
 def test_seqcls_config_and_directory_errors(tmp_path):
-    with pytest.raises(ConfigError, match="reward.components uses seqcls: set reward.seqcls_path"):
+    with pytest.raises(ConfigError, match="reward.scoring.components uses seqcls: set reward.seqcls_path"):
         config_from_dict({"reward": {"components": {"seqcls": 1.0}}})
-    from reward.seqcls import check_seqcls_dir
-    from rlhf.base.models import ModelLoadError
+    from reward.model.seqcls import check_seqcls_dir
+    from rlhf.core.models.build import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="reward.seqcls_path .* does not exist"):
         check_seqcls_dir(tmp_path / "none")

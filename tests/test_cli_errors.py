@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from reward.labelling import TeacherError, label
+from reward.model.labelling import TeacherError, label
 from reward.teachers import OpenAITeacher
-from reward.worker import RewardError
+from reward.scoring.worker import RewardError
 from rlhf.cli import main
-from rlhf.base.data import PromptRow, load_jsonl_rows
+from rlhf.core.data.datasets import PromptRow, load_jsonl_rows
 from tests.scoring import reward_worker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,9 +38,9 @@ def one_line(text: str) -> bool:
 @pytest.fixture(scope="module")
 def good_models(tmp_path_factory) -> dict[str, Path]:
     """A tiny student and a reward model built on it, saved as a run would save them."""
-    from reward.model import DistilledRewardModel
-    from rlhf.base.config import ModelConfig
-    from rlhf.base.models import build_student, build_tokenizer, save_student
+    from reward.model.distilled import DistilledRewardModel
+    from rlhf.core.config.run_config import ModelConfig
+    from rlhf.core.models.build import build_student, build_tokenizer, save_student
 
     root = tmp_path_factory.mktemp("models")
     tokenizer = build_tokenizer("char")
@@ -134,8 +134,8 @@ CLI_CASES = [
      ["is not UTF-8 text", "UTF-16"]),
     ("infinite_lr", lambda t, m: (None, ["trainer.lr=inf"]), ["trainer.lr", "finite number"]),
     ("nan_kl", lambda t, m: (None, ["algorithm.kl_coef=.nan"]), ["algorithm.kl_coef", "finite number"]),
-    ("infinite_reward_weight", lambda t, m: (None, ["reward.components={verifier: .inf}"]),
-     ["reward.components.verifier", "finite number"]),
+    ("infinite_reward_weight", lambda t, m: (None, ["reward.scoring.components={verifier: .inf}"]),
+     ["reward.scoring.components.verifier", "finite number"]),
     ("output_dir_is_a_file", lambda t, m: (None, [f"output_dir={binary_file(t, b'x')}"]),
      ["bad.yaml is a file, not a directory"]),
     ("output_dir_under_a_file", lambda t, m: (None, [f"output_dir={binary_file(t, b'x') / 'run'}"]),
@@ -148,10 +148,10 @@ CLI_CASES = [
     ("override_without_equals", lambda t, m: (None, ["algorithm.steps"]), ["not of the form dotted.key=value"]),
     ("batch_does_not_divide", lambda t, m: (None, ["rollout.prompts_per_step=3", "rollout.samples_per_prompt=3"]),
      ["9", "trainer.num_ranks=2"]),
-    ("all_reward_weights_zero", lambda t, m: (None, ["reward.components={verifier: 0}"]),
-     ["reward.components", "non-zero"]),
-    ("unknown_reward_component", lambda t, m: (None, ["reward.components={judge: 1.0}"]), ["reward.components"]),
-    ("rm_without_a_reward_model", lambda t, m: (None, ["reward.components={rm: 1.0}"]),
+    ("all_reward_weights_zero", lambda t, m: (None, ["reward.scoring.components={verifier: 0}"]),
+     ["reward.scoring.components", "non-zero"]),
+    ("unknown_reward_component", lambda t, m: (None, ["reward.scoring.components={judge: 1.0}"]), ["reward.scoring.components"]),
+    ("rm_without_a_reward_model", lambda t, m: (None, ["reward.scoring.components={rm: 1.0}"]),
      ["uses rm but there is none"]),
     ("jsonl_task_without_files", lambda t, m: (None, ["task.name=jsonl"]), ["task.train_file"]),
     ("openai_teacher_without_url", lambda t, m: (None, ["label.teacher=openai"]), ["label.base_url"]),
@@ -215,10 +215,10 @@ CLI_CASES = [
     ("reward_model_given_as_policy", lambda t, m: (None, [f"model.model_name_or_path={m['rm']}"]),
      ["holds a Qwen2ForSequenceClassification, not a *ForCausalLM model", "model.model_name_or_path"]),
     ("policy_given_as_reward_model", lambda t, m: (None, [f"reward_model.path={m['student']}",
-                                                          "reward.components={rm: 1.0}"]),
+                                                          "reward.scoring.components={rm: 1.0}"]),
      ["holds a Qwen2ForCausalLM, not a *ForSequenceClassification model", "reward_model.path"]),
     ("reward_model_dir_missing", lambda t, m: (None, [f"reward_model.path={t / 'no_rm'}",
-                                                      "reward.components={rm: 1.0}"]),
+                                                      "reward.scoring.components={rm: 1.0}"]),
      ["no_rm does not exist", "reward_model.path"]),
 ]
 
@@ -275,7 +275,7 @@ def test_console_script_exit_status_and_one_line(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["distilrl: error: config key nosuchsection: unknown key (check the "
-                                                  "spelling against rlhf/base/config.py)"]
+                                                  "spelling against rlhf/core/config/run_config.py)"]
 
 
 def test_an_output_dir_that_cannot_be_written_is_refused_first(tmp_path, capsys, monkeypatch):
@@ -413,7 +413,7 @@ SERVER_CASES = [
 
 @pytest.fixture(scope="module")
 def reward_server():
-    from reward.server import make_reward_server
+    from rlhf.serve.reward_server import make_reward_server
 
     with make_reward_server(lambda p, r: [1.0] * len(p), max_request_bytes=100_000, max_batch=64) as server:
         server.start()
@@ -461,7 +461,7 @@ REWARD_FN_CASES = [
 
 
 def test_a_nan_from_a_custom_reward_function_is_named_for_the_guard():
-    """A NaN is not an error of the function's: the batch is skipped by the driver's guard (rlhf/base/guards.py),
+    """A NaN is not an error of the function's: the batch is skipped by the driver's guard (rlhf/core/guards.py),
     which names the component, so the worker returns it marked instead of raising."""
     worker = reward_worker({"custom": 1.0}, custom=lambda p, r, rows: [float("nan"), 0.0])
     scores = worker.score(["1+1=", "2+2="], ["#2", "#4"], ["2", "4"], [{"q": 1}, {"q": 2}])
@@ -472,7 +472,7 @@ def test_a_nan_from_a_custom_reward_function_is_named_for_the_guard():
 def test_custom_reward_functions_that_fail(fn, expected, capsys, monkeypatch):
     import ray
 
-    from rlhf.base.worker_pool import application_error
+    from rlhf.core.distributed.worker_pool import application_error
 
     worker = reward_worker({"custom": 1.0}, custom=fn)
     with pytest.raises(RewardError) as info:

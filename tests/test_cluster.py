@@ -23,9 +23,9 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util import placement_group_table  # noqa: E402
 
 import rlhf  # noqa: E402
-from rlhf.base import cluster  # noqa: E402
-from rlhf.base.config import ConfigError, load_config  # noqa: E402
-from rlhf.trainer import TrainerGroup  # noqa: E402
+from rlhf.core.distributed import cluster  # noqa: E402
+from rlhf.core.config.run_config import ConfigError, load_config  # noqa: E402
+from rlhf.rl.ranks.policy import TrainerGroup  # noqa: E402
 from tests.configs import run_config  # noqa: E402
 from tests.test_trainer import CFG, assert_weights_equal, batch, model_dir, single_process_update  # noqa: E402,F401
 

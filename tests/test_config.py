@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.base.config import ConfigError, RunConfig, load_config, save_config
+from rlhf.core.config.run_config import ConfigError, RunConfig, load_config, save_config
 
 
 def write(tmp_path, text: str, name: str = "run.yaml"):

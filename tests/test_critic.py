@@ -16,9 +16,9 @@ ray = pytest.importorskip("ray")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
-from rlhf.base import algorithms  # noqa: E402
+from rlhf.core import algorithms  # noqa: E402
 from rlhf.cli import main  # noqa: E402
-from rlhf.critic import CriticGroup  # noqa: E402
+from rlhf.rl.ranks.critic import CriticGroup  # noqa: E402
 # The tiny random causal LM that stands in for the warm-up student the critic starts from.
 from tests.test_trainer import model_dir  # noqa: E402,F401
 from tests.configs import run_config  # noqa: E402
@@ -30,7 +30,7 @@ CFG = {"lr": 1e-2, "adam_eps": 1e-4, "micro_batch_size": 4, "value_clip": 0.5, "
 
 def _batch():
     """4 right-padded rows; returns 1.0 on the first two rows' responses, -1.0 on the others'. On one rank the
-    rows (8, 10, 3 and 11 tokens) pack into 3 (rlhf/base/packing.py); on two, each rank's pair stays padded."""
+    rows (8, 10, 3 and 11 tokens) pack into 3 (rlhf/core/data/packing.py); on two, each rank's pair stays padded."""
     g = torch.Generator().manual_seed(1)
     lengths = [(3, 5), (2, 8), (2, 1), (5, 6)]  # (prompt, response) tokens; one response of length one
     width = max(p + r for p, r in lengths) + 1

@@ -1,14 +1,14 @@
-"""RV/CD curriculum mixing for warm-up data (rlhf/curriculum.py) and think-format warm-up examples."""
+"""RV/CD curriculum mixing for warm-up data (rlhf/stages/curriculum.py) and think-format warm-up examples."""
 import random
 
 import pytest
 
-from rlhf import curriculum
-from rlhf.base.config import ThinkConfig, WarmupConfig
-from rlhf.curriculum import Trace, select_traces, target_fn
-from rlhf.base.tasks import arithmetic
-from rlhf.base.think import split_think
-from rlhf.warmup import teacher_examples
+from rlhf.stages import curriculum
+from rlhf.core.config.run_config import ThinkConfig, WarmupConfig
+from rlhf.stages.curriculum import Trace, select_traces, target_fn
+from rlhf.core.tasks import arithmetic
+from rlhf.core.data.think import split_think
+from rlhf.stages.warmup import teacher_examples
 
 
 def test_target_functions():

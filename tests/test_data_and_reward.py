@@ -1,5 +1,5 @@
-"""Tests for prompt data (rlhf.data), the rule reward (reward.worker, reward.verifiers), held-out figures
-(rlhf.evaluate.score_eval) and student save/load (rlhf.models)."""
+"""Tests for prompt data (rlhf.data), the rule reward (reward.scoring.worker, reward.scoring.verifiers), held-out figures
+(rlhf.rl.evaluate.score_eval) and student save/load (rlhf.models)."""
 from __future__ import annotations
 
 import json
@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from reward.verifiers import final_number_correct
-from rlhf.base.config import ModelConfig, TaskConfig
-from rlhf.base.data import DatasetError, PromptRow, load_jsonl_rows, load_rows
-from rlhf.evaluate import score_eval
-from rlhf.base.models import ModelLoadError, build_student, build_tokenizer, load_student, save_student
-from rlhf.base.tasks.arithmetic import MAX_LEVEL, MIN_LEVEL, parse_prompt
-from rlhf.base.samples import Sample
+from reward.scoring.verifiers import final_number_correct
+from rlhf.core.config.run_config import ModelConfig, TaskConfig
+from rlhf.core.data.datasets import DatasetError, PromptRow, load_jsonl_rows, load_rows
+from rlhf.rl.evaluate import score_eval
+from rlhf.core.models.build import ModelLoadError, build_student, build_tokenizer, load_student, save_student
+from rlhf.core.tasks.arithmetic import MAX_LEVEL, MIN_LEVEL, parse_prompt
+from rlhf.core.data.samples import Sample
 from tests.scoring import reward_worker
 
 GSM8K_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"

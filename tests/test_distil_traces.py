@@ -12,11 +12,11 @@ import datasets
 import pytest
 
 from reward.teachers.writers import OpenAIWriter, OracleWriter
-from reward.trace_select import Trace, rule_scores, select
-from reward.traces import build_traces
-from rlhf.base.config import RunConfig
-from rlhf.base.data import PromptRow, arithmetic_rows
-from rlhf.base.models import ModelLoadError, resolve_model_path
+from reward.teachers.trace_select import Trace, rule_scores, select
+from reward.teachers.traces import build_traces
+from rlhf.core.config.run_config import RunConfig
+from rlhf.core.data.datasets import PromptRow, arithmetic_rows
+from rlhf.core.models.build import ModelLoadError, resolve_model_path
 
 
 class TeacherServer:
@@ -164,7 +164,7 @@ def test_dataset_responses_are_the_traces_and_a_missing_field_is_named(tmp_path)
     cfg = RunConfig(task={"verifier": "gsm8k"}, traces={"teacher": "dataset", "curriculum": "none"})
     summary = build_traces(cfg, rows, tmp_path / "a", log=lambda line: None)
     assert (summary["written"], summary["correct"], summary["kept"]) == (2, 1, 1)
-    from rlhf.base.data import DatasetError
+    from rlhf.core.data.datasets import DatasetError
 
     with pytest.raises(DatasetError, match="traces.response_field"):
         build_traces(cfg.model_copy(update={"traces": cfg.traces.model_copy(update={"response_field": "sol"})}),
@@ -189,9 +189,9 @@ def test_hub_names_resolve_from_the_local_cache_and_a_missing_one_is_one_line(tm
 
 
 def test_a_local_hf_teacher_writes_n_samples_and_resumes_from_its_cache(tmp_path):
-    from rlhf.base.char_tokenizer import build_char_tokenizer
-    from rlhf.base.config import ModelConfig
-    from rlhf.base.models import build_student, save_student
+    from rlhf.core.models.char_tokenizer import build_char_tokenizer
+    from rlhf.core.config.run_config import ModelConfig
+    from rlhf.core.models.build import build_student, save_student
     from reward.teachers.writers import HFWriter
 
     tok = build_char_tokenizer()

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from rlhf.cli import main
-from rlhf.base.tasks.arithmetic import MAX_LEVEL, MIN_LEVEL
+from rlhf.core.tasks.arithmetic import MAX_LEVEL, MIN_LEVEL
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")

@@ -14,10 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf.base.algorithms import token_logprobs
-from rlhf.base.config import ModelConfig, RolloutConfig
-from rlhf.base.models import build_student, build_tokenizer, load_student, save_student
-from rlhf.base.samples import Sample
+from rlhf.core.algorithms import token_logprobs
+from rlhf.core.config.run_config import ModelConfig, RolloutConfig
+from rlhf.core.models.build import build_student, build_tokenizer, load_student, save_student
+from rlhf.core.data.samples import Sample
 from rollout.engines import ENGINES, HFEngine
 from rollout.worker import RolloutWorker, StaleWeightsError
 
@@ -195,7 +195,7 @@ def test_worker_checks_the_version_and_times_its_engine(name, model_dir, other_w
 
 
 def test_bf16_rollout_holds_bf16_weights_scores_in_float32_and_turns_tis_on(model_dir):
-    from rlhf.base.config import RunConfig
+    from rlhf.core.config.run_config import RunConfig
 
     engine = HFEngine(model_dir, RolloutConfig(dtype="bfloat16", threads=torch.get_num_threads()))
     assert engine.model.dtype == torch.bfloat16

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reward.server import make_reward_server
-from rlhf.base.config import ConfigError, ModelConfig, load_config
-from rlhf.base.models import build_student, build_tokenizer
+from rlhf.serve.reward_server import make_reward_server
+from rlhf.core.config.run_config import ConfigError, ModelConfig, load_config
+from rlhf.core.models.build import build_student, build_tokenizer
 from rlhf.cli import main
-from rlhf.serve import make_server
+from rlhf.serve.policy_server import make_server
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -29,7 +29,7 @@ BAD_VALUES = ["abc", "", [1, 2], {"a": 1}, {"a": {"b": {"c": [None]}}}, float("i
 def flat_keys(tree: dict, prefix: str = "") -> list[str]:
     keys = []
     for key, value in tree.items():
-        if isinstance(value, dict) and value and prefix + key != "reward.components":
+        if isinstance(value, dict) and value and prefix + key != "reward.scoring.components":
             keys += flat_keys(value, f"{prefix}{key}.")
         else:
             keys.append(prefix + key)

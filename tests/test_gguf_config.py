@@ -1,4 +1,4 @@
-"""``model.model_name_or_path`` pointing at a .gguf file (rlhf/base/model_import.py ``student_from_gguf``): the run
+"""``model.model_name_or_path`` pointing at a .gguf file (rlhf/core/models/model_import.py ``student_from_gguf``): the run
 imports it once into a directory beside the run directories and every actor loads that Hugging Face directory.
 
 The GGUF file is written here with the gguf package from a tiny random Qwen2 (byte-level BPE vocabulary, one
@@ -17,8 +17,8 @@ transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf", reason="reading GGUF files needs the gguf package: pip install gguf")
 pytest.importorskip("ray")
 
-from rlhf.base import model_import  # noqa: E402
-from rlhf.base.config import load_config  # noqa: E402
+from rlhf.core.models import model_import  # noqa: E402
+from rlhf.core.config.run_config import load_config  # noqa: E402
 from rlhf.cli import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,10 +10,10 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from reward.teachers import ReferenceTeacher, make_teacher
-from rlhf.base.config import load_config
-from rlhf.base.data import PromptRow, worked_solution
+from rlhf.core.config.run_config import load_config
+from rlhf.core.data.datasets import PromptRow, worked_solution
 from rlhf.cli import main
-from rlhf.distill import teacher_solutions
+from rlhf.stages.reward_model import teacher_solutions
 from tests.test_byo_data import GSM8K, needs_gsm8k
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,10 +1,10 @@
-"""Numerical guards (rlhf/base/guards.py): which batches are skipped, how they are counted, when the run stops and what
+"""Numerical guards (rlhf/core/guards.py): which batches are skipped, how they are counted, when the run stops and what
 the message names. DeepSpeed's side (an update with a non-finite gradient is refused) is in test_trainer_state.py."""
 from __future__ import annotations
 
 import pytest
 
-from rlhf.base.guards import (
+from rlhf.core.guards import (
     BatchGuard,
     NonFiniteError,
     finite_metrics,

@@ -2,9 +2,9 @@
 import json
 from dataclasses import dataclass
 
-from rlhf.distill import pairwise_agreement, teacher_solutions
-from reward.labelling import judged_rows, label, make_pairs, write_datasets
-from rlhf.base.data import PromptRow
+from rlhf.stages.reward_model import pairwise_agreement, teacher_solutions
+from reward.model.labelling import judged_rows, label, make_pairs, write_datasets
+from rlhf.core.data.datasets import PromptRow
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The layers, read from the source with ``ast``: imports point down only and form no circle.
 
-base (``rlhf/base``) <- ``rollout/`` and ``reward/`` (neither imports the other) <- the orchestration (the rest of
+core (``rlhf/core``) <- ``rollout/`` and ``reward/`` (neither imports the other) <- the orchestration (the rest of
 ``rlhf/``). Function-local imports count like any other: hiding a circle inside a function is still a circle.
 """
 import ast
@@ -35,7 +35,7 @@ def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
 
 
 def layer(module: str) -> str:
-    if module == "rlhf.base" or module.startswith("rlhf.base."):
+    if module == "rlhf.core" or module.startswith("rlhf.core."):
         return "base"
     if module.split(".")[0] in ("rollout", "reward"):
         return module.split(".")[0]
@@ -78,8 +78,8 @@ def test_no_import_circles():
 
 def test_the_layer_test_sees_an_upward_import(tmp_path):
     """The check itself can fail: an orchestration import inside reward/ is seen, even inside a function."""
-    source = "def f():\n    from rlhf.driver import run\n"
-    modules = {"rlhf.driver": Path("x"), "reward.bad": tmp_path / "bad.py"}
+    source = "def f():\n    from rlhf.stages.run_dir import run\n"
+    modules = {"rlhf.stages.run_dir": Path("x"), "reward.bad": tmp_path / "bad.py"}
     (tmp_path / "bad.py").write_text(source)
     found = _imports(tmp_path / "bad.py", modules)
-    assert found == {"rlhf.driver"} and layer("rlhf.driver") not in ALLOWED[layer("reward.bad")]
+    assert found == {"rlhf.stages.run_dir"} and layer("rlhf.stages.run_dir") not in ALLOWED[layer("reward.bad")]

@@ -1,4 +1,4 @@
-"""LoRA on the policy trainer (rlhf/base/lora.py): two DeepSpeed ranks against a single-process peft update, only the
+"""LoRA on the policy trainer (rlhf/core/models/lora.py): two DeepSpeed ranks against a single-process peft update, only the
 adapters moving, the reference as the same model with its adapters off, exact resume, and the merged export.
 
 The adapters start with B = 0 (peft's default), so the first step's gradient reaches only B; two steps are compared,
@@ -17,8 +17,10 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 deepspeed = pytest.importorskip("deepspeed")
 
-from rlhf.base import algorithms, lora  # noqa: E402
-from rlhf.trainer import PolicyTrainer, TrainerGroup  # noqa: E402
+from rlhf.core import algorithms  # noqa: E402
+
+from rlhf.core.models import lora
+from rlhf.rl.ranks.policy import PolicyTrainer, TrainerGroup  # noqa: E402
 from tests.configs import run_config  # noqa: E402
 from tests.test_trainer import CFG, assert_weights_equal, batch, model_dir, ray_cluster  # noqa: E402,F401
 

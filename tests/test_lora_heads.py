@@ -1,4 +1,4 @@
-"""LoRA on the models with heads (rlhf/base/lora.py): PPO's critic (``critic.lora``) and the distilled reward model
+"""LoRA on the models with heads (rlhf/core/models/lora.py): PPO's critic (``critic.lora``) and the distilled reward model
 (``reward_model.lora``), each as one in-process DeepSpeed ZeRO-2 rank.
 
 Only the adapters and the heads (peft's modules_to_save copies) may change in a step, and only they are in the
@@ -17,11 +17,11 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 deepspeed = pytest.importorskip("deepspeed")
 
-from reward.model import DistilledRewardModel, score_texts  # noqa: E402
-from reward.rm_trainer import RewardModelTrainer, collate_pairs, load_reward_model  # noqa: E402
-from rlhf.base import lora  # noqa: E402
-from rlhf.base.config import LoraSettings  # noqa: E402
-from rlhf.critic import CriticTrainer  # noqa: E402
+from reward.model.distilled import DistilledRewardModel, score_texts  # noqa: E402
+from reward.model.ranks import RewardModelTrainer, collate_pairs, load_reward_model  # noqa: E402
+from rlhf.core.models import lora  # noqa: E402
+from rlhf.core.config.run_config import LoraSettings  # noqa: E402
+from rlhf.rl.ranks.critic import CriticTrainer  # noqa: E402
 from tests.configs import run_config  # noqa: E402
 from tests.test_critic import _batch as critic_batch  # noqa: E402
 from tests.test_lora import _free_port  # noqa: E402
@@ -107,7 +107,7 @@ def test_lora_reward_model_saves_merged_and_scores_as_trained(lm_dir, tokenizer,
     rank.engine.eval()
     want = score_texts(rank.engine.module, tokenizer, prompts, responses)
 
-    # As the reward workers load it (reward/components.py): a plain directory, every head restored, no peft.
+    # As the reward workers load it (reward/scoring/components.py): a plain directory, every head restored, no peft.
     restored = DistilledRewardModel.from_pretrained(path).eval()
     assert not any("lora" in k or "modules_to_save" in k for k in restored.state_dict())
     for got, expected in zip(score_texts(restored, tokenizer, prompts, responses), want):

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf.base.algorithms import (
+from rlhf.core.algorithms import (
     ADVANTAGE_ESTIMATORS,
     clipped_policy_loss,
     dr_grpo_advantages,
@@ -23,8 +23,8 @@ from rlhf.base.algorithms import (
     policy_token_loss,
     token_entropy,
 )
-from rlhf.base.config import ConfigError, load_config
-from rlhf.base.guards import NonFiniteError
+from rlhf.core.config.run_config import ConfigError, load_config
+from rlhf.core.guards import NonFiniteError
 from tests.loop_stubs import stub_loop
 
 T = torch.tensor
@@ -231,7 +231,7 @@ def test_new_algorithm_options_default_to_off():
 @pytest.mark.parametrize("name", sorted(ADVANTAGE_ESTIMATORS))
 def test_every_registered_estimator_is_accepted_by_the_config(name):
     # on_policy_distillation has no sequence advantage: it takes the teacher's term alone.
-    alone = ["reward.components={teacher_kl: 1.0}", "reward.teacher_model_path=t"]
+    alone = ["reward.scoring.components={teacher_kl: 1.0}", "reward.teacher_model_path=t"]
     overrides = alone if name == "on_policy_distillation" else []
     assert load_config(None, [f"algorithm.advantage={name}", *overrides]).algorithm.advantage == name
 

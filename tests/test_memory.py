@@ -1,11 +1,11 @@
-"""The memory estimate (rlhf/base/memory.py) against numbers worked out by hand, parameter counts against real
+"""The memory estimate (rlhf/core/models/memory.py) against numbers worked out by hand, parameter counts against real
 models, and the one-line refusal of a run that cannot fit."""
 from __future__ import annotations
 
 import pytest
 
-from rlhf.base.config import ConfigError, load_config
-from rlhf.base.memory import (
+from rlhf.core.config.run_config import ConfigError, load_config
+from rlhf.core.models.memory import (
     ModelShape,
     describe,
     refuse_if_too_big,

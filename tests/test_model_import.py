@@ -6,7 +6,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from rlhf.base.models import build_tokenizer, load_student  # noqa: E402
+from rlhf.core.models.build import build_tokenizer, load_student  # noqa: E402
 from rlhf.cli import main  # noqa: E402
 
 

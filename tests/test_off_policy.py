@@ -11,11 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf.base.algorithms import clipped_policy_loss, truncated_importance_weights
-from rlhf.base.batch import make_train_batch
-from rlhf.base.config import ConfigError, load_config
-from rlhf.pipeline import LaunchedRollout, RolloutPipeline
-from rlhf.base.samples import Sample
+from rlhf.core.algorithms import clipped_policy_loss, truncated_importance_weights
+from rlhf.core.data.batch import make_train_batch
+from rlhf.core.config.run_config import ConfigError, load_config
+from rlhf.rl.prefetch import LaunchedRollout, RolloutPipeline
+from rlhf.core.data.samples import Sample
 from tests.loop_stubs import stub_loop
 
 T = torch.tensor

@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from reward.teacher_logprobs import TeacherLogprobWorker, check_same_vocabulary
-from rlhf.base import algorithms
-from rlhf.base.char_tokenizer import build_char_tokenizer
-from rlhf.base.config import ConfigError, ModelConfig, load_config
-from rlhf.base.models import ModelLoadError, build_student, build_tokenizer, save_student
+from reward.teachers.logprobs import TeacherLogprobWorker, check_same_vocabulary
+from rlhf.core import algorithms
+from rlhf.core.models.char_tokenizer import build_char_tokenizer
+from rlhf.core.config.run_config import ConfigError, ModelConfig, load_config
+from rlhf.core.models.build import ModelLoadError, build_student, build_tokenizer, save_student
 from tests.loop_stubs import stub_loop
 
 
@@ -69,7 +69,7 @@ def _distillation_step(overrides: list[str], rewards: list[float]):
 
 def test_teacher_kl_advantage_is_each_tokens_centred_log_ratio_to_the_teacher():
     advantages, metrics = _distillation_step(["algorithm.advantage=on_policy_distillation",
-                                              "reward.components={teacher_kl: 0.5}"], [0.0] * 4)
+                                              "reward.scoring.components={teacher_kl: 0.5}"], [0.0] * 4)
     # Log-ratios -1 on the 3 response tokens of rows 0-1, 0 on the 5 of rows 2-3: mean -3/8. Each token gets
     # 0.5 * (its log-ratio + 3/8), its own and no later token's (discount 0); 0 on the prompt and padding.
     a, b = 0.5 * (-1 + 3 / 8), 0.5 * (3 / 8)
@@ -82,7 +82,7 @@ def test_teacher_kl_advantage_is_each_tokens_centred_log_ratio_to_the_teacher():
 
 def test_teacher_kl_adds_to_the_estimators_own_advantages():
     """GRPO over the verifier's rewards plus the distillation term: the sum of the two, token by token."""
-    advantages, _ = _distillation_step(["algorithm.advantage=grpo", "reward.components={verifier: 1.0, teacher_kl: 0.5}"],
+    advantages, _ = _distillation_step(["algorithm.advantage=grpo", "reward.scoring.components={verifier: 1.0, teacher_kl: 0.5}"],
                                        [1.0, 0.0, 0.0, 0.0])
     grpo = algorithms.grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 2)
     a, b = 0.5 * (-1 + 3 / 8), 0.5 * (3 / 8)
@@ -99,10 +99,10 @@ def test_a_teacher_with_another_vocabulary_is_refused_in_one_line(teacher_dir):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["reward.components={teacher_kl: 1.0}"], "set reward.teacher_model_path"),
-    (["reward.components={teacher_kl: 1.0, verifier: 1.0}", "reward.teacher_model_path=t",
-      "algorithm.advantage=on_policy_distillation"], "learns from reward.components.teacher_kl alone"),
-    (["reward.components={teacher_kl: 1.0}", "reward.teacher_model_path=t", "algorithm.advantage=reinforce_plus_plus",
+    (["reward.scoring.components={teacher_kl: 1.0}"], "set reward.teacher_model_path"),
+    (["reward.scoring.components={teacher_kl: 1.0, verifier: 1.0}", "reward.teacher_model_path=t",
+      "algorithm.advantage=on_policy_distillation"], "learns from reward.scoring.components.teacher_kl alone"),
+    (["reward.scoring.components={teacher_kl: 1.0}", "reward.teacher_model_path=t", "algorithm.advantage=reinforce_plus_plus",
       "algorithm.dynamic_sampling=true"], "teacher_kl gives every token a reward"),
 ])
 def test_teacher_kl_settings_that_cannot_work_are_refused(overrides, message):
@@ -151,7 +151,7 @@ class _CompletionsServer:
 
 
 def test_remote_teacher_log_probs_match_the_local_teacher_with_cache_and_failures_counted(teacher_dir, tmp_path):
-    from reward.teacher_logprobs import RemoteTeacherLogprobs
+    from reward.teachers.logprobs import RemoteTeacherLogprobs
 
     server = _CompletionsServer(teacher_dir)
     try:

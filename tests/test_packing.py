@@ -1,4 +1,4 @@
-"""Padding-free micro-batches (rlhf/base/packing.py): the layout by hand, and a packed forward equal to the padded one."""
+"""Padding-free micro-batches (rlhf/core/data/packing.py): the layout by hand, and a packed forward equal to the padded one."""
 from __future__ import annotations
 
 import pytest
@@ -6,8 +6,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from rlhf.base import algorithms, packing  # noqa: E402
-from rlhf.critic import token_values  # noqa: E402
+from rlhf.core import algorithms  # noqa: E402
+
+from rlhf.core.data import packing
+from rlhf.rl.ranks.critic import token_values  # noqa: E402
 
 
 def test_first_fit_decreasing_layout_by_hand():

@@ -1,4 +1,4 @@
-"""Packed preference pairs (reward.pair_packing): the layout by hand, and the reward model reading packed rows
+"""Packed preference pairs (reward.model.pair_packing): the layout by hand, and the reward model reading packed rows
 exactly as it reads the two sequences apart (scores and gradients), with sdpa and eager attention."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from reward.model import DistilledRewardModel, pad_right  # noqa: E402
-from reward.pair_packing import pack_pairs, packed_widths, shared_prefix_length, worth_packing  # noqa: E402
+from reward.model.distilled import DistilledRewardModel, pad_right  # noqa: E402
+from reward.model.pair_packing import pack_pairs, packed_widths, shared_prefix_length, worth_packing  # noqa: E402
 
 
 def test_shared_prefix_leaves_each_side_its_last_token():

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible policy server (rlhf/serve.py), over real HTTP on 127.0.0.1 with a tiny random Qwen2."""
+"""The OpenAI-compatible policy server (rlhf/serve/policy_server.py), over real HTTP on 127.0.0.1 with a tiny random Qwen2."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,9 @@ import urllib.request
 
 import pytest
 
-from rlhf.base.config import ModelConfig
-from rlhf.base.models import build_student, build_tokenizer, save_student
-from rlhf.serve import make_server
+from rlhf.core.config.run_config import ModelConfig
+from rlhf.core.models.build import build_student, build_tokenizer, save_student
+from rlhf.serve.policy_server import make_server
 
 TINY = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
 

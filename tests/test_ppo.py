@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf.base.algorithms import clipped_value_loss, gae_advantages, token_returns, token_rewards, whiten
-from rlhf.base.config import ConfigError, load_config
-from rlhf.base.guards import NonFiniteError
+from rlhf.core.algorithms import clipped_value_loss, gae_advantages, token_returns, token_rewards, whiten
+from rlhf.core.config.run_config import ConfigError, load_config
+from rlhf.core.guards import NonFiniteError
 from tests.loop_stubs import StubCritic, stub_loop
 
 T = torch.tensor

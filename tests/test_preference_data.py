@@ -8,9 +8,9 @@ import json
 import pytest
 from transformers import AutoModelForSequenceClassification
 
-from reward.preference_data import load_preference_data, message_renderer
-from rlhf.base.char_tokenizer import build_char_tokenizer
-from rlhf.base.data import DatasetError
+from reward.model.preference_data import load_preference_data, message_renderer
+from rlhf.core.models.char_tokenizer import build_char_tokenizer
+from rlhf.core.data.datasets import DatasetError
 from rlhf.cli import main
 from test_end_to_end import TINY
 

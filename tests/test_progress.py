@@ -1,5 +1,5 @@
 """Progress reporting: a bar on a terminal, a plain line every tenth of the way otherwise."""
-from rlhf.base.progress import Progress, format_seconds
+from rlhf.core.progress import Progress, format_seconds
 
 
 def test_plain_lines_every_tenth_with_eta_and_a_final_line():

@@ -9,7 +9,7 @@ import unicodedata
 import pytest
 import torch
 
-from rlhf.base import qwen_tokenizer as qt
+from rlhf.core.models import qwen_tokenizer as qt
 
 SAMPLES = [
     "Hello world",

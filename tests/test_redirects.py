@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from reward.remote import RemoteRewardClient
+from reward.scoring.remote import RemoteRewardClient
 from reward.teachers.openai_http import OpenAITeacher
 
 

@@ -1,4 +1,4 @@
-"""The run report (rlhf/report.py) and the metrics sinks (rlhf/metrics.py), from hand-written run directories."""
+"""The run report (rlhf/outputs/report.py) and the metrics sinks (rlhf/outputs/metrics.py), from hand-written run directories."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from rlhf.cli import main
-from rlhf.base.config import ConfigError, RunConfig
-from rlhf.metrics import RunMetrics, check_wandb, eval_scalars, scalars
-from rlhf.report import write_report
+from rlhf.core.config.run_config import ConfigError, RunConfig
+from rlhf.outputs.metrics import RunMetrics, check_wandb, eval_scalars, scalars
+from rlhf.outputs.report import write_report
 
 STEPS = 12
 
@@ -186,7 +186,7 @@ def test_wandb_is_optional_and_offline(tmp_path, monkeypatch):
 def test_step_axes_have_whole_ticks_and_one_step_is_visible():
     from matplotlib.figure import Figure
 
-    from rlhf.report import finish_axes
+    from rlhf.outputs.report import finish_axes
 
     ax = Figure().add_subplot()
     ax.plot([1, 2], [0.1, 0.2])
@@ -222,7 +222,7 @@ def test_rm_figures_on_your_own_preference_data_are_said_so(tmp_path):
 
 
 def test_an_audit_below_the_threshold_gets_an_alarm_line(tmp_path):
-    from rlhf.report import RunData, audit_alarm_lines
+    from rlhf.outputs.report import RunData, audit_alarm_lines
 
     run = RunData(write_run(tmp_path / "run", steps=16))  # agreement 0.91, 0.87, 0.83, then 0.79 at step 16
     steps, agreement = run.series("audit/rm_teacher_agreement")

@@ -1,4 +1,4 @@
-"""Checkpoints and resume (rlhf/base/resume.py): which checkpoints count as complete, pruning, metrics truncation, the
+"""Checkpoints and resume (rlhf/core/checkpoints/resume.py): which checkpoints count as complete, pruning, metrics truncation, the
 config-change check and its messages; then the end-to-end invariant: 4 RL steps straight equal 2 steps, a hard
 kill of the driver process, and a resume to 4 (metrics and final weights), on CPU with fixed seeds."""
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.base.config import load_config
-from rlhf.base.resume import (
+from rlhf.core.config.run_config import load_config
+from rlhf.core.checkpoints.resume import (
     RNG_FILE,
     STATE_FILE,
     ResumeError,
@@ -111,10 +111,10 @@ def test_meaningful_changes_are_refused_in_one_line_naming_every_key():
 
 
 def test_algorithm_and_reward_changes_are_refused():
-    harmless, refused = config_changes(dumped(), dumped("algorithm.advantage=rloo", "reward.components={verifier: 2.0}",
+    harmless, refused = config_changes(dumped(), dumped("algorithm.advantage=rloo", "reward.scoring.components={verifier: 2.0}",
                                                         "trainer.zero_stage=2", "algorithm.kl_coef=0.1"))
     assert harmless == []
-    assert [r.split()[0] for r in refused] == ["algorithm.advantage", "algorithm.kl_coef", "reward.components",
+    assert [r.split()[0] for r in refused] == ["algorithm.advantage", "algorithm.kl_coef", "reward.scoring.components",
                                                "trainer.zero_stage"]
 
 
@@ -135,7 +135,7 @@ RUN = ["algorithm.steps=4", "save_every=2", "algorithm.overlong_buffer=12", "tra
 KILLED_DRIVER = textwrap.dedent("""
     import os, signal, sys
     from rlhf.api import run
-    from rlhf.base.config import load_config
+    from rlhf.core.config.run_config import load_config
 
     def log(line):
         print(line, flush=True)

@@ -9,11 +9,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from reward.losses import (bradley_terry_loss, hard_to_probs, loss_counts, pointwise_regression_loss,  # noqa: E402
+from reward.model.losses import (bradley_terry_loss, hard_to_probs, loss_counts, pointwise_regression_loss,  # noqa: E402
                            reward_model_loss, soft_label_kl)
-from reward.model import DistilledRewardModel, RewardOutput, encode_pair, pad_right, score_texts  # noqa: E402
-from reward.rm_eval import average_ranks, calibration, evaluate_reward_model, spearman  # noqa: E402
-from rlhf.base.models import build_tokenizer  # noqa: E402
+from reward.model.distilled import DistilledRewardModel, RewardOutput, encode_pair, pad_right, score_texts  # noqa: E402
+from reward.model.evaluate import average_ranks, calibration, evaluate_reward_model, spearman  # noqa: E402
+from rlhf.core.models.build import build_tokenizer  # noqa: E402
 
 NAN = float("nan")
 LN3 = math.log(3.0)
@@ -317,7 +317,7 @@ def test_evaluate_with_model_and_tokenizer(rm, tokenizer):
 
 
 def test_correlations_only_for_the_heads_that_were_trained(rm, tokenizer, tmp_path):
-    from rlhf.distill import evaluate_rm_dir
+    from rlhf.stages.reward_model import evaluate_rm_dir
 
     rows = [{"prompt": p, "response": r, "quality": q, "rv": rv, "cd": cd}
             for (p, r), q, rv, cd in zip(TEXTS, [1, 5, 9], [0, 4, 2], [1, 2, 3])]

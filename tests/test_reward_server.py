@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from reward.remote import RemoteRewardClient
-from reward.server import RewardServer, make_reward_server
+from reward.scoring.remote import RemoteRewardClient
+from rlhf.serve.reward_server import RewardServer, make_reward_server
 from tests.scoring import reward_worker
 
 TOKEN = "s3cret-token"

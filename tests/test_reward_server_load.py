@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from reward.remote import RemoteRewardClient
-from reward.server import make_reward_server
+from reward.scoring.remote import RemoteRewardClient
+from rlhf.serve.reward_server import make_reward_server
 
 
 class GatedScorer:

@@ -16,12 +16,12 @@ ray = pytest.importorskip("ray")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
-from reward.losses import reward_model_loss  # noqa: E402
-from reward.model import DistilledRewardModel, score_texts  # noqa: E402
-from reward.rm_trainer import (RewardModelTrainerGroup, collate_pairs, load_reward_model,  # noqa: E402
+from reward.model.losses import reward_model_loss  # noqa: E402
+from reward.model.distilled import DistilledRewardModel, score_texts  # noqa: E402
+from reward.model.ranks import (RewardModelTrainerGroup, collate_pairs, load_reward_model,  # noqa: E402
                                train_reward_model)
-from rlhf.base.models import build_tokenizer  # noqa: E402
-from rlhf.base.config import RewardModelConfig  # noqa: E402
+from rlhf.core.models.build import build_tokenizer  # noqa: E402
+from rlhf.core.config.run_config import RewardModelConfig  # noqa: E402
 
 CFG = {
     "zero_stage": 2,

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf.base.algorithms import token_logprobs
-from rlhf.base.config import ModelConfig, RolloutConfig
-from rlhf.base.models import build_student, build_tokenizer, save_student
+from rlhf.core.algorithms import token_logprobs
+from rlhf.core.config.run_config import ModelConfig, RolloutConfig
+from rlhf.core.models.build import build_student, build_tokenizer, save_student
 from rollout.engine import generate
 from rollout.worker import RolloutWorker, StaleWeightsError
 

@@ -1,6 +1,6 @@
-"""Checkpoint files are read without unpickling code (rlhf/base/safe_load.py): a tampered file is refused with one
+"""Checkpoint files are read without unpickling code (rlhf/core/models/safe_load.py): a tampered file is refused with one
 line and its payload never runs, a damaged newest checkpoint is passed over for the one before it with a warning
-(rlhf/base/resume.py newest_usable_checkpoint)."""
+(rlhf/core/checkpoints/resume.py newest_usable_checkpoint)."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.base import safe_load
-from rlhf.base.resume import RNG_FILE, STATE_FILE, ResumeError, load_rng_file, newest_usable_checkpoint
+from rlhf.core.models import safe_load
+from rlhf.core.checkpoints.resume import RNG_FILE, STATE_FILE, ResumeError, load_rng_file, newest_usable_checkpoint
 
 
 class Payload:

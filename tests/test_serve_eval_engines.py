@@ -10,12 +10,12 @@ import urllib.request
 
 import pytest
 
-from rlhf.base.config import ModelConfig, RolloutConfig, load_config
-from rlhf.base.models import build_student, build_tokenizer, save_student
-from rlhf.base.samples import Sample
+from rlhf.core.config.run_config import ModelConfig, RolloutConfig, load_config
+from rlhf.core.models.build import build_student, build_tokenizer, save_student
+from rlhf.core.data.samples import Sample
 from rlhf.cli import main
-from rlhf.evaluate import evaluate_checkpoint
-from rlhf.serve import make_server
+from rlhf.rl.evaluate import evaluate_checkpoint
+from rlhf.serve.policy_server import make_server
 from rollout.engines import ENGINES, HFEngine
 
 TINY = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)

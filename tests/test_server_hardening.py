@@ -11,10 +11,10 @@ import time
 import pytest
 import torch
 
-from reward.server import make_reward_server
-from rlhf.base.config import ModelConfig
-from rlhf.base.models import build_student, build_tokenizer
-from rlhf.serve import make_server
+from rlhf.serve.reward_server import make_reward_server
+from rlhf.core.config.run_config import ModelConfig
+from rlhf.core.models.build import build_student, build_tokenizer
+from rlhf.serve.policy_server import make_server
 
 TINY = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
 

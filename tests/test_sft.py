@@ -1,4 +1,4 @@
-"""Distillation SFT on a traces dataset (rlhf/sft.py): response-only loss masks checked token by token, packed and
+"""Distillation SFT on a traces dataset (rlhf/stages/sft.py): response-only loss masks checked token by token, packed and
 padded losses against a hand-computed one, a ``messages`` dataset through SFT (and the student saved in plain
 Hugging Face format) and through RL prompts, and the warm-up's refusal to fall back to arithmetic silently."""
 from __future__ import annotations
@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf.base.char_tokenizer import build_char_tokenizer
-from rlhf.base.config import ConfigError, ModelConfig, RunConfig, TaskConfig, load_config
-from rlhf.base.data import load_rows
-from rlhf.base.models import build_student
+from rlhf.core.models.char_tokenizer import build_char_tokenizer
+from rlhf.core.config.run_config import ConfigError, ModelConfig, RunConfig, TaskConfig, load_config
+from rlhf.core.data.datasets import load_rows
+from rlhf.core.models.build import build_student
 from rlhf.cli import main
-from rlhf.sft import collate, response_loss, run_sft, tokenize_conversation, traces_path
+from rlhf.stages.sft import collate, response_loss, run_sft, tokenize_conversation, traces_path
 
 # A chat template written in the char tokenizer's alphabet: <role>content; per turn.
 TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }};{% endfor %}"

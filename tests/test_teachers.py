@@ -1,5 +1,5 @@
 """Teacher back-ends (reward/teachers): the arithmetic oracle, verdict parsing, the local HF judge read through
-its digit distribution, and the OpenAI-compatible HTTP judge against our real policy server (rlhf/serve.py) and
+its digit distribution, and the OpenAI-compatible HTTP judge against our real policy server (rlhf/serve/policy_server.py) and
 small stdlib servers that fail on purpose."""
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from reward.teachers import HFJudgeTeacher, OpenAITeacher, OracleTeacher, Teacher, Verdict, parse_verdict
 from reward.teachers.cache import CACHE_FILE
-from rlhf.base.char_tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
-from rlhf.base.config import ModelConfig
-from rlhf.base.models import build_student, build_tokenizer, save_student
-from rlhf.serve import make_server
+from rlhf.core.models.char_tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
+from rlhf.core.config.run_config import ModelConfig
+from rlhf.core.models.build import build_student, build_tokenizer, save_student
+from rlhf.serve.policy_server import make_server
 
 # Judging prompts run to about a thousand characters: the tiny models need room for them.
 TINY_LONG = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,

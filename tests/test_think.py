@@ -1,10 +1,10 @@
-"""Think blocks (rlhf/base/think.py): splitting reasoning from answer, robust to messy samples; switches; the
+"""Think blocks (rlhf/core/data/think.py): splitting reasoning from answer, robust to messy samples; switches; the
 verifier and the oracle read the answer part only."""
 import pytest
 
-from reward.verifiers import final_number, final_number_correct
-from rlhf.base.tasks import arithmetic
-from rlhf.base.think import answer_text, reasoning_text, split_think, strip_switch, with_switch, wrap
+from reward.scoring.verifiers import final_number, final_number_correct
+from rlhf.core.tasks import arithmetic
+from rlhf.core.data.think import answer_text, reasoning_text, split_think, strip_switch, with_switch, wrap
 
 
 def test_a_plain_block_splits_into_reasoning_and_answer():
@@ -87,7 +87,7 @@ def test_the_oracle_judges_think_responses_by_their_answer_and_reasoning():
 
 
 def test_think_config_errors_name_the_key():
-    from rlhf.base.config import ConfigError, load_config
+    from rlhf.core.config.run_config import ConfigError, load_config
 
     assert load_config(None, ["think.mode=off", "think.format=true"]).think.mode == "off"  # YAML false
     assert load_config(None, ["think.mode=on"]).think.mode == "on"

@@ -15,8 +15,8 @@ ray = pytest.importorskip("ray")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
-from rlhf.base import algorithms  # noqa: E402
-from rlhf.trainer import ASYNC_TRAINER_NICENESS, TrainerGroup  # noqa: E402
+from rlhf.core import algorithms  # noqa: E402
+from rlhf.rl.ranks.policy import ASYNC_TRAINER_NICENESS, TrainerGroup  # noqa: E402
 from tests.configs import run_config  # noqa: E402
 
 CFG = {
@@ -60,7 +60,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def batch():
     """8 right-padded rows of different prompt and response lengths, 4 per rank. In micro-batches of 4 both ranks'
-    rows pack into 3 (rlhf/base/packing.py: 10 | 8 | 4+3 and 11 | 6+5 | 2 tokens), so those cases check the packed
+    rows pack into 3 (rlhf/core/data/packing.py: 10 | 8 | 4+3 and 11 | 6+5 | 2 tokens), so those cases check the packed
     forward against the padded one of the single-process reference; in micro-batches of 1 or 2 nothing packs."""
     g = torch.Generator().manual_seed(1)
     lengths = [(3, 5), (2, 2), (2, 1), (4, 6), (4, 2), (5, 6), (1, 1), (2, 3)]  # (prompt, response) tokens

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from rlhf.base.guards import update_fault
+from rlhf.core.guards import update_fault
 
 NAN = float("nan")
 
@@ -19,7 +19,7 @@ def one_rank(tmp_path_factory):
     deepspeed = pytest.importorskip("deepspeed")
     import socket
 
-    from rlhf.trainer import PolicyTrainer
+    from rlhf.rl.ranks.policy import PolicyTrainer
     from tests.configs import run_config
 
     config = transformers.Qwen2Config(vocab_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -93,7 +93,7 @@ def test_deepspeed_state_holding_a_pickled_payload_is_refused_and_never_runs(one
 
     import torch
 
-    from rlhf.base.safe_load import UnsafeCheckpointError
+    from rlhf.core.models.safe_load import UnsafeCheckpointError
 
     one_rank.save_state(str(tmp_path / "trainer"))
     one_rank.load_state(str(tmp_path / "trainer"))  # the real state passes the allow-list

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.base.config import ModelConfig, RolloutConfig
+from rlhf.core.config.run_config import ModelConfig, RolloutConfig
 from rollout.engines import ENGINES
 from rollout.vllm_engine import VLLMEngine, vllm_missing
 

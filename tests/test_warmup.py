@@ -2,10 +2,10 @@
 import pytest
 from pydantic import ValidationError
 
-from rlhf.base.config import ModelConfig, WarmupConfig
-from rlhf.base.models import build_student, build_tokenizer
-from rlhf.base.tasks.arithmetic import parse_prompt
-from rlhf.warmup import run_warmup, sft_batch, teacher_examples, terse_share
+from rlhf.core.config.run_config import ModelConfig, WarmupConfig
+from rlhf.core.models.build import build_student, build_tokenizer
+from rlhf.core.tasks.arithmetic import parse_prompt
+from rlhf.stages.warmup import run_warmup, sft_batch, teacher_examples, terse_share
 
 
 def test_sft_batch_labels_only_the_response_and_its_end_token():

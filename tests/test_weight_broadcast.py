@@ -1,4 +1,4 @@
-"""Weight sync by collective broadcast (rlhf/base/weight_sync.py, rlhf/weight_broadcast.py) on CPU over gloo.
+"""Weight sync by collective broadcast (rlhf/core/distributed/weight_sync.py, rlhf/rl/groups/weight_broadcast.py) on CPU over gloo.
 
 Two trainer ranks (ZeRO-2 and ZeRO-3) and two rollout workers under a RolloutGroup, as a run wires them: after every
 update the workers hold the trainer's weights bit for bit (merged ones, with LoRA); a worker killed during a broadcast is restarted and joins a fresh group. The group itself is
@@ -16,15 +16,15 @@ import torch
 ray = pytest.importorskip("ray")
 pytest.importorskip("deepspeed")
 
-from rlhf.base import algorithms  # noqa: E402
-from rlhf.base.config import ModelConfig, RolloutConfig  # noqa: E402
-from rlhf.base.models import build_student, build_tokenizer, load_student, save_student  # noqa: E402
-from rlhf.base.weight_sync import (BroadcastGroup, TensorSpec, WeightSyncError, host_store,  # noqa: E402
+from rlhf.core import algorithms  # noqa: E402
+from rlhf.core.config.run_config import ModelConfig, RolloutConfig  # noqa: E402
+from rlhf.core.models.build import build_student, build_tokenizer, load_student, save_student  # noqa: E402
+from rlhf.core.distributed.weight_sync import (BroadcastGroup, TensorSpec, WeightSyncError, host_store,  # noqa: E402
                                    plan_buckets)
-from rlhf.base.worker_pool import WorkerPool  # noqa: E402
-from rlhf.rollout_group import RolloutGroup  # noqa: E402
-from rlhf.trainer import TrainerGroup  # noqa: E402
-from rlhf.weight_broadcast import BroadcastSync  # noqa: E402
+from rlhf.core.distributed.worker_pool import WorkerPool  # noqa: E402
+from rlhf.rl.groups.rollout import RolloutGroup  # noqa: E402
+from rlhf.rl.ranks.policy import TrainerGroup  # noqa: E402
+from rlhf.rl.groups.weight_broadcast import BroadcastSync  # noqa: E402
 from rollout.worker import RolloutWorker  # noqa: E402
 from tests.configs import run_config  # noqa: E402
 

@@ -10,7 +10,7 @@ import pytest
 import ray
 
 import rlhf
-from rlhf.base.worker_pool import WorkerDiedError, WorkerPool, death_reason
+from rlhf.core.distributed.worker_pool import WorkerDiedError, WorkerPool, death_reason
 
 # Small enough for seconds per step, trained enough (warm-up) that held-out accuracy is not stuck at 0 or 1.
 CONFIG = dict(

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf.base.config import LabelConfig
-from rlhf.base.registry import Registry
+from rlhf.core.config.run_config import LabelConfig
+from rlhf.core.config.registry import Registry
 from reward.teachers.base import Teacher, Verdict
 from reward.teachers.hf_judge import HFJudgeTeacher
 from reward.teachers.openai_http import OpenAITeacher

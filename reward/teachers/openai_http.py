@@ -1,5 +1,5 @@
 """An LLM judge behind an OpenAI-compatible ``/v1/chat/completions`` endpoint (OpenAI, vLLM, SGLang, our own
-``rlhf.serve`` policy server), using only the standard library.
+``rlhf.serve.policy_server`` policy server), using only the standard library.
 
 Per row it sends the shared grading prompt asking for a JSON verdict and reads the reply with ``parse_verdict``.
 Requests run in a pool of ``concurrency`` threads; connection errors, timeouts, 429 and 5xx are retried with
@@ -29,7 +29,7 @@ from reward.teachers.base import Verdict, check_rows, failed, one_line
 from reward.teachers.cache import ReplyCache, request_key
 from reward.teachers.parsing import parse_verdict
 from reward.teachers.prompts import JSON_INSTRUCTION, SYSTEM, rubric
-from rlhf.base.http_client import RedirectRefused, credential_opener
+from rlhf.core.http.client import RedirectRefused, credential_opener
 
 _MAX_RETRY_AFTER_S = 60.0  # a server asking us to wait longer than this is treated as asking for the maximum
 

@@ -2,7 +2,7 @@
 labels). Quality is 9 for a correct final answer, 2 for a wrong one, 0 when there is no parseable answer."""
 from __future__ import annotations
 
-from rlhf.base.tasks.arithmetic import extract_answer, judge, parse_prompt
+from rlhf.core.tasks.arithmetic import extract_answer, judge, parse_prompt
 
 from reward.teachers.base import Verdict, check_rows, failed
 

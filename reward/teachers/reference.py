@@ -1,23 +1,23 @@
 """A rule-based teacher for datasets with reference solutions (GSM8K and the like): it judges on CPU, with no
-model, by the same rules the traces stage scores with (``traces.scores: rule``, reward/trace_select.py).
+model, by the same rules the traces stage scores with (``traces.scores: rule``, reward/teachers/trace_select.py).
 
 - quality: the task's verifier against the reference's final answer: 9 correct, 2 wrong, 0 no parseable answer
   (the arithmetic oracle's scale);
-- RV: the response's reasoning length, ``chars_per_rv`` characters a point (reward/adaptive.py ``rule_rv``);
+- RV: the response's reasoning length, ``chars_per_rv`` characters a point (reward/scoring/adaptive.py ``rule_rv``);
 - CD: the reasoning steps of the reference's worked solution, a step a point (``reasoning_steps``): a problem whose
   solution takes more steps is harder. A bare reference answer (no worked solution) gives CD 0.
 
 Its verdicts are certain (no soft labels). It needs a reference per row: a row without one is an error row. The
-label stage passes the dataset's worked solution where it has one (rlhf/base/data.py ``worked_solution``).
+label stage passes the dataset's worked solution where it has one (rlhf/core/data/datasets.py ``worked_solution``).
 """
 from __future__ import annotations
 
-from rlhf.base.data import final_answer
-from reward.adaptive import SCALE_MAX, rule_rv
+from rlhf.core.data.datasets import final_answer
+from reward.scoring.adaptive import SCALE_MAX, rule_rv
 from reward.teachers.base import Verdict, check_rows, failed
 from reward.teachers.oracle import QUALITY_CORRECT, QUALITY_UNANSWERED, QUALITY_WRONG
-from reward.trace_select import reasoning_steps
-from reward.verifiers import make_verifier
+from reward.teachers.trace_select import reasoning_steps
+from reward.scoring.verifiers import make_verifier
 
 
 class ReferenceTeacher:

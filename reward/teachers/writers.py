@@ -1,5 +1,5 @@
 """Teachers that write: each turns conversations (OpenAI-format message lists ending in a user turn) into ``n``
-responses per conversation, for distillation traces (reward/traces.py).
+responses per conversation, for distillation traces (reward/teachers/traces.py).
 
 - ``OracleWriter``: the arithmetic task's oracle (``arithmetic.solution``), at each verbosity in turn or one.
 - ``HFWriter``: a local Hugging Face causal LM, sampled with its chat template.
@@ -21,7 +21,7 @@ from typing import Callable
 from reward.teachers.base import one_line
 from reward.teachers.cache import ReplyCache, request_key
 from reward.teachers.openai_http import OpenAITeacher, _RequestFailed
-from rlhf.base.tasks import arithmetic
+from rlhf.core.tasks import arithmetic
 
 WRITER_CACHE_FILE = "traces_cache.jsonl"
 # An instruction added to the system prompt of an LLM teacher asked for a verbosity.

@@ -1,0 +1,1 @@
+"""Atomic writes of run artefacts, and the resumable state of a run."""

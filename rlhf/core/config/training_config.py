@@ -1,0 +1,261 @@
+"""The training sections of the run config: the DeepSpeed engine settings every trainer shares (policy, critic,
+reward model), the RL algorithm, and where the actors run (cluster). Part of the one config tree in rlhf/core/config/run_config.py, which re-exports them.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rlhf.core.algorithms import ADVANTAGE_ESTIMATORS
+
+
+class _Section(BaseModel):
+    # Every float must be finite: lr=inf or a NaN weight is accepted by YAML and would fail steps later.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class LoraSettings(_Section):
+    """LoRA adapters (rlhf/core/models/lora.py, through peft): only the adapters train. On the policy (``model.lora``) the
+    reference is the same model with them off, and rollout workers and exports get merged weights; on the critic
+    (``critic.lora``) and the reward model (``reward_model.lora``) their heads train whole beside the adapters and
+    a saved RM is merged. Setting any key turns LoRA on."""
+
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)  # the adapters' output is scaled by alpha / r
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # Linear layers to adapt, by name (Qwen2/Llama: the attention and MLP projections).
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"], min_length=1)
+
+
+class EngineConfig(_Section):
+    """The DeepSpeed engine settings every trainer shares (the policy's, the critic's, the reward model's): the
+    ``trainer``, ``critic`` and ``reward_model`` sections each hold these, with their own defaults."""
+
+    zero_stage: Literal[2, 3] = 2
+    lr: float = Field(1e-4, gt=0)
+    # The learning rate rises linearly from 0 to lr over this many optimizer steps. A fresh Adam's first steps move
+    # every weight by about lr whatever its gradient's size; measured on configs/adaptive.yaml's warmed-up student,
+    # one such step at lr 1.5e-4 took training accuracy from 0.66 to 0.08. 0: the full lr from the first step.
+    lr_warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(64, gt=0)  # rows per forward/backward on one rank (memory only)
+    threads: int = Field(1, gt=0)
+    # The GPU path (ignored on CPU): bf16 weights and activations (fp32 master weights in the optimizer),
+    # activation recomputation to fit long responses, and ZeRO offload to host memory: "optimizer" (ZeRO-2/3) or
+    # "optimizer+params" (ZeRO-3 only). Attention is PyTorch SDPA, transformers' default.
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    offload: Literal["none", "optimizer", "optimizer+params"] = "none"
+    # Further keys for DeepSpeed's zero_optimization section (bucket sizes, persistence thresholds, ...).
+    zero_options: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _offload_needs_stage(self) -> "EngineConfig":
+        if self.offload == "optimizer+params" and self.zero_stage != 3:
+            raise ValueError("offload optimizer+params needs zero_stage 3 (ZeRO-2 keeps parameters on every rank)")
+        return self
+
+    def zero_section(self) -> dict:
+        """DeepSpeed's zero_optimization section: the stage, the offload chosen, then ``zero_options``."""
+        host = {"device": "cpu", "pin_memory": True}
+        offload = {"optimizer": {"offload_optimizer": host},
+                   "optimizer+params": {"offload_optimizer": host, "offload_param": host}}.get(self.offload, {})
+        return {"stage": self.zero_stage, **offload, **self.zero_options}
+
+
+class RewardModelConfig(EngineConfig):
+    """The distilled reward model: trained from the warm-up student's backbone on the labels, on DeepSpeed ranks."""
+
+    path: str | None = None  # use this trained RM instead of training one (stage train_rm then only evaluates)
+    # Your own preference data (TRL's pair layouts or scored responses, reward/model/preference_data.py), alone or mixed
+    # with the teacher's labels; held out: eval_file, else eval_fraction of train_file's prompts.
+    train_file: str | None = None
+    eval_file: str | None = None
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    # Give the RM the dataset's reference answer beside the response (a reference-guided judge, as the teacher is).
+    # Off, a small RM must recompute the answer itself: on the quickstart task it then ranks pairs far worse.
+    use_reference: bool = True
+    num_ranks: int = Field(2, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(3, gt=0)
+    batch_size: int = Field(32, gt=0)  # pairs per optimizer step
+    max_length: int = Field(128, gt=0)
+    # Loss weights: Bradley-Terry on pairs (with the teacher's margin), regression of quality (0-1) and RV/CD (0-9)
+    # on the teacher's scores, and KL to the teacher's soft labels (or one-hot scores). Small weights on the 0-9
+    # terms keep their larger squared errors from drowning the ranking signal.
+    bt_weight: float = Field(1.0, ge=0)
+    quality_weight: float = Field(0.1, ge=0)
+    rv_weight: float = Field(0.01, ge=0)
+    cd_weight: float = Field(0.01, ge=0)
+    kl_weight: float = Field(0.02, ge=0)
+    # LoRA on the RM's backbone (its quality/RV/CD heads train whole); the saved RM is merged, a plain HF directory.
+    # A section of its own, not model.lora: the RM is a separate model whose size and budget are its own (a LoRA
+    # policy beside a small fully trained RM is common), and not in EngineConfig, which would give the policy's
+    # trainer section a second switch beside model.lora.
+    lora: LoraSettings | None = None
+
+
+class TrainerConfig(EngineConfig):
+    """The policy trainer group: one DeepSpeed data-parallel rank per Ray actor."""
+
+    num_ranks: int = Field(2, gt=0)
+    # Optimizer steps per pass over a rollout batch: the rows split into this many equal mini-batches, in order.
+    mini_batches_per_step: int = Field(1, gt=0)
+
+
+class CriticConfig(EngineConfig):
+    """PPO's critic (algorithm.advantage gae): a value model on its own DeepSpeed data-parallel ranks, started from
+    the warm-up student's backbone with a fresh scalar head (rlhf/rl/ranks/critic.py). Unused by the other estimators."""
+
+    num_ranks: int = Field(2, gt=0)
+    # LoRA on the value model's backbone (its head trains whole). Its own switch, not model.lora (see
+    # RewardModelConfig); set it beside model.lora for a large PPO run, where a fully trained critic's optimizer
+    # state would dwarf the LoRA policy's.
+    lora: LoraSettings | None = None
+
+
+class AlgorithmConfig(_Section):
+    """The RL algorithm: advantage estimator, clipped policy loss and its regularisers, reward shaping.
+
+    The defaults are GRPO: group-normalised advantages, clipped token-mean policy loss, no entropy bonus, no
+    dynamic sampling, no overlong penalty. Formulas are in rlhf/core/algorithms.py, one pure function per option.
+    """
+
+    steps: int = Field(60, ge=0)  # RL steps (one rollout batch each)
+    # Passes over each rollout batch; optimizer steps per RL step = ppo_epochs x trainer.mini_batches_per_step.
+    # With more than one, the PPO ratio's denominator is the trainer's log-probs before the batch's first update.
+    ppo_epochs: int = Field(1, gt=0)
+    # Truncated importance sampling: the policy-gradient term of each token is weighted by
+    # min(exp(trainer log-prob before the update - rollout log-prob), tis_cap), correcting for tokens sampled by
+    # a different policy (inference-engine numerics; older weights with rollout.asynchronous). None: off. 2 is usual.
+    tis_cap: float | None = Field(None, gt=0)
+    # How rewards become advantages (rlhf.algorithms.ADVANTAGE_ESTIMATORS):
+    #   grpo: (r - group mean) / group std;  dr_grpo: r - group mean (pair with loss_aggregation dr-grpo);
+    #   rloo: r - mean of the group's other samples;  reinforce_plus_plus: no group baseline, returns whitened
+    #   over all response tokens of the batch;  reinforce_plus_plus_baseline: r - group mean, then whitened so;
+    #   gae: PPO with a critic (section critic): GAE over token rewards (the reward on the last response token),
+    #   with the gamma, lam, value_clip, whiten_advantages, kl_in_reward and critic_warmup_steps below.
+    #   on_policy_distillation: no sequence advantage, only reward.scoring.components.teacher_kl's per-token term (which
+    #   any estimator also takes beside its own: algorithms.distillation_advantages).
+    # The REINFORCE++ pair take the KL to the reference in their token rewards (kl_coef below; k1, as in the
+    # paper), computed from the reference log-probs before the update.
+    advantage: str = "grpo"
+    # How per-token losses are averaged: token-mean (every token in the batch equal; DAPO), seq-mean (every
+    # response equal, tokens averaged within it; original GRPO), dr-grpo (sum / (rows * max_new_tokens)).
+    loss_aggregation: Literal["token-mean", "seq-mean", "dr-grpo"] = "token-mean"
+    # PPO ratio clip range [1 - clip_low, 1 + clip_high]. clip_high > clip_low is DAPO's clip-higher (e.g. 0.28
+    # over 0.2): room for unlikely tokens to grow, against entropy collapse.
+    clip_low: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.2, ge=0)
+    # Weight of the per-token KL(policy || reference) (0: no reference model is loaded), and its estimator in the
+    # loss: k1 = log ratio (unbiased, can be < 0), k2 = log ratio^2 / 2, k3 = exp(-lr) + lr - 1 (>= 0). A KL in
+    # the reward (kl_in_reward, REINFORCE++) is always k1: only k1's score-function gradient is KL's gradient.
+    kl_coef: float = Field(0.0, ge=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    # Entropy bonus, in loss units per nat of per-token entropy: loss_t = pg_t - entropy_coef * H_t + KL term.
+    # Small values (1e-4 to 1e-3) when entropy collapses early; 0 adds nothing (and costs nothing).
+    entropy_coef: float = Field(0.0, ge=0)
+    # DAPO dynamic sampling: drop the groups whose rewards are all equal (zero advantage, no gradient) from the
+    # update, and log their count as reward/dropped_groups. If the remaining rows do not divide by
+    # trainer.num_ranks, the last informative groups are dropped too; a step with nothing left skips its update.
+    # Useful once many prompts are always solved (or never): their groups would only dilute the loss.
+    dynamic_sampling: bool = False
+    # DAPO soft overlong punishment, added to the reward: 0 up to rollout.max_new_tokens - overlong_buffer
+    # tokens, then falling linearly to -overlong_penalty at rollout.max_new_tokens. overlong_buffer in tokens,
+    # 0 = off; overlong_penalty in reward units (1.0 = a verifier reward). reward/mean then includes it, and
+    # reward/overlong_penalty logs its batch mean. Use when truncated answers are common (charts/truncated_rate).
+    overlong_buffer: int = Field(0, ge=0)
+    overlong_penalty: float = Field(1.0, ge=0)
+    # PPO (advantage gae) only. GAE's discount and trace decay over response tokens: gamma = lam = 1 (the default,
+    # as in veRL and OpenRLHF) makes the advantage the return minus the value, unbiased however rough the critic;
+    # lam < 1 trusts the critic more (less variance, more bias).
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(1.0, ge=0, le=1)
+    # Clip range of the value loss, in reward units, around the values the advantages were computed with (0: off).
+    value_clip: float = Field(0.2, ge=0)
+    # Whiten the GAE advantages over the batch's response tokens (mean 0, std 1) before the policy loss.
+    whiten_advantages: bool = True
+    # gae: put the KL to the reference in the token rewards (-kl_coef * KL_t on every response token, k1, before
+    # GAE; the critic learns it too) instead of in the loss. Needs kl_coef > 0.
+    kl_in_reward: bool = False
+    # The first N RL steps train the critic alone (the policy is frozen, no weight sync), so the first policy
+    # updates see values that already fit the warm-up student's returns rather than a random head.
+    critic_warmup_steps: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _known_estimator(self) -> "AlgorithmConfig":
+        if self.advantage not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(ADVANTAGE_ESTIMATORS.unknown(self.advantage))
+        return self
+
+    @model_validator(mode="after")
+    def _options_fit_the_estimator(self) -> "AlgorithmConfig":
+        estimator = ADVANTAGE_ESTIMATORS[self.advantage]
+        if self.kl_in_reward and not estimator.token_rewards:
+            raise ValueError(f"kl_in_reward puts the KL in per-token rewards, which {self.advantage} does not take: "
+                             f"use gae or reinforce_plus_plus(_baseline), or keep the KL in the loss")
+        if self.critic_warmup_steps and not self.uses_critic:
+            raise ValueError(f"critic_warmup_steps needs an estimator with a critic (gae), not {self.advantage}")
+        if self.uses_critic and self.dynamic_sampling:
+            raise ValueError("dynamic_sampling drops groups of equal rewards, which only a group baseline ignores: "
+                             f"turn it off with advantage {self.advantage} (the critic learns from those rows too)")
+        if self.kl_in_reward and not self.kl_coef:
+            raise ValueError("kl_in_reward needs kl_coef > 0 (the weight of the KL penalty in the reward)")
+        if self.uses_critic and self.steps and self.critic_warmup_steps >= self.steps:
+            raise ValueError(f"critic_warmup_steps={self.critic_warmup_steps} leaves no policy update in "
+                             f"steps={self.steps}: make it smaller than steps")
+        return self
+
+    @property
+    def uses_critic(self) -> bool:
+        return "critic" in ADVANTAGE_ESTIMATORS[self.advantage].needs
+
+    @property
+    def reward_kl(self) -> bool:
+        """Whether the KL to the reference goes into the token rewards (always k1, algorithms.kl_reward) rather
+        than into the loss: for estimators that need the reference (REINFORCE++), or where kl_in_reward asks."""
+        needs = ADVANTAGE_ESTIMATORS[self.advantage].needs
+        return self.kl_coef > 0 and ("reference" in needs or self.kl_in_reward)
+
+
+class RoleResources(_Section):
+    """What one actor of a role asks Ray for: CPUs, GPUs (fractions share a GPU) and custom node resources (e.g.
+    ``{trainer_node: 1}`` to keep the role on the nodes started with ``ray start --resources='{"trainer_node": 8}'``)."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = {}
+
+
+class ClusterConfig(_Section):
+    """Where the run's Ray actors go (rlhf/core/distributed/cluster.py).
+
+    ``address``: ``local`` starts a private Ray in this process; ``auto`` joins the cluster ``ray start`` made on
+    this node (or the one RAY_ADDRESS names, as under ``ray job submit``); ``host:port`` / ``ray://host:port`` join
+    that one. Per role, what each actor asks for; unset roles keep the defaults that suit one machine: a trainer
+    rank takes ``trainer.threads`` CPUs and one GPU when the cluster has a GPU per rank, a rollout worker one CPU
+    (and one GPU when the trainer ranks take GPUs), a reward worker no reservation (it scores while the others
+    wait). The reference model lives on the trainer ranks, beside the batch it scores, so it has no role here.
+    """
+
+    address: str = "local"
+    connect_timeout_s: float = Field(30.0, gt=0)  # how long an unreachable address may take to fail
+    placement_timeout_s: float = Field(120.0, gt=0)  # how long the trainer ranks may wait for their resources
+    # PACK: trainer ranks on as few nodes as possible (fast collectives); SPREAD: spread if possible;
+    # STRICT_PACK: all on one node; STRICT_SPREAD: each rank on its own node.
+    trainer_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    trainer: RoleResources | None = None
+    critic: RoleResources | None = None
+    rollout: RoleResources | None = None
+    reward: RoleResources | None = None
+
+    @model_validator(mode="after")
+    def _address_form(self) -> "ClusterConfig":
+        a = self.address
+        if a not in ("local", "auto") and not (":" in a and a.rsplit(":", 1)[1].isdigit()):
+            raise ValueError(f"cluster.address must be local, auto, host:port or ray://host:port, not {a!r}")
+        return self

@@ -1,0 +1,75 @@
+"""Assembling the trainer's batch from rollout samples: right-padded rows, per-token tensors aligned with ids."""
+from __future__ import annotations
+
+import torch
+
+from rlhf.core.algorithms import loss_token_weights
+from rlhf.core.data.samples import Sample
+
+
+def make_train_batch(samples: list[Sample], advantages: torch.Tensor, pad_id: int, aggregation: str,
+                     max_response_tokens: int, mini_batches: int = 1) -> dict[str, torch.Tensor]:
+    """One row per sample, prompt then response then padding (so position ids are a plain arange, as in
+    rollout). ``advantages`` is either (B,), spread over each row's response tokens, or (B, L) per token in this
+    same layout (``response_mask(samples)`` gives it), as token-level estimators such as REINFORCE++ return.
+
+    The loss weights sum the loss of each of ``mini_batches`` contiguous equal row blocks (one optimizer step
+    each, as the trainer splits them): token-mean over a mini-batch's tokens, not the whole batch's."""
+    rows = len(samples)
+    if rows % mini_batches:
+        raise ValueError(f"{rows} rows do not split into {mini_batches} equal mini-batches")
+    mask = response_mask(samples)
+    width = mask.shape[1]
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((rows, width), dtype=torch.long)
+    rollout_logprobs = torch.zeros((rows, width))
+    for i, s in enumerate(samples):
+        start, end = len(s.prompt_ids), len(s.prompt_ids) + len(s.response_ids)
+        input_ids[i, :end] = torch.tensor(s.prompt_ids + s.response_ids)
+        attention_mask[i, :end] = 1
+        rollout_logprobs[i, start:end] = torch.tensor(s.logprobs)
+    advantages = advantages.float()
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    elif advantages.shape != mask.shape:
+        raise ValueError(f"token advantages of shape {tuple(advantages.shape)} do not match the batch's "
+                         f"{tuple(mask.shape)}")
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "response_mask": mask,
+        "rollout_logprobs": rollout_logprobs,
+        "advantages": advantages * mask,
+        "loss_weights": torch.cat([loss_token_weights(part, aggregation, max_response_tokens)
+                                   for part in mask.split(rows // mini_batches)]),
+    }
+
+
+def response_mask(samples: list[Sample]) -> torch.Tensor:
+    """(B, L) float, 1 on each row's response tokens, in make_train_batch's layout: what token-level advantage
+    estimators need before the batch is assembled."""
+    width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    mask = torch.zeros((len(samples), width))
+    for i, s in enumerate(samples):
+        mask[i, len(s.prompt_ids):len(s.prompt_ids) + len(s.response_ids)] = 1.0
+    return mask
+
+
+def without_zero_advantage_rows(batch: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
+    """``batch`` (make_train_batch's layout, its rows a multiple of ``multiple``) without the rows whose advantage
+    is 0 on every token, except as many of those (the shortest) as keep the row count a positive multiple of
+    ``multiple``: the trainer ranks split the rows evenly, and each takes part in the optimizer step.
+
+    When the loss is the clipped policy term alone (no KL or entropy term), such a row's gradient is exactly 0, and
+    the loss weights were set over the whole batch before this, so the rows kept give exactly the whole batch's
+    update; running the others through forward and backward is wasted work. GRPO with a verifier makes many of
+    them: every group all right or all wrong has advantage 0."""
+    zero = batch["advantages"].eq(0).all(dim=1)
+    signal = int((~zero).sum())
+    keep = ~zero
+    fill = max(multiple, -(-signal // multiple) * multiple) - signal  # zero rows that round the count up
+    if fill:
+        zero_rows = zero.nonzero().squeeze(1)
+        lengths = batch["attention_mask"][zero_rows].sum(dim=1)
+        keep[zero_rows[lengths.argsort(stable=True)[:fill]]] = True
+    return {k: v[keep] for k, v in batch.items()}

@@ -1,0 +1,1 @@
+"""The HTTP plumbing both servers and every client share."""

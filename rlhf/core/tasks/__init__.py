@@ -1,0 +1,1 @@
+"""Built-in tasks: problems, reference answers and the oracle teacher's rules."""

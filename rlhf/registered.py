@@ -1,0 +1,28 @@
+"""The registries a config names, checked against it before a run touches anything.
+
+The config (rlhf/core/config/run_config.py) sits below the layers that hold the implementations, so it stores plain names;
+here, above both, each name is looked up in its registry and an unknown one is refused with one line that names
+the key and lists what is registered. The registries: rollout engines (rollout/engines.py), reward components
+(reward/scoring/components.py), verifiers (reward/scoring/verifiers.py), teachers (reward/teachers/__init__.py) and advantage
+estimators (rlhf/core/algorithms.py, checked by the config itself).
+"""
+from __future__ import annotations
+
+from reward.scoring.components import REWARD_COMPONENTS
+from reward.teachers.logprobs import TEACHER_KL
+from reward.teachers import TEACHERS
+from reward.scoring.verifiers import VERIFIERS
+from rlhf.core.config.run_config import ConfigError, RunConfig
+from rollout import vllm_engine  # noqa: F401 - registers the optional vllm engine
+from rollout.engines import ENGINES
+
+
+def check_registered(cfg: RunConfig) -> None:
+    """A ConfigError naming the first config key whose value no registry holds."""
+    named = [("rollout.engine", cfg.rollout.engine, ENGINES), ("task.verifier", cfg.task.verifier, VERIFIERS),
+             ("label.teacher", cfg.label.teacher, TEACHERS)]
+    named += [(f"reward.scoring.components.{name}", name, REWARD_COMPONENTS) for name in cfg.reward.components
+              if name != TEACHER_KL]  # per-token, computed in the update (rlhf/rl/update.py)
+    for key, name, registry in named:
+        if name not in registry:
+            raise ConfigError(f"config key {key}: {registry.unknown(name)}")

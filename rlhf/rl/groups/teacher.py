@@ -1,0 +1,63 @@
+"""On-policy distillation's teacher as the update sees it: the local teacher's log-prob workers as one group (a
+batch's rows split across them), or a remote teacher called from the driver."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray
+import torch
+
+from reward.teachers.logprobs import RemoteTeacherLogprobs, TeacherLogprobWorker
+from rlhf.core.distributed import cluster
+from rlhf.core.config.run_config import RunConfig
+from rlhf.core.distributed.worker_pool import WorkerPool
+from rlhf.rl.groups.rollout import shards
+
+
+class TeacherGroup:
+    """``reward.teacher_workers`` actors, each holding the teacher in ``reward.teacher_model_path``."""
+
+    def __init__(self, cfg: RunConfig):
+        r = cfg.reward
+        resources = cluster.role_resources(cfg, "reward")
+        actor = ray.remote(**resources.options())(TeacherLogprobWorker)
+        self.pool = WorkerPool("teacher", lambda i: actor.remote(r.teacher_model_path, cfg.rollout.threads,
+                                                                 cfg.trainer.micro_batch_size, cfg.rollout.temperature),
+                               r.teacher_workers, cfg.call_timeout_s, cfg.max_worker_restarts)
+
+    def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The teacher's (B, L) log-probs of the batch's rows (input_ids, attention_mask)."""
+        rows = batch["input_ids"].shape[0]
+        parts = [range(len(p)) for p in shards(list(range(rows)), len(self.pool))]
+        args, first = [], 0
+        for part in parts:
+            args.append(({k: batch[k][first:first + len(part)] for k in ("input_ids", "attention_mask")},)
+                        if len(part) else None)
+            first += len(part)
+        return torch.cat([p for p in self.pool.call("logprobs", args, "teacher logprobs") if p is not None])
+
+    def shutdown(self) -> None:
+        self.pool.shutdown()
+
+
+def make_teacher_group(cfg: RunConfig, cache_dir: Path):
+    """The local teacher's workers, or the remote teacher (``reward.teacher_url``) called from the driver, its
+    replies cached in ``cache_dir``."""
+    r = cfg.reward
+    if r.teacher_url:
+        return RemoteTeacher(RemoteTeacherLogprobs(r.teacher_url, r.teacher_model, r.teacher_api_key_env,
+                                                   cache_dir=cache_dir))
+    return TeacherGroup(cfg)
+
+
+class RemoteTeacher:
+    """A remote teacher as the update sees a teacher group."""
+
+    def __init__(self, client: RemoteTeacherLogprobs):
+        self.client = client
+
+    def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.client.logprobs(batch)
+
+    def shutdown(self) -> None:
+        pass

@@ -1,0 +1,1 @@
+"""DeepSpeed ranks that run inside Ray actors: the policy and the critic."""

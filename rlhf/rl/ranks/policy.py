@@ -1,0 +1,301 @@
+"""The policy trainer: one DeepSpeed (ZeRO-2/3) data-parallel rank per Ray actor, and the group that drives them.
+
+One call to ``train_step`` is the update on one rollout batch: one optimizer step per mini-batch (and epoch).
+The driver builds the batch (see ``PolicyTrainer.train_step`` for its fields) with loss weights from
+``algorithms.loss_token_weights`` over each mini-batch, so a mini-batch's loss is sum(w * per_token_loss) however
+its rows are split across ranks and micro-batches; each rank scales its share so that DeepSpeed's gradient
+averaging yields exactly that mini-batch gradient.
+
+``PolicyTrainer`` is a plain class (usable in-process, one per process, e.g. under torchrun or in a test);
+``TrainerGroup`` wraps it with ``ray.remote`` and starts one actor per rank. Their engine set-up, weight gathering,
+checkpointing and Ray group mechanics live in ``DeepSpeedRank`` and ``RankGroup`` (rlhf/core/distributed/ranks.py).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from rlhf.core import algorithms
+
+from rlhf.core.models import lora
+
+from rlhf.core.data import packing
+from rlhf.core.data.batch import without_zero_advantage_rows
+from rlhf.core.config.run_config import AlgorithmConfig, RunConfig
+from rlhf.core.distributed.ranks import DeepSpeedRank, RankGroup
+from rlhf.core.distributed.weight_sync import WeightBroadcaster
+
+
+# With asynchronous rollout the trainer ranks update while the rollout workers generate, and where they share CPU
+# cores the ranks run at this much lower priority. Generation runs on fewer threads than the update (one, on the
+# 2-core quickstart), so at equal priority the scheduler slows both alike, the update finishes first and a core
+# idles while generation ends alone. Yielding to generation keeps it at full speed, and the update takes the rest
+# of the cores, then all of them once generation is done (benchmarks/RESULTS.md, async_vs_sync). It only orders
+# our own processes; on machines where trainer and rollout have their own cores or GPUs it changes nothing.
+ASYNC_TRAINER_NICENESS = 5
+
+
+def kl_in_loss(algorithm: AlgorithmConfig) -> bool:
+    """Whether the policy loss carries a KL term: a reference model is loaded (kl_coef > 0) and the KL does not go
+    into the reward instead (``algorithm.reward_kl``)."""
+    return algorithm.kl_coef > 0 and not algorithm.reward_kl
+
+
+BATCH_KEYS = ("input_ids", "attention_mask", "response_mask", "rollout_logprobs", "advantages", "loss_weights")
+
+# Per-rank sums, all-reduced across ranks before they become whole-batch metrics (means divide by response_tokens).
+_SUMMED = ("policy_loss", "kl", "clipped", "entropy", "mismatch", "tis_weight", "tis_capped", "response_tokens")
+
+
+
+class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
+    """One data-parallel rank: a DeepSpeed engine over the policy, plus a frozen reference model when kl_coef > 0.
+
+    Creating it joins the process group, so all ``world_size`` ranks must be created together.
+    """
+
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_dir: str,
+                 cfg: RunConfig):
+        super().__init__(rank, world_size, master_addr, master_port, cfg.trainer, cfg.seed, cfg.call_timeout_s,
+                         ASYNC_TRAINER_NICENESS if cfg.rollout.asynchronous else 0)
+        from transformers import AutoModelForCausalLM
+
+        self.algorithm = cfg.algorithm
+        # The sampling temperature: log-probs are taken from logits / temperature on both sides, so the ratio and
+        # the mismatch metric compare the same distribution.
+        self.temperature = cfg.rollout.temperature
+
+        self.model_dir = model_dir
+        policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+        policy.config.use_cache = False
+        if cfg.trainer.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+        lora_settings = cfg.model.lora.model_dump() if cfg.model.lora else None
+        if lora_settings:  # only the adapters train (rlhf/core/models/lora.py)
+            policy = lora.wrap(policy, lora_settings)
+        self._wrap(policy)
+
+        self.reference = None
+        if cfg.algorithm.kl_coef > 0 and lora_settings:  # the same model with its adapters off: no second copy
+            self.reference = lora.AdaptersOff(self.engine.module)
+        elif cfg.algorithm.kl_coef > 0:
+            self.reference = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=torch.bfloat16 if self.bf16 else torch.float32, use_safetensors=True)
+            self.reference.config.use_cache = False
+            self.reference.to(self.device).eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------------------------------------ training
+
+    def train_step(self, batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """The update on one rollout batch: one optimizer step per mini-batch, ``epochs`` passes over them.
+        Collective: every rank must call it, each with a shard of the same number of rows per mini-batch (under
+        ZeRO-3 each forward gathers parameters from all ranks).
+
+        ``batch``: one mini-batch, or a list of them in the order they are stepped on; each (CPU tensors, rows
+        right-padded) holds input_ids, attention_mask (B, L) long; response_mask, rollout_logprobs, advantages,
+        loss_weights (B, L) float, the weights summing that mini-batch's loss. Returns whole-batch metrics (the same
+        on all ranks): per-rank sums are all-reduced before they are turned into means over every optimizer step.
+        """
+        mini_batches = [batch] if isinstance(batch, dict) else list(batch)
+        for mb in mini_batches:
+            missing = [k for k in BATCH_KEYS if k not in mb]
+            if missing:
+                raise ValueError(f"batch lacks {missing}")
+        algorithm, engine = self.algorithm, self.engine
+        start = time.perf_counter()
+        updates = len(mini_batches) * algorithm.ppo_epochs
+        # The PPO ratio's denominator (and TIS's numerator): log-probs under the weights before this batch's first
+        # update. With one update they are the update's own log-probs, detached; with several, the later updates
+        # need them after the weights have moved, so they are computed first, in one pass without gradients.
+        if updates > 1:
+            mini_batches = [{**mb, "old_logprobs": self._logprobs(mb)} for mb in mini_batches]
+        engine.train()
+        lr = engine.get_lr()[0]  # of this batch's first update (lr_warmup_steps moves it between updates)
+        sums = torch.zeros(len(_SUMMED), dtype=torch.float64)
+        skipped_before = engine.skipped_steps
+        grad_norms = []
+        for _ in range(algorithm.ppo_epochs):
+            for mb in mini_batches:
+                sums += self._optimizer_step(mb)
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    grad_norms.append(float(grad_norm))
+
+        sums = self._sum_across_ranks(sums)
+        total = dict(zip(_SUMMED, sums.tolist()))
+        tokens = max(total["response_tokens"], 1.0)
+        metrics = {
+            "losses/policy_loss": total["policy_loss"] / updates,  # each mini-batch's loss is a mean: average them
+            "losses/clipfrac": total["clipped"] / tokens,
+            "losses/entropy": total["entropy"] / tokens,
+            "perf/logprob_mismatch": total["mismatch"] / tokens,
+            "perf/optimizer_steps": float(updates),
+            "charts/lr": float(lr),
+            "perf/train_s": time.perf_counter() - start,
+        }
+        if algorithm.tis_cap:
+            metrics["losses/tis_weight"] = total["tis_weight"] / tokens
+            metrics["losses/tis_capped"] = total["tis_capped"] / tokens
+        if self.reference is not None:
+            metrics["losses/kl"] = total["kl"] / tokens
+        if grad_norms:
+            metrics["losses/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        # DeepSpeed checks the global gradient norm before each optimizer step and skips the step (same decision
+        # on every rank) when it is NaN or infinite; the driver's guard counts it (rlhf/core/guards.py).
+        metrics["faults/update_skipped"] = float(engine.skipped_steps > skipped_before)
+        return metrics
+
+    @torch.no_grad()
+    def _logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The current policy's token log-probs (at the sampling temperature) over ``batch``, (B, L) on the CPU."""
+        self.engine.eval()
+        return self._token_logprobs(self.engine, batch)
+
+    def _token_logprobs(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``model``'s token log-probs (at the sampling temperature) over ``batch``'s rows, (B, L) on the CPU."""
+
+        def logprobs(mb):
+            logits = model(**packing.model_inputs(mb)).logits
+            return packing.zero_sequence_starts(
+                algorithms.token_logprobs(logits / self.temperature, mb["input_ids"]), mb)
+
+        return self._per_token(batch, logprobs)
+
+    def _optimizer_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward and backward over one mini-batch's micro-batches, then one optimizer step; returns its sums."""
+        engine = self.engine
+        sums = torch.zeros(len(_SUMMED), dtype=torch.float64)
+        micro_batches = list(self._micro_batches(batch))
+        for i, (_, mb, _) in enumerate(micro_batches):
+            # Only the last micro-batch triggers the optimizer step, however many there are in this mini-batch.
+            engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
+            sums += self._micro_step(mb)
+            engine.step()
+        return sums
+
+    def _micro_step(self, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward and backward on one micro-batch; returns its contribution to the ``_SUMMED`` sums."""
+        a = self.algorithm
+        mask = mb["response_mask"]
+        logits = self.engine(**packing.model_inputs(mb)).logits
+        logits = logits / self.temperature
+        logp = packing.zero_sequence_starts(algorithms.token_logprobs(logits, mb["input_ids"]), mb)
+        # Without precomputed old log-probs this is the batch's only update: the old policy is the current one and
+        # the ratio starts at exactly 1.
+        old_logp = mb["old_logprobs"] if "old_logprobs" in mb else logp.detach()
+        pg, clipped = algorithms.clipped_policy_loss(logp, old_logp, mb["advantages"], a.clip_low, a.clip_high)
+        tis = torch.ones_like(logp)
+        if a.tis_cap:
+            tis = algorithms.truncated_importance_weights(old_logp, mb["rollout_logprobs"], mask, a.tis_cap)
+            pg = pg * tis
+        kl = torch.zeros_like(logp)
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logits = self.reference(**packing.model_inputs(mb)).logits
+                ref_logits = ref_logits / self.temperature
+                ref_logp = packing.zero_sequence_starts(algorithms.token_logprobs(ref_logits, mb["input_ids"]), mb)
+                del ref_logits
+            kl = algorithms.kl_penalty(logp, ref_logp, a.kl_estimator)
+        if a.entropy_coef:
+            # In the graph only for the bonus: its backward keeps a float softmax of all logits alive.
+            entropy = algorithms.token_entropy(logits)
+        else:
+            with torch.no_grad():
+                # Row by row: a float copy of all logits at once can be as large as the activations (151k vocab).
+                entropy = torch.cat([algorithms.token_entropy(row) for row in logits.detach().split(1)])
+        entropy = packing.zero_sequence_starts(entropy, mb)
+        per_token = algorithms.policy_token_loss(pg, entropy, kl, a.entropy_coef,
+                                                 a.kl_coef if kl_in_loss(a) else 0.0)
+        loss = (per_token * mb["loss_weights"]).sum()
+        # DeepSpeed averages gradients over data-parallel ranks; multiplying by world_size turns that average back
+        # into the sum of the ranks' shares, i.e. the gradient of the whole-batch loss. scale_wrt_gas=False: the
+        # weights already account for the micro-batch split, so DeepSpeed must not divide by its accumulation count.
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+
+        with torch.no_grad():
+            return torch.stack([
+                loss.detach(),
+                (kl.detach() * mask).sum(),
+                (clipped * mask).sum(),
+                (entropy.detach() * mask).sum(),
+                # Train/inference mismatch: the sampler's log-probs against the trainer's before this batch's update.
+                ((old_logp - mb["rollout_logprobs"]).abs() * mask).sum(),
+                (tis * mask).sum(),
+                ((tis >= a.tis_cap).float() * mask).sum() if a.tis_cap else torch.zeros(()),
+                mask.sum(),
+            ]).double().cpu()
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The reference model's log-probs (B, L) of this rank's rows (input_ids, attention_mask), aligned as
+        ``algorithms.token_logprobs``; for a KL penalty in the reward, which is needed before the update."""
+        if self.reference is None:
+            raise RuntimeError("no reference model on this rank: it is loaded only when kl_coef > 0")
+        return self._token_logprobs(self.reference, batch)
+
+
+
+class TrainerGroup(RankGroup):
+    """``num_ranks`` PolicyTrainer Ray actors forming one data-parallel DeepSpeed group."""
+
+    def __init__(self, model_dir: str, cfg: RunConfig, num_ranks: int, timeout_s: float, **placement):
+        """``placement``: RankGroup's resources, strategy and placement_timeout_s."""
+        super().__init__(PolicyTrainer, (model_dir, cfg), cfg.trainer.threads, num_ranks, timeout_s, **placement)
+        self.mini_batches = cfg.trainer.mini_batches_per_step
+        # With neither an entropy bonus nor a KL term in the loss, a row whose advantage is 0 everywhere adds exactly
+        # 0 to the gradient, so train_step leaves such rows out (batch.without_zero_advantage_rows).
+        self.skip_zero_advantage_rows = not cfg.algorithm.entropy_coef and not kl_in_loss(cfg.algorithm)
+
+    def train_step(self, batch: dict[str, torch.Tensor], mini_batches: int | None = None) -> dict[str, float]:
+        """The update on one rollout batch: its rows split into ``mini_batches`` (default: the config's) contiguous
+        equal parts, one optimizer step each (the batch's loss weights must sum each part's loss, as
+        ``make_train_batch(..., mini_batches)`` makes them), each part split evenly across the ranks.
+
+        Rows that add nothing to the gradient (see ``skip_zero_advantage_rows``) are left out of each part, so the
+        update is the same and the per-token means in the metrics (entropy, clip fraction, mismatch) are over the
+        rows trained on; ``perf/skipped_rows`` counts the others."""
+        mini_batches = mini_batches or self.mini_batches
+        rows = batch["input_ids"].shape[0]
+        if rows % mini_batches:
+            raise ValueError(f"batch of {rows} rows does not split into {mini_batches} equal mini-batches")
+        size = rows // mini_batches
+        hint = f"make rollout rows per step a multiple of mini-batches x {self.num_ranks} ranks"
+        per_rank: list[list[dict[str, torch.Tensor]]] = [[] for _ in self.actors]
+        trained = 0
+        for first in range(0, rows, size):
+            part = {k: v[first:first + size] for k, v in batch.items()}
+            if self.skip_zero_advantage_rows and size % self.num_ranks == 0:  # an uneven part is refused below
+                part = without_zero_advantage_rows(part, self.num_ranks)
+            part_rows = part["input_ids"].shape[0]
+            trained += part_rows
+            for shards, shard in zip(per_rank, self._shards(part, part_rows, hint)):
+                shards.append(shard)
+        refs = [actor.train_step.remote(shards) for actor, shards in zip(self.actors, per_rank)]
+        metrics = self._get(refs, "train_step")
+        # Each rank already all-reduced the sums, so loss and means are whole-batch figures on every rank;
+        # only the time differs, and the step takes as long as its slowest rank.
+        return {**metrics[0], "perf/train_s": max(m["perf/train_s"] for m in metrics),
+                "perf/skipped_rows": float(rows - trained)}
+
+    def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The reference model's token log-probs (B, L) of the batch's rows, computed on the ranks that hold it."""
+        batch = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        shards = self._shards(batch, batch["input_ids"].shape[0],
+                              f"make rollout rows per step a multiple of {self.num_ranks}")
+        parts = self._get([actor.reference_logprobs.remote(shard) for actor, shard in zip(self.actors, shards)],
+                          "reference_logprobs")
+        return torch.cat(parts)
+
+    def full_state_dict_ref(self):
+        """Like full_state_dict, but returns rank 0's Ray object reference without fetching it, so rollout workers
+        can take the weights straight from the object store instead of through the driver."""
+        refs = [actor.full_state_dict.remote() for actor in self.actors]
+        self._get(refs[1:], "full_state_dict", first_rank=1)  # the other ranks only take part in the gather
+        ready, _ = self._ray.wait(refs[:1], timeout=self.timeout_s, fetch_local=False)
+        if not ready:
+            raise TimeoutError(f"trainer full_state_dict did not finish within {self.timeout_s:.0f} s")
+        # Rank 0's answer is ready but not fetched; a ping tells a rank that died from one that answered.
+        self._get([self.actors[0].__ray_ready__.remote()], "full_state_dict")
+        return refs[0]
+

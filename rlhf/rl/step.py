@@ -1,0 +1,165 @@
+"""One RL step, for every algorithm, over parts handed in (the rollout and reward groups, the update strategy).
+
+    sample -> score -> shape rewards -> (drop groups without signal) -> update -> sync weights -> figures
+
+The estimator decides the rest (rlhf/rl/update.py). A batch with a non-finite reward is not trained on; one whose
+loss or gradient is not finite gets no update and no sync; both count towards ``max_bad_batches`` (rlhf/core/
+guards.py). Every ``audit_every`` steps the teacher re-judges a sample of the rollouts (rlhf/stages/reward_model.py).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from rlhf.stages import reward_model as distill
+from rlhf.core.algorithms import informative_groups, overlong_penalty
+from rlhf.core.config.run_config import RunConfig
+from rlhf.core.data.datasets import PromptRow
+from rlhf.outputs.diagnostics import component_figures
+from rlhf.core.guards import BatchGuard, reward_fault, update_fault
+from rlhf.rl.evaluate import difficulty_metrics, evaluate_policy
+from rlhf.rl.prefetch import LaunchedRollout
+
+
+class RLLoop:
+    """The run's parts and the RL step over them. ``rollout``: a RolloutGroup (generate, launch, collect, sync,
+    version); ``reward``: a RewardGroup (score, verify); ``update``: a PolicyUpdate; ``auditor``: a teacher, or
+    None for no audits. Tests build it from stand-ins for each."""
+
+    def __init__(self, cfg: RunConfig, tokenizer, rollout, reward, update, auditor=None):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.rollout, self.reward, self.update, self.auditor = rollout, reward, update, auditor
+        self.guard = BatchGuard(cfg.max_bad_batches)  # batches skipped for NaN/inf rewards, losses, gradients
+
+    @property
+    def version(self) -> int:
+        return self.rollout.version
+
+    @property
+    def trainer(self):
+        """The policy's trainer group (checkpoint export, benchmarks)."""
+        return self.update.policy
+
+    def launch(self, rows: list[PromptRow]) -> LaunchedRollout:
+        return self.rollout.launch(rows)
+
+    def step(self, step: int, rows: list[PromptRow], launched: LaunchedRollout | None = None) -> dict:
+        """One RL step on ``rows``. ``launched``: their generation, already started (asynchronous rollout starts it
+        while earlier batches train, from older weights); None generates them now."""
+        n = self.cfg.rollout.samples_per_prompt
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        restarts = self.rollout.restarts + self.reward.restarts
+        samples = self.rollout.collect(launched) if launched else self.rollout.generate([r.prompt for r in rows], n,
+                                                                                        greedy=False)
+        generated_by = launched.version if launched else self.version  # weights version that sampled the batch
+        staleness = self.version - generated_by  # updates since: what the update is off-policy by
+        timings["perf/generate_s"] = time.perf_counter() - t0  # asynchronous: only the wait the overlap left
+
+        t = time.perf_counter()
+        scores = self.reward.score(rows, samples)
+        rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)
+        timings["perf/score_s"] = time.perf_counter() - t
+        fault = reward_fault([r.prompt for r in rows for _ in range(n)], scores)
+        rewards, shaping = self._shaped(rewards, samples)
+        difficulties = [r.difficulty for r in rows for _ in range(n)]
+        train_samples, train_rewards, train_difficulties = self._with_signal(samples, rewards, difficulties, shaping)
+
+        update_metrics: dict = {}
+        timings["perf/sync_s"] = 0.0
+        # Nothing to train on only when dynamic sampling found no group with signal: no update, no sync.
+        if train_samples and fault is None:
+            update_metrics, moved = self.update(step, train_samples, train_rewards, n, train_difficulties)
+            fault = update_fault(update_metrics) if moved else None
+            if moved and fault is None:
+                t = time.perf_counter()
+                self.rollout.sync()
+                timings["perf/sync_s"] = time.perf_counter() - t
+        self.guard.record(fault)
+        timings["perf/step_s"] = time.perf_counter() - t0
+
+        audit = {}
+        if self.auditor is not None and step % self.cfg.reward.audit_every == 0:
+            audit = distill.audit(self.auditor, rows, samples, scores, self.cfg.reward)
+        return {
+            "step": step,
+            **self._figures(rows, samples, scores, rewards),
+            "charts/weights_version": self.version,
+            "charts/rollout_weights_version": generated_by,
+            "perf/staleness": staleness,
+            "faults/restarts": self.rollout.restarts + self.reward.restarts - restarts,
+            "faults/skipped_batches": self.guard.skipped,
+            **shaping, **update_metrics, **audit, **timings,
+        }
+
+    def _shaped(self, rewards: torch.Tensor, samples: list) -> tuple[torch.Tensor, dict]:
+        """DAPO's soft overlong punishment, added to the rewards where ``overlong_buffer`` is set."""
+        a = self.cfg.algorithm
+        if not a.overlong_buffer:
+            return rewards, {}
+        penalty = overlong_penalty(torch.tensor([len(s.response_ids) for s in samples]),
+                                   self.cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty)
+        return rewards + penalty, {"reward/overlong_penalty": penalty.mean().item()}
+
+    def _with_signal(self, samples: list, rewards: torch.Tensor, difficulties: list,
+                     shaping: dict) -> tuple[list, torch.Tensor, list]:
+        """Dynamic sampling: the groups that carry signal, in a row count the trainer ranks can split."""
+        if not self.cfg.algorithm.dynamic_sampling:
+            return samples, rewards, difficulties
+        n, t = self.cfg.rollout.samples_per_prompt, self.cfg.trainer
+        keep = informative_groups(rewards, n, t.num_ranks * t.mini_batches_per_step).tolist()
+        kept = [s for s, k in zip(samples, keep) if k]
+        shaping["reward/dropped_groups"] = (len(samples) - len(kept)) // n
+        return kept, rewards[torch.tensor(keep)], [d for d, k in zip(difficulties, keep) if k]
+
+    def _figures(self, rows: list[PromptRow], samples: list, scores: list[dict], rewards: torch.Tensor) -> dict:
+        """The rollout's figures: reward (over the finite rewards: a batch the guard skips still logs), the
+        verifier's accuracy and answer rate, length, truncation, groups without signal, per-difficulty figures."""
+        n = len(samples) // len(rows)
+        finite = rewards[torch.isfinite(rewards)]
+        grouped = rewards.reshape(-1, n)
+        figures = {
+            "reward/mean": finite.mean().item(),
+            "reward/std": finite.std().item(),
+            "reward/accuracy": sum(s["correct"] for s in scores) / len(scores),
+            "reward/answered": sum(s["answered"] for s in scores) / len(scores),
+            "reward/zero_signal_groups": (grouped.max(1).values == grouped.min(1).values).float().mean().item(),
+            "charts/response_tokens": sum(len(s.response_ids) for s in samples) / len(samples),
+            "charts/truncated_rate": sum(s.finish_reason == "length" for s in samples) / len(samples),
+            **difficulty_metrics([r.difficulty for r in rows for _ in range(n)], samples,
+                                 [s["correct"] > 0.5 for s in scores], self.count_tokens),
+        }
+        return {**figures, **component_figures(scores)}  # each component's own mean beside the total
+
+    def count_tokens(self, text: str) -> int:
+        """Length of a piece of text (e.g. the reasoning) in the policy's tokens."""
+        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def evaluate(self, rows: list[PromptRow], log=print) -> dict:
+        """Greedy answers to the held-out prompts, checked by the reward workers' verifier (only: the figures mean
+        the same whatever RL is rewarded by, and a custom reward function never sees held-out prompts)."""
+        self.rollout.finish_sync()  # the figures are for the weights after every update so far
+        return evaluate_policy(rows, lambda prompts: self.rollout.generate(prompts, 1, greedy=True),
+                               self.reward.verify, self.cfg.eval.batch_size, log, self.count_tokens)
+
+    def save_state(self, path: Path) -> list:
+        """The update's state (policy, trainer ranks, critic) under ``path``; returns the rollout workers' RNG
+        states, for the driver to store beside its own."""
+        self.update.save_state(path)
+        return self.rollout.rng_states()
+
+    def load_state(self, path: Path, rollout_rng: list, version: int, guard: dict) -> None:
+        """Back to a checkpoint written by ``save_state``: the update's state, the workers' RNGs, the policy's
+        weights (sent to the rollout workers with the checkpoint's version) and the guard's counts."""
+        self.update.load_state(path)
+        self.rollout.set_rng_states(rollout_rng)
+        self.rollout.sync(version)
+        self.guard.load_state(guard)
+
+    def shutdown(self) -> None:
+        try:
+            self.update.shutdown()
+        finally:
+            self.reward.shutdown()

@@ -1,0 +1,1 @@
+"""HTTP servers: an OpenAI-compatible policy server and the reward-model server."""

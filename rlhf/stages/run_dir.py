@@ -1,0 +1,127 @@
+"""The pieces of a run before its actors start: the run directory, the prompts, the student and its tokenizer.
+
+``rlhf.api.Trainer`` holds one run's state and calls these stage by stage (``rlhf.api.run`` is the pipeline);
+the RL step itself is rlhf/rl/step.py, over the actors rlhf/rl/launch.py starts.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+from rlhf.core.data.chat import template_override
+from rlhf.core.config.run_config import ConfigError, RunConfig, save_config
+from rlhf.core.checkpoints.atomic import output_dir_problem
+from rlhf.core.data.datasets import DatasetError, PromptRow, load_rows, usable_rows
+from rlhf.core.models.build import build_student, build_tokenizer, check_model_dir, load_student
+from rlhf.core.models.build import load_tokenizer as load_model_tokenizer
+from rlhf.core.checkpoints.resume import complete_checkpoints
+
+
+class RunDirError(ValueError):
+    """An output_dir that cannot take this run (it holds a finished one, or checkpoints to resume from)."""
+
+
+def load_prompts(cfg: RunConfig, train_dataset=None, eval_dataset=None, tokenizer=None, log=print,
+                 stats: dict | None = None) -> tuple[list[PromptRow], list[PromptRow]]:
+    """(training pool, held-out set), from the Datasets passed in or the configured task, rendered for ``tokenizer``
+    (rlhf/core/data/chat.py); ``stats`` gets the counts. Loaded first in a run: a bad dataset row should stop it before
+    minutes of warm-up, not after."""
+    train_pool, eval_set = load_rows(cfg.task, cfg.seed, train_dataset, eval_dataset, tokenizer, log, stats)
+    if len(train_pool) < cfg.rollout.prompts_per_step:
+        raise DatasetError(f"only {len(train_pool)} training prompts for rollout.prompts_per_step="
+                           f"{cfg.rollout.prompts_per_step}")
+    return train_pool, eval_set
+
+
+def load_tokenizer(cfg: RunConfig):
+    """The student's tokenizer (from its directory, or built), carrying ``task.chat_template``'s override so that
+    checkpoints and the policy server use the template the prompts were rendered with."""
+    path = cfg.model.model_name_or_path
+    tokenizer = load_model_tokenizer(check_model_dir(path)) if path else build_tokenizer(cfg.model.tokenizer)
+    override = template_override(cfg.task)
+    if override is not None:
+        tokenizer.chat_template = override
+    return tokenizer
+
+
+def fitting_prompts(cfg: RunConfig, rows: list[PromptRow], tokenizer, max_positions: int, name: str,
+                    log=print, at_least: int = 1) -> list[PromptRow]:
+    """The rows whose prompt leaves room for the longest response the run generates within the student's
+    ``max_positions``; the others are skipped and counted like any bad row (rlhf.data.usable_rows). Fewer than
+    ``at_least`` left is a DatasetError."""
+    new_tokens = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens,
+                     cfg.label.max_new_tokens if "label" in cfg.stages else 0)
+    room = max_positions - new_tokens
+    if room <= 0:
+        raise ConfigError(f"responses of up to {new_tokens} tokens (rollout/eval/label max_new_tokens) leave no room "
+                          f"for a prompt in the student's {max_positions} positions")
+    lengths = [len(ids) for ids in tokenizer([r.prompt for r in rows], add_special_tokens=False).input_ids]
+    problems = [f"prompt {i} has {n} tokens, over the {room} that fit before a {new_tokens}-token response in "
+                f"{max_positions} positions ({rows[i].prompt[:40]!r}...)" for i, n in enumerate(lengths) if n > room]
+    kept = usable_rows([r for r, n in zip(rows, lengths) if n <= room], problems, name, log)
+    if len(kept) < at_least:
+        raise DatasetError(f"only {len(kept)} {name} fit for rollout.prompts_per_step={at_least}")
+    return kept
+
+
+def build_policy(cfg: RunConfig, log=print, tokenizer=None) -> tuple:
+    """The student and its tokenizer (``tokenizer``, else the directory's or a built one): loaded from a local
+    directory, or built at the configured size."""
+    if cfg.model.model_name_or_path:
+        student, loaded = load_student(cfg.model.model_name_or_path)
+        tokenizer = tokenizer or loaded
+    else:
+        tokenizer = tokenizer or build_tokenizer(cfg.model.tokenizer)
+        student = build_student(cfg.model, tokenizer, cfg.seed)
+    log(f"student: {type(student).__name__}, {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters")
+    return student, tokenizer
+
+
+class StageTimer:
+    """Seconds spent per pipeline stage, for summary.json (where did the run's time go?)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + seconds, 1)
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - start)
+
+
+def refuse_finished_run(cfg: RunConfig) -> None:
+    out = Path(cfg.output_dir)
+    if problem := output_dir_problem(out):
+        raise RunDirError(problem)
+    if (out / "summary.json").exists():
+        raise RunDirError(f"output_dir {out} holds a finished run: choose another output_dir (or delete it)")
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool = False) -> Path:
+    """Make ``output_dir`` ready: a new run starts afresh (metrics.jsonl removed) where no finished run and no
+    checkpoint is; ``resume``: keep what is there (the caller resumes from its newest checkpoint)."""
+    out = Path(cfg.output_dir)
+    refuse_finished_run(cfg)
+    if not resume and complete_checkpoints(out):
+        raise RunDirError(f"output_dir {out} holds checkpoints of an unfinished run: continue it with --resume, or "
+                          f"choose another output_dir (or delete it)")
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    save_config(cfg, out / "config.yaml")
+    return out
+
+
+def progress_line(step: int, steps: int, m: dict) -> str:
+    # A script may run more steps than algorithm.steps plans; "step 5/2" would read like a bug.
+    done = f"{step}/{steps}" if step <= steps else f"{step}"
+    # A batch skipped for NaN rewards has no reward/mean (metrics.jsonl keeps finite numbers only).
+    return (f"step {done}  reward {m.get('reward/mean', float('nan')):.3f}  acc {m['reward/accuracy']:.3f}  "
+            f"kl {m.get('losses/kl', 0.0):.4f}  len {m['charts/response_tokens']:.1f}  {m['perf/step_s']:.1f} s")
