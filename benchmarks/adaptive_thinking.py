@@ -5,7 +5,7 @@
 
 1. Warm-up: the student is distilled from the teacher's mixture of bare answers and thought-out steps (skipped
    with --warmup-dir, which reuses a saved warm-up student).
-2. Without: GRPO rewarded by the verifier alone (``reward.scoring.components={verifier: 1.0}``).
+2. Without: GRPO rewarded by the verifier alone (``reward.components={verifier: 1.0}``).
 3. With: the same seeds and steps, rewarded by the verifier plus the config's adaptive term.
 
 The first run evaluates the warm-up student (greedy, held-out prompts); both evaluate their policy after RL.
@@ -69,7 +69,7 @@ def main() -> int:
 
     cfg = load_config(args.config, args.overrides)
     if not cfg.reward.components.get("adaptive"):
-        print(f"{args.config} has no adaptive reward component: set reward.scoring.components.adaptive", file=sys.stderr)
+        print(f"{args.config} has no adaptive reward component: set reward.components.adaptive", file=sys.stderr)
         return 2
     start = args.warmup_dir
     if start is None:
@@ -79,7 +79,7 @@ def main() -> int:
     without_components = "{" + ", ".join(f"{k}: {v}" for k, v in cfg.reward.components.items()
                                          if k != "adaptive") + "}"
     runs = {}
-    without_cfg = load_config(args.config, [*common, f"reward.scoring.components={without_components}",
+    without_cfg = load_config(args.config, [*common, f"reward.components={without_components}",
                                             f"output_dir={out / 'without'}"])
     runs["without"] = run(without_cfg, log=lambda line: print(f"[without] {line}", flush=True)).summary
     # The same warm-up student was evaluated by the run above: this one evaluates only after RL.

@@ -22,9 +22,9 @@ from rlhf.core.config.run_config import load_config
 from rlhf.cli import _quiet_libraries
 
 ARMS = {
-    "a_grpo_verifier": ["reward.scoring.components={verifier: 1.0}", "algorithm.advantage=grpo"],
-    "b_onpolicy": ["reward.scoring.components={teacher_kl: 1.0}", "algorithm.advantage=on_policy_distillation"],
-    "c_both": ["reward.scoring.components={verifier: 1.0, teacher_kl: 0.1}", "algorithm.advantage=grpo"],
+    "a_grpo_verifier": ["reward.components={verifier: 1.0}", "algorithm.advantage=grpo"],
+    "b_onpolicy": ["reward.components={teacher_kl: 1.0}", "algorithm.advantage=on_policy_distillation"],
+    "c_both": ["reward.components={verifier: 1.0, teacher_kl: 0.1}", "algorithm.advantage=grpo"],
 }
 
 

@@ -52,7 +52,7 @@ def overrides(args, out: Path, model_dir: str, use_lora: bool) -> list[str]:
         f"task.eval_prompts={args.eval_prompts}", "task.max_prompt_tokens=200",
         f"rollout.prompts_per_step={args.prompts}", f"rollout.samples_per_prompt={args.samples}",
         f"rollout.max_new_tokens={args.max_new_tokens}", f"eval.max_new_tokens={args.max_new_tokens}",
-        "reward.scoring.components={verifier: 1.0, custom: 0.5}", "reward.audit_every=0",
+        "reward.components={verifier: 1.0, custom: 0.5}", "reward.audit_every=0",
         "trainer.num_ranks=1", "trainer.micro_batch_size=4",
         f"trainer.lr={1e-4 if use_lora else 1e-5}", "algorithm.kl_coef=0.01", f"algorithm.steps={args.steps}",
         *(["model.lora={r: 16, alpha: 32}"] if use_lora else []), *args.overrides,

@@ -31,11 +31,11 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
 
     rm_cfg = load_config(args.config, [*args.overrides, f"output_dir={out / 'rm'}",
-                                       "stages=[warmup,label,train_rm,rl,eval]", "reward.scoring.components={rm: 1.0}"])
+                                       "stages=[warmup,label,train_rm,rl,eval]", "reward.components={rm: 1.0}"])
     rm = run(rm_cfg, log=lambda line: print(f"[rm] {line}", flush=True)).summary
     oracle_cfg = load_config(args.config, [*args.overrides, f"output_dir={out / 'oracle'}", "stages=[rl,eval]",
                                            f"model.model_name_or_path={out / 'rm' / 'warmup'}",
-                                           "reward.scoring.components={verifier: 1.0}", "reward.audit_every=0"])
+                                           "reward.components={verifier: 1.0}", "reward.audit_every=0"])
     oracle = run(oracle_cfg, log=lambda line: print(f"[oracle] {line}", flush=True)).summary
 
     def gain(summary: dict) -> float:

@@ -400,7 +400,7 @@ class Trainer:
         if self._loop is None:
             rollout = self._rollout_workers()
             if self.cfg.reward.components.get("rm") and not (self.reward_model_dir or self.cfg.reward.rm_url):
-                raise ConfigError("reward.scoring.components uses rm but there is no reward model yet: call "
+                raise ConfigError("reward.components uses rm but there is no reward model yet: call "
                                   "train_reward_model() first, or set reward_model.path or reward.rm_url")
             self._loop = loop = actors.build_loop(self.cfg, self._start_dir(), self._tokenizer, rollout,
                                                   str(self.reward_model_dir) if self.reward_model_dir else None,
@@ -470,12 +470,12 @@ def _check_reward_fn(cfg: RunConfig, reward_fn) -> RewardFn | None:
     if cfg.reward.custom_fn:
         reward_fn = load_reward_fn(cfg.reward.custom_fn)
     if reward_fn is None and weight:
-        raise ConfigError("reward.scoring.components.custom needs a reward function: set reward.custom_fn "
+        raise ConfigError("reward.components.custom needs a reward function: set reward.custom_fn "
                           "(module.path:function or file.py:function), or pass reward_fn to rlhf.Trainer or rlhf.run")
     if reward_fn is not None and not callable(reward_fn):
         raise TypeError(f"reward_fn must be callable as fn(prompts, responses, rows), not a "
                         f"{type(reward_fn).__name__}")
     if reward_fn is not None and not weight:
-        raise ConfigError("reward_fn has no weight: set reward.scoring.components.custom, e.g. {'custom': 1.0} to reward "
+        raise ConfigError("reward_fn has no weight: set reward.components.custom, e.g. {'custom': 1.0} to reward "
                           "by it alone or {'verifier': 1.0, 'custom': 0.5} beside the verifier")
     return reward_fn

@@ -21,7 +21,7 @@ def check_registered(cfg: RunConfig) -> None:
     """A ConfigError naming the first config key whose value no registry holds."""
     named = [("rollout.engine", cfg.rollout.engine, ENGINES), ("task.verifier", cfg.task.verifier, VERIFIERS),
              ("label.teacher", cfg.label.teacher, TEACHERS)]
-    named += [(f"reward.scoring.components.{name}", name, REWARD_COMPONENTS) for name in cfg.reward.components
+    named += [(f"reward.components.{name}", name, REWARD_COMPONENTS) for name in cfg.reward.components
               if name != TEACHER_KL]  # per-token, computed in the update (rlhf/rl/update.py)
     for key, name, registry in named:
         if name not in registry:

@@ -96,16 +96,16 @@ def test_reward_worker_adds_the_weighted_component_to_the_verifier():
 
 
 def test_adaptive_config_errors_name_the_key(tmp_path):
-    with pytest.raises(ConfigError, match="reward.scoring.adaptive.source"):
-        load_config(None, ["reward.scoring.adaptive.source=oracle"])
+    with pytest.raises(ConfigError, match="reward.adaptive.source"):
+        load_config(None, ["reward.adaptive.source=oracle"])
     with pytest.raises(ConfigError, match="difficulty_range"):
-        load_config(None, ["reward.scoring.adaptive.difficulty_range=[6, 1]"])
+        load_config(None, ["reward.adaptive.difficulty_range=[6, 1]"])
     data = tmp_path / "d.jsonl"
-    with pytest.raises(ConfigError, match="reward.scoring.adaptive.source rule needs task.difficulty_field"):
+    with pytest.raises(ConfigError, match="reward.adaptive.source rule needs task.difficulty_field"):
         load_config(None, ["task.name=jsonl", f"task.train_file={data}", f"task.eval_file={data}",
-                           "reward.scoring.components={verifier: 1.0, adaptive: 0.5}"])
+                           "reward.components={verifier: 1.0, adaptive: 0.5}"])
     with pytest.raises(ConfigError, match="source rm needs a local reward model"):
-        load_config(None, ["reward.scoring.components={verifier: 1.0, adaptive: 0.5}", "reward.scoring.adaptive.source=rm"])
+        load_config(None, ["reward.components={verifier: 1.0, adaptive: 0.5}", "reward.adaptive.source=rm"])
 
 
 def _sample(text: str, tokens: int) -> Sample:

@@ -90,9 +90,9 @@ def test_config_in_code_is_the_yaml_tree():
 
 
 def test_reward_function_and_its_weight_come_together(tmp_path):
-    with pytest.raises(rlhf.ConfigError, match="reward.scoring.components.custom needs a reward function"):
+    with pytest.raises(rlhf.ConfigError, match="reward.components.custom needs a reward function"):
         rlhf.Trainer(step_config(tmp_path / "a"))
-    with pytest.raises(rlhf.ConfigError, match="reward_fn has no weight: set reward.scoring.components.custom"):
+    with pytest.raises(rlhf.ConfigError, match="reward_fn has no weight: set reward.components.custom"):
         rlhf.Trainer(rlhf.RunConfig(output_dir=str(tmp_path / "b"), **TINY), reward_fn=lambda p, r, rows: [0.0])
 
 

@@ -33,7 +33,7 @@ def swappable_reward(flag: Path):
 
 def test_the_audit_alarm_fires_when_the_reward_goes_wrong_and_stops_the_run(tmp_path):
     flag, out, lines = tmp_path / "corrupted", tmp_path / "run", []
-    cfg = load_config(TINY, [f"output_dir={out}", "reward.scoring.components={custom: 1.0}", "reward.audit_every=1",
+    cfg = load_config(TINY, [f"output_dir={out}", "reward.components={custom: 1.0}", "reward.audit_every=1",
                              "reward.audit_samples=16", "reward.audit_stop_on_alarm=true", "algorithm.steps=12",
                              "warmup.steps=30", "rollout.temperature=1.2"])
     with Trainer(cfg, reward_fn=swappable_reward(flag), log=lines.append) as trainer:

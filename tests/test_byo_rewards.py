@@ -280,7 +280,7 @@ def test_trl_reward_model_scores_as_the_seqcls_component(trl_reward_model):
 
 
 def test_seqcls_config_and_directory_errors(tmp_path):
-    with pytest.raises(ConfigError, match="reward.scoring.components uses seqcls: set reward.seqcls_path"):
+    with pytest.raises(ConfigError, match="reward.components uses seqcls: set reward.seqcls_path"):
         config_from_dict({"reward": {"components": {"seqcls": 1.0}}})
     from reward.model.seqcls import check_seqcls_dir
     from rlhf.core.models.build import ModelLoadError

@@ -15,7 +15,7 @@ from tests.scoring import reward_worker
     ("rollout.engine=sglang", "rollout.engine", "hf"),
     ("task.verifier=roman", "task.verifier", "final_number, gsm8k, math, exact, regex"),
     ("label.teacher=oracel", "label.teacher", "oracle, reference, hf, openai"),
-    ("reward.scoring.components={brevity: 1.0}", "reward.scoring.components.brevity", "verifier, rm, seqcls, custom, adaptive"),
+    ("reward.components={brevity: 1.0}", "reward.components.brevity", "verifier, rm, seqcls, custom, adaptive"),
 ])
 def test_an_unknown_name_is_refused_in_one_line_listing_the_registered_ones(override, key, listed):
     cfg = load_config(None, [override])
@@ -60,7 +60,7 @@ def test_a_new_verifier_and_reward_component_work_by_name(registered):
 
     registered(VERIFIERS, "roman", lambda answer_regex: lambda response, reference: response.strip() == reference)
     registered(REWARD_COMPONENTS, "brevity", Brevity)
-    check_registered(load_config(None, ["task.verifier=roman", "reward.scoring.components={verifier: 1.0, brevity: 0.5}"]))
+    check_registered(load_config(None, ["task.verifier=roman", "reward.components={verifier: 1.0, brevity: 0.5}"]))
     worker = reward_worker({"verifier": 1.0, "brevity": 0.5}, verifier="roman")
     results = worker.score(["p", "p"], ["XII", "a long answer"], ["XII", "IV"])
     assert [r["reward"] for r in results] == [1.5, 0.0]

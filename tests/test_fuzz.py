@@ -29,7 +29,7 @@ BAD_VALUES = ["abc", "", [1, 2], {"a": 1}, {"a": {"b": {"c": [None]}}}, float("i
 def flat_keys(tree: dict, prefix: str = "") -> list[str]:
     keys = []
     for key, value in tree.items():
-        if isinstance(value, dict) and value and prefix + key != "reward.scoring.components":
+        if isinstance(value, dict) and value and prefix + key != "reward.components":
             keys += flat_keys(value, f"{prefix}{key}.")
         else:
             keys.append(prefix + key)

@@ -231,7 +231,7 @@ def test_new_algorithm_options_default_to_off():
 @pytest.mark.parametrize("name", sorted(ADVANTAGE_ESTIMATORS))
 def test_every_registered_estimator_is_accepted_by_the_config(name):
     # on_policy_distillation has no sequence advantage: it takes the teacher's term alone.
-    alone = ["reward.scoring.components={teacher_kl: 1.0}", "reward.teacher_model_path=t"]
+    alone = ["reward.components={teacher_kl: 1.0}", "reward.teacher_model_path=t"]
     overrides = alone if name == "on_policy_distillation" else []
     assert load_config(None, [f"algorithm.advantage={name}", *overrides]).algorithm.advantage == name
 

@@ -69,7 +69,7 @@ def _distillation_step(overrides: list[str], rewards: list[float]):
 
 def test_teacher_kl_advantage_is_each_tokens_centred_log_ratio_to_the_teacher():
     advantages, metrics = _distillation_step(["algorithm.advantage=on_policy_distillation",
-                                              "reward.scoring.components={teacher_kl: 0.5}"], [0.0] * 4)
+                                              "reward.components={teacher_kl: 0.5}"], [0.0] * 4)
     # Log-ratios -1 on the 3 response tokens of rows 0-1, 0 on the 5 of rows 2-3: mean -3/8. Each token gets
     # 0.5 * (its log-ratio + 3/8), its own and no later token's (discount 0); 0 on the prompt and padding.
     a, b = 0.5 * (-1 + 3 / 8), 0.5 * (3 / 8)
@@ -82,7 +82,7 @@ def test_teacher_kl_advantage_is_each_tokens_centred_log_ratio_to_the_teacher():
 
 def test_teacher_kl_adds_to_the_estimators_own_advantages():
     """GRPO over the verifier's rewards plus the distillation term: the sum of the two, token by token."""
-    advantages, _ = _distillation_step(["algorithm.advantage=grpo", "reward.scoring.components={verifier: 1.0, teacher_kl: 0.5}"],
+    advantages, _ = _distillation_step(["algorithm.advantage=grpo", "reward.components={verifier: 1.0, teacher_kl: 0.5}"],
                                        [1.0, 0.0, 0.0, 0.0])
     grpo = algorithms.grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 2)
     a, b = 0.5 * (-1 + 3 / 8), 0.5 * (3 / 8)
@@ -99,10 +99,10 @@ def test_a_teacher_with_another_vocabulary_is_refused_in_one_line(teacher_dir):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["reward.scoring.components={teacher_kl: 1.0}"], "set reward.teacher_model_path"),
-    (["reward.scoring.components={teacher_kl: 1.0, verifier: 1.0}", "reward.teacher_model_path=t",
-      "algorithm.advantage=on_policy_distillation"], "learns from reward.scoring.components.teacher_kl alone"),
-    (["reward.scoring.components={teacher_kl: 1.0}", "reward.teacher_model_path=t", "algorithm.advantage=reinforce_plus_plus",
+    (["reward.components={teacher_kl: 1.0}"], "set reward.teacher_model_path"),
+    (["reward.components={teacher_kl: 1.0, verifier: 1.0}", "reward.teacher_model_path=t",
+      "algorithm.advantage=on_policy_distillation"], "learns from reward.components.teacher_kl alone"),
+    (["reward.components={teacher_kl: 1.0}", "reward.teacher_model_path=t", "algorithm.advantage=reinforce_plus_plus",
       "algorithm.dynamic_sampling=true"], "teacher_kl gives every token a reward"),
 ])
 def test_teacher_kl_settings_that_cannot_work_are_refused(overrides, message):

@@ -111,10 +111,10 @@ def test_meaningful_changes_are_refused_in_one_line_naming_every_key():
 
 
 def test_algorithm_and_reward_changes_are_refused():
-    harmless, refused = config_changes(dumped(), dumped("algorithm.advantage=rloo", "reward.scoring.components={verifier: 2.0}",
+    harmless, refused = config_changes(dumped(), dumped("algorithm.advantage=rloo", "reward.components={verifier: 2.0}",
                                                         "trainer.zero_stage=2", "algorithm.kl_coef=0.1"))
     assert harmless == []
-    assert [r.split()[0] for r in refused] == ["algorithm.advantage", "algorithm.kl_coef", "reward.scoring.components",
+    assert [r.split()[0] for r in refused] == ["algorithm.advantage", "algorithm.kl_coef", "reward.components",
                                                "trainer.zero_stage"]
 
 

@@ -7,7 +7,7 @@ from transformers import AutoModelForSequenceClassification
 from rlhf.cli import main
 from test_end_to_end import TINY
 
-RM_STAGES = ["stages=[warmup,label,train_rm,rl,eval]", "reward.scoring.components={rm: 1.0}", "reward.audit_every=1",
+RM_STAGES = ["stages=[warmup,label,train_rm,rl,eval]", "reward.components={rm: 1.0}", "reward.audit_every=1",
              "label.prompts=16", "label.eval_prompts=8", "label.samples_per_prompt=4", "reward_model.batch_size=16"]
 
 
@@ -61,5 +61,5 @@ def test_eval_rm_command_prints_the_figures(rm_run, capsys):
 
 
 def test_rm_reward_without_a_reward_model_is_refused(tmp_path, capsys):
-    assert main(["run", TINY, f"output_dir={tmp_path / 'x'}", "reward.scoring.components={rm: 1.0}"]) == 2
+    assert main(["run", TINY, f"output_dir={tmp_path / 'x'}", "reward.components={rm: 1.0}"]) == 2
     assert "train_rm" in capsys.readouterr().err

@@ -12,8 +12,8 @@ answer):
     length_fit   = correct * max(0, 1 - penalty)                             (in [0, 1])
     skip_bonus   = skip_think_bonus * correct * (no think block) * (cd <= easy_cd)
 
-The component's value is ``length_fit + skip_bonus``; ``reward.scoring.components.adaptive`` weights it beside the verifier
-or the RM. RV and CD come from one of three sources (``reward.scoring.adaptive.source``): ``rule`` (RV from the length of
+The component's value is ``length_fit + skip_bonus``; ``reward.components.adaptive`` weights it beside the verifier
+or the RM. RV and CD come from one of three sources (``reward.adaptive.source``): ``rule`` (RV from the length of
 the reasoning text, CD from the dataset's difficulty field scaled to 0-9), ``teacher`` (the teacher judge's RV and
 CD, e.g. the arithmetic task's oracle) or ``rm`` (the distilled reward model's RV and CD heads).
 """
@@ -64,14 +64,14 @@ def rule_cd(difficulty: float, low: float, high: float) -> float:
 
 
 class AdaptiveLength:
-    """The component as a reward worker uses it: settings from ``reward.scoring.adaptive`` (a dict of AdaptiveConfig's
+    """The component as a reward worker uses it: settings from ``reward.adaptive`` (a dict of AdaptiveConfig's
     fields, ``difficulty_range`` resolved), and a teacher when the source is ``teacher``."""
 
     def __init__(self, settings: dict, teacher=None):
         self.s = settings
         self.teacher = teacher
         if settings["source"] == "teacher" and teacher is None:
-            raise ValueError("reward.scoring.adaptive.source teacher needs a teacher")
+            raise ValueError("reward.adaptive.source teacher needs a teacher")
 
     def signals(self, prompts: list[str], responses: list[str], references: list[str],
                 difficulties: list[float | None] | None, rm_scores: list[dict] | None) -> tuple[list, list]:
@@ -79,7 +79,7 @@ class AdaptiveLength:
         source = self.s["source"]
         if source == "rm":
             if rm_scores is None:
-                raise ValueError("reward.scoring.adaptive.source rm needs the reward model's scores")
+                raise ValueError("reward.adaptive.source rm needs the reward model's scores")
             return [s["rv"] for s in rm_scores], [s["cd"] for s in rm_scores]
         if source == "teacher":
             verdicts = self.teacher.judge(prompts, responses, references)
@@ -88,7 +88,7 @@ class AdaptiveLength:
                 raise ValueError(f"the teacher gave no RV/CD for the adaptive reward: {bad.error}")
             return [v.rv for v in verdicts], [v.cd for v in verdicts]
         if difficulties is None or any(d is None for d in difficulties):
-            raise ValueError("reward.scoring.adaptive.source rule needs each prompt's difficulty (task.difficulty_field)")
+            raise ValueError("reward.adaptive.source rule needs each prompt's difficulty (task.difficulty_field)")
         low, high = self.s["difficulty_range"]
         return ([rule_rv(r, self.s["chars_per_rv"]) for r in responses],
                 [rule_cd(d, low, high) for d in difficulties])

@@ -1,8 +1,8 @@
-"""The reward components a RewardWorker sums (``reward.scoring.components``: name -> weight), behind one registry.
+"""The reward components a RewardWorker sums (``reward.components``: name -> weight), behind one registry.
 
 Each component is built from the run config (and the script's reward function, for ``custom``) and scores a
 ``ScoringBatch``: one float per response. A new component is one class here (or in its own module) plus one
-``REWARD_COMPONENTS.register`` line; ``reward.scoring.components`` may then name it.
+``REWARD_COMPONENTS.register`` line; ``reward.components`` may then name it.
 
 - ``verifier``: the rule check of the final answer against the reference (``task.verifier``);
 - ``rm``: the distilled reward model's quality score (local, or on a reward server: ``reward.rm_url``);
@@ -136,7 +136,7 @@ class AdaptiveReward:
         settings = {**ad.model_dump(), "difficulty_range": ad.difficulty_range or (MIN_LEVEL, MAX_LEVEL)}
         self.reads_rm = ad.source == "rm"
         if self.reads_rm and cfg.reward.rm_url:
-            raise ValueError("reward.scoring.adaptive.source rm reads the RM's RV/CD heads: it needs a local reward model")
+            raise ValueError("reward.adaptive.source rm reads the RM's RV/CD heads: it needs a local reward model")
         judge = None
         if ad.source == "teacher":
             from reward.teachers import make_teacher

@@ -1,6 +1,6 @@
 """The RewardWorker Ray actor: scores batches of (prompt, response, reference) with the configured components.
 
-The reward is the weighted sum of ``reward.scoring.components`` (reward/scoring/components.py). The verifier's verdict is always
+The reward is the weighted sum of ``reward.components`` (reward/scoring/components.py). The verifier's verdict is always
 returned too (it is cheap), so metrics show true accuracy even when RL is rewarded by the RM alone, and so is each
 component's own value (``parts``). A component that raises stops the batch with the offending sample named; a NaN
 or infinite reward is returned with the components that produced it (``nonfinite``), and the driver skips that

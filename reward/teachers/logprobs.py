@@ -19,7 +19,7 @@ from rlhf.core import algorithms
 from rlhf.core.data import packing
 from rlhf.core.models.build import ModelLoadError, load_student, load_tokenizer
 
-# reward.scoring.components names it beside the sequence-level components; its rewards are per token, computed with the
+# reward.components names it beside the sequence-level components; its rewards are per token, computed with the
 # reference's and the critic's in the update, not by the reward workers.
 TEACHER_KL = "teacher_kl"
 

@@ -83,7 +83,7 @@ def _no_signal_cause(accuracy: float | None, truncated: float | None, conf: dict
     if accuracy is not None and accuracy <= 0.05:
         return ("the prompts are too hard for the policy (rollout accuracy "
                 f"{accuracy:.0%}): warm it up first (stage warmup), give easier prompts, or add a graded reward "
-                "component beside the verifier (reward.scoring.components: rm, seqcls or custom)")
+                "component beside the verifier (reward.components: rm, seqcls or custom)")
     if accuracy is not None and accuracy >= 0.95:
         return (f"the prompts are too easy for the policy (rollout accuracy {accuracy:.0%}): give harder prompts, or "
                 f"set algorithm.dynamic_sampling to drop the solved groups")

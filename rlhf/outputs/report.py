@@ -322,7 +322,7 @@ def overview(run: RunData) -> list[str]:
     lines.append("This run: " + "; ".join(w for w in what if w) + ".")
     if run.config:
         task, algo = run.conf("task.name", "?"), run.conf("algorithm", {}) or {}
-        rewarded = ", ".join(f"{k} x {v:g}" for k, v in (run.conf("reward.scoring.components") or {}).items())
+        rewarded = ", ".join(f"{k} x {v:g}" for k, v in (run.conf("reward.components") or {}).items())
         lines.append(f"Task `{task}`; advantage `{algo.get('advantage', '?')}`, loss "
                      f"`{algo.get('loss_aggregation', '?')}`, KL coefficient {algo.get('kl_coef', '?')}; reward: "
                      f"{rewarded or '?'}; {run.conf('rollout.prompts_per_step', '?')} prompts x "

@@ -26,7 +26,7 @@ class PolicyUpdate:
     estimator must need exactly when it is given."""
 
     def __init__(self, cfg: RunConfig, pad_id: int, policy, critic=None, teacher=None):
-        """``teacher``: the teacher group (``logprobs``) when ``reward.scoring.components`` has ``teacher_kl``."""
+        """``teacher``: the teacher group (``logprobs``) when ``reward.components`` has ``teacher_kl``."""
         self.cfg, self.pad_id, self.policy, self.critic, self.teacher = cfg, pad_id, policy, critic, teacher
         self.estimator = ADVANTAGE_ESTIMATORS[cfg.algorithm.advantage]
         if ("critic" in self.estimator.needs) != (critic is not None):

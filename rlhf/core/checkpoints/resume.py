@@ -219,8 +219,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        # Sections are nested dicts; reward.scoring.components is a dict value, compared as a whole.
-        if isinstance(value, dict) and name != "reward.scoring.components":
+        # Sections are nested dicts; reward.components is a dict value, compared as a whole.
+        if isinstance(value, dict) and name != "reward.components":
             out.update(_flatten(value, name + "."))
         else:
             out[name] = value

@@ -274,7 +274,7 @@ class RewardConfig(_Section):
     any ``AutoModelForSequenceClassification`` reward model's score (``seqcls_path``, e.g. one trained by TRL's
     RewardTrainer); ``custom``: a Python function, ``custom_fn`` or passed from a script
     (``rlhf.Trainer(cfg, reward_fn=...)``); ``adaptive``: reasoning length fitted to difficulty, for correct
-    answers (``reward.scoring.adaptive``)."""
+    answers (``reward.adaptive``)."""
 
     num_workers: int = Field(1, gt=0)
     components: dict[str, float] = {"verifier": 1.0}  # names from reward.scoring.components.REWARD_COMPONENTS
@@ -312,14 +312,14 @@ class RewardConfig(_Section):
     @model_validator(mode="after")
     def _some_component(self) -> "RewardConfig":
         if not any(w != 0 for w in self.components.values()):
-            raise ValueError("reward.scoring.components needs at least one non-zero weight (verifier, rm, seqcls, custom)")
+            raise ValueError("reward.components needs at least one non-zero weight (verifier, rm, seqcls, custom)")
         if self.components.get("teacher_kl") and not (self.teacher_model_path or self.teacher_url):
-            raise ValueError("reward.scoring.components uses teacher_kl: set reward.teacher_model_path to the teacher's "
+            raise ValueError("reward.components uses teacher_kl: set reward.teacher_model_path to the teacher's "
                              "directory (a causal LM with the student's tokenizer), or reward.teacher_url")
         if self.teacher_url and not self.teacher_model:
             raise ValueError("reward.teacher_url needs reward.teacher_model (the model name the server knows)")
         if self.components.get("seqcls") and not self.seqcls_path:
-            raise ValueError("reward.scoring.components uses seqcls: set reward.seqcls_path to its model directory")
+            raise ValueError("reward.components uses seqcls: set reward.seqcls_path to its model directory")
         return self
 
     @field_validator("custom_fn")
@@ -441,7 +441,7 @@ class RunConfig(_Section):
     def _teacher_kl_fits_the_algorithm(self) -> "RunConfig":
         weighted = {name for name, weight in self.reward.components.items() if weight}
         if self.algorithm.advantage == "on_policy_distillation" and weighted != {"teacher_kl"}:
-            raise ValueError(f"algorithm.advantage on_policy_distillation learns from reward.scoring.components.teacher_kl "
+            raise ValueError(f"algorithm.advantage on_policy_distillation learns from reward.components.teacher_kl "
                              f"alone (components now: {sorted(weighted)}): to add other rewards, keep teacher_kl and "
                              f"pick an estimator for them, e.g. algorithm.advantage=grpo")
         if "teacher_kl" not in weighted:
@@ -455,7 +455,7 @@ class RunConfig(_Section):
     def _rm_available(self) -> "RunConfig":
         if self.reward.components.get("rm") and not (self.reward_model.path or "train_rm" in self.stages
                                                      or self.reward.rm_url):
-            raise ValueError("reward.scoring.components uses rm but there is none: add stage train_rm, or set "
+            raise ValueError("reward.components uses rm but there is none: add stage train_rm, or set "
                              "reward_model.path or reward.rm_url")
         return self
 
@@ -465,12 +465,12 @@ class RunConfig(_Section):
         if not self.reward.components.get("adaptive"):
             return self
         if ad.source == "rm" and not (self.reward_model.path or "train_rm" in self.stages):
-            raise ValueError("reward.scoring.adaptive.source rm needs a local reward model (its RV/CD heads): add stage "
+            raise ValueError("reward.adaptive.source rm needs a local reward model (its RV/CD heads): add stage "
                              "train_rm or set reward_model.path")
         if ad.source == "rule" and self.task.name != "arithmetic" and not (self.task.difficulty_field
                                                                             and ad.difficulty_range):
-            raise ValueError("reward.scoring.adaptive.source rule needs task.difficulty_field and "
-                             "reward.scoring.adaptive.difficulty_range (the field's easiest and hardest values)")
+            raise ValueError("reward.adaptive.source rule needs task.difficulty_field and "
+                             "reward.adaptive.difficulty_range (the field's easiest and hardest values)")
         return self
 
     @model_validator(mode="after")

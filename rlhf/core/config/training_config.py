@@ -139,7 +139,7 @@ class AlgorithmConfig(_Section):
     #   over all response tokens of the batch;  reinforce_plus_plus_baseline: r - group mean, then whitened so;
     #   gae: PPO with a critic (section critic): GAE over token rewards (the reward on the last response token),
     #   with the gamma, lam, value_clip, whiten_advantages, kl_in_reward and critic_warmup_steps below.
-    #   on_policy_distillation: no sequence advantage, only reward.scoring.components.teacher_kl's per-token term (which
+    #   on_policy_distillation: no sequence advantage, only reward.components.teacher_kl's per-token term (which
     #   any estimator also takes beside its own: algorithms.distillation_advantages).
     # The REINFORCE++ pair take the KL to the reference in their token rewards (kl_coef below; k1, as in the
     # paper), computed from the reference log-probs before the update.
