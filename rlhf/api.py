@@ -13,40 +13,45 @@
         trainer.save()
 
 The ``distilrl run`` command goes through ``run`` too: scripts and the CLI share one code path.
+
+``Trainer`` (and ``run``) arguments: ``cfg``: the run's config (``load_config`` or ``RunConfig(...)``); the run
+directory is ``cfg.output_dir``. ``reward_fn``: ``fn(prompts, responses, rows) -> list[float]``, one reward per
+response, the RL reward's ``custom`` component, weighted by ``cfg.reward.components["custom"]`` (beside or instead
+of the verifier and the RM). ``rows[i]`` is the source record of ``prompts[i]`` (a dataset row with all its columns;
+for the arithmetic task ``prompt``, ``answer``, ``difficulty``). It runs in the reward worker processes (Ray pickles
+it with cloudpickle), so changes it makes to the script's objects are not seen; an error in it stops the step with a
+``RewardError`` naming the sample. ``train_dataset``, ``eval_dataset``: ``datasets.Dataset``s of prompts (columns
+``task.prompt_field``, ``task.answer_field``, optionally ``task.difficulty_field``) used instead of the task's
+training or held-out prompts. ``log``: where progress lines go. ``resume``: continue from the newest complete
+checkpoint in ``output_dir`` (rlhf/core/checkpoints/resume.py; a config change that matters is refused with a
+``ResumeError``), or start afresh where there is none.
+
+How the work is split: the checks before anything is written (rlhf/stages/prepare.py), the run's actors
+(``RunActors``, rlhf/rl/launch.py), the RL schedule (rlhf/rl/schedule.py) and its checkpoints
+(rlhf/rl/run_checkpoint.py); the stages themselves live in rlhf/stages/.
 """
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-import ray
-import torch
-
-from rlhf.stages import reward_model as distill
-from reward.scoring.custom import load_reward_fn
-from reward.model.seqcls import check_seqcls_dir
 from reward.scoring.worker import RewardFn
-from rlhf.rl import launch as actors
-from rlhf.stages import curriculum, run_dir as driver, sft
-from rlhf.outputs import diagnostics
 from rlhf.core.checkpoints import resume as checkpoints
-from rlhf.core.checkpoints.atomic import atomic_dir, write_json_atomic
-from rlhf.core.config.run_config import ConfigError, RunConfig
-from rlhf.core.guards import finite_metrics
-from rlhf.core.models.memory import check_run_memory
-from rlhf.core.models.model_import import student_from_gguf
-from rlhf.outputs.metrics import RunMetrics, check_wandb, eval_scalars
-from rlhf.core.models.build import check_model_dir, save_student
-from rlhf.rl.prefetch import RolloutPipeline
-from rlhf.registered import check_registered
-from rlhf.rl.step import RLLoop
-from rlhf.core.progress import Progress
+from rlhf.core.checkpoints.atomic import write_json_atomic
+from rlhf.core.config.run_config import RunConfig
+from rlhf.core.models.build import save_student
+from rlhf.outputs.metrics import RunMetrics, eval_scalars
 from rlhf.outputs.report import write_report
-from rlhf.stages.warmup import run_warmup
+from rlhf.rl.launch import RunActors
+from rlhf.rl.run_checkpoint import restore_actors, restore_driver, write_checkpoint
+from rlhf.rl.schedule import RLSchedule
+from rlhf.rl.step import RLLoop
+from rlhf.stages import reward_model as distill, run_dir as driver, sft
+from rlhf.stages.prepare import prepare_run
+from rlhf.stages.warmup import warmup_stage
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -97,21 +102,9 @@ def run(cfg: RunConfig, reward_fn: RewardFn | None = None, train_dataset: Datase
 
 
 class Trainer:
-    """One run, driven from Python, with its Ray actors; use it as a context manager.
-
-    ``cfg``: the run's config (``load_config`` or ``RunConfig(...)``); the run directory is ``cfg.output_dir``.
-    ``reward_fn``: ``fn(prompts, responses, rows) -> list[float]``, one reward per response, the RL reward's
-    ``custom`` component, weighted by ``cfg.reward.components["custom"]`` (beside or instead of the verifier and
-    the RM). ``rows[i]`` is the source record of ``prompts[i]`` (a dataset row with all its columns; for the
-    arithmetic task ``prompt``, ``answer``, ``difficulty``). It runs in the reward worker processes (Ray pickles it
-    with cloudpickle), so changes it makes to the script's objects are not seen; an error in it stops the step
-    with a ``RewardError`` naming the sample. ``train_dataset``, ``eval_dataset``: ``datasets.Dataset``s of
-    prompts (columns ``task.prompt_field``, ``task.answer_field``, optionally ``task.difficulty_field``) used
-    instead of the task's training or held-out prompts. ``log``: where progress lines go. ``resume``: continue
-    from the newest complete checkpoint in ``output_dir`` (see rlhf/core/checkpoints/resume.py; a config change that matters is
-    refused with a ``ResumeError``), or start afresh where there is none. Attributes: ``output_dir``, ``steps``
-    (RL steps taken), ``reward_model_dir`` (None until there is one), ``resumed_step`` (the checkpoint's step, or
-    None).
+    """One run, driven from Python, with its Ray actors; use it as a context manager. The arguments are described
+    in this module's docstring. Attributes: ``output_dir``, ``steps`` (RL steps taken), ``reward_model_dir`` (None
+    until there is one), ``resumed_step`` (the checkpoint's step, or None).
 
     Leaving the ``with`` block stops the actors, and Ray if this Trainer started it, also when an exception ends
     it; a clean exit also writes ``summary.json`` (a failed run leaves none, so its directory can be reused).
@@ -121,60 +114,30 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, reward_fn: RewardFn | None = None, train_dataset: Dataset | None = None,
                  eval_dataset: Dataset | None = None, log: Callable[[str], None] = print, resume: bool = False):
-        check_registered(cfg)
-        reward_fn = _check_reward_fn(cfg, reward_fn)
-        if cfg.reward.components.get("seqcls"):
-            check_seqcls_dir(cfg.reward.seqcls_path)
-        check_wandb(cfg)
-        cfg = student_from_gguf(cfg, log)  # a .gguf student, imported once: every actor loads a HF directory
-        self.cfg, self.log = cfg, log
-        self._reward_fn = reward_fn
-        self._train_dataset = train_dataset  # the traces stage writes for these prompts (raw, not rendered)
         self._start = time.perf_counter()
-        # Every input is checked before the run directory is touched: bad input leaves what is there as it was.
-        driver.refuse_finished_run(cfg)
-        checkpoint = self._checkpoint_to_resume(cfg) if resume else None
-        self.resumed_step: int | None = checkpoint.step if checkpoint else None
-        tokenizer = driver.load_tokenizer(cfg)
-        self._summary: dict = {"data": {}}  # prompt counts (and those dropped as too long), then each stage's figures
-        train_rows, eval_rows = driver.load_prompts(cfg, train_dataset, eval_dataset, tokenizer, log,
-                                                    self._summary["data"])
-        log(cfg.describe_batches())
-        log(check_run_memory(cfg, tokenizer, [row.prompt for row in train_rows]))  # refuses a run that cannot fit
-        random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-        self._student, self._tokenizer = driver.build_policy(cfg, log, tokenizer)
-        positions = self._student.config.max_position_embeddings
-        self._train_rows = driver.fitting_prompts(cfg, train_rows, self._tokenizer, positions, "training prompts", log,
-                                                  at_least=cfg.rollout.prompts_per_step)
-        self._eval_rows = driver.fitting_prompts(cfg, eval_rows, self._tokenizer, positions, "held-out prompts", log)
-        if cfg.reward_model.path:
-            check_model_dir(cfg.reward_model.path, "reward_model.path", "ForSequenceClassification")
-        self.output_dir: Path = driver.prepare_run_dir(cfg, resume=checkpoint is not None)
-        if checkpoint is not None:
-            # The actors start from the run's own starting policy (output_dir/warmup), then take the checkpoint's
-            # state; the student built above only checked the model settings. The tokenizer stays the one built
-            # here: the same object as the first run's, so lengths count alike.
-            self._student = None
-        self._rl_progress: Progress | None = None  # the RL stage's progress bar, while train() runs
-        self._last_metrics: dict = {}
-        self._history: list[dict] = []  # recent steps' metrics, for the signs of a run that cannot learn
-        self._warned: set[str] = set()  # those signs said on the console while they last
-        self._order = random.Random(cfg.seed + 3)  # which prompts each RL step takes
+        run = prepare_run(cfg, reward_fn, train_dataset, eval_dataset, log, resume)
+        self.cfg, self.log, cfg = run.cfg, log, run.cfg
+        self._reward_fn, self._tokenizer, self._student = run.reward_fn, run.tokenizer, run.student
+        self._train_dataset = train_dataset  # the traces stage writes for these prompts (raw, not rendered)
+        self._train_rows, self._eval_rows = run.train_rows, run.eval_rows
+        self.output_dir: Path = run.output_dir
+        self.resumed_step: int | None = run.checkpoint.step if run.checkpoint else None
+        self._summary: dict = {"data": run.data}  # prompt counts, then each stage's figures
+        self._schedule = RLSchedule(cfg, self._train_rows, log)  # steps taken, prompt order, launched rollouts
         self.reward_model_dir: Path | None = Path(cfg.reward_model.path) if cfg.reward_model.path else None
-        self.steps = 0  # RL steps taken
         self._timer = driver.StageTimer()
         self._restore: checkpoints.Checkpoint | None = None  # a checkpoint whose actor state is still to load
-        if checkpoint is not None:
-            self._resume_driver(checkpoint)  # before metrics.jsonl is opened: it cuts the file to the checkpoint
+        if run.checkpoint is not None:
+            self._resume_driver(run.checkpoint)  # before metrics.jsonl is opened: it cuts the file to the checkpoint
         self.metrics = RunMetrics(self.output_dir, cfg)  # metrics.jsonl, TensorBoard, W&B
-        self._rollout: actors.WorkerPool | None = None
-        self._loop: RLLoop | None = None
-        self._rollouts: RolloutPipeline | None = None  # generations launched ahead (asynchronous rollout)
-        self._plan_end = cfg.algorithm.steps  # launch nothing ahead for steps beyond this one (see rlhf.rl.prefetch)
-        self._owns_ray = False
+        self._actors = RunActors(cfg, self._start_dir)
         self._closed = False
         self._wall_s: float | None = None
+
+    @property
+    def steps(self) -> int:
+        """RL steps taken."""
+        return self._schedule.steps
 
     def __enter__(self) -> "Trainer":
         return self
@@ -183,11 +146,9 @@ class Trainer:
         if exc_type is None:
             self.close()
         else:
-            self._stop_actors()
+            self._actors.stop()
             self.metrics.close()
             self._closed = True
-
-    # --------------------------------------------------------------------------------------------------- stages
 
     def warmup(self) -> dict:
         """Supervised distillation of the teacher's solutions into the student (``cfg.warmup``); returns its
@@ -197,19 +158,13 @@ class Trainer:
         if self._student is None:
             raise RuntimeError("warmup() must come before label(), train_reward_model(), evaluate(), step(), "
                                "train() and save(): the actors start from the warmed-up student")
-        traces = sft.traces_path(self.cfg, self.output_dir, self._train_dataset is not None, self.log)
-        if traces is not None:  # distillation SFT on a traces dataset (rlhf/stages/sft.py)
-            with self._timer("warmup"):
-                self._summary["warmup"] = sft.run_sft(self._student, self._tokenizer, self.cfg, traces, self.log,
-                                                      self.metrics.log)
-            self._summary["warmup"]["student_dir"] = self._start_dir()  # plain Hugging Face format
-            return self._summary["warmup"]
         with self._timer("warmup"):
-            adaptive = self.cfg.reward.adaptive  # a matched curriculum aims at the adaptive reward's RV targets
-            self._summary["warmup"] = run_warmup(
-                self._student, self._tokenizer, self.cfg.warmup, self.cfg.seed, self.log, self.cfg.think,
-                curriculum.target_fn("matched", adaptive.rv_at_cd0, adaptive.rv_at_cd9), self.metrics.log)
-            self._start_dir()
+            figures, on_traces = warmup_stage(self._student, self._tokenizer, self.cfg, self.output_dir,
+                                              self._train_dataset is not None, self.log, self.metrics.log)
+        self._summary["warmup"] = figures
+        student_dir = self._start_dir()  # plain Hugging Face format
+        if on_traces:  # SFT on a traces dataset names where the student went
+            figures["student_dir"] = student_dir
         return self._summary["warmup"]
 
     def traces(self) -> dict:
@@ -223,7 +178,7 @@ class Trainer:
         """The teacher judges student samples (``cfg.label``), written to ``output_dir/labels``; returns the
         counts. Labelling resumes where an earlier, unfinished run in this output_dir stopped."""
         with self._timer("label"):
-            self._summary["labels"] = distill.label_stage(self.cfg, self._rollout_workers(), self._train_rows,
+            self._summary["labels"] = distill.label_stage(self.cfg, self._actors.rollout_workers(), self._train_rows,
                                                           self._eval_rows, self.output_dir, self.log)
         return self._summary["labels"]
 
@@ -231,11 +186,11 @@ class Trainer:
         """Train the distilled RM on the labels (``labels_dir``, by default ``output_dir/labels``; or take
         ``reward_model.path``) and score it against the teacher on held-out labels; returns those figures. RL's
         ``rm`` reward component then uses this RM."""
-        if self._loop is not None:
+        if self._actors.loop is not None:
             raise RuntimeError("train_reward_model() must come before evaluate(), step(), train() and save(): the "
                                "reward workers load the reward model when they start")
         with self._timer("train_rm"):
-            self._start_ray()  # the RM's DeepSpeed ranks are Ray actors
+            self._actors.start_ray()  # the RM's DeepSpeed ranks are Ray actors
             rm_dir, self._summary["reward_model"] = distill.reward_model_stage(
                 self.cfg, self._start_dir(), self.output_dir, self.log, labels_dir, self.metrics.log)
         self.reward_model_dir = Path(rm_dir)
@@ -259,31 +214,8 @@ class Trainer:
         (``reward/*``, ``losses/*``, ``perf/*``, ``charts/*``), also appended to ``metrics.jsonl``."""
         loop = self._rl_loop()
         start = time.perf_counter()
-        if self.cfg.rollout.asynchronous:
-            # This batch was launched while the previous one trained (rlhf/rl/prefetch.py).
-            launched = self._rollouts.next(remaining=self._plan_end - self.steps - 1)
-            metrics = loop.step(self.steps + 1, launched.rows, launched)
-        else:
-            # Generated now, through the rollout worker pool: a worker that dies mid-call is restarted and its part
-            # re-issued (launched calls bypass the pool, so asynchronous rollout stops on a dead worker instead).
-            rows = self._order.sample(self._train_rows, self.cfg.rollout.prompts_per_step)
-            metrics = loop.step(self.steps + 1, rows)
-        metrics = finite_metrics(metrics)
-        self.steps += 1
-        self._last_metrics = metrics
-        self.metrics.rl_step(metrics)
-        self._history = [*self._history, metrics][-diagnostics.WINDOW:]
-        for warning in diagnostics.fresh_warnings(self._history, self.cfg.model_dump(), self._warned):
-            self.log(f"warning: {warning}")
-        if self._rl_progress is not None:
-            self._rl_progress.update(reward=metrics["reward/mean"], acc=metrics["reward/accuracy"],
-                                     kl=metrics.get("losses/kl", 0.0), len=metrics["charts/response_tokens"])
-        else:
-            self.log(driver.progress_line(self.steps, self.cfg.algorithm.steps, metrics))
+        metrics = self._schedule.step(loop, self.metrics.rl_step)
         self._timer.add("rl", time.perf_counter() - start)
-        if loop.guard.last_fault:
-            self.log(f"step {self.steps}: batch skipped, no update: {loop.guard.last_fault}")
-        loop.guard.check(self.steps)  # NonFiniteError after max_bad_batches skipped in a row
         return metrics
 
     def train(self, steps: int | None = None) -> list[dict]:
@@ -291,25 +223,9 @@ class Trainer:
         ``output_dir/checkpoints/step_N`` every ``save_every`` steps (see ``save_checkpoint``); returns their
         metrics."""
         steps = max(self.cfg.algorithm.steps - self.steps, 0) if steps is None else steps
-        self._plan_end = self.steps + steps
-        history: list[dict] = []
-
-        def line(done: int, total: int, figures: dict) -> str:  # plain-log progress: the usual step line
-            return driver.progress_line(self.steps, self.cfg.algorithm.steps, self._last_metrics)
-
-        self._rl_progress = Progress(steps, "RL", "step", self.log, line=line)
-        try:
-            for i in range(1, steps + 1):
-                history.append(self.step())
-                if stop := distill.audit_stop(history[-1], self.cfg.reward):  # the reward-hacking alarm
-                    self.log(stop)
-                    self._summary["audit_stopped_at"] = self.steps
-                    break
-                if self.cfg.save_every and self.steps % self.cfg.save_every == 0 and i < steps:
-                    self.save_checkpoint()
-        finally:
-            self._rl_progress.close()
-            self._rl_progress = None
+        history, stopped_at = self._schedule.train(steps, self.step, self.save_checkpoint)
+        if stopped_at is not None:
+            self._summary["audit_stopped_at"] = stopped_at
         return history
 
     def save_checkpoint(self) -> Path:
@@ -317,24 +233,13 @@ class Trainer:
         rank's optimizer state, the RNG states of the driver and the rollout workers, and the driver's state, so
         that ``distilrl run CONFIG --resume`` continues exactly. Atomic: a run killed while writing leaves no
         ``step_N``. Keeps the newest ``keep_checkpoints``; returns the path."""
-        loop = self._rl_loop()
-        path = checkpoints.checkpoint_dir(self.output_dir, self.steps)
-        with atomic_dir(path) as tmp:
-            rollout_rng = loop.save_state(tmp)
-            torch.save({"driver": checkpoints.torch_rng_state(), "rollout": rollout_rng}, tmp / checkpoints.RNG_FILE)
-            write_json_atomic(tmp / checkpoints.STATE_FILE, {
-                "step": self.steps,
-                "weights_version": loop.version,
-                "prompt_order": checkpoints.python_rng_state(self._order.getstate()),
-                "python_rng": checkpoints.python_rng_state(random.getstate()),
-                "guard": loop.guard.state(),
-                "summary": self._summary,
-                "stage_s": dict(self._timer.seconds),
-                "elapsed_s": time.perf_counter() - self._start,
-                "reward_model_dir": str(self.reward_model_dir) if self.reward_model_dir else None,
-                "config": self.cfg.model_dump(),
-            })
-        checkpoints.prune_checkpoints(self.output_dir, self.cfg.keep_checkpoints)
+        path = write_checkpoint(self.output_dir, self._rl_loop(), self._schedule, {
+            "summary": self._summary,
+            "stage_s": dict(self._timer.seconds),
+            "elapsed_s": time.perf_counter() - self._start,
+            "reward_model_dir": str(self.reward_model_dir) if self.reward_model_dir else None,
+            "config": self.cfg.model_dump(),
+        }, self.cfg.keep_checkpoints)
         self.log(f"checkpoint step {self.steps}: {path}")
         return path
 
@@ -357,20 +262,11 @@ class Trainer:
         block calls it; calling it twice does nothing more."""
         if self._closed:
             return
-        self._stop_actors()
+        self._actors.stop()
         self._closed = True
         self._wall_s = round(time.perf_counter() - self._start, 1)
-        write_json_atomic(self.output_dir / "summary.json", self.summary)
         self.metrics.log({f"perf/stage_{stage}_s": s for stage, s in self._timer.seconds.items()}, self.steps)
-        self.metrics.close()
-        self.log(f"wrote {self.output_dir / 'summary.json'} ({self._wall_s:.0f} s)")
-        try:
-            self.log(f"wrote {write_report(self.output_dir)}")
-        except Exception as err:  # noqa: BLE001 - the run's results are on disk; a plotting failure must not hide it
-            self.log(f"the run report failed ({type(err).__name__}: {err}); try again with: distilrl report "
-                     f"{self.output_dir}")
-
-    # ------------------------------------------------------------------------------------- actors, started lazily
+        _write_run_end(self.output_dir, self.summary, self.metrics, self.log)
 
     def _start_dir(self) -> str:
         """Every actor loads the starting policy from this directory: one copy on disk, no pickled model in
@@ -381,101 +277,33 @@ class Trainer:
             self._student = None
         return str(start_dir)
 
-    def _rollout_workers(self) -> list:
-        if self._closed:
-            raise RuntimeError("this Trainer is closed")
-        if not self._rollout:
-            start_dir = self._start_dir()
-            self._start_ray()
-            self._rollout = actors.make_rollout_workers(self.cfg, start_dir)
-        return self._rollout
-
-    def _start_ray(self) -> None:
-        # A Ray the script started itself is the script's to stop; the one started here is stopped in close().
-        self._owns_ray = self._owns_ray or not ray.is_initialized()
-        actors.start_ray(self.cfg)
-
     def _rl_loop(self) -> RLLoop:
-        """The trainer ranks and reward workers beside the rollout workers, started on first use."""
-        if self._loop is None:
-            rollout = self._rollout_workers()
-            if self.cfg.reward.components.get("rm") and not (self.reward_model_dir or self.cfg.reward.rm_url):
-                raise ConfigError("reward.components uses rm but there is no reward model yet: call "
-                                  "train_reward_model() first, or set reward_model.path or reward.rm_url")
-            self._loop = loop = actors.build_loop(self.cfg, self._start_dir(), self._tokenizer, rollout,
-                                                  str(self.reward_model_dir) if self.reward_model_dir else None,
-                                                  self._reward_fn)
+        """The RL step over the run's actors, started on first use (and given a checkpoint's state on resume)."""
+        if self._actors.loop is None:
+            loop = self._actors.start_loop(self._tokenizer, self.reward_model_dir, self._reward_fn)
             if self._restore is not None:
                 checkpoint, self._restore = self._restore, None
-                rng = checkpoints.load_rng_file(checkpoint.path / checkpoints.RNG_FILE)
-                self._loop.load_state(checkpoint.path, rng["rollout"], checkpoint.state["weights_version"],
-                                      checkpoint.state["guard"])
-            r = self.cfg.rollout
-            if r.asynchronous:  # the synchronous schedule generates each batch in step() instead
-                self._rollouts = RolloutPipeline(lambda: loop.launch(self._order.sample(self._train_rows,
-                                                                                       r.prompts_per_step)),
-                                                 r.max_staleness)
-        return self._loop
-
-    # ------------------------------------------------------------------------------------------------- resuming
-
-    def _checkpoint_to_resume(self, cfg: RunConfig) -> checkpoints.Checkpoint | None:
-        """The newest complete checkpoint in output_dir, once the config is checked against its own."""
-        checkpoint = checkpoints.newest_usable_checkpoint(cfg.output_dir, self.log)  # damaged: the one before
-        if checkpoint is None:
-            self.log(f"no complete checkpoint in {cfg.output_dir}: starting the run from the beginning")
-            return None
-        accepted = checkpoints.check_config(checkpoint.state["config"], cfg.model_dump(), checkpoint.step,
-                                            cfg.output_dir)
-        self.log(f"resuming {cfg.output_dir} from step {checkpoint.step} ({checkpoint.path}); config changes: "
-                 f"{'; '.join(accepted) if accepted else 'none'}")
-        return checkpoint
+                restore_actors(checkpoint, loop)
+            self._schedule.start(loop)
+        return self._actors.loop
 
     def _resume_driver(self, checkpoint: checkpoints.Checkpoint) -> None:
         """The driver's side of a checkpoint, now; the actors' side when they start (``_rl_loop``)."""
-        state = checkpoint.state
-        self.steps = checkpoint.step
+        state = restore_driver(checkpoint, self._schedule, self.output_dir / "metrics.jsonl", self.log)
         self._summary = state["summary"]
         self._timer.seconds = dict(state["stage_s"])
         self._start -= state["elapsed_s"]
         if state["reward_model_dir"] and not self.cfg.reward_model.path:
             self.reward_model_dir = Path(state["reward_model_dir"])
-        self._order.setstate(checkpoints.python_rng_tuple(state["prompt_order"]))
-        random.setstate(checkpoints.python_rng_tuple(state["python_rng"]))
-        checkpoints.set_torch_rng_state(checkpoints.load_rng_file(checkpoint.path / checkpoints.RNG_FILE)["driver"])
-        dropped = checkpoints.truncate_metrics(self.output_dir / "metrics.jsonl", checkpoint.step)
-        if dropped:
-            self.log(f"metrics.jsonl: dropped {dropped} line(s) after step {checkpoint.step}, to be run again")
         self._restore = checkpoint
 
-    def _stop_actors(self) -> None:
-        try:
-            if self._loop is not None:
-                self._loop.shutdown()
-            if self._rollout:
-                self._rollout.shutdown()
-        finally:
-            self._loop, self._rollout, self._rollouts = None, None, None
-            if self._owns_ray:
-                ray.shutdown()
-                self._owns_ray = False
 
-
-def _check_reward_fn(cfg: RunConfig, reward_fn) -> RewardFn | None:
-    """A reward function (passed in, or ``reward.custom_fn``) and the custom component's weight come together, or
-    neither does; returns the function."""
-    weight = cfg.reward.components.get("custom", 0.0)
-    if reward_fn is not None and cfg.reward.custom_fn:
-        raise ConfigError("reward.custom_fn is set and a reward_fn was passed too: use one of them")
-    if cfg.reward.custom_fn:
-        reward_fn = load_reward_fn(cfg.reward.custom_fn)
-    if reward_fn is None and weight:
-        raise ConfigError("reward.components.custom needs a reward function: set reward.custom_fn "
-                          "(module.path:function or file.py:function), or pass reward_fn to rlhf.Trainer or rlhf.run")
-    if reward_fn is not None and not callable(reward_fn):
-        raise TypeError(f"reward_fn must be callable as fn(prompts, responses, rows), not a "
-                        f"{type(reward_fn).__name__}")
-    if reward_fn is not None and not weight:
-        raise ConfigError("reward_fn has no weight: set reward.components.custom, e.g. {'custom': 1.0} to reward "
-                          "by it alone or {'verifier': 1.0, 'custom': 0.5} beside the verifier")
-    return reward_fn
+def _write_run_end(output_dir: Path, summary: dict, metrics: RunMetrics, log) -> None:
+    """summary.json, the metrics files closed, and the report (whose failure must not hide the results on disk)."""
+    write_json_atomic(output_dir / "summary.json", summary)
+    metrics.close()
+    log(f"wrote {output_dir / 'summary.json'} ({summary['wall_s']:.0f} s)")
+    try:
+        log(f"wrote {write_report(output_dir)}")
+    except Exception as err:  # noqa: BLE001 - the run's results are on disk; a plotting failure must not hide it
+        log(f"the run report failed ({type(err).__name__}: {err}); try again with: distilrl report {output_dir}")

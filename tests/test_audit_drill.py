@@ -10,7 +10,7 @@ import pytest
 
 from rlhf import Trainer
 from rlhf.core.config.run_config import load_config
-from rlhf.stages.reward_model import audit_stop
+from rlhf.rl.audit import audit_stop
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")

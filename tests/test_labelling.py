@@ -2,7 +2,8 @@
 import json
 from dataclasses import dataclass
 
-from rlhf.stages.reward_model import pairwise_agreement, teacher_solutions
+from rlhf.rl.audit import pairwise_agreement
+from rlhf.stages.reward_model import teacher_solutions
 from reward.model.labelling import judged_rows, label, make_pairs, write_datasets
 from rlhf.core.data.datasets import PromptRow
 

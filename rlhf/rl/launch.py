@@ -1,4 +1,5 @@
-"""Starting Ray and the run's actor groups, and the RL loop built from them (``build_loop``).
+"""Starting Ray and the run's actor groups, and the RL loop built from them (``build_loop``); ``RunActors``: one
+run's actors, started on first use and stopped together.
 
 The rollout and reward workers are ``WorkerPool``s: every call has the run's timeout, and a worker whose process
 dies is restarted and its part of the call re-issued (rlhf/core/distributed/worker_pool.py). The trainer ranks (and PPO's
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import ray
 
@@ -17,7 +19,7 @@ from reward.teachers import make_teacher
 from reward.scoring.verifiers import make_verifier
 from reward.scoring.worker import RewardWorker
 from rlhf.core.distributed import cluster
-from rlhf.core.config.run_config import RunConfig
+from rlhf.core.config.run_config import ConfigError, RunConfig
 from rlhf.core.distributed.worker_pool import WorkerPool
 from rlhf.rl.ranks.critic import CriticGroup
 from rlhf.rl.step import RLLoop
@@ -101,3 +103,54 @@ def build_loop(cfg: RunConfig, model_dir: str, tokenizer, rollout: WorkerPool, r
     broadcast = BroadcastSync(cfg, policy, rollout) if cfg.rollout.weight_sync == "broadcast" else None
     return RLLoop(cfg, tokenizer, RolloutGroup(cfg, rollout, policy.full_state_dict_ref, broadcast), reward, update,
                   auditor)
+
+
+class RunActors:
+    """One run's Ray actors: the rollout workers (started by the first stage that samples), then the reward
+    workers and trainer ranks of the RL step (``rl_loop``). ``start_dir`` writes the starting policy on first call
+    and returns its directory: every actor loads it from there. Ray is stopped on ``stop`` only if it was started
+    here (a Ray the script started itself is the script's to stop)."""
+
+    def __init__(self, cfg: RunConfig, start_dir: Callable[[], str]):
+        self.cfg, self._start_dir = cfg, start_dir
+        self.rollout: WorkerPool | None = None
+        self.loop: RLLoop | None = None
+        self.closed = False
+        self._owns_ray = False
+
+    def start_ray(self) -> None:
+        self._owns_ray = self._owns_ray or not ray.is_initialized()
+        start_ray(self.cfg)
+
+    def rollout_workers(self) -> WorkerPool:
+        if self.closed:
+            raise RuntimeError("this Trainer is closed")
+        if not self.rollout:
+            start_dir = self._start_dir()
+            self.start_ray()
+            self.rollout = make_rollout_workers(self.cfg, start_dir)
+        return self.rollout
+
+    def start_loop(self, tokenizer, reward_model_dir: Path | None, reward_fn=None) -> RLLoop:
+        """The RL step's actors beside the rollout workers (the caller checks ``loop`` is None first)."""
+        rollout = self.rollout_workers()
+        if self.cfg.reward.components.get("rm") and not (reward_model_dir or self.cfg.reward.rm_url):
+            raise ConfigError("reward.components uses rm but there is no reward model yet: call "
+                              "train_reward_model() first, or set reward_model.path or reward.rm_url")
+        self.loop = build_loop(self.cfg, self._start_dir(), tokenizer, rollout,
+                               str(reward_model_dir) if reward_model_dir else None, reward_fn)
+        return self.loop
+
+    def stop(self) -> None:
+        """Stop every actor (and Ray, if started here); the run cannot start them again."""
+        self.closed = True
+        try:
+            if self.loop is not None:
+                self.loop.shutdown()
+            if self.rollout:
+                self.rollout.shutdown()
+        finally:
+            self.loop, self.rollout = None, None
+            if self._owns_ray:
+                ray.shutdown()
+                self._owns_ray = False

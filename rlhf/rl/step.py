@@ -4,7 +4,7 @@
 
 The estimator decides the rest (rlhf/rl/update.py). A batch with a non-finite reward is not trained on; one whose
 loss or gradient is not finite gets no update and no sync; both count towards ``max_bad_batches`` (rlhf/core/
-guards.py). Every ``audit_every`` steps the teacher re-judges a sample of the rollouts (rlhf/stages/reward_model.py).
+guards.py). Every ``audit_every`` steps the teacher re-judges a sample of the rollouts (rlhf/rl/audit.py).
 """
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from rlhf.stages import reward_model as distill
 from rlhf.core.algorithms import informative_groups, overlong_penalty
 from rlhf.core.config.run_config import RunConfig
 from rlhf.core.data.datasets import PromptRow
 from rlhf.outputs.diagnostics import component_figures
 from rlhf.core.guards import BatchGuard, reward_fault, update_fault
+from rlhf.rl.audit import audit
 from rlhf.rl.evaluate import difficulty_metrics, evaluate_policy
 from rlhf.rl.prefetch import LaunchedRollout
 
@@ -80,9 +80,9 @@ class RLLoop:
         self.guard.record(fault)
         timings["perf/step_s"] = time.perf_counter() - t0
 
-        audit = {}
+        audited = {}
         if self.auditor is not None and step % self.cfg.reward.audit_every == 0:
-            audit = distill.audit(self.auditor, rows, samples, scores, self.cfg.reward)
+            audited = audit(self.auditor, rows, samples, scores, self.cfg.reward)
         return {
             "step": step,
             **self._figures(rows, samples, scores, rewards),
@@ -91,7 +91,7 @@ class RLLoop:
             "perf/staleness": staleness,
             "faults/restarts": self.rollout.restarts + self.reward.restarts - restarts,
             "faults/skipped_batches": self.guard.skipped,
-            **shaping, **update_metrics, **audit, **timings,
+            **shaping, **update_metrics, **audited, **timings,
         }
 
     def _shaped(self, rewards: torch.Tensor, samples: list) -> tuple[torch.Tensor, dict]:

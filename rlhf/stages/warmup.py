@@ -12,9 +12,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from rlhf.stages import curriculum
+from rlhf.stages import curriculum, sft
 from rlhf.core.data import think
-from rlhf.core.config.run_config import ThinkConfig, WarmupConfig
+from rlhf.core.config.run_config import RunConfig, ThinkConfig, WarmupConfig
 from rlhf.core.progress import Progress
 from rlhf.core.tasks import arithmetic
 
@@ -112,3 +112,16 @@ def run_warmup(model, tokenizer, cfg: WarmupConfig, seed: int, log: Callable[[st
     progress.close()
     model.eval()
     return {"loss": loss, "steps": cfg.steps, "wall_s": time.perf_counter() - start}
+
+
+def warmup_stage(model, tokenizer, cfg: RunConfig, output_dir, custom_prompts: bool, log: Callable[[str], None],
+                 log_metrics=None) -> tuple[dict, bool]:
+    """The warm-up stage on ``model`` in place: distillation SFT on a traces dataset (``warmup.traces_file`` or the
+    traces stage's output, rlhf/stages/sft.py) where the run has one, else the oracle teacher's curriculum
+    (``run_warmup``). Returns its figures and whether it trained on traces."""
+    traces = sft.traces_path(cfg, output_dir, custom_prompts, log)
+    if traces is not None:
+        return sft.run_sft(model, tokenizer, cfg, traces, log, log_metrics), True
+    adaptive = cfg.reward.adaptive  # a matched curriculum aims at the adaptive reward's RV targets
+    return run_warmup(model, tokenizer, cfg.warmup, cfg.seed, log, cfg.think,
+                      curriculum.target_fn("matched", adaptive.rv_at_cd0, adaptive.rv_at_cd9), log_metrics), False
