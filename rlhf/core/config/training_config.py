@@ -12,7 +12,8 @@ from rlhf.core.algorithms import ADVANTAGE_ESTIMATORS
 
 class _Section(BaseModel):
     # Every float must be finite: lr=inf or a NaN weight is accepted by YAML and would fail steps later.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True)  # a field's docstring is its description
 
 
 class LoraSettings(_Section):
@@ -22,11 +23,12 @@ class LoraSettings(_Section):
     a saved RM is merged. Setting any key turns LoRA on."""
 
     r: int = Field(8, gt=0)
-    alpha: float = Field(16.0, gt=0)  # the adapters' output is scaled by alpha / r
+    alpha: float = Field(16.0, gt=0)
+    """the adapters' output is scaled by alpha / r"""
     dropout: float = Field(0.0, ge=0, lt=1)
-    # Linear layers to adapt, by name (Qwen2/Llama: the attention and MLP projections).
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                                "up_proj", "down_proj"], min_length=1)
+    """Linear layers to adapt, by name (Qwen2/Llama: the attention and MLP projections)."""
 
 
 class EngineConfig(_Section):
@@ -35,23 +37,24 @@ class EngineConfig(_Section):
 
     zero_stage: Literal[2, 3] = 2
     lr: float = Field(1e-4, gt=0)
-    # The learning rate rises linearly from 0 to lr over this many optimizer steps. A fresh Adam's first steps move
-    # every weight by about lr whatever its gradient's size; measured on configs/adaptive.yaml's warmed-up student,
-    # one such step at lr 1.5e-4 took training accuracy from 0.66 to 0.08. 0: the full lr from the first step.
     lr_warmup_steps: int = Field(0, ge=0)
+    """The learning rate rises linearly from 0 to lr over this many optimizer steps. A fresh Adam's first steps move
+    every weight by about lr whatever its gradient's size; measured on configs/adaptive.yaml's warmed-up student,
+    one such step at lr 1.5e-4 took training accuracy from 0.66 to 0.08. 0: the full lr from the first step."""
     weight_decay: float = Field(0.0, ge=0)
     adam_eps: float = Field(1e-8, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    micro_batch_size: int = Field(64, gt=0)  # rows per forward/backward on one rank (memory only)
+    micro_batch_size: int = Field(64, gt=0)
+    """rows per forward/backward on one rank (memory only)"""
     threads: int = Field(1, gt=0)
-    # The GPU path (ignored on CPU): bf16 weights and activations (fp32 master weights in the optimizer),
-    # activation recomputation to fit long responses, and ZeRO offload to host memory: "optimizer" (ZeRO-2/3) or
-    # "optimizer+params" (ZeRO-3 only). Attention is PyTorch SDPA, transformers' default.
     bf16: bool = False
+    """The GPU path (ignored on CPU): bf16 weights and activations (fp32 master weights in the optimizer), activation
+    recomputation to fit long responses, and ZeRO offload to host memory: "optimizer" (ZeRO-2/3) or
+    "optimizer+params" (ZeRO-3 only). Attention is PyTorch SDPA, transformers' default."""
     gradient_checkpointing: bool = False
     offload: Literal["none", "optimizer", "optimizer+params"] = "none"
-    # Further keys for DeepSpeed's zero_optimization section (bucket sizes, persistence thresholds, ...).
     zero_options: dict[str, Any] = {}
+    """Further keys for DeepSpeed's zero_optimization section (bucket sizes, persistence thresholds, ...)."""
 
     @model_validator(mode="after")
     def _offload_needs_stage(self) -> "EngineConfig":
@@ -70,41 +73,43 @@ class EngineConfig(_Section):
 class RewardModelConfig(EngineConfig):
     """The distilled reward model: trained from the warm-up student's backbone on the labels, on DeepSpeed ranks."""
 
-    path: str | None = None  # use this trained RM instead of training one (stage train_rm then only evaluates)
-    # Your own preference data (TRL's pair layouts or scored responses, reward/model/preference_data.py), alone or mixed
-    # with the teacher's labels; held out: eval_file, else eval_fraction of train_file's prompts.
+    path: str | None = None
+    """use this trained RM instead of training one (stage train_rm then only evaluates)"""
     train_file: str | None = None
+    """Your own preference data (TRL's pair layouts or scored responses, reward/model/preference_data.py), alone or
+    mixed with the teacher's labels; held out: eval_file, else eval_fraction of train_file's prompts."""
     eval_file: str | None = None
     eval_fraction: float = Field(0.1, gt=0, lt=1)
-    # Give the RM the dataset's reference answer beside the response (a reference-guided judge, as the teacher is).
-    # Off, a small RM must recompute the answer itself: on the quickstart task it then ranks pairs far worse.
     use_reference: bool = True
+    """Give the RM the dataset's reference answer beside the response (a reference-guided judge, as the teacher is).
+    Off, a small RM must recompute the answer itself: on the quickstart task it then ranks pairs far worse."""
     num_ranks: int = Field(2, gt=0)
     lr: float = Field(1e-3, gt=0)
     epochs: int = Field(3, gt=0)
-    batch_size: int = Field(32, gt=0)  # pairs per optimizer step
+    batch_size: int = Field(32, gt=0)
+    """pairs per optimizer step"""
     max_length: int = Field(128, gt=0)
-    # Loss weights: Bradley-Terry on pairs (with the teacher's margin), regression of quality (0-1) and RV/CD (0-9)
-    # on the teacher's scores, and KL to the teacher's soft labels (or one-hot scores). Small weights on the 0-9
-    # terms keep their larger squared errors from drowning the ranking signal.
     bt_weight: float = Field(1.0, ge=0)
+    """Loss weights: Bradley-Terry on pairs (with the teacher's margin), regression of quality (0-1) and RV/CD (0-9) on
+    the teacher's scores, and KL to the teacher's soft labels (or one-hot scores). Small weights on the 0-9 terms
+    keep their larger squared errors from drowning the ranking signal."""
     quality_weight: float = Field(0.1, ge=0)
     rv_weight: float = Field(0.01, ge=0)
     cd_weight: float = Field(0.01, ge=0)
     kl_weight: float = Field(0.02, ge=0)
-    # LoRA on the RM's backbone (its quality/RV/CD heads train whole); the saved RM is merged, a plain HF directory.
-    # A section of its own, not model.lora: the RM is a separate model whose size and budget are its own (a LoRA
-    # policy beside a small fully trained RM is common), and not in EngineConfig, which would give the policy's
-    # trainer section a second switch beside model.lora.
     lora: LoraSettings | None = None
+    """LoRA on the RM's backbone (its quality/RV/CD heads train whole); the saved RM is merged, a plain HF directory. A
+    section of its own, not model.lora: the RM is a separate model whose size and budget are its own (a LoRA policy
+    beside a small fully trained RM is common), and not in EngineConfig, which would give the policy's trainer
+    section a second switch beside model.lora."""
 
 
 class TrainerConfig(EngineConfig):
     """The policy trainer group: one DeepSpeed data-parallel rank per Ray actor."""
 
     num_ranks: int = Field(2, gt=0)
-    # Optimizer steps per pass over a rollout batch: the rows split into this many equal mini-batches, in order.
     mini_batches_per_step: int = Field(1, gt=0)
+    """Optimizer steps per pass over a rollout batch: the rows split into this many equal mini-batches, in order."""
 
 
 class CriticConfig(EngineConfig):
@@ -112,10 +117,10 @@ class CriticConfig(EngineConfig):
     the warm-up student's backbone with a fresh scalar head (rlhf/rl/ranks/critic.py). Unused by the other estimators."""
 
     num_ranks: int = Field(2, gt=0)
-    # LoRA on the value model's backbone (its head trains whole). Its own switch, not model.lora (see
-    # RewardModelConfig); set it beside model.lora for a large PPO run, where a fully trained critic's optimizer
-    # state would dwarf the LoRA policy's.
     lora: LoraSettings | None = None
+    """LoRA on the value model's backbone (its head trains whole). Its own switch, not model.lora (see
+    RewardModelConfig); set it beside model.lora for a large PPO run, where a fully trained critic's optimizer state
+    would dwarf the LoRA policy's."""
 
 
 class AlgorithmConfig(_Section):
@@ -125,66 +130,66 @@ class AlgorithmConfig(_Section):
     dynamic sampling, no overlong penalty. Formulas are in rlhf/core/algorithms.py, one pure function per option.
     """
 
-    steps: int = Field(60, ge=0)  # RL steps (one rollout batch each)
-    # Passes over each rollout batch; optimizer steps per RL step = ppo_epochs x trainer.mini_batches_per_step.
-    # With more than one, the PPO ratio's denominator is the trainer's log-probs before the batch's first update.
+    steps: int = Field(60, ge=0)
+    """RL steps (one rollout batch each)"""
     ppo_epochs: int = Field(1, gt=0)
-    # Truncated importance sampling: the policy-gradient term of each token is weighted by
-    # min(exp(trainer log-prob before the update - rollout log-prob), tis_cap), correcting for tokens sampled by
-    # a different policy (inference-engine numerics; older weights with rollout.asynchronous). None: off. 2 is usual.
+    """Passes over each rollout batch; optimizer steps per RL step = ppo_epochs x trainer.mini_batches_per_step. With
+    more than one, the PPO ratio's denominator is the trainer's log-probs before the batch's first update."""
     tis_cap: float | None = Field(None, gt=0)
-    # How rewards become advantages (rlhf.algorithms.ADVANTAGE_ESTIMATORS):
-    #   grpo: (r - group mean) / group std;  dr_grpo: r - group mean (pair with loss_aggregation dr-grpo);
-    #   rloo: r - mean of the group's other samples;  reinforce_plus_plus: no group baseline, returns whitened
-    #   over all response tokens of the batch;  reinforce_plus_plus_baseline: r - group mean, then whitened so;
-    #   gae: PPO with a critic (section critic): GAE over token rewards (the reward on the last response token),
-    #   with the gamma, lam, value_clip, whiten_advantages, kl_in_reward and critic_warmup_steps below.
-    #   on_policy_distillation: no sequence advantage, only reward.components.teacher_kl's per-token term (which
-    #   any estimator also takes beside its own: algorithms.distillation_advantages).
-    # The REINFORCE++ pair take the KL to the reference in their token rewards (kl_coef below; k1, as in the
-    # paper), computed from the reference log-probs before the update.
+    """Truncated importance sampling: the policy-gradient term of each token is weighted by min(exp(trainer log-prob
+    before the update - rollout log-prob), tis_cap), correcting for tokens sampled by a different policy (inference-
+    engine numerics; older weights with rollout.asynchronous). None: off. 2 is usual."""
     advantage: str = "grpo"
-    # How per-token losses are averaged: token-mean (every token in the batch equal; DAPO), seq-mean (every
-    # response equal, tokens averaged within it; original GRPO), dr-grpo (sum / (rows * max_new_tokens)).
+    """How rewards become advantages (rlhf.algorithms.ADVANTAGE_ESTIMATORS): grpo: (r - group mean) / group std;
+    dr_grpo: r - group mean (pair with loss_aggregation dr-grpo); rloo: r - mean of the group's other samples;
+    reinforce_plus_plus: no group baseline, returns whitened over all response tokens of the batch;
+    reinforce_plus_plus_baseline: r - group mean, then whitened so; gae: PPO with a critic (section critic): GAE
+    over token rewards (the reward on the last response token), with the gamma, lam, value_clip, whiten_advantages,
+    kl_in_reward and critic_warmup_steps below. on_policy_distillation: no sequence advantage, only
+    reward.components.teacher_kl's per-token term (which any estimator also takes beside its own:
+    algorithms.distillation_advantages). The REINFORCE++ pair take the KL to the reference in their token rewards
+    (kl_coef below; k1, as in the paper), computed from the reference log-probs before the update."""
     loss_aggregation: Literal["token-mean", "seq-mean", "dr-grpo"] = "token-mean"
-    # PPO ratio clip range [1 - clip_low, 1 + clip_high]. clip_high > clip_low is DAPO's clip-higher (e.g. 0.28
-    # over 0.2): room for unlikely tokens to grow, against entropy collapse.
+    """How per-token losses are averaged: token-mean (every token in the batch equal; DAPO), seq-mean (every response
+    equal, tokens averaged within it; original GRPO), dr-grpo (sum / (rows * max_new_tokens))."""
     clip_low: float = Field(0.2, ge=0)
+    """PPO ratio clip range [1 - clip_low, 1 + clip_high]. clip_high > clip_low is DAPO's clip-higher (e.g. 0.28 over
+    0.2): room for unlikely tokens to grow, against entropy collapse."""
     clip_high: float = Field(0.2, ge=0)
-    # Weight of the per-token KL(policy || reference) (0: no reference model is loaded), and its estimator in the
-    # loss: k1 = log ratio (unbiased, can be < 0), k2 = log ratio^2 / 2, k3 = exp(-lr) + lr - 1 (>= 0). A KL in
-    # the reward (kl_in_reward, REINFORCE++) is always k1: only k1's score-function gradient is KL's gradient.
     kl_coef: float = Field(0.0, ge=0)
+    """Weight of the per-token KL(policy || reference) (0: no reference model is loaded), and its estimator in the
+    loss: k1 = log ratio (unbiased, can be < 0), k2 = log ratio^2 / 2, k3 = exp(-lr) + lr - 1 (>= 0). A KL in the
+    reward (kl_in_reward, REINFORCE++) is always k1: only k1's score-function gradient is KL's gradient."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    # Entropy bonus, in loss units per nat of per-token entropy: loss_t = pg_t - entropy_coef * H_t + KL term.
-    # Small values (1e-4 to 1e-3) when entropy collapses early; 0 adds nothing (and costs nothing).
     entropy_coef: float = Field(0.0, ge=0)
-    # DAPO dynamic sampling: drop the groups whose rewards are all equal (zero advantage, no gradient) from the
-    # update, and log their count as reward/dropped_groups. If the remaining rows do not divide by
-    # trainer.num_ranks, the last informative groups are dropped too; a step with nothing left skips its update.
-    # Useful once many prompts are always solved (or never): their groups would only dilute the loss.
+    """Entropy bonus, in loss units per nat of per-token entropy: loss_t = pg_t - entropy_coef * H_t + KL term. Small
+    values (1e-4 to 1e-3) when entropy collapses early; 0 adds nothing (and costs nothing)."""
     dynamic_sampling: bool = False
-    # DAPO soft overlong punishment, added to the reward: 0 up to rollout.max_new_tokens - overlong_buffer
-    # tokens, then falling linearly to -overlong_penalty at rollout.max_new_tokens. overlong_buffer in tokens,
-    # 0 = off; overlong_penalty in reward units (1.0 = a verifier reward). reward/mean then includes it, and
-    # reward/overlong_penalty logs its batch mean. Use when truncated answers are common (charts/truncated_rate).
+    """DAPO dynamic sampling: drop the groups whose rewards are all equal (zero advantage, no gradient) from the
+    update, and log their count as reward/dropped_groups. If the remaining rows do not divide by trainer.num_ranks,
+    the last informative groups are dropped too; a step with nothing left skips its update. Useful once many prompts
+    are always solved (or never): their groups would only dilute the loss."""
     overlong_buffer: int = Field(0, ge=0)
+    """DAPO soft overlong punishment, added to the reward: 0 up to rollout.max_new_tokens - overlong_buffer tokens,
+    then falling linearly to -overlong_penalty at rollout.max_new_tokens. overlong_buffer in tokens, 0 = off;
+    overlong_penalty in reward units (1.0 = a verifier reward). reward/mean then includes it, and
+    reward/overlong_penalty logs its batch mean. Use when truncated answers are common (charts/truncated_rate)."""
     overlong_penalty: float = Field(1.0, ge=0)
-    # PPO (advantage gae) only. GAE's discount and trace decay over response tokens: gamma = lam = 1 (the default,
-    # as in veRL and OpenRLHF) makes the advantage the return minus the value, unbiased however rough the critic;
-    # lam < 1 trusts the critic more (less variance, more bias).
     gamma: float = Field(1.0, ge=0, le=1)
+    """PPO (advantage gae) only. GAE's discount and trace decay over response tokens: gamma = lam = 1 (the default, as
+    in veRL and OpenRLHF) makes the advantage the return minus the value, unbiased however rough the critic; lam < 1
+    trusts the critic more (less variance, more bias)."""
     lam: float = Field(1.0, ge=0, le=1)
-    # Clip range of the value loss, in reward units, around the values the advantages were computed with (0: off).
     value_clip: float = Field(0.2, ge=0)
-    # Whiten the GAE advantages over the batch's response tokens (mean 0, std 1) before the policy loss.
+    """Clip range of the value loss, in reward units, around the values the advantages were computed with (0: off)."""
     whiten_advantages: bool = True
-    # gae: put the KL to the reference in the token rewards (-kl_coef * KL_t on every response token, k1, before
-    # GAE; the critic learns it too) instead of in the loss. Needs kl_coef > 0.
+    """Whiten the GAE advantages over the batch's response tokens (mean 0, std 1) before the policy loss."""
     kl_in_reward: bool = False
-    # The first N RL steps train the critic alone (the policy is frozen, no weight sync), so the first policy
-    # updates see values that already fit the warm-up student's returns rather than a random head.
+    """gae: put the KL to the reference in the token rewards (-kl_coef * KL_t on every response token, k1, before GAE;
+    the critic learns it too) instead of in the loss. Needs kl_coef > 0."""
     critic_warmup_steps: int = Field(0, ge=0)
+    """The first N RL steps train the critic alone (the policy is frozen, no weight sync), so the first policy updates
+    see values that already fit the warm-up student's returns rather than a random head."""
 
     @model_validator(mode="after")
     def _known_estimator(self) -> "AlgorithmConfig":
@@ -243,11 +248,13 @@ class ClusterConfig(_Section):
     """
 
     address: str = "local"
-    connect_timeout_s: float = Field(30.0, gt=0)  # how long an unreachable address may take to fail
-    placement_timeout_s: float = Field(120.0, gt=0)  # how long the trainer ranks may wait for their resources
-    # PACK: trainer ranks on as few nodes as possible (fast collectives); SPREAD: spread if possible;
-    # STRICT_PACK: all on one node; STRICT_SPREAD: each rank on its own node.
+    connect_timeout_s: float = Field(30.0, gt=0)
+    """how long an unreachable address may take to fail"""
+    placement_timeout_s: float = Field(120.0, gt=0)
+    """how long the trainer ranks may wait for their resources"""
     trainer_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """PACK: trainer ranks on as few nodes as possible (fast collectives); SPREAD: spread if possible; STRICT_PACK: all
+    on one node; STRICT_SPREAD: each rank on its own node."""
     trainer: RoleResources | None = None
     critic: RoleResources | None = None
     rollout: RoleResources | None = None
