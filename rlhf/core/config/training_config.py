@@ -23,9 +23,11 @@ class LoraSettings(_Section):
     a saved RM is merged. Setting any key turns LoRA on."""
 
     r: int = Field(8, gt=0)
+    """Rank of the adapters' low-rank update."""
     alpha: float = Field(16.0, gt=0)
     """the adapters' output is scaled by alpha / r"""
     dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapters' input in training (0: none; the reference pass never uses it)."""
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                                "up_proj", "down_proj"], min_length=1)
     """Linear layers to adapt, by name (Qwen2/Llama: the attention and MLP projections)."""
@@ -36,23 +38,31 @@ class EngineConfig(_Section):
     ``trainer``, ``critic`` and ``reward_model`` sections each hold these, with their own defaults."""
 
     zero_stage: Literal[2, 3] = 2
+    """DeepSpeed ZeRO stage: 2 shards optimizer state and gradients, 3 also the parameters."""
     lr: float = Field(1e-4, gt=0)
+    """Peak learning rate (AdamW)."""
     lr_warmup_steps: int = Field(0, ge=0)
     """The learning rate rises linearly from 0 to lr over this many optimizer steps. A fresh Adam's first steps move
     every weight by about lr whatever its gradient's size; measured on configs/adaptive.yaml's warmed-up student,
     one such step at lr 1.5e-4 took training accuracy from 0.66 to 0.08. 0: the full lr from the first step."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
     adam_eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
     max_grad_norm: float = Field(1.0, gt=0)
+    """Gradients are clipped to this global norm before each optimizer step."""
     micro_batch_size: int = Field(64, gt=0)
     """rows per forward/backward on one rank (memory only)"""
     threads: int = Field(1, gt=0)
+    """Torch threads of each rank (they share the machine's cores with the other actors)."""
     bf16: bool = False
     """The GPU path (ignored on CPU): bf16 weights and activations (fp32 master weights in the optimizer), activation
     recomputation to fit long responses, and ZeRO offload to host memory: "optimizer" (ZeRO-2/3) or
     "optimizer+params" (ZeRO-3 only). Attention is PyTorch SDPA, transformers' default."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
     offload: Literal["none", "optimizer", "optimizer+params"] = "none"
+    """ZeRO offload to host memory: none, optimizer (ZeRO-2/3) or optimizer+params (ZeRO-3 only)."""
     zero_options: dict[str, Any] = {}
     """Further keys for DeepSpeed's zero_optimization section (bucket sizes, persistence thresholds, ...)."""
 
@@ -79,24 +89,34 @@ class RewardModelConfig(EngineConfig):
     """Your own preference data (TRL's pair layouts or scored responses, reward/model/preference_data.py), alone or
     mixed with the teacher's labels; held out: eval_file, else eval_fraction of train_file's prompts."""
     eval_file: str | None = None
+    """Your own held-out preference data for the RM's evaluation."""
     eval_fraction: float = Field(0.1, gt=0, lt=1)
+    """Share of train_file's prompts held out when eval_file is not given."""
     use_reference: bool = True
     """Give the RM the dataset's reference answer beside the response (a reference-guided judge, as the teacher is).
     Off, a small RM must recompute the answer itself: on the quickstart task it then ranks pairs far worse."""
     num_ranks: int = Field(2, gt=0)
+    """DeepSpeed data-parallel ranks (Ray actors) that train the RM."""
     lr: float = Field(1e-3, gt=0)
+    """Peak learning rate of the RM (AdamW)."""
     epochs: int = Field(3, gt=0)
+    """Passes over the training pairs."""
     batch_size: int = Field(32, gt=0)
     """pairs per optimizer step"""
     max_length: int = Field(128, gt=0)
+    """Tokens per (prompt, response) the RM reads; longer ones keep their end."""
     bt_weight: float = Field(1.0, ge=0)
     """Loss weights: Bradley-Terry on pairs (with the teacher's margin), regression of quality (0-1) and RV/CD (0-9) on
     the teacher's scores, and KL to the teacher's soft labels (or one-hot scores). Small weights on the 0-9 terms
     keep their larger squared errors from drowning the ranking signal."""
     quality_weight: float = Field(0.1, ge=0)
+    """Weight of the quality regression term."""
     rv_weight: float = Field(0.01, ge=0)
+    """Weight of the reasoning-verbosity (RV) regression term."""
     cd_weight: float = Field(0.01, ge=0)
+    """Weight of the cognitive-difficulty (CD) regression term."""
     kl_weight: float = Field(0.02, ge=0)
+    """Weight of the KL term to the teacher's soft RV/CD labels."""
     lora: LoraSettings | None = None
     """LoRA on the RM's backbone (its quality/RV/CD heads train whole); the saved RM is merged, a plain HF directory. A
     section of its own, not model.lora: the RM is a separate model whose size and budget are its own (a LoRA policy
@@ -108,6 +128,7 @@ class TrainerConfig(EngineConfig):
     """The policy trainer group: one DeepSpeed data-parallel rank per Ray actor."""
 
     num_ranks: int = Field(2, gt=0)
+    """DeepSpeed data-parallel ranks (Ray actors) of the policy; rollout rows split evenly across them."""
     mini_batches_per_step: int = Field(1, gt=0)
     """Optimizer steps per pass over a rollout batch: the rows split into this many equal mini-batches, in order."""
 
@@ -117,6 +138,7 @@ class CriticConfig(EngineConfig):
     the warm-up student's backbone with a fresh scalar head (rlhf/rl/ranks/critic.py). Unused by the other estimators."""
 
     num_ranks: int = Field(2, gt=0)
+    """DeepSpeed data-parallel ranks (Ray actors) of the critic."""
     lora: LoraSettings | None = None
     """LoRA on the value model's backbone (its head trains whole). Its own switch, not model.lora (see
     RewardModelConfig); set it beside model.lora for a large PPO run, where a fully trained critic's optimizer state
@@ -156,11 +178,14 @@ class AlgorithmConfig(_Section):
     """PPO ratio clip range [1 - clip_low, 1 + clip_high]. clip_high > clip_low is DAPO's clip-higher (e.g. 0.28 over
     0.2): room for unlikely tokens to grow, against entropy collapse."""
     clip_high: float = Field(0.2, ge=0)
+    """Upper clip of the PPO ratio (1 + clip_high); see clip_low."""
     kl_coef: float = Field(0.0, ge=0)
     """Weight of the per-token KL(policy || reference) (0: no reference model is loaded), and its estimator in the
     loss: k1 = log ratio (unbiased, can be < 0), k2 = log ratio^2 / 2, k3 = exp(-lr) + lr - 1 (>= 0). A KL in the
     reward (kl_in_reward, REINFORCE++) is always k1: only k1's score-function gradient is KL's gradient."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """How the KL to the reference is estimated per token: k1 (log-ratio), k2 (half its square), k3 (unbiased, non-
+    negative)."""
     entropy_coef: float = Field(0.0, ge=0)
     """Entropy bonus, in loss units per nat of per-token entropy: loss_t = pg_t - entropy_coef * H_t + KL term. Small
     values (1e-4 to 1e-3) when entropy collapses early; 0 adds nothing (and costs nothing)."""
@@ -175,11 +200,13 @@ class AlgorithmConfig(_Section):
     overlong_penalty in reward units (1.0 = a verifier reward). reward/mean then includes it, and
     reward/overlong_penalty logs its batch mean. Use when truncated answers are common (charts/truncated_rate)."""
     overlong_penalty: float = Field(1.0, ge=0)
+    """The penalty at rollout.max_new_tokens, in reward units (see overlong_buffer)."""
     gamma: float = Field(1.0, ge=0, le=1)
     """PPO (advantage gae) only. GAE's discount and trace decay over response tokens: gamma = lam = 1 (the default, as
     in veRL and OpenRLHF) makes the advantage the return minus the value, unbiased however rough the critic; lam < 1
     trusts the critic more (less variance, more bias)."""
     lam: float = Field(1.0, ge=0, le=1)
+    """GAE's trace decay lambda (see gamma)."""
     value_clip: float = Field(0.2, ge=0)
     """Clip range of the value loss, in reward units, around the values the advantages were computed with (0: off)."""
     whiten_advantages: bool = True
@@ -232,8 +259,11 @@ class RoleResources(_Section):
     ``{trainer_node: 1}`` to keep the role on the nodes started with ``ray start --resources='{"trainer_node": 8}'``)."""
 
     num_cpus: float = Field(1.0, ge=0)
+    """CPUs one actor of the role reserves."""
     num_gpus: float = Field(0.0, ge=0)
+    """GPUs one actor of the role reserves (a fraction shares a GPU)."""
     resources: dict[str, float] = {}
+    """Custom Ray node resources one actor asks for, e.g. {trainer_node: 1}."""
 
 
 class ClusterConfig(_Section):
@@ -248,6 +278,7 @@ class ClusterConfig(_Section):
     """
 
     address: str = "local"
+    """local (a private Ray in this process), auto (the cluster `ray start` made), or host:port / ray://host:port."""
     connect_timeout_s: float = Field(30.0, gt=0)
     """how long an unreachable address may take to fail"""
     placement_timeout_s: float = Field(120.0, gt=0)
@@ -256,9 +287,13 @@ class ClusterConfig(_Section):
     """PACK: trainer ranks on as few nodes as possible (fast collectives); SPREAD: spread if possible; STRICT_PACK: all
     on one node; STRICT_SPREAD: each rank on its own node."""
     trainer: RoleResources | None = None
+    """What each policy trainer rank asks Ray for (unset: one machine's defaults)."""
     critic: RoleResources | None = None
+    """What each critic rank asks Ray for."""
     rollout: RoleResources | None = None
+    """What each rollout worker asks Ray for."""
     reward: RoleResources | None = None
+    """What each reward worker asks Ray for."""
 
     @model_validator(mode="after")
     def _address_form(self) -> "ClusterConfig":
