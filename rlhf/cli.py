@@ -12,6 +12,7 @@
   distilrl serve-rm RM_DIR                        the RM over HTTP (OpenRLHF's /get_reward shape, and /score)
   distilrl serve CHECKPOINT                       a policy over an OpenAI-compatible /v1/chat/completions
   distilrl report RUN_DIR                         (re)write a run's report.md and plots
+  distilrl config [SECTION]                       the config's keys: types, defaults, descriptions
   distilrl import-model SRC OUT                   a GGUF file or HF directory as a HF safetensors directory
 
 Exit status 0 on success. Errors a user can fix (a bad config, a missing model directory, a dataset with no usable row, a teacher that
@@ -97,6 +98,9 @@ def _add_model_commands(commands) -> None:
                      "config.yaml of the run the checkpoint is in, if any; else the default rollout section)")
     cmd.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     cmd.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    text = "print the config's keys with their types, defaults and descriptions (all, or one section or key)"
+    cmd = commands.add_parser("config", help=text, description=text + ", read from the declarations.")
+    cmd.add_argument("section", nargs="?", help="a section (rollout, reward.adaptive, ...) or a key (rollout.engine)")
     text = "write a run's report.md and plots (reward, accuracy, KL, per-difficulty, RM-teacher agreement, time)"
     cmd = commands.add_parser("report", help=text, description=text + " from its summary.json and metrics.jsonl.")
     cmd.add_argument("run_dir", help="a run's output_dir")
@@ -247,6 +251,13 @@ def _eval(args) -> int:
     return 0
 
 
+def _config(args) -> int:
+    from rlhf.core.config.describe import describe
+
+    print(describe(args.section))
+    return 0
+
+
 def _report(args) -> int:
     from rlhf.outputs.report import write_report
 
@@ -322,7 +333,7 @@ def _import_model(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "label": _run, "traces": _traces, "sft": _sft, "train-rm": _train_rm, "eval": _eval,
+COMMANDS = {"config": _config, "run": _run, "label": _run, "traces": _traces, "sft": _sft, "train-rm": _train_rm, "eval": _eval,
             "eval-rm": _eval_rm, "serve-rm": _serve_rm, "serve": _serve, "report": _report,
             "import-model": _import_model}
 
