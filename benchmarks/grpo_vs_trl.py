@@ -280,7 +280,7 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path,
         if asynchronous:
             # Our steps after TRL's, every row trained: rows without signal go through forward and backward as
             # TRL's do, so the step is the engine-for-engine figure as it runs, overlap included.
-            ours._rl_loop().trainer.skip_zero_advantage_rows = False
+            ours._rl_loop().policy.skip_zero_advantage_rows = False
             for _ in range(total):
                 our_step()
         # Training MFU is measured on one update over a whole batch with signal in every row: the steps above
@@ -290,8 +290,8 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path,
         batch = signal_batch(tokenizer, dataset["prompt"][:rows],
                              round(statistics.median(m["charts/response_tokens"] for m in ours_steps)))
         if not asynchronous:
-            ours._loop.trainer.train_step(batch)
-        full_batch_train_s = ours._loop.trainer.train_step(batch)["perf/train_s"]
+            ours._rl_loop().policy.train_step(batch)
+        full_batch_train_s = ours._rl_loop().policy.train_step(batch)["perf/train_s"]
     rate_after = matmul_rate()
     rate = statistics.median([rate_before, rate_after])
 

@@ -86,7 +86,7 @@ def one_run(name: str, args, model_dir: str, use_lora: bool) -> dict:
         before = held_out(trainer)
         history = [trainer.step() for _ in range(args.steps)]
         after = held_out(trainer)
-        group = trainer._rl_loop().trainer
+        group = trainer._rl_loop().policy
         trainable, total = ray.get(group.actors[0].__ray_call__.remote(
             lambda self: lora.parameter_counts(self.engine.module)))
         weights = ray.get(group.full_state_dict_ref())

@@ -48,8 +48,8 @@ from rlhf.outputs.report import write_report
 from rlhf.rl.launch import RunActors
 from rlhf.rl.run_checkpoint import restore_actors, restore_driver, write_checkpoint
 from rlhf.rl.schedule import RLSchedule
-from rlhf.rl.step import RLLoop
-from rlhf.stages import reward_model as distill, run_dir as driver, sft
+from rlhf.rl.step import RLStep
+from rlhf.stages import reward_model as rm_stages, run_dir, sft
 from rlhf.stages.prepare import prepare_run
 from rlhf.stages.warmup import warmup_stage
 
@@ -125,7 +125,7 @@ class Trainer:
         self._summary: dict = {"data": run.data}  # prompt counts, then each stage's figures
         self._schedule = RLSchedule(cfg, self._train_rows, log)  # steps taken, prompt order, launched rollouts
         self.reward_model_dir: Path | None = Path(cfg.reward_model.path) if cfg.reward_model.path else None
-        self._timer = driver.StageTimer()
+        self._timer = run_dir.StageTimer()
         self._restore: checkpoints.Checkpoint | None = None  # a checkpoint whose actor state is still to load
         if run.checkpoint is not None:
             self._resume_driver(run.checkpoint)  # before metrics.jsonl is opened: it cuts the file to the checkpoint
@@ -178,7 +178,7 @@ class Trainer:
         """The teacher judges student samples (``cfg.label``), written to ``output_dir/labels``; returns the
         counts. Labelling resumes where an earlier, unfinished run in this output_dir stopped."""
         with self._timer("label"):
-            self._summary["labels"] = distill.label_stage(self.cfg, self._actors.rollout_workers(), self._train_rows,
+            self._summary["labels"] = rm_stages.label_stage(self.cfg, self._actors.rollout_workers(), self._train_rows,
                                                           self._eval_rows, self.output_dir, self.log)
         return self._summary["labels"]
 
@@ -191,7 +191,7 @@ class Trainer:
                                "reward workers load the reward model when they start")
         with self._timer("train_rm"):
             self._actors.start_ray()  # the RM's DeepSpeed ranks are Ray actors
-            rm_dir, self._summary["reward_model"] = distill.reward_model_stage(
+            rm_dir, self._summary["reward_model"] = rm_stages.reward_model_stage(
                 self.cfg, self._start_dir(), self.output_dir, self.log, labels_dir, self.metrics.log)
         self.reward_model_dir = Path(rm_dir)
         return self._summary["reward_model"]
@@ -247,7 +247,7 @@ class Trainer:
         """Write the current policy in Hugging Face format (safetensors, with its tokenizer) to ``path``, by
         default ``output_dir/policy``; returns the path."""
         path = Path(path) if path is not None else self.output_dir / "policy"
-        self._rl_loop().trainer.save_pretrained(str(path))
+        self._rl_loop().policy.save_pretrained(str(path))
         return path
 
     @property
@@ -277,7 +277,7 @@ class Trainer:
             self._student = None
         return str(start_dir)
 
-    def _rl_loop(self) -> RLLoop:
+    def _rl_loop(self) -> RLStep:
         """The RL step over the run's actors, started on first use (and given a checkpoint's state on resume)."""
         if self._actors.loop is None:
             loop = self._actors.start_loop(self._tokenizer, self.reward_model_dir, self._reward_fn)

@@ -1,4 +1,4 @@
-"""Stand-ins for the actor groups an RLLoop is built from, so the RL step runs in-process on hand-made samples."""
+"""Stand-ins for the actor groups an RLStep is built from, so the RL step runs in-process on hand-made samples."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import torch
 
 from rlhf.core.data.samples import Sample
-from rlhf.rl.step import RLLoop
+from rlhf.rl.step import RLStep
 from rlhf.rl.update import PolicyUpdate
 
 
@@ -74,10 +74,10 @@ def samples_of(lengths: list[int], n: int = 2) -> list[Sample]:
     return [Sample(i // n, [7], [5] * length, [-0.5] * length, "stop", "x") for i, length in enumerate(lengths)]
 
 
-def stub_loop(cfg, rewards: list[float], lengths: list[int], critic=None, version: int = 0) -> RLLoop:
-    """An RLLoop over stand-ins: ``loop.update.policy.batches`` holds what the trainer got,
+def stub_loop(cfg, rewards: list[float], lengths: list[int], critic=None, version: int = 0) -> RLStep:
+    """An RLStep over stand-ins: ``loop.update.policy.batches`` holds what the trainer got,
     ``loop.rollout.synced`` the syncs."""
     n = cfg.rollout.samples_per_prompt
     update = PolicyUpdate(cfg, 0, StubPolicy(), critic)
-    return RLLoop(cfg, char_tokenizer, StubRollout(samples_of(lengths, n), version),
+    return RLStep(cfg, char_tokenizer, StubRollout(samples_of(lengths, n), version),
                   StubReward(rewards), update)

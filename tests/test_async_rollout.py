@@ -30,7 +30,7 @@ def test_one_step_off_async_steps_log_staleness_one_and_ordered_versions(tmp_pat
         mid = trainer.evaluate()
         steps += [trainer.step(), trainer.step()]
         # The trainer rank yields the CPU to generation (the rollout workers run at this process's niceness).
-        rank = trainer._rl_loop().trainer.actors[0]
+        rank = trainer._rl_loop().policy.actors[0]
         nice = ray.get(rank.__ray_call__.remote(lambda self: os.getpriority(os.PRIO_PROCESS, 0)))
         assert nice == min(os.getpriority(os.PRIO_PROCESS, 0) + ASYNC_TRAINER_NICENESS, 19)
 

@@ -247,7 +247,7 @@ def test_bad_algorithm_options_are_config_errors(override):
 
 
 def _loop(overrides: list[str], rewards: list[float], lengths: list[int]):
-    """An RLLoop over stand-ins for the Ray actors: 4 prompts x 2 samples with the given rewards and response
+    """An RLStep over stand-ins for the Ray actors: 4 prompts x 2 samples with the given rewards and response
     lengths, 2 trainer ranks, max_new_tokens 4."""
     cfg = load_config(None, ["rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "trainer.num_ranks=2",
                              "rollout.max_new_tokens=4", *overrides])

@@ -177,7 +177,7 @@ def test_critic_ranks_are_only_checked_for_ppo():
 
 
 def _ppo_loop(overrides: list[str], rewards: list[float], lengths: list[int]):
-    """An RLLoop with gae over stand-ins for the actors: 2 prompts x 2 samples (prompt one token, responses of the
+    """An RLStep with gae over stand-ins for the actors: 2 prompts x 2 samples (prompt one token, responses of the
     given lengths, sampling log-prob -0.5 per token), critic values 0.25 everywhere."""
     cfg = load_config(None, ["rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "trainer.num_ranks=2",
                              "rollout.max_new_tokens=4", "algorithm.advantage=gae", *overrides])

@@ -77,7 +77,7 @@ def run(out, kill=None, kill_trainer_rank=None, start_from=None):
         trainer.evaluate()
         error = None
         if kill_trainer_rank is not None:
-            os.kill(pid_of(loop.trainer.actors[kill_trainer_rank]), signal.SIGKILL)
+            os.kill(pid_of(loop.policy.actors[kill_trainer_rank]), signal.SIGKILL)
             start = time.monotonic()
             with pytest.raises(WorkerDiedError) as error:
                 trainer.step()

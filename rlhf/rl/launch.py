@@ -22,7 +22,7 @@ from rlhf.core.distributed import cluster
 from rlhf.core.config.run_config import ConfigError, RunConfig
 from rlhf.core.distributed.worker_pool import WorkerPool
 from rlhf.rl.ranks.critic import CriticGroup
-from rlhf.rl.step import RLLoop
+from rlhf.rl.step import RLStep
 from rlhf.rl.groups.reward import RewardGroup
 from rlhf.rl.groups.rollout import RolloutGroup
 from rlhf.rl.groups.teacher import make_teacher_group
@@ -70,7 +70,7 @@ def make_reward_workers(cfg: RunConfig, rm_path: str | None, reward_fn=None) -> 
 
 
 def build_loop(cfg: RunConfig, model_dir: str, tokenizer, rollout: WorkerPool, rm_dir: str | None,
-               reward_fn=None) -> RLLoop:
+               reward_fn=None) -> RLStep:
     """The RL loop over the run's actors: the rollout workers given, reward workers, the trainer ranks (from the
     policy in ``model_dir``), the critic ranks where the estimator needs a critic, and the auditing teacher."""
     started: list = []
@@ -101,7 +101,7 @@ def build_loop(cfg: RunConfig, model_dir: str, tokenizer, rollout: WorkerPool, r
         raise
     auditor = make_teacher(cfg.label) if cfg.reward.audit_every else None
     broadcast = BroadcastSync(cfg, policy, rollout) if cfg.rollout.weight_sync == "broadcast" else None
-    return RLLoop(cfg, tokenizer, RolloutGroup(cfg, rollout, policy.full_state_dict_ref, broadcast), reward, update,
+    return RLStep(cfg, tokenizer, RolloutGroup(cfg, rollout, policy.full_state_dict_ref, broadcast), reward, update,
                   auditor)
 
 
@@ -114,7 +114,7 @@ class RunActors:
     def __init__(self, cfg: RunConfig, start_dir: Callable[[], str]):
         self.cfg, self._start_dir = cfg, start_dir
         self.rollout: WorkerPool | None = None
-        self.loop: RLLoop | None = None
+        self.loop: RLStep | None = None
         self.closed = False
         self._owns_ray = False
 
@@ -131,7 +131,7 @@ class RunActors:
             self.rollout = make_rollout_workers(self.cfg, start_dir)
         return self.rollout
 
-    def start_loop(self, tokenizer, reward_model_dir: Path | None, reward_fn=None) -> RLLoop:
+    def start_loop(self, tokenizer, reward_model_dir: Path | None, reward_fn=None) -> RLStep:
         """The RL step's actors beside the rollout workers (the caller checks ``loop`` is None first)."""
         rollout = self.rollout_workers()
         if self.cfg.reward.components.get("rm") and not (reward_model_dir or self.cfg.reward.rm_url):

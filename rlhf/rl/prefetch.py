@@ -1,7 +1,7 @@
 """Rollouts launched ahead of the trainer: synchronous and one-step-off asynchronous RL on the same path.
 
 Each RL step consumes one ``LaunchedRollout``: a generation already submitted to the rollout workers, tagged with
-the weights version it samples from. ``RolloutPipeline.next`` hands out the oldest one after launching as many as
+the weights version it samples from. ``RolloutPrefetch.next`` hands out the oldest one after launching as many as
 the run allows to stay in flight behind it: none when synchronous (``rollout.asynchronous`` false), so generation,
 scoring and the update follow one another as before; up to ``rollout.max_staleness`` when asynchronous, so the
 rollout workers generate batch k+1 while batch k is scored and trained.
@@ -42,7 +42,7 @@ class LaunchedRollout:
     calls: list       # the workers' pending generate calls (Ray object refs), one per worker, in prompt order
 
 
-class RolloutPipeline:
+class RolloutPrefetch:
     """Launches rollouts through ``launch`` (which draws the next prompts and submits their generation) and hands
     them out oldest first, keeping up to ``depth`` more in flight: 0 synchronous, max_staleness asynchronous."""
 

@@ -1,7 +1,7 @@
 """A run's checkpoint from the driver's side: what ``checkpoints/step_N`` holds beside the actors' state, and how a
 resumed run takes it back (the file layout, config checks and pruning are rlhf/core/checkpoints/resume.py).
 
-Written: the update's state (policy, trainer ranks, critic) through ``RLLoop.save_state``, the RNG states of the
+Written: the update's state (policy, trainer ranks, critic) through ``RLStep.save_state``, the RNG states of the
 driver and the rollout workers, and ``state.json`` (step, weights version, prompt order, guard counts, the summary
 so far, stage times). Taken back in two halves: the driver's now (``restore_driver``), the actors' when they start
 (``restore_actors``), since they start lazily.
@@ -16,10 +16,10 @@ import torch
 from rlhf.core.checkpoints import resume as checkpoints
 from rlhf.core.checkpoints.atomic import atomic_dir, write_json_atomic
 from rlhf.rl.schedule import RLSchedule
-from rlhf.rl.step import RLLoop
+from rlhf.rl.step import RLStep
 
 
-def write_checkpoint(output_dir: Path, loop: RLLoop, schedule: RLSchedule, run_state: dict, keep: int) -> Path:
+def write_checkpoint(output_dir: Path, loop: RLStep, schedule: RLSchedule, run_state: dict, keep: int) -> Path:
     """``output_dir/checkpoints/step_N``, atomically (a run killed while writing leaves no ``step_N``); keeps the
     newest ``keep``. ``run_state``: the run's own entries of state.json (summary, stage times, elapsed seconds, the
     RM directory, the config)."""
@@ -53,7 +53,7 @@ def restore_driver(checkpoint: checkpoints.Checkpoint, schedule: RLSchedule, met
     return state
 
 
-def restore_actors(checkpoint: checkpoints.Checkpoint, loop: RLLoop) -> None:
+def restore_actors(checkpoint: checkpoints.Checkpoint, loop: RLStep) -> None:
     """The actors' side of ``checkpoint``, once they run: the update's state, the rollout workers' RNGs and the
     policy's weights with the checkpoint's version, the guard's counts."""
     rng = checkpoints.load_rng_file(checkpoint.path / checkpoints.RNG_FILE)

@@ -22,8 +22,8 @@ from rlhf.core.guards import finite_metrics
 from rlhf.core.progress import Progress
 from rlhf.outputs import diagnostics
 from rlhf.rl.audit import audit_stop
-from rlhf.rl.prefetch import RolloutPipeline
-from rlhf.rl.step import RLLoop
+from rlhf.rl.prefetch import RolloutPrefetch
+from rlhf.rl.step import RLStep
 from rlhf.stages.run_dir import progress_line
 
 
@@ -36,7 +36,7 @@ class RLSchedule:
         self.order = random.Random(cfg.seed + 3)  # which prompts each RL step takes
         self.steps = 0  # RL steps taken
         self.plan_end = cfg.algorithm.steps  # launch nothing ahead for steps beyond this one (rlhf/rl/prefetch.py)
-        self._launched: RolloutPipeline | None = None  # generations launched ahead (asynchronous rollout)
+        self._launched: RolloutPrefetch | None = None  # generations launched ahead (asynchronous rollout)
         self._progress: Progress | None = None  # the RL stage's progress bar, while train() runs
         self._last_metrics: dict = {}
         self._history: list[dict] = []  # recent steps' metrics, for the signs of a run that cannot learn
@@ -45,13 +45,13 @@ class RLSchedule:
     def draw(self) -> list[PromptRow]:
         return self.order.sample(self._train_rows, self.cfg.rollout.prompts_per_step)
 
-    def start(self, loop: RLLoop) -> None:
+    def start(self, loop: RLStep) -> None:
         """Called once the step's actors run: asynchronous rollout launches generations ahead from here on."""
         r = self.cfg.rollout
         if r.asynchronous:  # the synchronous schedule generates each batch in step() instead
-            self._launched = RolloutPipeline(lambda: loop.launch(self.draw()), r.max_staleness)
+            self._launched = RolloutPrefetch(lambda: loop.launch(self.draw()), r.max_staleness)
 
-    def step(self, loop: RLLoop, record: Callable[[dict], None]) -> dict:
+    def step(self, loop: RLStep, record: Callable[[dict], None]) -> dict:
         """One RL step; ``record`` writes its metrics (before a guard may stop the run, so they are kept)."""
         if self._launched is not None:
             # This batch was launched while the previous one trained (rlhf/rl/prefetch.py).

@@ -23,7 +23,7 @@ from rlhf.rl.evaluate import difficulty_metrics, evaluate_policy
 from rlhf.rl.prefetch import LaunchedRollout
 
 
-class RLLoop:
+class RLStep:
     """The run's parts and the RL step over them. ``rollout``: a RolloutGroup (generate, launch, collect, sync,
     version); ``reward``: a RewardGroup (score, verify); ``update``: a PolicyUpdate; ``auditor``: a teacher, or
     None for no audits. Tests build it from stand-ins for each."""
@@ -38,8 +38,8 @@ class RLLoop:
         return self.rollout.version
 
     @property
-    def trainer(self):
-        """The policy's trainer group (checkpoint export, benchmarks)."""
+    def policy(self):
+        """The policy's trainer ranks (checkpoint export, benchmarks)."""
         return self.update.policy
 
     def launch(self, rows: list[PromptRow]) -> LaunchedRollout:
