@@ -23,7 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from rlhf.stages import curriculum
+from reward.teachers.trace_select import target_fn
 from rlhf.api import Trainer, run
 from rlhf.cli import _quiet_libraries
 from rlhf.core.config.run_config import load_config
@@ -37,7 +37,7 @@ def warm_up(cfg, out: Path, log) -> Path:
     student, tokenizer = build_policy(cfg, log)
     ad = cfg.reward.adaptive
     run_warmup(student, tokenizer, cfg.warmup, cfg.seed, log, cfg.think,
-               curriculum.target_fn("matched", ad.rv_at_cd0, ad.rv_at_cd9))
+               target_fn("matched", ad.rv_at_cd0, ad.rv_at_cd9))
     save_student(student, tokenizer, out)
     return out
 

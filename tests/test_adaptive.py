@@ -102,7 +102,7 @@ def test_adaptive_config_errors_name_the_key(tmp_path):
         load_config(None, ["reward.adaptive.difficulty_range=[6, 1]"])
     data = tmp_path / "d.jsonl"
     with pytest.raises(ConfigError, match="reward.adaptive.source rule needs task.difficulty_field"):
-        load_config(None, ["task.name=jsonl", f"task.train_file={data}", f"task.eval_file={data}",
+        load_config(None, ["task.name=dataset", f"task.train_file={data}", f"task.eval_file={data}",
                            "reward.components={verifier: 1.0, adaptive: 0.5}"])
     with pytest.raises(ConfigError, match="source rm needs a local reward model"):
         load_config(None, ["reward.components={verifier: 1.0, adaptive: 0.5}", "reward.adaptive.source=rm"])

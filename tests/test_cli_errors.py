@@ -100,13 +100,13 @@ def jsonl_task(tmp: Path, content: bytes | list, eval_rows: list | None = None) 
     train.write_bytes(content if isinstance(content, bytes) else
                       "".join(json.dumps(r) + "\n" for r in content).encode())
     held_out.write_text("".join(json.dumps(r) + "\n" for r in (eval_rows or [GOOD_ROW] * 4)))
-    return ["task.name=jsonl", f"task.train_file={train}", f"task.eval_file={held_out}", *RL_ONLY]
+    return ["task.name=dataset", f"task.train_file={train}", f"task.eval_file={held_out}", *RL_ONLY]
 
 
 def csv_task(tmp: Path, content: bytes) -> list[str]:
     train = tmp / "train.csv"
     train.write_bytes(content)
-    return ["task.name=jsonl", f"task.train_file={train}", f"task.eval_file={train}", *RL_ONLY]
+    return ["task.name=dataset", f"task.train_file={train}", f"task.eval_file={train}", *RL_ONLY]
 
 
 def binary_file(tmp: Path, content: bytes) -> Path:
@@ -153,7 +153,7 @@ CLI_CASES = [
     ("unknown_reward_component", lambda t, m: (None, ["reward.components={judge: 1.0}"]), ["reward.components"]),
     ("rm_without_a_reward_model", lambda t, m: (None, ["reward.components={rm: 1.0}"]),
      ["uses rm but there is none"]),
-    ("jsonl_task_without_files", lambda t, m: (None, ["task.name=jsonl"]), ["task.train_file"]),
+    ("jsonl_task_without_files", lambda t, m: (None, ["task.name=dataset"]), ["task.train_file"]),
     ("openai_teacher_without_url", lambda t, m: (None, ["label.teacher=openai"]), ["label.base_url"]),
     ("responses_leave_no_room_for_prompts", lambda t, m: (None, ["rollout.max_new_tokens=200"]),
      ["leave no room for a prompt", "128 positions"]),
@@ -185,7 +185,7 @@ CLI_CASES = [
      ["cannot read", "as csv (ParserError", "Expected 2 fields in line 3"]),
     ("binary_csv", lambda t, m: (None, csv_task(t, bytes(range(128, 256)) * 8)),
      ["as csv (UnicodeDecodeError"]),
-    ("missing_file", lambda t, m: (None, ["task.name=jsonl", f"task.train_file={t / 'no.jsonl'}",
+    ("missing_file", lambda t, m: (None, ["task.name=dataset", f"task.train_file={t / 'no.jsonl'}",
                                           f"task.eval_file={t / 'no.jsonl'}", *RL_ONLY]), ["no.jsonl does not exist"]),
     ("over_long_prompts", lambda t, m: (None, jsonl_task(t, [{"prompt": "1+" * 80 + "1=", "answer": "81"}] * 4)),
      ["training prompts has no usable rows (4 skipped)", "162 tokens, over the 112 that fit"]),

@@ -29,3 +29,10 @@ def test_unknown_key_names_the_closest(capsys):
         describe("rollout.engin")
     assert main(["config", "rollout.engin"]) == 2
     assert "did you mean rollout.engine?" in capsys.readouterr().err
+
+
+def test_a_renamed_key_value_is_refused_naming_the_new_one():
+    from rlhf.core.config.run_config import load_config
+
+    with pytest.raises(ConfigError, match="jsonl is the old name of this task: write task.name: dataset"):
+        load_config(None, ["task.name=jsonl"])

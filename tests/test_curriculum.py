@@ -5,7 +5,7 @@ import pytest
 
 from rlhf.stages import curriculum
 from rlhf.core.config.run_config import ThinkConfig, WarmupConfig
-from rlhf.stages.curriculum import Trace, select_traces, target_fn
+from reward.teachers.trace_select import Trace, select_traces, target_fn
 from rlhf.core.tasks import arithmetic
 from rlhf.core.data.think import split_think
 from rlhf.stages.warmup import teacher_examples

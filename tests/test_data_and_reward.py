@@ -161,7 +161,7 @@ def test_real_gsm8k_loads_through_load_rows_with_numeric_answers():
     train_file = GSM8K_DIR / "train.jsonl"
     if not train_file.is_file():
         train_file = GSM8K_DIR / "test.jsonl"
-    cfg = TaskConfig(name="jsonl", train_file=str(train_file), eval_file=str(GSM8K_DIR / "test.jsonl"),
+    cfg = TaskConfig(name="dataset", train_file=str(train_file), eval_file=str(GSM8K_DIR / "test.jsonl"),
                      prompt_field="question", answer_field="answer", train_prompts=50, eval_prompts=20)
     train, held_out = load_rows(cfg, seed=0)
     assert len(train) == 50 and len(held_out) == 20

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-from reward.teachers.trace_select import FIXED_TARGETS, Trace, select_traces, target_fn  # noqa: F401 - this module's API
+from reward.teachers.trace_select import Trace, select_traces
 from rlhf.core.tasks import arithmetic
 
 VERBOSITIES = (0, 1, 2)  # the teacher's answer only / running totals / totals and a check

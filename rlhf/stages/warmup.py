@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from reward.teachers.trace_select import target_fn
 from rlhf.stages import curriculum, sft
 from rlhf.core.data import think
 from rlhf.core.config.run_config import RunConfig, ThinkConfig, WarmupConfig
@@ -30,7 +31,7 @@ def teacher_examples(cfg: WarmupConfig, seed: int, think_cfg: ThinkConfig | None
     levels = range(arithmetic.MIN_LEVEL, arithmetic.MAX_LEVEL + 1)
     think_block = bool(think_cfg and think_cfg.format)
     if cfg.curriculum != "none":
-        target = curriculum.target_fn(cfg.curriculum) if target is None or cfg.curriculum != "matched" else target
+        target = target_fn(cfg.curriculum) if target is None or cfg.curriculum != "matched" else target
 
     def next_batch(n: int) -> list[tuple[str, str]]:
         if cfg.curriculum != "none":
@@ -124,4 +125,4 @@ def warmup_stage(model, tokenizer, cfg: RunConfig, output_dir, custom_prompts: b
         return sft.run_sft(model, tokenizer, cfg, traces, log, log_metrics), True
     adaptive = cfg.reward.adaptive  # a matched curriculum aims at the adaptive reward's RV targets
     return run_warmup(model, tokenizer, cfg.warmup, cfg.seed, log, cfg.think,
-                      curriculum.target_fn("matched", adaptive.rv_at_cd0, adaptive.rv_at_cd9), log_metrics), False
+                      target_fn("matched", adaptive.rv_at_cd0, adaptive.rv_at_cd9), log_metrics), False

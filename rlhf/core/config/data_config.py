@@ -43,12 +43,12 @@ class ModelConfig(_Section):
 
 class TaskConfig(_Section):
     """Where prompts come from: the synthetic arithmetic task, or a prompt dataset read with ``datasets``
-    (``dataset``; ``jsonl`` is the same, its older name): a JSONL, JSON, Parquet or CSV file, or a directory written
+    (``dataset``): a JSONL, JSON, Parquet or CSV file, or a directory written
     by ``save_to_disk``. ``*_prompts`` cap the pools. Dataset prompts are rendered with the chat template below;
     the arithmetic task's stay plain text (the warm-up trains on them so)."""
 
-    name: Literal["arithmetic", "jsonl", "dataset"] = "arithmetic"
-    """arithmetic: the built-in synthetic task; dataset (or its older name jsonl): prompts from train_file."""
+    name: Literal["arithmetic", "dataset"] = "arithmetic"
+    """arithmetic: the built-in synthetic task; dataset: prompts from train_file (the old name jsonl is refused)."""
     train_prompts: int = Field(4000, gt=0)
     """Cap on the training prompt pool."""
     eval_prompts: int = Field(250, gt=0)
@@ -100,6 +100,13 @@ class TaskConfig(_Section):
         if self.verifier == "regex" and not self.answer_regex:
             raise ValueError("verifier regex needs task.answer_regex")
         return self
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _old_name(cls, value):
+        if value == "jsonl":  # renamed: one word for a prompt dataset of any file format
+            raise ValueError("jsonl is the old name of this task: write task.name: dataset")
+        return value
 
     @field_validator("answer_regex")
     @classmethod

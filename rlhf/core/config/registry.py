@@ -6,7 +6,7 @@ key; an unknown key is refused at start with one line listing the registered one
 """
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Generic, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -52,6 +52,3 @@ class Registry(Generic[T]):
 
     def items(self):
         return self._entries.items()
-
-
-Factory = Callable[..., T]
