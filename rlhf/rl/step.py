@@ -20,15 +20,16 @@ from rlhf.outputs.diagnostics import component_figures
 from rlhf.core.guards import BatchGuard, reward_fault, update_fault
 from rlhf.rl.audit import audit
 from rlhf.rl.evaluate import difficulty_metrics, evaluate_policy
+from rlhf.rl.parts import Auditor, Reward, Rollout, Update
 from rlhf.rl.prefetch import LaunchedRollout
 
 
 class RLStep:
-    """The run's parts and the RL step over them. ``rollout``: a RolloutGroup (generate, launch, collect, sync,
-    version); ``reward``: a RewardGroup (score, verify); ``update``: a PolicyUpdate; ``auditor``: a teacher, or
-    None for no audits. Tests build it from stand-ins for each."""
+    """The run's parts and the RL step over them; what each part must offer is in rlhf/rl/parts.py (``auditor``:
+    None for no audits). Tests build it from stand-ins for each."""
 
-    def __init__(self, cfg: RunConfig, tokenizer, rollout, reward, update, auditor=None):
+    def __init__(self, cfg: RunConfig, tokenizer, rollout: Rollout, reward: Reward, update: Update,
+                 auditor: Auditor | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.rollout, self.reward, self.update, self.auditor = rollout, reward, update, auditor
         self.guard = BatchGuard(cfg.max_bad_batches)  # batches skipped for NaN/inf rewards, losses, gradients

@@ -1,0 +1,35 @@
+"""The RL step's parts offer what rlhf/rl/parts.py says the step asks of them."""
+import pytest
+
+from reward.teachers.oracle import OracleTeacher
+from rlhf.rl import parts
+from rlhf.rl.groups.reward import RewardGroup
+from rlhf.rl.groups.rollout import RolloutGroup
+from rlhf.rl.update import PolicyUpdate
+
+
+def _members(protocol) -> set[str]:
+    declared = {name for name in vars(protocol) if not name.startswith("_")}
+    return declared | set(getattr(protocol, "__annotations__", {}))
+
+
+@pytest.mark.parametrize("protocol, implementation", [(parts.Rollout, RolloutGroup), (parts.Reward, RewardGroup),
+                                                      (parts.Update, PolicyUpdate), (parts.Auditor, OracleTeacher)])
+def test_each_part_offers_every_member_of_its_protocol(protocol, implementation):
+    annotations = set(getattr(implementation, "__annotations__", {}))
+    missing = [m for m in _members(protocol) if not hasattr(implementation, m) and m not in annotations
+               and m not in _assigned_in_init(implementation)]
+    assert not missing, f"{implementation.__name__} lacks {missing} of {protocol.__name__}"
+
+
+def _assigned_in_init(cls) -> set[str]:
+    """Attributes ``__init__`` sets (``self.x = ...``): instance attributes a class does not show."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls.__init__)))
+    return {t.attr for node in ast.walk(tree) if isinstance(node, ast.Assign) for t in node.targets
+            if isinstance(t, ast.Attribute)} | {t.attr for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                                                for tup in node.targets if isinstance(tup, ast.Tuple)
+                                                for t in tup.elts if isinstance(t, ast.Attribute)}
