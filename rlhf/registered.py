@@ -9,7 +9,6 @@ estimators (rlhf/core/algorithms.py, checked by the config itself).
 from __future__ import annotations
 
 from reward.scoring.components import REWARD_COMPONENTS
-from reward.teachers.logprobs import TEACHER_KL
 from reward.teachers import TEACHERS
 from reward.scoring.verifiers import VERIFIERS
 from rlhf.core.config.run_config import ConfigError, RunConfig
@@ -21,8 +20,7 @@ def check_registered(cfg: RunConfig) -> None:
     """A ConfigError naming the first config key whose value no registry holds."""
     named = [("rollout.engine", cfg.rollout.engine, ENGINES), ("task.verifier", cfg.task.verifier, VERIFIERS),
              ("label.teacher", cfg.label.teacher, TEACHERS)]
-    named += [(f"reward.components.{name}", name, REWARD_COMPONENTS) for name in cfg.reward.components
-              if name != TEACHER_KL]  # per-token, computed in the update (rlhf/rl/update.py)
+    named += [(f"reward.components.{name}", name, REWARD_COMPONENTS) for name in cfg.reward.components]
     for key, name, registry in named:
         if name not in registry:
             raise ConfigError(f"config key {key}: {registry.unknown(name)}")

@@ -15,7 +15,7 @@ from tests.scoring import reward_worker
     ("rollout.engine=sglang", "rollout.engine", "hf"),
     ("task.verifier=roman", "task.verifier", "final_number, gsm8k, math, exact, regex"),
     ("label.teacher=oracel", "label.teacher", "oracle, reference, hf, openai"),
-    ("reward.components={brevity: 1.0}", "reward.components.brevity", "verifier, rm, seqcls, custom, adaptive"),
+    ("reward.components={brevity: 1.0}", "reward.components.brevity", "verifier, rm, seqcls, custom, adaptive, teacher_kl"),
 ])
 def test_an_unknown_name_is_refused_in_one_line_listing_the_registered_ones(override, key, listed):
     cfg = load_config(None, [override])

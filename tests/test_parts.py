@@ -33,3 +33,11 @@ def _assigned_in_init(cls) -> set[str]:
             if isinstance(t, ast.Attribute)} | {t.attr for node in ast.walk(tree) if isinstance(node, ast.Assign)
                                                 for tup in node.targets if isinstance(tup, ast.Tuple)
                                                 for t in tup.elts if isinstance(t, ast.Attribute)}
+
+
+def test_rows_split_into_contiguous_equal_as_possible_slices():
+    from rlhf.core.distributed.split import row_slices, shards
+
+    assert row_slices(7, 3) == [slice(0, 3), slice(3, 5), slice(5, 7)]
+    assert shards(list("abcde"), 2) == [["a", "b", "c"], ["d", "e"]]
+    assert shards([1], 3) == [[1], [], []]

@@ -8,7 +8,8 @@ Each component is built from the run config (and the script's reward function, f
 - ``rm``: the distilled reward model's quality score (local, or on a reward server: ``reward.rm_url``);
 - ``seqcls``: any sequence-classification reward model's score (reward/model/seqcls.py);
 - ``custom``: a Python function, from a script or ``reward.custom_fn`` (Ray ships it with cloudpickle);
-- ``adaptive``: reasoning length fitted to the problem's difficulty, for correct answers (reward/scoring/adaptive.py).
+- ``adaptive``: reasoning length fitted to the problem's difficulty, for correct answers (reward/scoring/adaptive.py);
+- ``teacher_kl``: on-policy distillation's per-token term, computed in the update (``per_token``).
 """
 from __future__ import annotations
 
@@ -150,6 +151,27 @@ class AdaptiveReward:
                                        [bool(v) for v in batch.verdicts], batch.difficulties, batch.rm)
         except ValueError as err:
             raise RewardError(f"adaptive reward: {err}") from err
+
+
+# On-policy distillation's weight in reward.components; declared here with the others, computed elsewhere.
+TEACHER_KL = "teacher_kl"
+
+
+@REWARD_COMPONENTS.register(TEACHER_KL)
+class TeacherKL:
+    """On-policy distillation: the teacher's log-prob of every sampled token minus the student's, a dense reward on
+    each token. Per token, so the reward workers leave it out; the update adds it to the advantages
+    (rlhf/rl/update.py) from the teacher group's log-probs (rlhf/rl/groups/teacher.py)."""
+
+    per_token = True
+    reads_rm = False
+
+
+def sequence_components(weights: dict[str, float]) -> dict[str, type]:
+    """The registered classes of the components with a non-zero weight that the reward workers sum (one value per
+    response); per-token components (``per_token``) are the update's."""
+    return {name: REWARD_COMPONENTS[name] for name, w in weights.items()
+            if w != 0 and not getattr(REWARD_COMPONENTS[name], "per_token", False)}
 
 
 class RewardModelScores:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import math
 
-from reward.scoring.components import REWARD_COMPONENTS, RewardError, RewardFn, RewardModelScores, ScoringBatch
-from reward.teachers.logprobs import TEACHER_KL
+from reward.scoring.components import RewardError, RewardFn, RewardModelScores, ScoringBatch, sequence_components
 from reward.scoring.verifiers import Verifier, make_verifier, verdict_figures
 from rlhf.core.config.run_config import RunConfig
 
@@ -26,9 +25,8 @@ class RewardWorker:
         ``custom``: the function behind the ``custom`` component. ``components`` (name -> class) and ``verifier``:
         the registry entries the config names, as the driver resolved them (so entries a script registered reach
         this actor by value); by default looked up here."""
-        # teacher_kl's rewards are per token, computed in the update (rlhf/rl/update.py), not here.
-        self.weights = {name: w for name, w in cfg.reward.components.items() if w != 0 and name != TEACHER_KL}
-        classes = components if components is not None else {name: REWARD_COMPONENTS[name] for name in self.weights}
+        classes = components if components is not None else sequence_components(cfg.reward.components)
+        self.weights = {name: cfg.reward.components[name] for name in classes}
         self.components = {name: classes[name](cfg, custom) for name in self.weights}
         self.verify_answer = verifier or make_verifier(cfg.task.verifier, cfg.task.answer_regex)
         self.rm_scores = None

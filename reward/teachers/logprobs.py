@@ -19,11 +19,6 @@ from rlhf.core import algorithms
 from rlhf.core.data import packing
 from rlhf.core.models.build import ModelLoadError, load_student, load_tokenizer
 
-# reward.components names it beside the sequence-level components; its rewards are per token, computed with the
-# reference's and the critic's in the update, not by the reward workers.
-TEACHER_KL = "teacher_kl"
-
-
 def check_same_vocabulary(student_tokenizer, teacher_dir: str | Path) -> None:
     """A one-line ModelLoadError when the teacher's tokenizer maps any token to another id than the student's."""
     teacher = load_tokenizer(teacher_dir).get_vocab()

@@ -13,8 +13,8 @@ from typing import Callable
 
 import ray
 
-from reward.scoring.components import REWARD_COMPONENTS
-from reward.teachers.logprobs import TEACHER_KL, check_same_vocabulary
+from reward.scoring.components import TEACHER_KL, sequence_components
+from reward.teachers.logprobs import check_same_vocabulary
 from reward.teachers import make_teacher
 from reward.scoring.verifiers import make_verifier
 from reward.scoring.worker import RewardWorker
@@ -61,8 +61,7 @@ def make_reward_workers(cfg: RunConfig, rm_path: str | None, reward_fn=None) -> 
     cluster.check_fits("reward", cfg.reward.num_workers, resources)
     actor = ray.remote(**resources.options())(RewardWorker)
     # The registry entries resolved here: a component or verifier a script registered reaches the actors by value.
-    components = {name: REWARD_COMPONENTS[name] for name, w in cfg.reward.components.items()
-                  if w != 0 and name != TEACHER_KL}
+    components = sequence_components(cfg.reward.components)
     verifier = make_verifier(cfg.task.verifier, cfg.task.answer_regex)
     return WorkerPool("reward", lambda i: actor.remote(cfg, rm_path, reward_fn, components, verifier),
                       cfg.reward.num_workers, cfg.call_timeout_s, cfg.max_worker_restarts)

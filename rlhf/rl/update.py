@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from reward.teachers.logprobs import TEACHER_KL
+from reward.scoring.components import TEACHER_KL
 from rlhf.core.algorithms import (ADVANTAGE_ESTIMATORS, AdvantageInputs, distillation_advantages, kl_reward,
                                   loss_token_weights, whiten)
 from rlhf.core.data.batch import make_train_batch

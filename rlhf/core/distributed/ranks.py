@@ -23,6 +23,7 @@ from rlhf.core.checkpoints.atomic import atomic_dir
 from rlhf.core.config.run_config import EngineConfig
 from rlhf.core.checkpoints.resume import load_rng_file, set_torch_rng_state, torch_rng_state
 from rlhf.core.models.safe_load import weights_only_torch_load
+from rlhf.core.distributed.split import row_slices
 from rlhf.core.distributed.worker_pool import get_all
 
 class DeepSpeedRank:
@@ -242,8 +243,7 @@ class RankGroup:
         if rows % self.num_ranks:
             raise ValueError(f"batch of {rows} rows does not split evenly across {self.num_ranks} trainer ranks: "
                              f"{hint}")
-        shard = rows // self.num_ranks
-        return [{k: v[r * shard:(r + 1) * shard] for k, v in batch.items()} for r in range(self.num_ranks)]
+        return [{k: v[part] for k, v in batch.items()} for part in row_slices(rows, self.num_ranks)]
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self._get([actor.full_state_dict.remote() for actor in self.actors], "full_state_dict")[0]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from rlhf.core.data.datasets import PromptRow
 from rlhf.core.distributed.worker_pool import WorkerPool
-from rlhf.rl.groups.rollout import shards
+from rlhf.core.distributed.split import shards
 
 
 class RewardGroup:

@@ -12,19 +12,9 @@ from typing import Callable
 from rlhf.core.data import think
 from rlhf.core.config.run_config import RunConfig
 from rlhf.core.data.datasets import PromptRow
+from rlhf.core.distributed.split import shards
 from rlhf.core.distributed.worker_pool import WorkerPool, get_all
 from rlhf.rl.prefetch import LaunchedRollout
-
-
-def shards(items: list, parts: int) -> list[list]:
-    """Split into ``parts`` contiguous, equal-as-possible pieces (contiguity keeps a prompt's samples together)."""
-    size, extra = divmod(len(items), parts)
-    out, start = [], 0
-    for i in range(parts):
-        end = start + size + (1 if i < extra else 0)
-        out.append(items[start:end])
-        start = end
-    return out
 
 
 def generate(pool: WorkerPool, prompts: list[str], n: int, max_new_tokens: int, temperature: float, greedy: bool,

@@ -11,7 +11,7 @@ from reward.teachers.logprobs import RemoteTeacherLogprobs, TeacherLogprobWorker
 from rlhf.core.distributed import cluster
 from rlhf.core.config.run_config import RunConfig
 from rlhf.core.distributed.worker_pool import WorkerPool
-from rlhf.rl.groups.rollout import shards
+from rlhf.core.distributed.split import row_slices
 
 
 class TeacherGroup:
@@ -28,12 +28,8 @@ class TeacherGroup:
     def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The teacher's (B, L) log-probs of the batch's rows (input_ids, attention_mask)."""
         rows = batch["input_ids"].shape[0]
-        parts = [range(len(p)) for p in shards(list(range(rows)), len(self.pool))]
-        args, first = [], 0
-        for part in parts:
-            args.append(({k: batch[k][first:first + len(part)] for k in ("input_ids", "attention_mask")},)
-                        if len(part) else None)
-            first += len(part)
+        args = [({k: batch[k][part] for k in ("input_ids", "attention_mask")},) if part.stop > part.start else None
+                for part in row_slices(rows, len(self.pool))]
         return torch.cat([p for p in self.pool.call("logprobs", args, "teacher logprobs") if p is not None])
 
     def shutdown(self) -> None:
