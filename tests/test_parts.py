@@ -41,3 +41,15 @@ def test_rows_split_into_contiguous_equal_as_possible_slices():
     assert row_slices(7, 3) == [slice(0, 3), slice(3, 5), slice(5, 7)]
     assert shards(list("abcde"), 2) == [["a", "b", "c"], ["d", "e"]]
     assert shards([1], 3) == [[1], [], []]
+
+
+def test_samples_from_several_workers_count_prompts_over_the_whole_call():
+    from rlhf.core.data.samples import Sample
+    from rlhf.rl.groups.rollout import in_prompt_order
+
+    def sample(i):
+        return Sample(i, [1], [2], [-0.5], "stop", "x")
+
+    # worker 0 had prompts 0-1 (two samples each), worker 1 had prompt 2: each counted from 0 in its own shard
+    merged = in_prompt_order([(2, [sample(0), sample(0), sample(1), sample(1)]), (1, [sample(0), sample(0)])])
+    assert [s.prompt_index for s in merged] == [0, 0, 1, 1, 2, 2]

@@ -7,11 +7,13 @@ actor runs one caller's calls in order) and waited for before the next batch is 
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 from rlhf.core.data import think
 from rlhf.core.config.run_config import RunConfig
 from rlhf.core.data.datasets import PromptRow
+from rlhf.core.data.samples import Sample
 from rlhf.core.distributed.split import shards
 from rlhf.core.distributed.worker_pool import WorkerPool, get_all
 from rlhf.rl.prefetch import LaunchedRollout
@@ -20,9 +22,20 @@ from rlhf.rl.prefetch import LaunchedRollout
 def generate(pool: WorkerPool, prompts: list[str], n: int, max_new_tokens: int, temperature: float, greedy: bool,
              version: int, timeout_s: float) -> list:
     """``n`` samples per prompt from the pool's workers (prompts split evenly), in prompt order."""
-    args = [(part, n, max_new_tokens, temperature, greedy, version) if part else None
-            for part in shards(prompts, len(pool))]
-    return [s for part in pool.call("generate", args, "rollout generate", timeout_s) if part for s in part]
+    parts = shards(prompts, len(pool))
+    args = [(part, n, max_new_tokens, temperature, greedy, version) if part else None for part in parts]
+    results = pool.call("generate", args, "rollout generate", timeout_s)
+    return in_prompt_order([(len(p), r) for p, r in zip(parts, results) if p])
+
+
+def in_prompt_order(parts: list[tuple[int, list[Sample]]]) -> list[Sample]:
+    """The workers' samples, one list per shard of prompts (with the shard's prompt count), as one list whose
+    ``prompt_index`` counts over all the prompts of the call, not over the shard each worker saw."""
+    samples, offset = [], 0
+    for count, part in parts:
+        samples += [replace(s, prompt_index=s.prompt_index + offset) for s in part]
+        offset += count
+    return samples
 
 
 class RolloutGroup:
@@ -69,7 +82,8 @@ class RolloutGroup:
         results = get_all(refs, names, "weight sync and rollout generate", self.timeout)
         parts = results[len(self._syncing):]
         self._syncing, self._syncing_names, self._weights = [], [], None
-        return [sample for part in parts for sample in part]
+        counts = [len(p) for p in shards(launched.rows, len(self.pool)) if p]
+        return in_prompt_order(list(zip(counts, parts)))
 
     def sync(self, version: int | None = None) -> None:
         """The trainer's weights to every worker, tagged with the next version (or ``version`` when resuming).
