@@ -118,3 +118,135 @@ def test_rng_files_load_weights_only(tmp_path):
     with pytest.raises(safe_load.UnsafeCheckpointError):
         load_rng_file(tmp_path / RNG_FILE)
     assert not marker.exists()
+
+
+# ------------------------------------------------------------- model directories: safetensors only (safetensors_dir)
+
+TINY_LM = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """A tiny student and a reward model on its backbone, each saved with save_pretrained."""
+    from reward.model.distilled import DistilledRewardModel
+    from rlhf.core.config.run_config import ModelConfig
+    from rlhf.core.models.build import build_student, build_tokenizer, save_student
+
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = build_tokenizer("char")
+    student = build_student(ModelConfig(**TINY_LM), tokenizer, seed=0)
+    save_student(student, tokenizer, root / "lm")
+    rm = DistilledRewardModel.from_causal_lm(root / "lm", pad_token_id=tokenizer.pad_token_id, seed=1)
+    save_student(rm, tokenizer, root / "rm")
+    return root
+
+
+def pickle_beside_a_decoy(directory: Path, marker: Path) -> None:
+    """The issue's case: model.safetensors gone, a decoy .safetensors, and a pytorch_model.bin (with a payload),
+    which Hugging Face's from_pretrained loads by default."""
+    (directory / "model.safetensors").rename(directory / "decoy.safetensors")
+    torch.save({"w": Payload(marker)}, directory / "pytorch_model.bin")
+
+
+def test_every_loader_refuses_a_pickle_beside_a_decoy_in_one_line_and_never_unpickles(model_dirs, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from reward.model.distilled import DistilledRewardModel
+    from reward.model.seqcls import SeqClsReward
+    from reward.teachers.hf_judge import load_judge
+    from rlhf.core.models.build import ModelLoadError, check_model_dir, load_student
+    from rlhf.rl.ranks.critic import load_value_model
+
+    marker = tmp_path / "ran"
+    lm, rm = tmp_path / "lm", tmp_path / "rm"
+    shutil.copytree(model_dirs / "lm", lm)
+    shutil.copytree(model_dirs / "rm", rm)
+    for directory in (lm, rm):
+        pickle_beside_a_decoy(directory, marker)
+    (lm / "pytorch_model.bin").unlink()  # Hugging Face alone would load this harmless pickle: the bug, shown
+    torch.save(AutoModelForCausalLM.from_pretrained(model_dirs / "lm").state_dict(), lm / "pytorch_model.bin")
+    assert AutoModelForCausalLM.from_pretrained(lm) is not None
+    loaders = [lambda: check_model_dir(lm), lambda: load_student(lm), lambda: load_value_model(str(lm)),
+               lambda: load_judge(lm), lambda: DistilledRewardModel.from_causal_lm(str(lm)),
+               lambda: check_model_dir(rm, "reward_model.path", "ForSequenceClassification"),
+               lambda: DistilledRewardModel.from_pretrained(rm), lambda: SeqClsReward(rm)]
+    for load in loaders:
+        with pytest.raises(ModelLoadError, match="pickled weights|decoy.safetensors") as err:
+            load()
+        assert "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+def test_a_decoy_model_safetensors_without_the_models_weights_is_refused(model_dirs, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from reward.model.distilled import DistilledRewardModel
+    from rlhf.core.models.build import ModelLoadError, load_student
+
+    for name in ("lm", "rm"):
+        shutil.copytree(model_dirs / name, tmp_path / name)
+        save_file({"decoy": torch.zeros(2)}, tmp_path / name / "model.safetensors")
+    with pytest.raises(ModelLoadError, match="lack 1[0-9] of the model's weights"):
+        load_student(tmp_path / "lm")
+    with pytest.raises(ModelLoadError, match="lack .* of the model's weights"):
+        DistilledRewardModel.from_pretrained(tmp_path / "rm")
+    # A reward model with the quality head but no RV/CD heads (a plain sequence classifier) still loads.
+    from safetensors.torch import load_file
+
+    weights = load_file(model_dirs / "rm" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith(("rv_head", "cd_head"))},
+              tmp_path / "rm" / "model.safetensors")
+    DistilledRewardModel.from_pretrained(tmp_path / "rm")
+
+
+def test_links_out_of_the_directory_are_refused_but_a_hub_cache_snapshot_loads(model_dirs, tmp_path):
+    import shutil
+
+    from rlhf.core.models.build import ModelLoadError, check_model_dir, load_student
+
+    outside = tmp_path / "outside"
+    shutil.copytree(model_dirs / "lm", outside)
+    linked = tmp_path / "linked"
+    shutil.copytree(model_dirs / "lm", linked)
+    for name in ("model.safetensors", "config.json"):
+        (linked / name).unlink()
+        (linked / name).symlink_to(outside / name)
+        with pytest.raises(ModelLoadError, match="outside the model directory"):
+            check_model_dir(linked)
+        (linked / name).unlink()
+        shutil.copy(outside / name, linked / name)
+    # The Hugging Face cache's layout: snapshots/REV/FILE -> ../../blobs/HASH, inside the repository's folder.
+    repo = tmp_path / "models--org--tiny"
+    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for i, file in enumerate(sorted((model_dirs / "lm").iterdir())):
+        shutil.copy(file, blobs / f"blob{i}")
+        (snapshot / file.name).symlink_to(Path("..") / ".." / "blobs" / f"blob{i}")
+    model, _ = load_student(check_model_dir(snapshot))
+    assert model.config.hidden_size == TINY_LM["hidden_size"]
+
+
+def test_sharded_safetensors_load_and_an_index_naming_a_file_elsewhere_is_refused(model_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.core.models.build import ModelLoadError, check_model_dir, load_student
+
+    model = AutoModelForCausalLM.from_pretrained(model_dirs / "lm")
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="20KB")
+    for file in (model_dirs / "lm").iterdir():  # the tokenizer's files
+        if not (sharded / file.name).exists() and not file.name.startswith("model."):
+            (sharded / file.name).write_bytes(file.read_bytes())
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    load_student(sharded)
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../lm/model.safetensors"
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match="not a .safetensors file beside it"):
+        check_model_dir(sharded)

@@ -20,8 +20,13 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel, Qwen2ForSequenceClassification
 from transformers.utils import ModelOutput
 
+from rlhf.core.models.safetensors_dir import check_weights, quiet_loading_report, refuse_missing
+
 NUM_SCORES = 10  # the teacher's RV and CD scales are 0..9
 HF_ARCHITECTURE = "Qwen2ForSequenceClassification"
+HEADS = ("score.", "rv_head.", "cd_head.")
+# A plain sequence-classification reward model (TRL's, say) has a score but no RV/CD heads: they load fresh.
+EXTRA_HEADS = ("rv_head.", "cd_head.")
 
 
 @dataclass
@@ -86,6 +91,18 @@ class DistilledRewardModel(Qwen2ForSequenceClassification):
     # ----------------------------------------------------------------------------------------------- building
 
     @classmethod
+    def from_pretrained(cls, path, *args, allow_missing: tuple[str, ...] = EXTRA_HEADS,
+                        key: str = "reward model", **kwargs) -> "DistilledRewardModel":
+        """Hugging Face's ``from_pretrained`` from safetensors only (``safetensors_dir.check_weights``: never a
+        pickle, whatever the caller asks), refusing files that lack weights other than ``allow_missing``."""
+        check_weights(path, key)
+        kwargs.update(use_safetensors=True, output_loading_info=True)
+        with quiet_loading_report():
+            model, info = super().from_pretrained(path, *args, **kwargs)
+        refuse_missing(info, path, key, allow_missing)
+        return model
+
+    @classmethod
     def from_causal_lm(cls, path_or_model: str | Path | PreTrainedModel, pad_token_id: int | None = None,
                        seed: int = 0) -> "DistilledRewardModel":
         """A reward model on a causal LM's backbone (commonly the SFT / warm-up student), heads fresh.
@@ -100,7 +117,8 @@ class DistilledRewardModel(Qwen2ForSequenceClassification):
         else:
             config = _reward_config(AutoConfig.from_pretrained(path_or_model), pad_token_id)
             # Straight from the LM's files: its backbone loads into ``model.*``; lm_head is left out.
-            model = cls.from_pretrained(path_or_model, config=config, dtype=torch.float32, use_safetensors=True)
+            model = cls.from_pretrained(path_or_model, config=config, dtype=torch.float32, allow_missing=HEADS,
+                                        key="reward model's initial backbone")
         model.init_heads(seed)
         return model
 

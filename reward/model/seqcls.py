@@ -8,6 +8,9 @@ import torch
 
 from reward.model.distilled import pad_right
 from rlhf.core.models.build import ModelLoadError
+from rlhf.core.models.safetensors_dir import check_weights, load_pretrained
+
+KEY = "reward.seqcls_path"
 
 
 def check_seqcls_dir(path: str | Path) -> None:
@@ -18,8 +21,7 @@ def check_seqcls_dir(path: str | Path) -> None:
         raise ModelLoadError(f"reward.seqcls_path {path} does not exist: give a local model directory")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"reward.seqcls_path {path} has no config.json: give a save_pretrained directory")
-    if not any(path.glob("*.safetensors")):
-        raise ModelLoadError(f"reward.seqcls_path {path} has no .safetensors weights (only safetensors are loaded)")
+    check_weights(path, KEY)
 
 
 TEXT_FORMATS = ("auto", "chat", "plain")
@@ -44,8 +46,7 @@ class SeqClsReward:
         if text_format not in TEXT_FORMATS:
             raise ValueError(f"seqcls text format {text_format!r}: use one of {', '.join(TEXT_FORMATS)}")
         torch.set_num_threads(threads)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=torch.float32, use_safetensors=True).eval()
+        self.model = load_pretrained(AutoModelForSequenceClassification, path, KEY, dtype=torch.float32).eval()
         if self.model.config.num_labels != 1:
             raise ModelLoadError(f"reward.seqcls_path {path} has {self.model.config.num_labels} outputs; a reward "
                                   f"model has one (num_labels=1)")

@@ -18,6 +18,7 @@ import torch
 from reward.teachers.base import CORRECT_THRESHOLD, Verdict, check_rows, failed, one_line
 from reward.teachers.parsing import parse_verdict
 from reward.teachers.prompts import SCORE_PREFIXES, SCORE_QUESTIONS, rubric
+from rlhf.core.models.safetensors_dir import load_pretrained
 
 __all__ = ["HFJudgeTeacher", "parse_verdict", "digit_token_ids"]
 
@@ -148,10 +149,8 @@ def load_judge(path: str | Path, dtype: torch.dtype = torch.float32):
         raise ValueError(f"judge model directory {path} does not exist (a local Hugging Face directory is needed)")
     if not (path / "config.json").is_file():
         raise ValueError(f"judge model directory {path} has no config.json: is it a save_pretrained directory?")
-    if not any(path.glob("*.safetensors")):
-        raise ValueError(f"judge model directory {path} has no .safetensors weights (only safetensors are loaded)")
+    model = load_pretrained(AutoModelForCausalLM, path, "judge model", dtype=dtype, trust_remote_code=False)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"cannot load the judge model in {path}: {one_line(err, 200)}") from None

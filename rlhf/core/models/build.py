@@ -10,10 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Q
 from rlhf.core.models.char_tokenizer import build_char_tokenizer
 from rlhf.core.checkpoints.atomic import atomic_dir
 from rlhf.core.config.run_config import ModelConfig
-
-
-class ModelLoadError(ValueError):
-    """A model directory that cannot be used, with a one-line message saying why and what to do."""
+from rlhf.core.models.safetensors_dir import ModelLoadError, check_weights, load_pretrained
 
 
 def build_tokenizer(kind: str):
@@ -66,10 +63,8 @@ def resolve_model_path(name: str | Path, key: str = "model.model_name_or_path") 
 
 def check_model_dir(path: str | Path, key: str = "model.model_name_or_path", kind: str = "ForCausalLM") -> Path:
     """Cheap checks of a Hugging Face directory before anything loads it (or starts actors that would): it
-    exists, its config.json is JSON naming an architecture ending in ``kind`` (when it names one), and its
-    safetensors files have readable headers. Raises a one-line ModelLoadError naming ``key``."""
-    from safetensors import safe_open
-
+    exists, its config.json is JSON naming an architecture ending in ``kind`` (when it names one), and its weights
+    are safetensors only (``safetensors_dir.check_weights``). Raises a one-line ModelLoadError naming ``key``."""
     path = resolve_model_path(path, key)
     if not path.is_dir():
         raise ModelLoadError(f"model directory {path} does not exist: set {key} to a local Hugging Face directory"
@@ -88,16 +83,7 @@ def check_model_dir(path: str | Path, key: str = "model.model_name_or_path", kin
     if architectures and not any(str(a).endswith(kind) for a in architectures):
         raise ModelLoadError(f"model directory {path} holds a {', '.join(map(str, architectures))}, not a *{kind} "
                              f"model: set {key} to the right directory")
-    weights = sorted(path.glob("*.safetensors"))
-    if not weights:
-        raise ModelLoadError(f"model directory {path} has no .safetensors weights (only safetensors are loaded)")
-    for file in weights:
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                f.keys()
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for every kind of damage
-            raise ModelLoadError(f"{file} is not a readable safetensors file ({_one_line(err)}): re-save or "
-                                 f"re-copy the model") from None
+    check_weights(path, key)
     return path
 
 
@@ -105,10 +91,7 @@ def load_student(path: str | Path) -> tuple[PreTrainedModel, object]:
     """Load a causal LM and its tokenizer from a local directory (safetensors only, no remote code)."""
     path = check_model_dir(path)
     tokenizer = load_tokenizer(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
-    except Exception as err:  # noqa: BLE001 - loading fails in many library-specific ways; all mean "bad files"
-        raise ModelLoadError(f"cannot load the model in {path} ({_one_line(err)}): check its files") from None
+    model = load_pretrained(AutoModelForCausalLM, path, "model directory", dtype=torch.float32)
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
         raise ModelLoadError(f"the tokenizer in {path} does not fit its model ({len(tokenizer)} tokens for "

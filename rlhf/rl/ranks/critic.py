@@ -5,13 +5,13 @@ on every position, so it saves and loads as a plain Hugging Face checkpoint (saf
 warm-up student's backbone (head fresh) or from a saved value model. With ``critic.lora`` only LoRA adapters on the
 backbone and the head train (rlhf/core/models/lora.py); checkpoints then hold those alone.
 
-Values are aligned as ``algorithms.token_logprobs`` is: position t holds V(state before token t), read from the
+Values are aligned as ``token_logprobs`` is: position t holds V(state before token t), read from the
 head at position t - 1, so ``values[:, t]`` and the log-prob of token t describe the same decision.
 
 ``CriticTrainer`` is one rank (a ``DeepSpeedRank``, like the policy and reward-model trainers); ``CriticGroup``
 starts ``num_ranks`` of them as Ray actors. One ``train_step`` is one optimizer update of the clipped value loss
-(``algorithms.clipped_value_loss``) towards the GAE returns; its loss weights come with the batch, computed over
-the whole batch (``algorithms.loss_token_weights``), so the update is the same however the rows are split.
+(``clipped_value_loss``) towards the GAE returns; its loss weights come with the batch, computed over
+the whole batch (``loss_token_weights``), so the update is the same however the rows are split.
 """
 from __future__ import annotations
 
@@ -19,9 +19,12 @@ import time
 
 import torch
 
-from rlhf.core import algorithms
+from rlhf.core.algorithms.aggregation import loss_token_weights
+from rlhf.core.algorithms.tokens import token_logprobs
+from rlhf.core.algorithms.value_loss import clipped_value_loss
 
 from rlhf.core.models import lora
+from rlhf.core.models.safetensors_dir import load_pretrained
 
 from rlhf.core.data import packing
 from rlhf.core.config.run_config import RunConfig
@@ -41,13 +44,15 @@ def load_value_model(init_dir: str):
     from transformers import AutoConfig, AutoModelForTokenClassification
 
     config = AutoConfig.from_pretrained(init_dir)
+    fresh_head: tuple[str, ...] = ()
     if not any(a.endswith("ForTokenClassification") for a in (config.architectures or [])):
+        fresh_head = ("score.",)  # the only weights a causal LM's files lack
         config.num_labels = 1
         # No dropout before the head: a value estimate that changes from one forward to the next adds noise to
         # every advantage (Hugging Face's token classifiers default to 0.1).
         config.classifier_dropout = 0.0
-    model = AutoModelForTokenClassification.from_pretrained(init_dir, config=config, dtype=torch.float32,
-                                                            use_safetensors=True)
+    model = load_pretrained(AutoModelForTokenClassification, init_dir, "critic's initial model", fresh_head,
+                            config=config, dtype=torch.float32)
     if model.config.num_labels != 1:
         raise ValueError(f"{init_dir} holds a token classifier with {model.config.num_labels} labels, not a value "
                          f"model (1 label)")
@@ -102,8 +107,8 @@ class CriticTrainer(DeepSpeedRank):
         micro_batches = list(self._micro_batches({k: batch[k] for k in TRAIN_KEYS}))
         for i, (_, mb, _) in enumerate(micro_batches):
             values = token_values(engine, mb)
-            per_token, clipped = algorithms.clipped_value_loss(values, mb["old_values"], mb["returns"],
-                                                               self.value_clip)
+            per_token, clipped = clipped_value_loss(values, mb["old_values"], mb["returns"],
+                                                    self.value_clip)
             loss = (per_token * mb["loss_weights"]).sum()
             engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             # x world_size undoes DeepSpeed's averaging over ranks (see PolicyTrainer._micro_step).
