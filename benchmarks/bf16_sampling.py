@@ -44,7 +44,7 @@ def mismatch(model, fp32_model, samples) -> float:
     the sampler's own log-probs would also carry the forced length's end-of-sequence suppression)."""
     import torch
 
-    from rlhf.core.algorithms import token_logprobs
+    from rlhf.core.algorithms.tokens import token_logprobs
 
     diffs = []
     with torch.no_grad():

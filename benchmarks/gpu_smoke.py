@@ -63,7 +63,7 @@ def run(shape: dict, prompts: int, samples: int, new_tokens: int, micro_batch: i
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from reward.scoring.verifiers import final_number_correct
-    from rlhf.core.algorithms import ADVANTAGE_ESTIMATORS, AdvantageInputs
+    from rlhf.core.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs
     from rlhf.core.config.run_config import RunConfig
     from rlhf.core.data.batch import make_train_batch, response_mask
     from rlhf.core.data.datasets import arithmetic_rows

@@ -46,7 +46,7 @@ def logprob_gap(model, rows, temperature: float) -> float:
     """Largest |log-prob from generate_batch - recomputed full forward at the temperature| over ``rows``."""
     import torch
 
-    from rlhf.core.algorithms import token_logprobs
+    from rlhf.core.algorithms.tokens import token_logprobs
 
     gap = 0.0
     for prompt_ids, response, logprobs in rows:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf.core.algorithms import token_logprobs
+from rlhf.core.algorithms.tokens import token_logprobs
 from rlhf.core.data.batch import make_train_batch, without_zero_advantage_rows
 from rlhf.core.config.run_config import ModelConfig
 from rlhf.core.models.build import build_student, build_tokenizer

@@ -16,7 +16,7 @@ ray = pytest.importorskip("ray")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
-from rlhf.core import algorithms  # noqa: E402
+from rlhf.core.algorithms.aggregation import loss_token_weights  # noqa: E402
 from rlhf.cli import main  # noqa: E402
 from rlhf.rl.ranks.critic import CriticGroup  # noqa: E402
 # The tiny random causal LM that stands in for the warm-up student the critic starts from.
@@ -43,7 +43,7 @@ def _batch():
         response_mask[row, p:p + r] = 1
     returns = torch.tensor([1.0, 1.0, -1.0, -1.0]).unsqueeze(1) * response_mask
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
-            "returns": returns, "loss_weights": algorithms.loss_token_weights(response_mask, "token-mean", 8)}
+            "returns": returns, "loss_weights": loss_token_weights(response_mask, "token-mean", 8)}
 
 
 def _fit(model_dir: str, num_ranks: int, steps: int, save_to: str | None = None) -> tuple[list[float], list]:

@@ -87,5 +87,5 @@ def test_docs_name_only_what_exists(doc):
 def test_the_docs_check_can_fail():
     text = "See `rlhf/ppo.py`, `rlhf.core.algorithms.PPOLoop`, `rollout.top_q` and `rlhf/core/`.\n"
     assert _problems(text) == ["rlhf/ppo.py: no such path",
-                               "rlhf.core.algorithms.PPOLoop: rlhf/core/algorithms.py defines no PPOLoop",
+                               "rlhf.core.algorithms.PPOLoop: rlhf/core/algorithms/__init__.py defines no PPOLoop",
                                "rollout.top_q: no such config key"]

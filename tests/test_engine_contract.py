@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf.core.algorithms import token_logprobs
+from rlhf.core.algorithms.tokens import token_logprobs
 from rlhf.core.config.run_config import ModelConfig, RolloutConfig
 from rlhf.core.models.build import build_student, build_tokenizer, load_student, save_student
 from rlhf.core.data.samples import Sample

@@ -17,7 +17,8 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 deepspeed = pytest.importorskip("deepspeed")
 
-from rlhf.core import algorithms  # noqa: E402
+from rlhf.core.algorithms.policy_losses import clipped_policy_loss  # noqa: E402
+from rlhf.core.algorithms.tokens import token_logprobs  # noqa: E402
 
 from rlhf.core.models import lora
 from rlhf.rl.ranks.policy import PolicyTrainer, TrainerGroup  # noqa: E402
@@ -46,9 +47,9 @@ def peft_updates(model_dir: str, batch: dict, initial: dict[str, torch.Tensor], 
     losses, norms = [], []
     for _ in range(steps):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logp = algorithms.token_logprobs(logits, batch["input_ids"])
-        pg, _ = algorithms.clipped_policy_loss(logp, logp.detach(), batch["advantages"], CFG["clip_low"],
-                                               CFG["clip_high"])
+        logp = token_logprobs(logits, batch["input_ids"])
+        pg, _ = clipped_policy_loss(logp, logp.detach(), batch["advantages"], CFG["clip_low"],
+                                    CFG["clip_high"])
         loss = (pg * batch["loss_weights"]).sum()
         optimizer.zero_grad()
         loss.backward()
@@ -125,7 +126,7 @@ def test_reference_is_the_base_model_and_no_second_copy_is_loaded(lora_rank):
     batch = _small_batch(0.0)
     base = transformers.AutoModelForCausalLM.from_pretrained(lora_rank.model_dir, dtype=torch.float32)
     with torch.no_grad():
-        want = algorithms.token_logprobs(base(input_ids=batch["input_ids"]).logits, batch["input_ids"])
+        want = token_logprobs(base(input_ids=batch["input_ids"]).logits, batch["input_ids"])
     got = lora_rank.reference_logprobs(batch)
     torch.testing.assert_close(got[:, 1:], want[:, 1:], rtol=0, atol=1e-6)
     policy = lora_rank._logprobs(batch)

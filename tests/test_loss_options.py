@@ -12,17 +12,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf.core.algorithms import (
-    ADVANTAGE_ESTIMATORS,
-    clipped_policy_loss,
-    dr_grpo_advantages,
-    informative_groups,
-    kl_penalty,
-    loss_token_weights,
-    overlong_penalty,
-    policy_token_loss,
-    token_entropy,
-)
+from rlhf.core.algorithms.advantages import ADVANTAGE_ESTIMATORS, dr_grpo_advantages
+from rlhf.core.algorithms.aggregation import loss_token_weights
+from rlhf.core.algorithms.kl import kl_penalty
+from rlhf.core.algorithms.policy_losses import clipped_policy_loss, policy_token_loss
+from rlhf.core.algorithms.shaping import informative_groups, overlong_penalty
+from rlhf.core.algorithms.tokens import token_entropy
 from rlhf.core.config.run_config import ConfigError, load_config
 from rlhf.core.guards import NonFiniteError
 from tests.loop_stubs import stub_loop

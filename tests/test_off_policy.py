@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf.core.algorithms import clipped_policy_loss, truncated_importance_weights
+from rlhf.core.algorithms.policy_losses import clipped_policy_loss, truncated_importance_weights
 from rlhf.core.data.batch import make_train_batch
 from rlhf.core.config.run_config import ConfigError, load_config
 from rlhf.rl.prefetch import LaunchedRollout, RolloutPrefetch

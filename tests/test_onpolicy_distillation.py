@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from reward.teachers.logprobs import TeacherLogprobWorker, check_same_vocabulary
-from rlhf.core import algorithms
+from rlhf.core.algorithms.advantages import grpo_advantages
+from rlhf.core.algorithms.tokens import token_logprobs
 from rlhf.core.models.char_tokenizer import build_char_tokenizer
 from rlhf.core.config.run_config import ConfigError, ModelConfig, load_config
 from rlhf.core.models.build import ModelLoadError, build_student, build_tokenizer, save_student
@@ -40,7 +41,7 @@ def test_teacher_logprobs_equal_a_plain_forward_row_by_row(teacher_dir):
     for i, row in enumerate(ids):
         with torch.no_grad():
             logits = model(torch.tensor([row])).logits / 0.7
-        want = algorithms.token_logprobs(logits, torch.tensor([row]))[0]
+        want = token_logprobs(logits, torch.tensor([row]))[0]
         torch.testing.assert_close(got[i, :len(row)], want, atol=1e-5, rtol=1e-5)
         assert (got[i, len(row):] == 0).all() and got[i, 0] == 0
 
@@ -84,7 +85,7 @@ def test_teacher_kl_adds_to_the_estimators_own_advantages():
     """GRPO over the verifier's rewards plus the distillation term: the sum of the two, token by token."""
     advantages, _ = _distillation_step(["algorithm.advantage=grpo", "reward.components={verifier: 1.0, teacher_kl: 0.5}"],
                                        [1.0, 0.0, 0.0, 0.0])
-    grpo = algorithms.grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 2)
+    grpo = grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 2)
     a, b = 0.5 * (-1 + 3 / 8), 0.5 * (3 / 8)
     want = [[grpo[0] + a, grpo[0] + a, 0.0], [grpo[1] + a, 0.0, 0.0], [b, b, b], [b, b, 0.0]]
     torch.testing.assert_close(advantages[:, 1:], torch.tensor(want))
@@ -135,7 +136,7 @@ class _CompletionsServer:
                     self.end_headers()
                     return
                 with torch.no_grad():
-                    logp = algorithms.token_logprobs(model(torch.tensor([ids])).logits, torch.tensor([ids]))[0]
+                    logp = token_logprobs(model(torch.tensor([ids])).logits, torch.tensor([ids]))[0]
                 reply = {"choices": [{"logprobs": {"token_logprobs": [None] + logp[1:].tolist() + [-0.1]}}]}
                 raw = json.dumps(reply).encode()
                 self.send_response(200)

@@ -6,7 +6,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from rlhf.core import algorithms  # noqa: E402
+from rlhf.core.algorithms.tokens import token_logprobs  # noqa: E402
 
 from rlhf.core.data import packing
 from rlhf.rl.ranks.critic import token_values  # noqa: E402
@@ -100,7 +100,7 @@ def test_packed_log_probs_and_gradients_equal_the_padded_ones(policy):
 
     def weighted_logprobs(mb):
         logits = policy(**packing.model_inputs(mb)).logits
-        logp = packing.zero_sequence_starts(algorithms.token_logprobs(logits, mb["input_ids"]), mb)
+        logp = packing.zero_sequence_starts(token_logprobs(logits, mb["input_ids"]), mb)
         policy.zero_grad()
         (logp * mb["response_mask"]).sum().backward()
         return logp, {n: p.grad.clone() for n, p in policy.named_parameters()}

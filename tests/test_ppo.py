@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf.core.algorithms import clipped_value_loss, gae_advantages, token_returns, token_rewards, whiten
+from rlhf.core.algorithms.advantages import gae_advantages, returns_to_go, token_rewards, whiten
+from rlhf.core.algorithms.value_loss import clipped_value_loss
 from rlhf.core.config.run_config import ConfigError, load_config
 from rlhf.core.guards import NonFiniteError
 from tests.loop_stubs import StubCritic, stub_loop
@@ -66,14 +67,14 @@ def test_gae_with_gamma_and_lam_one_is_the_return_minus_the_value():
     close(returns, [[0.0, 1.0, 1.0, 1.0]])
 
 
-def test_gae_with_gamma_and_lam_one_equals_token_returns_minus_values_on_a_random_batch():
+def test_gae_with_gamma_and_lam_one_equals_returns_to_go_minus_values_on_a_random_batch():
     g = torch.Generator().manual_seed(0)
     mask = torch.zeros(5, 9)
     for row, (start, length) in enumerate([(2, 4), (1, 7), (3, 1), (0, 0), (4, 5)]):
         mask[row, start:start + length] = 1.0
     rewards, values, kl = torch.randn(5, generator=g), torch.randn(5, 9, generator=g), torch.rand(5, 9, generator=g)
     advantages, returns = gae_advantages(token_rewards(rewards, mask, kl, 0.3), values, mask, 1.0, 1.0)
-    expected_returns = token_returns(rewards, mask, kl, 0.3)
+    expected_returns = returns_to_go(token_rewards(rewards, mask, kl, 0.3), mask)
     torch.testing.assert_close(returns, expected_returns)
     torch.testing.assert_close(advantages, (expected_returns - values) * mask)
 

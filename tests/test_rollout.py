@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf.core.algorithms import token_logprobs
+from rlhf.core.algorithms.tokens import token_logprobs
 from rlhf.core.config.run_config import ModelConfig, RolloutConfig
 from rlhf.core.models.build import build_student, build_tokenizer, save_student
 from rollout.engine import generate

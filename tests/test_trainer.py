@@ -15,7 +15,9 @@ ray = pytest.importorskip("ray")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
-from rlhf.core import algorithms  # noqa: E402
+from rlhf.core.algorithms.aggregation import loss_token_weights  # noqa: E402
+from rlhf.core.algorithms.policy_losses import clipped_policy_loss  # noqa: E402
+from rlhf.core.algorithms.tokens import masked_mean, token_logprobs  # noqa: E402
 from rlhf.rl.ranks.policy import ASYNC_TRAINER_NICENESS, TrainerGroup  # noqa: E402
 from tests.configs import run_config  # noqa: E402
 
@@ -79,7 +81,7 @@ def batch():
         "response_mask": response_mask,
         "rollout_logprobs": (-torch.rand(len(lengths), width, generator=g)) * response_mask,
         "advantages": advantages.contiguous(),
-        "loss_weights": algorithms.loss_token_weights(response_mask, "token-mean", 8),
+        "loss_weights": loss_token_weights(response_mask, "token-mean", 8),
     }
 
 
@@ -102,17 +104,17 @@ def single_process_update(model_dir: str, batch: dict, entropy_coef: float) -> d
     Loss per token: pg - entropy_coef * H, with H from torch.distributions (not the trainer's own function)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logp = algorithms.token_logprobs(logits, batch["input_ids"])
-    pg, _ = algorithms.clipped_policy_loss(logp, logp.detach(), batch["advantages"], CFG["clip_low"],
-                                           CFG["clip_high"])
+    logp = token_logprobs(logits, batch["input_ids"])
+    pg, _ = clipped_policy_loss(logp, logp.detach(), batch["advantages"], CFG["clip_low"],
+                                CFG["clip_high"])
     mask = batch["response_mask"]
     # Token t is drawn from the distribution predicted at t-1: entropies shift right by one.
     entropy = torch.distributions.Categorical(logits=logits[:, :-1]).entropy()
     entropy = torch.nn.functional.pad(entropy, (1, 0))
     loss = ((pg - entropy_coef * entropy) * batch["loss_weights"]).sum()
     with torch.no_grad():
-        mean_entropy = algorithms.masked_mean(entropy, mask)
-        mismatch = algorithms.masked_mean((logp - batch["rollout_logprobs"]).abs(), mask)
+        mean_entropy = masked_mean(entropy, mask)
+        mismatch = masked_mean((logp - batch["rollout_logprobs"]).abs(), mask)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CFG["max_grad_norm"])
     assert grad_norm > CFG["max_grad_norm"]
@@ -239,8 +241,8 @@ def off_policy_updates(model_dir: str, batch: dict, mini_batches: int, epochs: i
     written out here (not the library's function)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
-        old = algorithms.token_logprobs(model(input_ids=batch["input_ids"],
-                                              attention_mask=batch["attention_mask"]).logits, batch["input_ids"])
+        old = token_logprobs(model(input_ids=batch["input_ids"],
+                                   attention_mask=batch["attention_mask"]).logits, batch["input_ids"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=CFG["lr"], betas=(0.9, 0.999), eps=CFG["adam_eps"],
                                   weight_decay=CFG["weight_decay"])
     mask = batch["response_mask"]
@@ -251,9 +253,9 @@ def off_policy_updates(model_dir: str, batch: dict, mini_batches: int, epochs: i
         for first in range(0, batch["input_ids"].shape[0], size):
             rows = slice(first, first + size)
             logits = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows]).logits
-            logp = algorithms.token_logprobs(logits, batch["input_ids"][rows])
-            pg, clipped = algorithms.clipped_policy_loss(logp, old[rows], batch["advantages"][rows],
-                                                         CFG["clip_low"], CFG["clip_high"])
+            logp = token_logprobs(logits, batch["input_ids"][rows])
+            pg, clipped = clipped_policy_loss(logp, old[rows], batch["advantages"][rows],
+                                              CFG["clip_low"], CFG["clip_high"])
             loss = (pg * tis[rows] * batch["loss_weights"][rows]).sum()
             optimizer.zero_grad()
             loss.backward()
@@ -277,14 +279,14 @@ def test_mini_batches_epochs_and_tis_match_single_process_updates(ray_cluster, m
     the trainer's, so the cap (1.5) binds on some tokens and not on others."""
     with torch.no_grad():
         initial = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        old = algorithms.token_logprobs(initial(input_ids=batch["input_ids"],
-                                                attention_mask=batch["attention_mask"]).logits, batch["input_ids"])
+        old = token_logprobs(initial(input_ids=batch["input_ids"],
+                                     attention_mask=batch["attention_mask"]).logits, batch["input_ids"])
     g = torch.Generator().manual_seed(2)
     mask = batch["response_mask"]
     off_policy = {**batch,
                   "rollout_logprobs": (old + torch.rand(old.shape, generator=g) * 2 - 1) * mask,
                   # each mini-batch's token-mean weights sum to 1 (what make_train_batch(..., mini_batches) gives)
-                  "loss_weights": torch.cat([algorithms.loss_token_weights(part, "token-mean", 8)
+                  "loss_weights": torch.cat([loss_token_weights(part, "token-mean", 8)
                                              for part in mask.split(len(mask) // mini_batches)])}
     want = off_policy_updates(model_dir, off_policy, mini_batches=mini_batches, epochs=2, tis_cap=1.5)
     assert 0 < want["tis_capped"] < 1 and want["clipfrac"] > 0  # the cap and the PPO clip are both exercised

@@ -16,7 +16,7 @@ import torch
 ray = pytest.importorskip("ray")
 pytest.importorskip("deepspeed")
 
-from rlhf.core import algorithms  # noqa: E402
+from rlhf.core.algorithms.aggregation import loss_token_weights  # noqa: E402
 from rlhf.core.config.run_config import ModelConfig, RolloutConfig  # noqa: E402
 from rlhf.core.models.build import build_student, build_tokenizer, load_student, save_student  # noqa: E402
 from rlhf.core.distributed.weight_sync import (BroadcastGroup, TensorSpec, WeightSyncError, host_store,  # noqa: E402
@@ -141,7 +141,7 @@ def _batch(vocab: int, rows: int = 4, width: int = 8) -> dict:
             "attention_mask": torch.ones(rows, width, dtype=torch.long), "response_mask": response_mask,
             "rollout_logprobs": -torch.rand(rows, width, generator=g) * response_mask,
             "advantages": torch.randn(rows, 1, generator=g).expand(-1, width) * response_mask,
-            "loss_weights": algorithms.loss_token_weights(response_mask, "token-mean", 1)}
+            "loss_weights": loss_token_weights(response_mask, "token-mean", 1)}
 
 
 def _assert_workers_hold(pool, trainer, model_dir: str):

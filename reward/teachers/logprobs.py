@@ -14,7 +14,7 @@ import torch
 
 from reward.teachers.openai_http import OpenAITeacher, _RequestFailed
 
-from rlhf.core import algorithms
+from rlhf.core.algorithms.tokens import token_logprobs
 
 from rlhf.core.data import packing
 from rlhf.core.models.build import ModelLoadError, load_student, load_tokenizer
@@ -49,7 +49,7 @@ class TeacherLogprobWorker:
         """(B, L) on the CPU: the teacher's log-prob of each token of the rows (input_ids, attention_mask)."""
         def compute(mb):
             logits = self.model(**packing.model_inputs(mb)).logits / self.temperature
-            return packing.zero_sequence_starts(algorithms.token_logprobs(logits, mb["input_ids"]), mb)
+            return packing.zero_sequence_starts(token_logprobs(logits, mb["input_ids"]), mb)
 
         can_pack = self.model.config._attn_implementation in packing.PACKABLE_ATTENTION
         return packing.per_token(batch, self.micro_batch_size, self.device, can_pack, compute)

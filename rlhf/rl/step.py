@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.core.algorithms import informative_groups, overlong_penalty
+from rlhf.core.algorithms.shaping import informative_groups, overlong_penalty
 from rlhf.core.config.run_config import RunConfig
 from rlhf.core.data.datasets import PromptRow
 from rlhf.outputs.diagnostics import component_figures

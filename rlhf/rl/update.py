@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from reward.scoring.components import TEACHER_KL
-from rlhf.core.algorithms import (ADVANTAGE_ESTIMATORS, AdvantageInputs, distillation_advantages, kl_reward,
-                                  loss_token_weights, whiten)
+from rlhf.core.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, whiten
+from rlhf.core.algorithms.aggregation import loss_token_weights
+from rlhf.core.algorithms.kl import distillation_advantages, kl_reward
 from rlhf.core.data.batch import make_train_batch
 from rlhf.core.config.run_config import RunConfig
 
@@ -71,7 +72,7 @@ class PolicyUpdate:
         return metrics, True
 
     def _distillation(self, batch: dict, difficulties: list | None, metrics: dict) -> torch.Tensor:
-        """The teacher_kl component's per-token advantage term (algorithms.distillation_advantages), with its
+        """The teacher_kl component's per-token advantage term (kl.distillation_advantages), with its
         figures. The sampler's log-probs stand for the student's: the update has not moved it yet."""
         mask, student = batch["response_mask"], batch["rollout_logprobs"]
         teacher = self.teacher.logprobs(batch)

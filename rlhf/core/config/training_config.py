@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rlhf.core.algorithms import ADVANTAGE_ESTIMATORS
+from rlhf.core.algorithms.advantages import ADVANTAGE_ESTIMATORS
 
 
 class _Section(BaseModel):
@@ -149,7 +149,7 @@ class AlgorithmConfig(_Section):
     """The RL algorithm: advantage estimator, clipped policy loss and its regularisers, reward shaping.
 
     The defaults are GRPO: group-normalised advantages, clipped token-mean policy loss, no entropy bonus, no
-    dynamic sampling, no overlong penalty. Formulas are in rlhf/core/algorithms.py, one pure function per option.
+    dynamic sampling, no overlong penalty. Formulas are in rlhf/core/algorithms/, one pure function per option.
     """
 
     steps: int = Field(60, ge=0)
@@ -162,14 +162,14 @@ class AlgorithmConfig(_Section):
     before the update - rollout log-prob), tis_cap), correcting for tokens sampled by a different policy (inference-
     engine numerics; older weights with rollout.asynchronous). None: off. 2 is usual."""
     advantage: str = "grpo"
-    """How rewards become advantages (rlhf.algorithms.ADVANTAGE_ESTIMATORS): grpo: (r - group mean) / group std;
+    """How rewards become advantages (algorithms/advantages.py): grpo: (r - group mean) / group std;
     dr_grpo: r - group mean (pair with loss_aggregation dr-grpo); rloo: r - mean of the group's other samples;
     reinforce_plus_plus: no group baseline, returns whitened over all response tokens of the batch;
     reinforce_plus_plus_baseline: r - group mean, then whitened so; gae: PPO with a critic (section critic): GAE
     over token rewards (the reward on the last response token), with the gamma, lam, value_clip, whiten_advantages,
     kl_in_reward and critic_warmup_steps below. on_policy_distillation: no sequence advantage, only
     reward.components.teacher_kl's per-token term (which any estimator also takes beside its own:
-    algorithms.distillation_advantages). The REINFORCE++ pair take the KL to the reference in their token rewards
+    kl.distillation_advantages). The REINFORCE++ pair take the KL to the reference in their token rewards
     (kl_coef below; k1, as in the paper), computed from the reference log-probs before the update."""
     loss_aggregation: Literal["token-mean", "seq-mean", "dr-grpo"] = "token-mean"
     """How per-token losses are averaged: token-mean (every token in the batch equal; DAPO), seq-mean (every response
@@ -248,7 +248,7 @@ class AlgorithmConfig(_Section):
 
     @property
     def reward_kl(self) -> bool:
-        """Whether the KL to the reference goes into the token rewards (always k1, algorithms.kl_reward) rather
+        """Whether the KL to the reference goes into the token rewards (always k1, kl.kl_reward) rather
         than into the loss: for estimators that need the reference (REINFORCE++), or where kl_in_reward asks."""
         needs = ADVANTAGE_ESTIMATORS[self.advantage].needs
         return self.kl_coef > 0 and ("reference" in needs or self.kl_in_reward)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.core.algorithms import loss_token_weights
+from rlhf.core.algorithms.aggregation import loss_token_weights
 from rlhf.core.data.samples import Sample
 
 

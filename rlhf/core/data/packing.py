@@ -142,7 +142,7 @@ def model_inputs(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def zero_sequence_starts(x: torch.Tensor, mb: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``x`` (rows, L), a per-token result aligned as ``algorithms.token_logprobs`` (position t from the model's
+    """``x`` (rows, L), a per-token result aligned as ``tokens.token_logprobs`` (position t from the model's
     output at t - 1), with each packed sequence's first token set to 0. There the output at t - 1 is the previous
     sequence's last token, unrelated to this one; 0 is what position 0 of a padded row holds. Unpacked micro-batches
     pass through."""

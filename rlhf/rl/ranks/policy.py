@@ -2,7 +2,7 @@
 
 One call to ``train_step`` is the update on one rollout batch: one optimizer step per mini-batch (and epoch).
 The driver builds the batch (see ``PolicyTrainer.train_step`` for its fields) with loss weights from
-``algorithms.loss_token_weights`` over each mini-batch, so a mini-batch's loss is sum(w * per_token_loss) however
+``loss_token_weights`` over each mini-batch, so a mini-batch's loss is sum(w * per_token_loss) however
 its rows are split across ranks and micro-batches; each rank scales its share so that DeepSpeed's gradient
 averaging yields exactly that mini-batch gradient.
 
@@ -16,7 +16,10 @@ import time
 
 import torch
 
-from rlhf.core import algorithms
+from rlhf.core.algorithms.aggregation import loss_token_weights
+from rlhf.core.algorithms.kl import kl_penalty
+from rlhf.core.algorithms.policy_losses import clipped_policy_loss, policy_token_loss, truncated_importance_weights
+from rlhf.core.algorithms.tokens import token_entropy, token_logprobs
 
 from rlhf.core.models import lora
 
@@ -158,7 +161,7 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         def logprobs(mb):
             logits = model(**packing.model_inputs(mb)).logits
             return packing.zero_sequence_starts(
-                algorithms.token_logprobs(logits / self.temperature, mb["input_ids"]), mb)
+                token_logprobs(logits / self.temperature, mb["input_ids"]), mb)
 
         return self._per_token(batch, logprobs)
 
@@ -180,33 +183,33 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         mask = mb["response_mask"]
         logits = self.engine(**packing.model_inputs(mb)).logits
         logits = logits / self.temperature
-        logp = packing.zero_sequence_starts(algorithms.token_logprobs(logits, mb["input_ids"]), mb)
+        logp = packing.zero_sequence_starts(token_logprobs(logits, mb["input_ids"]), mb)
         # Without precomputed old log-probs this is the batch's only update: the old policy is the current one and
         # the ratio starts at exactly 1.
         old_logp = mb["old_logprobs"] if "old_logprobs" in mb else logp.detach()
-        pg, clipped = algorithms.clipped_policy_loss(logp, old_logp, mb["advantages"], a.clip_low, a.clip_high)
+        pg, clipped = clipped_policy_loss(logp, old_logp, mb["advantages"], a.clip_low, a.clip_high)
         tis = torch.ones_like(logp)
         if a.tis_cap:
-            tis = algorithms.truncated_importance_weights(old_logp, mb["rollout_logprobs"], mask, a.tis_cap)
+            tis = truncated_importance_weights(old_logp, mb["rollout_logprobs"], mask, a.tis_cap)
             pg = pg * tis
         kl = torch.zeros_like(logp)
         if self.reference is not None:
             with torch.no_grad():
                 ref_logits = self.reference(**packing.model_inputs(mb)).logits
                 ref_logits = ref_logits / self.temperature
-                ref_logp = packing.zero_sequence_starts(algorithms.token_logprobs(ref_logits, mb["input_ids"]), mb)
+                ref_logp = packing.zero_sequence_starts(token_logprobs(ref_logits, mb["input_ids"]), mb)
                 del ref_logits
-            kl = algorithms.kl_penalty(logp, ref_logp, a.kl_estimator)
+            kl = kl_penalty(logp, ref_logp, a.kl_estimator)
         if a.entropy_coef:
             # In the graph only for the bonus: its backward keeps a float softmax of all logits alive.
-            entropy = algorithms.token_entropy(logits)
+            entropy = token_entropy(logits)
         else:
             with torch.no_grad():
                 # Row by row: a float copy of all logits at once can be as large as the activations (151k vocab).
-                entropy = torch.cat([algorithms.token_entropy(row) for row in logits.detach().split(1)])
+                entropy = torch.cat([token_entropy(row) for row in logits.detach().split(1)])
         entropy = packing.zero_sequence_starts(entropy, mb)
-        per_token = algorithms.policy_token_loss(pg, entropy, kl, a.entropy_coef,
-                                                 a.kl_coef if kl_in_loss(a) else 0.0)
+        per_token = policy_token_loss(pg, entropy, kl, a.entropy_coef,
+                                      a.kl_coef if kl_in_loss(a) else 0.0)
         loss = (per_token * mb["loss_weights"]).sum()
         # DeepSpeed averages gradients over data-parallel ranks; multiplying by world_size turns that average back
         # into the sum of the ranks' shares, i.e. the gradient of the whole-batch loss. scale_wrt_gas=False: the
@@ -229,7 +232,7 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
     @torch.no_grad()
     def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reference model's log-probs (B, L) of this rank's rows (input_ids, attention_mask), aligned as
-        ``algorithms.token_logprobs``; for a KL penalty in the reward, which is needed before the update."""
+        ``token_logprobs``; for a KL penalty in the reward, which is needed before the update."""
         if self.reference is None:
             raise RuntimeError("no reference model on this rank: it is loaded only when kl_coef > 0")
         return self._token_logprobs(self.reference, batch)
