@@ -14,12 +14,15 @@ from reward.scoring.verifiers import VERIFIERS
 from rlhf.core.config.run_config import ConfigError, RunConfig
 from rollout import vllm_engine  # noqa: F401 - registers the optional vllm engine
 from rollout.engines import ENGINES
+from rollout.environments import ENVIRONMENTS
 
 
 def check_registered(cfg: RunConfig) -> None:
     """A ConfigError naming the first config key whose value no registry holds."""
     named = [("rollout.engine", cfg.rollout.engine, ENGINES), ("task.verifier", cfg.task.verifier, VERIFIERS),
              ("label.teacher", cfg.label.teacher, TEACHERS)]
+    if cfg.rollout.environment != "none":
+        named.append(("rollout.environment", cfg.rollout.environment, ENVIRONMENTS))
     named += [(f"reward.components.{name}", name, REWARD_COMPONENTS) for name in cfg.reward.components]
     for key, name, registry in named:
         if name not in registry:

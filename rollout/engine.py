@@ -40,7 +40,8 @@ class TokenLogprobs(LogitsProcessor):
 def _left_padded(model, tokenizer, prompts: list[str], n: int) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
     """Each prompt's ids ``n`` times, and the batch's input ids and attention mask, left-padded so every row's next
     token is at the same column."""
-    encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    # A prompt given as token ids is taken as is (multi-turn rollouts continue from the ids sampled so far).
+    encoded = [p if isinstance(p, list) else tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
     rows = [ids for ids in encoded for _ in range(n)]
     width, pad = max(map(len, rows)), tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device=model.device)

@@ -76,7 +76,8 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         self._wake(None)
-        encoded = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        encoded = [p if isinstance(p, list) else self.tokenizer(p, add_special_tokens=False).input_ids
+                   for p in prompts]  # token ids as is (multi-turn rollouts)
         eos = self.tokenizer.eos_token_id
         params = SamplingParams(n=n, temperature=0.0 if greedy else temperature, top_p=1.0, top_k=0,
                                 max_tokens=max_new_tokens, logprobs=0, stop_token_ids=[eos], detokenize=False,

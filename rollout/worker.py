@@ -18,6 +18,8 @@ from rlhf.core.data.samples import Sample
 from rlhf.core.distributed.weight_sync import BroadcastGroup, TensorSpec
 from rollout import vllm_engine  # noqa: F401 - registers the optional vllm engine (vllm itself loads when built)
 from rollout.engines import ENGINES
+from rollout.environments import ENVIRONMENTS
+from rollout.multi_turn import MultiTurnRollout
 
 
 class StaleWeightsError(RuntimeError):
@@ -25,14 +27,20 @@ class StaleWeightsError(RuntimeError):
 
 
 class RolloutWorker:
-    def __init__(self, model_dir: str, rollout: RolloutConfig, seed: int, engine: type | None = None):
+    def __init__(self, model_dir: str, rollout: RolloutConfig, seed: int, engine: type | None = None,
+                 environment: type | None = None):
         """``rollout``: the run's rollout section (engine, threads); ``seed``: this worker's own sampling seed;
-        ``engine``: the engine class ``rollout.engine`` names, as the driver resolved it (by default looked up
-        here)."""
+        ``engine`` and ``environment``: the classes ``rollout.engine`` and ``rollout.environment`` name, as the
+        driver resolved them (by default looked up here)."""
         torch.set_num_threads(rollout.threads)
         torch.manual_seed(seed)
         self.engine = (engine or ENGINES[rollout.engine])(model_dir, rollout)
         self.tokenizer = self.engine.tokenizer
+        # rollout.environment: each sample a multi-turn trajectory in it (token ids in and out); none: one response.
+        self.multi_turn = None
+        if rollout.environment != "none":
+            make_env = environment or ENVIRONMENTS[rollout.environment]
+            self.multi_turn = MultiTurnRollout(self.tokenizer, lambda: make_env(rollout.multi_turn), rollout.multi_turn)
         self.version = 0
         self.bucket_bytes = int(rollout.sync_bucket_mb * 2**20)
         self._sync: BroadcastGroup | None = None
@@ -88,7 +96,11 @@ class RolloutWorker:
         if self.version != expected_version:
             raise StaleWeightsError(f"rollout worker holds weights v{self.version}, driver expects v{expected_version}")
         start = time.perf_counter()
-        samples = self.engine.generate(prompts, n, max_new_tokens, temperature, greedy)
+        if self.multi_turn is None:
+            samples = self.engine.generate(prompts, n, max_new_tokens, temperature, greedy)
+        else:
+            samples = self.multi_turn.run(lambda ids, k, new: self.engine.generate(ids, k, new, temperature, greedy),
+                                          prompts, n, max_new_tokens)
         self.last["generate_s"] = time.perf_counter() - start
         self.last["response_tokens"] = float(sum(len(s.response_ids) for s in samples))
         return samples

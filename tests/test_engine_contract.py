@@ -4,8 +4,8 @@ nothing but the interface). A new engine joins by adding its name to ENGINE_NAME
 checks from its GPU-only module (tests/test_vllm_engine.py), which overrides the fixtures ``engine``, ``shape``
 (vLLM's attention kernels want wider heads) and ``logprob_atol`` (bf16).
 
-Checks: ``n`` samples per prompt, grouped in prompt order; the sampler's log-probs equal a recomputed full forward
-at the temperature; finish reasons agree with end-of-sequence and the length cap; ``load_weights`` changes what is
+Checks: ``n`` samples per prompt, grouped in prompt order; prompts given as token ids taken as is; the sampler's
+log-probs equal a recomputed full forward at the temperature; finish reasons agree with end-of-sequence and the length cap; ``load_weights`` changes what is
 sampled and refuses a state dict of another shape, keeping the old weights; through a RolloutWorker, the version
 check and the timing it records.
 """
@@ -34,7 +34,7 @@ class OneTokenAtATimeEngine(HFEngine):
                  greedy: bool) -> list[Sample]:
         eos, samples = self.tokenizer.eos_token_id, []
         for index, prompt in enumerate(prompts):
-            ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+            ids = prompt if isinstance(prompt, list) else self.tokenizer(prompt, add_special_tokens=False).input_ids
             rows = torch.tensor([ids] * n, device=self.model.device)
             logprobs = []
             for _ in range(max_new_tokens):
@@ -113,6 +113,16 @@ def test_n_samples_per_prompt_grouped_in_prompt_order(engine, tokenizer):
         assert s.prompt_ids == tokenizer(PROMPTS[s.prompt_index], add_special_tokens=False).input_ids
         assert 1 <= len(s.response_ids) <= 6 and len(s.logprobs) == len(s.response_ids)
         assert s.text == tokenizer.decode(s.response_ids, skip_special_tokens=True)
+
+
+def test_prompts_given_as_token_ids_are_taken_as_is(engine, tokenizer):
+    """Multi-turn rollouts continue from the ids sampled so far (rollout/multi_turn.py): ids a text would not
+    tokenise to (an end-of-sequence inside) are the prompt exactly, and text and its ids sample alike."""
+    ids = [tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS]
+    as_text, as_ids = (engine.generate(prompts, 1, 6, 1.0, True) for prompts in (PROMPTS, ids))
+    assert [(s.prompt_ids, s.response_ids) for s in as_text] == [(s.prompt_ids, s.response_ids) for s in as_ids]
+    inner_eos = ids[1][:2] + [tokenizer.eos_token_id] + ids[1][2:]
+    assert [s.prompt_ids for s in engine.generate([inner_eos], 2, 4, 1.0, False)] == [inner_eos, inner_eos]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])

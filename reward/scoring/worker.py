@@ -34,11 +34,14 @@ class RewardWorker:
             self.rm_scores = RewardModelScores(cfg, rm_path, remote="rm" in self.weights and bool(cfg.reward.rm_url))
 
     def score(self, prompts: list[str], responses: list[str], references: list[str],
-              rows: list[dict] | None = None, difficulties: list[float | None] | None = None) -> list[dict]:
+              rows: list[dict] | None = None, difficulties: list[float | None] | None = None,
+              answers: list[str] | None = None) -> list[dict]:
         """One dict per sample: ``reward``, the verifier's ``correct`` (1.0/0.0) and ``answered``, each component's
         value in ``parts`` (and as ``rm``/``adaptive`` when those are on). ``rows``: each sample's prompt record,
-        for ``custom``; ``difficulties``: each prompt's difficulty, for ``adaptive`` from the rule source."""
-        verdicts = [self.verify_answer(r, ref) for r, ref in zip(responses, references, strict=True)]
+        for ``custom``; ``difficulties``: each prompt's difficulty, for ``adaptive`` from the rule source;
+        ``answers``: the text the verifier reads where it is not the response (a multi-turn trajectory's final
+        turn: the reward model sees the whole trajectory, the verifier the final answer)."""
+        verdicts = [self.verify_answer(r, ref) for r, ref in zip(answers or responses, references, strict=True)]
         batch = ScoringBatch(prompts, responses, references, rows, difficulties, verdicts)
         if self.rm_scores is not None:
             batch.rm = self.rm_scores(prompts, responses, references)

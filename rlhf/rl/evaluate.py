@@ -17,6 +17,7 @@ from rlhf.core.config.run_config import RunConfig
 from rlhf.core.data.datasets import PromptRow
 from rlhf.core.progress import Progress
 from rlhf.core.data.samples import Sample
+from rollout.multi_turn import episode_figures
 
 # (correct, response tokens, thought: has a non-empty think block, reasoning tokens, has a think tag at all)
 Item = tuple[bool, int, bool, int, bool]
@@ -33,7 +34,7 @@ def evaluate_policy(rows: list[PromptRow], generate: Callable[[list[str]], list[
             batch = rows[start:start + batch_size]
             samples += generate([r.prompt for r in batch])
             progress.update(len(batch))
-    verdicts = verify([s.text for s in samples], [r.answer for r in rows])
+    verdicts = verify([s.verified_text for s in samples], [r.answer for r in rows])
     return score_eval(rows, samples, verdicts, count_tokens)
 
 
@@ -73,6 +74,10 @@ def score_eval(rows: list[PromptRow], samples: list[Sample], verdicts: list[dict
     by_bin = _by_bin([r.difficulty for r in rows], items)
     if by_bin:
         result["by_difficulty"] = {str(level): _figures(group, thinking) for level, group in by_bin.items()}
+    if any(s.episode is not None for s in samples):  # multi-turn: tool use, overall and per bin
+        result.update(episode_figures(samples))
+        for level, figures in result.get("by_difficulty", {}).items():
+            figures.update(episode_figures([s for s, r in zip(samples, rows) if str(r.difficulty) == level]))
     return result
 
 
@@ -103,7 +108,7 @@ def _items(samples: list[Sample], correct: list[bool], count_tokens: Callable[[s
     for sample, ok in zip(samples, correct, strict=True):
         parts = think.split_think(sample.text)
         reasoning = think.reasoning_text(sample.text)
-        tokens = len(sample.response_ids)
+        tokens = len(sample.response_ids) if sample.loss_mask is None else sum(sample.loss_mask)  # the model's own
         # Reasoning is part of the response: never counted longer than it (a re-tokenised text can come out longer).
         items.append((bool(ok), tokens, parts.thought, min(count(reasoning), tokens) if reasoning else 0,
                       parts.has_block))

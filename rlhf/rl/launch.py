@@ -30,6 +30,7 @@ from rlhf.rl.ranks.policy import TrainerGroup
 from rlhf.rl.update import PolicyUpdate
 from rlhf.rl.groups.weight_broadcast import BroadcastSync
 from rollout.engines import ENGINES
+from rollout.environments import ENVIRONMENTS
 from rollout.worker import RolloutWorker
 
 
@@ -49,8 +50,9 @@ def make_rollout_workers(cfg: RunConfig, model_dir: str) -> WorkerPool:
     resources = cluster.role_resources(cfg, "rollout")
     cluster.check_fits("rollout", cfg.rollout.num_workers, resources)
     actor = ray.remote(**resources.options())(RolloutWorker)
+    environment = None if cfg.rollout.environment == "none" else ENVIRONMENTS[cfg.rollout.environment]
     return WorkerPool("rollout", lambda i: actor.remote(model_dir, cfg.rollout, cfg.seed + 1000 * (i + 1),
-                                                     ENGINES[cfg.rollout.engine]),
+                                                     ENGINES[cfg.rollout.engine], environment),
                       cfg.rollout.num_workers, cfg.call_timeout_s, cfg.max_worker_restarts)
 
 

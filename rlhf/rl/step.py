@@ -22,6 +22,7 @@ from rlhf.rl.audit import audit
 from rlhf.rl.evaluate import difficulty_metrics, evaluate_policy
 from rlhf.rl.parts import Auditor, Reward, Rollout, Update
 from rlhf.rl.prefetch import LaunchedRollout
+from rollout.multi_turn import episode_figures
 
 
 class RLStep:
@@ -132,7 +133,8 @@ class RLStep:
             **difficulty_metrics([r.difficulty for r in rows for _ in range(n)], samples,
                                  [s["correct"] > 0.5 for s in scores], self.count_tokens),
         }
-        return {**figures, **component_figures(scores)}  # each component's own mean beside the total
+        episodes = {f"episode/{k}": v for k, v in episode_figures(samples).items()}  # multi-turn tool use
+        return {**figures, **component_figures(scores), **episodes}  # each component's own mean beside the total
 
     def count_tokens(self, text: str) -> int:
         """Length of a piece of text (e.g. the reasoning) in the policy's tokens."""

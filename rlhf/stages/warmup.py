@@ -18,6 +18,7 @@ from rlhf.core.data import think
 from rlhf.core.config.run_config import RunConfig, ThinkConfig, WarmupConfig
 from rlhf.core.progress import Progress
 from rlhf.core.tasks import arithmetic
+from rollout.environments.tool_env import CalculatorEnvironment
 
 
 def teacher_examples(cfg: WarmupConfig, seed: int, think_cfg: ThinkConfig | None = None,
@@ -38,8 +39,9 @@ def teacher_examples(cfg: WarmupConfig, seed: int, think_cfg: ThinkConfig | None
             pairs = curriculum.curriculum_batch(rng, n, target, cfg.curriculum_keep, think_block)
         else:
             problems = [arithmetic.make_problem(rng, rng.choice(levels)) for _ in range(n)]
-            pairs = [(p.prompt, arithmetic.solution(p, 0 if rng.random() < terse_share(cfg, p.level) else 1,
-                                                    think_block)) for p in problems]
+            pairs = [(p.prompt, _tool_trace(p) if cfg.tool_fraction and rng.random() < cfg.tool_fraction
+                      else arithmetic.solution(p, 0 if rng.random() < terse_share(cfg, p.level) else 1, think_block))
+                     for p in problems]
         return [_switched(rng, prompt, response, think_cfg) for prompt, response in pairs] if think_block else pairs
 
     return next_batch
@@ -63,14 +65,35 @@ def _switched(rng: random.Random, prompt: str, response: str, think_cfg: ThinkCo
     return think.with_switch(prompt, "on" if on else "off"), arithmetic.solution(problem, 1 if on else 0, True)
 
 
-def sft_batch(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    """Right-padded input ids with labels on the response (and its end-of-sequence token) only."""
-    rows, prompt_lens = [], []
+def _tool_trace(problem: arithmetic.Problem) -> list[tuple[str, bool]]:
+    """The chain handed to the calculator, as the calculator environment shows it (rollout.environment)."""
+    return CalculatorEnvironment.demonstration(problem.expression, problem.answer)
+
+
+def _response_tokens(tokenizer, response: str | list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+    """A response's ids, end-of-sequence after each model turn, and which ids are trained: a tool trace's
+    (text, model turn?) segments train the model's turns only (observations are given, as in a multi-turn
+    rollout, and tokenised on their own as there)."""
+    segments = [(response, True)] if isinstance(response, str) else response
+    ids: list[int] = []
+    trained: list[bool] = []
+    for text, model_turn in segments:
+        piece = tokenizer(text, add_special_tokens=False).input_ids + ([tokenizer.eos_token_id] if model_turn else [])
+        ids += piece
+        trained += [model_turn] * len(piece)
+    return ids, trained
+
+
+def sft_batch(tokenizer, pairs: list[tuple[str, str | list[tuple[str, bool]]]]) -> dict[str, torch.Tensor]:
+    """Right-padded input ids with labels on the response (and its end-of-sequence token) only; a tool trace's
+    observations carry no label."""
+    rows, prompt_lens, trained = [], [], []
     for prompt, response in pairs:
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-        response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        response_ids, response_trained = _response_tokens(tokenizer, response)
         rows.append(prompt_ids + response_ids)
         prompt_lens.append(len(prompt_ids))
+        trained.append(response_trained)
     length = max(map(len, rows))
     input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full_like(input_ids, -100)
@@ -78,7 +101,8 @@ def sft_batch(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor
     for i, (row, start) in enumerate(zip(rows, prompt_lens)):
         input_ids[i, : len(row)] = torch.tensor(row)
         attention_mask[i, : len(row)] = 1
-        labels[i, start : len(row)] = input_ids[i, start : len(row)]
+        keep = torch.tensor(trained[i], dtype=torch.bool)
+        labels[i, start : len(row)] = torch.where(keep, input_ids[i, start : len(row)], -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

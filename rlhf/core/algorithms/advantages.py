@@ -65,9 +65,10 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, response_mask: t
         delta_t = r_t + gamma * V_{t+1} - V_t,     A_t = delta_t + gamma * lam * A_{t+1},     returns_t = A_t + V_t
 
     ``rewards`` (B, L) per-token rewards (``token_rewards``); ``values`` (B, L) the critic's value of the state
-    before each response token; both aligned with ``response_mask`` (B, L), whose 1s are one contiguous run per
-    row. The step after the last response token is terminal (V = 0). gamma = lam = 1 gives A_t = G_t - V_t, the
-    return-to-go minus the value; lam = 0 gives the one-step TD error. Returns (advantages, returns), 0 off the
+    before each response token; both aligned with ``response_mask`` (B, L), whose 1s are the tokens the policy
+    sampled (a multi-turn trajectory's observation tokens between them are 0 and skipped). The step after the
+    last response token is terminal (V = 0). gamma = lam = 1 gives A_t = G_t - V_t, the return-to-go minus the
+    value; lam = 0 gives the one-step TD error. Returns (advantages, returns), 0 off the
     response (an all-padding row is all 0).
     """
     mask = response_mask.float()
@@ -75,12 +76,16 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, response_mask: t
     advantages = torch.zeros_like(values)
     next_value = torch.zeros_like(values[:, 0])
     next_advantage = torch.zeros_like(values[:, 0])
-    # Backwards over positions; off the response both carries are reset to 0, so each row's last response token
-    # sees a terminal next state, and prompt or padding positions stay 0.
+    # Backwards over positions; the carries start at 0, so each row's last response token sees a terminal next
+    # state, and prompt, padding and masked positions stay 0.
     for t in reversed(range(values.shape[1])):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         advantages[:, t] = (delta + gamma * lam * next_advantage) * mask[:, t]
-        next_value, next_advantage = values[:, t], advantages[:, t]
+        # Carried over masked positions inside a response (a multi-turn trajectory's observation tokens): the next
+        # state of a turn's last token is the next turn's first.
+        on = mask[:, t] > 0
+        next_value = torch.where(on, values[:, t], next_value)
+        next_advantage = torch.where(on, advantages[:, t], next_advantage)
     return advantages, (advantages + values) * mask
 
 

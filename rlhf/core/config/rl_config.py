@@ -11,6 +11,28 @@ from pydantic import Field, field_validator, model_validator
 from rlhf.core.config.training_config import _Section
 
 
+class MultiTurnConfig(_Section):
+    """The limits of multi-turn rollouts (``rollout.environment``; rollout/multi_turn.py) and of each tool call
+    (rollout/environments/sandbox.py). Each limit ends a trajectory with its own finish reason."""
+
+    max_turns: int = Field(4, gt=0)
+    """Model turns per trajectory; one still calling tools after this many ends with finish reason max_turns."""
+    max_total_tokens: int = Field(128, gt=0)
+    """Tokens after the prompt per trajectory, model turns and observations together (each turn is also capped by
+    rollout.max_new_tokens); a trajectory over it ends with finish reason length."""
+    max_tool_seconds: float = Field(10.0, gt=0)
+    """Tool time per trajectory; past it the trajectory ends with finish reason tool_error."""
+    max_tool_errors: int = Field(3, gt=0)
+    """Failed tool calls (unreadable call, hang, crash, flood) per trajectory that end it with finish reason
+    tool_error."""
+    tool_seconds: float = Field(2.0, gt=0)
+    """Wall-clock (and CPU) limit of one tool call; a call past it is killed and answered with an error."""
+    tool_memory_mb: int = Field(256, ge=64)
+    """Address-space limit of one tool call's process, in MB."""
+    tool_output_bytes: int = Field(2000, gt=0)
+    """Output limit of one tool call; more is an error observation, not a truncation."""
+
+
 class RolloutConfig(_Section):
     """How the rollout workers sample: the engine and its dtype, batch units, length and temperature, weight sync."""
 
@@ -56,6 +78,13 @@ class RolloutConfig(_Section):
     cores for both at once: num_workers x threads + trainer.num_ranks x trainer.threads <= cores."""
     max_staleness: int = Field(1, ge=1)
     """batches generated ahead when asynchronous (their weights' lag, in updates)"""
+    environment: str = "none"
+    """The multi-turn environment each sample is a trajectory in (rollout/environments/ ENVIRONMENTS: calculator,
+    the arithmetic task with a calculator tool; tools, the calculator and a Python sandbox; or one a script
+    registers); none: one response per sample. Token ids in and out, observations masked out of the loss. README
+    "Agents: tools and multi-turn"."""
+    multi_turn: MultiTurnConfig = MultiTurnConfig()
+    """The limits of multi-turn rollouts and of their tool calls (with ``environment``)."""
 
 
 class AdaptiveConfig(_Section):

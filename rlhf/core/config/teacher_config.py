@@ -25,6 +25,9 @@ class WarmupConfig(_Section):
     same share at every level; a list: shares at evenly spaced levels from the easiest to the hardest, linear in
     between ([0.4, 0.0]: falling steadily; one per level: exactly those), like a reasoning teacher that writes more
     steps on harder problems."""
+    tool_fraction: float = Field(0.0, ge=0, le=1)
+    """Share of teacher solutions that hand the chain to the calculator tool (``<call>calculator 7+5-3</call>``,
+    the result, then ``#9``; observations carry no loss): for rollout.environment calculator."""
     curriculum: Literal["none", "matched", "low", "medium", "high"] = "none"
     """RV/CD curriculum (rlhf/stages/curriculum.py): the teacher writes every problem at each verbosity, the traces are
     scored with RV/CD, and per CD bin the ones whose RV is closest to the target are kept. none: the plain

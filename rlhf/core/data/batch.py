@@ -47,11 +47,13 @@ def make_train_batch(samples: list[Sample], advantages: torch.Tensor, pad_id: in
 
 def response_mask(samples: list[Sample]) -> torch.Tensor:
     """(B, L) float, 1 on each row's response tokens, in make_train_batch's layout: what token-level advantage
-    estimators need before the batch is assembled."""
+    estimators need before the batch is assembled. A multi-turn sample's observation tokens (its ``loss_mask``
+    0s) are 0: no loss, no advantage, no KL, no value target on tokens the policy did not sample."""
     width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
     mask = torch.zeros((len(samples), width))
     for i, s in enumerate(samples):
-        mask[i, len(s.prompt_ids):len(s.prompt_ids) + len(s.response_ids)] = 1.0
+        start, end = len(s.prompt_ids), len(s.prompt_ids) + len(s.response_ids)
+        mask[i, start:end] = 1.0 if s.loss_mask is None else torch.tensor(s.loss_mask, dtype=torch.float)
     return mask
 
 

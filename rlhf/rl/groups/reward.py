@@ -25,7 +25,8 @@ class RewardGroup:
 
         records = per_sample([r.as_dict() for r in rows]) if self.send_records else [None] * parts
         args = list(zip(per_sample([r.prompt for r in rows]), shards([s.text for s in samples], parts),
-                        per_sample([r.answer for r in rows]), records, per_sample([r.difficulty for r in rows])))
+                        per_sample([r.answer for r in rows]), records, per_sample([r.difficulty for r in rows]),
+                        shards([s.verified_text for s in samples], parts)))
         return [s for part in self.pool.call("score", args, "reward score") for s in part]
 
     def verify(self, texts: list[str], references: list[str]) -> list[dict]:
