@@ -140,7 +140,8 @@ CLI_CASES = [
      ["bad.yaml is a file, not a directory"]),
     ("output_dir_under_a_file", lambda t, m: (None, [f"output_dir={binary_file(t, b'x') / 'run'}"]),
      ["cannot be made", "bad.yaml is a file"]),
-    ("unknown_key", lambda t, m: (None, ["trainer.zero_stagee=3"]), ["trainer.zero_stagee", "unknown key"]),
+    ("unknown_key", lambda t, m: (None, ["trainer.zero_stagee=3"]),
+     ["trainer.zero_stagee", "unknown key", "did you mean trainer.zero_stage?"]),
     ("unknown_section", lambda t, m: (None, ["nosuchsection.key=1"]), ["nosuchsection", "unknown key"]),
     ("bad_enum_value", lambda t, m: (None, ["trainer.zero_stage=5"]), ["trainer.zero_stage"]),
     ("wrong_type", lambda t, m: (None, ["rollout.prompts_per_step=abc"]), ["rollout.prompts_per_step", "'abc'"]),
@@ -154,7 +155,7 @@ CLI_CASES = [
     ("rm_without_a_reward_model", lambda t, m: (None, ["reward.components={rm: 1.0}"]),
      ["uses rm but there is none"]),
     ("jsonl_task_without_files", lambda t, m: (None, ["task.name=dataset"]), ["task.train_file"]),
-    ("openai_teacher_without_url", lambda t, m: (None, ["label.teacher=openai"]), ["label.base_url"]),
+    ("openai_teacher_without_url", lambda t, m: (None, ["label.teacher=openai"]), ["label.endpoint"]),
     ("responses_leave_no_room_for_prompts", lambda t, m: (None, ["rollout.max_new_tokens=200"]),
      ["leave no room for a prompt", "128 positions"]),
     # datasets: every row bad (a row or two among good ones is skipped instead: test_bad_rows_are_skipped...)
@@ -485,3 +486,35 @@ def test_custom_reward_functions_that_fail(fn, expected, capsys, monkeypatch):
     monkeypatch.setitem(__import__("rlhf.cli").cli.COMMANDS, "run", lambda args: (_ for _ in ()).throw(info.value))
     assert main(["run", TINY]) == 1
     assert capsys.readouterr().err.strip() == f"distilrl: error: {info.value}"
+
+
+def test_bad_input_for_a_new_run_directory_creates_nothing(tmp_path, capsys):
+    """A missing traces file, or preference data in no known layout, stops before output_dir is made."""
+    out = tmp_path / "new_run"
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"question": "q", "answer": "a"}\n')
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n')
+    for argv, expected in (
+            (["run", TINY, "stages=[sft,eval]", f"warmup.traces_file={tmp_path / 'none.jsonl'}"],
+             "warmup.traces_file " + str(tmp_path / "none.jsonl") + " does not exist"),
+            (["train-rm", TINY, "--data", str(pairs)], "has columns ['answer', 'question']"),
+            (["train-rm", TINY, "--data", str(good), f"reward_model.eval_file={tmp_path / 'none.jsonl'}"],
+             f"reward_model.eval_file {tmp_path / 'none.jsonl'} does not exist")):
+        assert main([*argv, f"output_dir={out}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert one_line(err) and expected in err, err
+        assert not out.exists()
+
+
+def test_rows_skipped_as_bad_are_counted_for_summary_json(tmp_path):
+    from rlhf.core.config.run_config import TaskConfig
+    from rlhf.core.data.datasets import load_rows
+
+    train, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("\n".join([json.dumps(GOOD_ROW), "{bad", json.dumps({"q": 1}), json.dumps(GOOD_ROW)]) + "\n")
+    held_out.write_text(json.dumps(GOOD_ROW) + "\n[1]\n")
+    stats: dict = {}
+    load_rows(TaskConfig(name="dataset", train_file=str(train), eval_file=str(held_out)), 0, log=None, stats=stats)
+    assert (stats["train_skipped_bad"], stats["eval_skipped_bad"]) == (2, 1)
+    assert (stats["train_prompts"], stats["eval_prompts"]) == (2, 1)

@@ -36,3 +36,23 @@ def test_a_renamed_key_value_is_refused_naming_the_new_one():
 
     with pytest.raises(ConfigError, match="jsonl is the old name of this task: write task.name: dataset"):
         load_config(None, ["task.name=jsonl"])
+
+
+@pytest.mark.parametrize("old, new", [("label.base_url=http://x", "label.endpoint.url"),
+                                      ("traces.max_retries=1", "traces.endpoint.max_retries"),
+                                      ("reward.teacher_url=http://x", "reward.teacher_endpoint.url"),
+                                      ("reward.rm_token_env=T", "reward.rm_endpoint.api_key_env")])
+def test_old_endpoint_keys_are_refused_naming_the_endpoint_section(old, new):
+    from rlhf.core.config.run_config import load_config
+
+    with pytest.raises(ConfigError, match=f"is now {new}"):
+        load_config(None, [old])
+
+
+def test_every_client_takes_one_endpoint_section():
+    from rlhf.core.config.run_config import load_config
+
+    cfg = load_config(None, ["label.teacher=openai", "label.endpoint={url: 'http://127.0.0.1:9/v1', model: m}",
+                             "reward.rm_endpoint={url: 'http://127.0.0.1:9', api_key_env: TOKEN}"])
+    assert (cfg.label.endpoint.url, cfg.label.endpoint.max_retries, cfg.reward.rm_endpoint.api_key_env) == \
+        ("http://127.0.0.1:9/v1", 4, "TOKEN")

@@ -102,8 +102,9 @@ def test_http_teacher_bounds_concurrency_counts_failures_and_resumes_from_its_ca
 def test_traces_stage_from_an_http_teacher_writes_a_graded_dataset(teacher_server, tmp_path):
     rows = [PromptRow(f"{d} pears", str(d)) for d in range(1, 7)] + [PromptRow("9 pears FAIL", "9")]
     cfg = RunConfig(task={"verifier": "gsm8k", "system_prompt": "Be brief."},
-                    traces={"teacher": "openai", "base_url": teacher_server.url, "model": "t", "concurrency": 2,
-                            "samples_per_prompt": 2, "max_retries": 0, "curriculum": "none"})
+                    traces={"teacher": "openai", "endpoint": {"url": teacher_server.url, "model": "t", "concurrency": 2,
+                                                              "max_retries": 0},
+                            "samples_per_prompt": 2, "curriculum": "none"})
     summary = build_traces(cfg, rows, tmp_path / "traces", log=lambda line: None)
     assert summary["written"] == 12 and summary["teacher_stats"]["failed"] == 2
     assert summary["correct"] == summary["kept"] == 12  # the server answers the prompt's first digit

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from reward.scoring.remote import RemoteRewardClient
+from rlhf.core.config.endpoint import Endpoint
 from rlhf.serve.reward_server import RewardServer, make_reward_server
 from tests.scoring import reward_worker
 
@@ -332,7 +333,7 @@ def test_close_releases_port(scorer: ToyScorer) -> None:
 
 
 def test_reward_worker_scores_through_a_remote_reward_server():
-    """RL's reward workers can use a reward server instead of a local RM (reward.rm_url)."""
+    """RL's reward workers can use a reward server instead of a local RM (reward.rm_endpoint)."""
 
     seen = []
 
@@ -342,7 +343,7 @@ def test_reward_worker_scores_through_a_remote_reward_server():
 
     with make_reward_server(score_fn) as server:
         server.start()
-        worker = reward_worker({"rm": 1.0, "verifier": 10.0}, rm_url=server.url, use_reference=True)
+        worker = reward_worker({"rm": 1.0, "verifier": 10.0}, rm_endpoint=Endpoint(url=server.url), use_reference=True)
         results = worker.score(["1+2=", "1+2="], ["#3", "#44"], ["3", "3"])
     # The server saw the responses with the reference appended; the reward adds the verifier's weighted verdict.
     assert seen == ["#3 ref 3", "#44 ref 3"]

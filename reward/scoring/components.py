@@ -5,7 +5,7 @@ Each component is built from the run config (and the script's reward function, f
 ``REWARD_COMPONENTS.register`` line; ``reward.components`` may then name it.
 
 - ``verifier``: the rule check of the final answer against the reference (``task.verifier``);
-- ``rm``: the distilled reward model's quality score (local, or on a reward server: ``reward.rm_url``);
+- ``rm``: the distilled reward model's quality score (local, or on a reward server: ``reward.rm_endpoint``);
 - ``seqcls``: any sequence-classification reward model's score (reward/model/seqcls.py);
 - ``custom``: a Python function, from a script or ``reward.custom_fn`` (Ray ships it with cloudpickle);
 - ``adaptive``: reasoning length fitted to the problem's difficulty, for correct answers (reward/scoring/adaptive.py);
@@ -136,7 +136,7 @@ class AdaptiveReward:
         ad = cfg.reward.adaptive
         settings = {**ad.model_dump(), "difficulty_range": ad.difficulty_range or (MIN_LEVEL, MAX_LEVEL)}
         self.reads_rm = ad.source == "rm"
-        if self.reads_rm and cfg.reward.rm_url:
+        if self.reads_rm and cfg.reward.rm_endpoint:
             raise ValueError("reward.adaptive.source rm reads the RM's RV/CD heads: it needs a local reward model")
         judge = None
         if ad.source == "teacher":
@@ -176,7 +176,7 @@ def sequence_components(weights: dict[str, float]) -> dict[str, type]:
 
 class RewardModelScores:
     """The reward model's scores for the components that read them: a local distilled RM (``rm_path``) with its
-    RV/CD heads, or a reward server (``reward.rm_url``) giving quality alone."""
+    RV/CD heads, or a reward server (``reward.rm_endpoint``) giving quality alone."""
 
     def __init__(self, cfg: RunConfig, rm_path: str | None, remote: bool):
         self.batch_size = cfg.rollout_rows
@@ -185,14 +185,14 @@ class RewardModelScores:
         if remote:
             from reward.scoring.remote import RemoteRewardClient
 
-            self.remote = RemoteRewardClient(cfg.reward.rm_url, token_env=cfg.reward.rm_token_env,
-                                             batch_size=self.batch_size)
+            e = cfg.reward.rm_endpoint
+            self.remote = RemoteRewardClient(e.url, token_env=e.api_key_env, timeout_s=e.timeout_s,
+                                             retries=e.max_retries, batch_size=self.batch_size)
             return
         from transformers import AutoTokenizer
 
         from reward.model.distilled import DistilledRewardModel, uses_reference
 
-        torch.set_num_threads(cfg.rollout.threads)
         self.model = DistilledRewardModel.from_pretrained(rm_path).eval()
         if torch.cuda.is_available():  # a GPU given to this worker by cluster.reward.num_gpus
             self.model.to("cuda")

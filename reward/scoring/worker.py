@@ -2,7 +2,8 @@
 
 The reward is the weighted sum of ``reward.components`` (reward/scoring/components.py). The verifier's verdict is always
 returned too (it is cheap), so metrics show true accuracy even when RL is rewarded by the RM alone, and so is each
-component's own value (``parts``). A component that raises stops the batch with the offending sample named; a NaN
+component's own value (``parts``), and the local RM's weight version (``rm_version``; a refresh swaps new weights
+in between batches). A component that raises stops the batch with the offending sample named; a NaN
 or infinite reward is returned with the components that produced it (``nonfinite``), and the driver skips that
 batch.
 """
@@ -13,6 +14,7 @@ import math
 from reward.scoring.components import RewardError, RewardFn, RewardModelScores, ScoringBatch, sequence_components
 from reward.scoring.verifiers import Verifier, make_verifier, verdict_figures
 from rlhf.core.config.run_config import RunConfig
+from rlhf.core.distributed import threads
 
 __all__ = ["RewardWorker", "RewardError", "RewardFn"]
 
@@ -21,17 +23,19 @@ class RewardWorker:
     def __init__(self, cfg: RunConfig, rm_path: str | None = None, custom: RewardFn | None = None,
                  components: dict[str, type] | None = None, verifier: Verifier | None = None):
         """``cfg``: the run's config (reward, task's verifier, reward_model); ``rm_path``: a distilled RM to load
-        here for the components that read one (unless ``reward.rm_url`` serves the ``rm`` component);
+        here for the components that read one (unless ``reward.rm_endpoint`` serves the ``rm`` component);
         ``custom``: the function behind the ``custom`` component. ``components`` (name -> class) and ``verifier``:
         the registry entries the config names, as the driver resolved them (so entries a script registered reach
         this actor by value); by default looked up here."""
+        threads.apply("reward worker", cfg.rollout.threads)
         classes = components if components is not None else sequence_components(cfg.reward.components)
         self.weights = {name: cfg.reward.components[name] for name in classes}
         self.components = {name: classes[name](cfg, custom) for name in self.weights}
         self.verify_answer = verifier or make_verifier(cfg.task.verifier, cfg.task.answer_regex)
         self.rm_scores = None
         if any(c.reads_rm for c in self.components.values()):
-            self.rm_scores = RewardModelScores(cfg, rm_path, remote="rm" in self.weights and bool(cfg.reward.rm_url))
+            self.rm_scores = RewardModelScores(cfg, rm_path, remote="rm" in self.weights and bool(cfg.reward.rm_endpoint))
+        self.rm_version = 0  # of the local RM's weights: 0 as loaded, then each refresh's (set_rm_weights)
 
     def score(self, prompts: list[str], responses: list[str], references: list[str],
               rows: list[dict] | None = None, difficulties: list[float | None] | None = None,
@@ -59,8 +63,21 @@ class RewardWorker:
             for name in ("rm", "adaptive"):
                 if name in parts:
                     result[name] = parts[name]
+            if self._local_rm():
+                result["rm_version"] = self.rm_version
             results.append(result)
         return results
+
+    def set_rm_weights(self, state_dict: dict, version: int) -> None:
+        """Hot-swap the local RM's weights for a refreshed RM's (rlhf/rl/rm_refresh.py), without a restart. An
+        actor runs one call at a time, so a ``score`` call is scored by one version, and says which."""
+        if not self._local_rm():
+            raise RuntimeError("this reward worker holds no local reward model whose weights could be swapped")
+        self.rm_scores.model.load_state_dict(state_dict)
+        self.rm_version = version
+
+    def _local_rm(self) -> bool:
+        return self.rm_scores is not None and self.rm_scores.model is not None
 
     def verify(self, responses: list[str], references: list[str]) -> list[dict]:
         """The verifier's verdict alone (``correct``, ``answered``): what held-out evaluation needs, whatever RL is

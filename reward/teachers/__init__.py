@@ -35,7 +35,8 @@ TEACHERS.register("reference", lambda cfg, cache_dir: ReferenceTeacher(cfg.verif
                                                                       cfg.chars_per_rv))
 TEACHERS.register("hf", lambda cfg, cache_dir: HFJudgeTeacher(cfg.teacher_model_path))
 TEACHERS.register("openai", lambda cfg, cache_dir: OpenAITeacher(
-    base_url=cfg.base_url, model=cfg.model, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
+    base_url=cfg.endpoint.url, model=cfg.endpoint.model, api_key_env=cfg.endpoint.api_key_env,
+    concurrency=cfg.endpoint.concurrency, max_retries=cfg.endpoint.max_retries, timeout_s=cfg.endpoint.timeout_s,
     cache_dir=str(cache_dir) if cache_dir else None))
 
 

@@ -43,12 +43,13 @@ def make_writer(cfg: TracesConfig, cache_dir: Path | None):
             return HFWriter(cfg.model_path, cache_dir, cfg.temperature, cfg.max_new_tokens)
         except ValueError as err:
             raise ConfigError(f"config key traces.model_path: {err}") from None
-    if not (cfg.base_url and cfg.model):
-        raise ConfigError("traces.teacher openai needs traces.base_url (e.g. http://127.0.0.1:8000/v1) and "
-                          "traces.model")
+    e = cfg.endpoint
+    if not (e and e.model):
+        raise ConfigError("traces.teacher openai needs traces.endpoint with a url (e.g. http://127.0.0.1:8000/v1) "
+                          "and a model")
     try:
-        return OpenAIWriter(cfg.base_url, cfg.model, cfg.api_key_env, cfg.concurrency, cache_dir, cfg.temperature,
-                            cfg.max_new_tokens, cfg.timeout_s, cfg.max_retries)
+        return OpenAIWriter(e.url, e.model, e.api_key_env, e.concurrency, cache_dir, cfg.temperature,
+                            cfg.max_new_tokens, e.timeout_s, e.max_retries)
     except ValueError as err:
         raise ConfigError(f"config key traces: {err}") from None
 

@@ -27,8 +27,9 @@ from rlhf.rl.groups.reward import RewardGroup
 from rlhf.rl.groups.rollout import RolloutGroup
 from rlhf.rl.groups.teacher import make_teacher_group
 from rlhf.rl.ranks.policy import TrainerGroup
+from rlhf.rl.rm_refresh import RewardModelRefresh
 from rlhf.rl.update import PolicyUpdate
-from rlhf.rl.groups.weight_broadcast import BroadcastSync
+from rlhf.rl.groups.weight_broadcast import BroadcastSync, VLLMTransferSync
 from rollout.engines import ENGINES
 from rollout.environments import ENVIRONMENTS
 from rollout.worker import RolloutWorker
@@ -40,6 +41,8 @@ def start_ray(cfg: RunConfig) -> None:
     wanted = cfg.trainer.num_ranks * cfg.trainer.threads + cfg.rollout.num_workers
     if cfg.algorithm.uses_critic:  # PPO's critic ranks
         wanted += cfg.critic.num_ranks * cfg.critic.threads
+    if cfg.reward.refresh.enabled:  # the RM's own ranks, beside the policy's from the first refresh on
+        wanted += cfg.reward_model.num_ranks * cfg.reward_model.threads
     cluster.connect(cfg.cluster.address, max(os.cpu_count() or 1, wanted), cfg.cluster.connect_timeout_s,
                     {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"})
 
@@ -49,9 +52,11 @@ def make_rollout_workers(cfg: RunConfig, model_dir: str) -> WorkerPool:
     owner sets ``pool.restore`` to install the current weights in a replacement."""
     resources = cluster.role_resources(cfg, "rollout")
     cluster.check_fits("rollout", cfg.rollout.num_workers, resources)
+    # The transfer backend and vLLM's row bound follow the placement; what cannot work is refused here.
+    settings = cluster.rollout_settings(cfg, cluster.role_resources(cfg, "trainer"), resources).rollout
     actor = ray.remote(**resources.options())(RolloutWorker)
     environment = None if cfg.rollout.environment == "none" else ENVIRONMENTS[cfg.rollout.environment]
-    return WorkerPool("rollout", lambda i: actor.remote(model_dir, cfg.rollout, cfg.seed + 1000 * (i + 1),
+    return WorkerPool("rollout", lambda i: actor.remote(model_dir, settings, cfg.seed + 1000 * (i + 1),
                                                      ENGINES[cfg.rollout.engine], environment),
                       cfg.rollout.num_workers, cfg.call_timeout_s, cfg.max_worker_restarts)
 
@@ -91,7 +96,7 @@ def build_loop(cfg: RunConfig, model_dir: str, tokenizer, rollout: WorkerPool, r
             started.append(critic)
         teacher = None
         if cfg.reward.components.get(TEACHER_KL):
-            if not cfg.reward.teacher_url:
+            if not cfg.reward.teacher_endpoint:
                 check_same_vocabulary(tokenizer, cfg.reward.teacher_model_path)
             teacher = make_teacher_group(cfg, Path(cfg.output_dir) / "teacher_cache")
             started.append(teacher)
@@ -101,9 +106,18 @@ def build_loop(cfg: RunConfig, model_dir: str, tokenizer, rollout: WorkerPool, r
             group.shutdown()
         raise
     auditor = make_teacher(cfg.label) if cfg.reward.audit_every else None
-    broadcast = BroadcastSync(cfg, policy, rollout) if cfg.rollout.weight_sync == "broadcast" else None
+    refresher = None
+    if cfg.reward.refresh.enabled:  # an HTTP teacher's replies cached where labelling caches them
+        judge = make_teacher(cfg.label, Path(cfg.output_dir) / "labels" / "teacher_cache")
+        refresher = RewardModelRefresh(cfg, judge, reward, rm_dir)
+    broadcast = None
+    if cfg.rollout.weight_sync == "broadcast":
+        settings = cluster.rollout_settings(cfg, cluster.role_resources(cfg, "trainer"),
+                                            cluster.role_resources(cfg, "rollout"))
+        sync = VLLMTransferSync if settings.rollout.weight_transfer else BroadcastSync
+        broadcast = sync(settings, policy, rollout)
     return RLStep(cfg, tokenizer, RolloutGroup(cfg, rollout, policy.full_state_dict_ref, broadcast), reward, update,
-                  auditor)
+                  auditor, refresher)
 
 
 class RunActors:
@@ -135,9 +149,9 @@ class RunActors:
     def start_loop(self, tokenizer, reward_model_dir: Path | None, reward_fn=None) -> RLStep:
         """The RL step's actors beside the rollout workers (the caller checks ``loop`` is None first)."""
         rollout = self.rollout_workers()
-        if self.cfg.reward.components.get("rm") and not (reward_model_dir or self.cfg.reward.rm_url):
+        if self.cfg.reward.components.get("rm") and not (reward_model_dir or self.cfg.reward.rm_endpoint):
             raise ConfigError("reward.components uses rm but there is no reward model yet: call "
-                              "train_reward_model() first, or set reward_model.path or reward.rm_url")
+                              "train_reward_model() first, or set reward_model.path or reward.rm_endpoint")
         self.loop = build_loop(self.cfg, self._start_dir(), tokenizer, rollout,
                                str(reward_model_dir) if reward_model_dir else None, reward_fn)
         return self.loop

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from rlhf.core.config.endpoint import Endpoint, refuse_renamed
 from rlhf.core.config.training_config import _Section
 
 
@@ -59,6 +60,13 @@ class RolloutConfig(_Section):
     """vllm engine only: GPUs each rollout worker's vLLM shards the policy over."""
     sleep_between_rollouts: bool = False
     """vllm engine only: release vLLM's GPU memory between rollouts (sleep/wake) for a trainer on the same GPU."""
+    max_model_len: int | None = Field(None, gt=0)
+    """vllm engine only: the longest prompt + response vLLM holds (its KV cache must fit one at start). Unset: the
+    run fills it with task.max_prompt_tokens + the longer of rollout and eval max_new_tokens, else 4096 within the
+    model's context."""
+    weight_transfer: Literal["ipc", "nccl"] | None = None
+    """vllm engine with weight_sync broadcast: vLLM's own transfer backend, chosen at start from the placement (ipc
+    where trainer and rollout share GPUs, nccl across GPUs); a value set here must match that choice."""
     num_workers: int = Field(1, gt=0)
     """Rollout worker actors; a step's prompts split evenly across them (a prompt's samples stay together)."""
     prompts_per_step: int = Field(16, gt=0)
@@ -69,6 +77,12 @@ class RolloutConfig(_Section):
     """Longest response in tokens; longer ones are cut and counted as truncated."""
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature of RL rollouts (log-probs are of the tempered distribution)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling: each token is drawn from the fewest most likely tokens whose probability reaches top_p (1: no
+    truncation). The sampler's log-probs are those of the truncated distribution; the trainer's recomputed ones are
+    not truncated, so the difference shows in perf/logprob_mismatch and algorithm.tis_cap corrects for it."""
+    top_k: int = Field(0, ge=0)
+    """Each token is drawn from the top_k most likely tokens only (0: no limit); log-probs as for top_p."""
     threads: int = Field(2, gt=0)
     """Torch threads of each rollout worker."""
     asynchronous: bool = False
@@ -120,6 +134,38 @@ class AdaptiveConfig(_Section):
         return self
 
 
+class RewardRefreshConfig(_Section):
+    """On-policy refresh of the distilled RM during RL (rlhf/rl/rm_refresh.py): when a trigger fires, the teacher
+    labels a budgeted sample of the latest rollouts, the RM trains on them (with a replay of its original pairs) on
+    its own DeepSpeed ranks, and the new weights reach the reward workers with a version number (``rm/version``),
+    unless a held-out slice of the new labels says the RM got worse: then it is rolled back."""
+
+    enabled: bool = False
+    """Refresh the distilled RM during RL when a trigger below fires (the rm component, scored in the reward
+    workers; not with reward.rm_endpoint)."""
+    on_alarm: bool = True
+    """Trigger: a teacher audit's alarm (agreement below reward.audit_warn_below; needs reward.audit_every)."""
+    agreement_below: float | None = Field(None, ge=0, le=1)
+    """Trigger: an audit's RM-teacher agreement below this (needs reward.audit_every); null: off."""
+    every: int = Field(0, ge=0)
+    """Trigger: every this many RL steps, audited or not; 0: off."""
+    min_gap: int = Field(1, gt=0)
+    """RL steps at least between two refreshes."""
+    teacher_calls: int = Field(64, gt=1)
+    """Teacher judgments per refresh, one per response: whole groups of rollout.samples_per_prompt responses, paired
+    within each group as in labelling."""
+    recent_steps: int = Field(1, gt=0)
+    """The refresh draws its groups from the rollouts of this many latest RL steps."""
+    replay_fraction: float = Field(0.5, ge=0, lt=1)
+    """Share of the refresh's training pairs replayed from the RM's original labels (output_dir/labels/train), so
+    that it does not forget them; none where the run has no such labels."""
+    held_out_fraction: float = Field(0.25, gt=0, lt=1)
+    """Share of the freshly labelled groups kept out of training to check the refreshed RM: its agreement with the
+    teacher there must not fall, or the refresh is rolled back (weights and optimizer state) and logged."""
+    epochs: int = Field(2, gt=0)
+    """Passes over the refresh's pairs, reward_model.batch_size pairs per optimizer step at reward_model.lr."""
+
+
 class RewardConfig(_Section):
     """What RL is rewarded by: a weighted sum of components. ``verifier``: the rule check of the final answer
     against the reference; ``rm``: the distilled reward model's quality score (from ``reward_model``); ``seqcls``:
@@ -148,17 +194,12 @@ class RewardConfig(_Section):
     of every sampled token, minus the sampler's, is a per-token advantage term; and its Ray workers."""
     teacher_workers: int = Field(1, gt=0)
     """teacher_kl with a local teacher: its log-prob worker actors."""
-    teacher_url: str | None = None
+    teacher_endpoint: Endpoint | None = None
     """Or a remote teacher: an OpenAI-compatible completions endpoint that echoes prompt log-probs (vLLM serves one),
-    its model name and the environment variable holding its key. It must use the student's tokenizer."""
-    teacher_model: str | None = None
-    """Remote teacher (teacher_url): its model name."""
-    teacher_api_key_env: str | None = None
-    """Remote teacher (teacher_url): the environment variable holding its key."""
-    rm_url: str | None = None
-    """Score the rm component on a reward server (``distilrl serve-rm``) instead of in the reward workers."""
-    rm_token_env: str | None = None
-    """environment variable holding the server's bearer token"""
+    with its model name and the environment variable holding its key. It must use the student's tokenizer."""
+    rm_endpoint: Endpoint | None = None
+    """Score the rm component on a reward server (``distilrl serve-rm``) instead of in the reward workers; its
+    api_key_env holds the server's bearer token."""
     correct: float = 1.0
     """Verifier reward for a correct final answer, and for a response without a parseable answer."""
     unparseable: float = 0.0
@@ -172,16 +213,26 @@ class RewardConfig(_Section):
     """RM-teacher pairwise agreement below which an audit raises the alarm (audit/alarm)."""
     audit_stop_on_alarm: bool = False
     """end the RL stage at an audit below audit_warn_below (then eval, save, report)"""
+    refresh: RewardRefreshConfig = RewardRefreshConfig()
+    """On-policy refresh of the distilled RM when audits say it drifts, or on a schedule (off by default)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_endpoint_keys(cls, data):
+        return refuse_renamed("reward", data, {"teacher_url": "teacher_endpoint.url",
+                                               "teacher_model": "teacher_endpoint.model",
+                                               "teacher_api_key_env": "teacher_endpoint.api_key_env",
+                                               "rm_url": "rm_endpoint.url", "rm_token_env": "rm_endpoint.api_key_env"})
 
     @model_validator(mode="after")
     def _some_component(self) -> "RewardConfig":
         if not any(w != 0 for w in self.components.values()):
             raise ValueError("reward.components needs at least one non-zero weight (verifier, rm, seqcls, custom)")
-        if self.components.get("teacher_kl") and not (self.teacher_model_path or self.teacher_url):
+        if self.components.get("teacher_kl") and not (self.teacher_model_path or self.teacher_endpoint):
             raise ValueError("reward.components uses teacher_kl: set reward.teacher_model_path to the teacher's "
-                             "directory (a causal LM with the student's tokenizer), or reward.teacher_url")
-        if self.teacher_url and not self.teacher_model:
-            raise ValueError("reward.teacher_url needs reward.teacher_model (the model name the server knows)")
+                             "directory (a causal LM with the student's tokenizer), or reward.teacher_endpoint")
+        if self.teacher_endpoint and not self.teacher_endpoint.model:
+            raise ValueError("reward.teacher_endpoint needs a model (the model name the server knows)")
         if self.components.get("seqcls") and not self.seqcls_path:
             raise ValueError("reward.components uses seqcls: set reward.seqcls_path to its model directory")
         return self

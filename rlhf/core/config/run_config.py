@@ -15,14 +15,15 @@ num_ranks; ``RunConfig.describe_batches`` prints the derived figures at start.
 """
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from rlhf.core.config.data_config import EvalConfig, ModelConfig, TaskConfig, ThinkConfig
-from rlhf.core.config.rl_config import AdaptiveConfig, RewardConfig, RolloutConfig
+from rlhf.core.config.rl_config import AdaptiveConfig, RewardConfig, RewardRefreshConfig, RolloutConfig
 from rlhf.core.config.teacher_config import LabelConfig, TracesConfig, WarmupConfig
 from rlhf.core.config.training_config import (AlgorithmConfig, ClusterConfig, CriticConfig, EngineConfig, RewardModelConfig,
                                               RoleResources, TrainerConfig, _Section)
@@ -30,7 +31,7 @@ from rlhf.core.config.training_config import (AlgorithmConfig, ClusterConfig, Cr
 __all__ = ["ConfigError", "RunConfig", "load_config", "config_from_dict", "save_config", "ModelConfig",
            "TaskConfig", "WarmupConfig", "ThinkConfig", "RolloutConfig", "AdaptiveConfig", "RewardConfig",
            "LabelConfig", "EngineConfig", "RewardModelConfig", "TrainerConfig", "CriticConfig", "AlgorithmConfig",
-           "RoleResources", "ClusterConfig", "EvalConfig", "TracesConfig"]
+           "RoleResources", "ClusterConfig", "EvalConfig", "TracesConfig", "RewardRefreshConfig"]
 
 
 class ConfigError(ValueError):
@@ -64,6 +65,9 @@ class RunConfig(_Section):
     wandb: bool = False
     """Also log metrics to Weights & Biases (needs the wandb package; offline unless WANDB_MODE says otherwise).
     TensorBoard event files are written in output_dir/tensorboard either way."""
+    log_samples: int = Field(2, ge=0)
+    """Each RL step's K best, K worst and K randomly drawn rollouts (prompt, response, each reward component's value,
+    advantage) are saved to output_dir/samples/step_N.jsonl and shown in report.md; 0 saves none."""
     model: ModelConfig = ModelConfig()
     """The student (policy): a local Hugging Face directory, or a small Qwen2 built from the sizes here."""
     task: TaskConfig = TaskConfig()
@@ -143,9 +147,29 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _rm_available(self) -> "RunConfig":
         if self.reward.components.get("rm") and not (self.reward_model.path or "train_rm" in self.stages
-                                                     or self.reward.rm_url):
+                                                     or self.reward.rm_endpoint):
             raise ValueError("reward.components uses rm but there is none: add stage train_rm, or set "
-                             "reward_model.path or reward.rm_url")
+                             "reward_model.path or reward.rm_endpoint")
+        return self
+
+    @model_validator(mode="after")
+    def _refresh_has_what_it_needs(self) -> "RunConfig":
+        r, rf = self.reward, self.reward.refresh
+        if not rf.enabled:
+            return self
+        if not (r.components.get("rm") or (r.components.get("adaptive") and r.adaptive.source == "rm")):
+            raise ValueError("reward.refresh refreshes the distilled RM: it needs reward.components.rm (or "
+                             "reward.adaptive.source rm)")
+        if r.rm_endpoint:
+            raise ValueError("reward.refresh swaps new weights into the reward workers: it cannot reach an RM on a "
+                             "reward server (reward.rm_endpoint)")
+        if not (rf.every or (r.audit_every and (rf.on_alarm or rf.agreement_below is not None))):
+            raise ValueError("reward.refresh has no trigger: set reward.refresh.every, or reward.audit_every with "
+                             "reward.refresh.on_alarm or reward.refresh.agreement_below")
+        if rf.teacher_calls < 2 * self.rollout.samples_per_prompt:
+            raise ValueError(f"reward.refresh.teacher_calls={rf.teacher_calls} pays for fewer than two groups of "
+                             f"rollout.samples_per_prompt={self.rollout.samples_per_prompt} responses (one to "
+                             f"train on, one to check the refreshed RM on)")
         return self
 
     @model_validator(mode="after")
@@ -241,10 +265,24 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         key = ".".join(str(part) for part in first["loc"] if part != "[key]")
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling against rlhf/core/config/run_config.py)"
+            message = (f"unknown key; did you mean {close}?" if (close := _closest_key(first["loc"])) else
+                       "unknown key (check the spelling against rlhf/core/config/run_config.py)")
         elif "input" in first and not isinstance(first["input"], dict):
             message += f" (got {first['input']!r})"
         raise ConfigError(f"config key {key}: {message}" if key else f"config: {message}") from None
+
+
+def _closest_key(loc: tuple) -> str | None:
+    """The dotted key of the section at ``loc`` spelled most like the unknown key ``loc[-1]``, if one is close."""
+    section: Any = RunConfig
+    for part in loc[:-1]:
+        field = section.model_fields.get(str(part))
+        kinds = (field.annotation, *get_args(field.annotation)) if field is not None else ()
+        section = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+        if section is None:
+            return None
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1)
+    return ".".join([*map(str, loc[:-1]), close[0]]) if close else None
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

@@ -7,7 +7,14 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from rlhf.core.config.endpoint import Endpoint, refuse_renamed
 from rlhf.core.config.training_config import _Section
+
+
+# The endpoint keys before they became one Endpoint section (label.endpoint, traces.endpoint).
+_OLD_ENDPOINT_KEYS = {"base_url": "endpoint.url", "model": "endpoint.model", "api_key_env": "endpoint.api_key_env",
+                      "concurrency": "endpoint.concurrency", "timeout_s": "endpoint.timeout_s",
+                      "max_retries": "endpoint.max_retries"}
 
 
 class WarmupConfig(_Section):
@@ -73,23 +80,13 @@ class TracesConfig(_Section):
     teacher: Literal["dataset", "oracle", "hf", "openai"] = "oracle"
     """dataset: the responses already in the data (response_field, e.g. GSM8K's worked ``answer``); oracle: the
     arithmetic task's oracle (each verbosity in turn); hf: a local causal LM (model_path); openai: an OpenAI-
-    compatible chat endpoint (base_url, model, api_key_env)."""
+    compatible chat endpoint (``endpoint``)."""
     response_field: str = "answer"
     """dataset teacher: the column holding the responses already in the data."""
     model_path: str | None = None
     """hf teacher: a local causal-LM directory that writes the traces."""
-    base_url: str | None = None
-    """openai teacher: the endpoint, e.g. http://127.0.0.1:8000/v1."""
-    model: str | None = None
-    """openai teacher: the model name."""
-    api_key_env: str | None = None
-    """openai teacher: the environment variable holding the key (never written anywhere)."""
-    concurrency: int = Field(4, gt=0)
-    """requests in flight at once (openai)"""
-    timeout_s: float = Field(120.0, gt=0)
-    """openai teacher: seconds one request may take."""
-    max_retries: int = Field(2, ge=0)
-    """openai teacher: retries of a failed request."""
+    endpoint: Endpoint | None = None
+    """openai teacher: the chat endpoint (url, model, api_key_env, timeout_s, max_retries, concurrency)."""
     prompts: int = Field(1000, gt=0)
     """training prompts to write traces for"""
     samples_per_prompt: int = Field(1, gt=0)
@@ -115,6 +112,11 @@ class TracesConfig(_Section):
     keep_unverified: bool = True
     """keep traces with no reference to check (when no judge says they are wrong)"""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_endpoint_keys(cls, data):
+        return refuse_renamed("traces", data, _OLD_ENDPOINT_KEYS)
+
 
 class LabelConfig(_Section):
     """Labelling for the distilled RM: student samples (and teacher solutions) judged by the teacher."""
@@ -124,14 +126,8 @@ class LabelConfig(_Section):
     openai (an endpoint)"""
     teacher_model_path: str | None = None
     """hf: a local causal-LM directory used as the judge"""
-    base_url: str | None = None
-    """openai: the endpoint, e.g. http://127.0.0.1:8000/v1"""
-    model: str | None = None
-    """openai: the model name"""
-    api_key_env: str | None = None
-    """openai: the environment variable holding the key (never written anywhere)"""
-    concurrency: int = Field(4, gt=0)
-    """openai teacher: requests in flight at once."""
+    endpoint: Endpoint | None = None
+    """openai judge: the chat endpoint (url, model, api_key_env, timeout_s, max_retries, concurrency)."""
     prompts: int = Field(600, gt=0)
     """training prompts to label"""
     eval_prompts: int = Field(150, gt=0)
@@ -150,10 +146,15 @@ class LabelConfig(_Section):
     chars_per_rv: float = Field(40.0, gt=0)
     """reference teacher: characters of reasoning per RV point."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_endpoint_keys(cls, data):
+        return refuse_renamed("label", data, _OLD_ENDPOINT_KEYS)
+
     @model_validator(mode="after")
     def _teacher_settings(self) -> "LabelConfig":
         if self.teacher == "hf" and not self.teacher_model_path:
             raise ValueError("teacher hf needs label.teacher_model_path")
-        if self.teacher == "openai" and not (self.base_url and self.model):
-            raise ValueError("teacher openai needs label.base_url and label.model")
+        if self.teacher == "openai" and not (self.endpoint and self.endpoint.model):
+            raise ValueError("teacher openai needs label.endpoint with a url and a model")
         return self

@@ -2,13 +2,14 @@
 batch's rows split across them), or a remote teacher called from the driver."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import ray
 import torch
 
 from reward.teachers.logprobs import RemoteTeacherLogprobs, TeacherLogprobWorker
-from rlhf.core.distributed import cluster
+from rlhf.core.distributed import cluster, threads
 from rlhf.core.config.run_config import RunConfig
 from rlhf.core.distributed.worker_pool import WorkerPool
 from rlhf.core.distributed.split import row_slices
@@ -19,7 +20,8 @@ class TeacherGroup:
 
     def __init__(self, cfg: RunConfig):
         r = cfg.reward
-        resources = cluster.role_resources(cfg, "reward")
+        # The reward workers' placement, with the teacher workers' own thread share.
+        resources = replace(cluster.role_resources(cfg, "reward"), threads=threads.run_budget(cfg)["teacher"])
         actor = ray.remote(**resources.options())(TeacherLogprobWorker)
         self.pool = WorkerPool("teacher", lambda i: actor.remote(r.teacher_model_path, cfg.rollout.threads,
                                                                  cfg.trainer.micro_batch_size, cfg.rollout.temperature),
@@ -37,12 +39,12 @@ class TeacherGroup:
 
 
 def make_teacher_group(cfg: RunConfig, cache_dir: Path):
-    """The local teacher's workers, or the remote teacher (``reward.teacher_url``) called from the driver, its
+    """The local teacher's workers, or the remote teacher (``reward.teacher_endpoint``) called from the driver, its
     replies cached in ``cache_dir``."""
-    r = cfg.reward
-    if r.teacher_url:
-        return RemoteTeacher(RemoteTeacherLogprobs(r.teacher_url, r.teacher_model, r.teacher_api_key_env,
-                                                   cache_dir=cache_dir))
+    e = cfg.reward.teacher_endpoint
+    if e is not None:
+        return RemoteTeacher(RemoteTeacherLogprobs(e.url, e.model, e.api_key_env, e.concurrency, cache_dir=cache_dir,
+                                                   timeout_s=e.timeout_s, max_retries=e.max_retries))
     return TeacherGroup(cfg)
 
 
