@@ -86,12 +86,7 @@ def label(rows: list[PromptRow], sample: SampleFn, teacher, out_dir: str | Path,
                 report.errors[verdict.error] = report.errors.get(verdict.error, 0) + 1
                 continue
             report.judged += 1
-            lines.append(json.dumps({
-                "prompt": row.prompt, "reference": row.answer, "response": text, "source": source,
-                "difficulty": row.difficulty,
-                "quality": verdict.quality, "correct": verdict.correct, "rv": verdict.rv, "cd": verdict.cd,
-                "quality_probs": verdict.quality_probs, "rv_probs": verdict.rv_probs, "cd_probs": verdict.cd_probs,
-            }))
+            lines.append(json.dumps(judged_row(row, text, source, verdict)))
         # The chunk's prompts are recorded with its rows in one append: a crash mid-write loses at most this chunk.
         lines.append(json.dumps({"done_prompts": [r.prompt for r in chunk]}))
         with open(rows_file, "a") as f:
@@ -102,6 +97,15 @@ def label(rows: list[PromptRow], sample: SampleFn, teacher, out_dir: str | Path,
     progress.close()
     log(report.line())
     return report
+
+
+def judged_row(row: PromptRow, text: str, source: str, verdict) -> dict:
+    """One judged response as ``rows.jsonl`` holds it (and ``make_pairs`` reads it): the prompt and its reference
+    answer, the response, who wrote it (``student``/``teacher``), and the teacher's verdict."""
+    return {"prompt": row.prompt, "reference": row.answer, "response": text, "source": source,
+            "difficulty": row.difficulty,
+            "quality": verdict.quality, "correct": verdict.correct, "rv": verdict.rv, "cd": verdict.cd,
+            "quality_probs": verdict.quality_probs, "rv_probs": verdict.rv_probs, "cd_probs": verdict.cd_probs}
 
 
 def _done_prompts(rows_file: Path) -> set[str]:

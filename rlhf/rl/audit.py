@@ -47,7 +47,8 @@ def audit(teacher, rows: list[PromptRow], samples: list, scores: list[dict], cfg
         logger.warning("teacher audit: RM-teacher agreement %.2f is below %.2f: the policy may be exploiting the "
                        "reward model", agreement, cfg.audit_warn_below)
     return {"audit/rm_teacher_agreement": agreement, "audit/pairs": pairs,
-            "audit/teacher_quality": sum(judged) / max(1, len(judged)), "audit/alarm": float(alarm)}
+            "audit/teacher_quality": sum(judged) / max(1, len(judged)), "audit/alarm": float(alarm),
+            "audit/teacher_calls": len(take)}
 
 
 def audit_stop(metrics: dict, cfg: RewardConfig) -> str | None:

@@ -1,8 +1,10 @@
 """The reward workers as one group: every sample of a step scored, the batch split evenly across the workers."""
 from __future__ import annotations
 
+import ray
+
 from rlhf.core.data.datasets import PromptRow
-from rlhf.core.distributed.worker_pool import WorkerPool
+from rlhf.core.distributed.worker_pool import WorkerPool, get_all
 from rlhf.core.distributed.split import shards
 
 
@@ -28,6 +30,15 @@ class RewardGroup:
                         per_sample([r.answer for r in rows]), records, per_sample([r.difficulty for r in rows]),
                         shards([s.verified_text for s in samples], parts)))
         return [s for part in self.pool.call("score", args, "reward score") for s in part]
+
+    def set_rm_weights(self, state_dict: dict, version: int) -> None:
+        """A refreshed RM's weights to every reward worker (one copy in the object store), between two batches; a
+        worker restarted later gets them too, before it scores anything."""
+        ref = ray.put(state_dict)
+        self.pool.call("set_rm_weights", [(ref, version)] * len(self.pool), "reward-model weight swap")
+        self.pool.restore = lambda worker: get_all([worker.set_rm_weights.remote(ref, version)],
+                                                   ["restarted reward worker"], "reward-model weight swap",
+                                                   self.pool.timeout_s)
 
     def verify(self, texts: list[str], references: list[str]) -> list[dict]:
         """The verifier's verdicts alone (held-out evaluation)."""
