@@ -214,6 +214,33 @@ def test_dynamic_sampling_rejects_a_size_that_does_not_split_into_groups():
         informative_groups(T([1.0, 0.0, 1.0]), 2)
 
 
+def test_estimators_with_a_group_baseline_give_an_equal_reward_group_zero_advantage():
+    """What dynamic sampling relies on when it drops such a group: with a KL in the token rewards and other groups
+    far from it, each estimator that declares ``group_baseline`` leaves the equal group [1, 1] at exactly 0."""
+    from rlhf.core.algorithms.advantages import AdvantageInputs
+
+    mask = T([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    kl_rewards = -0.1 * torch.arange(18, dtype=torch.float).reshape(6, 3) / 18
+    declaring = [name for name, entry in ADVANTAGE_ESTIMATORS.items() if entry.group_baseline]
+    assert set(declaring) == {"grpo", "dr_grpo", "rloo"}
+    for name in declaring:
+        inputs = AdvantageInputs(T([1.0, 1.0, 0.0, 1.0, 3.0, -2.0]), mask, 2, token_rewards=kl_rewards * mask)
+        advantages, _ = ADVANTAGE_ESTIMATORS[name].compute(inputs)
+        assert advantages[:2].abs().max().item() == 0.0, name
+    # REINFORCE++'s baseline variant does not: its whitened returns give that group's rows non-zero advantages.
+    inputs = AdvantageInputs(T([1.0, 1.0, 0.0, 1.0, 3.0, -2.0]), mask, 2, token_rewards=kl_rewards * mask)
+    assert ADVANTAGE_ESTIMATORS["reinforce_plus_plus_baseline"].compute(inputs)[0][:2].abs().max().item() > 0.1
+
+
+@pytest.mark.parametrize("advantage", ["reinforce_plus_plus", "reinforce_plus_plus_baseline", "gae"])
+def test_dynamic_sampling_is_refused_where_equal_reward_groups_carry_advantages(advantage):
+    with pytest.raises(ConfigError, match=f"dynamic_sampling drops groups of equal rewards, whose rows {advantage} "
+                                          f"gives non-zero advantages") as err:
+        load_config(None, [f"algorithm.advantage={advantage}", "algorithm.dynamic_sampling=true"])
+    assert "\n" not in str(err.value)
+    load_config(None, ["algorithm.advantage=rloo", "algorithm.dynamic_sampling=true"])  # a group baseline: fine
+
+
 # ------------------------------------------------------------------------------------------------ config
 
 

@@ -103,7 +103,7 @@ def test_a_teacher_with_another_vocabulary_is_refused_in_one_line(teacher_dir):
     (["reward.components={teacher_kl: 1.0}"], "set reward.teacher_model_path"),
     (["reward.components={teacher_kl: 1.0, verifier: 1.0}", "reward.teacher_model_path=t",
       "algorithm.advantage=on_policy_distillation"], "learns from reward.components.teacher_kl alone"),
-    (["reward.components={teacher_kl: 1.0}", "reward.teacher_model_path=t", "algorithm.advantage=reinforce_plus_plus",
+    (["reward.components={teacher_kl: 1.0}", "reward.teacher_model_path=t", "algorithm.advantage=grpo",
       "algorithm.dynamic_sampling=true"], "teacher_kl gives every token a reward"),
 ])
 def test_teacher_kl_settings_that_cannot_work_are_refused(overrides, message):

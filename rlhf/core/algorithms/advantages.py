@@ -165,7 +165,8 @@ class Estimator:
     None), 0 off the response. ``needs``: ``critic`` (a value model, trained towards the returns) and/or
     ``reference`` (the KL to the reference model goes into its token rewards when ``algorithm.kl_coef`` > 0).
     ``token_rewards``: it reads per-token rewards (so a KL in the reward, or a dense reward, can reach it).
-    ``group_baseline``: groups of equal rewards get advantage 0 (dynamic sampling may drop them)."""
+    ``group_baseline``: a group of equal rewards gets advantage 0 on every token whatever the rest of the batch
+    holds, so dynamic sampling may drop it (the config refuses dynamic sampling with any other estimator)."""
 
     compute: Callable[[AdvantageInputs], tuple[torch.Tensor, torch.Tensor | None]]
     needs: frozenset[str] = frozenset()
@@ -203,11 +204,13 @@ ADVANTAGE_ESTIMATORS: Registry[Estimator] = Registry("advantage estimator")
 ADVANTAGE_ESTIMATORS.register("grpo", _per_sequence(grpo_advantages))
 ADVANTAGE_ESTIMATORS.register("dr_grpo", _per_sequence(dr_grpo_advantages))
 ADVANTAGE_ESTIMATORS.register("rloo", _per_sequence(rloo_advantages))
-# REINFORCE++ takes the KL to the reference in its token rewards, as in the paper (and OpenRLHF).
+# REINFORCE++ takes the KL to the reference in its token rewards, as in the paper (and OpenRLHF). Neither variant
+# has a group baseline: the returns are whitened over the whole batch (and carry the KL), so an equal-reward group's
+# rows get non-zero advantages.
 ADVANTAGE_ESTIMATORS.register("reinforce_plus_plus", Estimator(
     _reinforce_plus_plus(False), needs=frozenset({"reference"}), token_rewards=True))
 ADVANTAGE_ESTIMATORS.register("reinforce_plus_plus_baseline", Estimator(
-    _reinforce_plus_plus(True), needs=frozenset({"reference"}), token_rewards=True, group_baseline=True))
+    _reinforce_plus_plus(True), needs=frozenset({"reference"}), token_rewards=True))
 ADVANTAGE_ESTIMATORS.register("gae", Estimator(_gae, needs=frozenset({"critic"}), token_rewards=True))
 # On-policy distillation alone: no sequence-level advantage; the teacher_kl component's per-token term
 # (distillation_advantages, added by the update to any estimator's advantages) is all there is.

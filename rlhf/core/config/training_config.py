@@ -232,9 +232,11 @@ class AlgorithmConfig(_Section):
                              f"use gae or reinforce_plus_plus(_baseline), or keep the KL in the loss")
         if self.critic_warmup_steps and not self.uses_critic:
             raise ValueError(f"critic_warmup_steps needs an estimator with a critic (gae), not {self.advantage}")
-        if self.uses_critic and self.dynamic_sampling:
-            raise ValueError("dynamic_sampling drops groups of equal rewards, which only a group baseline ignores: "
-                             f"turn it off with advantage {self.advantage} (the critic learns from those rows too)")
+        if self.dynamic_sampling and not estimator.group_baseline:
+            # Only a group baseline gives such groups advantage 0; a critic's values or returns whitened over the
+            # batch give their rows advantages like any other's, so dropping them would change the update.
+            raise ValueError(f"dynamic_sampling drops groups of equal rewards, whose rows {self.advantage} gives "
+                             f"non-zero advantages: turn it off, or use grpo, dr_grpo or rloo")
         if self.kl_in_reward and not self.kl_coef:
             raise ValueError("kl_in_reward needs kl_coef > 0 (the weight of the KL penalty in the reward)")
         if self.uses_critic and self.steps and self.critic_warmup_steps >= self.steps:
