@@ -9,21 +9,38 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 from rlhf.core.data.samples import Sample
 
 
-class TokenLogprobs(LogitsProcessor):
-    """Records each sampled token's log-probability under the distribution it was sampled from (logits /
-    temperature), keeping one decoding step of log-probs at a time: ``output_logits`` would keep every step's
-    (rows, vocab) logits until the end, gigabytes at a 151k vocabulary. The token drawn at step t is the last column
-    of ``input_ids`` when step t+1's scores arrive; ``finish`` takes the last step's token from the final sequences.
-    Leaves the scores unchanged (it runs before the temperature warper, hence its own scaling)."""
+def truncate(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """``logits`` with every token outside the ``top_k`` most likely (0: no limit; ties at the k-th all stay) and
+    outside the top-p nucleus (the fewest most likely tokens whose probability reaches ``top_p``; 1: all) set to
+    -inf: softmax of the result is the distribution sampling draws from, log_softmax its log-probs."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(ordered, dim=-1)
+        outside = probs.cumsum(-1) - probs >= top_p  # the tokens before it already reach top_p
+        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+    return logits
 
-    def __init__(self, temperature: float):
-        self.temperature = temperature
+
+class TokenLogprobs(LogitsProcessor):
+    """Applies the temperature and top-k/top-p truncation (``generate`` asks Hugging Face for neither, so they
+    happen here, after any processor of the model's saved generation config) and records each sampled token's
+    log-probability under the resulting distribution, the one it was sampled from, keeping one decoding step of
+    log-probs at a time: ``output_logits`` would keep every step's (rows, vocab) logits until the end, gigabytes at
+    a 151k vocabulary. The token drawn at step t is the last column of ``input_ids`` when step t+1's scores
+    arrive; ``finish`` takes the last step's token from the final sequences."""
+
+    def __init__(self, temperature: float, top_k: int = 0, top_p: float = 1.0):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.pending: torch.Tensor | None = None  # the last step's log-probs, waiting for the token drawn from them
         self.steps: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self._take(input_ids[:, -1])
-        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        scores = truncate(scores.float() / self.temperature, self.top_k, self.top_p)
+        self.pending = torch.log_softmax(scores, dim=-1)
         return scores
 
     def _take(self, tokens: torch.Tensor) -> None:
@@ -52,12 +69,13 @@ def _left_padded(model, tokenizer, prompts: list[str], n: int) -> tuple[list[lis
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], n: int, max_new_tokens: int, temperature: float = 1.0,
-             greedy: bool = False) -> list[Sample]:
+             greedy: bool = False, top_p: float = 1.0, top_k: int = 0) -> list[Sample]:
     """``n`` responses per prompt, grouped: samples for prompt i are at [i*n, (i+1)*n)."""
     rows, input_ids, attention_mask = _left_padded(model, tokenizer, prompts, n)
     width, pad = input_ids.shape[1], tokenizer.pad_token_id
-    sampling = {} if greedy else {"temperature": temperature, "top_k": 0, "top_p": 1.0}
-    recorder = TokenLogprobs(1.0 if greedy else temperature)
+    # Temperature and truncation are TokenLogprobs' (so it records what is sampled from): none in generate's own.
+    sampling = {} if greedy else {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    recorder = TokenLogprobs(1.0, 0, 1.0) if greedy else TokenLogprobs(temperature, top_k, top_p)
     out = model.generate(
         input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
         do_sample=not greedy, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
@@ -82,12 +100,13 @@ def _samples(tokenizer, rows: list[list[int]], n: int, tokens: list[list[int]], 
 
 @torch.no_grad()
 def generate_compacting(model, tokenizer, prompts: list[str], n: int, max_new_tokens: int,
-                        temperature: float = 1.0, greedy: bool = False) -> list[Sample]:
+                        temperature: float = 1.0, greedy: bool = False, top_p: float = 1.0,
+                        top_k: int = 0) -> list[Sample]:
     """What ``generate`` returns, from a decode loop that takes finished rows out of the batch and the KV cache
     (once at least an eighth of the batch has finished, so the cache is not copied every step): with responses of
     varying length most rows stop well before the longest, and ``generate`` would keep computing them to the end.
     Each prompt's forward runs once for its ``n`` samples (``generate`` runs it ``n`` times).
-    Sampling is plain multinomial at the temperature (no top-k/top-p), as ``generate`` is called. Of the model's
+    Sampling is multinomial at the temperature after top-k/top-p ``truncate``, as in ``generate``. Of the model's
     saved generation config it reads ``min_new_tokens`` only (end-of-sequence impossible before then, the log-probs
     those of the distribution without it, as ``generate`` records them); the rest is ``generate``'s alone."""
     prompt_rows, input_ids, attention_mask = _left_padded(model, tokenizer, prompts, 1)
@@ -110,6 +129,8 @@ def generate_compacting(model, tokenizer, prompts: list[str], n: int, max_new_to
         logits = logits.float() / scale
         if step < min_new_tokens:
             logits[:, eos] = float("-inf")
+        if not greedy:
+            logits = truncate(logits, top_k, top_p)
         logp = torch.log_softmax(logits, dim=-1)
         token = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(-1)
         chosen = logp.gather(-1, token[:, None]).squeeze(-1)

@@ -24,8 +24,10 @@ from rollout.engine import generate, generate_compacting
 class RolloutEngine(Protocol):
     tokenizer: object
 
+    # top_p / top_k: None takes the run's rollout.top_p / rollout.top_k; an engine without them samples untruncated
+    # (the policy server then refuses requests that set them).
     def generate(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
-                 greedy: bool) -> list[Sample]: ...
+                 greedy: bool, top_p: float | None = None, top_k: int | None = None) -> list[Sample]: ...
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None: ...
 
@@ -52,9 +54,13 @@ def check_fits(state_dict: dict[str, torch.Tensor], expected: dict[str, tuple[in
 class HFEngine:
     """The policy as a transformers model in this process, sampled with ``generate`` (rollout/engine.py)."""
 
+    top_p, top_k = 1.0, 0  # rollout.top_p / rollout.top_k: what generate truncates to unless told otherwise
+
     def __init__(self, model_dir: str, rollout: RolloutConfig | None = None):
+        rollout = rollout or RolloutConfig()
+        self.top_p, self.top_k = rollout.top_p, rollout.top_k
         self.model, self.tokenizer = load_student(model_dir)
-        self.model.to(DTYPES[(rollout or RolloutConfig()).dtype])
+        self.model.to(DTYPES[rollout.dtype])
         if torch.cuda.is_available():  # Ray shows the actor only the GPU it was given (cluster.rollout.num_gpus)
             self.model.to("cuda")
         self.model.eval()
@@ -68,8 +74,9 @@ class HFEngine:
         return engine
 
     def generate(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
-                 greedy: bool) -> list[Sample]:
-        return generate(self.model, self.tokenizer, prompts, n, max_new_tokens, temperature, greedy)
+                 greedy: bool, top_p: float | None = None, top_k: int | None = None) -> list[Sample]:
+        return generate(self.model, self.tokenizer, prompts, n, max_new_tokens, temperature, greedy,
+                        self.top_p if top_p is None else top_p, self.top_k if top_k is None else top_k)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         # Checked before loading: a refused state dict must leave the current weights whole (load_state_dict with
@@ -89,5 +96,6 @@ class CompactingHFEngine(HFEngine):
     where responses differ in length, as fast where they do not."""
 
     def generate(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
-                 greedy: bool) -> list[Sample]:
-        return generate_compacting(self.model, self.tokenizer, prompts, n, max_new_tokens, temperature, greedy)
+                 greedy: bool, top_p: float | None = None, top_k: int | None = None) -> list[Sample]:
+        return generate_compacting(self.model, self.tokenizer, prompts, n, max_new_tokens, temperature, greedy,
+                                   self.top_p if top_p is None else top_p, self.top_k if top_k is None else top_k)

@@ -61,6 +61,7 @@ class VLLMEngine:
         from vllm import LLM
 
         self.tokenizer = load_tokenizer(model_dir)
+        self.top_p, self.top_k = rollout.top_p, rollout.top_k
         self.expected = checkpoint_shapes(model_dir)
         self.sleeps = rollout.sleep_between_rollouts
         self.llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype=rollout.dtype,
@@ -72,14 +73,17 @@ class VLLMEngine:
         self._sleep()
 
     def generate(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
-                 greedy: bool) -> list[Sample]:
+                 greedy: bool, top_p: float | None = None, top_k: int | None = None) -> list[Sample]:
         from vllm import SamplingParams
 
         self._wake(None)
         encoded = [p if isinstance(p, list) else self.tokenizer(p, add_special_tokens=False).input_ids
                    for p in prompts]  # token ids as is (multi-turn rollouts)
         eos = self.tokenizer.eos_token_id
-        params = SamplingParams(n=n, temperature=0.0 if greedy else temperature, top_p=1.0, top_k=0,
+        # processed_logprobs (see __init__): the log-probs after temperature and top-k/top-p, what was sampled from.
+        params = SamplingParams(n=n, temperature=0.0 if greedy else temperature,
+                                top_p=self.top_p if top_p is None else top_p,
+                                top_k=self.top_k if top_k is None else top_k,
                                 max_tokens=max_new_tokens, logprobs=0, stop_token_ids=[eos], detokenize=False,
                                 seed=int(torch.randint(0, 2**31 - 1, ()).item()))
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False)

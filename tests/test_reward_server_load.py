@@ -73,7 +73,7 @@ def test_full_queue_answers_busy_at_once_and_queued_requests_still_succeed():
         first = in_thread(post, server, pair)
         assert scorer.started.acquire(timeout=10)  # the first request is being scored (and holds the slot)
         second = in_thread(post, server, pair)
-        wait_for(lambda: server._admitted == 2)  # the second waits in the queue
+        wait_for(lambda: server.queue.waiting == 1)  # the second waits in the queue
         start = time.monotonic()
         status, headers, body = post(server, pair)
         assert time.monotonic() - start < 2  # refused at once, not after waiting

@@ -5,7 +5,14 @@ come from the engine."""
 from __future__ import annotations
 
 import json
+import queue
 import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -84,3 +91,33 @@ def test_serve_samples_through_the_configured_engine(checkpoint):
 def test_serve_refuses_an_unregistered_engine_in_one_line(checkpoint, capsys):
     assert main(["serve", checkpoint, "rollout.engine=no_such_engine", "--port", "0"]) == 2
     assert "rollout.engine" in capsys.readouterr().err
+
+
+def test_distilrl_serve_prints_a_ready_line_and_one_line_per_request(checkpoint):
+    """``distilrl serve`` as a user runs it: a uvicorn-style ready line with the URL on stderr, then one line per
+    request (client, request line, status, milliseconds); Ctrl-C stops it cleanly."""
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "serve", checkpoint, "--port", "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    try:
+        deadline, url = time.monotonic() + 180, None
+        while url is None:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            found = re.match(r"INFO: {5}distilrl serve .* running on (http://127\.0\.0\.1:\d+) \(Press CTRL\+C", line)
+            url = found and found.group(1)
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as answer:
+            assert answer.status == 200
+        request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(
+            {"model": "other", "messages": [{"role": "user", "content": "1+1="}]}).encode())
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 404
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    time.sleep(0.2)  # the reader thread drains the last lines
+    logged = "".join(lines.queue)
+    assert re.search(r'INFO: {5}127\.0\.0\.1:\d+ - "GET /v1/models HTTP/1\.1" 200 OK \d+\.\d ms\n', logged), logged
+    assert re.search(r'"POST /v1/chat/completions HTTP/1\.1" 404 Not Found \d+\.\d ms\n', logged), logged

@@ -4,16 +4,21 @@ can talk to a student: ``distilrl serve CHECKPOINT``.
 Endpoints (JSON; errors in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``):
 
 - ``GET /v1/models``: the one model served.
-- ``POST /v1/chat/completions``: ``messages`` (rendered with the tokenizer's chat template when it has one,
-  otherwise the message contents joined by newlines), ``max_tokens`` (or ``max_completion_tokens``),
-  ``temperature`` (0 = greedy), ``n``, ``seed``. Other OpenAI parameters are accepted and ignored; ``stream`` is
-  refused. Generation goes through a rollout engine (rollout/engines.py: ``rollout.engine``, default
-  ``hf_compact``), the same sampler RL and evaluation use.
+- ``POST /v1/chat/completions``: ``messages`` rendered with the tokenizer's chat template when it has one
+  (otherwise the contents joined by newlines). ``POST /v1/completions``: ``prompt``, a string or a list of them.
+  Parameters (rlhf/serve/openai_request.py): ``max_tokens``, ``temperature`` (0 = greedy), ``top_p``,
+  ``top_k``, ``n``, ``seed``, ``stop``, log-probs of each token and its top alternatives, ``stream`` (server-sent
+  events); anything else is refused with 400 naming the parameter, and a ``model`` other than the served one gets
+  404. Generation goes through a rollout engine (rollout/engines.py: ``rollout.engine``, default
+  ``hf_compact``), the same sampler RL and evaluation use; a stream is sent once its samples are complete (the
+  engines return whole samples), token by token.
 - ``GET /health``.
 
-One model, so generation is serialised with a lock; the HTTP side is threaded, so slow clients do not block each
-other. Bodies over ``max_request_bytes`` (1 MB) get 413. Binds 127.0.0.1 unless told otherwise: there is no
-authentication.
+Under load (rlhf/core/http/queue.py): one model, so requests queue for one generation thread, light ones ahead of
+heavy ones; waiting unseeded requests with the same sampling settings are generated in one batch. At most
+``max_queue`` wait, each at most ``queue_timeout_s``; beyond, 503 with ``Retry-After``. A prompt is checked
+against the model's context while it is tokenized, outside the queue (rlhf/core/http/limits.py). Bodies over
+``max_request_bytes`` (1 MB) get 413. Binds 127.0.0.1 unless told otherwise: there is no authentication.
 
 Usage in a test or script::
 
@@ -25,11 +30,10 @@ Usage in a test or script::
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
-import threading
 import time
-import uuid
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -37,182 +41,130 @@ from typing import Any
 import torch
 
 from rlhf.core.config.run_config import RolloutConfig
-from rlhf.core.http.server import BackgroundHTTPServer, GuardedHandler, parse_json
+from rlhf.core.http.json_handler import HttpError, JsonHandler, Streamed
+from rlhf.core.http.limits import max_chars_per_token, tokens_within
+from rlhf.core.http.logs import configure_logging
+from rlhf.core.http.queue import Busy, WorkQueue
+from rlhf.core.http.server import BackgroundHTTPServer, serve_until_interrupted
+from rlhf.serve import openai_reply
+from rlhf.serve.openai_request import GenerationRequest, bad, parse_request
+from rlhf.serve.token_alternatives import top_alternatives
 from rollout import vllm_engine  # noqa: F401 - registers the optional vllm engine (vllm itself loads when built)
 from rollout.engines import ENGINES, HFEngine, RolloutEngine
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256  # when the request names none; also capped by the context left after the prompt
-MAX_N = 64
-MAX_SEED = 2**63 - 1  # torch's generator takes a 64-bit seed
-_MAX_CHARS_PER_TOKEN = 256  # no token spans more characters (Qwen2.5's longest is 128 bytes)
-# After refusing an oversized body, read and discard (up to a bound) what the client is still sending: closing a
-# socket with unread input resets the connection, and the client would see "connection reset", not our 413.
-_DRAIN_LIMIT_BYTES = 16 * 1024 * 1024
-_DRAIN_TIMEOUT_S = 2.0
-_SOCKET_TIMEOUT_S = 60.0  # a client that announces a body and stalls must not hold a thread forever
-
-
-class _ApiError(Exception):
-    """Answered as an OpenAI-style error JSON with this status."""
-
-    def __init__(self, status: HTTPStatus, message: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-
-    def payload(self) -> dict[str, Any]:
-        kind = "server_error" if self.status >= 500 else "invalid_request_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": None}}
+NO_CONTEXT_LIMIT = 1_000_000  # prompt tokens allowed for a model that declares no context length
 
 
 class PolicyServer(BackgroundHTTPServer):
-    """The HTTP server holding the rollout engine, its tokenizer, the generation lock and a request counter."""
+    """The HTTP server holding the rollout engine, its tokenizer and the queue in front of generation."""
 
     def __init__(self, address: tuple[str, int], engine: RolloutEngine, model_name: str, max_request_bytes: int,
-                 context_length: int | None):
+                 context_length: int | None, max_queue: int = 64, queue_timeout_s: float = 120.0):
         super().__init__(address, _Handler)
         self.engine, self.tokenizer, self.model_name = engine, engine.tokenizer, model_name
         self.model = getattr(engine, "model", None)  # the transformers model, for engines that hold one (hf)
         self.max_request_bytes = max_request_bytes
         self.context_length = context_length
+        self.chars_per_token = max_chars_per_token(self.tokenizer)
+        self.truncates = "top_p" in inspect.signature(engine.generate).parameters  # takes top_p and top_k
         self.created = int(time.time())
-        self.generate_lock = threading.Lock()  # one model: never generate from two threads at once
-        self._count_lock = threading.Lock()
-        self.request_count = 0  # every request answered, any path: lets tests and operators see traffic
+        # Batches reach max_batch_items rows (prompts x n) at most: a batch of MAX_N samples is already a full one.
+        self.queue = WorkQueue(self._generate, "generation", max_queue, queue_timeout_s, 1, 64)
 
-    def count_request(self) -> None:
-        with self._count_lock:
-            self.request_count += 1
+    def _generate(self, jobs: list[tuple[GenerationRequest, list[str], int]]) -> list[list]:
+        """One engine call for a batch of requests of equal settings (or one request): each request's samples,
+        with its top alternatives when asked. Runs on the queue's one worker thread."""
+        request, _, max_tokens = jobs[0]
+        prompts = [p for _, job_prompts, _ in jobs for p in job_prompts]
+        extra = {"top_p": request.top_p, "top_k": request.top_k} if self.truncates else {}
+        # A seeded request samples from its own generator state: the global RNG (what unseeded requests draw
+        # from) is put back as it was, so one client's seed never changes another's samples.
+        with torch.random.fork_rng(devices=[], enabled=request.seed is not None):
+            if request.seed is not None:
+                torch.manual_seed(request.seed)
+            samples = self.engine.generate(prompts, request.n, max_tokens, request.temperature or 1.0,
+                                           request.greedy, **extra)
+        out, start = [], 0
+        for job_request, job_prompts, _ in jobs:
+            part = samples[start:start + len(job_prompts) * request.n]
+            start += len(part)
+            tops = [top_alternatives(self.model, s, job_request.top_logprobs, request.temperature, request.top_k,
+                                     request.top_p, request.greedy) for s in part] if job_request.top_logprobs else None
+            out.append((part, tops))
+        return out
+
+    def close(self) -> None:
+        self.queue.close()
+        super().close()
 
 
-class _Handler(GuardedHandler):
+class _Handler(JsonHandler):
     server: PolicyServer
-    timeout = _SOCKET_TIMEOUT_S
     server_version = "distilrl-policy/1"
+    routes = {"/v1/models": ("GET", "models"), "/health": ("GET", "health"),
+              "/v1/chat/completions": ("POST", "chat"), "/v1/completions": ("POST", "completions")}
 
-    _ROUTES = {"/v1/models": "GET", "/health": "GET", "/v1/chat/completions": "POST"}
+    def error_payload(self, err: HttpError) -> dict[str, Any]:
+        kind = "server_error" if err.status >= 500 else "invalid_request_error"
+        code = "model_not_found" if err.status == HTTPStatus.NOT_FOUND and err.param == "model" else None
+        return {"error": {"message": err.message, "type": kind, "param": err.param, "code": code}}
 
-    def do_GET(self) -> None:
-        self._dispatch()
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok"}
 
-    def do_POST(self) -> None:
-        self._dispatch()
+    def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
+                                            "created": self.server.created, "owned_by": "distilrl"}]}
 
-    # Other methods get 405 naming the allowed one (the base class would answer 501, a server error).
-    do_PUT = do_DELETE = do_PATCH = do_POST
+    def chat(self, body: Any) -> Any:
+        return self._complete(parse_request("chat", body))
 
-    def _dispatch(self) -> None:
-        started = time.perf_counter()
-        self._drain = 0
-        try:
-            status, payload = HTTPStatus.OK, self._route()
-        except _ApiError as err:
-            status, payload = err.status, err.payload()
-        except Exception as err:  # a bug must cost one request, not leave the client hanging
-            logger.exception("policy server failed on %s %s", self.command, self.path)
-            status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, _ApiError(
-                HTTPStatus.INTERNAL_SERVER_ERROR, _one_line(f"internal error: {err!r}")).payload()
-        self.server.count_request()
-        try:
-            self._send_json(status, payload)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # the client went away
-        logger.info("%s %s %s -> %d (%.1f ms)", self.client_address[0], self.command, self.path.split("?", 1)[0],
-                    status, (time.perf_counter() - started) * 1000)
+    def completions(self, body: Any) -> Any:
+        return self._complete(parse_request("text", body))
 
-    def _route(self) -> dict[str, Any]:
-        path = self.path.split("?", 1)[0].rstrip("/")
-        method = self._ROUTES.get(path)
-        if method is None:
-            raise _ApiError(HTTPStatus.NOT_FOUND, f"unknown path {path!r}: use /v1/chat/completions or /v1/models")
-        if self.command != method:
-            raise _ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} accepts {method} only")
-        if method == "GET":
-            self.request_received()
-        if path == "/health":
-            return {"status": "ok"}
-        if path == "/v1/models":
-            return {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
-                                                "created": self.server.created, "owned_by": "distilrl"}]}
-        return self._chat_completion(self._read_json())
-
-    def _read_json(self) -> Any:
-        length_header = self.headers.get("Content-Length")
-        if length_header is None:
-            self.close_connection = True
-            raise _ApiError(HTTPStatus.LENGTH_REQUIRED, "Content-Length header required")
-        try:
-            length = int(length_header)
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            raise _ApiError(HTTPStatus.BAD_REQUEST, "bad Content-Length header") from None
-        if length > self.server.max_request_bytes:
-            self.close_connection = True
-            self._drain = length
-            raise _ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                            f"request body of {length} bytes is over the limit of {self.server.max_request_bytes}")
-        try:
-            raw = self.rfile.read(length)
-        except OSError as err:  # the client reset the connection, or missed the server's deadline
-            self.close_connection = True
-            raise _ApiError(HTTPStatus.BAD_REQUEST, f"request body not received: {type(err).__name__}") from None
-        self.request_received()
-        if len(raw) != length:
-            self.close_connection = True
-            raise _ApiError(HTTPStatus.BAD_REQUEST, f"request body ended after {len(raw)} of {length} bytes")
-        try:
-            return parse_json(raw)
-        except ValueError as err:
-            raise _ApiError(HTTPStatus.BAD_REQUEST, f"malformed JSON body: {err}") from None
-
-    # ---- the completion ----
-
-    def _chat_completion(self, body: Any) -> dict[str, Any]:
-        if not isinstance(body, dict):
-            raise _ApiError(HTTPStatus.BAD_REQUEST, "the request body must be a JSON object")
-        if body.get("stream"):
-            raise _ApiError(HTTPStatus.BAD_REQUEST, "streaming is not supported", "stream")
-        messages = _messages(body.get("messages"))
-        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-        n = _integer(body, "n", 1, 1, MAX_N)
-        seed = _integer(body, "seed", None, 0, MAX_SEED)
-        max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        requested = _integer(body, max_key, None, 1, None)
-
+    def _complete(self, request: GenerationRequest) -> Any:
         server = self.server
-        chars = sum(len(m["content"]) for m in messages)
-        if server.context_length and chars > server.context_length * _MAX_CHARS_PER_TOKEN:
-            # Surely over the context, and tokenizing it would hold the model's lock for a while: refuse it now.
-            raise _ApiError(HTTPStatus.BAD_REQUEST, f"the messages hold {chars} characters: more than this model's "
-                            f"maximum context length of {server.context_length} tokens", "messages")
-        with server.generate_lock:  # tokenizer and engine together: neither is guaranteed thread-safe
-            prompt = self._render(messages)
-            prompt_tokens = len(server.tokenizer(prompt, add_special_tokens=False).input_ids)
-            max_tokens = self._max_tokens(prompt_tokens, requested, max_key)
-            try:
-                # A seeded request samples from its own generator state: the global RNG (what unseeded requests
-                # draw from) is put back as it was, so one client's seed never changes another's samples.
-                with torch.random.fork_rng(devices=[], enabled=seed is not None):
-                    if seed is not None:
-                        torch.manual_seed(seed)
-                    samples = server.engine.generate([prompt], n, max_tokens, temperature or 1.0, temperature == 0)
-            except Exception as err:
-                logger.exception("generation failed")
-                raise _ApiError(HTTPStatus.INTERNAL_SERVER_ERROR,
-                                _one_line(f"generation failed: {type(err).__name__}: {err}")) from None
+        if request.model is not None and request.model != server.model_name:
+            raise HttpError(HTTPStatus.NOT_FOUND, f"the model {request.model!r} does not exist: this server "
+                            f"serves {server.model_name!r} (GET /v1/models)", "model")
+        self._check_engine(request)
+        if request.kind == "chat":
+            request.prompts = [self._render(request.messages)]
+        prompt_tokens = [self._prompt_tokens(p) for p in request.prompts]
+        max_tokens = self._max_tokens(max(prompt_tokens), request.max_tokens, request.max_key)
+        cost = sum(prompt_tokens) + len(request.prompts) * request.n * max_tokens
+        key = None if request.seed is not None else (request.n, max_tokens, request.temperature, request.top_p,
+                                                     request.top_k)
+        try:
+            samples, tops = server.queue.submit((request, request.prompts, max_tokens), cost,
+                                                len(request.prompts) * request.n, key)
+        except Busy as err:
+            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, f"busy: {err}; retry later",
+                            headers={"Retry-After": str(server.retry_after_s)}) from None
+        except Exception as err:
+            logger.exception("generation failed")
+            raise HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, f"generation failed: {type(err).__name__}: {err}")
+        choices = [openai_reply.finish(server.tokenizer, s, request.stop) for s in samples]
+        for k, choice in enumerate(choices if tops else []):
+            choice.top = tops[k][:len(choice.token_ids)]
+        args = (request, server.tokenizer, server.model_name, choices, sum(prompt_tokens))
+        if request.stream:
+            return Streamed(lambda handler: _send_events(handler, openai_reply.chunks(*args)))
+        return openai_reply.reply(*args)
 
-        completion_tokens = sum(len(s.response_ids) for s in samples)
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": server.model_name,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": s.text}, "logprobs": None,
-                         "finish_reason": s.finish_reason} for i, s in enumerate(samples)],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
-        }
+    def _check_engine(self, request: GenerationRequest) -> None:
+        """Refuse what the engine cannot do, naming the parameter."""
+        name = type(self.server.engine).__name__
+        if not self.server.truncates:
+            for key, value, off in (("top_p", request.top_p, 1.0), ("top_k", request.top_k, 0)):
+                if value != off:
+                    raise bad(f"{key} is not supported by the {name} engine", key)
+        if request.top_logprobs and self.server.model is None:
+            key = "top_logprobs" if request.kind == "chat" else "logprobs"
+            raise bad(f"top alternatives need a transformers model; the {name} engine has none", key)
 
     def _render(self, messages: list[dict[str, str]]) -> str:
         tokenizer = self.server.tokenizer
@@ -221,8 +173,22 @@ class _Handler(GuardedHandler):
         try:
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as err:  # templates raise on what they do not accept (say, a role they do not know)
-            raise _ApiError(HTTPStatus.BAD_REQUEST, _one_line(f"chat template refused the messages: {err}"),
-                            "messages") from None
+            raise bad(f"chat template refused the messages: {err}", "messages") from None
+
+    def _prompt_tokens(self, prompt: str) -> int:
+        """The prompt's tokens, counted in this handler's thread (outside the queue), tokenizing no more than a
+        bounded prefix of a prompt over the context."""
+        context = self.server.context_length or NO_CONTEXT_LIMIT
+        key = "messages" if "messages" in self.routes.get(self.path, ("", ""))[1] else "prompt"
+        if not prompt:
+            raise bad("the prompt is empty", key)
+        tokenizer = self.server.tokenizer
+        tokens = tokens_within(lambda text: len(tokenizer(text, add_special_tokens=False).input_ids), prompt,
+                               context, self.server.chars_per_token)
+        if tokens is None or tokens >= context:
+            raise bad(f"the prompt has {tokens or f'more than {context}'} tokens: over this model's maximum "
+                      f"context length of {context} tokens", key)
+        return tokens
 
     def _max_tokens(self, prompt_tokens: int, requested: int | None, key: str) -> int:
         context = self.server.context_length
@@ -230,114 +196,33 @@ class _Handler(GuardedHandler):
             return requested or DEFAULT_MAX_TOKENS
         room = context - prompt_tokens
         if requested is None:
-            if room < 1:
-                raise _ApiError(HTTPStatus.BAD_REQUEST, f"the prompt has {prompt_tokens} tokens: no room left in "
-                                f"this model's context of {context}", "messages")
             return min(DEFAULT_MAX_TOKENS, room)
         if requested > room:
-            raise _ApiError(HTTPStatus.BAD_REQUEST, f"this model's maximum context length is {context} tokens; the "
-                            f"prompt has {prompt_tokens} and {key} asks for {requested}", key)
+            raise bad(f"this model's maximum context length is {context} tokens; the prompt has {prompt_tokens} "
+                      f"and {key} asks for {requested}", key)
         return requested
 
-    # ---- answers ----
 
-    def _send_json(self, status: HTTPStatus, payload: dict[str, Any]) -> None:
-        body = json.dumps(payload).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-        self.wfile.flush()
-        if self._drain:
-            self._discard_input(self._drain)
-
-    def _discard_input(self, length: int) -> None:
-        remaining = min(length, _DRAIN_LIMIT_BYTES)
-        deadline = time.monotonic() + _DRAIN_TIMEOUT_S
-        try:
-            self.connection.settimeout(_DRAIN_TIMEOUT_S)
-            while remaining > 0 and time.monotonic() < deadline:
-                chunk = self.rfile.read1(min(remaining, 65536))
-                if not chunk:
-                    break
-                remaining -= len(chunk)
-        except OSError:
-            pass  # the client closed or stalled: we close anyway
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Protocol errors (bad request line, unknown method) the base class would answer in HTML: answer JSON."""
-        self.close_connection = True
-        self._drain = 0
-        status = HTTPStatus(code)
-        self._send_json(status, _ApiError(status, _one_line(message or status.phrase)).payload())
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass  # _dispatch logs one line per request
-
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.warning("%s %s", self.client_address[0], format % args)
-
-
-def _messages(value: Any) -> list[dict[str, str]]:
-    """Validated messages with text content; OpenAI's list-of-parts content is joined into one string."""
-    if not isinstance(value, list) or not value:
-        raise _ApiError(HTTPStatus.BAD_REQUEST, "'messages' must be a non-empty list", "messages")
-    out = []
-    for i, message in enumerate(value):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise _ApiError(HTTPStatus.BAD_REQUEST, f"messages[{i}] must be an object with a string 'role'",
-                            "messages")
-        content = message.get("content")
-        if content is None:
-            content = ""
-        elif isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise _ApiError(HTTPStatus.BAD_REQUEST, f"messages[{i}].content: only text parts are supported",
-                                "messages")
-            content = "".join(p["text"] for p in content)
-        elif not isinstance(content, str):
-            raise _ApiError(HTTPStatus.BAD_REQUEST, f"messages[{i}].content must be a string", "messages")
-        out.append({"role": message["role"], "content": content})
-    return out
-
-
-def _number(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise _ApiError(HTTPStatus.BAD_REQUEST, f"{key} must be a number in [{low}, {high}]", key)
-    return float(value)
-
-
-def _integer(body: dict[str, Any], key: str, default: int | None, low: int, high: int | None) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise _ApiError(HTTPStatus.BAD_REQUEST, f"{key} must be an integer {bounds}", key)
-    return value
-
-
-def _one_line(text: object, limit: int = 300) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+def _send_events(handler: JsonHandler, chunks) -> None:
+    """Server-sent events: one ``data:`` line per chunk, then ``data: [DONE]``; the connection closes after."""
+    handler.send_head(HTTPStatus.OK, "text/event-stream", {"Cache-Control": "no-cache"})
+    for chunk in chunks:
+        handler.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+    handler.wfile.write(b"data: [DONE]\n\n")
+    handler.wfile.flush()
 
 
 def make_server(model: str | Path | tuple[Any, Any] | RolloutEngine, host: str = "127.0.0.1", port: int = 0,
                 model_name: str | None = None, max_request_bytes: int = 1_000_000,
-                rollout: RolloutConfig | None = None) -> PolicyServer:
+                rollout: RolloutConfig | None = None, max_queue: int = 64,
+                queue_timeout_s: float = 120.0) -> PolicyServer:
     """Bind a policy server (not yet serving): ``.start()`` for a background thread, or ``.serve_forever()``.
 
     ``model`` is a checkpoint directory (Hugging Face format, safetensors), loaded into the engine that
     ``rollout.engine`` names (default ``hf_compact``, in ``rollout.dtype``); a loaded ``(model, tokenizer)`` pair,
     served by the hf engine as it is; or a built rollout engine. ``model_name`` defaults to the directory's name
-    (``"distilrl-policy"`` otherwise).
+    (``"distilrl-policy"`` otherwise). ``max_queue``, ``queue_timeout_s``: requests that may wait for generation,
+    and how long, before the answer is 503 busy.
     """
     if max_request_bytes <= 0:
         raise ValueError("max_request_bytes must be positive")
@@ -356,7 +241,7 @@ def make_server(model: str | Path | tuple[Any, Any] | RolloutEngine, host: str =
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer needs a pad and an end-of-sequence token to batch and stop generation")
     return PolicyServer((host, port), engine, model_name or "distilrl-policy", max_request_bytes,
-                        _context_length(engine, model_dir))
+                        _context_length(engine, model_dir), max_queue, queue_timeout_s)
 
 
 def _context_length(engine: RolloutEngine, model_dir: str | None) -> int | None:
@@ -370,16 +255,12 @@ def _context_length(engine: RolloutEngine, model_dir: str | None) -> int | None:
 
 
 def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-          rollout: RolloutConfig | None = None) -> None:
+          rollout: RolloutConfig | None = None, **limits) -> None:
     """Serve a checkpoint with the engine ``rollout`` names until interrupted (Ctrl-C, or SIGTERM turned into
-    KeyboardInterrupt)."""
-    server = make_server(checkpoint, host, port, model_name, rollout=rollout)
+    KeyboardInterrupt); prints a ready line and one line per request. ``limits``: ``make_server``'s max_queue,
+    queue_timeout_s."""
+    configure_logging()
+    server = make_server(checkpoint, host, port, model_name, rollout=rollout, **limits)
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("policy server on %s has no authentication: anyone who can reach it can use it", host)
-    print(f"serving {server.model_name} at {server.url}/v1 (OpenAI-compatible; Ctrl-C to stop)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    serve_until_interrupted(server, f"distilrl serve ({server.model_name}, OpenAI-compatible at {server.url}/v1)")

@@ -23,6 +23,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from rlhf.core.config.run_config import ConfigError
+from rlhf.core.http.logs import ready_line
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class BackgroundHTTPServer(ThreadingHTTPServer):
     request_queue_size = 128
     request_deadline_s = 15.0  # to receive one whole request (or, kept alive, to start the next one)
     evict_after_s = 0.5  # a connection still sending its request after this long may be closed to make room
+    max_request_bytes = 1_000_000  # the largest request body a JsonHandler reads (413 beyond)
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int = 256):
         # Pick the address family from the host so "::1" works as well as "127.0.0.1".
@@ -212,12 +214,13 @@ class GuardedHandler(BaseHTTPRequestHandler):
         self.connection.settimeout(self.write_timeout_s)
 
 
-def parse_json(raw: bytes) -> object:
-    """A request body as JSON; ``ValueError`` with one line for anything that is not (bad UTF-8, bad syntax,
-    nesting too deep for the parser, an integer of more digits than Python converts)."""
+def serve_until_interrupted(server: BackgroundHTTPServer, what: str) -> None:
+    """Print the ready line, serve in this thread until Ctrl-C (or SIGTERM turned into KeyboardInterrupt), then
+    close the server and release the port."""
+    ready_line(what, server.url)
     try:
-        return json.loads(raw)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-    except (UnicodeDecodeError, ValueError) as err:
-        raise ValueError(" ".join(str(err).split())[:200]) from None
+        server.serve_forever()
+    except KeyboardInterrupt:
+        logger.info("shutting down")
+    finally:
+        server.close()

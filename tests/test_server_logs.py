@@ -1,0 +1,53 @@
+"""What the servers print, in uvicorn's style (rlhf/core/http/logs.py): a ready line with the URL when serving
+starts, then one access line per request (client, request line, status and phrase, milliseconds). ``distilrl
+serve`` itself, as a subprocess, is checked in tests/test_serve_eval_engines.py."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+from rlhf.core.http.logs import UvicornStyle
+from rlhf.core.http.server import serve_until_interrupted
+from rlhf.serve.reward_server import make_reward_server
+
+
+def status_of(url: str, body: dict | None = None) -> int:
+    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_serving_starts_with_a_ready_line_and_logs_one_line_per_request(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    server = make_reward_server(lambda p, r: [1.0] * len(p))
+    thread = threading.Thread(target=serve_until_interrupted, args=(server, "distilrl serve-rm"), daemon=True)
+    thread.start()
+    try:
+        assert status_of(f"{server.url}/score", {"prompts": ["p", "q"], "responses": ["a", "b"]}) == 200
+        assert status_of(f"{server.url}/nowhere") == 404
+    finally:
+        server.shutdown()
+        thread.join(10)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("rlhf.serve")]
+    assert lines[0] == f"distilrl serve-rm running on {server.url} (Press CTRL+C to quit)"
+    assert re.fullmatch(r'127\.0\.0\.1:\d+ - "POST /score HTTP/1\.1" 200 OK \d+\.\d ms n=2', lines[1])
+    assert re.fullmatch(r'127\.0\.0\.1:\d+ - "GET /nowhere HTTP/1\.1" 404 Not Found \d+\.\d ms n=0', lines[2])
+
+
+def test_the_format_pads_the_level_as_uvicorn_does():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(UvicornStyle("%(message)s"))
+    record = logging.LogRecord("rlhf.serve", logging.WARNING, __file__, 1, "x %s", ("y",), None)
+    handler.emit(record)
+    assert stream.getvalue() == "WARNING:  x y\n"
