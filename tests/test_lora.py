@@ -119,6 +119,27 @@ def _small_batch(advantage: float) -> dict:
             "loss_weights": response / response.sum()}
 
 
+def test_the_reference_pass_runs_without_dropout_and_leaves_training_mode_as_it_was():
+    """A base model with dropout (attention_dropout 0.5), wrapped and in training mode as during an update: the
+    adapters-off reference gives the same log-probs on every call, those of the base model in eval mode."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=64, attention_dropout=0.5)
+    base = Qwen2ForCausalLM(config)
+    inputs = {"input_ids": torch.randint(0, 40, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    with torch.no_grad():
+        expected = base.eval()(**inputs).logits
+    model = lora.wrap(base, {"r": 4, "alpha": 8, "dropout": 0.5, "target_modules": ["q_proj", "v_proj"]})
+    model.train()
+    reference = lora.AdaptersOff(model)
+    first, second = reference(**inputs).logits, reference(**inputs).logits
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, expected)
+    assert model.training and model.base_model.model.model.layers[0].self_attn.training
+
+
 def test_reference_is_the_base_model_and_no_second_copy_is_loaded(lora_rank):
     lora_rank.train_step(_small_batch(1.0))
     lora_rank.train_step(_small_batch(-1.0))  # B != 0 now: the adapters change the outputs

@@ -78,8 +78,15 @@ class AdaptersOff:
 
     @torch.no_grad()
     def __call__(self, **inputs):
-        with self.model.disable_adapter():
-            return self.model(**inputs)
+        # In eval mode whatever mode training left the model in: the reference is the base model at inference, so
+        # no dropout (a separately loaded reference is in eval mode too).
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter():
+                return self.model(**inputs)
+        finally:
+            self.model.train(was_training)
 
 
 def merged_state_dict(state_dict: dict[str, torch.Tensor], lora_scaling: float) -> dict[str, torch.Tensor]:
