@@ -180,3 +180,18 @@ def test_a_rollout_worker_in_the_calculator_environment_is_verified_on_the_final
         ["7+5-3+9="] * 2, [first.text, "#18 then <result>5</result>"], ["18", "18"],
         answers=[first.verified_text, "#5"])
     assert [v["correct"] for v in verdicts] == [1.0, 0.0]  # the verifier reads the final turn, not the text
+
+
+def test_multi_turn_rollouts_replay_exactly_from_the_workers_rng_state(model, tokenizer):
+    """What resume relies on: a trajectory batch is a function of the weights and the torch generator the worker
+    checkpoints (environments and their threads draw nothing from it)."""
+    engine = ENGINES["hf_compact"].from_model(model, tokenizer)
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    with _eos_likely(model, tokenizer.eos_token_id):
+        first = _rollout(engine, tokenizer, lambda: Echo(3), MultiTurnConfig(max_turns=3, max_total_tokens=40))
+        torch.set_rng_state(state)
+        again = _rollout(engine, tokenizer, lambda: Echo(3), MultiTurnConfig(max_turns=3, max_total_tokens=40))
+    assert [(s.response_ids, s.logprobs, s.loss_mask) for s in first] == \
+        [(s.response_ids, s.logprobs, s.loss_mask) for s in again]
+    assert len({tuple(s.response_ids) for s in first}) > 1  # real sampling, not one fixed answer
