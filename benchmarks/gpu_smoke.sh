@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# GPU smoke check: one RL step of a Qwen2.5-0.5B-shaped random student in bf16 on one GPU (64 prompts x 8 samples x
-# 256 new tokens, DeepSpeed ZeRO-2) with each rollout engine (hf, hf_compact, then vllm where it is installed),
-# printing rollout tokens/s, training MFU against the GPU's bf16 peak and weight-sync seconds
-# (benchmarks/gpu_smoke.py does the work).
-# Each engine's step is stopped after 5 minutes. Without a CUDA GPU it says so and exits 0.
+# GPU smoke check, the one check to run when a GPU machine is at hand (15 minutes, installs included: see README
+# "Multi-node and GPU"). On one GPU: the vllm engine's tests (the real vLLM against the engine contract, the
+# stand-in's checks, vLLM's signatures), then one colocated GRPO step of a Qwen2.5-0.5B-shaped random student with
+# the vllm engine (benchmarks/gpu_smoke.py): rollout tokens/s, MFU, sync seconds, peak memory, and the checks
+# (finite loss, log-prob mismatch bound, rollout log-probs after the sync equal the trainer's within it). The last
+# line is one JSON object. Fails when vLLM is missing on a GPU machine; says so and exits 0 without a CUDA GPU.
 #
-#   benchmarks/gpu_smoke.sh [gpu_smoke.py options]      (PYTHON=... to choose the interpreter)
+#   benchmarks/gpu_smoke.sh [gpu_smoke.py options]      (PYTHON=... to choose the interpreter; ENGINE=hf_compact
+#                                                        to time our own engine instead, without vLLM)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
@@ -20,18 +22,19 @@ if [ "$gpus" = "0" ]; then
     echo '{"gpu": false, "skipped": true}'
     exit 0
 fi
+engine="${ENGINE:-vllm}"
+if [ "$engine" = "vllm" ] && ! "$PY" -c 'import vllm' 2>/dev/null; then
+    echo "gpu_smoke: a GPU is here but vllm is not installed: pip install -e '.[vllm]' (README: the torch it pins)" >&2
+    exit 1
+fi
 # One GPU, the first, whatever else the machine has.
 visible="${CUDA_VISIBLE_DEVICES:-0}"
 export CUDA_VISIBLE_DEVICES="${visible%%,*}"
-engines="hf hf_compact"
-if "$PY" -c 'import vllm' 2>/dev/null; then
-    engines="hf hf_compact vllm"
-else
-    echo "gpu_smoke: vllm is not installed: the vllm engine's step is skipped (pip install '.[vllm]')"
+tests_rc=0
+if [ "$engine" = "vllm" ]; then
+    echo "== vllm engine tests"
+    timeout 300 "$PY" -m pytest -q -x -rs tests/test_vllm_engine.py tests/test_vllm_fake.py \
+        tests/test_vllm_signatures.py || tests_rc=$?
 fi
-status=0
-for engine in $engines; do
-    echo "== engine $engine"
-    timeout 300 "$PY" benchmarks/gpu_smoke.py --engine "$engine" "$@" || status=$?
-done
-exit $status
+echo "== one colocated step, engine $engine"
+timeout 300 "$PY" benchmarks/gpu_smoke.py --engine "$engine" --tests-rc "$tests_rc" "$@"

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             cmd.add_argument("--resume", action="store_true", help="continue the run in output_dir from its newest "
                              "complete checkpoint (save_every); a finished run is left as it is")
+            cmd.add_argument("--dry-run", action="store_true", help="print the placement and memory plan and exit "
+                             "(starts nothing: no Ray, no GPU)")
     text = "teacher traces on the config's training prompts: write, grade by the verifier, score RV/CD, select"
     cmd = commands.add_parser("traces", help=text, description=text + " per CD bin by the curriculum (traces.*); "
                               "writes a datasets dataset and summary.json to output_dir/traces. A stopped job "
@@ -148,6 +150,11 @@ def _run(args) -> int:
     from rlhf.core.config.run_config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if getattr(args, "dry_run", False):
+        from rlhf.core.distributed.plan import describe_plan
+
+        print("\n".join(describe_plan(cfg)))
+        return 0
     if args.command == "label":
         cfg.stages = [s for s in cfg.stages if s in ("warmup", "label")] or ["label"]
         if "label" not in cfg.stages:

@@ -22,6 +22,9 @@ from rollout.environments import ENVIRONMENTS
 from rollout.multi_turn import MultiTurnRollout
 
 
+TRANSFER_CALLS = ("init_weight_transfer_engine", "start_weight_update", "update_weights", "finish_weight_update")
+
+
 class StaleWeightsError(RuntimeError):
     pass
 
@@ -67,14 +70,34 @@ class RolloutWorker:
         self._manifest = manifest
 
     def receive_weights(self, version: int) -> float:
-        """Receive and install the weights trainer rank 0 broadcasts as ``version``; returns the seconds it took."""
+        """Receive and install the weights trainer rank 0 broadcasts as ``version``; returns the seconds it took.
+        The hf engines take each bucket straight into their model (no second copy of it); a failure part-way
+        leaves the version unchanged, so the worker refuses to sample until a sync or restore completes."""
         if self._sync is None:
             raise RuntimeError("receive_weights before join_weight_sync: the driver forms the group first")
         start = time.perf_counter()
-        state_dict = self._sync.receive(self._manifest, version, self.bucket_bytes)
-        self.last["receive_s"] = time.perf_counter() - start
-        self.load_weights(state_dict, version)
-        return time.perf_counter() - start
+        model = getattr(self.engine, "model", None)
+        if model is not None:
+            self._sync.receive_into(self._manifest, version, self.bucket_bytes, model.state_dict(keep_vars=True))
+            self.version = version
+        else:
+            self.load_weights({name: tensor.clone() for bucket in self._sync.receive(
+                self._manifest, version, self.bucket_bytes) for name, tensor in bucket}, version)
+        self.last["receive_s"] = self.last["load_weights_s"] = time.perf_counter() - start
+        return self.last["receive_s"]
+
+    def weight_transfer(self, method: str, payload=None) -> None:
+        """One of vLLM's weight-transfer calls, driven by the trainer ranks (rlhf/core/distributed/vllm_transfer.py)
+        and passed to the engine; ``finish_weight_update`` carries the version the worker then holds."""
+        if method not in TRANSFER_CALLS:
+            raise ValueError(f"{method!r} is not one of vLLM's weight-transfer calls {TRANSFER_CALLS}")
+        if method == "start_weight_update":
+            self.engine.start_weight_update()
+        elif method == "finish_weight_update":
+            self.engine.finish_weight_update(str(payload))
+            self.version = int(payload)
+        else:
+            getattr(self.engine, method)(payload)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The weights the engine samples with (CPU tensors), for checks that a sync arrived whole."""

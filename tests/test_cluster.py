@@ -196,7 +196,8 @@ def test_distilrl_run_joins_a_ray_start_cluster_with_address_auto(ray_start_head
 
 # --------------------------------------------------------------------------------------------------- recipes
 
-RECIPE_GPUS = {"qwen2.5-7b_grpo_2x8gpu.yaml": 16, "qwen2.5-0.5b_grpo_1gpu.yaml": 1, "qwen2.5-7b_grpo_lora_8gpu.yaml": 8}
+RECIPE_GPUS = {"qwen2.5-7b_grpo_2x8gpu.yaml": 16, "qwen2.5-0.5b_grpo_1gpu.yaml": 1, "qwen2.5-7b_grpo_lora_8gpu.yaml": 8,
+               "qwen2.5-0.5b_grpo_lora_1gpu.yaml": 1}
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "configs/recipes").glob("*.yaml")))
@@ -209,6 +210,24 @@ def test_every_recipe_validates_and_asks_for_the_gpus_it_says(recipe):
             + cfg.reward.num_workers * c.reward.num_gpus)
     assert gpus == pytest.approx(RECIPE_GPUS[recipe])
     assert cfg.trainer.bf16 and cfg.model.model_name_or_path
+    assert cfg.rollout.engine == "vllm" and cfg.rollout.dtype == "bfloat16"
+    header = (REPO / "configs/recipes" / recipe).read_text().split("\noutput_dir:")[0]
+    # Each states its memory and step time, and that the step time is an estimate until a GPU run measures it.
+    assert "Memory estimate" in header and "Expected step time" in header
+    assert "no GPU run has measured it yet" in header
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "configs/recipes").glob("*.yaml")))
+def test_every_recipe_prints_its_plan_without_a_gpu(recipe, capsys):
+    """`distilrl run RECIPE --dry-run`: the placement, the weight transfer and the memory, nothing started."""
+    from rlhf.cli import main
+
+    assert main(["run", str(REPO / "configs/recipes" / recipe), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"placement on {RECIPE_GPUS[recipe]} GPU(s)" in out and "weight sync: broadcast via vLLM's" in out
+    assert "trainer rank:" in out and "rollout worker (vLLM)" in out
+    colocated = "0.5b" in recipe
+    assert ("CUDA IPC" in out) == colocated and ("yes (colocated)" in out) == colocated
 
 
 def test_trainer_gpu_options():
@@ -216,5 +235,8 @@ def test_trainer_gpu_options():
     assert cfg.trainer.zero_section() == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
                                           "offload_param": {"device": "cpu", "pin_memory": True}}
     assert load_config(None, []).trainer.zero_section() == {"stage": 2}
+    # Offloaded optimizer state steps with DeepSpeedCPUAdam (torch_adam off), on the device with torch's AdamW.
+    assert cfg.trainer.optimizer_section()["params"]["torch_adam"] is False
+    assert load_config(None, []).trainer.optimizer_section()["params"]["torch_adam"] is True
     with pytest.raises(ConfigError, match="trainer: offload optimizer\\+params needs zero_stage 3"):
         load_config(None, ["trainer.zero_stage=2", "trainer.offload=optimizer+params"])

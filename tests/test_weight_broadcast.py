@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -62,6 +63,85 @@ def _members(size: int, timeout_s: float = 10.0):
 
 
 def _in_threads(fns):
+    return [result() for result in _in_threads_later(fns)]
+
+
+def test_receivers_get_every_tensor_exactly_and_refuse_another_version():
+    manifest = [TensorSpec(f"t{i}", (3, i + 1), "torch.float32") for i in range(4)]
+    manifest.append(TensorSpec("half", (2,), "torch.bfloat16"))
+    tensors = [torch.randn(s.shape) for s in manifest[:-1]] + [torch.tensor([1.5, -2.0], dtype=torch.bfloat16)]
+    sender, r1, r2 = _members(3)
+    results = _in_threads([lambda: sender.send(manifest, tensors, 7, 48), lambda: _received(r1, manifest, 7, 48),
+                           lambda: _received(r2, manifest, 7, 48)])
+    for got in results[1:]:
+        assert list(got) == [s.name for s in manifest]
+        for spec, want in zip(manifest, tensors):
+            assert torch.equal(got[spec.name], want)
+    results = _in_threads([lambda: sender.send(manifest, tensors, 8, 48), lambda: _received(r1, manifest, 9, 48),
+                           lambda: _received(r2, manifest, 8, 48)])
+    assert isinstance(results[1], WeightSyncError) and "v8" in str(results[1]) and "expects v9" in str(results[1])
+
+
+def _received(member, manifest, version, bucket_bytes) -> dict:
+    """Every tensor of one receive, copied out of the reused buffer."""
+    return {name: t.clone() for bucket in member.receive(manifest, version, bucket_bytes) for name, t in bucket}
+
+
+def test_a_receiver_streams_into_its_model_through_one_bucket_buffer():
+    manifest = [TensorSpec(f"t{i}", (4, 2), "torch.float32") for i in range(5)]
+    tensors = [torch.randn(s.shape) for s in manifest]
+    targets = {s.name: torch.zeros(s.shape) for s in manifest}
+    sender, receiver = _members(2)
+    seen = []  # the storage each bucket arrived in
+
+    def receive():
+        for bucket in receiver.receive(manifest, 1, 64):  # two tensors a bucket
+            seen.append(bucket[0][1].untyped_storage().data_ptr())
+            for name, tensor in bucket:
+                targets[name].copy_(tensor)
+
+    results = _in_threads([lambda: sender.send(manifest, tensors, 1, 64), receive])
+    assert not any(isinstance(r, Exception) for r in results), results
+    assert len(seen) == 3 and len(set(seen)) == 1  # three buckets, one buffer: no second copy of the model
+    assert all(torch.equal(targets[s.name], t) for s, t in zip(manifest, tensors))
+    into = {s.name: torch.zeros(s.shape, dtype=torch.bfloat16) for s in manifest}  # the engine's own dtype
+    _in_threads([lambda: sender.send(manifest, tensors, 2, 64),
+                 lambda: receiver.receive_into(manifest, 2, 64, into)])
+    assert torch.equal(into["t3"], tensors[3].to(torch.bfloat16))
+
+
+class _SpyGroup:
+    """A process group that records whether it was aborted (the real one underneath)."""
+
+    def __init__(self, group):
+        self.inner, self.aborted = group, False
+
+    def broadcast(self, *args):
+        return self.inner.broadcast(*args)
+
+    def abort(self):
+        self.aborted = True
+        self.inner.abort()
+
+
+def test_an_abort_ends_the_pending_operation_of_every_member_and_refuses_the_next():
+    manifest = [TensorSpec("w", (8,), "torch.float32")]
+    _sender, r1, r2 = _members(3, timeout_s=30.0)  # the sender never sends
+    r1.group, r2.group = _SpyGroup(r1.group), _SpyGroup(r2.group)
+    start = time.monotonic()
+    waiting = _in_threads_later([lambda: _received(r1, manifest, 1, 64), lambda: _received(r2, manifest, 1, 64)])
+    time.sleep(0.3)
+    r1.abort()
+    results = [w() for w in waiting]
+    assert all(isinstance(r, WeightSyncError) for r in results), results
+    assert time.monotonic() - start < 10  # not the 30 s timeout
+    assert r1.group.aborted and r2.group.aborted  # r2 learnt it from the store and aborted its own operation
+    with pytest.raises(WeightSyncError, match="aborted"):
+        r1.broadcast(torch.zeros(1), "after the abort")
+
+
+def _in_threads_later(fns):
+    """Start ``fns`` in threads now; returns a getter per call that joins it and gives its result or error."""
     results: list = [None] * len(fns)
 
     def call(i):
@@ -73,25 +153,7 @@ def _in_threads(fns):
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(fns))]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(30)
-    return results
-
-
-def test_receivers_get_every_tensor_exactly_and_refuse_another_version():
-    manifest = [TensorSpec(f"t{i}", (3, i + 1), "torch.float32") for i in range(4)]
-    manifest.append(TensorSpec("half", (2,), "torch.bfloat16"))
-    tensors = [torch.randn(s.shape) for s in manifest[:-1]] + [torch.tensor([1.5, -2.0], dtype=torch.bfloat16)]
-    sender, r1, r2 = _members(3)
-    results = _in_threads([lambda: sender.send(manifest, tensors, 7, 48), lambda: r1.receive(manifest, 7, 48),
-                           lambda: r2.receive(manifest, 7, 48)])
-    for got in results[1:]:
-        assert list(got) == [s.name for s in manifest]
-        for spec, want in zip(manifest, tensors):
-            assert torch.equal(got[spec.name], want)
-    results = _in_threads([lambda: sender.send(manifest, tensors, 8, 48), lambda: r1.receive(manifest, 9, 48),
-                           lambda: r2.receive(manifest, 8, 48)])
-    assert isinstance(results[1], WeightSyncError) and "v8" in str(results[1]) and "expects v9" in str(results[1])
+    return [lambda i=i: (threads[i].join(30), results[i])[1] for i in range(len(fns))]
 
 
 def test_a_member_that_never_receives_times_out_the_sender_instead_of_hanging():

@@ -23,8 +23,14 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rlhf.core.config.run_config import ConfigError
+
 if TYPE_CHECKING:
     from rlhf.core.config.run_config import RunConfig
+
+
+# vLLM 0.34's SamplingParams refuses temperatures above this (rollout/vllm_params.py); checked here, at start.
+VLLM_MAX_TEMPERATURE = 2.0
 
 
 class ClusterError(RuntimeError):
@@ -180,15 +186,82 @@ def _nodes_summary() -> str:
     return f"{len(nodes)} node(s): " + "; ".join(f"[{p}]" for p in parts)
 
 
+def node_endpoint() -> tuple[str, int]:
+    """This node's address and a free port on it (for a rendezvous that other nodes reach)."""
+    return _node_address()
+
+
 def role_resources(cfg: "RunConfig", role: str) -> Resources:
-    """What one actor of ``role`` asks for: ``cluster.<role>`` if set, else the defaults ``ClusterConfig`` lists."""
+    """What one actor of ``role`` asks for: ``cluster.<role>`` if set, else the defaults ``ClusterConfig`` lists
+    for the GPUs the cluster has."""
     chosen = getattr(cfg.cluster, role)
     if chosen is not None:
         return Resources(chosen.num_cpus, chosen.num_gpus, dict(chosen.resources))
-    gpus = ray.cluster_resources().get("GPU", 0)
+    return default_resources(cfg, role, ray.cluster_resources().get("GPU", 0))
+
+
+def default_resources(cfg: "RunConfig", role: str, gpus: float) -> Resources:
+    """The defaults on a cluster of ``gpus`` GPUs: a trainer rank one GPU when there is one per rank; a rollout
+    worker ``rollout.tensor_parallel_size`` GPUs (one for hf engines) when the trainer ranks leave them. A
+    cluster with GPUs too few for that is refused, not run with rollouts on the CPU: ``cluster.rollout`` says how
+    to share (a fraction of the trainer's GPUs) or, with num_gpus 0, that CPU rollouts are meant."""
     ranks = cfg.trainer.num_ranks
     if role in ("trainer", "critic"):
         return Resources(num_cpus=cfg.trainer.threads, num_gpus=1 if gpus >= ranks else 0)
     if role == "rollout":
-        return Resources(num_cpus=1, num_gpus=1 if gpus >= ranks + cfg.rollout.num_workers else 0)
+        each = cfg.rollout.tensor_parallel_size if cfg.rollout.engine == "vllm" else 1
+        need = ranks + cfg.rollout.num_workers * each
+        if gpus >= need:
+            return Resources(num_cpus=1, num_gpus=each)
+        if gpus > 0 or cfg.rollout.engine == "vllm":
+            raise ClusterError(f"{cfg.rollout.num_workers} rollout worker(s) of {each} GPU(s) beside {ranks} trainer "
+                               f"rank(s) need {need} GPUs and the cluster has {gpus:g}: set cluster.rollout (e.g. "
+                               f"num_gpus: 0.5 to share the trainer's GPUs, 0 for CPU rollouts) or fewer workers")
+        return Resources(num_cpus=1, num_gpus=0)
     return Resources(num_cpus=0)  # reward: scores while the rollout workers and trainer ranks wait
+
+
+def colocated(trainer: Resources, rollout: Resources) -> bool:
+    """Whether trainer ranks and rollout workers share GPUs: both ask for a fraction of one."""
+    return 0 < trainer.num_gpus < 1 and 0 < rollout.num_gpus < 1
+
+
+def weight_transfer(cfg: "RunConfig", trainer: Resources, rollout: Resources) -> str | None:
+    """How ``rollout.weight_sync: broadcast`` carries the weights with this placement: vLLM's ``ipc`` backend
+    where trainer and rollout share GPUs, its ``nccl`` one across GPUs (None: the object store, or our own
+    process group for the hf engines). Refuses what cannot work, in one line, before anything starts."""
+    r = cfg.rollout
+    if r.engine == "vllm":
+        if rollout.num_gpus <= 0:
+            raise ClusterError("rollout.engine vllm needs a GPU: cluster.rollout.num_gpus is 0")
+        if r.tensor_parallel_size > 1 and rollout.num_gpus != r.tensor_parallel_size:
+            raise ClusterError(f"rollout.tensor_parallel_size {r.tensor_parallel_size} needs that many whole GPUs "
+                               f"per rollout worker; cluster.rollout.num_gpus is {rollout.num_gpus:g}")
+    if r.weight_sync != "broadcast":
+        return None
+    if r.engine == "vllm":
+        chosen = "ipc" if colocated(trainer, rollout) else "nccl"
+        if r.weight_transfer not in (None, chosen):
+            raise ClusterError(f"rollout.weight_transfer {r.weight_transfer} cannot carry the weights here (trainer "
+                               f"and rollout {'share' if chosen == 'ipc' else 'do not share'} GPUs: {chosen}); "
+                               f"leave it unset")
+        return chosen
+    if colocated(trainer, rollout):
+        raise ClusterError("rollout.weight_sync broadcast cannot run where trainer and rollout share GPUs (NCCL "
+                           "refuses two ranks on one GPU): use weight_sync object_store, or rollout.engine vllm "
+                           "(CUDA IPC)")
+    return None
+
+
+def rollout_settings(cfg: "RunConfig", trainer: Resources, rollout: Resources) -> "RunConfig":
+    """``cfg`` with what the rollout workers need to know of the placement filled in: the transfer backend
+    (``weight_transfer``) and, for vLLM, the longest row (``max_model_len``: the prompt bound plus the longest
+    response asked for, where task.max_prompt_tokens sets a bound)."""
+    if cfg.rollout.engine == "vllm" and cfg.rollout.temperature > VLLM_MAX_TEMPERATURE:
+        raise ConfigError(f"the vllm engine samples at temperatures up to {VLLM_MAX_TEMPERATURE:g} (vLLM's limit), "
+                          f"not rollout.temperature {cfg.rollout.temperature:g}: lower it or use rollout.engine=hf")
+    update = {"weight_transfer": weight_transfer(cfg, trainer, rollout)}
+    if cfg.rollout.max_model_len is None and cfg.task.max_prompt_tokens:
+        update["max_model_len"] = cfg.task.max_prompt_tokens + max(cfg.rollout.max_new_tokens,
+                                                                    cfg.eval.max_new_tokens)
+    return cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update=update)})

@@ -80,11 +80,7 @@ class DeepSpeedRank:
             "gradient_accumulation_steps": 1,
             "train_batch_size": cfg.micro_batch_size * self.world_size,
             "gradient_clipping": cfg.max_grad_norm,
-            "optimizer": {
-                "type": "AdamW",
-                "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": [0.9, 0.999],
-                           "eps": cfg.adam_eps, "torch_adam": True},
-            },
+            "optimizer": cfg.optimizer_section(),
             "zero_optimization": cfg.zero_section(),
             "bf16": {"enabled": self.bf16},
             "steps_per_print": 10**9,

@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from rlhf.core.distributed.colocate import ColocatedTrainerMemory
 from rlhf.core.models import lora
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
@@ -82,6 +83,7 @@ class BroadcastGroup:
                  timeout_s: float, device: torch.device):
         """``store``: trainer rank 0's own (``host_store``); the workers pass None and connect to host:port."""
         self.rank, self.size, self.generation, self.device = rank, size, generation, device
+        self.aborted = False
         self.timeout = timedelta(seconds=timeout_s)
         if store is None:
             store = dist.TCPStore(host, port, is_master=False, timeout=self.timeout)
@@ -101,6 +103,8 @@ class BroadcastGroup:
         A member that dies closes its connections, and gloo raises at once in the members that talk to it (member
         0 for a broadcast) but not in the others, which would wait out the whole timeout. So whoever fails marks the
         generation aborted in the store, and the waiting members poll that mark besides their own operation."""
+        if self.aborted:
+            raise WeightSyncError(f"weight broadcast ({what}): generation {self.generation} was aborted")
         options = dist.BroadcastOptions()
         options.rootRank = 0
         work = self.group.broadcast([tensor], options)
@@ -112,9 +116,12 @@ class BroadcastGroup:
                 self.abort()
                 raise TimeoutError(f"weight broadcast ({what}) did not finish within "
                                    f"{self.timeout.total_seconds():.0f} s")
+            if self.aborted:  # abort() from another thread of this member
+                raise WeightSyncError(f"weight broadcast ({what}, generation {self.generation}) was aborted")
             if now > next_look:
                 next_look = now + _ABORT_POLL_S
                 if self.store.check([_ABORTED]):
+                    self.abort()
                     raise WeightSyncError(f"weight broadcast ({what}, generation {self.generation}) was aborted "
                                           f"by another member")
             time.sleep(_SPIN_S)
@@ -126,10 +133,18 @@ class BroadcastGroup:
                                   f"{str(err).splitlines()[0]}") from None
 
     def abort(self) -> None:
-        """End this generation for every member (the driver forms a fresh one)."""
+        """End this generation for every member (the driver forms a fresh one), and this member's part of it now:
+        its process group is aborted, so an operation still queued (an NCCL kernel waiting on a dead peer, which
+        would hold the GPU's stream and the next generation behind it) ends instead of waiting out the timeout,
+        and every later operation on this group is refused."""
+        self.aborted = True
         try:
             self.store.set(_ABORTED, "1")
         except RuntimeError:  # the store's host (trainer rank 0) is gone: the others fail on their own
+            pass
+        try:
+            self.group.abort()
+        except RuntimeError:  # already torn down
             pass
 
     def _header(self, version: int, buckets: int) -> torch.Tensor:
@@ -155,8 +170,10 @@ class BroadcastGroup:
             sent += flat.numel() * flat.element_size()
         return sent
 
-    def receive(self, manifest: list[TensorSpec], version: int, bucket_bytes: int) -> dict[str, torch.Tensor]:
-        """The tensors member 0 sends, by name, after checking they are ``version`` of this generation."""
+    def receive(self, manifest: list[TensorSpec], version: int, bucket_bytes: int) -> Iterator[list[tuple]]:
+        """The tensors member 0 sends, a bucket at a time as [(name, tensor)], after checking they are ``version``
+        of this generation. The tensors are views into one receive buffer per dtype, reused by the next bucket:
+        copy them where they go before asking for it (no second copy of the whole model on the device)."""
         plan = plan_buckets(manifest, bucket_bytes)
         header = self._header(-1, -1)
         self.broadcast(header, "header")
@@ -166,15 +183,34 @@ class BroadcastGroup:
             raise WeightSyncError(f"weight broadcast carries v{got_version} of generation {got_generation} in "
                                   f"{got_buckets} buckets, this worker expects v{version} of generation "
                                   f"{self.generation} in {len(plan)}")
-        out: dict[str, torch.Tensor] = {}
+        buffers: dict[str, torch.Tensor] = {}
         for number, bucket in enumerate(plan):
             specs = [manifest[i] for i in bucket]
-            flat = torch.empty(sum(_numel(s.shape) for s in specs), dtype=_DTYPES[specs[0].dtype],
-                               device=self.device)
+            sizes = [_numel(s.shape) for s in specs]
+            dtype = specs[0].dtype
+            if dtype not in buffers or buffers[dtype].numel() < sum(sizes):
+                buffers.pop(dtype, None)  # freed before the larger one is allocated
+                largest = max(sum(_numel(manifest[i].shape) for i in b) for b in plan
+                              if manifest[b[0]].dtype == dtype)
+                buffers[dtype] = torch.empty(largest, dtype=_DTYPES[dtype], device=self.device)
+            flat = buffers[dtype][:sum(sizes)]
             self.broadcast(flat, f"bucket {number + 1}/{len(plan)}")
-            for spec, part in zip(specs, flat.split([_numel(s.shape) for s in specs])):
-                out[spec.name] = part.view(spec.shape)
-        return out
+            yield [(spec.name, part.view(spec.shape)) for spec, part in zip(specs, flat.split(sizes))]
+
+    def receive_into(self, manifest: list[TensorSpec], version: int, bucket_bytes: int,
+                     targets: dict[str, torch.Tensor]) -> None:
+        """Receive ``version`` straight into ``targets`` (name -> the engine's own tensor, copied into in place,
+        in its dtype and device). Checked against the manifest before anything arrives: a name or shape that does
+        not fit aborts the generation with the weights untouched."""
+        wrong = [f"{s.name} {s.shape}" for s in manifest
+                 if s.name not in targets or tuple(targets[s.name].shape) != s.shape]
+        if wrong:
+            self.abort()
+            raise WeightSyncError(f"the broadcast's tensors do not fit this engine's model: {wrong[:3]}")
+        with torch.no_grad():
+            for bucket in self.receive(manifest, version, bucket_bytes):
+                for name, tensor in bucket:
+                    targets[name].copy_(tensor)
 
 
 def module_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -222,13 +258,14 @@ def full_tensors(module: torch.nn.Module, deepspeed=None) -> Iterator[torch.Tens
             yield lora.merge_weight([p.data for p in parts], lora_scaling)
 
 
-class WeightBroadcaster:
+class WeightBroadcaster(ColocatedTrainerMemory):
     """The sending side, mixed into a trainer rank (``DeepSpeedRank``: ``engine``, ``rank``, ``engine_cfg``,
     ``_deepspeed``, ``device``). Rank 0 hosts the store and is member 0 of the group; under ZeRO-3 every rank takes
     part in ``broadcast_weights`` to gather the parameters, one at a time."""
 
     _sync_store = None
     _sync_group: BroadcastGroup | None = None
+    _vllm_transfer = None  # vLLM's trainer-side transfer engine (rlhf/core/distributed/vllm_transfer.py)
 
     def weight_sync_endpoint(self, timeout_s: float) -> tuple[str, int, list[TensorSpec]]:
         """(host, port, manifest) on rank 0: where the workers reach the store (started on the first call) and
@@ -257,4 +294,38 @@ class WeightBroadcaster:
         finally:
             for _ in tensors:  # ZeRO-3: the other ranks gather with this one to the end, sent or not
                 pass
+        self.release_gpu()
+        return time.perf_counter() - start
+
+    def transfer_endpoint(self) -> tuple[str, int]:
+        """This rank's node address and a free port: where vLLM's NCCL transfer group meets."""
+        from rlhf.core.distributed.cluster import node_endpoint
+
+        return node_endpoint()
+
+    def join_vllm_transfer(self, backend: str, workers: list, tensor_parallel_size: int, bucket_bytes: int,
+                           timeout_s: float, endpoint: tuple[str, int] | None = None) -> None:
+        """Start vLLM's own transfer engine toward the rollout workers (``workers``: their Ray handles) on every
+        rank: ``ipc`` (each rank exports its GPU's copy, rank 0 ships the handles) or ``nccl`` (rank 0 broadcasts
+        from ``endpoint``, its host and a free port, to every tensor-parallel worker). Replaces an earlier one."""
+        from rlhf.core.distributed import vllm_transfer
+
+        if self._vllm_transfer is not None:
+            self._vllm_transfer.shutdown()
+            self._vllm_transfer = None
+        zero3 = self._deepspeed if self.engine_cfg.zero_stage == 3 else None
+        client = vllm_transfer.RolloutClient(workers, tensor_parallel_size, timeout_s)
+        self._vllm_transfer = vllm_transfer.trainer_engine(
+            backend, self.rank, client, vllm_transfer.source(self.engine.module, zero3), bucket_bytes, endpoint,
+            vllm_transfer.transfer_world_size(len(workers), tensor_parallel_size))
+
+    def send_vllm_weights(self, version: int) -> float:
+        """Send the current weights as ``version`` through vLLM's transfer engine (every rank: ZeRO-3 gathers and
+        IPC's handle exchange are collective); returns the seconds it took."""
+        if self._vllm_transfer is None:
+            raise RuntimeError("send_vllm_weights before join_vllm_transfer: the driver starts the transfer first")
+        start = time.perf_counter()
+        self._vllm_transfer.client.version = version
+        self._vllm_transfer.send_weights()
+        self.release_gpu()
         return time.perf_counter() - start

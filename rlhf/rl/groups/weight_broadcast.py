@@ -6,6 +6,10 @@ is one ``broadcast_weights`` call on every trainer rank (ZeRO-3 gathers with all
 (got its weights through the object store, ``RolloutGroup._restore``) makes the group stale, and the next sync
 forms a fresh generation first. A sync that fails because a worker died restarts it and is tried once more in a
 fresh group.
+
+With the vllm engine the transfer is vLLM's own (``VLLMTransferSync``, rlhf/core/distributed/vllm_transfer.py):
+CUDA IPC where trainer and rollout share GPUs, NCCL to every tensor-parallel worker otherwise; the backend is the
+one ``rollout.weight_transfer`` names (chosen from the placement at start, rlhf/core/distributed/cluster.py).
 """
 from __future__ import annotations
 
@@ -70,3 +74,33 @@ class BroadcastSync:
             self.stale = True
             refs, names = self.submit(version)
             get_all(refs, names, "weight broadcast", self.timeout_s)
+
+
+class VLLMTransferSync(BroadcastSync):
+    """The same driver-side shape (``submit``, ``sync`` with one retry in a fresh transfer after a worker
+    restart), over vLLM's transfer engine: every trainer rank starts it toward the current workers (rank 0 the
+    rendezvous, for NCCL at its node's address), then each sync is ``send_vllm_weights`` on every rank; the
+    workers' part runs inside those calls (the trainer drives them), so only the trainer ranks are waited for."""
+
+    def __init__(self, cfg: RunConfig, trainer: TrainerGroup, pool: WorkerPool):
+        super().__init__(cfg, trainer, pool)
+        self.backend = cfg.rollout.weight_transfer
+        self.tensor_parallel_size = cfg.rollout.tensor_parallel_size
+
+    def _form(self) -> None:
+        endpoint = None
+        if self.backend == "nccl":
+            endpoint = get_all([self.trainer.actors[0].transfer_endpoint.remote()], ["trainer rank 0"],
+                               "weight transfer endpoint", self.timeout_s)[0]
+        self.generation += 1
+        refs = [a.join_vllm_transfer.remote(self.backend, self.pool.workers, self.tensor_parallel_size,
+                                            self.bucket_bytes, self.timeout_s, endpoint)
+                for a in self.trainer.actors]
+        get_all(refs, self._names()[:len(refs)], "vllm weight transfer start", self.timeout_s)
+        self._members, self.stale = list(self.pool.workers), False
+
+    def submit(self, version: int) -> tuple[list, list[str]]:
+        if self.stale or self._members != self.pool.workers:
+            self._form()
+        refs = [a.send_vllm_weights.remote(version) for a in self.trainer.actors]
+        return refs, self._names()[:len(refs)]

@@ -87,6 +87,17 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
                 model_dir, dtype=torch.bfloat16 if self.bf16 else torch.float32, use_safetensors=True)
             self.reference.config.use_cache = False
             self.reference.to(self.device).eval().requires_grad_(False)
+        # A vLLM engine on this GPU wakes its KV cache after each sync: the trainer's state goes to host memory
+        # until the next update (rlhf/core/distributed/colocate.py).
+        self.colocated = cfg.rollout.sleep_between_rollouts
+        self.release_gpu()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The object-store sync's weights; colocated, the GPU is then released for the rollout."""
+        try:
+            return super().full_state_dict()
+        finally:
+            self.release_gpu()
 
     # ------------------------------------------------------------------------------------------------ training
 
@@ -105,6 +116,7 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
             missing = [k for k in BATCH_KEYS if k not in mb]
             if missing:
                 raise ValueError(f"batch lacks {missing}")
+        self.reclaim_gpu()  # colocated: the state went to host memory for the rollout
         algorithm, engine = self.algorithm, self.engine
         start = time.perf_counter()
         updates = len(mini_batches) * algorithm.ppo_epochs
