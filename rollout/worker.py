@@ -15,6 +15,7 @@ import torch
 from rlhf.core.config.run_config import RolloutConfig
 from rlhf.core.checkpoints.resume import set_torch_rng_state, torch_rng_state
 from rlhf.core.data.samples import Sample
+from rlhf.core.distributed import threads
 from rlhf.core.distributed.weight_sync import BroadcastGroup, TensorSpec
 from rollout import vllm_engine  # noqa: F401 - registers the optional vllm engine (vllm itself loads when built)
 from rollout.engines import ENGINES
@@ -35,7 +36,7 @@ class RolloutWorker:
         """``rollout``: the run's rollout section (engine, threads); ``seed``: this worker's own sampling seed;
         ``engine`` and ``environment``: the classes ``rollout.engine`` and ``rollout.environment`` name, as the
         driver resolved them (by default looked up here)."""
-        torch.set_num_threads(rollout.threads)
+        threads.apply("rollout worker", rollout.threads)
         torch.manual_seed(seed)
         self.engine = (engine or ENGINES[rollout.engine])(model_dir, rollout)
         self.tokenizer = self.engine.tokenizer

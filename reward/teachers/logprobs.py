@@ -17,6 +17,7 @@ from reward.teachers.openai_http import OpenAITeacher, _RequestFailed
 from rlhf.core.algorithms.tokens import token_logprobs
 
 from rlhf.core.data import packing
+from rlhf.core.distributed.threads import apply as apply_threads
 from rlhf.core.models.build import ModelLoadError, load_student, load_tokenizer
 
 def check_same_vocabulary(student_tokenizer, teacher_dir: str | Path) -> None:
@@ -35,7 +36,7 @@ class TeacherLogprobWorker:
     same alignment: position t holds log p(token t | tokens < t), 0 at each sequence's first position)."""
 
     def __init__(self, model_dir: str, threads: int, micro_batch_size: int, temperature: float):
-        torch.set_num_threads(threads)
+        apply_threads("teacher worker", threads)
         self.model, _ = load_student(model_dir)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval().requires_grad_(False)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
@@ -24,6 +24,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf.core.config.run_config import ConfigError
+from rlhf.core.distributed import threads
 
 if TYPE_CHECKING:
     from rlhf.core.config.run_config import RunConfig
@@ -44,6 +45,7 @@ class Resources:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     custom: dict[str, float] = field(default_factory=dict)
+    threads: int | None = None  # the actor's thread share (threads.run_budget), set in its environment at start
 
     def bundle(self) -> dict[str, float]:
         """The placement-group bundle holding one such actor (Ray refuses empty bundles: a CPU-less actor's bundle
@@ -54,7 +56,10 @@ class Resources:
 
     def options(self) -> dict:
         """Keyword arguments of ``ray.remote``/``.options`` for one actor of the role."""
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.custom)}
+        options = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.custom)}
+        if self.threads is not None:  # Ray merges these into the job's environment variables
+            options["runtime_env"] = {"env_vars": threads.thread_env(self.threads)}
+        return options
 
 
 # ---------------------------------------------------------------------------------------------------- joining
@@ -194,10 +199,11 @@ def node_endpoint() -> tuple[str, int]:
 def role_resources(cfg: "RunConfig", role: str) -> Resources:
     """What one actor of ``role`` asks for: ``cluster.<role>`` if set, else the defaults ``ClusterConfig`` lists
     for the GPUs the cluster has."""
+    share = threads.run_budget(cfg)[role]
     chosen = getattr(cfg.cluster, role)
     if chosen is not None:
-        return Resources(chosen.num_cpus, chosen.num_gpus, dict(chosen.resources))
-    return default_resources(cfg, role, ray.cluster_resources().get("GPU", 0))
+        return Resources(chosen.num_cpus, chosen.num_gpus, dict(chosen.resources), share)
+    return replace(default_resources(cfg, role, ray.cluster_resources().get("GPU", 0)), threads=share)
 
 
 def default_resources(cfg: "RunConfig", role: str, gpus: float) -> Resources:

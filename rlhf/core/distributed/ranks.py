@@ -10,11 +10,13 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+from dataclasses import replace
 from datetime import timedelta
 
 import torch
 
 from rlhf.core.distributed import cluster
+from rlhf.core.distributed import threads as thread_budget  # not ``threads``: RankGroup's argument of that name
 
 from rlhf.core.models import lora
 
@@ -65,7 +67,7 @@ class DeepSpeedRank:
         self._deepspeed = deepspeed
         if niceness:
             os.nice(niceness)
-        torch.set_num_threads(engine.threads)
+        thread_budget.apply(type(self).__name__, engine.threads)
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
         torch.manual_seed(seed)
         self.bf16 = engine.bf16 and cuda
@@ -220,6 +222,8 @@ class RankGroup:
         if resources is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) >= num_ranks else 0
             resources = cluster.Resources(num_cpus=threads, num_gpus=gpus)
+        if resources.threads is None:  # started without the run's budget (the reward model's ranks): on its own
+            resources = replace(resources, threads=thread_budget.group_share(threads, num_ranks))
         self.actors, self.placement_group = [], None
         try:
             self.placement_group = cluster.reserve(role, num_ranks, resources, strategy, placement_timeout_s)
