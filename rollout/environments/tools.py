@@ -19,7 +19,7 @@ from typing import Callable
 
 from rollout.environments.sandbox import SandboxLimits, ToolResult, run_python
 
-_QWEN_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+QWEN_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 _PLAIN_CALL = re.compile(r"<call>\s*(\w+)[ :]?(.*?)</call>", re.DOTALL)
 _JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict,
                "array": list}
@@ -64,7 +64,7 @@ class ToolCall:
 
 def parse_calls(text: str, tools: dict[str, Tool]) -> list[ToolCall]:
     """Every tool call in a model turn, in order, in either format; unreadable ones carry their ``error``."""
-    found = [(m.start(), _from_json(m.group(1), tools)) for m in _QWEN_CALL.finditer(text)]
+    found = [(m.start(), _from_json(m.group(1), tools)) for m in QWEN_CALL.finditer(text)]
     found += [(m.start(), _from_plain(m.group(1), m.group(2), tools)) for m in _PLAIN_CALL.finditer(text)]
     return [call for _, call in sorted(found, key=lambda pair: pair[0])]
 
