@@ -15,6 +15,10 @@ busy answers; the last line is one JSON object with those figures.
 to make room). ``--long-request`` adds one client posting a ~900 KB sample, over the server's token limit, every
 second. The normal clients' error count must stay 0; the figures add how often the attackers were cut off and the
 statuses the over-long requests got (400 expected).
+
+``--heavy-clients N [--server rm|policy]`` runs the heavy-clients case instead (benchmarks/heavy_clients.py): N
+clients posting the largest valid requests beside one light client, whose p99 latency must stay within 2x its p99
+alone plus one heavy request's service time.
 """
 from __future__ import annotations
 
@@ -139,7 +143,13 @@ def main() -> None:
     parser.add_argument("--slow-clients", type=int, default=0, help="attackers trickling headers (see above)")
     parser.add_argument("--slow-interval", type=float, default=2.0, help="seconds between their header lines")
     parser.add_argument("--long-request", action="store_true", help="add a client posting an over-long sample")
+    parser.add_argument("--heavy-clients", type=int, default=0, help="the heavy-clients case (see above)")
+    parser.add_argument("--server", choices=("rm", "policy"), default="rm", help="its server (heavy-clients case)")
     args = parser.parse_args()
+    if args.heavy_clients:
+        import heavy_clients
+
+        return heavy_clients.main(args.server, args.heavy_clients, args.seconds, args.threads)
 
     ctx = mp.get_context("spawn")
     port_box = ctx.Queue()

@@ -23,21 +23,26 @@ def job(cost: int, arrived: float, key="k", items: int = 1) -> _Job:
 
 def test_the_smallest_size_class_goes_first_in_arrival_order_within_it():
     heavy1, heavy2, light1, light2 = job(4000, 0.0), job(3000, 1.0), job(20, 2.0), job(25, 3.0)
-    batch = next_batch([heavy1, heavy2, light1, light2], now=4.0, age_limit_s=10.0, max_items=8)
+    batch = next_batch([heavy1, heavy2, light1, light2], now=4.0, age_limit_s=10.0, max_items=8, max_cost=1000)
     assert batch == [light1, light2]  # 20 and 25 tokens: one class (5 bits); the heavies wait
 
 
 def test_a_request_that_waited_the_age_limit_goes_first_whatever_its_size():
     heavy, light = job(4000, 0.0), job(20, 2.0)
-    assert next_batch([heavy, light], now=5.0, age_limit_s=5.0, max_items=8) == [heavy, light]  # light rides along
-    assert next_batch([heavy, light], now=4.9, age_limit_s=5.0, max_items=8) == [light]  # heavy: 4000 > 2 * 20 + 64
+    assert next_batch([heavy, light], now=5.0, age_limit_s=5.0, max_items=8, max_cost=1000) == [heavy]
+    assert next_batch([heavy, light], now=4.9, age_limit_s=5.0, max_items=8, max_cost=1000) == [light]
+    assert next_batch([heavy, light], now=5.0, age_limit_s=5.0, max_items=8, max_cost=5000) == [heavy, light]
 
 
-def test_batches_share_key_and_class_and_stop_at_max_items():
+def test_batches_share_key_and_stop_at_max_items_or_cost():
     a, b, c, d = job(20, 0.0, items=3), job(20, 1.0, key="other"), job(21, 2.0, items=3), job(22, 3.0, items=3)
-    assert next_batch([a, b, c, d], now=4.0, age_limit_s=10.0, max_items=6) == [a, c]
+    assert next_batch([a, b, c, d], now=4.0, age_limit_s=10.0, max_items=6, max_cost=1000) == [a, c]
+    assert next_batch([a, b, c, d], now=4.0, age_limit_s=10.0, max_items=9, max_cost=1000) == [a, c, d]
+    assert next_batch([a, b, c, d], now=4.0, age_limit_s=10.0, max_items=9, max_cost=41) == [a, c]  # 20 + 21
+    heavies = [job(3000, 0.0), job(3000, 1.0)]  # alike, but together over the cost budget: one at a time
+    assert next_batch(heavies, now=2.0, age_limit_s=10.0, max_items=9, max_cost=1000) == heavies[:1]
     unbatchable = job(20, 0.0, key=None)
-    assert next_batch([unbatchable, c], now=1.0, age_limit_s=10.0, max_items=6) == [unbatchable]
+    assert next_batch([unbatchable, c], now=1.0, age_limit_s=10.0, max_items=6, max_cost=1000) == [unbatchable]
 
 
 def test_tokens_within_counts_a_short_text_exactly():

@@ -8,7 +8,9 @@ behind heavy ones waits for the call in progress, not for every heavy request qu
 has waited half the wait bound goes first whatever its size, so a steady stream of light requests cannot starve a
 heavy one. Batching takes, after the request served next, the waiting requests with its batch key (requests whose
 sampling settings differ cannot share a call) and a cost of at most twice its own plus ``BATCH_SLACK`` (so a light
-request never waits for heavy ones batched with it), in order, up to ``max_batch_items`` items.
+request never waits for heavy ones batched with it), in order, up to ``max_batch_items`` items and a total cost of
+``max_batch_cost`` or the first request's cost, whichever is more: heavy requests run one at a time, so a light
+request waits for at most one of them (and its own call).
 
 Bounds. Beyond ``max_queue`` waiting requests, or after ``max_wait_s`` without a turn, ``submit`` raises ``Busy``
 (the servers answer 503 with ``Retry-After``): a burst costs latency or a clear refusal, never unbounded memory.
@@ -46,20 +48,22 @@ class _Job:
         return max(self.cost, 1).bit_length()
 
 
-def next_batch(waiting: Sequence[_Job], now: float, age_limit_s: float, max_items: int) -> list[_Job]:
+def next_batch(waiting: Sequence[_Job], now: float, age_limit_s: float, max_items: int,
+               max_cost: int) -> list[_Job]:
     """The jobs to run next (``waiting`` is in arrival order): the head (the oldest if it has waited
-    ``age_limit_s``, else the oldest of the smallest size class), then jobs of its key and similar cost."""
+    ``age_limit_s``, else the oldest of the smallest size class), then jobs of its key and similar cost, within
+    ``max_items`` items and a cost of ``max(max_cost, head's cost)``."""
     head = waiting[0] if now - waiting[0].arrived >= age_limit_s else min(waiting, key=lambda j: j.size_class)
-    batch, items = [head], head.items
+    batch, items, cost = [head], head.items, head.cost
     if head.batch_key is None:
         return batch
     for job in waiting:
         if job is head or job.batch_key != head.batch_key or job.cost > 2 * head.cost + BATCH_SLACK:
             continue
-        if items + job.items > max_items:
+        if items + job.items > max_items or cost + job.cost > max(max_cost, head.cost):
             break
         batch.append(job)
-        items += job.items
+        items, cost = items + job.items, cost + job.cost
     return batch
 
 
@@ -69,12 +73,12 @@ class WorkQueue:
     alone so that one bad request costs only its own answer; an exception from a single run reaches its caller."""
 
     def __init__(self, run: Callable[[list[Any]], Sequence[Any]], what: str, max_queue: int, max_wait_s: float,
-                 workers: int = 1, max_batch_items: int = 1):
+                 workers: int = 1, max_batch_items: int = 1, max_batch_cost: int = 4096):
         if workers <= 0 or max_queue < 0 or max_wait_s <= 0 or max_batch_items <= 0:
             raise ValueError("workers, max_wait_s and max_batch_items must be positive, max_queue non-negative")
         self.run, self.what = run, what
-        self.max_queue, self.max_wait_s, self.workers, self.max_batch_items = max_queue, max_wait_s, workers, \
-            max_batch_items
+        self.max_queue, self.max_wait_s, self.workers = max_queue, max_wait_s, workers
+        self.max_batch_items, self.max_batch_cost = max_batch_items, max_batch_cost
         self._cond = threading.Condition()
         self._waiting: list[_Job] = []
         self._busy = 0  # workers running a batch
@@ -135,7 +139,8 @@ class WorkQueue:
                     self._cond.wait()
                 if self._closed:
                     return
-                batch = next_batch(self._waiting, time.monotonic(), self.max_wait_s / 2, self.max_batch_items)
+                batch = next_batch(self._waiting, time.monotonic(), self.max_wait_s / 2, self.max_batch_items,
+                                   self.max_batch_cost)
                 for job in batch:
                     self._waiting.remove(job)
                     job.started = True
