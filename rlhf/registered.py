@@ -4,7 +4,7 @@ The config (rlhf/core/config/run_config.py) sits below the layers that hold the 
 here, above both, each name is looked up in its registry and an unknown one is refused with one line that names
 the key and lists what is registered. The registries: rollout engines (rollout/engines.py), reward components
 (reward/scoring/components.py), verifiers (reward/scoring/verifiers.py), teachers (reward/teachers/__init__.py) and advantage
-estimators (rlhf/core/algorithms/advantages.py, checked by the config itself).
+estimators and policy losses (rlhf/core/algorithms/advantages.py, policy_losses.py: checked by the config itself).
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rlhf.core.algorithms.advantages import ADVANTAGE_ESTIMATORS
+from rlhf.core.algorithms.policy_losses import POLICY_LOSSES
 
 
 class _Section(BaseModel):
@@ -185,6 +186,16 @@ class AlgorithmConfig(_Section):
     0.2): room for unlikely tokens to grow, against entropy collapse."""
     clip_high: float = Field(0.2, ge=0)
     """Upper clip of the PPO ratio (1 + clip_high); see clip_low."""
+    policy_loss: str = "vanilla"
+    """The per-token policy-gradient loss (rlhf/core/algorithms/policy_losses.py POLICY_LOSSES): vanilla = PPO's
+    clipped surrogate (GRPO's); dual_clip = vanilla plus a cap of -A * dual_clip on tokens of negative advantage
+    (veRL's default); gspo = one length-normalised importance ratio per sequence (needs loss_aggregation seq-mean;
+    the paper clips at clip_low 3e-4, clip_high 4e-4); cispo = REINFORCE weighted by the ratio clipped to
+    [1 - clip_low, 1 + clip_high] and held constant, so clipped tokens keep their gradient (clip_low 1: no lower
+    bound, as MiniMax-M1)."""
+    dual_clip: float = Field(3.0, gt=1)
+    """policy_loss dual_clip: a token of negative advantage A loses at most -A * dual_clip, however far its ratio
+    has grown, so stale or unlikely samples cannot dominate the batch."""
     kl_coef: float = Field(0.0, ge=0)
     """Weight of the per-token KL(policy || reference) (0: no reference model is loaded), and its estimator in the
     loss: k1 = log ratio (unbiased, can be < 0), k2 = log ratio^2 / 2, k3 = exp(-lr) + lr - 1 (>= 0). A KL in the
@@ -228,6 +239,15 @@ class AlgorithmConfig(_Section):
     def _known_estimator(self) -> "AlgorithmConfig":
         if self.advantage not in ADVANTAGE_ESTIMATORS:
             raise ValueError(ADVANTAGE_ESTIMATORS.unknown(self.advantage))
+        return self
+
+    @model_validator(mode="after")
+    def _known_policy_loss(self) -> "AlgorithmConfig":
+        if self.policy_loss not in POLICY_LOSSES:
+            raise ValueError(POLICY_LOSSES.unknown(self.policy_loss))
+        if POLICY_LOSSES[self.policy_loss].sequence_level and self.loss_aggregation != "seq-mean":
+            raise ValueError(f"policy_loss {self.policy_loss} has one ratio per sequence and averages each "
+                             f"sequence's tokens: set loss_aggregation: seq-mean, not {self.loss_aggregation}")
         return self
 
     @model_validator(mode="after")

@@ -18,7 +18,8 @@ import torch
 
 from rlhf.core.algorithms.aggregation import loss_token_weights
 from rlhf.core.algorithms.kl import kl_penalty
-from rlhf.core.algorithms.policy_losses import clipped_policy_loss, policy_token_loss, truncated_importance_weights
+from rlhf.core.algorithms.policy_losses import (POLICY_LOSSES, PolicyLossInputs, policy_token_loss,
+                                               truncated_importance_weights)
 from rlhf.core.algorithms.tokens import token_entropy, token_logprobs
 
 from rlhf.core.models import lora
@@ -65,6 +66,7 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         from transformers import AutoModelForCausalLM
 
         self.algorithm = cfg.algorithm
+        self.policy_loss = POLICY_LOSSES[cfg.algorithm.policy_loss]
         # The sampling temperature: log-probs are taken from logits / temperature on both sides, so the ratio and
         # the mismatch metric compare the same distribution.
         self.temperature = cfg.rollout.temperature
@@ -181,6 +183,10 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         """Forward and backward over one mini-batch's micro-batches, then one optimizer step; returns its sums."""
         engine = self.engine
         sums = torch.zeros(len(_SUMMED), dtype=torch.float64)
+        if self.policy_loss.sequence_level:
+            # Each token carries its row number into the micro-batches: a packed row holds several sequences.
+            rows, width = batch["input_ids"].shape
+            batch = {**batch, "sequence_ids": torch.arange(rows).unsqueeze(1).expand(rows, width)}
         micro_batches = list(self._micro_batches(batch))
         for i, (_, mb, _) in enumerate(micro_batches):
             # Only the last micro-batch triggers the optimizer step, however many there are in this mini-batch.
@@ -199,7 +205,8 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         # Without precomputed old log-probs this is the batch's only update: the old policy is the current one and
         # the ratio starts at exactly 1.
         old_logp = mb["old_logprobs"] if "old_logprobs" in mb else logp.detach()
-        pg, clipped = clipped_policy_loss(logp, old_logp, mb["advantages"], a.clip_low, a.clip_high)
+        pg, clipped = self.policy_loss.compute(PolicyLossInputs(
+            logp, old_logp, mb["advantages"], mask, a.clip_low, a.clip_high, a.dual_clip, mb.get("sequence_ids")))
         tis = torch.ones_like(logp)
         if a.tis_cap:
             tis = truncated_importance_weights(old_logp, mb["rollout_logprobs"], mask, a.tis_cap)
