@@ -1,9 +1,10 @@
 """Running untrusted Python (a model's tool call) in a child process with limits: what a tool may cost a rollout.
 
 The child is a fresh interpreter (``-I -S``: no user site, no environment variables, no site packages) in its own
-empty temporary directory, with rlimits on CPU time, address space, file size (its output goes to files, so a
-flood stops at the limit) and processes, and in a new network namespace where the kernel allows one (else the
-socket module is replaced by one that refuses). The wall-clock limit kills its whole process group. Whatever it
+empty temporary directory, which first confines itself (rollout/environments/confine.py: rlimits on CPU time,
+address space, file size (its output goes to files, so a flood stops at the limit) and processes; no network; no
+writes outside the directory) and replaces the socket module by one that refuses, then runs the tool's code. The
+wall-clock limit kills its whole process group. Whatever it
 does, the caller gets a ``ToolResult``: the output, or an error line. It never raises for the code's behaviour.
 """
 from __future__ import annotations
@@ -17,10 +18,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rollout.environments.confine import confiner, landlock_abi
+from rollout.environments.confine import landlock_abi, prelude
 
-# Run first in the child: sockets refuse even where no network namespace could be made.
-_PRELUDE = (
+# Run in the child after the confinement: sockets refuse even where no network namespace could be made.
+_NO_SOCKETS = (
     "import socket as _s\n"
     "def _refuse(*a, **k):\n"
     "    raise OSError('no network in the tool sandbox')\n"
@@ -52,11 +53,10 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits()) -> ToolResult
         out_path, err_path = Path(tmp) / ".stdout", Path(tmp) / ".stderr"
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             try:
-                proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _PRELUDE + code], cwd=tmp,
+                first = prelude(tmp, limits.seconds, limits.memory_mb, limits.output_bytes + 1, _LANDLOCK_ABI)
+                proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", first + _NO_SOCKETS + code], cwd=tmp,
                                         stdin=subprocess.DEVNULL, stdout=out, stderr=err, env={},
-                                        start_new_session=True,
-                                        preexec_fn=confiner(tmp, limits.seconds, limits.memory_mb,
-                                                            limits.output_bytes + 1, _LANDLOCK_ABI))
+                                        start_new_session=True)
             except OSError as e:
                 return ToolResult(False, f"error: the sandbox could not start ({e.strerror})", 0.0)
             timed_out = False
