@@ -138,6 +138,13 @@ class TrainerConfig(EngineConfig):
     """DeepSpeed data-parallel ranks (Ray actors) of the policy; rollout rows split evenly across them."""
     mini_batches_per_step: int = Field(1, gt=0)
     """Optimizer steps per pass over a rollout batch: the rows split into this many equal mini-batches, in order."""
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    """What the update computes in on a CPU (rlhf/core/models/precision.py): fp32; bf16, mixed precision (float32
+    master weights, gradients and Adam state; forward and backward under bf16 autocast); auto, bf16 where
+    /proc/cpuinfo lists bf16 units (avx512_bf16, amx_bf16: about 2x the fp32 GEMM rate), else fp32 (without them
+    bf16 is emulated, far slower). fp32 by default: on the small models of the quickstart bf16 gains nothing and the
+    update matches float32 references exactly. Ignored on a GPU (trainer.bf16 is its switch). perf/train_mfu is
+    measured against the GEMM rate of the precision chosen."""
 
 
 class CriticConfig(EngineConfig):

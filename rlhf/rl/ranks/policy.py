@@ -22,7 +22,7 @@ from rlhf.core.algorithms.policy_losses import (POLICY_LOSSES, PolicyLossInputs,
                                                truncated_importance_weights)
 from rlhf.core.algorithms.tokens import token_entropy, token_logprobs
 
-from rlhf.core.models import lora
+from rlhf.core.models import lora, precision
 
 from rlhf.core.data import packing
 from rlhf.core.data.batch import without_zero_advantage_rows
@@ -80,6 +80,11 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         if lora_settings:  # only the adapters train (rlhf/core/models/lora.py)
             policy = lora.wrap(policy, lora_settings)
         self._wrap(policy)
+        # CPU mixed precision (trainer.precision): the weights stay float32, forwards run under bf16 autocast.
+        self.precision = precision.resolve_precision(cfg.trainer.precision, precision.cpu_flags(),
+                                                     torch.cuda.is_available())
+        self.params, self.lora = precision.model_params(policy), bool(lora_settings)
+        self.gemm_rate: float | None = None  # FLOP/s in self.precision, measured at the first update
 
         self.reference = None
         if cfg.algorithm.kl_coef > 0 and lora_settings:  # the same model with its adapters off: no second copy
@@ -161,7 +166,19 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         # DeepSpeed checks the global gradient norm before each optimizer step and skips the step (same decision
         # on every rank) when it is NaN or infinite; the driver's guard counts it (rlhf/core/guards.py).
         metrics["faults/update_skipped"] = float(engine.skipped_steps > skipped_before)
+        if self.device.type == "cpu":
+            metrics.update(self._mfu(mini_batches, updates > 1, metrics["perf/train_s"]))
         return metrics
+
+    def _mfu(self, mini_batches: list[dict[str, torch.Tensor]], old_logprobs_pass: bool, seconds: float) -> dict:
+        """This rank's update MFU against the GEMM rate of the precision it trains in, on its own threads."""
+        tokens = sum(int(mb["attention_mask"].sum()) for mb in mini_batches)
+        epochs = self.algorithm.ppo_epochs
+        forward_tokens = tokens * (epochs * (self.reference is not None) + old_logprobs_pass)
+        flops = precision.update_flops(self.params, tokens * epochs, self.lora, forward_tokens)
+        if self.gemm_rate is None:
+            self.gemm_rate = precision.gemm_rate(self.precision)
+        return precision.mfu_metrics(flops, seconds, self.precision, self.gemm_rate)
 
     @torch.no_grad()
     def _logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -173,7 +190,8 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         """``model``'s token log-probs (at the sampling temperature) over ``batch``'s rows, (B, L) on the CPU."""
 
         def logprobs(mb):
-            logits = model(**packing.model_inputs(mb)).logits
+            with precision.autocast(self.precision):
+                logits = model(**packing.model_inputs(mb)).logits.float()
             return packing.zero_sequence_starts(
                 token_logprobs(logits / self.temperature, mb["input_ids"]), mb)
 
@@ -199,7 +217,8 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         """Forward and backward on one micro-batch; returns its contribution to the ``_SUMMED`` sums."""
         a = self.algorithm
         mask = mb["response_mask"]
-        logits = self.engine(**packing.model_inputs(mb)).logits
+        with precision.autocast(self.precision):
+            logits = self.engine(**packing.model_inputs(mb)).logits.float()
         logits = logits / self.temperature
         logp = packing.zero_sequence_starts(token_logprobs(logits, mb["input_ids"]), mb)
         # Without precomputed old log-probs this is the batch's only update: the old policy is the current one and
@@ -214,7 +233,8 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         kl = torch.zeros_like(logp)
         if self.reference is not None:
             with torch.no_grad():
-                ref_logits = self.reference(**packing.model_inputs(mb)).logits
+                with precision.autocast(self.precision):
+                    ref_logits = self.reference(**packing.model_inputs(mb)).logits.float()
                 ref_logits = ref_logits / self.temperature
                 ref_logp = packing.zero_sequence_starts(token_logprobs(ref_logits, mb["input_ids"]), mb)
                 del ref_logits
