@@ -298,6 +298,7 @@ def _serve_rm(args) -> int:
     from transformers import AutoTokenizer
 
     from reward.model.distilled import DistilledRewardModel, encode_pair, score_texts
+    from rlhf.core.http.limits import max_chars_per_token
     from rlhf.serve.reward_server import serve_reward
     from rlhf.core.models.build import check_model_dir
 
@@ -312,7 +313,7 @@ def _serve_rm(args) -> int:
     limit = args.max_tokens or getattr(model.config, "max_position_embeddings", None) or 4096
     serve_reward(lambda p, r: [s["quality"] for s in score_texts(model, tokenizer, p, r, 64)], args.host, args.port,
                  token, max_queue=args.max_queue, count_tokens=lambda p, r: len(encode_pair(tokenizer, p, r)),
-                 max_tokens=limit)
+                 max_tokens=limit, chars_per_token=max_chars_per_token(tokenizer))
     return 0
 
 
