@@ -95,12 +95,14 @@ class MultiTurnRollout:
             if reason != "stop":
                 t.finish = "length"
         answered = [t for t in live if t.finish is None]
+        # Only the environments run in threads: a fast tokenizer must not encode from two threads at once.
         with ThreadPoolExecutor(max_workers=min(ENV_THREADS, max(1, len(answered)))) as pool:
-            list(pool.map(self._observe, answered))
+            results = list(pool.map(lambda t: t.env.step(t.last_turn), answered))
+        for t, result in zip(answered, results):
+            self._observe(t, result)
 
-    def _observe(self, t: _Trajectory) -> None:
+    def _observe(self, t: _Trajectory, result) -> None:
         """The environment's answer to the turn just taken: the end of the episode, or an observation appended."""
-        result = t.env.step(t.last_turn)
         for key in t.info:
             t.info[key] += result.info.get(key, 0)
         limits = self.limits
