@@ -4,7 +4,8 @@
 
 The estimator decides the rest (rlhf/rl/update.py). A batch with a non-finite reward is not trained on; one whose
 loss or gradient is not finite gets no update and no sync; both count towards ``max_bad_batches`` (rlhf/core/
-guards.py). Every ``audit_every`` steps the teacher re-judges a sample of the rollouts (rlhf/rl/audit.py).
+guards.py). Every ``audit_every`` steps the teacher re-judges a sample of the rollouts (rlhf/rl/audit.py); with
+``reward.refresh`` the distilled RM may then be refreshed on them (rlhf/rl/rm_refresh.py).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from rlhf.core.config.run_config import RunConfig
 from rlhf.core.data.datasets import PromptRow
 from rlhf.outputs.diagnostics import component_figures
 from rlhf.core.guards import BatchGuard, reward_fault, update_fault
+from reward.model.refresh_data import batch_rm_version
 from rlhf.rl.audit import audit
 from rlhf.rl.evaluate import difficulty_metrics, evaluate_policy
 from rlhf.rl.parts import Auditor, Reward, Rollout, Update
@@ -27,12 +29,14 @@ from rollout.multi_turn import episode_figures
 
 class RLStep:
     """The run's parts and the RL step over them; what each part must offer is in rlhf/rl/parts.py (``auditor``:
-    None for no audits). Tests build it from stand-ins for each."""
+    None for no audits; ``refresher``: the distilled RM's refresh, rlhf/rl/rm_refresh.py, or None). Tests build it
+    from stand-ins for each."""
 
     def __init__(self, cfg: RunConfig, tokenizer, rollout: Rollout, reward: Reward, update: Update,
-                 auditor: Auditor | None = None):
+                 auditor: Auditor | None = None, refresher=None):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.rollout, self.reward, self.update, self.auditor = rollout, reward, update, auditor
+        self.refresher = refresher
         self.guard = BatchGuard(cfg.max_bad_batches)  # batches skipped for NaN/inf rewards, losses, gradients
 
     @property
@@ -62,6 +66,7 @@ class RLStep:
 
         t = time.perf_counter()
         scores = self.reward.score(rows, samples)
+        rm_version = batch_rm_version(scores)  # one RM version per batch: refreshes swap weights between batches
         rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)
         timings["perf/score_s"] = time.perf_counter() - t
         fault = reward_fault([r.prompt for r in rows for _ in range(n)], scores)
@@ -85,6 +90,7 @@ class RLStep:
         audited = {}
         if self.auditor is not None and step % self.cfg.reward.audit_every == 0:
             audited = audit(self.auditor, rows, samples, scores, self.cfg.reward)
+        refreshed = self.refresher.after_step(step, rows, samples, audited) if self.refresher else {}
         return {
             "step": step,
             **self._figures(rows, samples, scores, rewards),
@@ -93,7 +99,8 @@ class RLStep:
             "perf/staleness": staleness,
             "faults/restarts": self.rollout.restarts + self.reward.restarts - restarts,
             "faults/skipped_batches": self.guard.skipped,
-            **shaping, **update_metrics, **audited, **timings,
+            **({"rm/version": rm_version} if rm_version is not None else {}),
+            **shaping, **update_metrics, **audited, **refreshed, **timings,
         }
 
     def _shaped(self, rewards: torch.Tensor, samples: list) -> tuple[torch.Tensor, dict]:
@@ -151,12 +158,16 @@ class RLStep:
         """The update's state (policy, trainer ranks, critic) under ``path``; returns the rollout workers' RNG
         states, for the driver to store beside its own."""
         self.update.save_state(path)
+        if self.refresher is not None:
+            self.refresher.save_state(path)
         return self.rollout.rng_states()
 
     def load_state(self, path: Path, rollout_rng: list, version: int, guard: dict) -> None:
         """Back to a checkpoint written by ``save_state``: the update's state, the workers' RNGs, the policy's
         weights (sent to the rollout workers with the checkpoint's version) and the guard's counts."""
         self.update.load_state(path)
+        if self.refresher is not None:
+            self.refresher.load_state(path)
         self.rollout.set_rng_states(rollout_rng)
         self.rollout.sync(version)
         self.guard.load_state(guard)
@@ -164,5 +175,7 @@ class RLStep:
     def shutdown(self) -> None:
         try:
             self.update.shutdown()
+            if self.refresher is not None:
+                self.refresher.shutdown()
         finally:
             self.reward.shutdown()

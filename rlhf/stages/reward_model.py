@@ -141,7 +141,7 @@ def train_rm(pairs: list[dict], init_dir: str, cfg: RunConfig, rm_dir: str, log:
     DeepSpeed reward-model trainer group."""
     from transformers import AutoTokenizer
 
-    from reward.model.ranks import collate_pairs, train_reward_model
+    from reward.model.ranks import train_reward_model
 
     rc = cfg.reward_model
     tokenizer = AutoTokenizer.from_pretrained(init_dir)
@@ -150,9 +150,7 @@ def train_rm(pairs: list[dict], init_dir: str, cfg: RunConfig, rm_dir: str, log:
     if use_reference:
         pairs = [referenced_pair(p) for p in pairs]
     random.Random(cfg.seed + 11).shuffle(pairs)
-    size = max(rc.num_ranks, rc.batch_size - rc.batch_size % rc.num_ranks)
-    batches = [collate_pairs(tokenizer, pairs[i:i + size], rc.max_length)
-               for i in range(0, len(pairs) - len(pairs) % rc.num_ranks, size) if len(pairs[i:i + size]) % rc.num_ranks == 0]
+    batches = pair_batches(tokenizer, pairs, rc)
     progress = Progress(len(batches) * rc.epochs, "reward model", "step", log)
 
     def on_step(m: dict) -> None:
@@ -160,10 +158,25 @@ def train_rm(pairs: list[dict], init_dir: str, cfg: RunConfig, rm_dir: str, log:
             record({k: v for k, v in m.items() if k != "rm/step"}, int(m["rm/step"]))
         progress.update(loss=m["rm/loss"], pair_acc=m["rm/accuracy"])
 
-    engine = rc.model_copy(update={"micro_batch_size": size // rc.num_ranks, "use_reference": use_reference})
+    engine = rc.model_copy(update={"micro_batch_size": batch_pairs(rc) // rc.num_ranks, "use_reference": use_reference})
     with progress:
         train_reward_model(batches, init_dir, engine, rc.num_ranks, rm_dir, on_step, rc.epochs,
                            cfg.call_timeout_s, cfg.seed, trained_heads(pairs, rc))
+
+
+def batch_pairs(rc) -> int:
+    """Pairs per RM optimizer step: ``reward_model.batch_size`` cut to a multiple of the ranks (at least one each)."""
+    return max(rc.num_ranks, rc.batch_size - rc.batch_size % rc.num_ranks)
+
+
+def pair_batches(tokenizer, pairs: list[dict], rc) -> list[dict]:
+    """``pairs``, in order, as tokenised batches of ``batch_pairs`` (a last one that does not split evenly across the
+    ranks is left out)."""
+    from reward.model.ranks import collate_pairs
+
+    size = batch_pairs(rc)
+    return [collate_pairs(tokenizer, pairs[i:i + size], rc.max_length)
+            for i in range(0, len(pairs) - len(pairs) % rc.num_ranks, size) if len(pairs[i:i + size]) % rc.num_ranks == 0]
 
 
 def trained_heads(pairs: list[dict], rc) -> list[str]:
