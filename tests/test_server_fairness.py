@@ -125,6 +125,7 @@ def test_a_long_prompt_is_refused_while_the_model_is_busy(gated_policy):
     started = time.monotonic()
     status, _, body = request(server, "POST", "/v1/chat/completions", chat("1 " * 200_000))
     assert status == 400 and "maximum context length of 1000" in body["error"]["message"]
+    assert body["error"]["param"] == "messages"
     assert time.monotonic() - started < 3
     engine.gate.set()
     first[0].join(20)

@@ -50,6 +50,7 @@ from rlhf.serve import openai_reply
 from rlhf.serve.openai_request import GenerationRequest, bad, parse_request
 from rlhf.serve.token_alternatives import top_alternatives
 from rollout import vllm_engine  # noqa: F401 - registers the optional vllm engine (vllm itself loads when built)
+from rollout import static_engine  # noqa: F401 - registers hf_static
 from rollout.engines import ENGINES, HFEngine, RolloutEngine
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,8 @@ class _Handler(JsonHandler):
         self._check_engine(request)
         if request.kind == "chat":
             request.prompts = [self._render(request.messages)]
-        prompt_tokens = [self._prompt_tokens(p) for p in request.prompts]
+        key = "messages" if request.kind == "chat" else "prompt"
+        prompt_tokens = [self._prompt_tokens(p, key) for p in request.prompts]
         max_tokens = self._max_tokens(max(prompt_tokens), request.max_tokens, request.max_key)
         cost = sum(prompt_tokens) + len(request.prompts) * request.n * max_tokens
         key = None if request.seed is not None else (request.n, max_tokens, request.temperature, request.top_p,
@@ -175,11 +177,10 @@ class _Handler(JsonHandler):
         except Exception as err:  # templates raise on what they do not accept (say, a role they do not know)
             raise bad(f"chat template refused the messages: {err}", "messages") from None
 
-    def _prompt_tokens(self, prompt: str) -> int:
+    def _prompt_tokens(self, prompt: str, key: str) -> int:
         """The prompt's tokens, counted in this handler's thread (outside the queue), tokenizing no more than a
-        bounded prefix of a prompt over the context."""
+        bounded prefix of a prompt over the context; a refusal names ``key``."""
         context = self.server.context_length or NO_CONTEXT_LIMIT
-        key = "messages" if "messages" in self.routes.get(self.path, ("", ""))[1] else "prompt"
         if not prompt:
             raise bad("the prompt is empty", key)
         tokenizer = self.server.tokenizer
