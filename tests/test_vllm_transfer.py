@@ -12,7 +12,7 @@ ray = pytest.importorskip("ray")
 
 from rlhf.core.config.run_config import ModelConfig, RolloutConfig  # noqa: E402
 from rlhf.core.distributed import vllm_transfer  # noqa: E402
-from rlhf.core.distributed.weight_sync import manifest_of  # noqa: E402
+from rlhf.core.distributed.weight_sync import manifest_of, policy_tensors  # noqa: E402
 from rlhf.core.models import lora  # noqa: E402
 from rlhf.core.models.build import build_student, build_tokenizer, save_student  # noqa: E402
 from rollout.vllm_engine import VLLMEngine  # noqa: E402
@@ -40,7 +40,7 @@ def test_the_weight_source_is_the_policy_as_the_engine_holds_it(adapters):
     model = build_student(TINY, tokenizer, seed=0)
     if adapters:
         model = lora.wrap(model, {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj"]})
-    tensors = vllm_transfer.PolicyTensors(model)
+    tensors = policy_tensors(model)
     names = [name for name, _, _ in tensors.metadata]
     assert names == [s.name for s in manifest_of(model)]
     assert "lm_head.weight" not in names  # tied: sent once, as the embedding

@@ -75,31 +75,23 @@ class RolloutClient:
 
 class PolicyTensors:
     """The policy's full tensors as vLLM's ``WeightSource`` wants them: ``metadata`` (name, dtype, full shape:
-    every rank owns every tensor) and ``iter_full``, a fresh pass each call (collective under ZeRO-3)."""
+    every rank owns every tensor) and ``iter_full``, a fresh pass each call (``tensors()``: the tensors in metadata
+    order, collective under ZeRO-3). Built by weight_sync.policy_tensors."""
 
-    def __init__(self, module: torch.nn.Module, deepspeed=None):
-        self._module, self._deepspeed = module, deepspeed
-
-    @cached_property
-    def metadata(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-        from rlhf.core.distributed.weight_sync import _DTYPES, manifest_of
-
-        return [(s.name, _DTYPES[s.dtype], s.shape) for s in manifest_of(self._module)]
+    def __init__(self, metadata: list[tuple[str, torch.dtype, tuple[int, ...]]], tensors):
+        self.metadata, self._tensors = metadata, tensors
 
     def iter_full(self):
-        from rlhf.core.distributed.weight_sync import full_tensors
-
-        names = [name for name, _, _ in self.metadata]
-        return zip(names, full_tensors(self._module, self._deepspeed))
+        return zip([name for name, _, _ in self.metadata], self._tensors())
 
 
-def source(module: torch.nn.Module, deepspeed=None):
-    """``PolicyTensors`` as a subclass of vLLM's ``WeightSource`` (its engines check the type's methods)."""
+def source(tensors: PolicyTensors):
+    """``tensors`` as a subclass of vLLM's ``WeightSource`` (its engines check the type's methods)."""
     from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
     class Source(WeightSource):
         def __init__(self):
-            self.tensors = PolicyTensors(module, deepspeed)
+            self.tensors = tensors
 
         @cached_property
         def metadata(self):

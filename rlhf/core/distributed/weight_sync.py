@@ -258,6 +258,14 @@ def full_tensors(module: torch.nn.Module, deepspeed=None) -> Iterator[torch.Tens
             yield lora.merge_weight([p.data for p in parts], lora_scaling)
 
 
+def policy_tensors(module: torch.nn.Module, deepspeed=None):
+    """``module``'s full tensors (``manifest_of``, ``full_tensors``) for vLLM's transfer engines."""
+    from rlhf.core.distributed.vllm_transfer import PolicyTensors
+
+    metadata = [(s.name, _DTYPES[s.dtype], s.shape) for s in manifest_of(module)]
+    return PolicyTensors(metadata, lambda: full_tensors(module, deepspeed))
+
+
 class WeightBroadcaster(ColocatedTrainerMemory):
     """The sending side, mixed into a trainer rank (``DeepSpeedRank``: ``engine``, ``rank``, ``engine_cfg``,
     ``_deepspeed``, ``device``). Rank 0 hosts the store and is member 0 of the group; under ZeRO-3 every rank takes
@@ -316,7 +324,8 @@ class WeightBroadcaster(ColocatedTrainerMemory):
         zero3 = self._deepspeed if self.engine_cfg.zero_stage == 3 else None
         client = vllm_transfer.RolloutClient(workers, tensor_parallel_size, timeout_s)
         self._vllm_transfer = vllm_transfer.trainer_engine(
-            backend, self.rank, client, vllm_transfer.source(self.engine.module, zero3), bucket_bytes, endpoint,
+            backend, self.rank, client, vllm_transfer.source(policy_tensors(self.engine.module, zero3)), bucket_bytes,
+            endpoint,
             vllm_transfer.transfer_world_size(len(workers), tensor_parallel_size))
 
     def send_vllm_weights(self, version: int) -> float:
