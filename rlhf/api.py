@@ -50,6 +50,7 @@ from rlhf.rl.run_checkpoint import restore_actors, restore_driver, write_checkpo
 from rlhf.rl.schedule import RLSchedule
 from rlhf.rl.step import RLStep
 from rlhf.stages import reward_model as rm_stages, run_dir, sft
+from rlhf.stages.dpo import dpo_stage
 from rlhf.stages.prepare import prepare_run
 from rlhf.stages.warmup import warmup_stage
 
@@ -91,6 +92,8 @@ def run(cfg: RunConfig, reward_fn: RewardFn | None = None, train_dataset: Datase
             trainer.label()
         if "train_rm" in cfg.stages and before_rl:
             trainer.train_reward_model()
+        if "dpo" in cfg.stages and before_rl:
+            trainer.dpo()
         if "eval" in cfg.stages and before_rl:
             trainer.evaluate()
         if "rl" in cfg.stages:
@@ -125,6 +128,7 @@ class Trainer:
         self._summary: dict = {"data": run.data}  # prompt counts, then each stage's figures
         self._schedule = RLSchedule(cfg, self._train_rows, log)  # steps taken, prompt order, launched rollouts
         self.reward_model_dir: Path | None = Path(cfg.reward_model.path) if cfg.reward_model.path else None
+        self._dpo_dir: str | None = None  # the dpo stage's policy: the actors started after it load this one
         self._timer = run_dir.StageTimer()
         self._restore: checkpoints.Checkpoint | None = None  # a checkpoint whose actor state is still to load
         if run.checkpoint is not None:
@@ -195,6 +199,22 @@ class Trainer:
                 self.cfg, self._start_dir(), self.output_dir, self.log, labels_dir, self.metrics.log)
         self.reward_model_dir = Path(rm_dir)
         return self._summary["reward_model"]
+
+    def dpo(self) -> dict:
+        """Preference optimisation of the starting student on pairs (``cfg.dpo``: the teacher's from labels/, your
+        own from ``dpo.train_file``), on DeepSpeed ranks; returns its figures. The policy goes to ``output_dir/dpo``
+        and the stages after it (evaluate, step, train, save) start from it."""
+        if self._actors.loop is not None:
+            raise RuntimeError("dpo() must come before evaluate(), step(), train() and save(): their actors start "
+                               "from its policy")
+        with self._timer("dpo"):
+            self._actors.start_ray()  # the preference trainer's DeepSpeed ranks are Ray actors
+            self._dpo_dir, self._summary["dpo"] = dpo_stage(self.cfg, self._start_dir(), self.output_dir, self.log,
+                                                            self.metrics.log)
+        if self._actors.rollout:  # started from the student for labelling: restarted from the new policy on use
+            self._actors.rollout.shutdown()
+            self._actors.rollout = None
+        return self._summary["dpo"]
 
     def evaluate(self) -> dict:
         """Greedy answers to the held-out prompts, checked by the verifier: ``accuracy``, ``mean_response_tokens``,
@@ -270,7 +290,10 @@ class Trainer:
 
     def _start_dir(self) -> str:
         """Every actor loads the starting policy from this directory: one copy on disk, no pickled model in
-        flight. Written once, when the first actor needs it; the in-process student is dropped then."""
+        flight. Written once, when the first actor needs it; the in-process student is dropped then. After the dpo
+        stage, its policy."""
+        if self._dpo_dir is not None:
+            return self._dpo_dir
         start_dir = self.output_dir / "warmup"
         if self._student is not None:
             save_student(self._student, self._tokenizer, str(start_dir))

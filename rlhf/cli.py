@@ -7,6 +7,7 @@
   distilrl sft CONFIG [...]                       distillation SFT of the student on traces (and eval if listed)
   distilrl train-rm CONFIG [--labels RUN] [...]   train and evaluate a distilled RM on a labelling run's labels
   distilrl train-rm CONFIG --data PAIRS [...]     ... on your own preference data (TRL layouts), or on both
+  distilrl dpo CONFIG [--data PAIRS] [...]        DPO / IPO / SimPO of the student on the teacher's or your pairs
   distilrl eval CHECKPOINT [--config C] [...]     a policy checkpoint on the held-out prompts, as JSON
   distilrl eval-rm RM_DIR LABELS_DIR|DATA         a distilled RM on held-out labels or preference data, as JSON
   distilrl serve-rm RM_DIR                        the RM over HTTP (OpenRLHF's /get_reward shape, and /score)
@@ -67,8 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
                      ".json, .parquet, .csv file or a save_to_disk directory. With --labels, both are used")
     cmd.add_argument("--eval-data", metavar="PATH", help="held-out preference data (reward_model.eval_file; "
                      "default: reward_model.eval_fraction of --data's prompts)")
+    _add_preference_command(commands)
     _add_model_commands(commands)
     return parser
+
+
+def _add_preference_command(commands) -> None:
+    text = "preference optimisation (DPO, IPO, SimPO: dpo.loss) of the student on pairs, the teacher's or your own"
+    cmd = commands.add_parser("dpo", help=text, description=text + ". The config's warm-up and labelling run first "
+                              "when it lists them (the teacher's pairs, with its margin); the policy goes to "
+                              "output_dir/dpo, then the evaluation if the config lists eval.")
+    cmd.add_argument("config", help="YAML config file, e.g. configs/quickstart.yaml")
+    cmd.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. dpo.beta=0.2")
+    cmd.add_argument("--data", metavar="PATH", help="your own preference pairs (dpo.train_file), in the layouts "
+                     "train-rm --data reads; without --data, the teacher's pairs from the labelling stage")
+    cmd.add_argument("--eval-data", metavar="PATH", help="held-out pairs (dpo.eval_file; default: "
+                     "dpo.eval_fraction of --data's prompts)")
 
 
 def _add_model_commands(commands) -> None:
@@ -227,6 +242,25 @@ def _train_rm(args) -> int:
     return 0
 
 
+def _dpo(args) -> int:
+    from reward.model.preference_data import load_preference_data
+    from rlhf.core.config.run_config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    for key, path in (("train_file", args.data), ("eval_file", args.eval_data)):
+        if path is not None:
+            setattr(cfg.dpo, key, path)
+    for path in (cfg.dpo.train_file, cfg.dpo.eval_file):
+        if path:  # a bad file stops here, before anything is written
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"preference data {path} does not exist")
+            load_preference_data(path, lambda messages: "\n\n".join(str(m["content"]) for m in messages))
+    first = ("traces", "warmup", "sft") + (() if cfg.dpo.train_file else ("label",))
+    cfg.stages = [s for s in cfg.stages if s in first] + ["dpo"] + (["eval"] if "eval" in cfg.stages else [])
+    _run_stages(cfg)
+    return 0
+
+
 def _run_stages(cfg, resume: bool = False) -> None:
     from rlhf.api import run
 
@@ -343,7 +377,7 @@ def _import_model(args) -> int:
 
 COMMANDS = {"config": _config, "run": _run, "label": _run, "traces": _traces, "sft": _sft, "train-rm": _train_rm, "eval": _eval,
             "eval-rm": _eval_rm, "serve-rm": _serve_rm, "serve": _serve, "report": _report,
-            "import-model": _import_model}
+            "import-model": _import_model, "dpo": _dpo}
 
 
 def _quiet_libraries() -> None:

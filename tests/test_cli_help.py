@@ -6,8 +6,8 @@ import pytest
 
 from rlhf.cli import COMMANDS, build_parser, main
 
-SUBCOMMANDS = ["run", "label", "traces", "sft", "train-rm", "eval", "eval-rm", "serve-rm", "serve", "report",
-               "import-model"]
+SUBCOMMANDS = ["run", "label", "traces", "sft", "train-rm", "dpo", "eval", "eval-rm", "serve-rm", "serve",
+               "report", "config", "import-model"]
 
 
 def test_the_documented_subcommands_exist():

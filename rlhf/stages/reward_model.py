@@ -112,15 +112,16 @@ def reward_model_stage(cfg: RunConfig, init_dir: str, out: Path, log: Callable[[
     return rm_dir, figures
 
 
-def own_preference_data(cfg: RunConfig, init_dir: str, log: Callable[[str], None]):
+def own_preference_data(cfg: RunConfig, init_dir: str, log: Callable[[str], None], section=None):
     """(train, held out) ``PreferenceData`` from ``reward_model.train_file`` and ``eval_file`` (or a held-out
-    fraction of the training file's prompts), conversational prompts rendered as the run renders its prompts."""
+    fraction of the training file's prompts), conversational prompts rendered as the run renders its prompts.
+    ``section``: the config section with those three keys (default reward_model; the dpo stage gives dpo)."""
     from transformers import AutoTokenizer
 
     from reward.model.preference_data import load_preference_data, message_renderer
     from rlhf.core.data.chat import template_override
 
-    rc = cfg.reward_model
+    rc = section or cfg.reward_model
     render = message_renderer(AutoTokenizer.from_pretrained(init_dir), template_override(cfg.task),
                               cfg.task.chat_template_kwargs, plain=cfg.task.chat_template == "plain")
     data = load_preference_data(rc.train_file, render, cfg.seed, log)

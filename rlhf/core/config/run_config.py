@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from rlhf.core.config.data_config import EvalConfig, ModelConfig, TaskConfig, ThinkConfig
+from rlhf.core.config.preference_config import DPOConfig
 from rlhf.core.config.rl_config import AdaptiveConfig, RewardConfig, RewardRefreshConfig, RolloutConfig
 from rlhf.core.config.teacher_config import LabelConfig, TracesConfig, WarmupConfig
 from rlhf.core.config.training_config import (AlgorithmConfig, ClusterConfig, CriticConfig, EngineConfig, RewardModelConfig,
@@ -31,7 +32,7 @@ from rlhf.core.config.training_config import (AlgorithmConfig, ClusterConfig, Cr
 __all__ = ["ConfigError", "RunConfig", "load_config", "config_from_dict", "save_config", "ModelConfig",
            "TaskConfig", "WarmupConfig", "ThinkConfig", "RolloutConfig", "AdaptiveConfig", "RewardConfig",
            "LabelConfig", "EngineConfig", "RewardModelConfig", "TrainerConfig", "CriticConfig", "AlgorithmConfig",
-           "RoleResources", "ClusterConfig", "EvalConfig", "TracesConfig", "RewardRefreshConfig"]
+           "RoleResources", "ClusterConfig", "EvalConfig", "TracesConfig", "DPOConfig", "RewardRefreshConfig"]
 
 
 class ConfigError(ValueError):
@@ -46,9 +47,11 @@ class RunConfig(_Section):
     """The run directory: config.yaml, metrics.jsonl, summary.json, report.md, checkpoints and models go here."""
     seed: int = 0
     """Seeds Python, torch and every worker: the same seed and config give the same run on one machine."""
-    stages: list[Literal["traces", "warmup", "sft", "label", "train_rm", "rl", "eval"]] = ["warmup", "rl", "eval"]
+    stages: list[Literal["traces", "warmup", "sft", "label", "train_rm", "dpo", "rl", "eval"]] = [
+        "warmup", "rl", "eval"]
     """In pipeline order; any subset runs: warmup -> label -> train_rm -> rl, with eval before and after rl. traces
-    (teacher traces, graded and selected) and sft (the warm-up trained on them) come first when listed."""
+    (teacher traces, graded and selected) and sft (the warm-up trained on them) come first when listed; dpo
+    (preference optimisation on pairs, section dpo) after train_rm: the stages after it start from its policy."""
     call_timeout_s: float = Field(600.0, gt=0)
     """Seconds any single remote call (generate, score, train, weight sync) may take before the run stops."""
     max_worker_restarts: int = Field(3, ge=0)
@@ -96,6 +99,8 @@ class RunConfig(_Section):
     """The traces stage: a teacher writes responses to the training prompts, graded and selected per CD bin."""
     cluster: ClusterConfig = ClusterConfig()
     """Where the Ray actors run: a private local Ray or a cluster, and what each role's actors ask for."""
+    dpo: DPOConfig = DPOConfig()
+    """Preference optimisation (DPO, IPO, SimPO) of the policy on teacher or your own pairs: stage dpo."""
 
     @model_validator(mode="after")
     def _batch_units_divide(self) -> "RunConfig":
