@@ -121,3 +121,12 @@ def test_warmup_tool_traces_train_the_model_turns_only():
     expected = call + [eos] + [-100] * len(observation) + answer + [eos]
     assert batch["labels"][0, start:start + len(expected)].tolist() == expected
     assert batch["labels"][1].ne(-100).sum() == len("#3") + 1
+
+
+def test_an_unknown_environment_is_refused_at_start_naming_the_key():
+    from rlhf.core.config.run_config import ConfigError, RunConfig
+    from rlhf.registered import check_registered
+
+    check_registered(RunConfig.model_validate({"rollout": {"environment": "calculator"}}))
+    with pytest.raises(ConfigError, match="rollout.environment: unknown environment 'shell'"):
+        check_registered(RunConfig.model_validate({"rollout": {"environment": "shell"}}))
