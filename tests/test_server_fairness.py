@@ -167,6 +167,25 @@ def test_waiting_reward_requests_are_scored_in_one_batch_in_order():
     assert scorer.calls == [["a"], ["bb", "ccc", "dddd"]]
 
 
+def test_a_heavy_reward_request_is_scored_in_parts_with_a_light_one_in_between():
+    scorer = GatedScorer()
+    with make_reward_server(scorer) as server:
+        server.queue.max_batch_cost = 9  # tokens per call (characters here: no token counter)
+        server.start()
+        first = in_thread(request, server, "POST", "/score", {"prompts": ["p"], "responses": ["a"]})
+        assert scorer.started.acquire(timeout=10)
+        heavy = in_thread(request, server, "POST", "/score", {"prompts": ["p"] * 3, "responses": ["x" * 7, "y" * 8,
+                                                                                                  "z" * 9]})
+        wait_for(lambda: server.queue.waiting == 3)  # 8, 9 and 10 characters: one part each (at least a sample)
+        light = in_thread(request, server, "POST", "/score", {"prompts": ["p"], "responses": ["b"]})
+        wait_for(lambda: server.queue.waiting == 4)
+        scorer.gate.set()
+        for thread, _ in (first, heavy, light):
+            thread.join(20)
+    assert heavy[1]["result"][2] == {"rewards": [7.0, 8.0, 9.0]} and light[1]["result"][2] == {"rewards": [1.0]}
+    assert scorer.calls == [["a"], ["b"], ["x" * 7], ["y" * 8], ["z" * 9]]
+
+
 @pytest.mark.parametrize("method", ["HEAD", "OPTIONS", "TRACE"])
 def test_other_methods_get_405(method, gated_policy):
     server, _ = gated_policy

@@ -16,7 +16,8 @@ Both scoring endpoints answer ``{"rewards": [float, ...]}``, one per sample, in 
 
 Under load (rlhf/core/http/queue.py): requests queue for ``max_concurrency`` scoring threads (1 by default: one
 model), light requests ahead of heavy ones, and the waiting requests are scored together in one ``score_fn``
-call of up to ``max_batch`` samples. At most ``max_queue`` requests wait, each for at most ``queue_timeout_s``;
+call of up to ``max_batch`` samples and 4096 tokens; a heavier request is scored in parts of that size, so a
+light one waits for one part, not the whole of it. At most ``max_queue`` requests wait, each for at most ``queue_timeout_s``;
 beyond that the answer is ``503 {"error": "busy: ..."}`` with ``Retry-After``, which ``RemoteRewardClient``
 retries. Each sample is checked against ``max_tokens`` before it queues, tokenizing a bounded prefix only
 (rlhf/core/http/limits.py). Connections are capped too (``max_connections``, rlhf/core/http/server.py).
@@ -69,20 +70,21 @@ class RewardServer(BackgroundHTTPServer):
         # score_fn never runs in more threads at once than it was declared safe for (max_concurrency).
         self.queue = WorkQueue(self._score_batch, "scoring", max_queue, queue_timeout_s, max_concurrency, max_batch)
 
-    def _score_batch(self, requests: list[tuple[list[str], list[str]]]) -> list[list[float]]:
-        """One score_fn call for the waiting requests; their rewards, checked, split back per request."""
+    def _score_batch(self, requests: list[tuple[list[str], list[str], int]]) -> list[list[float]]:
+        """One score_fn call for the waiting requests (or parts of requests, each with its first sample's index);
+        their rewards, checked, split back per request."""
         prompts = [p for request in requests for p in request[0]]
         responses = [r for request in requests for r in request[1]]
         rewards = [float(r) for r in self.score_fn(prompts, responses)]
         if len(rewards) != len(prompts):
             raise ValueError(f"score_fn returned {len(rewards)} rewards for {len(prompts)} samples")
         out, start = [], 0
-        for request_prompts, _ in requests:
+        for request_prompts, _, first in requests:
             part = rewards[start:start + len(request_prompts)]
             for i, reward in enumerate(part):
                 if not math.isfinite(reward):
                     # JSON has no NaN/Infinity; and a NaN reward would silently poison the advantage estimates.
-                    raise ValueError(f"score_fn returned {reward} at index {i}")
+                    raise ValueError(f"score_fn returned {reward} at index {first + i}")
             out.append(part)
             start += len(request_prompts)
         return out
@@ -141,9 +143,17 @@ class _RewardHandler(JsonHandler):
                             f"batch of {n} samples is over the limit of {self.server.max_batch}")
         if n == 0:
             return {"rewards": []}
-        cost = self._check_lengths(prompts, responses)
+        costs = self._check_lengths(prompts, responses)
+        # A heavy request is scored in parts of bounded cost, so lighter requests get turns between them.
+        parts, start, budget = [], 0, self.server.queue.max_batch_cost
+        while start < n:
+            end, cost = start + 1, costs[start]
+            while end < n and cost + costs[end] <= budget:
+                cost, end = cost + costs[end], end + 1
+            parts.append(((prompts[start:end], responses[start:end], start), cost, end - start))
+            start = end
         try:
-            rewards = self.server.queue.submit((prompts, responses), cost, n, batch_key="score")
+            rewards = [r for part in self.server.queue.submit_parts(parts, batch_key="score") for r in part]
         except Busy as err:
             raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, f"busy: {err}; retry later",
                             headers={"Retry-After": str(self.server.retry_after_s)}) from None
@@ -152,15 +162,15 @@ class _RewardHandler(JsonHandler):
             raise HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, f"score_fn failed: {type(err).__name__}: {err}")
         return {"rewards": rewards}
 
-    def _check_lengths(self, prompts: list[str], responses: list[str]) -> int:
-        """The request's cost in tokens (characters without a token counter). One over-long sample would keep
+    def _check_lengths(self, prompts: list[str], responses: list[str]) -> list[int]:
+        """Each sample's cost in tokens (characters without a token counter). One over-long sample would keep
         the model busy for minutes while every other client waits: it is refused (400, naming the limit) before
         it queues, tokenizing no more than a bounded prefix of it."""
         server = self.server
         count, limit = server.count_tokens, server.max_tokens
         if count is None or limit is None:
-            return sum(len(p) + len(r) for p, r in zip(prompts, responses))
-        cost = 0
+            return [len(p) + len(r) for p, r in zip(prompts, responses)]
+        costs = []
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
             # The prompt's tokens count with any prefix of the response: cut the joined text, split it back.
             joined = prompt + response
@@ -169,8 +179,8 @@ class _RewardHandler(JsonHandler):
             if tokens is None or tokens > limit:
                 raise HttpError(HTTPStatus.BAD_REQUEST, f"sample {i} has {tokens or f'more than {limit}'} tokens, "
                                 f"over this server's limit of {limit} tokens per prompt + response")
-            cost += tokens
-        return cost
+            costs.append(tokens)
+        return costs
 
     def error_payload(self, err: HttpError) -> dict[str, Any]:
         return {"error": err.message}

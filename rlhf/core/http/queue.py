@@ -95,29 +95,37 @@ class WorkQueue:
         return self._busy
 
     def submit(self, payload: Any, cost: int = 1, items: int = 1, batch_key: Hashable | None = None) -> Any:
-        job = _Job(payload, cost, items, batch_key)
+        return self.submit_parts([(payload, cost, items)], batch_key)[0]
+
+    def submit_parts(self, parts: Sequence[tuple[Any, int, int]], batch_key: Hashable | None = None) -> list[Any]:
+        """One request as several jobs ((payload, cost, items) each), queued together: a heavy request split
+        into parts of bounded cost lets lighter requests in between its parts. The wait bound is for the first
+        part to start; the results come in order, or the first part's error."""
+        jobs = [_Job(payload, cost, items, batch_key) for payload, cost, items in parts]
         with self._cond:
             if self._closed:
                 raise Busy("the server is shutting down")
-            if len(self._waiting) >= self.max_queue + (self.workers - self._busy):
+            if len(self._waiting) + len(jobs) > self.max_queue + (self.workers - self._busy):
                 raise Busy(f"{self.max_queue} requests are already queued for {self.what}")
             self._start_workers()
-            self._waiting.append(job)
+            self._waiting.extend(jobs)
             self._cond.notify_all()
-            deadline = job.arrived + self.max_wait_s
-            while not job.started and not self._closed:
+            deadline = jobs[0].arrived + self.max_wait_s
+            while not any(job.started for job in jobs) and not self._closed:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    self._waiting.remove(job)
+                    for job in jobs:
+                        self._waiting.remove(job)
                     raise Busy(f"no {self.what} slot within {self.max_wait_s:g} s")
                 self._cond.wait(left)
-            while not job.finished and not self._closed:
+            while not all(job.finished for job in jobs) and not self._closed:
                 self._cond.wait()
-        if not job.finished:
+        if not all(job.finished for job in jobs):
             raise Busy("the server is shutting down")
-        if job.error is not None:
-            raise job.error
-        return job.result
+        for job in jobs:
+            if job.error is not None:
+                raise job.error
+        return [job.result for job in jobs]
 
     def close(self) -> None:
         with self._cond:
