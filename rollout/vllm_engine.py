@@ -33,6 +33,7 @@ from rlhf.core.config.run_config import RolloutConfig
 from rlhf.core.data.samples import Sample
 from rlhf.core.distributed.colocate import log_transition
 from rlhf.core.models.build import load_tokenizer
+from rlhf.core.models.safetensors_dir import check_weights
 from rollout import vllm_params
 from rollout.engines import ENGINES, check_fits
 
@@ -80,6 +81,7 @@ class VLLMEngine:
         if rollout.tensor_parallel_size == 1:
             # The engine core in this process: load_weights hands it tensors without a copy between processes.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        check_weights(model_dir, "rollout model")
         self.vllm = vllm
         self.tokenizer = load_tokenizer(model_dir)
         self.top_p, self.top_k = rollout.top_p, rollout.top_k

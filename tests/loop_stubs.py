@@ -23,6 +23,9 @@ class StubPolicy:
     def reference_logprobs(self, batch):
         return torch.full(batch["input_ids"].shape, -1.0)  # rollout log-probs are -0.5: k1 KL = 0.5 per token
 
+    def policy_logprobs(self, batch):
+        return torch.full(batch["input_ids"].shape, -0.5)  # the trainer's, here the sampler's own
+
 
 class StubCritic:
     """The critic group: values 0.25 everywhere; records each batch."""

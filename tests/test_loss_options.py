@@ -351,6 +351,16 @@ def test_step_passes_token_level_reinforce_plus_plus_advantages_to_the_trainer()
     assert (batch["advantages"][:, 0] == 0).all()  # the prompt column
 
 
+def test_the_kl_in_the_reward_is_taken_from_the_trainers_log_probs_not_the_samplers():
+    # The trainer's log-probs -0.8 where the sampler said -0.5 (a bf16 or vLLM sampler, an asynchronous step):
+    # k1 against the reference's -1 is 0.2 per token, so kl_coef 0.1 makes the penalty 0.02 (the sampler's: 0.05).
+    loop = _loop(["algorithm.advantage=reinforce_plus_plus", "algorithm.kl_coef=0.1"],
+                 rewards=[1, 0, 0, 0, 0, 0, 0, 0], lengths=[2] + [1] * 7)
+    loop.update.policy.policy_logprobs = lambda batch: torch.full(batch["input_ids"].shape, -0.8)
+    metrics = loop.step(1, ROWS)
+    assert metrics["reward/kl_penalty"] == pytest.approx(0.02)
+
+
 def test_reinforce_plus_plus_takes_the_k1_kl_in_its_token_rewards():
     # kl_coef 0.1, reference log-probs -1, sampling -0.5: k1 = 0.5 -> token reward -0.05 on every response token,
     # then the returns-to-go whitened over the batch's 9 response tokens.

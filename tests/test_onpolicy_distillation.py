@@ -81,6 +81,25 @@ def test_teacher_kl_advantage_is_each_tokens_centred_log_ratio_to_the_teacher():
     assert metrics["difficulty/2/reverse_kl"] == pytest.approx(0.0)
 
 
+def test_the_distillation_term_is_taken_from_the_trainers_log_probs_not_the_samplers():
+    """The trainer's log-probs -0.7 where the sampler said -0.5: log-ratios 0.8 on rows 0-1 (3 tokens) and -0.2 on
+    rows 2-3 (5 tokens), mean 0.175 (from the sampler's: 0.375)."""
+    cfg = load_config(None, ["rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "trainer.num_ranks=2",
+                             "rollout.max_new_tokens=4", "reward.teacher_model_path=t",
+                             "algorithm.advantage=on_policy_distillation", "reward.components={teacher_kl: 0.5}"])
+    loop = stub_loop(cfg, [0.0] * 4, [2, 1, 3, 2])
+    loop.update.teacher = StubTeacher()
+    loop.update.policy.policy_logprobs = lambda batch: torch.full(batch["input_ids"].shape, -0.7)
+    rows = [SimpleNamespace(prompt="p0", answer="1", difficulty=1), SimpleNamespace(prompt="p1", answer="1",
+                                                                                     difficulty=2)]
+    metrics = loop.step(1, rows)
+    assert metrics["distill/reverse_kl"] == pytest.approx(0.175)
+    assert metrics["difficulty/1/reverse_kl"] == pytest.approx(0.8)
+    (batch,) = loop.update.policy.batches
+    a = -0.5 * (0.8 - 0.175)  # the advantage falls with the log-ratio above its mean
+    assert batch["advantages"][0, 1:].tolist() == pytest.approx([a, a, 0.0])
+
+
 def test_teacher_kl_adds_to_the_estimators_own_advantages():
     """GRPO over the verifier's rewards plus the distillation term: the sum of the two, token by token."""
     advantages, _ = _distillation_step(["algorithm.advantage=grpo", "reward.components={verifier: 1.0, teacher_kl: 0.5}"],

@@ -48,16 +48,19 @@ class PolicyUpdate:
         metrics: dict = {}
         if self.critic is not None:
             inputs.values = self.critic.values(batch) * mask
+        # The trainer's own log-probs before this update (veRL's recomputed old log-probs), not the sampler's: the
+        # two differ wherever sampler and trainer do (bf16 or vLLM rollout, asynchronous steps).
+        policy = self.policy.policy_logprobs(batch) if a.reward_kl or self.teacher is not None else None
         if a.reward_kl:
-            # The sampling log-probs stand for the policy's: the update has not moved it yet.
-            inputs.token_rewards = kl_reward(batch["rollout_logprobs"], self.policy.reference_logprobs(batch), mask,
-                                             a.kl_coef)
+            inputs.token_rewards = kl_reward(policy, self.policy.reference_logprobs(batch), mask, a.kl_coef)
             metrics["reward/kl_penalty"] = (-inputs.token_rewards.sum() / mask.sum().clamp(min=1)).item()
         advantages, returns = self.estimator.compute(inputs)
         if self.critic is not None and a.whiten_advantages:
             advantages = whiten(advantages, mask)
         if self.teacher is not None:
-            advantages = advantages + self._distillation(batch, difficulties, metrics)
+            advantages = advantages + self._distillation(batch, policy, difficulties, metrics)
+        # Each sample's advantage (the mean over its response tokens), for the saved samples (rlhf/outputs/samples.py).
+        self.sample_advantages = ((advantages * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
         if self.critic is not None:
             metrics.update(value_figures(inputs.values, returns, mask))
             # Every token's value error counts equally, whatever the policy loss's aggregation.
@@ -71,10 +74,11 @@ class PolicyUpdate:
         metrics.update(self.policy.train_step({**batch, "advantages": advantages * mask}))
         return metrics, True
 
-    def _distillation(self, batch: dict, difficulties: list | None, metrics: dict) -> torch.Tensor:
-        """The teacher_kl component's per-token advantage term (kl.distillation_advantages), with its
-        figures. The sampler's log-probs stand for the student's: the update has not moved it yet."""
-        mask, student = batch["response_mask"], batch["rollout_logprobs"]
+    def _distillation(self, batch: dict, student: torch.Tensor, difficulties: list | None,
+                      metrics: dict) -> torch.Tensor:
+        """The teacher_kl component's per-token advantage term (kl.distillation_advantages), with its figures, from
+        the ``student``'s log-probs (the trainer's, before this update)."""
+        mask = batch["response_mask"]
         teacher = self.teacher.logprobs(batch)
         failed = teacher.isnan().any(dim=1)  # a remote teacher's rows that failed: no distillation term
         metrics["distill/teacher_failed_rows"] = float(failed.sum())

@@ -23,6 +23,7 @@ from rlhf.core.algorithms.policy_losses import (POLICY_LOSSES, PolicyLossInputs,
 from rlhf.core.algorithms.tokens import token_entropy, token_logprobs
 
 from rlhf.core.models import lora, precision
+from rlhf.core.models.safetensors_dir import load_pretrained
 
 from rlhf.core.data import packing
 from rlhf.core.data.batch import without_zero_advantage_rows
@@ -72,7 +73,7 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         self.temperature = cfg.rollout.temperature
 
         self.model_dir = model_dir
-        policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+        policy = load_pretrained(AutoModelForCausalLM, model_dir, "policy", dtype=torch.float32)
         policy.config.use_cache = False
         if cfg.trainer.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
@@ -90,8 +91,8 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         if cfg.algorithm.kl_coef > 0 and lora_settings:  # the same model with its adapters off: no second copy
             self.reference = lora.AdaptersOff(self.engine.module)
         elif cfg.algorithm.kl_coef > 0:
-            self.reference = AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=torch.bfloat16 if self.bf16 else torch.float32, use_safetensors=True)
+            self.reference = load_pretrained(AutoModelForCausalLM, model_dir, "reference model",
+                                             dtype=torch.bfloat16 if self.bf16 else torch.float32)
             self.reference.config.use_cache = False
             self.reference.to(self.device).eval().requires_grad_(False)
         # A vLLM engine on this GPU wakes its KV cache after each sync: the trainer's state goes to host memory
@@ -268,6 +269,12 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
                 mask.sum(),
             ]).double().cpu()
 
+    def policy_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The current policy's log-probs (B, L) of this rank's rows (input_ids, attention_mask), in eval mode:
+        what the update's ratio starts from, and what the KL in the reward and the distillation term are built from
+        (the sampler's differ wherever sampler and trainer do: bf16 or vLLM rollout, asynchronous steps)."""
+        return self._logprobs(batch)
+
     @torch.no_grad()
     def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reference model's log-probs (B, L) of this rank's rows (input_ids, attention_mask), aligned as
@@ -322,11 +329,18 @@ class TrainerGroup(RankGroup):
 
     def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reference model's token log-probs (B, L) of the batch's rows, computed on the ranks that hold it."""
+        return self._rank_logprobs("reference_logprobs", batch)
+
+    def policy_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The current policy's token log-probs (B, L) of the batch's rows (``PolicyTrainer.policy_logprobs``)."""
+        return self._rank_logprobs("policy_logprobs", batch)
+
+    def _rank_logprobs(self, method: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {k: batch[k] for k in ("input_ids", "attention_mask")}
         shards = self._shards(batch, batch["input_ids"].shape[0],
                               f"make rollout rows per step a multiple of {self.num_ranks}")
-        parts = self._get([actor.reference_logprobs.remote(shard) for actor, shard in zip(self.actors, shards)],
-                          "reference_logprobs")
+        parts = self._get([getattr(actor, method).remote(shard) for actor, shard in zip(self.actors, shards)],
+                          method)
         return torch.cat(parts)
 
     def full_state_dict_ref(self):
