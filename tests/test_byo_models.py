@@ -84,7 +84,9 @@ def test_llama_student_trains_on_a_csv_with_a_custom_reward_named_in_the_config(
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and metrics[0]["losses/grad_norm"] > 0
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["data"] == {"train_prompts": 30, "eval_prompts": 6}
+    assert summary["data"] == {"train_prompts": 30, "eval_prompts": 6, "train_skipped_bad": 0, "eval_skipped_bad": 0}
+    # Not copied into warmup/: the weights are the source's file (linked: the tokenizer gained a pad token)
+    assert (run / "warmup" / "model.safetensors").samefile(student / "model.safetensors")
     assert set(summary["eval_after"]["by_difficulty"]) <= {"1", "2", "3"}
     policy = AutoModelForCausalLM.from_pretrained(run / "policy")
     assert type(policy) is LlamaForCausalLM

@@ -80,6 +80,13 @@ def test_report_tensorboard_and_eval_command_on_the_run(tiny_run, capsys):
             "eval/difficulty_1/accuracy", "warmup/loss", "perf/stage_rl_s"} <= tags
     assert [e.step for e in events.Scalars("reward/mean")] == [1, 2]
     assert [e.step for e in events.Scalars("eval/accuracy")] == [0, 2]  # before and after RL
+    # Each step's best, worst and random samples with their rewards and advantages; per component and SFT curves.
+    samples = [json.loads(line) for line in (tiny_run / "samples" / "step_2.jsonl").read_text().splitlines()]
+    assert [s["kind"] for s in samples] == ["best"] * 2 + ["worst"] * 2 + ["random"] * 2
+    assert all(set(s["rewards"]) == {"verifier"} and isinstance(s["advantage"], float) for s in samples)
+    assert samples[0]["reward"] >= samples[-1]["reward"] >= samples[2]["reward"]
+    for part in ("## Reward per component", "| verifier | 1 |", "## Sampled completions", "(plots/sft.png)"):
+        assert part in report, part
 
     # `distilrl eval` of the saved policy, in-process, with the run's own config: the run's after-RL figures.
     assert main(["eval", str(tiny_run / "policy")]) == 0

@@ -189,3 +189,38 @@ def test_train_rm_data_errors_are_one_line(tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q"}])
     assert main(["train-rm", TINY, "--data", bad, f"output_dir={tmp_path / 'o'}"]) == 2
     assert "give chosen/rejected" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # no config.yaml, no warmup/: bad input writes nothing
+
+
+def test_text_the_rm_tokenizer_garbles_or_cuts_is_counted_and_said(tmp_path):
+    from reward.model.preference_data import fit_warnings, tokenizer_fit
+    from rlhf.core.config.run_config import RunConfig
+    from rlhf.stages.reward_model import own_preference_data
+
+    tokenizer = build_char_tokenizer()
+    pairs = [{"prompt": "2+2=", "chosen": "4", "rejected": "5"},
+             {"prompt": "Is it café?", "chosen": "yes, “really”", "rejected": "no"},  # é and quotes: <unk>
+             {"prompt": "q " * 70, "chosen": "a", "rejected": "b"}]  # 140 + 1 + 1 tokens: over 128
+    fit = tokenizer_fit(pairs, tokenizer, 128)
+    assert fit == {"pairs": 3, "garbled": 1, "truncated": 1}
+    garbled, cut = fit_warnings(fit, "pairs.jsonl", 128)
+    assert garbled.startswith("warning: 1 of 3 pairs of pairs.jsonl do not survive the RM's tokenizer")
+    assert cut.startswith("warning: 1 of 3 pairs of pairs.jsonl are longer than reward_model.max_length=128 tokens")
+    assert fit_warnings(tokenizer_fit(pairs[:1], tokenizer, 128), "x", 128) == []
+    # train-rm's loading says it, once per problem
+    tokenizer.save_pretrained(tmp_path / "student")
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs * 2)
+    said = []
+    own_preference_data(RunConfig(reward_model={"train_file": data}), str(tmp_path / "student"), said.append)
+    assert [line.split(" pairs of ")[0] for line in said if line.startswith("warning")] == [
+        "warning: 2 of 6", "warning: 2 of 6"]
+
+
+def test_a_preference_file_is_checked_before_anything_is_written(tmp_path):
+    from reward.model.preference_data import check_preference_file
+
+    check_preference_file(write_jsonl(tmp_path / "ok.jsonl", layout_records("explicit_text", 2)), "k")
+    with pytest.raises(DatasetError, match="has columns \\['prompt', 'text'\\]"):
+        check_preference_file(write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "text": "a"}]), "k")
+    with pytest.raises(DatasetError, match="reward_model.eval_file .*none.jsonl does not exist"):
+        check_preference_file(tmp_path / "none.jsonl", "reward_model.eval_file")

@@ -1,4 +1,5 @@
-"""The run report (rlhf/outputs/report.py) and the metrics sinks (rlhf/outputs/metrics.py), from hand-written run directories."""
+"""The run report (rlhf/outputs/report.py, plots.py, run_data.py) and the metrics sinks (rlhf/outputs/metrics.py),
+from hand-written run directories."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ from rlhf.cli import main
 from rlhf.core.config.run_config import ConfigError, RunConfig
 from rlhf.outputs.metrics import RunMetrics, check_wandb, eval_scalars, scalars
 from rlhf.outputs.report import write_report
+from rlhf.outputs.samples import save_step_samples
 
 STEPS = 12
 
@@ -186,7 +188,7 @@ def test_wandb_is_optional_and_offline(tmp_path, monkeypatch):
 def test_step_axes_have_whole_ticks_and_one_step_is_visible():
     from matplotlib.figure import Figure
 
-    from rlhf.outputs.report import finish_axes
+    from rlhf.outputs.plots import finish_axes
 
     ax = Figure().add_subplot()
     ax.plot([1, 2], [0.1, 0.2])
@@ -222,7 +224,8 @@ def test_rm_figures_on_your_own_preference_data_are_said_so(tmp_path):
 
 
 def test_an_audit_below_the_threshold_gets_an_alarm_line(tmp_path):
-    from rlhf.outputs.report import RunData, audit_alarm_lines
+    from rlhf.outputs.report import audit_alarm_lines
+    from rlhf.outputs.run_data import RunData
 
     run = RunData(write_run(tmp_path / "run", steps=16))  # agreement 0.91, 0.87, 0.83, then 0.79 at step 16
     steps, agreement = run.series("audit/rm_teacher_agreement")
@@ -230,3 +233,91 @@ def test_an_audit_below_the_threshold_gets_an_alarm_line(tmp_path):
     assert line.startswith("**Audit alarm** at step 16: agreement below `reward.audit_warn_below` (0.8)")
     assert line.endswith("The run went on (set `reward.audit_stop_on_alarm` to stop it).")
     assert audit_alarm_lines(run, steps[:3], agreement[:3]) == []
+
+
+# ------------------------------------------------------------------------------- components, SFT, samples, RM
+
+
+def with_components_sft_and_samples(run: Path) -> Path:
+    """A run whose steps log reward/verifier and reward/rm, whose warm-up was an SFT, with step 12's samples."""
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for m in lines:
+        m.update({"reward/verifier": 0.1 * m["step"], "reward/rm": 0.5, "reward/zero_signal_groups": 0.0})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["reward"]["components"] = {"verifier": 1.0, "rm": 0.5}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "stage_metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "sft/loss": 2.0 / s, **({"sft/eval_loss": 2.2 / s} if s % 5 == 0 else {})}) + "\n"
+        for s in range(1, 11)) + json.dumps({"step": 1, "rm/loss": 0.7, "rm/accuracy": 0.5}) + "\n")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["warmup"] = {"loss": 0.2, "eval_loss_before": 2.5, "eval_loss": 0.44, "steps": 10, "train_examples": 40,
+                         "eval_examples": 10, "traces": "runs/t/traces/dataset", "wall_s": 5.0}
+    (run / "summary.json").write_text(json.dumps(summary))
+    save_step_samples(run / "samples", 12, [
+        {"kind": "best", "prompt": "<|im_start|>user\nWhat is 1+1?", "response": "It is | 2", "reward": 1.5,
+         "rewards": {"verifier": 1.0, "rm": 1.0}, "advantage": 0.71},
+        {"kind": "worst", "prompt": "q", "response": "x" * 200, "reward": None, "rewards": {}, "advantage": None}])
+    return run
+
+
+def test_report_has_a_table_and_plot_per_component_the_sft_curve_and_a_sample_table(tmp_path):
+    run = with_components_sft_and_samples(write_run(tmp_path / "run"))
+    report = write_report(run).read_text()
+    assert "## Reward per component" in report
+    assert "| verifier | 1 | 0.300 | 1.000 | +0.700 |" in report and "| rm | 0.5 | 0.500 | 0.500 | +0.000 |" in report
+    assert "(plots/components.png)" in report and "(plots/sft.png)" in report
+    assert "Distillation SFT on `runs/t/traces/dataset`: 40 training and 10 held-out conversations, 10 steps" in report
+    assert "held-out loss 2.500 before and 0.440 after" in report
+    assert "## Sampled completions" in report and "RL step 12's best, worst" in report
+    assert "| best | 1.500 | verifier 1.00, rm 1.00 | 0.710 | `<\\|im_start\\|>user What is 1+1?` | `It is \\| 2` |" \
+        in report
+    assert "| worst | n/a |  | n/a | `q` | `" + "x" * 80 + "...` |" in report
+    for name in ("components.png", "sft.png"):
+        std, drawn = image_content(run / "plots" / name)
+        assert std > 0.05 and 0.03 < drawn < 0.7, (name, std, drawn)
+
+
+def test_a_reward_model_given_by_path_is_named_with_its_version_and_own_figures(tmp_path):
+    rm_run = tmp_path / "rm_run"
+    (rm_run / "reward_model").mkdir(parents=True)
+    (rm_run / "summary.json").write_text(json.dumps({"reward_model": {"pairwise_accuracy": 0.87,
+                                                                      "source": "your preference data"}}))
+    run = write_run(tmp_path / "run", audit=False)
+    summary = json.loads((run / "summary.json").read_text())
+    del summary["reward_model"]
+    summary["reward_model_used"] = {"path": str(rm_run / "reward_model"), "version": "sha256:0123456789ab"}
+    (run / "summary.json").write_text(json.dumps(summary))
+    report = write_report(run).read_text()
+    assert "trained no distilled reward model" not in report
+    assert (f"RL was scored by the reward model at `{rm_run / 'reward_model'}` (trained elsewhere, given as "
+            f"`reward_model.path`, version `sha256:0123456789ab`). The run that trained it measured a pairwise "
+            f"accuracy of 0.870") in report
+
+
+def test_a_run_without_rl_reports_one_evaluation_and_no_rl_figures(tmp_path):
+    run = tmp_path / "sft_only"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"stages": ["sft", "eval"]}))
+    (run / "summary.json").write_text(json.dumps({"eval_after": _eval([0.5, 0.25], [3.0, 5.0]), "steps": 0,
+                                                  "warmup": {"loss": 0.3, "steps": 4}, "wall_s": 9.0}))
+    (run / "stage_metrics.jsonl").write_text('{"step": 1, "sft/loss": 2.0}\n{"step": 2, "sft/loss": 1.0}\n')
+    report = write_report(run).read_text()
+    assert "| figure | final policy (no RL stage) |" in report and "| held-out accuracy | 0.375 |" in report
+    assert "before RL" not in report and "after RL" not in report
+    assert "once, at the end (this run has no RL stage)" in report
+    assert "| 2 | 10 | 0.250 | 5.0 |" in report and "This run has no RL stage." in report
+    assert "(plots/sft.png)" in report and "## Sampled completions" not in report
+
+
+def test_stage_figures_go_to_stage_metrics_jsonl_and_rl_steps_do_not(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    sink = RunMetrics(run, RunConfig())
+    sink.log({"sft/loss": 1.5, "sft/lr": 1e-4}, 1)
+    sink.log({"rm/loss": 0.7}, 1)
+    sink.log(eval_scalars(_eval([1.0], [3.0])), 0)
+    sink.rl_step({"step": 1, "reward/mean": 0.5})
+    sink.close()
+    lines = [json.loads(line) for line in (run / "stage_metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"step": 1, "sft/loss": 1.5, "sft/lr": 1e-4}, {"step": 1, "rm/loss": 0.7}]

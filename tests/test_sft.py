@@ -141,11 +141,19 @@ def test_warmup_on_another_task_without_traces_is_refused_in_one_line(tmp_path, 
 def test_run_with_traces_and_sft_stages_distils_the_oracle_into_the_student(tmp_path):
     import rlhf
 
-    cfg = RunConfig(output_dir=str(tmp_path / "run"), stages=["traces", "sft"], model=TINY.model_dump(),
+    cfg = RunConfig(output_dir=str(tmp_path / "run"), stages=["traces", "sft", "eval"], model=TINY.model_dump(),
                     traces={"teacher": "oracle", "prompts": 30, "samples_per_prompt": 3, "chars_per_rv": 6.0,
                             "keep": 0.5},
-                    warmup={"steps": 6, "batch_size": 8, "eval_fraction": 0.2})
-    result = rlhf.run(cfg, log=lambda line: None)
+                    warmup={"steps": 6, "batch_size": 8, "eval_fraction": 0.2},
+                    task={"eval_prompts": 4}, eval={"max_new_tokens": 6})
+    said = []
+    result = rlhf.run(cfg, log=said.append)
+    # No RL stage: no RL batch figures, one evaluation (not "before/after RL"), the SFT loss curve in the report.
+    assert not [line for line in said if "RL step" in line or "eval before" in line or "eval after" in line]
+    assert [line for line in said if line.startswith("eval: accuracy")]
+    assert "eval_before" not in result.summary and result.summary["eval_after"]["n"] == 4
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "(plots/sft.png)" in report and "final policy (no RL stage)" in report
     traces, warmup = result.summary["traces"], result.summary["warmup"]
     assert traces["written"] == 90 and 0 < traces["kept"] < 90
     assert warmup["train_examples"] + warmup["eval_examples"] == traces["kept"] and warmup["steps"] == 6

@@ -70,14 +70,10 @@ def load_preference_data(path: str | Path, render: RenderFn, seed: int = 0,
     records = [dict(r) for r in dataset]
     if not records:
         raise DatasetError(f"{path} has no rows")
-    columns = set(records[0])
-    if {"chosen", "rejected"} <= columns:
+    if _layout_kind(path, set(records[0])) == "pairs":
         data = _pairwise(records, render)
-    elif "prompt" in columns and ({"completion", "response"} & columns) and ({"score", "label"} & columns):
-        data = _pointwise(records, render, seed)
     else:
-        raise DatasetError(f"{path} has columns {sorted(columns)}: give chosen/rejected (with or without prompt) for "
-                           f"pairs, or prompt/completion with score or label for scored responses")
+        data = _pointwise(records, render, seed)
     if not data.pairs:
         raise DatasetError(f"{path}: no pair to train on ({data.layout}; scored responses pair up only where one "
                            f"prompt has responses with different scores)")
@@ -85,6 +81,62 @@ def load_preference_data(path: str | Path, render: RenderFn, seed: int = 0,
         log(f"preference data {path}: {data.layout}, {len(data.pairs)} pairs"
             + (f" from {len(data.pointwise)} scored responses" if data.pointwise else ""))
     return data
+
+
+def check_preference_file(path: str | Path, key: str) -> None:
+    """Refuse, before a run writes anything, a preference file that is missing, empty or in no layout this module
+    reads (``key``: the setting that names it)."""
+    if not Path(path).exists():
+        raise DatasetError(f"{key} {path} does not exist")
+    dataset = open_dataset(path, "train", "a DatasetDict's train split")
+    if len(dataset) == 0:
+        raise DatasetError(f"{path} has no rows")
+    _layout_kind(path, set(dataset.column_names))
+
+
+def _layout_kind(path: str | Path, columns: set[str]) -> str:
+    """"pairs" or "scored" by a dataset's columns; a DatasetError naming them when they fit neither."""
+    if {"chosen", "rejected"} <= columns:
+        return "pairs"
+    if "prompt" in columns and ({"completion", "response"} & columns) and ({"score", "label"} & columns):
+        return "scored"
+    raise DatasetError(f"{path} has columns {sorted(columns)}: give chosen/rejected (with or without prompt) for "
+                       f"pairs, or prompt/completion with score or label for scored responses")
+
+
+def tokenizer_fit(pairs: list[dict], tokenizer, max_length: int) -> dict[str, int]:
+    """How the RM's tokenizer takes ``pairs``: ``garbled``, the pairs with a text that does not come back from
+    encode and decode (characters outside its vocabulary become unknown tokens, spaces may go: the character
+    tokenizer of the built students knows little beyond arithmetic); ``truncated``, those longer than
+    ``max_length`` tokens, whose start the RM never sees (``encode_pair`` keeps the end); ``pairs``, all."""
+    garbled = truncated = 0
+    for pair in pairs:
+        texts = (pair["prompt"], pair["chosen"], pair["rejected"])
+        ids = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+        if any(_words(tokenizer.decode(i, clean_up_tokenization_spaces=False)) != _words(t)
+               for t, i in zip(texts, ids)):
+            garbled += 1
+        if len(ids[0]) + max(len(ids[1]), len(ids[2])) + 1 > max_length:  # + end-of-sequence
+            truncated += 1
+    return {"pairs": len(pairs), "garbled": garbled, "truncated": truncated}
+
+
+def fit_warnings(fit: dict[str, int], name: str, max_length: int) -> list[str]:
+    """One warning line per problem ``tokenizer_fit`` counted in preference data ``name``."""
+    lines = []
+    if fit["garbled"]:
+        lines.append(f"warning: {fit['garbled']} of {fit['pairs']} pairs of {name} do not survive the RM's tokenizer "
+                     f"(characters it does not know become <unk>): the RM cannot read them as written; start it "
+                     f"from a model with a tokenizer for your text (model.model_name_or_path)")
+    if fit["truncated"]:
+        lines.append(f"warning: {fit['truncated']} of {fit['pairs']} pairs of {name} are longer than "
+                     f"reward_model.max_length={max_length} tokens: the RM sees only their last {max_length} "
+                     f"tokens; raise reward_model.max_length")
+    return lines
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
 
 
 # ---------------------------------------------------------------------------------------------------- pairwise

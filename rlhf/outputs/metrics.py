@@ -3,8 +3,9 @@
 asks for it (``wandb: true``; offline unless ``WANDB_MODE`` says otherwise; the ``wandb`` package is optional).
 
 Scalar names are namespaced as in metrics.jsonl: ``reward/*``, ``losses/*``, ``perf/*``, ``charts/*``, ``audit/*``
-per RL step; ``eval/*`` for held-out evaluations (at the RL step they followed), ``warmup/*`` and ``rm/*`` per
-warm-up and reward-model training step, ``perf/stage_*_s`` for the time each stage took.
+per RL step; ``eval/*`` for held-out evaluations (at the RL step they followed), ``warmup/*``, ``sft/*`` and
+``rm/*`` per warm-up/SFT and reward-model training step (also appended to ``stage_metrics.jsonl``, which the report
+draws the loss curves from), ``perf/stage_*_s`` for the time each stage took.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from pathlib import Path
 from rlhf.core.config.run_config import ConfigError, RunConfig
 
 TENSORBOARD_DIR = "tensorboard"
+STAGE_METRICS = "stage_metrics.jsonl"  # one line per warm-up/SFT or RM training step: {"step": N, "sft/loss": ...}
+STAGE_PREFIXES = ("warmup/", "sft/", "rm/")
 
 
 def check_wandb(cfg: RunConfig) -> None:
@@ -51,9 +54,10 @@ def eval_scalars(figures: dict) -> dict[str, float]:
 
 
 class RunMetrics:
-    """One run's metric sinks. ``rl_step`` appends to metrics.jsonl and logs scalars; ``log`` only logs scalars
-    (warm-up, RM training, evaluations). ``close`` flushes the event files; a closed one reopens on the next write
-    (a script may keep stepping its Trainer after ``summary``-time figures went out)."""
+    """One run's metric sinks. ``rl_step`` appends to metrics.jsonl and logs scalars; ``log`` logs scalars (warm-up,
+    RM training, evaluations), those of the stages before RL also to stage_metrics.jsonl. ``close`` flushes the
+    event files; a closed one reopens on the next write (a script may keep stepping its Trainer after
+    ``summary``-time figures went out)."""
 
     def __init__(self, output_dir: str | Path, cfg: RunConfig):
         self.output_dir, self.cfg = Path(output_dir), cfg
@@ -63,10 +67,18 @@ class RunMetrics:
     def rl_step(self, metrics: dict) -> None:
         with open(self.output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        self.log({k: v for k, v in metrics.items() if k != "step"}, int(metrics["step"]))
+        self._scalars_out(scalars({k: v for k, v in metrics.items() if k != "step"}), int(metrics["step"]))
 
     def log(self, figures: dict, step: int) -> None:
         values = scalars(figures)
+        staged = {name: value for name, value in values.items() if name.startswith(STAGE_PREFIXES)}
+        if staged:
+            with open(self.output_dir / STAGE_METRICS, "a") as f:
+                f.write(json.dumps({"step": step, **staged}) + "\n")
+        self._scalars_out(values, step)
+
+    def _scalars_out(self, values: dict[str, float], step: int) -> None:
+        """To TensorBoard, and W&B when on."""
         if not values:
             return
         writer = self._tensorboard()

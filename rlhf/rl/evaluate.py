@@ -24,10 +24,12 @@ Item = tuple[bool, int, bool, int, bool]
 
 def evaluate_policy(rows: list[PromptRow], generate: Callable[[list[str]], list[Sample]],
                     verify: Callable[[list[str], list[str]], list[dict]], batch_size: int,
-                    log: Callable[[str], None] = print, count_tokens: Callable[[str], int] | None = None) -> dict:
+                    log: Callable[[str], None] = print, count_tokens: Callable[[str], int] | None = None,
+                    show: int = 0) -> dict:
     """Greedy answers to the held-out ``rows`` in batches of ``batch_size`` (``generate``: one sample per prompt),
-    checked by ``verify`` (texts, references) -> verdicts; the figures of ``score_eval``. Shared by the run's
-    actors and ``distilrl eval``, so a checkpoint scores the same either way."""
+    checked by ``verify`` (texts, references) -> verdicts; the figures of ``score_eval``, with the first ``show``
+    answers under ``answers`` (``shown_answers``). Shared by the run's actors and ``distilrl eval``, so a checkpoint
+    scores the same either way."""
     samples: list[Sample] = []
     with Progress(len(rows), "eval", "prompt", log) as progress:
         for start in range(0, len(rows), batch_size):
@@ -35,13 +37,34 @@ def evaluate_policy(rows: list[PromptRow], generate: Callable[[list[str]], list[
             samples += generate([r.prompt for r in batch])
             progress.update(len(batch))
     verdicts = verify([s.verified_text for s in samples], [r.answer for r in rows])
-    return score_eval(rows, samples, verdicts, count_tokens)
+    figures = score_eval(rows, samples, verdicts, count_tokens)
+    if show:
+        figures["answers"] = shown_answers(rows[:show], samples, verdicts)
+    return figures
 
 
-def evaluate_checkpoint(cfg: RunConfig, checkpoint: str, log: Callable[[str], None] = print) -> dict:
+def shown_answers(rows: list[PromptRow], samples: list[Sample], verdicts: list[dict]) -> list[dict]:
+    """One record per row (zipped with its sample and verdict): prompt, response, reference answer, correct."""
+    return [{"prompt": row.prompt, "response": sample.text, "reference": row.answer,
+             "correct": verdict["correct"] > 0.5, "response_tokens": len(sample.response_ids)}
+            for row, sample, verdict in zip(rows, samples, verdicts)]
+
+
+def answers_text(answers: list[dict]) -> str:
+    """``shown_answers`` for a terminal: each answer under a header line with its verdict."""
+    blocks = []
+    for i, a in enumerate(answers, 1):
+        verdict = "correct" if a["correct"] else f"wrong (reference {a['reference']!r})"
+        blocks.append(f"--- answer {i} of {len(answers)}: {verdict}, {a['response_tokens']} tokens\n"
+                      f"[prompt]\n{a['prompt']}\n[response]\n{a['response']}")
+    return "\n".join(blocks)
+
+
+def evaluate_checkpoint(cfg: RunConfig, checkpoint: str, log: Callable[[str], None] = print, show: int = 0) -> dict:
     """``evaluate_policy`` on a saved policy, in this process (no Ray): the held-out prompts of ``cfg.task``
     (rendered with the checkpoint's tokenizer, with the think switch ``think.mode`` asks for), greedy answers of up
-    to ``eval.max_new_tokens`` tokens, the task's verifier. What ``distilrl eval`` prints."""
+    to ``eval.max_new_tokens`` tokens, the task's verifier; ``show``: that many answers kept to read. What
+    ``distilrl eval`` prints."""
     from reward.scoring.verifiers import make_verifier, verdict_figures
     from rlhf.core.data.datasets import load_rows
     from rollout.worker import RolloutWorker
@@ -59,7 +82,7 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str, log: Callable[[str], No
         return len(policy.tokenizer(text, add_special_tokens=False).input_ids)
 
     return evaluate_policy(rows, generate, lambda texts, refs: verdict_figures(verifier, texts, refs),
-                           cfg.eval.batch_size, log, count_tokens)
+                           cfg.eval.batch_size, log, count_tokens, show)
 
 
 def score_eval(rows: list[PromptRow], samples: list[Sample], verdicts: list[dict],

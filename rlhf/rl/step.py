@@ -18,6 +18,7 @@ from rlhf.core.algorithms.shaping import informative_groups, overlong_penalty
 from rlhf.core.config.run_config import RunConfig
 from rlhf.core.data.datasets import PromptRow
 from rlhf.outputs.diagnostics import component_figures
+from rlhf.outputs.samples import save_rl_samples
 from rlhf.core.guards import BatchGuard, reward_fault, update_fault
 from reward.model.refresh_data import batch_rm_version
 from rlhf.rl.audit import audit
@@ -38,6 +39,7 @@ class RLStep:
         self.rollout, self.reward, self.update, self.auditor = rollout, reward, update, auditor
         self.refresher = refresher
         self.guard = BatchGuard(cfg.max_bad_batches)  # batches skipped for NaN/inf rewards, losses, gradients
+        self.samples_dir: Path | None = None  # where each step's picked samples go (the Trainer sets it); None: nowhere
 
     @property
     def version(self) -> int:
@@ -76,9 +78,11 @@ class RLStep:
 
         update_metrics: dict = {}
         timings["perf/sync_s"] = 0.0
+        trained: list = []  # the samples the update used, for their advantages
         # Nothing to train on only when dynamic sampling found no group with signal: no update, no sync.
         if train_samples and fault is None:
             update_metrics, moved = self.update(step, train_samples, train_rewards, n, train_difficulties)
+            trained = train_samples
             fault = update_fault(update_metrics) if moved else None
             if moved and fault is None:
                 t = time.perf_counter()
@@ -91,6 +95,7 @@ class RLStep:
         if self.auditor is not None and step % self.cfg.reward.audit_every == 0:
             audited = audit(self.auditor, rows, samples, scores, self.cfg.reward)
         refreshed = self.refresher.after_step(step, rows, samples, audited) if self.refresher else {}
+        self._save_samples(step, rows, samples, scores, rewards, trained)
         return {
             "step": step,
             **self._figures(rows, samples, scores, rewards),
@@ -102,6 +107,16 @@ class RLStep:
             **({"rm/version": rm_version} if rm_version is not None else {}),
             **shaping, **update_metrics, **audited, **refreshed, **timings,
         }
+
+    def _save_samples(self, step: int, rows: list[PromptRow], samples: list, scores: list[dict],
+                      rewards: torch.Tensor, trained: list) -> None:
+        """The step's best, worst and random samples to ``samples_dir/step_N.jsonl``, each with the advantage the
+        update gave it (None for a sample it did not train on)."""
+        if self.samples_dir is None or not self.cfg.log_samples:
+            return
+        given = dict(zip(map(id, trained), getattr(self.update, "sample_advantages", None) or []))
+        save_rl_samples(self.samples_dir, step, rows, samples, scores, rewards.tolist(),
+                        [given.get(id(s)) for s in samples], self.cfg.log_samples, self.cfg.seed + step)
 
     def _shaped(self, rewards: torch.Tensor, samples: list) -> tuple[torch.Tensor, dict]:
         """DAPO's soft overlong punishment, added to the rewards where ``overlong_buffer`` is set."""

@@ -54,7 +54,8 @@ def prepare_run(cfg: RunConfig, reward_fn: RewardFn | None, train_dataset, eval_
     tokenizer = run_dir.load_tokenizer(cfg)
     data: dict = {}
     train_rows, eval_rows = run_dir.load_prompts(cfg, train_dataset, eval_dataset, tokenizer, log, data)
-    log(cfg.describe_batches())
+    if "rl" in cfg.stages:  # the RL batch figures mean nothing to a run without RL
+        log(cfg.describe_batches())
     log(check_run_memory(cfg, tokenizer, [row.prompt for row in train_rows]))  # refuses a run that cannot fit
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)

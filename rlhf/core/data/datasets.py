@@ -56,8 +56,10 @@ def arithmetic_rows(n: int, seed: int) -> list[PromptRow]:
 
 
 def load_jsonl_rows(path: str | Path, prompt_field: str, answer_field: str, difficulty_field: str | None = None,
-                    system_field: str | None = None, log: Callable[[str], None] | None = print) -> list[PromptRow]:
-    """Rows of a JSON-lines file; bad lines are skipped and reported with their line numbers (see the module)."""
+                    system_field: str | None = None, log: Callable[[str], None] | None = print,
+                    counts: dict | None = None) -> list[PromptRow]:
+    """Rows of a JSON-lines file; bad lines are skipped and reported with their line numbers (see the module), and
+    counted in ``counts`` (``usable_rows``)."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"dataset file {path} does not exist")
@@ -79,14 +81,14 @@ def load_jsonl_rows(path: str | Path, prompt_field: str, answer_field: str, diff
             problems.append(f"{where} is not valid JSON ({err.msg})")
         except DatasetError as err:
             problems.append(str(err))
-    return usable_rows(rows, problems, str(path), log)
+    return usable_rows(rows, problems, str(path), log, counts=counts)
 
 
 def dataset_rows(dataset, prompt_field: str, answer_field: str, difficulty_field: str | None = None,
                  name: str = "dataset", system_field: str | None = None,
-                 log: Callable[[str], None] | None = print) -> list[PromptRow]:
-    """Rows of a ``datasets.Dataset`` (columns named by the ``task.*_field`` settings); bad rows are skipped and
-    reported with their index, as for JSONL files. ``name`` is how messages refer to the dataset."""
+                 log: Callable[[str], None] | None = print, counts: dict | None = None) -> list[PromptRow]:
+    """Rows of a ``datasets.Dataset`` (columns named by the ``task.*_field`` settings); bad rows are skipped,
+    reported with their index and counted, as for JSONL files. ``name`` is how messages refer to the dataset."""
     import datasets
 
     if not isinstance(dataset, datasets.Dataset):
@@ -98,13 +100,16 @@ def dataset_rows(dataset, prompt_field: str, answer_field: str, difficulty_field
             rows.append(_row(record, f"{name}[{i}]", prompt_field, answer_field, difficulty_field, system_field))
         except DatasetError as err:
             problems.append(str(err))
-    return usable_rows(rows, problems, name, log)
+    return usable_rows(rows, problems, name, log, counts=counts)
 
 
 def usable_rows(rows: list, problems: list[str], name: str, log: Callable[[str], None] | None,
-                shown: int = 3) -> list:
+                shown: int = 3, counts: dict | None = None) -> list:
     """``rows`` when there are any, after one log line counting the skipped ones (``problems``, one line each,
-    the first ``shown`` quoted); a DatasetError naming the first problem when none is left."""
+    the first ``shown`` quoted; their number also added to ``counts["skipped"]``); a DatasetError naming the first
+    problem when none is left."""
+    if counts is not None:
+        counts["skipped"] = counts.get("skipped", 0) + len(problems)
     if not rows:
         if problems:
             raise DatasetError(f"{name} has no usable rows ({len(problems)} skipped); the first: {problems[0]}")
@@ -171,16 +176,16 @@ _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "
 
 
 def load_file_rows(path: str | Path, split: str | None, cfg: TaskConfig,
-                   log: Callable[[str], None] | None = print) -> list[PromptRow]:
+                   log: Callable[[str], None] | None = print, counts: dict | None = None) -> list[PromptRow]:
     """The rows of a prompt file (``.jsonl``, ``.json``, ``.parquet``, ``.csv``) or of a ``save_to_disk``
     directory (a Dataset, or one ``split`` of a DatasetDict), fields named by ``cfg``."""
     path = Path(path)
     fields = dict(prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
                   difficulty_field=cfg.difficulty_field, system_field=cfg.system_field)
     if path.suffix == ".jsonl" and not path.is_dir():
-        return load_jsonl_rows(path, **fields, log=log)
+        return load_jsonl_rows(path, **fields, log=log, counts=counts)
     dataset = open_dataset(path, split, "task.train_split / task.eval_split")
-    return dataset_rows(dataset, **fields, name=str(path), log=log)
+    return dataset_rows(dataset, **fields, name=str(path), log=log, counts=counts)
 
 
 def open_dataset(path: str | Path, split: str | None = None, split_key: str = "the split"):
@@ -251,23 +256,26 @@ def load_rows(cfg: TaskConfig, seed: int, train_dataset=None, eval_dataset=None,
     dropped: counted in ``stats`` and reported through ``log`` with the first few examples."""
     fields = (cfg.prompt_field, cfg.answer_field, cfg.difficulty_field)
     stats = {} if stats is None else stats
+    skipped: dict[str, dict] = {"train": {}, "eval": {}}  # bad rows per pool (a fraction held out: in train's)
 
-    def given(dataset, name: str) -> list[PromptRow]:
-        return dataset_rows(dataset, *fields, name=name, system_field=cfg.system_field, log=log)
+    def given(dataset, name: str, which: str) -> list[PromptRow]:
+        return dataset_rows(dataset, *fields, name=name, system_field=cfg.system_field, log=log,
+                            counts=skipped[which])
 
     # Each pool: (rows, from a dataset?). Arithmetic prompts stay as they are: the warm-up trains on them plain.
     if train_dataset is not None:
-        train = (given(train_dataset, "train_dataset"), True)
+        train = (given(train_dataset, "train_dataset", "train"), True)
     elif cfg.name == "arithmetic":
         train = (arithmetic_rows(cfg.train_prompts, seed + 1), False)
     else:
-        train = (load_file_rows(cfg.train_file, cfg.train_split, cfg, log), True)
+        train = (load_file_rows(cfg.train_file, cfg.train_split, cfg, log, skipped["train"]), True)
     if eval_dataset is not None:
-        held_out = (given(eval_dataset, "eval_dataset"), True)
+        held_out = (given(eval_dataset, "eval_dataset", "eval"), True)
     elif cfg.name == "arithmetic":
         held_out = (arithmetic_rows(cfg.eval_prompts, seed + 2), False)
     elif cfg.eval_file or cfg.eval_split:
-        held_out = (load_file_rows(cfg.eval_file or cfg.train_file, cfg.eval_split or "train", cfg, log), True)
+        held_out = (load_file_rows(cfg.eval_file or cfg.train_file, cfg.eval_split or "train", cfg, log,
+                                   skipped["eval"]), True)
     else:
         rows, held = split_by_fraction(train[0], cfg.eval_fraction, seed)
         train, held_out = (rows, True), (held, True)
@@ -280,7 +288,9 @@ def load_rows(cfg: TaskConfig, seed: int, train_dataset=None, eval_dataset=None,
         if from_dataset and render is not None:
             rows = _prepare(rows, which, cfg, render, tokenizer, cap, log, stats)
         pools.append(rows[:cap])
-    stats.update(train_prompts=len(pools[0]), eval_prompts=len(pools[1]))
+    stats.update(train_prompts=len(pools[0]), eval_prompts=len(pools[1]),
+                 train_skipped_bad=skipped["train"].get("skipped", 0),
+                 eval_skipped_bad=skipped["eval"].get("skipped", 0))
     return pools[0], pools[1]
 
 
