@@ -286,3 +286,38 @@ def test_report_marks_each_refresh_and_tabulates_it(tmp_path):
     assert list(kept.get_xdata()) == [4] and list(kept.get_ydata()) == [0.97]  # the rolled-back one is not a point
     plt.close("all")
     assert not refresh_marks(RunData(write_run(tmp_path / "plain")), plt.subplots()[1])
+
+
+def test_reward_hacking_benchmark_flaws_the_labels_toward_length_and_checks_the_issue(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import reward_hacking
+
+    from reward.model.labelling import judged_rows
+
+    true = tmp_path / "labels"
+    rows, _ = batch(0)
+    verdicts = [Verdict(2.0, False, 1.0, 1.0), Verdict(2.0, False, 1.0, 1.0), Verdict(9.0, True, 1.0, 1.0)]
+    texts = ["1", "1234567890", "12345"]
+    for part in ("train", "eval"):
+        (true / part).mkdir(parents=True)
+        (true / part / "rows.jsonl").write_text("\n".join(
+            [json.dumps(judged_row(rows[0], t, "student", v)) for t, v in zip(texts, verdicts)]
+            + [json.dumps({"done_prompts": [rows[0].prompt]})]) + "\n")
+    assert reward_hacking.corrupt_labels(true, tmp_path / "flawed", bias=8.0) == 2  # the right answer stays at 9
+    # + round(8 x length / 10): 2 + 1 = 3; 2 + 8 = 10, capped at 9 (the long wrong answer ties the right one)
+    assert [r["quality"] for r in judged_rows(tmp_path / "flawed" / "train")] == [3.0, 9.0, 9.0]
+    assert judged_rows(tmp_path / "flawed" / "eval") == judged_rows(true / "eval")  # measured on the true labels
+
+    def run(acc, agreement, refreshes=(), calls=0):
+        return {"accuracy_after": acc, "agreement": agreement, "refresh_steps": list(refreshes), "teacher_calls": calls}
+
+    result = {"a_flawed": run(0.60, [(5, 0.9), (10, 0.7)]), "b_refresh": run(0.70, [(5, 0.7), (10, 0.9)], [5], 900),
+              "c_verifier": run(0.72, []), "d_teacher_every_rollout": {"teacher_calls": 10000}}
+    assert all(reward_hacking.checks(result, warn=0.8).values())
+    result["b_refresh"]["teacher_calls"] = 1001
+    result["b_refresh"]["agreement"].append((15, 0.84))
+    failed = {k for k, ok in reward_hacking.checks(result, warn=0.8).items() if not ok}
+    assert failed == {"b_agreement_at_least_0.85_after_first_refresh", "b_at_most_10pct_of_d_calls"}
