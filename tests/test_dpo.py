@@ -11,7 +11,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 ray = pytest.importorskip("ray")
 transformers = pytest.importorskip("transformers")
@@ -19,8 +18,8 @@ pytest.importorskip("deepspeed")
 
 from rlhf.cli import main  # noqa: E402
 from rlhf.core.config.run_config import RunConfig  # noqa: E402
-from rlhf.core.models.build import build_tokenizer  # noqa: E402
 from rlhf.stages.dpo import dpo_stage  # noqa: E402
+from tests.test_rm_trainer import lm_dir, ray_cluster, tokenizer  # noqa: E402,F401 - the same tiny student
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 
@@ -40,27 +39,6 @@ def marked_pairs(n: int, seed: int) -> list[dict]:
 def write_jsonl(path, records: list[dict]) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    tokenizer = build_tokenizer("char")
-    config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                                      max_position_embeddings=64, tie_word_embeddings=True,
-                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("student"))
-    transformers.Qwen2ForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_dpo_stage_learns_to_rank_held_out_pairs(ray_cluster, lm_dir, tmp_path):
