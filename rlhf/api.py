@@ -42,9 +42,10 @@ from reward.scoring.worker import RewardFn
 from rlhf.core.checkpoints import resume as checkpoints
 from rlhf.core.checkpoints.atomic import write_json_atomic
 from rlhf.core.config.run_config import RunConfig
-from rlhf.core.models.build import save_student
 from rlhf.outputs.metrics import RunMetrics, eval_scalars
+from rlhf.outputs.provenance import reward_model_record
 from rlhf.outputs.report import write_report
+from rlhf.outputs.samples import SAMPLES_DIR
 from rlhf.rl.launch import RunActors
 from rlhf.rl.run_checkpoint import restore_actors, restore_driver, write_checkpoint
 from rlhf.rl.schedule import RLSchedule
@@ -94,7 +95,7 @@ def run(cfg: RunConfig, reward_fn: RewardFn | None = None, train_dataset: Datase
             trainer.train_reward_model()
         if "dpo" in cfg.stages and before_rl:
             trainer.dpo()
-        if "eval" in cfg.stages and before_rl:
+        if "eval" in cfg.stages and before_rl and "rl" in cfg.stages:  # without RL: one evaluation, at the end
             trainer.evaluate()
         if "rl" in cfg.stages:
             trainer.train()
@@ -129,6 +130,7 @@ class Trainer:
         self._schedule = RLSchedule(cfg, self._train_rows, log)  # steps taken, prompt order, launched rollouts
         self.reward_model_dir: Path | None = Path(cfg.reward_model.path) if cfg.reward_model.path else None
         self._dpo_dir: str | None = None  # the dpo stage's policy: the actors started after it load this one
+        self._start_path = run_dir.resumed_start_dir(cfg, self.output_dir)  # set anew where the student is written
         self._timer = run_dir.StageTimer()
         self._restore: checkpoints.Checkpoint | None = None  # a checkpoint whose actor state is still to load
         if run.checkpoint is not None:
@@ -166,7 +168,7 @@ class Trainer:
             figures, on_traces = warmup_stage(self._student, self._tokenizer, self.cfg, self.output_dir,
                                               self._train_dataset is not None, self.log, self.metrics.log)
         self._summary["warmup"] = figures
-        student_dir = self._start_dir()  # plain Hugging Face format
+        student_dir = self._start_dir(changed=True)  # plain Hugging Face format
         if on_traces:  # SFT on a traces dataset names where the student went
             figures["student_dir"] = student_dir
         return self._summary["warmup"]
@@ -219,14 +221,14 @@ class Trainer:
     def evaluate(self) -> dict:
         """Greedy answers to the held-out prompts, checked by the verifier: ``accuracy``, ``mean_response_tokens``,
         ``n`` and ``by_difficulty`` where the prompts have a difficulty. Recorded in the summary as ``eval_before``
-        (the first evaluation before any RL step) or ``eval_after`` (any later one; the latest counts)."""
+        (the first evaluation before any RL step) or ``eval_after`` (any later one, or a run's without RL)."""
         loop = self._rl_loop()
         with self._timer("eval"):
             figures = loop.evaluate(self._eval_rows, self.log)
-        when = "before" if self.steps == 0 and "eval_before" not in self._summary else "after"
+        when = _evaluation_when(self.cfg, self.steps, self._summary)
         self._summary[f"eval_{when}"] = figures
         self.metrics.log(eval_scalars(figures), self.steps)
-        self.log(f"eval {when} RL: accuracy {figures['accuracy']:.3f}")
+        self.log(f"eval{f' {when} RL' if 'rl' in self.cfg.stages else ''}: accuracy {figures['accuracy']:.3f}")
         return figures
 
     def step(self) -> dict:
@@ -257,7 +259,7 @@ class Trainer:
             "summary": self._summary,
             "stage_s": dict(self._timer.seconds),
             "elapsed_s": time.perf_counter() - self._start,
-            "reward_model_dir": str(self.reward_model_dir) if self.reward_model_dir else None,
+            "reward_model_dir": checkpoints.stored_path(self.reward_model_dir, self.output_dir),
             "config": self.cfg.model_dump(),
         }, self.cfg.keep_checkpoints)
         self.log(f"checkpoint step {self.steps}: {path}")
@@ -288,22 +290,24 @@ class Trainer:
         self.metrics.log({f"perf/stage_{stage}_s": s for stage, s in self._timer.seconds.items()}, self.steps)
         _write_run_end(self.output_dir, self.summary, self.metrics, self.log)
 
-    def _start_dir(self) -> str:
-        """Every actor loads the starting policy from this directory: one copy on disk, no pickled model in
-        flight. Written once, when the first actor needs it; the in-process student is dropped then. After the dpo
-        stage, its policy."""
+    def _start_dir(self, changed: bool = False) -> str:
+        """Where every actor loads the starting policy (run_dir.write_start_dir; ``changed``: by a warm-up); written
+        once, when the first actor needs it (no pickled model in flight), the in-process student dropped then. After
+        the dpo stage, its policy."""
         if self._dpo_dir is not None:
             return self._dpo_dir
-        start_dir = self.output_dir / "warmup"
         if self._student is not None:
-            save_student(self._student, self._tokenizer, str(start_dir))
+            self._start_path = run_dir.write_start_dir(self.cfg, self._student, self._tokenizer, self.output_dir,
+                                                       changed)
             self._student = None
-        return str(start_dir)
+        return self._start_path
 
     def _rl_loop(self) -> RLStep:
         """The RL step over the run's actors, started on first use (and given a checkpoint's state on resume)."""
         if self._actors.loop is None:
             loop = self._actors.start_loop(self._tokenizer, self.reward_model_dir, self._reward_fn)
+            loop.samples_dir = self.output_dir / SAMPLES_DIR  # each step's samples; the report names the RM used
+            self._summary.update(reward_model_record(self.cfg, self.reward_model_dir))
             if self._restore is not None:
                 checkpoint, self._restore = self._restore, None
                 restore_actors(checkpoint, loop)
@@ -316,9 +320,14 @@ class Trainer:
         self._summary = state["summary"]
         self._timer.seconds = dict(state["stage_s"])
         self._start -= state["elapsed_s"]
-        if state["reward_model_dir"] and not self.cfg.reward_model.path:
-            self.reward_model_dir = Path(state["reward_model_dir"])
+        if checkpoint.reward_model_dir and not self.cfg.reward_model.path:  # resolved and checked by prepare_run
+            self.reward_model_dir = checkpoint.reward_model_dir
         self._restore = checkpoint
+
+
+def _evaluation_when(cfg: RunConfig, steps: int, summary: dict) -> str:
+    """"before": the first evaluation of a run with stage rl, before any RL step; "after": any other."""
+    return "before" if "rl" in cfg.stages and steps == 0 and "eval_before" not in summary else "after"
 
 
 def _write_run_end(output_dir: Path, summary: dict, metrics: RunMetrics, log) -> None:

@@ -94,6 +94,8 @@ def _add_model_commands(commands) -> None:
     cmd.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. task.eval_prompts=500")
     cmd.add_argument("--config", help="the config whose task and eval settings to use (default: the config.yaml "
                      "of the run the checkpoint is in, if any)")
+    cmd.add_argument("--show", type=int, default=0, metavar="N", help="also print the first N answers (prompt, "
+                     "response, verdict) on stderr, and put them in the JSON under answers")
     cmd = commands.add_parser("eval-rm", help="evaluate a distilled RM against the teacher's held-out labels or "
                               "your own held-out preference data")
     cmd.add_argument("rm_dir", help="a distilled reward model directory (a run's reward_model/)")
@@ -284,10 +286,16 @@ def _checkpoint_config(args):
 
 
 def _eval(args) -> int:
-    from rlhf.rl.evaluate import evaluate_checkpoint
+    from rlhf.core.config.run_config import ConfigError
+    from rlhf.rl.evaluate import answers_text, evaluate_checkpoint
 
+    if args.show < 0:
+        raise ConfigError(f"--show {args.show} must be 0 or more")
     cfg = _checkpoint_config(args)
-    figures = evaluate_checkpoint(cfg, args.checkpoint, log=lambda line: print(line, file=sys.stderr, flush=True))
+    figures = evaluate_checkpoint(cfg, args.checkpoint, log=lambda line: print(line, file=sys.stderr, flush=True),
+                                  show=args.show)
+    if figures.get("answers"):
+        print(answers_text(figures["answers"]), file=sys.stderr, flush=True)
     print(json.dumps(figures, indent=2))
     return 0
 

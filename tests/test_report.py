@@ -321,3 +321,20 @@ def test_stage_figures_go_to_stage_metrics_jsonl_and_rl_steps_do_not(tmp_path):
     sink.close()
     lines = [json.loads(line) for line in (run / "stage_metrics.jsonl").read_text().splitlines()]
     assert lines == [{"step": 1, "sft/loss": 1.5, "sft/lr": 1e-4}, {"step": 1, "rm/loss": 0.7}]
+
+
+def test_the_reward_model_used_is_recorded_with_a_version_that_follows_its_weights(tmp_path):
+    from rlhf.outputs.provenance import model_version, reward_model_record
+
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "config.json").write_text("{}")
+    (rm / "model.safetensors").write_bytes(b"a" * 3_000_000)
+    version = model_version(rm)
+    assert version.startswith("sha256:") and len(version) == 19 and model_version(rm) == version
+    (rm / "model.safetensors").write_bytes(b"a" * 2_999_999 + b"b")  # the last bytes moved: another version
+    assert model_version(rm) != version and model_version(tmp_path) is None
+    cfg = RunConfig(reward={"components": {"rm": 1.0}}, reward_model={"path": str(rm)})
+    assert reward_model_record(cfg, rm) == {"reward_model_used": {"path": str(rm.resolve()),
+                                                                  "version": model_version(rm)}}
+    assert reward_model_record(RunConfig(), rm) == {}  # no rm component: nothing to name

@@ -34,13 +34,12 @@ def model_version(model_dir: str | Path) -> str | None:
     return f"sha256:{digest.hexdigest()[:12]}"
 
 
-def reward_model_used(cfg, rm_dir: str | Path | None) -> dict | None:
-    """What scores RL's ``rm`` component (summary.json's ``reward_model_used``): the local RM's path and version,
-    or the reward server's URL; None when the component is off."""
-    if not cfg.reward.components.get("rm"):
-        return None
-    if cfg.reward.rm_url:
-        return {"url": cfg.reward.rm_url}
-    if rm_dir is None:
-        return None
-    return {"path": str(Path(rm_dir).resolve()), "version": model_version(rm_dir)}
+def reward_model_record(cfg, rm_dir: str | Path | None) -> dict:
+    """What scores RL's ``rm`` component, for summary.json: ``{"reward_model_used": ...}`` with the local RM's path
+    and version, or the reward server's URL; empty when the component is off."""
+    server = cfg.reward.rm_endpoint
+    if not cfg.reward.components.get("rm") or (rm_dir is None and server is None):
+        return {}
+    if server is not None:
+        return {"reward_model_used": {"url": server.url}}
+    return {"reward_model_used": {"path": str(Path(rm_dir).resolve()), "version": model_version(rm_dir)}}

@@ -218,7 +218,7 @@ def rm_used_lines(run: RunData) -> list[str]:
     if not used:
         return []
     if used.get("url"):
-        return [f"RL was scored by the reward server at {used['url']} (`reward.rm_url`).", ""]
+        return [f"RL was scored by the reward server at {used['url']} (`reward.rm_endpoint`).", ""]
     path = Path(used["path"])
     here = path.resolve() == (run.dir / "reward_model").resolve()
     version = f", version `{used['version']}`" if used.get("version") else ""
@@ -238,8 +238,8 @@ def _configured_rm(run: RunData) -> dict | None:
     """A run that recorded no reward_model_used (older runs): the RM its config names, if RL used one."""
     if not (run.conf("reward.components") or {}).get("rm"):
         return None
-    if run.conf("reward.rm_url"):
-        return {"url": run.conf("reward.rm_url")}
+    if run.conf("reward.rm_endpoint.url"):
+        return {"url": run.conf("reward.rm_endpoint.url")}
     path = run.conf("reward_model.path") or (run.dir / "reward_model")
     return {"path": str(path)} if Path(path).is_dir() else None
 

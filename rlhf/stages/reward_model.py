@@ -118,13 +118,17 @@ def own_preference_data(cfg: RunConfig, init_dir: str, log: Callable[[str], None
     ``section``: the config section with those three keys (default reward_model; the dpo stage gives dpo)."""
     from transformers import AutoTokenizer
 
-    from reward.model.preference_data import load_preference_data, message_renderer
+    from reward.model.preference_data import fit_warnings, load_preference_data, message_renderer, tokenizer_fit
     from rlhf.core.data.chat import template_override
 
     rc = section or cfg.reward_model
-    render = message_renderer(AutoTokenizer.from_pretrained(init_dir), template_override(cfg.task),
-                              cfg.task.chat_template_kwargs, plain=cfg.task.chat_template == "plain")
+    tokenizer = AutoTokenizer.from_pretrained(init_dir)
+    render = message_renderer(tokenizer, template_override(cfg.task), cfg.task.chat_template_kwargs,
+                              plain=cfg.task.chat_template == "plain")
     data = load_preference_data(rc.train_file, render, cfg.seed, log)
+    # Text the RM's tokenizer garbles, or cuts to its end, trains an RM on something else than the data: said.
+    for line in fit_warnings(tokenizer_fit(data.pairs, tokenizer, rc.max_length), rc.train_file, rc.max_length):
+        log(line)
     if rc.eval_file:
         return data, load_preference_data(rc.eval_file, render, cfg.seed + 1, log)
     return data.held_out(rc.eval_fraction, cfg.seed)
