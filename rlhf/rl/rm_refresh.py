@@ -122,8 +122,9 @@ class RewardModelRefresh:
             logger.info("RM refresh at step %d (%s): version %d, held-out agreement %.3f -> %.3f, %d teacher "
                         "calls, %.1f s", step, reason, self.version, before, after, calls, seconds)
         elif new_pairs:
-            logger.warning("RM refresh at step %d (%s) rolled back: held-out agreement %.3f -> %.3f would be "
-                           "worse; the reward workers keep version %d", step, reason, before, after, self.version)
+            logger.warning("RM refresh at step %d (%s) rolled back: held-out agreement %.3f -> %.3f is not shown "
+                           "to be at least as good; the reward workers keep version %d", step, reason, before, after,
+                           self.version)
         else:
             logger.warning("RM refresh at step %d (%s): the teacher told no training pair apart in %d calls; "
                            "nothing trained", step, reason, calls)
