@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from rlhf.core.http.logs import UvicornStyle
+from rlhf.core.http.logs import SERVER_LOGGERS, UvicornStyle, configure_logging
 from rlhf.core.http.server import serve_until_interrupted
 from rlhf.serve.reward_server import make_reward_server
 
@@ -51,3 +51,15 @@ def test_the_format_pads_the_level_as_uvicorn_does():
     record = logging.LogRecord("rlhf.serve", logging.WARNING, __file__, 1, "x %s", ("y",), None)
     handler.emit(record)
     assert stream.getvalue() == "WARNING:  x y\n"
+
+
+def test_configuring_leaves_a_callers_logging_setup_in_charge():
+    """Under pytest the root logger has handlers: the servers' lines keep going there (caplog sees them), no
+    second handler of ours, nothing cut off from the root."""
+    assert logging.getLogger().handlers
+    configure_logging()
+    configure_logging()
+    for name in SERVER_LOGGERS:
+        log = logging.getLogger(name)
+        assert log.propagate and log.level == logging.INFO
+        assert not [h for h in log.handlers if getattr(h, "_distilrl_serve", False)]

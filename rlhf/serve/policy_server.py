@@ -260,8 +260,8 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, mod
     """Serve a checkpoint with the engine ``rollout`` names until interrupted (Ctrl-C, or SIGTERM turned into
     KeyboardInterrupt); prints a ready line and one line per request. ``limits``: ``make_server``'s max_queue,
     queue_timeout_s."""
-    configure_logging()
     server = make_server(checkpoint, host, port, model_name, rollout=rollout, **limits)
+    configure_logging()
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("policy server on %s has no authentication: anyone who can reach it can use it", host)
     serve_until_interrupted(server, f"distilrl serve ({server.model_name}, OpenAI-compatible at {server.url}/v1)")

@@ -239,8 +239,8 @@ def serve_reward(score_fn: ScoreFn, host: str = "127.0.0.1", port: int = 5000, t
     """Serve until interrupted (Ctrl-C or SIGTERM turned into KeyboardInterrupt), then release the port; prints
     a ready line and one line per request (rlhf/core/http/logs.py). ``limits``: ``make_reward_server``'s
     max_concurrency, max_queue, queue_timeout_s, max_connections, count_tokens, max_tokens, chars_per_token."""
-    configure_logging()
     server = make_reward_server(score_fn, host, port, token, max_request_bytes, max_batch, **limits)
+    configure_logging()
     if not token and host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("reward server on %s has no token: anyone who can reach it can use it", host)
     serve_until_interrupted(server, f"distilrl serve-rm (token {'required' if token else 'off'})")

@@ -27,16 +27,18 @@ class UvicornStyle(logging.Formatter):
 
 
 def configure_logging(stream=None) -> None:
-    """Print the servers' INFO lines (ready, access, warnings) on ``stream`` (stderr), once per process."""
+    """Print the servers' INFO lines (ready, access, warnings) on ``stream`` (stderr). Where logging is already
+    set up (a handler on the root logger: the caller's, or pytest's), only their level is set, so the lines go
+    where the caller's go, once; otherwise each server logger gets one handler of ours, added once per process."""
     for name in SERVER_LOGGERS:
         log = logging.getLogger(name)
-        if not any(getattr(h, "_distilrl_serve", False) for h in log.handlers):
-            handler = logging.StreamHandler(stream or sys.stderr)
-            handler.setFormatter(UvicornStyle("%(message)s"))
-            handler._distilrl_serve = True  # marks ours, so a second call adds no second handler
-            log.addHandler(handler)
         log.setLevel(logging.INFO)
-        log.propagate = False  # not twice when the root logger prints too
+        if logging.getLogger().handlers or any(getattr(h, "_distilrl_serve", False) for h in log.handlers):
+            continue
+        handler = logging.StreamHandler(stream or sys.stderr)
+        handler.setFormatter(UvicornStyle("%(message)s"))
+        handler._distilrl_serve = True  # marks ours, so a second call adds no second handler
+        log.addHandler(handler)
 
 
 def ready_line(what: str, url: str) -> None:
