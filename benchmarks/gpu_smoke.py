@@ -157,8 +157,31 @@ def _update_and_sync(trainer, rollout, out, rows, samples: int, new_tokens: int,
     return metrics, int(batch["attention_mask"].sum()), sync_s, _rollout_gap(trainer, after, pad_id, new_tokens)
 
 
+RECIPE = "configs/recipes/qwen2.5-0.5b_grpo_1gpu.yaml"
+
+
+def ray_step(student: Path, new_tokens: int, log) -> dict:
+    """One step of the real pipeline on the 1-GPU recipe with ``student``: Ray actors on the one GPU, vLLM asleep
+    between rollouts, the weights by vLLM's CUDA IPC transfer, the trainer offloading in turn. Its exit status,
+    seconds, and the last lines it printed when it failed."""
+    import subprocess
+
+    overrides = [f"model.model_name_or_path={student}", "task.name=arithmetic", "task.train_file=null",
+                 "task.eval_file=null", "stages=[rl]", "algorithm.steps=1", "rollout.prompts_per_step=8",
+                 "rollout.samples_per_prompt=4", f"rollout.max_new_tokens={new_tokens}",
+                 f"eval.max_new_tokens={new_tokens}", "task.max_prompt_tokens=64", f"output_dir={student.parent / 'run'}"]
+    log(f"ray step: distilrl run {RECIPE} (1 step, colocated, IPC weight transfer)")
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "rlhf.cli", "run", RECIPE, *overrides], capture_output=True,
+                          text=True, check=False, cwd=Path(__file__).resolve().parent.parent)
+    out = {"rc": done.returncode, "seconds": round(time.perf_counter() - start, 1)}
+    if done.returncode:
+        out["tail"] = (done.stdout + done.stderr).strip().splitlines()[-5:]
+    return out
+
+
 def run(shape: dict, prompts: int, samples: int, new_tokens: int, micro_batch: int, engine: str = "hf",
-        log=print, lr: float = 1e-5) -> dict:
+        log=print, lr: float = 1e-5, with_ray_step: bool = False) -> dict:
     import torch
 
     from rlhf.core.config.run_config import RolloutConfig, RunConfig
@@ -184,9 +207,7 @@ def run(shape: dict, prompts: int, samples: int, new_tokens: int, micro_batch: i
         trainer={"zero_stage": 2, "bf16": cuda, "lr": lr, "micro_batch_size": micro_batch, "threads": 2},
         algorithm={"kl_coef": 0.0}, rollout={"sleep_between_rollouts": engine == "vllm"}))
 
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
 
     rows = arithmetic_rows(prompts, seed=0)
     # One untimed generation of two rows first: CUDA kernels, allocator and cuBLAS handles warm up outside the figures.
@@ -202,6 +223,8 @@ def run(shape: dict, prompts: int, samples: int, new_tokens: int, micro_batch: i
                                                           tokenizer.pad_token_id, sync)
     train_s = metrics["perf/train_s"]
 
+    # The in-process engine is asleep and the trainer released: the pipeline's own actors get the GPU.
+    ray = ray_step(work / "student", new_tokens, log) if with_ray_step else None
     peak, peak_source = bf16_peak(device) if cuda else (None, "no GPU")
     train_tflops = 6 * params * train_tokens / train_s / 1e12
     return {
@@ -214,7 +237,7 @@ def run(shape: dict, prompts: int, samples: int, new_tokens: int, micro_batch: i
         "logprob_mismatch": round(metrics["perf/logprob_mismatch"], 4), "loss": metrics["losses/policy_loss"],
         "post_sync_logprob_gap": round(gap, 4),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
-        "vllm_memory_log": getattr(rollout, "memory_log", None),
+        "vllm_memory_log": getattr(rollout, "memory_log", None), "ray_step": ray,
     }
 
 
@@ -231,6 +254,8 @@ def main() -> None:
     parser.add_argument("--max-mismatch", type=float, default=0.1, help="bound on the mean absolute log-prob gap "
                         "between the rollout engine and the trainer, before the update and after the sync (a first "
                         "guess for bf16: no GPU run has set it yet)")
+    parser.add_argument("--ray-step", action="store_true", help=f"then one step of {RECIPE} through Ray with the "
+                        "saved student (vLLM's CUDA IPC transfer, sleep/wake beside the trainer)")
     parser.add_argument("--tests-rc", type=int, default=None, help="exit status of the vllm engine tests "
                         "gpu_smoke.sh ran first (recorded, and a failure fails the check)")
     args = parser.parse_args()
@@ -242,10 +267,12 @@ def main() -> None:
         args.prompts, args.samples, args.new_tokens, args.micro_batch = 2, 2, 4, 4
     start = time.perf_counter()
     r = run(shape, args.prompts, args.samples, args.new_tokens, args.micro_batch, args.engine,
-            log=lambda line: print(line, flush=True), lr=args.lr)
+            log=lambda line: print(line, flush=True), lr=args.lr, with_ray_step=args.ray_step)
     r["wall_s"] = round(time.perf_counter() - start, 1)
     r["versions"] = versions()
     failures = check_results(r, args.max_mismatch)
+    if r["ray_step"] and r["ray_step"]["rc"]:
+        failures.append(f"the Ray step of {RECIPE} failed (exit {r['ray_step']['rc']})")
     if args.tests_rc is not None:
         r["vllm_tests_rc"] = args.tests_rc
         if args.tests_rc:
