@@ -13,6 +13,7 @@ from reward.teachers import TEACHERS
 from reward.scoring.verifiers import VERIFIERS
 from rlhf.core.config.run_config import ConfigError, RunConfig
 from rollout import vllm_engine  # noqa: F401 - registers the optional vllm engine
+from rollout import static_engine  # noqa: F401 - registers hf_static
 from rollout.engines import ENGINES
 from rollout.environments import ENVIRONMENTS
 

@@ -18,6 +18,7 @@ from rlhf.core.data.samples import Sample
 from rlhf.core.distributed import threads
 from rlhf.core.distributed.weight_sync import BroadcastGroup, TensorSpec
 from rollout import vllm_engine  # noqa: F401 - registers the optional vllm engine (vllm itself loads when built)
+from rollout import static_engine  # noqa: F401 - registers hf_static
 from rollout.engines import ENGINES
 from rollout.environments import ENVIRONMENTS
 from rollout.multi_turn import MultiTurnRollout

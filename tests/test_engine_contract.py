@@ -18,6 +18,7 @@ from rlhf.core.algorithms.tokens import token_logprobs
 from rlhf.core.config.run_config import ModelConfig, RolloutConfig
 from rlhf.core.models.build import build_student, build_tokenizer, load_student, save_student
 from rlhf.core.data.samples import Sample
+from rollout import static_engine  # noqa: F401 - registers hf_static
 from rollout.engines import ENGINES, HFEngine
 from rollout.worker import RolloutWorker, StaleWeightsError
 
@@ -52,7 +53,7 @@ class OneTokenAtATimeEngine(HFEngine):
 
 if "one_token_at_a_time" not in ENGINES:
     ENGINES.register("one_token_at_a_time", OneTokenAtATimeEngine)
-ENGINE_NAMES = ["hf", "hf_compact", "one_token_at_a_time"]
+ENGINE_NAMES = ["hf", "hf_compact", "hf_static", "one_token_at_a_time"]
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,7 @@ def test_finish_reasons_agree_with_end_of_sequence_and_the_length_cap(engine, to
     assert {s.finish_reason for s in samples} == {"stop", "length"}
 
 
-@pytest.mark.parametrize("name", ["hf", "hf_compact"])
+@pytest.mark.parametrize("name", ["hf", "hf_compact", "hf_static"])
 def test_the_hf_engines_keep_the_saved_min_new_tokens(name, model_dir, tokenizer, shape, logprob_atol):
     # The forced-length benchmarks save min_new_tokens in the student's generation config; both hf engines must
     # keep end-of-sequence out until then and record the log-probs of the distribution without it.

@@ -11,6 +11,7 @@ from rlhf.core.config.run_config import ModelConfig, RolloutConfig, load_config
 from rlhf.core.models.build import build_student, build_tokenizer, save_student
 from rollout.engine import generate, generate_compacting, truncate
 from rollout.engines import ENGINES
+from rollout.static_engine import generate_static
 
 TINY = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
 PROMPTS = ["1+2=", "34+5-6="]
@@ -31,7 +32,7 @@ def truncated_logprobs(model, sample, temperature, top_k, top_p) -> torch.Tensor
     return torch.log_softmax(truncate(logits / temperature, top_k, top_p), dim=-1)
 
 
-@pytest.mark.parametrize("sampler", [generate, generate_compacting])
+@pytest.mark.parametrize("sampler", [generate, generate_compacting, generate_static])
 @pytest.mark.parametrize("top_k,top_p", [(3, 1.0), (0, 0.5), (5, 0.8)])
 def test_samples_stay_in_the_truncated_set_with_its_logprobs(policy, sampler, top_k, top_p):
     model, tokenizer = policy
@@ -55,7 +56,7 @@ def test_engines_sample_with_the_configs_top_p_and_top_k(policy, tmp_path):
     save_student(model, tokenizer, tmp_path)
     rollout = load_config("configs/tiny.yaml", ["rollout.top_k=1", "rollout.top_p=0.9"]).rollout
     assert (rollout.top_k, rollout.top_p) == (1, 0.9)
-    for name in ("hf", "hf_compact"):
+    for name in ("hf", "hf_compact", "hf_static"):
         engine = ENGINES[name](str(tmp_path), rollout)
         torch.manual_seed(0)
         sampled = engine.generate(PROMPTS, 2, 6, 1.0, False)

@@ -40,8 +40,10 @@ class RolloutConfig(_Section):
     engine: str = "hf_compact"
     """What the rollout workers sample with (rollout/engines.py ENGINES): hf_compact, our decode loop over the
     transformers model that drops finished rows (2-2.5x hf on the quickstart's rollouts, the same on fixed-length
-    ones); hf, Hugging Face generate, which also applies the checkpoint's saved generation config; vllm, vLLM on a
-    GPU (optional extra, rollout/vllm_engine.py). README "Choosing a rollout engine"."""
+    ones); hf_static, the same loop over a key/value cache allocated once per call with fused sampling
+    (rollout/static_engine.py: no per-token cache copy, for real models' small batches); hf, Hugging Face generate,
+    which also applies the checkpoint's saved generation config; vllm, vLLM on a GPU (optional extra,
+    rollout/vllm_engine.py). README "Choosing a rollout engine"."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """The dtype the engine holds the policy in. bfloat16 pays on CPUs with fast bf16 matmuls (AVX512-BF16, AMX) and on
     GPUs; log-probs are float32 from its logits either way, the mismatch with the trainer's is logged as
