@@ -5,7 +5,7 @@ its KV cache still freed); the trainer then moves its optimizer state, gradients
 and empties PyTorch's cache, so the engine's KV cache can be allocated on wake; after the rollout the engine sleeps
 (level 1: weights to host, KV cache freed) and the trainer takes its state back before the next update. Each
 transition logs the GPU's free memory (``torch.cuda.mem_get_info``), so an out-of-memory on wake shows who held
-what. On a machine without CUDA the transitions still run (the state stays where it is) and log nothing.
+what. On a machine without CUDA there is no GPU to share: the trainer keeps its state.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class ColocatedTrainerMemory:
     _released = False
 
     def release_gpu(self) -> None:
-        if not self.colocated or self._released:
+        if not (self.colocated and torch.cuda.is_available()) or self._released:  # nothing to share on a CPU
             return
         # DeepSpeed's own offload moves the optimizer state already; parameters offloaded by ZeRO-3 cannot be
         # moved again (offload_states refuses them).
