@@ -15,6 +15,7 @@
   distilrl report RUN_DIR                         (re)write a run's report.md and plots
   distilrl config [SECTION]                       the config's keys: types, defaults, descriptions
   distilrl import-model SRC OUT                   a GGUF file or HF directory as a HF safetensors directory
+  distilrl push RUN_DIR REPO [--model M]          a run's policy (or reward_model) to the Hub, with a model card
 
 Exit status 0 on success. Errors a user can fix (a bad config, a missing model directory, a dataset with no usable row, a teacher that
 cannot judge) end the process with one line on stderr and exit status 2, not a traceback; a run that fails on the
@@ -123,6 +124,13 @@ def _add_model_commands(commands) -> None:
     text = "write a run's report.md and plots (reward, accuracy, KL, per-difficulty, RM-teacher agreement, time)"
     cmd = commands.add_parser("report", help=text, description=text + " from its summary.json and metrics.jsonl.")
     cmd.add_argument("run_dir", help="a run's output_dir")
+    text = "upload a run's policy or reward model to the Hugging Face Hub, with a model card of the run's figures"
+    cmd = commands.add_parser("push", help=text, description=text + " (token: HF_TOKEN or huggingface-cli login).")
+    cmd.add_argument("run_dir", help="a run's output_dir")
+    cmd.add_argument("repo", help="the Hub repository, e.g. my-org/qwen-grpo (made if it does not exist)")
+    cmd.add_argument("--model", default="policy", choices=["policy", "reward_model"], help="what to push "
+                     "(default: the final policy)")
+    cmd.add_argument("--private", action="store_true", help="make a new repository private")
     text = "write a Hugging Face directory (safetensors, tokenizer, chat template) from a GGUF file or a directory"
     cmd = commands.add_parser("import-model", help=text, description=text + "; point model.model_name_or_path at "
                               "OUT. GGUF files are de-quantized to float (needs `pip install gguf`).")
@@ -376,6 +384,19 @@ def _serve(args) -> int:
     return 0
 
 
+def _push(args) -> int:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from rlhf.outputs.model_card import push_run
+
+    try:
+        print(push_run(args.run_dir, args.repo, args.model, args.private, log=_log))
+    except (HfHubHTTPError, ConnectionError) as err:  # the Hub refused or could not be reached: one line, exit 1
+        print(f"distilrl: error: push to {args.repo} failed: {' '.join(str(err).split())[:300]}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _import_model(args) -> int:
     from rlhf.core.models.model_import import import_model
 
@@ -385,7 +406,7 @@ def _import_model(args) -> int:
 
 COMMANDS = {"config": _config, "run": _run, "label": _run, "traces": _traces, "sft": _sft, "train-rm": _train_rm, "eval": _eval,
             "eval-rm": _eval_rm, "serve-rm": _serve_rm, "serve": _serve, "report": _report,
-            "import-model": _import_model, "dpo": _dpo}
+            "import-model": _import_model, "dpo": _dpo, "push": _push}
 
 
 def _quiet_libraries() -> None:

@@ -7,7 +7,7 @@ import pytest
 from rlhf.cli import COMMANDS, build_parser, main
 
 SUBCOMMANDS = ["run", "label", "traces", "sft", "train-rm", "dpo", "eval", "eval-rm", "serve-rm", "serve",
-               "report", "config", "import-model"]
+               "report", "config", "import-model", "push"]
 
 
 def test_the_documented_subcommands_exist():

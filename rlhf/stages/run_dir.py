@@ -17,7 +17,8 @@ from rlhf.core.data.chat import template_override
 from rlhf.core.config.run_config import ConfigError, ModelConfig, RunConfig
 from rlhf.core.checkpoints.atomic import output_dir_problem
 from rlhf.core.data.datasets import DatasetError, PromptRow, load_rows, usable_rows
-from rlhf.core.models.build import build_student, build_tokenizer, check_model_dir, load_student, save_student
+from rlhf.core.models.build import (build_student, build_tokenizer, check_model_dir, load_student, resolve_model_path,
+                                    save_student)
 from rlhf.core.models.build import load_tokenizer as load_model_tokenizer
 from rlhf.core.checkpoints.atomic import atomic_dir
 from rlhf.core.checkpoints.resume import complete_checkpoints
@@ -184,7 +185,7 @@ def untrained_start_dir(cfg: RunConfig, tokenizer, target: Path) -> str:
     LoRA adapter's base path then names it too). Where the tokenizer differs from the source's files (a
     task.chat_template override, a pad token added: checkpoints copy the start directory's tokenizer), ``target``
     holds hard links to the source's files beside the tokenizer as loaded."""
-    source = Path(cfg.model.model_name_or_path).resolve()
+    source = resolve_model_path(cfg.model.model_name_or_path).resolve()  # a hub name: its cached snapshot
     if template_override(cfg.task) is None and _has_pad_token(source):
         return str(source)
     with atomic_dir(target) as tmp:
@@ -214,7 +215,7 @@ def resumed_start_dir(cfg: RunConfig, out: Path) -> str:
     """The starting policy of a run being resumed: its warmup/ when it wrote one, else the source model."""
     written = out / "warmup"
     return str(written) if written.is_dir() or not cfg.model.model_name_or_path else \
-        str(Path(cfg.model.model_name_or_path).resolve())
+        str(resolve_model_path(cfg.model.model_name_or_path).resolve())
 
 
 def progress_line(step: int, steps: int, m: dict) -> str:

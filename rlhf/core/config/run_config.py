@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from rlhf.core.config.data_config import EvalConfig, ModelConfig, TaskConfig, ThinkConfig
+from rlhf.core.config.hub_config import HubConfig
 from rlhf.core.config.preference_config import DPOConfig
 from rlhf.core.config.rl_config import AdaptiveConfig, RewardConfig, RewardRefreshConfig, RolloutConfig
 from rlhf.core.config.teacher_config import LabelConfig, TracesConfig, WarmupConfig
@@ -101,6 +102,8 @@ class RunConfig(_Section):
     """Where the Ray actors run: a private local Ray or a cluster, and what each role's actors ask for."""
     dpo: DPOConfig = DPOConfig()
     """Preference optimisation (DPO, IPO, SimPO) of the policy on teacher or your own pairs: stage dpo."""
+    hub: HubConfig = HubConfig()
+    """The Hugging Face Hub: offline by default; hub.offline=false lets a run download models given by Hub name."""
 
     @model_validator(mode="after")
     def _batch_units_divide(self) -> "RunConfig":

@@ -57,8 +57,9 @@ def resolve_model_path(name: str | Path, key: str = "model.model_name_or_path") 
         return Path(snapshot_download(text, local_files_only=True))
     except (LocalEntryNotFoundError, ValueError, OSError):
         raise ModelLoadError(f"{key}: {text} is neither a local directory nor in the Hugging Face cache "
-                             f"({constants.HF_HUB_CACHE}): download it there first (huggingface-cli download "
-                             f"{text}) or give a local directory") from None
+                             f"({constants.HF_HUB_CACHE}): set hub.offline=false to let the run download it, "
+                             f"download it there first (huggingface-cli download {text}) or give a local "
+                             f"directory") from None
 
 
 def check_model_dir(path: str | Path, key: str = "model.model_name_or_path", kind: str = "ForCausalLM") -> Path:
