@@ -101,6 +101,21 @@ def _parse_reference(reference: str, timeout: int | None) -> tuple:
     return tuple(parse(text, parsing_timeout=timeout) or parse(reference, parsing_timeout=timeout))
 
 
+# Any number in running text ("12", "-3", "1,000", "2.5"); the sentence's final full stop is not a decimal point.
+_NUMBER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+
+def last_number_correct(response: str, reference: str) -> bool | None:
+    """The last number anywhere in the response against the reference, as numbers: how a chat model that answers
+    in a sentence ("7 plus 5 is 12.") is checked; the ``#### N`` form ends in its number too. None when the
+    response has no number."""
+    found = _NUMBER_RE.findall(response)
+    if not found:
+        return None
+    expected = _number(reference)
+    return _number(found[-1]) == expected if expected is not None else found[-1] == reference.strip()
+
+
 def exact_correct(response: str, reference: str) -> bool:
     """The whole response, surrounding whitespace aside, equals the reference."""
     return response.strip() == reference.strip()
@@ -134,6 +149,7 @@ def _final_number_verifier(response: str, reference: str) -> bool | None:
 VERIFIERS: Registry[Callable[[str | None], Verifier]] = Registry("verifier")
 VERIFIERS.register("final_number", lambda answer_regex: _final_number_verifier)
 VERIFIERS.register("gsm8k", lambda answer_regex: gsm8k_correct)
+VERIFIERS.register("last_number", lambda answer_regex: last_number_correct)
 VERIFIERS.register("math", lambda answer_regex: math_correct)
 VERIFIERS.register("exact", lambda answer_regex: exact_correct)
 VERIFIERS.register("regex", lambda answer_regex: regex_verifier(answer_regex))

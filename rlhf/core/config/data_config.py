@@ -85,7 +85,8 @@ class TaskConfig(_Section):
     verifier: str = "final_number"
     """How a response's answer is checked against the reference (reward.scoring.verifiers.VERIFIERS): final_number (the
     number after the last "#"), gsm8k (the same, tolerant of "$", commas and decimals), math (the last \\boxed{...},
-    compared by math-verify: 1/2 = 0.5 = \\frac{1}{2}), exact (the whole response), regex."""
+    compared by math-verify: 1/2 = 0.5 = \\frac{1}{2}), exact (the whole response), regex, last_number (the last number
+    anywhere in the response: a chat model answering in a sentence)."""
     answer_regex: str | None = None
     """regex verifier: the answer is the last match (its first group, if any)"""
 
