@@ -1,6 +1,8 @@
 """Policy-gradient losses (rlhf/core/algorithms/policy_losses.py) against numbers worked out by hand."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -11,7 +13,9 @@ from rlhf.core.algorithms.policy_losses import (
     clipped_policy_loss,
     dual_clip_policy_loss,
     gspo_policy_loss,
+    off_policy_weights,
     sequence_mean,
+    truncated_importance_weights,
 )
 
 T = torch.tensor
@@ -228,3 +232,53 @@ def test_sequence_mean_by_row_and_by_sequence_id():
     close(sequence_mean(values, T([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])), [[2.0, 2.0, 2.0], [4.0, 4.0, 4.0]])
     close(sequence_mean(values, torch.ones(2, 3), torch.tensor([[0, 0, 1], [1, 2, 2]])),
           [[2.0, 2.0, 5.5], [5.5, 5.0, 5.0]])
+
+
+# ------------------------------------------------------------------------------------- off-policy weights
+
+# One row, three response tokens after one prompt token; sampler/trainer ratios 0.5, 1.5 and 3 (log-ratios
+# ln 0.5 = -0.693147, ln 1.5 = 0.405465, ln 3 = 1.098612). The 9.0 is off the response.
+OFF_MASK = T([[0.0, 1.0, 1.0, 1.0]])
+OFF_OLD = T([[9.0, math.log(0.5), math.log(1.5), math.log(3.0)]])
+
+
+def test_token_weights_truncate_at_the_cap_or_mask_outside_floor_and_cap():
+    # truncate, cap 2: [0.5, 1.5, 2.0], the third corrected;  mask [0.6, 2]: 0.5 and 3 dropped -> [0, 1.5, 0]
+    weights, corrected = off_policy_weights(OFF_OLD, torch.zeros(1, 4), OFF_MASK, 2.0)
+    close(weights, [[0.0, 0.5, 1.5, 2.0]])
+    close(corrected, [[0.0, 0.0, 0.0, 1.0]])
+    weights, corrected = off_policy_weights(OFF_OLD, torch.zeros(1, 4), OFF_MASK, 2.0, mode="mask", floor=0.6)
+    close(weights, [[0.0, 0.0, 1.5, 0.0]])
+    close(corrected, [[0.0, 1.0, 0.0, 1.0]])
+    torch.testing.assert_close(truncated_importance_weights(OFF_OLD, torch.zeros(1, 4), OFF_MASK, 2.0),
+                               off_policy_weights(OFF_OLD, torch.zeros(1, 4), OFF_MASK, 2.0)[0])
+
+
+def test_sequence_and_geometric_weights_share_one_ratio_per_sequence():
+    # sequence: 0.5 * 1.5 * 3 = 2.25 -> cap 3 keeps it, cap 2 truncates to 2 (or masks it to 0)
+    # geometric: 2.25 ** (1/3) = 1.310371 on each token
+    weights, _ = off_policy_weights(OFF_OLD, torch.zeros(1, 4), OFF_MASK, 3.0, level="sequence")
+    close(weights, [[0.0, 2.25, 2.25, 2.25]])
+    weights, corrected = off_policy_weights(OFF_OLD, torch.zeros(1, 4), OFF_MASK, 2.0, level="sequence")
+    close(weights, [[0.0, 2.0, 2.0, 2.0]])
+    close(corrected, [[0.0, 1.0, 1.0, 1.0]])
+    weights, _ = off_policy_weights(OFF_OLD, torch.zeros(1, 4), OFF_MASK, 2.0, level="sequence", mode="mask")
+    close(weights, [[0.0, 0.0, 0.0, 0.0]])
+    weights, corrected = off_policy_weights(OFF_OLD, torch.zeros(1, 4), OFF_MASK, 2.0, level="geometric")
+    close(weights, [[0.0, 1.310371, 1.310371, 1.310371]])
+    close(corrected, [[0.0, 0.0, 0.0, 0.0]])
+
+
+def test_sequence_weights_on_packed_rows_follow_the_sequence_ids():
+    # the row above and a second sequence of ratio 1.2 packed in one row: ids 0 0 0 0 | 1 1
+    old = T([[9.0, math.log(0.5), math.log(1.5), math.log(3.0), 9.0, math.log(1.2)]])
+    mask = T([[0.0, 1.0, 1.0, 1.0, 0.0, 1.0]])
+    weights, _ = off_policy_weights(old, torch.zeros(1, 6), mask, 3.0, level="sequence",
+                                    sequence_ids=torch.tensor([[0, 0, 0, 0, 1, 1]]))
+    close(weights, [[0.0, 2.25, 2.25, 2.25, 0.0, 1.2]])
+
+
+def test_off_policy_weights_refuse_a_bad_level_mode_or_floor():
+    for kwargs, message in (({"level": "row"}, "level"), ({"mode": "clip"}, "mode"), ({"floor": 2.0}, "floor")):
+        with pytest.raises(ValueError, match=message):
+            off_policy_weights(OFF_OLD, torch.zeros(1, 4), OFF_MASK, 2.0, **kwargs)

@@ -101,14 +101,18 @@ def sequence_mean(values: torch.Tensor, mask: torch.Tensor, sequence_ids: torch.
     (B, L) long numbers the sequences (packed rows hold several); None: each row is one. A sequence without
     masked tokens has mean 0."""
     mask = mask.float()
+    return sequence_sum(values, mask, sequence_ids) / sequence_sum(mask, mask, sequence_ids).clamp(min=1.0)
+
+
+def sequence_sum(values: torch.Tensor, mask: torch.Tensor, sequence_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Each token's sequence's sum of ``values`` over its ``mask``ed tokens, (B, L) -> (B, L); ``sequence_ids`` as
+    ``sequence_mean`` takes them."""
+    masked = values * mask.float()
     if sequence_ids is None:
-        means = (values * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
-        return means.expand_as(values)
+        return masked.sum(dim=1, keepdim=True).expand_as(values)
     ids = sequence_ids.reshape(-1).long()
-    count = int(ids.max()) + 1 if ids.numel() else 0
-    sums = values.new_zeros(count).index_add(0, ids, (values * mask).reshape(-1))
-    tokens = mask.new_zeros(count).index_add(0, ids, mask.reshape(-1))
-    return (sums / tokens.clamp(min=1.0))[ids].reshape(values.shape)
+    sums = values.new_zeros(int(ids.max()) + 1 if ids.numel() else 0).index_add(0, ids, masked.reshape(-1))
+    return sums[ids].reshape(values.shape)
 
 
 def _clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float,
@@ -166,13 +170,50 @@ def truncated_importance_weights(old_logprobs: torch.Tensor, rollout_logprobs: t
     ``rollout_logprobs``: the sampler's, which actually drew the tokens. They differ because the inference engine
     computes differently from the trainer (kernels, precision) and, with asynchronous rollout, because the sampler
     held older weights. Weighting by their ratio corrects the gradient for sampling from the wrong policy; the cap
-    bounds the variance a few tokens the sampler found unlikely would otherwise add. Computed as
-    exp(min(log-ratio, log cap)): the same value, without overflowing to inf first. No gradient flows through it.
+    bounds the variance a few tokens the sampler found unlikely would otherwise add. ``off_policy_weights`` with
+    its defaults; its other levels and modes are the alternatives.
+    """
+    return off_policy_weights(old_logprobs, rollout_logprobs, mask, cap)[0]
+
+
+def off_policy_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, cap: float,
+                       level: str = "token", mode: str = "truncate", floor: float = 0.0,
+                       sequence_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Importance weights correcting the policy gradient for tokens sampled by another policy (the sampler's
+    numerics, or older weights with asynchronous rollout): (weights, 1.0 where the weight was corrected), (B, L),
+    0 off ``mask``, no gradient. The ratio r = pi_old / pi_sampler is taken at one of three levels:
+
+      token:     r_t = exp(old_t - rollout_t), each token its own;
+      sequence:  the product of its tokens' ratios, exp(sum_t log r_t), on every token of the sequence;
+      geometric: their geometric mean, exp(mean_t log r_t): length-normalised, as GSPO's ratio is;
+
+    and kept in one of two modes: truncate (TIS): w = min(r, cap), a bounded weight that keeps every sample;
+    mask: w = r inside [floor, cap] and 0 outside, dropping the samples whose sampler was too far from the trainer
+    instead of keeping them at the cap. A sequence's product of ratios strays further than any token's, so
+    sequence-level caps are usually larger. Computed on log-ratios, so no ratio overflows before it is cut.
+    ``sequence_ids``: as ``sequence_mean`` takes them, for packed rows.
     """
     if cap <= 0:
-        raise ValueError(f"truncated importance sampling cap must be > 0, not {cap}")
-    log_ratio = (old_logprobs.detach() - rollout_logprobs.detach()).float()
-    return log_ratio.clamp(max=math.log(cap)).exp() * mask.float()
+        raise ValueError(f"importance-weight cap must be > 0, not {cap}")
+    if not 0 <= floor < cap:
+        raise ValueError(f"importance-weight floor {floor} must be at least 0 and below the cap {cap}")
+    mask = mask.float()
+    log_ratio = (old_logprobs.detach() - rollout_logprobs.detach()).float() * mask
+    if level == "sequence":
+        log_ratio = sequence_sum(log_ratio, mask, sequence_ids)
+    elif level == "geometric":
+        log_ratio = sequence_mean(log_ratio, mask, sequence_ids)
+    elif level != "token":
+        raise ValueError(f"unknown importance-weight level {level!r}: use token, sequence or geometric")
+    weights = log_ratio.clamp(max=math.log(cap)).exp()
+    if mode == "truncate":
+        corrected = weights >= cap
+    elif mode == "mask":
+        corrected = (log_ratio > math.log(cap)) | ((log_ratio < math.log(floor)) if floor > 0 else False)
+        weights = torch.where(corrected, 0.0, weights)
+    else:
+        raise ValueError(f"unknown importance-weight mode {mode!r}: use truncate or mask")
+    return weights * mask, corrected.float() * mask
 
 
 def policy_token_loss(pg_loss: torch.Tensor, entropy: torch.Tensor | None = None, kl: torch.Tensor | None = None,

@@ -175,6 +175,15 @@ class AlgorithmConfig(_Section):
     """Truncated importance sampling: the policy-gradient term of each token is weighted by min(exp(trainer log-prob
     before the update - rollout log-prob), tis_cap), correcting for tokens sampled by a different policy (inference-
     engine numerics; older weights with rollout.asynchronous). None: off. 2 is usual."""
+    is_level: Literal["token", "sequence", "geometric"] = "token"
+    """With tis_cap: where the sampling correction's ratio pi_trainer / pi_sampler is taken: per token, per sequence
+    (the product of its tokens' ratios, on all of them) or per sequence as their geometric mean (length-normalised)
+    (rlhf/core/algorithms/policy_losses.py off_policy_weights)."""
+    is_mode: Literal["truncate", "mask"] = "truncate"
+    """With tis_cap: truncate a weight above tis_cap to it (TIS), or mask: weight 0 where the ratio leaves
+    [is_floor, tis_cap] and the ratio itself inside, dropping what the sampler got too wrong rather than capping it."""
+    is_floor: float = Field(0.0, ge=0)
+    """is_mode mask: the lowest ratio kept (0: no lower bound)."""
     advantage: str = "grpo"
     """How rewards become advantages (algorithms/advantages.py): grpo: (r - group mean) / group std;
     dr_grpo: r - group mean (pair with loss_aggregation dr-grpo); rloo: r - mean of the group's other samples;
@@ -246,6 +255,15 @@ class AlgorithmConfig(_Section):
     def _known_estimator(self) -> "AlgorithmConfig":
         if self.advantage not in ADVANTAGE_ESTIMATORS:
             raise ValueError(ADVANTAGE_ESTIMATORS.unknown(self.advantage))
+        return self
+
+    @model_validator(mode="after")
+    def _importance_weights_fit(self) -> "AlgorithmConfig":
+        if not self.tis_cap and (self.is_level != "token" or self.is_mode != "truncate" or self.is_floor):
+            raise ValueError("is_level, is_mode and is_floor shape the sampling correction: set tis_cap (its upper "
+                             "bound, e.g. 2) to turn it on")
+        if self.tis_cap and self.is_floor >= self.tis_cap:
+            raise ValueError(f"is_floor={self.is_floor} must be below tis_cap={self.tis_cap}")
         return self
 
     @model_validator(mode="after")

@@ -18,8 +18,8 @@ import torch
 
 from rlhf.core.algorithms.aggregation import loss_token_weights
 from rlhf.core.algorithms.kl import kl_penalty
-from rlhf.core.algorithms.policy_losses import (POLICY_LOSSES, PolicyLossInputs, policy_token_loss,
-                                               truncated_importance_weights)
+from rlhf.core.algorithms.policy_losses import (POLICY_LOSSES, PolicyLossInputs, off_policy_weights,
+                                               policy_token_loss)
 from rlhf.core.algorithms.tokens import token_entropy, token_logprobs
 
 from rlhf.core.models import lora, precision
@@ -202,7 +202,7 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         """Forward and backward over one mini-batch's micro-batches, then one optimizer step; returns its sums."""
         engine = self.engine
         sums = torch.zeros(len(_SUMMED), dtype=torch.float64)
-        if self.policy_loss.sequence_level:
+        if self.policy_loss.sequence_level or (self.algorithm.tis_cap and self.algorithm.is_level != "token"):
             # Each token carries its row number into the micro-batches: a packed row holds several sequences.
             rows, width = batch["input_ids"].shape
             batch = {**batch, "sequence_ids": torch.arange(rows).unsqueeze(1).expand(rows, width)}
@@ -227,9 +227,10 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         old_logp = mb["old_logprobs"] if "old_logprobs" in mb else logp.detach()
         pg, clipped = self.policy_loss.compute(PolicyLossInputs(
             logp, old_logp, mb["advantages"], mask, a.clip_low, a.clip_high, a.dual_clip, mb.get("sequence_ids")))
-        tis = torch.ones_like(logp)
+        tis, corrected = torch.ones_like(logp), torch.zeros_like(logp)
         if a.tis_cap:
-            tis = truncated_importance_weights(old_logp, mb["rollout_logprobs"], mask, a.tis_cap)
+            tis, corrected = off_policy_weights(old_logp, mb["rollout_logprobs"], mask, a.tis_cap, a.is_level,
+                                                a.is_mode, a.is_floor, mb.get("sequence_ids"))
             pg = pg * tis
         kl = torch.zeros_like(logp)
         if self.reference is not None:
@@ -265,7 +266,7 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
                 # Train/inference mismatch: the sampler's log-probs against the trainer's before this batch's update.
                 ((old_logp - mb["rollout_logprobs"]).abs() * mask).sum(),
                 (tis * mask).sum(),
-                ((tis >= a.tis_cap).float() * mask).sum() if a.tis_cap else torch.zeros(()),
+                (corrected * mask).sum(),
                 mask.sum(),
             ]).double().cpu()
 
