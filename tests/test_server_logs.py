@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import re
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -63,3 +64,20 @@ def test_configuring_leaves_a_callers_logging_setup_in_charge():
         log = logging.getLogger(name)
         assert log.propagate and log.level == logging.INFO
         assert not [h for h in log.handlers if getattr(h, "_distilrl_serve", False)]
+
+
+@pytest.mark.parametrize("raw,status", [(b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),
+                                        (b"BAD\r\n\r\n", 400), (b"GET / HTTP/9.9\r\n\r\n", 505)])
+def test_a_request_line_the_parser_refuses_gets_a_json_error_and_one_log_line(raw, status, caplog):
+    caplog.set_level(logging.INFO)
+    with make_reward_server(lambda p, r: [0.0] * len(p)) as server:
+        server.start()
+        with socket.create_connection(server.server_address[:2], timeout=10) as sock:
+            sock.sendall(raw)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split()[1] == str(status).encode() and "error" in json.loads(body)
+    assert not [r for r in caplog.records if r.exc_info]  # no traceback
+    assert [r for r in caplog.records if r.name == "rlhf.serve.access" and f" {status} " in r.getMessage()]

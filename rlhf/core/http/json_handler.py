@@ -177,8 +177,11 @@ class JsonHandler(GuardedHandler):
             pass  # the client closed, or the drain's time is up: we are closing anyway
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """The base class answers protocol errors (bad request line, header too long) in HTML: answer JSON."""
+        """The base class answers protocol errors (bad request line, header too long) in HTML: answer JSON, with a
+        status line and headers even where the refused line left the version at HTTP/0.9 (which has neither)."""
         self.close_connection = True
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
         status = HTTPStatus(code)
         self.send_json(status, self.error_payload(HttpError(status, message or status.phrase)))
         access_line(self, code, 0.0, "")

@@ -52,6 +52,8 @@ def access_line(handler, status: int, ms: float, note: str = "") -> None:
         phrase = HTTPStatus(status).phrase
     except ValueError:
         phrase = ""
-    request_line = f"{handler.command} {handler.path.split('?', 1)[0]} {handler.request_version}"
+    # A request line the parser refused (too long, malformed) leaves command, path or version unset.
+    path = (getattr(handler, "path", None) or "-").split("?", 1)[0]
+    request_line = f"{getattr(handler, 'command', None) or '-'} {path} {getattr(handler, 'request_version', '')}"
     ACCESS.info('%s:%s - "%s" %d %s %.1f ms%s', host, port, request_line[:200], status, phrase, ms,
                 f" {note}" if note else "")
