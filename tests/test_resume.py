@@ -28,7 +28,9 @@ from rlhf.core.checkpoints.resume import (
     prune_checkpoints,
     python_rng_state,
     python_rng_tuple,
+    stored_path,
     truncate_metrics,
+    with_reward_model_dir,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,6 +125,62 @@ def test_fewer_steps_than_the_checkpoint_is_refused():
         check_config(dumped(), dumped("algorithm.steps=1"), step=2, output_dir="runs/x")
 
 
+# ------------------------------------------------------------ paths in state.json: relative to the run directory
+
+
+def fake_reward_model(path: Path) -> Path:
+    """What check_model_dir asks of a reward model directory (no weights worth loading)."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForSequenceClassification"]}))
+    save_file({"score.weight": torch.zeros(1, 4)}, path / "model.safetensors")
+    return path
+
+
+def checkpoint_naming(out: Path, reward_model_dir, written_in: Path | None = None):
+    from rlhf.core.checkpoints.resume import Checkpoint
+
+    state = {"step": 2, "reward_model_dir": reward_model_dir, "config": {"output_dir": str(written_in or out)}}
+    return Checkpoint(out / "checkpoints" / "step_2", 2, state)
+
+
+def test_paths_inside_the_run_directory_are_stored_relative_to_it(tmp_path):
+    out = tmp_path / "run"
+    assert stored_path(out / "reward_model", out) == "reward_model"
+    assert stored_path(tmp_path / "elsewhere" / "rm", out) == str(tmp_path / "elsewhere" / "rm")
+    assert stored_path(None, out) is None
+
+
+def test_a_copied_or_moved_run_directory_resumes_with_its_own_reward_model(tmp_path):
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    fake_reward_model(original / "reward_model")
+    fake_reward_model(copy / "reward_model")
+    assert with_reward_model_dir(checkpoint_naming(copy, "reward_model"), copy).reward_model_dir == \
+        (copy / "reward_model").resolve()
+    # state.json written before paths were relative: an absolute path into the directory it was written in.
+    legacy = checkpoint_naming(copy, str(original / "reward_model"), written_in=original)
+    assert with_reward_model_dir(legacy, copy).reward_model_dir == (copy / "reward_model").resolve()
+    assert with_reward_model_dir(checkpoint_naming(copy, None), copy).reward_model_dir is None
+
+
+@pytest.mark.parametrize("named, message", [
+    ("reward_model", "does not exist"),                 # moved without its reward model
+    ("../original/reward_model", "outside the run directory"),
+    ("{tmp}/nowhere/rm", "does not exist"),              # an edited absolute path
+    ("policy", "has no config.json"),                    # a directory that is no reward model
+    (7, "not a path"),
+])
+def test_a_reward_model_dir_in_state_json_that_cannot_be_used_is_refused_in_one_line(tmp_path, named, message):
+    fake_reward_model(tmp_path / "original" / "reward_model")
+    out = tmp_path / "moved"
+    (out / "policy").mkdir(parents=True)
+    named = named.format(tmp=tmp_path) if isinstance(named, str) else named
+    with pytest.raises(ResumeError, match=message) as err:
+        with_reward_model_dir(checkpoint_naming(out, named), out)
+    assert "\n" not in str(err.value) and "reward_model_dir" in str(err.value)
+
+
 # ------------------------------------------------------------------- the invariant, end to end through Ray
 
 # configs/tiny.yaml (2 ZeRO-3 trainer ranks, KL to the reference) for 4 steps, a checkpoint every 2. The tiny
@@ -160,9 +218,8 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "policy" / "model.safetensors")
 
 
-def ray_processes(pids: set[int], agents: bool = True) -> dict:
-    """The live processes among ``pids`` by command line; ``agents=False`` leaves out Ray's dashboard and
-    runtime-env agents."""
+def ray_processes(pids: set[int]) -> dict:
+    """The live processes among ``pids`` by command line."""
     import psutil
 
     found = {}
@@ -172,8 +229,7 @@ def ray_processes(pids: set[int], agents: bool = True) -> dict:
             command = " ".join(process.cmdline())
         except psutil.Error:
             continue
-        if agents or not any(name in command for name in ("DashboardAgent", "RuntimeEnvAgent")):
-            found[command[:60]] = process
+        found[f"{pid} {command[:60]}"] = process
     return found
 
 
@@ -207,9 +263,9 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_metrics_and_weights
         stdout = proc.communicate(timeout=600)[0]
         assert proc.returncode == -signal.SIGKILL, stdout + stderr_file.read_text()[-3000:]
         assert "checkpoint step 2" in stdout and "step 3/4" in stdout and "step 4/4" not in stdout
-        # Ray's head (GCS, raylet) shares the driver's fate and takes the actors with it. (Its dashboard and
-        # runtime-env agents may linger, idle: Ray's behaviour, cleaned up below.)
-        _, alive = psutil.wait_procs(list(ray_processes(children, agents=False).values()), timeout=60)
+        # Ray's head (GCS, raylet) shares the driver's fate and takes the actors with it; its dashboard and
+        # runtime-env agents, which would wait a minute on the dead GCS, are ended by rlhf/core/distributed/reaper.py.
+        _, alive = psutil.wait_procs(list(ray_processes(children).values()), timeout=20)
         assert not alive, f"the killed driver left {[ray_processes({p.pid}) for p in alive]}"
     finally:
         for pid in children:  # only the processes that driver started
@@ -240,6 +296,26 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_metrics_and_weights
     summary, expected_summary = (json.loads((d / "summary.json").read_text()) for d in (out, straight))
     assert summary["steps"] == 4 and summary["eval_after"] == expected_summary["eval_after"]
     assert summary["eval_before"] == expected_summary["eval_before"]
+
+
+def test_an_edited_reward_model_dir_is_refused_before_metrics_are_cut(straight, tmp_path, capsys):
+    import shutil
+
+    from rlhf.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    (out / "summary.json").unlink()  # as if killed after step 4, before the end of the run
+    for state_file in (out / "checkpoints").glob(f"step_*/{STATE_FILE}"):
+        state = json.loads(state_file.read_text())
+        state_file.write_text(json.dumps({**state, "reward_model_dir": str(tmp_path / "nowhere")}))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 5}) + "\n")  # a line the resume would cut
+    before = (out / "metrics.jsonl").read_text()
+    assert main(["run", TINY, f"output_dir={out}", *RUN, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "reward_model_dir" in err and "nowhere" in err
+    assert (out / "metrics.jsonl").read_text() == before
 
 
 def test_resuming_a_finished_run_says_so_and_trains_nothing(straight, capsys):

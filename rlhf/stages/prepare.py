@@ -85,6 +85,8 @@ def checkpoint_to_resume(cfg: RunConfig, log) -> checkpoints.Checkpoint | None:
         log(f"no complete checkpoint in {cfg.output_dir}: starting the run from the beginning")
         return None
     accepted = checkpoints.check_config(checkpoint.state["config"], cfg.model_dump(), checkpoint.step, cfg.output_dir)
+    if not cfg.reward_model.path:  # the RM the run scored with (reward_model.path, when set, is checked as config)
+        checkpoint = checkpoints.with_reward_model_dir(checkpoint, cfg.output_dir)
     log(f"resuming {cfg.output_dir} from step {checkpoint.step} ({checkpoint.path}); config changes: "
         f"{'; '.join(accepted) if accepted else 'none'}")
     return checkpoint

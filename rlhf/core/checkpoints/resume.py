@@ -22,12 +22,13 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from rlhf.core.models import safe_load
+from rlhf.core.models.build import ModelLoadError, check_model_dir
 from rlhf.core.config.run_config import ConfigError
 
 CHECKPOINTS = "checkpoints"
@@ -56,6 +57,7 @@ class Checkpoint:
     path: Path
     step: int
     state: dict  # state.json
+    reward_model_dir: Path | None = None  # state.json's, resolved and checked (``with_reward_model_dir``)
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -156,6 +158,43 @@ def check_config(saved: dict, current: dict, step: int, output_dir: str | Path) 
         raise ResumeError(f"cannot resume {output_dir}: algorithm.steps={steps} is below the checkpoint's step "
                           f"{step}")
     return harmless
+
+
+def stored_path(path: str | Path | None, output_dir: str | Path) -> str | None:
+    """A path as state.json keeps it: relative to the run directory when it lies inside it (so that a copied or
+    moved run directory names its own files), absolute otherwise."""
+    if path is None:
+        return None
+    resolved, root = Path(path).resolve(), Path(output_dir).resolve()
+    return resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else str(resolved)
+
+
+def with_reward_model_dir(checkpoint: Checkpoint, output_dir: str | Path) -> Checkpoint:
+    """``checkpoint`` with the reward model directory its state.json names, resolved and checked like
+    ``reward_model.path`` before anything in the run directory changes (``ResumeError``, one line). A relative
+    path is the run directory's own (wherever the directory is now); an absolute one inside the directory the
+    checkpoint was written in (state.json from before paths were kept relative) moves with it; a relative one may
+    not lead out of the run directory."""
+    saved = checkpoint.state.get("reward_model_dir")
+    if saved is None:
+        return checkpoint
+    where = f"{checkpoint.path / STATE_FILE} names reward_model_dir {saved!r}"
+    if not isinstance(saved, str) or not saved:
+        raise ResumeError(f"cannot resume {output_dir}: {where}, not a path")
+    root, path = Path(output_dir).resolve(), Path(saved)
+    if not path.is_absolute():
+        path = (root / path).resolve()
+        if not path.is_relative_to(root):
+            raise ResumeError(f"cannot resume {output_dir}: {where}, outside the run directory")
+    else:
+        written_in = Path(str(checkpoint.state.get("config", {}).get("output_dir") or root)).resolve()
+        if path.is_relative_to(written_in):
+            path = root / path.relative_to(written_in)
+    try:
+        check_model_dir(path, where, "ForSequenceClassification")
+    except ModelLoadError as err:
+        raise ResumeError(f"cannot resume {output_dir}: {err}") from None
+    return replace(checkpoint, reward_model_dir=path)
 
 
 def truncate_metrics(path: str | Path, step: int) -> int:
