@@ -111,3 +111,31 @@ def test_push_of_a_run_without_the_model_is_one_line(hub, tmp_path, capsys):
     assert main(["push", str(run), "me/x"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "holds no saved model" in err and hub.calls == []
+
+
+def test_a_hub_dataset_is_downloaded_once_when_allowed_and_named_in_one_line_when_not(tmp_path, monkeypatch):
+    import datasets
+
+    from rlhf.core.data.datasets import DatasetError, load_rows
+    from rlhf.core.data.hub_datasets import local_datasets
+
+    loaded = []
+
+    def fake_load_dataset(name, *args, **kw):
+        loaded.append(name)
+        rows = [{"question": f"{a}+{a}=", "answer": str(2 * a)} for a in range(6)]
+        return datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                                     "test": datasets.Dataset.from_list(rows[:2])})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    task = {"name": "dataset", "train_file": "my-org/sums", "eval_split": "test", "prompt_field": "question"}
+    offline = RunConfig(output_dir=str(tmp_path / "run"), task=task, stages=["rl", "eval"])
+    with pytest.raises(DatasetError, match="task.train_file my-org/sums is not a local file or directory: to "
+                                           "download it from the Hugging Face Hub, set hub.offline=false"):
+        local_datasets(offline)
+    online = RunConfig(output_dir=str(tmp_path / "run"), task=task, stages=["rl", "eval"], hub={"offline": False})
+    cfg = local_datasets(online, log=lambda line: None)
+    assert loaded == ["my-org/sums"] and cfg.task.train_file == str(tmp_path / "hub_datasets" / "my-org--sums")
+    train, held_out = load_rows(cfg.task, 0)
+    assert len(train) == 6 and [r.prompt for r in held_out] == ["0+0=", "1+1="]
+    assert local_datasets(offline).task.train_file == cfg.task.train_file and loaded == ["my-org/sums"]  # reused
