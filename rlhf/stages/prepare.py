@@ -19,6 +19,7 @@ from rlhf.core.checkpoints import resume as checkpoints
 from rlhf.core.config.run_config import ConfigError, RunConfig
 from rlhf.core.data.datasets import PromptRow
 from rlhf.core.models.build import check_model_dir
+from rlhf.core.data.hub_datasets import local_datasets
 from rlhf.core.models.hub import download_models
 from rlhf.core.models.memory import check_run_memory
 from rlhf.core.models.model_import import student_from_gguf
@@ -52,6 +53,7 @@ def prepare_run(cfg: RunConfig, reward_fn: RewardFn | None, train_dataset, eval_
     download_models({"model.model_name_or_path": cfg.model.model_name_or_path,
                      "reward_model.path": cfg.reward_model.path}, cfg.hub.offline, log)  # only where allowed
     cfg = student_from_gguf(cfg, log)  # a .gguf student, imported once: every actor loads a HF directory
+    cfg = local_datasets(cfg, log)  # prompt datasets given by Hub id: their downloaded copies
     run_dir.refuse_finished_run(cfg)
     checkpoint = checkpoint_to_resume(cfg, log) if resume else None
     tokenizer = run_dir.load_tokenizer(cfg)
