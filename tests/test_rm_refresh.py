@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-pytest.importorskip("ray")
+ray = pytest.importorskip("ray")
 pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
@@ -161,6 +161,29 @@ def test_reward_workers_hot_swap_and_say_which_version_scored(rm_dir, tmp_path):
     group.workers[1].set_rm_weights(group.weights(), 2)  # one worker ahead of the other: a batch is refused
     with pytest.raises(RuntimeError, match="versions"):
         batch_rm_version(group.score(rows, samples))
+
+
+def test_the_reward_group_swaps_weights_into_every_ray_worker_and_a_restarted_one(ray_cluster, rm_dir, tmp_path):
+    from rlhf.rl.groups.reward import RewardGroup
+    from rlhf.rl.launch import make_reward_workers
+
+    cfg = make_cfg(rm_dir, tmp_path)
+    cfg.reward.num_workers = 2
+    group = RewardGroup(make_reward_workers(cfg, rm_dir), send_records=False)
+    rows, samples = batch(0)
+    try:
+        before = group.score(rows, samples)
+        model = DistilledRewardModel.from_pretrained(rm_dir)
+        group.set_rm_weights({name: t + 0.01 for name, t in model.state_dict().items()}, 3)
+        after = group.score(rows, samples)
+        assert batch_rm_version(before) == 0 and batch_rm_version(after) == 3
+        assert [s["rm"] for s in after] != [s["rm"] for s in before]
+        ray.kill(group.pool.workers[1])  # a replacement must score with the refreshed RM too
+        again = group.score(rows, samples)
+        assert group.pool.restarts == 1 and batch_rm_version(again) == 3
+        assert [s["rm"] for s in again] == pytest.approx([s["rm"] for s in after])
+    finally:
+        group.shutdown()
 
 
 def test_a_refresh_changes_only_the_rm_weights_and_version(ray_cluster, rm_dir, tmp_path):
