@@ -24,7 +24,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf.core.config.run_config import ConfigError
-from rlhf.core.distributed import threads
+from rlhf.core.distributed import reaper, threads
 
 if TYPE_CHECKING:
     from rlhf.core.config.run_config import RunConfig
@@ -70,6 +70,7 @@ class Resources:
 # while the driver only waits on them. 0 leaves them at the driver's own niceness. A cluster started by `ray start`
 # keeps its own setting: start it with RAY_worker_niceness=0 for the same effect.
 LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}
+_REAPER = None  # the watcher of the local instance's processes (rlhf/core/distributed/reaper.py): kept while we run
 
 
 def connect(address: str, num_cpus: int, timeout_s: float, env_vars: dict[str, str]) -> None:
@@ -82,6 +83,8 @@ def connect(address: str, num_cpus: int, timeout_s: float, env_vars: dict[str, s
         # address="local": always a fresh instance; without it ray.init joins any cluster `ray start` left running.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
                  _system_config=LOCAL_SYSTEM_CONFIG, **quiet)
+        global _REAPER
+        _REAPER = reaper.watch_ray_processes()  # its agents end with this process, even one killed (see reaper)
         return
     target = os.environ.get("RAY_ADDRESS") if address == "auto" else address
     if address == "auto" and not target:
