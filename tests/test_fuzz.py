@@ -188,3 +188,93 @@ def test_generated_bad_requests_get_4xx_never_500(servers, caplog):
     good = b'{"messages": [{"role": "user", "content": "1+1="}], "max_tokens": 2}'
     answer = send(servers["policy"], "POST", "/v1/chat/completions", good, {"Content-Length": str(len(good))})
     assert answer[0] == 200
+
+
+# ------------------------------------------------------------------------------------------- model directories
+
+
+class _Payload:
+    """A pickle that touches the marker file when it is unpickled (what a hostile pytorch_model.bin does)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _link_out(directory: Path, rng: random.Random, outside: Path) -> None:
+    name = rng.choice(["model.safetensors", "config.json", "tokenizer.json"])
+    target = outside / f"{rng.randrange(10**6)}-{name}"
+    if (directory / name).exists():
+        (directory / name).replace(target)
+    else:
+        target.write_text("{}")
+    (directory / name).symlink_to(target)
+
+
+def _bad_index(directory: Path, rng: random.Random, outside: Path) -> None:
+    (directory / "model.safetensors").unlink(missing_ok=True)
+    shard = rng.choice(["../model.safetensors", str(outside / "x.safetensors"), "pytorch_model.bin", "missing.safetensors"])
+    index = rng.choice([{"weight_map": {"model.norm.weight": shard}}, {"weight_map": [shard]}, [1, 2], "x"])
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _mutations(marker: Path):
+    """Each makes a model directory one that only a safetensors-only loader can refuse (or any loader, when
+    damaged); several may apply to one directory."""
+    from safetensors.torch import save_file
+    import torch
+
+    def pickle_file(d, rng, outside):
+        name = rng.choice(["pytorch_model.bin", "model.pt", "weights.pth", "adapter_model.bin", "x.ckpt", "w.pkl"])
+        torch.save({"w": _Payload(marker)}, d / name)
+
+    def decoy_only(d, rng, outside):
+        if (d / "model.safetensors").exists():
+            (d / "model.safetensors").rename(d / rng.choice(["decoy.safetensors", "model-00001-of-00002.safetensors"]))
+
+    def damaged(d, rng, outside):
+        data = (d / "model.safetensors").read_bytes() if (d / "model.safetensors").is_file() else b"\x00" * 64
+        cut = data[:rng.randrange(1, 64)] if rng.random() < 0.5 else bytes(rng.randrange(256) for _ in range(64))
+        (d / "model.safetensors").unlink(missing_ok=True)
+        (d / "model.safetensors").write_bytes(cut)
+
+    def wrong_tensors(d, rng, outside):
+        (d / "model.safetensors").unlink(missing_ok=True)
+        save_file({"decoy": torch.zeros(rng.randint(1, 4))}, d / "model.safetensors")
+
+    return [pickle_file, decoy_only, damaged, wrong_tensors, _link_out, _bad_index]
+
+
+def test_generated_model_directories_are_refused_in_one_line_and_never_unpickled(tmp_path, capsys):
+    import shutil
+
+    from reward.model.distilled import DistilledRewardModel
+    from rlhf.core.models.build import ModelLoadError, save_student
+
+    tokenizer = build_tokenizer("char")
+    tiny = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    good = {"lm": tmp_path / "lm", "rm": tmp_path / "rm"}
+    save_student(build_student(tiny, tokenizer, 0), tokenizer, good["lm"])
+    save_student(DistilledRewardModel.from_causal_lm(good["lm"], tokenizer.pad_token_id), tokenizer, good["rm"])
+    marker, outside = tmp_path / "ran", tmp_path / "outside"
+    outside.mkdir()
+    capsys.readouterr()
+    mutations, rng = _mutations(marker), random.Random(37)
+    for i in range(24):
+        kind = "lm" if i % 2 else "rm"
+        directory = tmp_path / f"case{i}"
+        shutil.copytree(good[kind], directory)
+        for mutate in rng.sample(mutations, rng.randint(1, 3)):
+            mutate(directory, rng, outside)
+        if kind == "lm":  # through the CLI: one line, exit 2, nothing written
+            assert main(["import-model", str(directory), str(tmp_path / f"out{i}")]) == 2, i
+            err = capsys.readouterr().err.strip()  # after any of Hugging Face's progress bars: one line
+            assert err.splitlines()[-1].startswith("distilrl: error: ") and "Traceback" not in err, err
+            assert not (tmp_path / f"out{i}").exists()
+        else:
+            with pytest.raises(ModelLoadError) as refused:
+                DistilledRewardModel.from_pretrained(directory)
+            assert "\n" not in str(refused.value), i
+    assert not marker.exists()

@@ -37,7 +37,7 @@ class TeacherLogprobWorker:
 
     def __init__(self, model_dir: str, threads: int, micro_batch_size: int, temperature: float):
         apply_threads("teacher worker", threads)
-        self.model, _ = load_student(model_dir)
+        self.model, _ = load_student(model_dir, "reward.teacher_model_path")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval().requires_grad_(False)
         self.model.config.use_cache = False

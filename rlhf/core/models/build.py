@@ -88,11 +88,12 @@ def check_model_dir(path: str | Path, key: str = "model.model_name_or_path", kin
     return path
 
 
-def load_student(path: str | Path) -> tuple[PreTrainedModel, object]:
-    """Load a causal LM and its tokenizer from a local directory (safetensors only, no remote code)."""
-    path = check_model_dir(path)
+def load_student(path: str | Path, key: str = "model.model_name_or_path") -> tuple[PreTrainedModel, object]:
+    """Load a causal LM and its tokenizer from a local directory (safetensors only, no remote code); ``key``
+    names the directory's source in errors."""
+    path = check_model_dir(path, key)
     tokenizer = load_tokenizer(path)
-    model = load_pretrained(AutoModelForCausalLM, path, "model directory", dtype=torch.float32)
+    model = load_pretrained(AutoModelForCausalLM, path, key, dtype=torch.float32)
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
         raise ModelLoadError(f"the tokenizer in {path} does not fit its model ({len(tokenizer)} tokens for "

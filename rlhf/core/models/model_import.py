@@ -38,7 +38,7 @@ def import_model(source: str | Path, out: str | Path, dtype: str = "float32") ->
     if source.is_file() and source.suffix == ".gguf":
         model, tokenizer = _load_gguf(source)
     elif source.is_dir():
-        model, tokenizer = load_student(source)
+        model, tokenizer = load_student(source, "SRC")
     else:
         raise ModelLoadError(f"{source} is neither a .gguf file nor a Hugging Face model directory")
     model.to(DTYPES[dtype])
