@@ -18,6 +18,7 @@ import torch
 
 from reward.model.labelling import judged_rows, make_pairs
 from rlhf.core.config.run_config import ConfigError, RunConfig
+from rlhf.core.models.safetensors_dir import load_pretrained
 from rlhf.core.progress import Progress
 
 
@@ -110,7 +111,7 @@ def pair_figures(policy_dir: str, reference_dir: str | None, tokenizer, pairs: l
     from rlhf.rl.ranks.preference import collate_preference_pairs
 
     def load(path: str):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
+        return load_pretrained(AutoModelForCausalLM, path, "dpo evaluation model", dtype=torch.float32).eval()
 
     policy, reference = load(policy_dir), load(reference_dir) if reference_dir else None
     average = PREFERENCE_LOSSES[dc.loss].length_normalised

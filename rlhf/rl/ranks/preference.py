@@ -21,6 +21,7 @@ from rlhf.core.config.run_config import RunConfig
 from rlhf.core.data import packing
 from rlhf.core.distributed.ranks import DeepSpeedRank, RankGroup
 from rlhf.core.models import lora
+from rlhf.core.models.safetensors_dir import load_pretrained
 
 ROW_KEYS = ("input_ids", "attention_mask", "response_mask")
 # Per-rank sums, all-reduced into whole-batch figures (means divide by pairs).
@@ -48,7 +49,7 @@ class PreferenceTrainer(DeepSpeedRank):
 
         self.settings, self.loss = cfg.dpo, PREFERENCE_LOSSES[cfg.dpo.loss]
         self.model_dir = model_dir
-        policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+        policy = load_pretrained(AutoModelForCausalLM, model_dir, "dpo policy", dtype=torch.float32)
         policy.config.use_cache = False
         if cfg.trainer.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
@@ -59,8 +60,8 @@ class PreferenceTrainer(DeepSpeedRank):
         if self.loss.reference and cfg.model.lora:
             self.reference = lora.AdaptersOff(self.engine.module)
         elif self.loss.reference:
-            self.reference = AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=torch.bfloat16 if self.bf16 else torch.float32, use_safetensors=True)
+            self.reference = load_pretrained(AutoModelForCausalLM, model_dir, "dpo reference model",
+                                             dtype=torch.bfloat16 if self.bf16 else torch.float32)
             self.reference.config.use_cache = False
             self.reference.to(self.device).eval().requires_grad_(False)
 
