@@ -23,7 +23,7 @@ DATA = ROOT / "configs" / "data" / "arithmetic_words"
 def test_the_recipe_loads_with_the_whole_chain():
     cfg = load_config(str(CONFIG))
     assert cfg.stages == ["traces", "sft", "label", "train_rm", "rl", "eval"]
-    assert cfg.model.lora is not None and cfg.reward.components == {"rm": 1.0}
+    assert cfg.model.lora is not None and cfg.warmup.lora is not None and cfg.reward.components == {"rm": 1.0}
     assert cfg.task.verifier == cfg.label.verifier == "last_number"
     assert cfg.rollout.engine == "hf_static" and cfg.trainer.precision == "auto"
     assert (ROOT / cfg.task.train_file).is_file() and (ROOT / cfg.task.eval_file).is_file()

@@ -27,6 +27,7 @@ from rlhf.core.data.chat import (ChatFormatError, check_messages, make_renderer,
 from rlhf.core.config.run_config import ConfigError, RunConfig, TaskConfig, WarmupConfig
 from rlhf.core.data.datasets import DatasetError, load_rows, open_dataset, usable_rows
 from rlhf.core.data.packing import PACKABLE_ATTENTION, micro_batches, model_inputs, zero_sequence_starts
+from rlhf.core.models import lora
 from rlhf.core.progress import Progress
 
 TRACES_DATASET = Path("traces") / "dataset"  # where the traces stage writes, inside output_dir
@@ -192,8 +193,12 @@ def held_out_loss(model, examples: list, batch_size: int, pad_id: int, pack: boo
 def run_sft(model, tokenizer, cfg: RunConfig, path: str | Path, log: Callable[[str], None] = print,
             record: Callable[[dict, int], None] | None = None) -> dict:
     """Train ``model`` in place on the traces at ``path`` (``cfg.warmup``: steps, or epochs when steps is 0;
-    batch_size, lr); returns the final training and held-out losses, the example counts and the time taken."""
+    batch_size, lr; with ``lora``, adapters merged into ``model`` at the end); returns the final training and
+    held-out losses, the example counts and the time taken."""
     w = cfg.warmup
+    # peft puts the adapters into model's own modules (and freezes the rest), so model trains them as it is;
+    # merge_and_unload puts plain modules back, the adapters merged into their weights.
+    adapters = lora.wrap(model, w.lora.model_dump(), key="warmup.lora") if w.lora else None
     torch.manual_seed(cfg.seed)
     examples = sft_examples(load_conversations(path, w, cfg.task.system_prompt, log), tokenizer, cfg.task,
                             w.max_length or model.config.max_position_embeddings, log)
@@ -229,6 +234,8 @@ def run_sft(model, tokenizer, cfg: RunConfig, path: str | Path, log: Callable[[s
             record(figures, step)
         progress.update(loss=figures["sft/loss"])
     progress.close()
+    if adapters is not None:
+        adapters.merge_and_unload()
     model.eval()
     return {"loss": figures.get("sft/loss"), "eval_loss_before": before, "eval_loss": figures.get("sft/eval_loss"),
             "steps": steps,

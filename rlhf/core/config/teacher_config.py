@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from rlhf.core.config.endpoint import Endpoint, refuse_renamed
-from rlhf.core.config.training_config import _Section
+from rlhf.core.config.training_config import LoraSettings, _Section
 
 
 # The endpoint keys before they became one Endpoint section (label.endpoint, traces.endpoint).
@@ -61,6 +61,9 @@ class WarmupConfig(_Section):
     """longer examples are dropped and counted (default: the model's)"""
     pack: bool = True
     """padding-free packing of each batch's rows (rlhf/core/data/packing.py) where it saves enough"""
+    lora: LoraSettings | None = None
+    """SFT on traces with LoRA adapters (only they train), merged into the student at the end: the student that
+    later stages load is a plain model. Unset: full fine-tuning."""
 
     @field_validator("terse_fraction")
     @classmethod
