@@ -8,7 +8,9 @@ from rlhf.cli import main
 from test_end_to_end import TINY
 
 RM_STAGES = ["stages=[warmup,label,train_rm,rl,eval]", "reward.components={rm: 1.0}", "reward.audit_every=1",
-             "label.prompts=16", "label.eval_prompts=8", "label.samples_per_prompt=4", "reward_model.batch_size=16"]
+             "label.prompts=16", "label.eval_prompts=8", "label.samples_per_prompt=4", "reward_model.batch_size=16",
+             # The RM refreshed after every step (rlhf/rl/rm_refresh.py): one group to train on, one to check.
+             "reward.refresh.enabled=true", "reward.refresh.every=1", "reward.refresh.teacher_calls=8"]
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +47,15 @@ def test_rl_was_rewarded_by_the_rm_and_audited(rm_run):
         # Agreement is undefined (NaN, left out of metrics.jsonl) in a step whose audited groups hold no pair the
         # teacher tells apart, as a tiny random policy's all-wrong groups can.
         assert ("audit/rm_teacher_agreement" in m) == (m["audit/pairs"] > 0)
+
+
+def test_the_rm_was_refreshed_after_each_step_and_each_batch_names_its_rm_version(rm_run):
+    lines = [json.loads(line) for line in (rm_run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["rm/version"] == 0  # the RM as trained scored the first batch
+    for m in lines:
+        assert m["rm_refresh/teacher_calls"] == 8 and m["rm_refresh/accepted"] + m["rm_refresh/rolled_back"] <= 1
+    assert lines[1]["rm/version"] == lines[0]["rm_refresh/version"]  # hot-swapped in before the second batch
+    assert lines[1]["rm_refresh/teacher_calls_total"] == 16
 
 
 def test_reward_model_loads_as_a_sequence_classifier(rm_run):
