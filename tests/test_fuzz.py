@@ -215,7 +215,8 @@ def _link_out(directory: Path, rng: random.Random, outside: Path) -> None:
 
 def _bad_index(directory: Path, rng: random.Random, outside: Path) -> None:
     (directory / "model.safetensors").unlink(missing_ok=True)
-    shard = rng.choice(["../model.safetensors", str(outside / "x.safetensors"), "pytorch_model.bin", "missing.safetensors"])
+    shard = rng.choice(["../model.safetensors", str(outside / "x.safetensors"), "pytorch_model.bin",
+                        "missing.safetensors"])
     index = rng.choice([{"weight_map": {"model.norm.weight": shard}}, {"weight_map": [shard]}, [1, 2], "x"])
     (directory / "model.safetensors.index.json").write_text(json.dumps(index))
 
