@@ -123,3 +123,12 @@ def test_live_actors_run_on_their_share(live_run):
     # Within the cores, unless a phase has more actors than cores (then one thread each).
     most_actors = max(sum(asks[r][0] for r in phase) for phase in phases)
     assert busiest_phase(budget, asks, phases) <= max(cores, most_actors)
+
+
+def test_ppo_critic_ranks_share_the_cores_with_asynchronous_generation():
+    cfg = RunConfig.model_validate({"algorithm": {"advantage": "gae"}, "critic": {"num_ranks": 2, "threads": 2},
+                                    "rollout": {"threads": 2, "asynchronous": True}})
+    asks, phases = run_phases(cfg)
+    assert asks["critic"] == (2, 2) and ("rollout", "critic") in phases
+    # Beside one rollout worker of 2 on 4 cores: 6 asked, critic 2 * 4 // 6 = 1, rollout 2 * 4 // 6 = 1.
+    assert threads.run_budget(cfg, cores=4)["critic"] == 1

@@ -28,6 +28,7 @@ from rlhf.core.models.safetensors_dir import load_pretrained
 
 from rlhf.core.data import packing
 from rlhf.core.config.run_config import RunConfig
+from rlhf.core.distributed import threads
 from rlhf.core.distributed.ranks import DeepSpeedRank, RankGroup
 
 VALUE_KEYS = ("input_ids", "attention_mask")
@@ -140,8 +141,9 @@ class CriticGroup(RankGroup):
 
     def __init__(self, init_dir: str, cfg: RunConfig, num_ranks: int, timeout_s: float, **placement):
         """``placement``: RankGroup's resources, strategy and placement_timeout_s."""
-        super().__init__(CriticTrainer, (init_dir, cfg), cfg.critic.threads, num_ranks, timeout_s, role="critic",
-                         **placement)
+        # Its share of the run's thread budget: beside the rollout workers when rollout is asynchronous.
+        share = threads.run_budget(cfg).get("critic", cfg.critic.threads)
+        super().__init__(CriticTrainer, (init_dir, cfg), share, num_ranks, timeout_s, role="critic", **placement)
 
     def values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Values (B, L) of every row of ``batch`` (input_ids, attention_mask), split across the ranks."""
