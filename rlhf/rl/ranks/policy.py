@@ -274,6 +274,7 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         """The current policy's log-probs (B, L) of this rank's rows (input_ids, attention_mask), in eval mode:
         what the update's ratio starts from, and what the KL in the reward and the distillation term are built from
         (the sampler's differ wherever sampler and trainer do: bf16 or vLLM rollout, asynchronous steps)."""
+        self.reclaim_gpu()  # colocated: the engine's state went to host memory for the rollout
         return self._logprobs(batch)
 
     @torch.no_grad()
@@ -282,6 +283,7 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         ``token_logprobs``; for a KL penalty in the reward, which is needed before the update."""
         if self.reference is None:
             raise RuntimeError("no reference model on this rank: it is loaded only when kl_coef > 0")
+        self.reclaim_gpu()  # with LoRA the reference is the engine's own model
         return self._token_logprobs(self.reference, batch)
 
 
