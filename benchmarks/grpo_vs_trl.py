@@ -17,9 +17,9 @@ for training. Two kinds of workload:
   distribution. What each side does with that (our padding-free packing, leaving rows without signal out of the
   update; generation stopping when every row has finished, on both) counts, as it would for a user.
 
-Each side samples at its best precision on this CPU: bf16 where a bf16 GEMM through torch is faster than fp32
-(AVX512-BF16 or AMX), else fp32 (TRL ``bf16=True`` then, our ``rollout.dtype: bfloat16``); the GEMM rates and the
-choice are printed.
+Each side samples and trains at its best precision on this CPU: bf16 where a bf16 GEMM through torch is faster
+than fp32 (AVX512-BF16 or AMX), else fp32 (TRL ``bf16=True`` then, our ``rollout.dtype: bfloat16`` and
+``trainer.precision: bf16``, autocast over float32 master weights); the GEMM rates and the choice are printed.
 
 distilrl runs its real path (``rlhf.Trainer``: a RolloutWorker actor, a RewardWorker actor, DeepSpeed ZeRO-2
 trainer ranks in Ray actors, weights to the rollout worker after every update); TRL runs ``GRPOTrainer`` on the
@@ -187,7 +187,7 @@ def ours_config(workload: dict, student_dir: Path, out_dir: Path, steps: int, ra
                  "max_new_tokens": workload["max_new_tokens"], "threads": rollout_threads, "asynchronous": asynchronous,
                  "temperature": workload.get("temperature", 1.0), "dtype": "bfloat16" if bf16 else "float32"},
         trainer={"num_ranks": ranks, "zero_stage": 2, "lr": LR, "micro_batch_size": rows // ranks,
-                 "threads": max(1, (os.cpu_count() or 1) // ranks)},
+                 "threads": max(1, (os.cpu_count() or 1) // ranks), "precision": "bf16" if bf16 else "fp32"},
         # tis_cap stays off in both precisions: TRL runs no importance-sampling correction on this path either.
         algorithm={"steps": steps, "kl_coef": 0.0, "loss_aggregation": "token-mean", "tis_cap": None},
     )
@@ -317,7 +317,8 @@ def run(workload_name: str, steps: int, warmup: int, ranks: int, warm_dir: Path,
         "lengths": "natural" if workload.get("warm") else "forced",
         "distilrl_engine": engine,
         "asynchronous": asynchronous,
-        "precision": {"distilrl_rollout": "bf16" if bf16 else "fp32", "distilrl_train": "fp32",
+        "precision": {"distilrl_rollout": "bf16" if bf16 else "fp32",
+                      "distilrl_train": "bf16 autocast (trainer.precision)" if bf16 else "fp32",
                       "trl": "bf16 (bf16=True)" if bf16 else "fp32 (bf16=False)"},
         "matmul_bf16_gflops": round(bf16_rate, 1),
         "distilrl_completions_per_s": round(rows / ours_s, 2),
