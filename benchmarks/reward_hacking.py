@@ -88,6 +88,7 @@ def figures(out: Path, name: str, lines: list[dict]) -> dict:
             "rollout_tokens_last5": round(sum(lengths[-5:]) / max(1, len(lengths[-5:])), 1),
             "agreement": audits, "refresh_steps": refreshes,
             "refresh_seconds": round(sum(m.get("rm_refresh/seconds", 0) for m in lines), 1),
+            "kept": sum(int(m.get("rm_refresh/accepted", 0)) for m in lines),
             "rolled_back": sum(int(m.get("rm_refresh/rolled_back", 0)) for m in lines),
             "teacher_calls": calls, "wall_s": summary["wall_s"]}
 
