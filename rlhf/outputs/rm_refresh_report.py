@@ -30,7 +30,8 @@ def refresh_lines(run) -> list[str]:
                for name in ("agreement_before", "agreement_after", "accepted", "seconds", "version")}
     kept = sum(1 for step in steps if figures["accepted"].get(step))
     seconds = [figures["seconds"][s] for s in steps if s in figures["seconds"]]
-    lines = [f"The RM was refreshed {len(steps)} times on fresh rollouts judged by the teacher (`reward.refresh`): "
+    times = "once" if len(steps) == 1 else f"{len(steps)} times"
+    lines = [f"The RM was refreshed {times} on fresh rollouts judged by the teacher (`reward.refresh`): "
              f"{kept} kept, {len(steps) - kept} rolled back because the held-out slice of the new labels would have "
              f"agreed less with the teacher. {int(sum(calls))} teacher calls in all"
              + (f", {sum(seconds) / len(seconds):.1f} s per refresh" if seconds else "") + ".", "",
