@@ -76,6 +76,7 @@ class JsonHandler(GuardedHandler):
         except OSError:
             self.close_connection = True  # the client went away (reset, broken pipe, timeout): nothing more to do
         finally:
+            self.server.count_request()
             access_line(self, self.status_sent, (time.perf_counter() - started) * 1000, self.access_note())
 
     def _route(self) -> Any:

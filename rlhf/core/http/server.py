@@ -43,6 +43,7 @@ class BackgroundHTTPServer(ThreadingHTTPServer):
     max_request_bytes = 1_000_000  # the largest request body a JsonHandler reads (413 beyond)
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int = 256):
+        self.request_count, self._count_lock = 0, threading.Lock()
         # Pick the address family from the host so "::1" works as well as "127.0.0.1".
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         if max_connections <= 0:
@@ -58,6 +59,11 @@ class BackgroundHTTPServer(ThreadingHTTPServer):
         self._connections_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.evicted = 0  # connections closed to make room for others
+
+    def count_request(self) -> None:
+        """Every request answered, any path: lets tests and operators see traffic (``request_count``)."""
+        with self._count_lock:
+            self.request_count += 1
 
     @property
     def open_connections(self) -> int:
