@@ -26,6 +26,13 @@ training or held-out prompts. ``log``: where progress lines go. ``resume``: cont
 checkpoint in ``output_dir`` (rlhf/core/checkpoints/resume.py; a config change that matters is refused with a
 ``ResumeError``), or start afresh where there is none.
 
+``Trainer``'s attributes: ``output_dir``, ``steps`` (RL steps taken), ``reward_model_dir`` (None until there is
+one), ``resumed_step`` (the checkpoint's step, or None). Leaving its ``with`` block stops the actors, and Ray if the
+Trainer started it, also when an exception ends it; a clean exit also writes ``summary.json`` (a failed run leaves
+none, so its directory can be reused). Stages that depend on each other come in pipeline order: ``warmup`` before
+anything starts an actor, and ``train_reward_model`` (or ``dpo``) before the first ``evaluate``/``step``/``train``/
+``save`` (the reward workers load the RM; the actors start from the dpo stage's policy).
+
 How the work is split: the checks before anything is written (rlhf/stages/prepare.py), the run's actors
 (``RunActors``, rlhf/rl/launch.py), the RL schedule (rlhf/rl/schedule.py) and its checkpoints
 (rlhf/rl/run_checkpoint.py); the stages themselves live in rlhf/stages/.
@@ -106,22 +113,15 @@ def run(cfg: RunConfig, reward_fn: RewardFn | None = None, train_dataset: Datase
 
 
 class Trainer:
-    """One run, driven from Python, with its Ray actors; use it as a context manager. The arguments are described
-    in this module's docstring. Attributes: ``output_dir``, ``steps`` (RL steps taken), ``reward_model_dir`` (None
-    until there is one), ``resumed_step`` (the checkpoint's step, or None).
-
-    Leaving the ``with`` block stops the actors, and Ray if this Trainer started it, also when an exception ends
-    it; a clean exit also writes ``summary.json`` (a failed run leaves none, so its directory can be reused).
-    Stages that depend on each other come in pipeline order: ``warmup`` before anything starts an actor, and
-    ``train_reward_model`` before the first ``evaluate``/``step``/``train``/``save`` (the reward workers load the RM).
-    """
+    """One run, driven from Python, with its Ray actors; use it as a context manager. Its arguments, attributes and
+    the order its stages come in are described in this module's docstring."""
 
     def __init__(self, cfg: RunConfig, reward_fn: RewardFn | None = None, train_dataset: Dataset | None = None,
                  eval_dataset: Dataset | None = None, log: Callable[[str], None] = print, resume: bool = False):
         self._start = time.perf_counter()
         run = prepare_run(cfg, reward_fn, train_dataset, eval_dataset, log, resume)
         self.cfg, self.log, cfg = run.cfg, log, run.cfg
-        self._reward_fn, self._tokenizer, self._student = run.reward_fn, run.tokenizer, run.student
+        self._reward_fn, self._tokenizer = run.reward_fn, run.tokenizer
         self._train_dataset = train_dataset  # the traces stage writes for these prompts (raw, not rendered)
         self._train_rows, self._eval_rows = run.train_rows, run.eval_rows
         self.output_dir: Path = run.output_dir
@@ -129,14 +129,13 @@ class Trainer:
         self._summary: dict = {"data": run.data}  # prompt counts, then each stage's figures
         self._schedule = RLSchedule(cfg, self._train_rows, log)  # steps taken, prompt order, launched rollouts
         self.reward_model_dir: Path | None = Path(cfg.reward_model.path) if cfg.reward_model.path else None
-        self._dpo_dir: str | None = None  # the dpo stage's policy: the actors started after it load this one
-        self._start_path = run_dir.resumed_start_dir(cfg, self.output_dir)  # set anew where the student is written
+        self._starting = run_dir.StartingPolicy(cfg, run.student, run.tokenizer, self.output_dir)
         self._timer = run_dir.StageTimer()
         self._restore: checkpoints.Checkpoint | None = None  # a checkpoint whose actor state is still to load
         if run.checkpoint is not None:
             self._resume_driver(run.checkpoint)  # before metrics.jsonl is opened: it cuts the file to the checkpoint
         self.metrics = RunMetrics(self.output_dir, cfg)  # metrics.jsonl, TensorBoard, W&B
-        self._actors = RunActors(cfg, self._start_dir)
+        self._actors = RunActors(cfg, self._starting.directory)
         self._closed = False
         self._wall_s: float | None = None
 
@@ -161,14 +160,14 @@ class Trainer:
         figures. Runs in this process, before any actor starts: they all start from the warmed-up student, written
         to ``output_dir/warmup`` at the end (a warm-up-only run leaves it there, e.g. as a teacher). On a traces
         dataset (``warmup.traces_file`` or the traces stage's output) this is the SFT of rlhf/stages/sft.py."""
-        if self._student is None:
+        if self._starting.student is None:
             raise RuntimeError("warmup() must come before label(), train_reward_model(), evaluate(), step(), "
                                "train() and save(): the actors start from the warmed-up student")
         with self._timer("warmup"):
-            figures, on_traces = warmup_stage(self._student, self._tokenizer, self.cfg, self.output_dir,
+            figures, on_traces = warmup_stage(self._starting.student, self._tokenizer, self.cfg, self.output_dir,
                                               self._train_dataset is not None, self.log, self.metrics.log)
         self._summary["warmup"] = figures
-        student_dir = self._start_dir(changed=True)  # plain Hugging Face format
+        student_dir = self._starting.directory(changed=True)  # plain Hugging Face format
         if on_traces:  # SFT on a traces dataset names where the student went
             figures["student_dir"] = student_dir
         return self._summary["warmup"]
@@ -198,7 +197,7 @@ class Trainer:
         with self._timer("train_rm"):
             self._actors.start_ray()  # the RM's DeepSpeed ranks are Ray actors
             rm_dir, self._summary["reward_model"] = rm_stages.reward_model_stage(
-                self.cfg, self._start_dir(), self.output_dir, self.log, labels_dir, self.metrics.log)
+                self.cfg, self._starting.directory(), self.output_dir, self.log, labels_dir, self.metrics.log)
         self.reward_model_dir = Path(rm_dir)
         return self._summary["reward_model"]
 
@@ -211,11 +210,9 @@ class Trainer:
                                "from its policy")
         with self._timer("dpo"):
             self._actors.start_ray()  # the preference trainer's DeepSpeed ranks are Ray actors
-            self._dpo_dir, self._summary["dpo"] = dpo_stage(self.cfg, self._start_dir(), self.output_dir, self.log,
-                                                            self.metrics.log)
-        if self._actors.rollout:  # started from the student for labelling: restarted from the new policy on use
-            self._actors.rollout.shutdown()
-            self._actors.rollout = None
+            self._starting.path, self._summary["dpo"] = dpo_stage(self.cfg, self._starting.directory(),
+                                                                  self.output_dir, self.log, self.metrics.log)
+        self._actors.stop_rollout_workers()  # started from the student for labelling: restarted from the new policy
         return self._summary["dpo"]
 
     def evaluate(self) -> dict:
@@ -289,18 +286,6 @@ class Trainer:
         self._wall_s = round(time.perf_counter() - self._start, 1)
         self.metrics.log({f"perf/stage_{stage}_s": s for stage, s in self._timer.seconds.items()}, self.steps)
         _write_run_end(self.output_dir, self.summary, self.metrics, self.log)
-
-    def _start_dir(self, changed: bool = False) -> str:
-        """Where every actor loads the starting policy (run_dir.write_start_dir; ``changed``: by a warm-up); written
-        once, when the first actor needs it (no pickled model in flight), the in-process student dropped then. After
-        the dpo stage, its policy."""
-        if self._dpo_dir is not None:
-            return self._dpo_dir
-        if self._student is not None:
-            self._start_path = run_dir.write_start_dir(self.cfg, self._student, self._tokenizer, self.output_dir,
-                                                       changed)
-            self._student = None
-        return self._start_path
 
     def _rl_loop(self) -> RLStep:
         """The RL step over the run's actors, started on first use (and given a checkpoint's state on resume)."""

@@ -146,6 +146,12 @@ class RunActors:
             self.rollout = make_rollout_workers(self.cfg, start_dir)
         return self.rollout
 
+    def stop_rollout_workers(self) -> None:
+        """Stop the rollout workers, if started: the next use starts them again (from a new starting policy)."""
+        if self.rollout:
+            self.rollout.shutdown()
+            self.rollout = None
+
     def start_loop(self, tokenizer, reward_model_dir: Path | None, reward_fn=None) -> RLStep:
         """The RL step's actors beside the rollout workers (the caller checks ``loop`` is None first)."""
         rollout = self.rollout_workers()

@@ -218,6 +218,22 @@ def resumed_start_dir(cfg: RunConfig, out: Path) -> str:
         str(resolve_model_path(cfg.model.model_name_or_path).resolve())
 
 
+class StartingPolicy:
+    """The policy every actor starts from: the in-process student until the first actor needs it, then a directory
+    written once (``write_start_dir``; no pickled model in flight); after the dpo stage, its policy."""
+
+    def __init__(self, cfg: RunConfig, student, tokenizer, out: Path):
+        self.cfg, self.student, self.tokenizer, self.out = cfg, student, tokenizer, out
+        self.path = resumed_start_dir(cfg, out)  # set anew where the student is written
+
+    def directory(self, changed: bool = False) -> str:
+        """Where the actors load it; ``changed``: a warm-up trained the student in place."""
+        if self.student is not None:
+            self.path = write_start_dir(self.cfg, self.student, self.tokenizer, self.out, changed)
+            self.student = None
+        return self.path
+
+
 def progress_line(step: int, steps: int, m: dict) -> str:
     # A script may run more steps than algorithm.steps plans; "step 5/2" would read like a bug.
     done = f"{step}/{steps}" if step <= steps else f"{step}"

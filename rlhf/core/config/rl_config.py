@@ -85,12 +85,6 @@ class RolloutConfig(_Section):
     not truncated, so the difference shows in perf/logprob_mismatch and algorithm.tis_cap corrects for it."""
     top_k: int = Field(0, ge=0)
     """Each token is drawn from the top_k most likely tokens only (0: no limit); log-probs as for top_p."""
-    top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling: each token is drawn from the fewest most likely tokens whose probability reaches top_p (1: no
-    truncation). The sampler's log-probs are those of the truncated distribution; the trainer's recomputed ones are
-    not truncated, so the difference shows in perf/logprob_mismatch and algorithm.tis_cap corrects for it."""
-    top_k: int = Field(0, ge=0)
-    """Each token is drawn from the top_k most likely tokens only (0: no limit); log-probs as for top_p."""
     threads: int = Field(2, gt=0)
     """Torch threads of each rollout worker."""
     asynchronous: bool = False
