@@ -19,12 +19,7 @@ from rlhf.core.algorithms.advantages import (
     token_rewards,
     whiten,
 )
-
-T = torch.tensor
-
-
-def close(actual: torch.Tensor, expected: list, atol: float = 1e-5) -> None:
-    torch.testing.assert_close(actual, T(expected, dtype=actual.dtype), atol=atol, rtol=0)
+from tests.numeric import T, close
 
 
 # ------------------------------------------------------------------------------------------------- GRPO

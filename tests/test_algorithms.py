@@ -11,12 +11,7 @@ import torch
 from rlhf.core.algorithms.aggregation import loss_token_weights
 from rlhf.core.algorithms.kl import distillation_advantages, kl_penalty, kl_reward
 from rlhf.core.algorithms.tokens import masked_mean, token_logprobs
-
-T = torch.tensor
-
-
-def close(actual: torch.Tensor, expected: list, atol: float = 1e-5) -> None:
-    torch.testing.assert_close(actual, T(expected, dtype=actual.dtype), atol=atol, rtol=0)
+from tests.numeric import T, close
 
 
 # ---------------------------------------------------------------------------------------------------- KL
@@ -41,7 +36,6 @@ def test_k1_in_the_reward_gives_the_gradient_of_kl_and_k3_does_not():
     k3 = reward_gradient(-kl_penalty(logp, ref, "k3"))
     assert torch.allclose(k1, kl_grad, atol=1e-12)
     assert (k3 - kl_grad).norm() / kl_grad.norm() > 0.9  # k3 in the reward: nearly no regularisation at all
-
 
 
 def test_kl_estimators_when_policy_is_likelier_than_reference():
@@ -209,7 +203,6 @@ def test_token_logprobs_takes_half_precision_logits_in_float32():
     out = token_logprobs(logits, torch.tensor([[1, 1, 0]]))
     assert out.dtype == torch.float32
     close(out, [[0.0, -0.693147, -0.126928]], atol=1e-3)
-
 
 
 def test_distillation_advantages_centre_each_tokens_own_log_ratio():

@@ -21,12 +21,7 @@ from rlhf.core.algorithms.tokens import token_entropy
 from rlhf.core.config.run_config import ConfigError, load_config
 from rlhf.core.guards import NonFiniteError
 from tests.loop_stubs import stub_loop
-
-T = torch.tensor
-
-
-def close(actual: torch.Tensor, expected: list, atol: float = 1e-5) -> None:
-    torch.testing.assert_close(actual, T(expected, dtype=actual.dtype), atol=atol, rtol=0)
+from tests.numeric import T, close
 
 
 # ------------------------------------------------------------------------------- clip-higher (asymmetric)

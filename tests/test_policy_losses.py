@@ -17,12 +17,7 @@ from rlhf.core.algorithms.policy_losses import (
     sequence_mean,
     truncated_importance_weights,
 )
-
-T = torch.tensor
-
-
-def close(actual: torch.Tensor, expected: list, atol: float = 1e-5) -> None:
-    torch.testing.assert_close(actual, T(expected, dtype=actual.dtype), atol=atol, rtol=0)
+from tests.numeric import T, close
 
 
 # ------------------------------------------------------------------------------------------- policy loss

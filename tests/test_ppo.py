@@ -15,12 +15,7 @@ from rlhf.core.algorithms.value_loss import clipped_value_loss
 from rlhf.core.config.run_config import ConfigError, load_config
 from rlhf.core.guards import NonFiniteError
 from tests.loop_stubs import StubCritic, stub_loop
-
-T = torch.tensor
-
-
-def close(actual: torch.Tensor, expected: list, atol: float = 1e-5) -> None:
-    torch.testing.assert_close(actual, T(expected, dtype=actual.dtype), atol=atol, rtol=0)
+from tests.numeric import T, close
 
 
 # -------------------------------------------------------------------------------------------- token rewards

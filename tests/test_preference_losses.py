@@ -13,12 +13,7 @@ from rlhf.core.algorithms.preference_losses import (
     sequence_logprobs,
     simpo_losses,
 )
-
-T = torch.tensor
-
-
-def close(actual: torch.Tensor, expected: list, atol: float = 1e-5) -> None:
-    torch.testing.assert_close(actual, T(expected, dtype=actual.dtype), atol=atol, rtol=0)
+from tests.numeric import T, close
 
 
 # Two pairs. Pair 0: policy -10 / -12, reference -11 / -11: h = (-10 + 11) - (-12 + 11) = 1 + 1 = 2.
