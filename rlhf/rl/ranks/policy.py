@@ -16,7 +16,6 @@ import time
 
 import torch
 
-from rlhf.core.algorithms.aggregation import loss_token_weights
 from rlhf.core.algorithms.kl import kl_penalty
 from rlhf.core.algorithms.policy_losses import (POLICY_LOSSES, PolicyLossInputs, off_policy_weights,
                                                policy_token_loss)
@@ -56,9 +55,7 @@ _SUMMED = ("policy_loss", "kl", "clipped", "entropy", "mismatch", "tis_weight", 
 
 class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
     """One data-parallel rank: a DeepSpeed engine over the policy, plus a frozen reference model when kl_coef > 0.
-
-    Creating it joins the process group, so all ``world_size`` ranks must be created together.
-    """
+    Creating it joins the process group, so all ``world_size`` ranks must be created together."""
 
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_dir: str,
                  cfg: RunConfig):
@@ -87,14 +84,7 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         self.params, self.lora = precision.model_params(policy), bool(lora_settings)
         self.gemm_rate: float | None = None  # FLOP/s in self.precision, measured at the first update
 
-        self.reference = None
-        if cfg.algorithm.kl_coef > 0 and lora_settings:  # the same model with its adapters off: no second copy
-            self.reference = lora.AdaptersOff(self.engine.module)
-        elif cfg.algorithm.kl_coef > 0:
-            self.reference = load_pretrained(AutoModelForCausalLM, model_dir, "reference model",
-                                             dtype=torch.bfloat16 if self.bf16 else torch.float32)
-            self.reference.config.use_cache = False
-            self.reference.to(self.device).eval().requires_grad_(False)
+        self.reference = _reference_model(cfg, model_dir, self.engine.module, self.bf16, self.device)
         # A vLLM engine on this GPU wakes its KV cache after each sync: the trainer's state goes to host memory
         # until the next update (rlhf/core/distributed/colocate.py).
         self.colocated = cfg.rollout.sleep_between_rollouts
@@ -107,8 +97,6 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         finally:
             self.release_gpu()
 
-    # ------------------------------------------------------------------------------------------------ training
-
     def train_step(self, batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """The update on one rollout batch: one optimizer step per mini-batch, ``epochs`` passes over them.
         Collective: every rank must call it, each with a shard of the same number of rows per mini-batch (under
@@ -119,11 +107,7 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         loss_weights (B, L) float, the weights summing that mini-batch's loss. Returns whole-batch metrics (the same
         on all ranks): per-rank sums are all-reduced before they are turned into means over every optimizer step.
         """
-        mini_batches = [batch] if isinstance(batch, dict) else list(batch)
-        for mb in mini_batches:
-            missing = [k for k in BATCH_KEYS if k not in mb]
-            if missing:
-                raise ValueError(f"batch lacks {missing}")
+        mini_batches = _checked_mini_batches(batch)
         self.reclaim_gpu()  # colocated: the state went to host memory for the rollout
         algorithm, engine = self.algorithm, self.engine
         start = time.perf_counter()
@@ -145,25 +129,9 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
                 if grad_norm is not None:
                     grad_norms.append(float(grad_norm))
 
-        sums = self._sum_across_ranks(sums)
-        total = dict(zip(_SUMMED, sums.tolist()))
-        tokens = max(total["response_tokens"], 1.0)
-        metrics = {
-            "losses/policy_loss": total["policy_loss"] / updates,  # each mini-batch's loss is a mean: average them
-            "losses/clipfrac": total["clipped"] / tokens,
-            "losses/entropy": total["entropy"] / tokens,
-            "perf/logprob_mismatch": total["mismatch"] / tokens,
-            "perf/optimizer_steps": float(updates),
-            "charts/lr": float(lr),
-            "perf/train_s": time.perf_counter() - start,
-        }
-        if algorithm.tis_cap:
-            metrics["losses/tis_weight"] = total["tis_weight"] / tokens
-            metrics["losses/tis_capped"] = total["tis_capped"] / tokens
-        if self.reference is not None:
-            metrics["losses/kl"] = total["kl"] / tokens
-        if grad_norms:
-            metrics["losses/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        total = dict(zip(_SUMMED, self._sum_across_ranks(sums).tolist()))
+        metrics = _update_metrics(total, updates, lr, time.perf_counter() - start, bool(algorithm.tis_cap),
+                                  self.reference is not None, grad_norms)
         # DeepSpeed checks the global gradient norm before each optimizer step and skips the step (same decision
         # on every rank) when it is NaN or infinite; the driver's guard counts it (rlhf/core/guards.py).
         metrics["faults/update_skipped"] = float(engine.skipped_steps > skipped_before)
@@ -173,10 +141,9 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
 
     def _mfu(self, mini_batches: list[dict[str, torch.Tensor]], old_logprobs_pass: bool, seconds: float) -> dict:
         """This rank's update MFU against the GEMM rate of the precision it trains in, on its own threads."""
-        tokens = sum(int(mb["attention_mask"].sum()) for mb in mini_batches)
-        epochs = self.algorithm.ppo_epochs
-        forward_tokens = tokens * (epochs * (self.reference is not None) + old_logprobs_pass)
-        flops = precision.update_flops(self.params, tokens * epochs, self.lora, forward_tokens)
+        tokens, epochs = sum(int(mb["attention_mask"].sum()) for mb in mini_batches), self.algorithm.ppo_epochs
+        flops = precision.update_flops(self.params, tokens * epochs, self.lora,
+                                       tokens * (epochs * (self.reference is not None) + old_logprobs_pass))
         if self.gemm_rate is None:
             self.gemm_rate = precision.gemm_rate(self.precision)
         return precision.mfu_metrics(flops, seconds, self.precision, self.gemm_rate)
@@ -286,6 +253,55 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         self.reclaim_gpu()  # with LoRA the reference is the engine's own model
         return self._token_logprobs(self.reference, batch)
 
+
+
+def _reference_model(cfg: RunConfig, model_dir: str, policy, bf16: bool, device):
+    """The frozen reference the KL is taken against when kl_coef > 0 (None otherwise): with LoRA the policy itself
+    with its adapters off (no second copy), else the starting policy loaded again."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.algorithm.kl_coef <= 0:
+        return None
+    if cfg.model.lora:
+        return lora.AdaptersOff(policy)
+    reference = load_pretrained(AutoModelForCausalLM, model_dir, "reference model",
+                                dtype=torch.bfloat16 if bf16 else torch.float32)
+    reference.config.use_cache = False
+    return reference.to(device).eval().requires_grad_(False)
+
+
+def _checked_mini_batches(batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]) -> list[dict]:
+    """``train_step``'s batch as a list of mini-batches, each holding every key the update reads."""
+    mini_batches = [batch] if isinstance(batch, dict) else list(batch)
+    for mb in mini_batches:
+        missing = [k for k in BATCH_KEYS if k not in mb]
+        if missing:
+            raise ValueError(f"batch lacks {missing}")
+    return mini_batches
+
+
+def _update_metrics(total: dict[str, float], updates: int, lr: float, train_s: float, tis: bool, kl: bool,
+                    grad_norms: list[float]) -> dict[str, float]:
+    """Whole-batch figures from the ranks' summed ``_SUMMED`` values: means over response tokens, the policy loss
+    averaged over the optimizer steps (each mini-batch's loss is already a mean)."""
+    tokens = max(total["response_tokens"], 1.0)
+    metrics = {
+        "losses/policy_loss": total["policy_loss"] / updates,
+        "losses/clipfrac": total["clipped"] / tokens,
+        "losses/entropy": total["entropy"] / tokens,
+        "perf/logprob_mismatch": total["mismatch"] / tokens,
+        "perf/optimizer_steps": float(updates),
+        "charts/lr": float(lr),
+        "perf/train_s": train_s,
+    }
+    if tis:
+        metrics["losses/tis_weight"] = total["tis_weight"] / tokens
+        metrics["losses/tis_capped"] = total["tis_capped"] / tokens
+    if kl:
+        metrics["losses/kl"] = total["kl"] / tokens
+    if grad_norms:
+        metrics["losses/grad_norm"] = sum(grad_norms) / len(grad_norms)
+    return metrics
 
 
 class TrainerGroup(RankGroup):
