@@ -190,6 +190,47 @@ def test_generated_bad_requests_get_4xx_never_500(servers, caplog):
     assert answer[0] == 200
 
 
+def long_text(rng: random.Random, size: int) -> str:
+    """A long text of one of the shapes that tokenize worst: words, one unbroken run, digits, or mixed scripts."""
+    shape = rng.randrange(4)
+    if shape == 0:
+        return " ".join(rng.choice(["the", "carry", "7+5=12;", "\u4e2d\u6587", "x" * 30]) for _ in range(size // 5))[:size]
+    if shape == 1:
+        return "a" * size
+    if shape == 2:
+        return "".join(rng.choice("0123456789") for _ in range(size))
+    return "".join(rng.choice(["\u00e9", "\u0416", "\U0001F600", " ", "\n", "b"]) for _ in range(size))
+
+
+def test_generated_long_context_texts_are_refused_after_bounded_tokenizing(servers):
+    """Texts up to the body limit against a 200-token limit: each refused with 400 naming the limit, having had at
+    most a few limits' worth of characters tokenized (not the whole text), and the servers still answer."""
+    counted: list[int] = []
+
+    def count_tokens(prompt: str, response: str) -> int:
+        counted.append(len(prompt) + len(response))
+        return len(prompt) + len(response)
+
+    rng = random.Random(37)
+    with make_reward_server(lambda p, r: [0.0] * len(r), count_tokens=count_tokens, max_tokens=200,
+                            chars_per_token=64) as reward:
+        reward.start()
+        for _ in range(12):
+            text = long_text(rng, rng.choice([1_700, 10_000, 300_000, 900_000]))
+            body = json.dumps({"prompts": ["p"], "responses": [text]}).encode()
+            if len(body) > reward.max_request_bytes:
+                continue
+            status, answer = send(reward, "POST", "/score", body, {"Content-Length": str(len(body))})
+            assert status == 400 and "200" in answer["error"], answer
+        policy_body = json.dumps({"messages": [{"role": "user", "content": long_text(rng, 600_000)}]}).encode()
+        status, answer = send(servers["policy"], "POST", "/v1/chat/completions", policy_body,
+                              {"Content-Length": str(len(policy_body))})
+        assert status == 400, answer
+    assert counted and max(counted) <= 2 * 200 * 4 + 256  # prefixes of about twice a limit's worth, never the text
+    good = b'{"prompts": ["p"], "responses": ["ab"]}'
+    assert send(servers["reward"], "POST", "/score", good, {"Content-Length": str(len(good))})[0] == 200
+
+
 # ------------------------------------------------------------------------------------------- model directories
 
 
