@@ -58,3 +58,11 @@ def test_greedy_answers_match_hf_compact_row_for_row():
     assert [s.finish_reason for s in ours] == [s.finish_reason for s in theirs]
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+
+def test_draws_follow_the_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0]]))  # the last token impossible
+    torch.manual_seed(1)
+    token, _ = sample_next(logits.repeat(20000, 1), 1.0, greedy=False)
+    freq = torch.bincount(token, minlength=4).float() / 20000
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.015, rtol=0)
