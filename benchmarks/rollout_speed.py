@@ -2,7 +2,7 @@
 (a decode loop that drops finished rows) and transformers' continuous batching (``model.generate_batch``).
 
     python benchmarks/rollout_speed.py [--warm-dir runs/grpo_vs_trl_warm] [--repeats 3] [--threads 2] [--no-cb]
-    python benchmarks/rollout_speed.py --model runs/smollm2 [--threads 2] [--repeats 3]
+    python benchmarks/rollout_speed.py --model runs/smollm2 [--threads 2] [--repeats 3] [--dtype bfloat16]
 
 With ``--model`` (a local causal LM, e.g. SmolLM2-135M-Instruct from ``distilrl import-model``): 4 chat prompts x 4
 samples x 48 forced tokens (min_new_tokens = max_new_tokens, so every contender decodes the same tokens) through a
@@ -98,6 +98,80 @@ def real_model(args) -> dict:
     from rollout.engine import _left_padded
     from rollout.worker import RolloutWorker
 
+    rollout = {"threads": args.threads, "dtype": args.dtype}  # the bare loop and generate use the same model
+    workers = {name: RolloutWorker(str(args.model), RolloutConfig(engine=name, **rollout), seed=0)
+               for name in ("hf_compact", "hf_static")}
+    model, tokenizer = workers["hf_compact"].engine.model, workers["hf_compact"].tokenizer
+    for worker in workers.values():  # forced length: every contender decodes REAL_TOKENS per row
+        worker.engine.model.generation_config.min_new_tokens = REAL_TOKENS
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                             add_generation_prompt=True) for p in REAL_PROMPTS]
+    _, input_ids, attention_mask = _left_padded(model, tokenizer, prompts, REAL_SAMPLES)
+
+    def hf_generate() -> int:
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True, top_k=0,
+                                 max_new_tokens=REAL_TOKENS, min_new_tokens=REAL_TOKENS,
+                                 pad_token_id=tokenizer.pad_token_id)
+        return int((out.shape[1] - input_ids.shape[1]) * out.shape[0])
+
+    def through(worker):
+        return lambda: sum(len(s.response_ids) for s in worker.generate(prompts, REAL_SAMPLES, REAL_TOKENS, 1.0,
+                                                                        False, 0))
+
+    contenders = {"bare_loop": lambda: bare_decode(model, input_ids, attention_mask, REAL_TOKENS),
+                  "hf_generate": hf_generate, **{f"worker_{name}": through(w) for name, w in workers.items()}}
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    for repeat in range(args.repeats + 1):  # the first round is a warm-up, not timed
+        for name, run in contenders.items():
+            start = time.perf_counter()
+            tokens = run()
+            if repeat:
+                rates[name].append(tokens / (time.perf_counter() - start))
+        print(f"round {repeat}: " + ", ".join(f"{n} {r[-1]:.1f} tok/s" for n, r in rates.items() if r), flush=True)
+    result = {name: round(statistics.median(r), 1) for name, r in rates.items()}
+    for name in workers:
+        result[f"worker_{name}_vs_hf_generate"] = round(result[f"worker_{name}"] / result["hf_generate"], 2)
+        result[f"worker_{name}_vs_bare_loop"] = round(result[f"worker_{name}"] / result["bare_loop"], 2)
+    result.update(model=str(args.model), threads=args.threads, dtype=args.dtype, rows=len(REAL_PROMPTS) * REAL_SAMPLES,
+                  tokens_per_row=REAL_TOKENS, unit="completion tokens/s")
+    return result
+
+
+REAL_PROMPTS = ["What is 13 plus 7?", "What is 9 minus 4 plus 7?", "Tom has 12 apples and eats 5. How many are left?",
+                "What is 16 plus 6 plus 9?"]  # 4 prompts x 4 samples, as the issue's real-model figures
+REAL_SAMPLES, REAL_TOKENS = 4, 48
+
+
+def bare_decode(model, input_ids, attention_mask, max_new_tokens: int) -> int:
+    """The floor a rollout engine is compared to: prefill, then per token one forward over the KV cache and one
+    multinomial draw; nothing recorded. Returns the tokens generated."""
+    import torch
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        next_position = attention_mask.sum(-1)
+        for _ in range(max_new_tokens - 1):
+            token = torch.multinomial(torch.softmax(logits.float(), -1), 1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(token), 1)], dim=1)
+            logits = model(input_ids=token, attention_mask=attention_mask, position_ids=next_position[:, None],
+                           cache=cache, use_cache=True).logits[:, -1]
+            next_position = next_position + 1
+    return input_ids.shape[0] * max_new_tokens
+
+
+def real_model(args) -> dict:
+    """Completion tokens/s on ``args.model``: RolloutWorker engines, the bare loop and HF generate, round-robin."""
+    import torch
+
+    from rlhf.core.config.run_config import RolloutConfig
+    from rollout.engine import _left_padded
+    from rollout.worker import RolloutWorker
+
     workers = {name: RolloutWorker(str(args.model), RolloutConfig(engine=name, threads=args.threads), seed=0)
                for name in ("hf_compact", "hf_static")}
     model, tokenizer = workers["hf_compact"].engine.model, workers["hf_compact"].tokenizer
@@ -144,6 +218,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-cb", action="store_true", help="leave generate_batch out (it is slow on a CPU)")
     parser.add_argument("--model", type=Path, help="a local causal LM: measure the real-model contenders instead")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="with --model: the weights' dtype for every contender (rollout.dtype)")
     args = parser.parse_args()
     if args.model is not None:
         print(json.dumps(real_model(args)))
