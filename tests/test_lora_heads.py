@@ -20,7 +20,7 @@ deepspeed = pytest.importorskip("deepspeed")
 from reward.model.distilled import DistilledRewardModel, score_texts  # noqa: E402
 from reward.model.ranks import RewardModelTrainer, collate_pairs, load_reward_model  # noqa: E402
 from rlhf.core.models import lora  # noqa: E402
-from rlhf.core.config.run_config import LoraSettings  # noqa: E402
+from rlhf.core.config.training_config import LoraSettings  # noqa: E402
 from rlhf.rl.ranks.critic import CriticTrainer  # noqa: E402
 from tests.configs import run_config  # noqa: E402
 from tests.test_critic import _batch as critic_batch  # noqa: E402
