@@ -202,7 +202,7 @@ CLI_CASES = [
     ("model_config_not_json", lambda t, m: (None, damaged_student(t, m, "config_not_json")),
      ["config.json is not valid JSON"]),
     ("model_without_safetensors", lambda t, m: (None, damaged_student(t, m, "no_weights")),
-     ["has no .safetensors weights"]),
+     ["has no model.safetensors"]),
     ("corrupt_safetensors", lambda t, m: (None, damaged_student(t, m, "random_bytes")),
      ["is not a readable safetensors file"]),
     ("truncated_safetensors", lambda t, m: (None, damaged_student(t, m, "truncated")),

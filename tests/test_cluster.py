@@ -24,6 +24,7 @@ from ray.util import placement_group_table  # noqa: E402
 
 import rlhf  # noqa: E402
 from rlhf.core.distributed import cluster  # noqa: E402
+from rlhf.core.distributed.threads import run_budget  # noqa: E402
 from rlhf.core.config.run_config import ConfigError, load_config  # noqa: E402
 from rlhf.rl.ranks.policy import TrainerGroup  # noqa: E402
 from tests.configs import run_config  # noqa: E402
@@ -127,9 +128,12 @@ def test_asking_more_than_the_cluster_has_names_the_role_and_resource(connected,
 
 def test_role_resources_from_config_or_defaults(connected):
     cfg = load_config(REPO / "configs/tiny.yaml", ["cluster.rollout={num_cpus: 0.5, resources: {trainer_slot: 0.1}}"])
-    assert cluster.role_resources(cfg, "rollout") == cluster.Resources(0.5, 0.0, {"trainer_slot": 0.1})
-    assert cluster.role_resources(cfg, "trainer") == cluster.Resources(cfg.trainer.threads, 0)  # no GPUs here
-    assert cluster.role_resources(cfg, "reward") == cluster.Resources(0)
+    share = run_budget(cfg)  # each actor's thread share rides along with what it asks Ray for
+    assert cluster.role_resources(cfg, "rollout") == cluster.Resources(0.5, 0.0, {"trainer_slot": 0.1},
+                                                                       threads=share["rollout"])
+    assert cluster.role_resources(cfg, "trainer") == cluster.Resources(cfg.trainer.threads, 0,  # no GPUs here
+                                                                       threads=share["trainer"])
+    assert cluster.role_resources(cfg, "reward") == cluster.Resources(0, threads=share["reward"])
 
 
 def test_a_whole_run_on_the_two_node_cluster(two_nodes, tmp_path):

@@ -27,7 +27,7 @@ def test_component_figures_are_each_components_raw_mean():
     worker = reward_worker({"verifier": 1.0, "custom": 0.5}, custom=lambda p, r, rows: [len(x) for x in r])
     scores = worker.score(["1+1=", "2+2="], ["#2", "#55"], ["2", "4"], [{}, {}])
     assert [s["parts"] for s in scores] == [{"verifier": 1.0, "custom": 2.0}, {"verifier": 0.0, "custom": 3.0}]
-    assert component_figures(scores) == {"reward/verifier": 0.5, "reward/scoring/custom": 2.5}  # unweighted
+    assert component_figures(scores) == {"reward/verifier": 0.5, "reward/custom": 2.5}  # unweighted
     assert component_figures([{"parts": {"rm": float("nan")}}, {"parts": {"rm": 1.0}}]) == {"reward/rm": 1.0}
     assert component_figures([{"reward": 1.0}]) == {}
 

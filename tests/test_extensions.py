@@ -13,7 +13,7 @@ from tests.scoring import reward_worker
 
 @pytest.mark.parametrize("override, key, listed", [
     ("rollout.engine=sglang", "rollout.engine", "hf"),
-    ("task.verifier=roman", "task.verifier", "final_number, gsm8k, math, exact, regex"),
+    ("task.verifier=roman", "task.verifier", "final_number, gsm8k, last_number, math, exact, regex"),
     ("label.teacher=oracel", "label.teacher", "oracle, reference, hf, openai"),
     ("reward.components={brevity: 1.0}", "reward.components.brevity", "verifier, rm, seqcls, custom, adaptive, teacher_kl"),
 ])
