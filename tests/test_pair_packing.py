@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from reward.model.distilled import DistilledRewardModel, pad_right  # noqa: E402
+from reward.model.distilled import DistilledLlamaRewardModel, DistilledRewardModel, pad_right  # noqa: E402
 from reward.model.pair_packing import pack_pairs, packed_widths, shared_prefix_length, worth_packing  # noqa: E402
 
 
@@ -52,12 +52,14 @@ def test_worth_packing_counts_tokens_in_both_layouts():
     assert packed_widths(*nothing_shared) == (6, 6) and not worth_packing(*nothing_shared)
 
 
-def _tiny_rm(attn: str) -> DistilledRewardModel:
-    config = transformers.Qwen2Config(vocab_size=20, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
-                                      pad_token_id=0, num_labels=1, attn_implementation=attn)
+def _tiny_rm(attn: str, backbone: str = "qwen2") -> DistilledRewardModel:
+    config_class, model_class = {"qwen2": (transformers.Qwen2Config, DistilledRewardModel),
+                                 "llama": (transformers.LlamaConfig, DistilledLlamaRewardModel)}[backbone]
+    config = config_class(vocab_size=20, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                          pad_token_id=0, num_labels=1, attn_implementation=attn)
     torch.manual_seed(0)
-    model = DistilledRewardModel(config)
+    model = model_class(config)
     model.init_heads(seed=1)
     with torch.no_grad():  # heads start small; make them matter
         for head in (model.score, model.rv_head, model.cd_head):
@@ -79,9 +81,9 @@ def _pairs(seed: int, count: int) -> tuple[list[list[int]], list[list[int]]]:
     return chosen, rejected
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_rows_score_and_backpropagate_like_separate_rows(attn):
-    model = _tiny_rm(attn)
+@pytest.mark.parametrize("attn, backbone", [("sdpa", "qwen2"), ("eager", "qwen2"), ("sdpa", "llama")])
+def test_packed_rows_score_and_backpropagate_like_separate_rows(attn, backbone):
+    model = _tiny_rm(attn, backbone)
     chosen, rejected = _pairs(seed=0, count=7)
 
     def loss_and_grads(out):

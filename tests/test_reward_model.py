@@ -331,3 +331,31 @@ def test_correlations_only_for_the_heads_that_were_trained(rm, tokenizer, tmp_pa
         assert figures["spearman"] is not None
         assert {name for name in ("rv", "cd") if figures[f"{name}_spearman"] is not None} == reported
     del rm.config.trained_heads
+
+
+def test_a_llama_backbone_gets_the_same_heads_and_loads_as_a_stock_classifier(tmp_path):
+    """SmolLM2 and Llama students are Llama: the RM builds on them, saves, and loads back with every head (and as a
+    plain LlamaForSequenceClassification); a backbone of another kind is refused in one line."""
+    from transformers import AutoModelForSequenceClassification, GPT2Config, LlamaConfig, LlamaForCausalLM
+
+    from reward.model.distilled import DistilledLlamaRewardModel
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, pad_token_id=0))
+    lm.save_pretrained(tmp_path / "lm")
+    rm = DistilledRewardModel.from_causal_lm(str(tmp_path / "lm"), seed=1).eval()
+    assert isinstance(rm, DistilledLlamaRewardModel)
+    ids, mask = pad_right([[5, 6, 7], [8, 9]], 0)
+    with torch.no_grad():
+        out = rm(ids, attention_mask=mask)
+    rm.save_pretrained(tmp_path / "rm")
+    again = DistilledRewardModel.from_pretrained(str(tmp_path / "rm")).eval()
+    stock = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm"), use_safetensors=True).eval()
+    with torch.no_grad():
+        reloaded, plain = again(ids, attention_mask=mask), stock(ids, attention_mask=mask).logits.squeeze(-1)
+    assert type(stock).__name__ == "LlamaForSequenceClassification"
+    torch.testing.assert_close(reloaded.rv, out.rv)
+    torch.testing.assert_close(plain, out.quality)
+    with pytest.raises(ValueError, match="needs a qwen2 or llama backbone, got model_type 'gpt2'"):
+        DistilledRewardModel.from_causal_lm(transformers.GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)))

@@ -1,7 +1,8 @@
-"""The distilled reward model: a Qwen2 backbone with three heads that imitate the teacher's judgments.
+"""The distilled reward model: a Qwen2 (or Llama) backbone with three heads that imitate the teacher's judgments.
 
-  quality: a scalar reward (the ``score`` layer of ``Qwen2ForSequenceClassification`` with num_labels=1, so a saved
-           model loads with plain ``AutoModelForSequenceClassification`` and gives this score);
+  quality: a scalar reward (the ``score`` layer of the stock ``Qwen2ForSequenceClassification`` or
+           ``LlamaForSequenceClassification`` with num_labels=1, so a saved model loads with plain
+           ``AutoModelForSequenceClassification`` and gives this score);
   rv, cd:  logits over the teacher's 0-9 reasoning-verbosity and cognitive-difficulty scores; the predicted score
            is the expectation under their softmax.
 
@@ -17,13 +18,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel, Qwen2ForSequenceClassification
+from transformers import AutoConfig, LlamaForSequenceClassification, PreTrainedModel, Qwen2ForSequenceClassification
 from transformers.utils import ModelOutput
 
 from rlhf.core.models.safetensors_dir import check_weights, quiet_loading_report, refuse_missing
 
 NUM_SCORES = 10  # the teacher's RV and CD scales are 0..9
-HF_ARCHITECTURE = "Qwen2ForSequenceClassification"
 HEADS = ("score.", "rv_head.", "cd_head.")
 # A plain sequence-classification reward model (TRL's, say) has a score but no RV/CD heads: they load fresh.
 EXTRA_HEADS = ("rv_head.", "cd_head.")
@@ -41,8 +41,12 @@ class RewardOutput(ModelOutput):
     cd: torch.Tensor | None = None         # (B,)
 
 
-class DistilledRewardModel(Qwen2ForSequenceClassification):
-    """``Qwen2ForSequenceClassification`` (num_labels=1, the quality head) plus ``rv_head`` and ``cd_head``."""
+class _DistilledHeads:
+    """The distilled RM over a stock ``...ForSequenceClassification`` (num_labels=1: its ``score`` is the quality
+    head) plus ``rv_head`` and ``cd_head``. Build and load through ``DistilledRewardModel``'s ``from_pretrained`` /
+    ``from_causal_lm``: they pick the class for the backbone's ``model_type``."""
+
+    stock_architecture: str  # what a saved config names, so that AutoModelForSequenceClassification loads it
 
     def __init__(self, config):
         if config.num_labels != 1:
@@ -96,9 +100,10 @@ class DistilledRewardModel(Qwen2ForSequenceClassification):
         """Hugging Face's ``from_pretrained`` from safetensors only (``safetensors_dir.check_weights``: never a
         pickle, whatever the caller asks), refusing files that lack weights other than ``allow_missing``."""
         check_weights(path, key)
+        target = _class_for(kwargs.get("config") or AutoConfig.from_pretrained(path))
         kwargs.update(use_safetensors=True, output_loading_info=True)
-        with quiet_loading_report():
-            model, info = super().from_pretrained(path, *args, **kwargs)
+        with quiet_loading_report():  # Hugging Face's loader, bound to the class for this backbone
+            model, info = PreTrainedModel.from_pretrained.__func__(target, path, *args, **kwargs)
         refuse_missing(info, path, key, allow_missing)
         return model
 
@@ -112,7 +117,7 @@ class DistilledRewardModel(Qwen2ForSequenceClassification):
         """
         if isinstance(path_or_model, PreTrainedModel):
             config = _reward_config(path_or_model.config, pad_token_id)
-            model = cls(config)
+            model = _class_for(config)(config)
             model.model.load_state_dict(path_or_model.model.state_dict())
         else:
             config = _reward_config(AutoConfig.from_pretrained(path_or_model), pad_token_id)
@@ -124,23 +129,44 @@ class DistilledRewardModel(Qwen2ForSequenceClassification):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Hugging Face save (safetensors: backbone, score, rv_head and cd_head in one file), with the config naming
-        ``Qwen2ForSequenceClassification`` so that plain AutoModelForSequenceClassification loads it (it ignores
-        the rv/cd head weights); ``DistilledRewardModel.from_pretrained`` restores all heads."""
+        the stock class (``stock_architecture``) so that plain AutoModelForSequenceClassification loads it (it
+        ignores the rv/cd head weights); ``DistilledRewardModel.from_pretrained`` restores all heads."""
         kwargs.setdefault("safe_serialization", True)
         super().save_pretrained(save_directory, *args, **kwargs)
         # Hugging Face writes this class's own name into ``architectures``; name the stock class instead.
         config_file = Path(save_directory) / "config.json"
         config = json.loads(config_file.read_text())
-        config["architectures"] = [HF_ARCHITECTURE]
+        config["architectures"] = [self.stock_architecture]
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+class DistilledRewardModel(_DistilledHeads, Qwen2ForSequenceClassification):
+    """The distilled RM on a Qwen2 backbone, and the entry point for every backbone (``from_pretrained``,
+    ``from_causal_lm``)."""
+
+    stock_architecture = "Qwen2ForSequenceClassification"
+
+
+class DistilledLlamaRewardModel(_DistilledHeads, LlamaForSequenceClassification):
+    """The distilled RM on a Llama backbone (SmolLM2, Llama 3)."""
+
+    stock_architecture = "LlamaForSequenceClassification"
+
+
+_BY_MODEL_TYPE = {"qwen2": DistilledRewardModel, "llama": DistilledLlamaRewardModel}
+
+
+def _class_for(config) -> type:
+    if config.model_type not in _BY_MODEL_TYPE:
+        raise ValueError(f"the distilled reward model needs a {' or '.join(_BY_MODEL_TYPE)} backbone, got "
+                         f"model_type {config.model_type!r}")
+    return _BY_MODEL_TYPE[config.model_type]
+
+
 def _reward_config(lm_config, pad_token_id: int | None):
-    if lm_config.model_type != "qwen2":
-        raise ValueError(f"the distilled reward model needs a Qwen2 backbone, got model_type {lm_config.model_type!r}")
     config = copy.deepcopy(lm_config)
     config.num_labels = 1
-    config.architectures = [HF_ARCHITECTURE]
+    config.architectures = [_class_for(lm_config).stock_architecture]
     config.use_cache = False
     if config.pad_token_id is None:
         config.pad_token_id = pad_token_id
