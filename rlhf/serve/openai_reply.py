@@ -14,6 +14,7 @@ from typing import Any
 
 from rlhf.core.data.samples import Sample
 from rlhf.serve.openai_request import GenerationRequest
+from rlhf.serve.tool_calls import split_tool_calls
 
 _WINDOW = 6  # tokens decoded together to find one token's text (a character may span several byte tokens)
 
@@ -26,6 +27,20 @@ class Choice:
     finish_reason: str
     pieces: list[str]  # each token's share of ``text``; joined, they are ``text``
     top: list[list[tuple[int, float]]] | None = None  # per token, the most likely (token, log-prob) pairs
+    tool_calls: list[dict] | None = None  # OpenAI tool calls read out of ``text`` (chat with tools)
+    content: str | None = None  # with tool calls: what is left of ``text`` around them
+
+
+def read_tool_calls(choice: Choice, request: GenerationRequest) -> Choice:
+    """``choice`` with the calls to the request's tools taken out of its text (finish_reason "tool_calls");
+    unchanged where the request offered none or the model wrote none."""
+    if not request.tools:
+        return choice
+    content, calls = split_tool_calls(choice.text, request.tools)
+    if calls:
+        choice.content, choice.finish_reason = content, "tool_calls"
+        choice.tool_calls = calls if request.parallel_tool_calls else calls[:1]
+    return choice
 
 
 def token_ends(tokenizer, ids: list[int]) -> list[int]:
@@ -92,8 +107,21 @@ def usage(prompt_tokens: int, choices: list[Choice]) -> dict[str, int]:
 
 
 def _message(choice: Choice) -> dict[str, Any]:
-    """The assistant's message (where tool calls, once supported, would be parsed out of the text)."""
+    """The assistant's message: its text, or its tool calls and the text around them."""
+    if choice.tool_calls:
+        return {"role": "assistant", "content": choice.content, "tool_calls": choice.tool_calls}
     return {"role": "assistant", "content": choice.text}
+
+
+def _tool_call_chunks(head: dict[str, Any], i: int, choice: Choice, tokenizer,
+                      logprobs: bool) -> Iterator[dict[str, Any]]:
+    """A reply with tool calls streams its text around the calls as one chunk (carrying every token's log-prob)
+    and then the calls, each whole, as OpenAI's deltas with an ``index``."""
+    if choice.content:
+        yield {**head, "choices": [{"index": i, "delta": {"content": choice.content}, "finish_reason": None,
+                                    "logprobs": chat_logprobs(tokenizer, choice) if logprobs else None}]}
+    calls = [{"index": k, **call} for k, call in enumerate(choice.tool_calls)]
+    yield {**head, "choices": [{"index": i, "delta": {"tool_calls": calls}, "logprobs": None, "finish_reason": None}]}
 
 
 def reply(request: GenerationRequest, tokenizer, model: str, choices: list[Choice],
@@ -122,7 +150,9 @@ def chunks(request: GenerationRequest, tokenizer, model: str, choices: list[Choi
         if chat:
             yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]}
-        for k, piece in enumerate(choice.pieces):
+        if chat and choice.tool_calls:
+            yield from _tool_call_chunks(head, i, choice, tokenizer, request.logprobs)
+        for k, piece in enumerate([] if chat and choice.tool_calls else choice.pieces):
             if chat:
                 part = {"index": i, "delta": {"content": piece}, "finish_reason": None,
                         "logprobs": chat_logprobs(tokenizer, choice, k, k + 1) if request.logprobs else None}

@@ -6,15 +6,20 @@ Honoured: ``model`` (the served name; absent means it), ``messages`` / ``prompt`
 strings), ``max_tokens`` / ``max_completion_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``top_k`` (vLLM's
 extension; 0 or -1 = off), ``n``, ``seed``, ``stop`` (up to 4 strings), ``logprobs`` + ``top_logprobs`` (chat) or
 ``logprobs: k`` (completions), ``stream`` + ``stream_options.include_usage``, ``user`` (an identifier; nothing is
-done with it, as with OpenAI's own abuse tracking off).
+done with it, as with OpenAI's own abuse tracking off), ``tools`` with ``tool_choice`` "auto" or "none" and
+``parallel_tool_calls`` (chat: the tools go to the chat template, the model's ``<tool_call>`` blocks come back as
+``tool_calls``; assistant messages carrying ``tool_calls`` and ``tool`` messages are passed to the template).
+``tool_choice`` "required" or one named function is refused: the engines cannot force a call.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
 from rlhf.core.http.json_handler import HttpError
+from rlhf.serve.tool_calls import offered_tools
 
 MAX_N = 64
 MAX_PROMPTS = 16  # prompts in one completions request
@@ -44,7 +49,7 @@ def bad(message: str, param: str | None) -> HttpError:
 class GenerationRequest:
     kind: str  # "chat" (/v1/chat/completions) or "text" (/v1/completions)
     model: str | None
-    messages: list[dict[str, str]] = field(default_factory=list)  # chat
+    messages: list[dict[str, Any]] = field(default_factory=list)  # chat
     prompts: list[str] = field(default_factory=list)  # text; chat: the rendered messages, set by the server
     n: int = 1
     max_tokens: int | None = None  # as requested; the server fits it to the context
@@ -58,6 +63,8 @@ class GenerationRequest:
     top_logprobs: int = 0
     stream: bool = False
     include_usage: bool = False
+    tools: dict[str, dict] = field(default_factory=dict)  # chat: the offered functions by name (none: no tools)
+    parallel_tool_calls: bool = True  # false: at most one call per reply (the first)
 
     @property
     def greedy(self) -> bool:
@@ -88,7 +95,7 @@ def parse_request(kind: str, body: Any) -> GenerationRequest:
     _stream(body, request)
     if kind == "chat":
         request.messages = messages(body.get("messages"))
-        _tools(body)
+        _tools(body, request)
         request.logprobs = flag(body, "logprobs")
         request.top_logprobs = integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS[kind])
         if request.top_logprobs and not request.logprobs:
@@ -115,34 +122,73 @@ def _stream(body: dict[str, Any], request: GenerationRequest) -> None:
     request.include_usage = flag(options, "include_usage")
 
 
-def _tools(body: dict[str, Any]) -> None:
-    """Tool calling is not implemented yet: a request that offers tools is refused (no tools, or tool_choice
-    "none", changes nothing). Where tool support goes: here (read the tools) and in openai_reply's message."""
-    if body.get("tools"):
-        raise bad("tools are not supported by this server", "tools")
-    if body.get("tool_choice") not in (None, "none", "auto"):
-        raise bad("tool_choice needs tools, which this server does not support", "tool_choice")
+def _tools(body: dict[str, Any], request: GenerationRequest) -> None:
+    """The offered tools, or none where ``tool_choice`` is "none" (the model is then shown no tools at all)."""
+    choice = body.get("tool_choice")
+    if not body.get("tools"):
+        if choice not in (None, "none", "auto"):
+            raise bad("tool_choice needs tools: offer them in 'tools'", "tool_choice")
+        return
+    try:
+        offered = offered_tools(body["tools"], choice)
+    except ValueError as err:
+        raise bad(str(err), "tool_choice" if "tool_choice" in str(err) else "tools") from None
+    if choice not in (None, "auto", "none"):
+        raise bad("tool_choice other than auto or none is not supported: the engines cannot force a call",
+                  "tool_choice")
+    request.tools = {} if choice == "none" else offered
+    request.parallel_tool_calls = body.get("parallel_tool_calls") is None or flag(body, "parallel_tool_calls")
 
 
-def messages(value: Any) -> list[dict[str, str]]:
-    """Validated messages with text content; OpenAI's list-of-parts content is joined into one string."""
+def messages(value: Any) -> list[dict[str, Any]]:
+    """Validated messages with text content; OpenAI's list-of-parts content is joined into one string. An
+    assistant's ``tool_calls`` keep their arguments as objects (what chat templates render) and a ``tool``
+    message its ``tool_call_id`` and ``name``."""
     if not isinstance(value, list) or not value:
         raise bad("'messages' must be a non-empty list", "messages")
     out = []
     for i, message in enumerate(value):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise bad(f"messages[{i}] must be an object with a string 'role'", "messages")
-        content = message.get("content")
-        if content is None:
-            content = ""
-        elif isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise bad(f"messages[{i}].content: only text parts are supported", "messages")
-            content = "".join(p["text"] for p in content)
-        elif not isinstance(content, str):
-            raise bad(f"messages[{i}].content must be a string", "messages")
-        out.append({"role": message["role"], "content": content})
+        out.append({"role": message["role"], "content": _content(message.get("content"), i)})
+        if message.get("tool_calls") is not None:
+            out[-1]["tool_calls"] = _message_tool_calls(message["tool_calls"], i)
+        for key in ("tool_call_id", "name"):
+            if isinstance(message.get(key), str):
+                out[-1][key] = message[key]
+    return out
+
+
+def _content(content: Any, i: int) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise bad(f"messages[{i}].content: only text parts are supported", "messages")
+        return "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise bad(f"messages[{i}].content must be a string", "messages")
+    return content
+
+
+def _message_tool_calls(calls: Any, i: int) -> list[dict[str, Any]]:
+    """An assistant message's earlier calls, their JSON-string arguments read back into objects."""
+    out = []
+    for call in calls if isinstance(calls, list) else [None]:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise bad(f"messages[{i}].tool_calls must be a list of {{\"type\": \"function\", \"function\": "
+                      "{\"name\": ..., \"arguments\": ...}}}", "messages")
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments or "{}")
+            except json.JSONDecodeError:
+                raise bad(f"messages[{i}].tool_calls: arguments of {function['name']!r} are not JSON",
+                          "messages") from None
+        out.append({"id": call.get("id"), "type": "function",
+                    "function": {"name": function["name"], "arguments": arguments}})
     return out
 
 

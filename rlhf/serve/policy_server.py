@@ -133,7 +133,7 @@ class _Handler(JsonHandler):
                             f"serves {server.model_name!r} (GET /v1/models)", "model")
         self._check_engine(request)
         if request.kind == "chat":
-            request.prompts = [self._render(request.messages)]
+            request.prompts = [self._render(request)]
         key = "messages" if request.kind == "chat" else "prompt"
         prompt_tokens = [self._prompt_tokens(p, key) for p in request.prompts]
         max_tokens = self._max_tokens(max(prompt_tokens), request.max_tokens, request.max_key)
@@ -149,7 +149,8 @@ class _Handler(JsonHandler):
         except Exception as err:
             logger.exception("generation failed")
             raise HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, f"generation failed: {type(err).__name__}: {err}")
-        choices = [openai_reply.finish(server.tokenizer, s, request.stop) for s in samples]
+        choices = [openai_reply.read_tool_calls(openai_reply.finish(server.tokenizer, s, request.stop), request)
+                   for s in samples]
         for k, choice in enumerate(choices if tops else []):
             choice.top = tops[k][:len(choice.token_ids)]
         args = (request, server.tokenizer, server.model_name, choices, sum(prompt_tokens))
@@ -168,12 +169,16 @@ class _Handler(JsonHandler):
             key = "top_logprobs" if request.kind == "chat" else "logprobs"
             raise bad(f"top alternatives need a transformers model; the {name} engine has none", key)
 
-    def _render(self, messages: list[dict[str, str]]) -> str:
-        tokenizer = self.server.tokenizer
+    def _render(self, request: GenerationRequest) -> str:
+        tokenizer, messages = self.server.tokenizer, request.messages
         if not getattr(tokenizer, "chat_template", None):
+            if request.tools:
+                raise bad("tools need a chat template to show them to the model; this model's tokenizer has none",
+                          "tools")
             return "\n".join(m["content"] for m in messages)
+        tools = [{"type": "function", "function": f} for f in request.tools.values()] or None
         try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         except Exception as err:  # templates raise on what they do not accept (say, a role they do not know)
             raise bad(f"chat template refused the messages: {err}", "messages") from None
 
