@@ -97,10 +97,6 @@ class PolicyServer(BackgroundHTTPServer):
             out.append((part, tops))
         return out
 
-    def close(self) -> None:
-        self.queue.close()
-        super().close()
-
 
 class _Handler(JsonHandler):
     server: PolicyServer

@@ -89,10 +89,6 @@ class RewardServer(BackgroundHTTPServer):
             start += len(request_prompts)
         return out
 
-    def close(self) -> None:
-        self.queue.close()
-        super().close()
-
 
 class _RewardHandler(JsonHandler):
     server: RewardServer

@@ -24,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from rlhf.core.config.run_config import ConfigError
 from rlhf.core.http.logs import ready_line
+from rlhf.core.http.queue import WorkQueue
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class BackgroundHTTPServer(ThreadingHTTPServer):
     request_deadline_s = 15.0  # to receive one whole request (or, kept alive, to start the next one)
     evict_after_s = 0.5  # a connection still sending its request after this long may be closed to make room
     max_request_bytes = 1_000_000  # the largest request body a JsonHandler reads (413 beyond)
+    queue: WorkQueue | None = None  # the work behind the handlers (generation, scoring), closed with the server
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int = 256):
         self.request_count, self._count_lock = 0, threading.Lock()
@@ -163,6 +165,8 @@ class BackgroundHTTPServer(ThreadingHTTPServer):
 
     def close(self) -> None:
         """Stop serving (waiting for the serve loop to exit) and release the port. Safe to call twice."""
+        if self.queue is not None:  # first: requests waiting on it are answered rather than left hanging
+            self.queue.close()
         if self._thread is not None:
             # shutdown() waits for serve_forever to notice; calling it when the loop never ran would hang.
             self.shutdown()
