@@ -1,7 +1,13 @@
-"""The quickstart RL run twice from the same warm-up student: synchronous, then one-step-off asynchronous rollout.
+"""The quickstart RL run three times from the same warm-up student: synchronous, one-step-off asynchronous
+rollout, and fully asynchronous with partial rollouts.
 
     python benchmarks/async_vs_sync.py [--config configs/quickstart_verifier.yaml] [--out runs/async_vs_sync]
-                                       [--warmup-dir DIR] [--rollout-threads N] [key=value ...]
+                                       [--warmup-dir DIR] [--rollout-threads N] [--partial-staleness K]
+                                       [--modes sync,async,partial] [key=value ...]
+
+The third run (``partial``) is ``rollout.partial_rollouts=true`` with ``rollout.max_staleness=K`` (default 2):
+K batches launched ahead, new weights installed between decoding steps, tokens older than K updates masked out
+of the loss (rollout/partial.py). Its speed-up is reported against the one-step-off run.
 
 First the config's warm-up (or a warmed-up student from ``--warmup-dir``, e.g. an earlier run's ``warmup/``), then
 two runs from that same student, each eval -> RL -> eval with the same seeds, steps and batch sizes: synchronous
@@ -44,7 +50,10 @@ def main() -> None:
     parser.add_argument("--rollout-threads", type=int, default=None,
                         help="torch threads per rollout worker in both runs (default: the cores the trainer ranks "
                              "leave, at least 1)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value, applied to both runs")
+    parser.add_argument("--partial-staleness", type=int, default=2,
+                        help="rollout.max_staleness of the partial-rollout run (batches ahead; token age bound)")
+    parser.add_argument("--modes", default="sync,async,partial", help="which runs, comma-separated")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value, applied to every run")
     args = parser.parse_args()
     _quiet_libraries()
     out = Path(args.out)
@@ -65,11 +74,13 @@ def main() -> None:
     threads = args.rollout_threads or max(1, (os.cpu_count() or 1) - t.num_ranks * t.threads)
     start = [*common, "stages=[rl,eval]", f"model.model_name_or_path={warmup_dir}", f"rollout.threads={threads}"]
 
-    sync_cfg = load_config(args.config, [*start, f"output_dir={out / 'sync'}", "rollout.asynchronous=false"])
-    sync = run(sync_cfg, log=lambda line: print(f"[sync] {line}", flush=True)).summary
-    async_cfg = load_config(args.config, [*start, f"output_dir={out / 'async'}", "rollout.asynchronous=true",
-                                          "rollout.max_staleness=1"])
-    asyn = run(async_cfg, log=lambda line: print(f"[async] {line}", flush=True)).summary
+    modes = {"sync": ["rollout.asynchronous=false"],
+             "async": ["rollout.asynchronous=true", "rollout.max_staleness=1"],
+             "partial": ["rollout.asynchronous=true", "rollout.partial_rollouts=true",
+                         f"rollout.max_staleness={args.partial_staleness}"]}
+    chosen = [m for m in args.modes.split(",") if m]
+    if unknown := [m for m in chosen if m not in modes]:
+        raise SystemExit(f"error: --modes: unknown {unknown}; choose from {sorted(modes)}")
 
     def figures(summary: dict, cfg) -> dict:
         return {"steps_per_s": round(summary["steps"] / summary["stage_s"]["rl"], 4),
@@ -78,17 +89,23 @@ def main() -> None:
                 "accuracy_after": summary["eval_after"]["accuracy"],
                 "rollout_threads": cfg.rollout.threads}
 
-    result = {"sync": figures(sync, sync_cfg), "async": figures(asyn, async_cfg), "steps": sync["steps"],
-              "rollout_rows_per_step": sync_cfg.rollout_rows, "cores": os.cpu_count()}
-    result["speedup"] = round(result["async"]["steps_per_s"] / result["sync"]["steps_per_s"], 3)
-    result["accuracy_diff"] = round(result["async"]["accuracy_after"] - result["sync"]["accuracy_after"], 4)
+    result: dict = {"cores": os.cpu_count()}
+    for mode in chosen:
+        cfg = load_config(args.config, [*start, f"output_dir={out / mode}", *modes[mode]])
+        summary = run(cfg, log=lambda line, m=mode: print(f"[{m}] {line}", flush=True)).summary
+        result[mode], result["steps"], result["rollout_rows_per_step"] = figures(summary, cfg), summary["steps"], cfg.rollout_rows
+    for mode, base in (("async", "sync"), ("partial", "async"), ("partial", "sync")):
+        if mode in result and base in result:
+            result[f"speedup_{mode}_vs_{base}"] = round(result[mode]["steps_per_s"] / result[base]["steps_per_s"], 3)
+            result[f"accuracy_diff_{mode}_vs_{base}"] = round(
+                result[mode]["accuracy_after"] - result[base]["accuracy_after"], 4)
     print(f"{'mode':<8}{'rollout threads':>16}{'RL s':>8}{'steps/s':>9}{'acc before':>12}{'acc after':>11}")
-    for mode in ("sync", "async"):
+    for mode in chosen:
         f = result[mode]
         print(f"{mode:<8}{f['rollout_threads']:>16}{f['rl_s']:>8.1f}{f['steps_per_s']:>9.3f}"
               f"{f['accuracy_before']:>12.3f}{f['accuracy_after']:>11.3f}")
-    print(f"speed-up {result['speedup']:.2f}x, accuracy difference {result['accuracy_diff']:+.3f} "
-          f"({result['steps']} steps of {result['rollout_rows_per_step']} rollout rows, {result['cores']} cores)")
+    print(", ".join(f"{k} {v}" for k, v in result.items() if k.startswith(("speedup", "accuracy_diff")))
+          + f" ({result['steps']} steps of {result['rollout_rows_per_step']} rollout rows, {result['cores']} cores)")
     print(json.dumps(result))
 
 

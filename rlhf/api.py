@@ -228,6 +228,17 @@ class Trainer:
         self.log(f"eval{f' {when} RL' if 'rl' in self.cfg.stages else ''}: accuracy {figures['accuracy']:.3f}")
         return figures
 
+    def _curve_point(self) -> None:
+        """A held-out evaluation in the middle of RL: logged as eval/* and appended to the summary's eval_curve."""
+        with self._timer("eval"):
+            figures = self._rl_loop().evaluate(self._eval_rows, self.log)
+        self.metrics.log(eval_scalars(figures), self.steps)
+        point = {k: figures[k] for k in ("accuracy", "mean_response_tokens", "n") if k in figures}
+        point["by_difficulty"] = {level: {k: f[k] for k in ("accuracy", "mean_response_tokens") if k in f}
+                                  for level, f in (figures.get("by_difficulty") or {}).items()}
+        self._summary.setdefault("eval_curve", []).append({"step": self.steps, **point})
+        self.log(f"eval at step {self.steps}: accuracy {figures['accuracy']:.3f}")
+
     def step(self) -> dict:
         """One RL step on ``rollout.prompts_per_step`` prompts from the training pool; returns its metrics
         (``reward/*``, ``losses/*``, ``perf/*``, ``charts/*``), also appended to ``metrics.jsonl``."""
@@ -242,7 +253,15 @@ class Trainer:
         ``output_dir/checkpoints/step_N`` every ``save_every`` steps (see ``save_checkpoint``); returns their
         metrics."""
         steps = max(self.cfg.algorithm.steps - self.steps, 0) if steps is None else steps
-        history, stopped_at = self._schedule.train(steps, self.step, self.save_checkpoint)
+        every = self.cfg.eval.every
+
+        def step_then_evaluate() -> dict:  # eval.every: a held-out point of the learning curve (not after the last)
+            metrics = self.step()
+            if every and self.steps % every == 0 and self.steps < self.cfg.algorithm.steps:
+                self._curve_point()
+            return metrics
+
+        history, stopped_at = self._schedule.train(steps, step_then_evaluate, self.save_checkpoint)
         if stopped_at is not None:
             self._summary["audit_stopped_at"] = stopped_at
         return history

@@ -28,3 +28,7 @@ def check_registered(cfg: RunConfig) -> None:
     for key, name, registry in named:
         if name not in registry:
             raise ConfigError(f"config key {key}: {registry.unknown(name)}")
+    if cfg.rollout.partial_rollouts and not getattr(ENGINES[cfg.rollout.engine], "interruptible", False):
+        raise ConfigError(f"rollout.partial_rollouts needs an engine that takes new weights between decoding steps "
+                          f"(hf_compact, hf_static); {cfg.rollout.engine} does not: use one of those, or turn "
+                          f"partial_rollouts off for one-step-off asynchronous rollout")

@@ -3,6 +3,8 @@ log-probability of each token, and why each response ended. ``generate``: Huggin
 ``generate_compacting``: our own decode loop that drops finished rows from the batch and the cache."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
@@ -101,14 +103,16 @@ def _samples(tokenizer, rows: list[list[int]], n: int, tokens: list[list[int]], 
 @torch.no_grad()
 def generate_compacting(model, tokenizer, prompts: list[str], n: int, max_new_tokens: int,
                         temperature: float = 1.0, greedy: bool = False, top_p: float = 1.0,
-                        top_k: int = 0) -> list[Sample]:
+                        top_k: int = 0, stop_early: Callable[[], bool] | None = None) -> list[Sample]:
     """What ``generate`` returns, from a decode loop that takes finished rows out of the batch and the KV cache
     (once at least an eighth of the batch has finished, so the cache is not copied every step): with responses of
     varying length most rows stop well before the longest, and ``generate`` would keep computing them to the end.
     Each prompt's forward runs once for its ``n`` samples (``generate`` runs it ``n`` times).
     Sampling is multinomial at the temperature after top-k/top-p ``truncate``, as in ``generate``. Of the model's
     saved generation config it reads ``min_new_tokens`` only (end-of-sequence impossible before then, the log-probs
-    those of the distribution without it, as ``generate`` records them); the rest is ``generate``'s alone."""
+    those of the distribution without it, as ``generate`` records them); the rest is ``generate``'s alone.
+    ``stop_early``, asked after every decoding step, ends the call there when it says so: the unfinished rows come
+    back with the tokens they have, all the same number (partial rollouts continue them: rollout/partial.py)."""
     prompt_rows, input_ids, attention_mask = _left_padded(model, tokenizer, prompts, 1)
     rows = [ids for ids in prompt_rows for _ in range(n)]
     eos, scale = tokenizer.eos_token_id, 1.0 if greedy else temperature
@@ -139,7 +143,7 @@ def generate_compacting(model, tokenizer, prompts: list[str], n: int, max_new_to
                 tokens[row].append(t)
                 logprobs[row].append(lp)
         done |= token == eos
-        if step == max_new_tokens - 1 or bool(done.all()):
+        if step == max_new_tokens - 1 or bool(done.all()) or (stop_early is not None and stop_early()):
             break
         if int(done.sum()) >= max(1, len(live) // 8):
             keep = (~done).nonzero().squeeze(-1)

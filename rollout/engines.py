@@ -10,7 +10,7 @@ its own module plus one ``ENGINES.register`` line; tests/test_engine_contract.py
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -55,6 +55,7 @@ class HFEngine:
     """The policy as a transformers model in this process, sampled with ``generate`` (rollout/engine.py)."""
 
     top_p, top_k = 1.0, 0  # rollout.top_p / rollout.top_k: what generate truncates to unless told otherwise
+    interruptible = False  # whether generate takes stop_early (a decode loop of our own: partial rollouts)
 
     def __init__(self, model_dir: str, rollout: RolloutConfig | None = None):
         rollout = rollout or RolloutConfig()
@@ -95,7 +96,11 @@ class CompactingHFEngine(HFEngine):
     per prompt for its n samples, and finished rows out of the batch and the KV cache. The default engine: faster
     where responses differ in length, as fast where they do not."""
 
+    interruptible = True  # takes stop_early: partial rollouts (rollout/partial.py)
+
     def generate(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
-                 greedy: bool, top_p: float | None = None, top_k: int | None = None) -> list[Sample]:
+                 greedy: bool, top_p: float | None = None, top_k: int | None = None,
+                 stop_early: Callable[[], bool] | None = None) -> list[Sample]:
         return generate_compacting(self.model, self.tokenizer, prompts, n, max_new_tokens, temperature, greedy,
-                                   self.top_p if top_p is None else top_p, self.top_k if top_k is None else top_k)
+                                   self.top_p if top_p is None else top_p, self.top_k if top_k is None else top_k,
+                                   stop_early)

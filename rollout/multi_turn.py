@@ -35,7 +35,7 @@ class _Trajectory:
     texts: list[str] = field(default_factory=list)     # model turns and observations, in order
     turns: int = 0
     last_turn: str = ""
-    info: dict = field(default_factory=lambda: {"tool_calls": 0, "tool_errors": 0, "tool_s": 0.0})
+    info: dict = field(default_factory=lambda: {"tool_calls": 0, "tool_errors": 0, "tool_s": 0.0, "turn_reward": 0.0})
     finish: str | None = None
 
     def sample(self) -> Sample:

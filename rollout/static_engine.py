@@ -14,6 +14,8 @@ reasons stop/length, prompts as text or token ids.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -108,8 +110,10 @@ def sample_next(logits: torch.Tensor, temperature: float, greedy: bool, banned: 
 
 @torch.no_grad()
 def generate_static(model, tokenizer, prompts: list[str], n: int, max_new_tokens: int, temperature: float = 1.0,
-                    greedy: bool = False, top_p: float = 1.0, top_k: int = 0) -> list[Sample]:
-    """``n`` responses per prompt, grouped by prompt, as ``generate_compacting`` returns them."""
+                    greedy: bool = False, top_p: float = 1.0, top_k: int = 0,
+                    stop_early: Callable[[], bool] | None = None) -> list[Sample]:
+    """``n`` responses per prompt, grouped by prompt, as ``generate_compacting`` returns them (``stop_early`` as
+    there)."""
     prompt_rows, input_ids, attention_mask = _left_padded(model, tokenizer, prompts, 1)
     rows = [ids for ids in prompt_rows for _ in range(n)]
     width, total = input_ids.shape[1], len(rows)
@@ -136,7 +140,8 @@ def generate_static(model, tokenizer, prompts: list[str], n: int, max_new_tokens
         ended = (token == eos) & ~done  # a finished row still in the batch may draw it again
         lengths[live[ended]] = step + 1
         done |= ended
-        if step == max_new_tokens - 1 or bool(done.all()):
+        if step == max_new_tokens - 1 or bool(done.all()) or (stop_early is not None and stop_early()):
+            lengths[live[~done]] = step + 1  # stopped early: the unfinished rows end here
             break
         if int(done.sum()) >= max(1, len(live) // 8):  # as hf_compact: not every step, the move is a copy
             live, token, mask, next_position, done = _without_finished(cache, done, live, token, mask, next_position,
@@ -163,7 +168,11 @@ class StaticCacheHFEngine(HFEngine):
     """The hf engine's model, sampled by ``generate_static``: hf_compact's loop over a preallocated KV cache with
     fused sampling."""
 
+    interruptible = True  # takes stop_early: partial rollouts (rollout/partial.py)
+
     def generate(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
-                 greedy: bool, top_p: float | None = None, top_k: int | None = None) -> list[Sample]:
+                 greedy: bool, top_p: float | None = None, top_k: int | None = None,
+                 stop_early: Callable[[], bool] | None = None) -> list[Sample]:
         return generate_static(self.model, self.tokenizer, prompts, n, max_new_tokens, temperature, greedy,
-                               self.top_p if top_p is None else top_p, self.top_k if top_k is None else top_k)
+                               self.top_p if top_p is None else top_p, self.top_k if top_k is None else top_k,
+                               stop_early)

@@ -5,9 +5,15 @@ store (``load_weights``) or by collective broadcast from trainer rank 0 (``join_
 ``receive_weights``: rlhf/core/distributed/weight_sync.py); ``generate`` is told which version the driver expects and refuses
 to sample from stale weights rather than silently training off-policy. The worker times its engine's calls
 (``timing``).
+
+With partial rollouts (``rollout.partial_rollouts``; rollout/partial.py) the driver sends weights through
+``load_weights`` in the actor's ``weights`` concurrency group, so they arrive while a batch is being generated:
+they wait in ``_pending`` until the engine's current decoding step ends, and the rest of the batch is sampled from
+them (each token's version recorded). ``generate`` then accepts any version at least the expected one.
 """
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -22,8 +28,10 @@ from rollout import static_engine  # noqa: F401 - registers hf_static
 from rollout.engines import ENGINES
 from rollout.environments import ENVIRONMENTS
 from rollout.multi_turn import MultiTurnRollout
+from rollout.partial import generate_partial
 
 
+SYNC_ARRIVAL_S = 120.0  # partial rollouts: how long a batch waits for the weights it was launched after
 TRANSFER_CALLS = ("init_weight_transfer_engine", "start_weight_update", "update_weights", "finish_weight_update")
 
 
@@ -47,6 +55,11 @@ class RolloutWorker:
             make_env = environment or ENVIRONMENTS[rollout.environment]
             self.multi_turn = MultiTurnRollout(self.tokenizer, lambda: make_env(rollout.multi_turn), rollout.multi_turn)
         self.version = 0
+        self.partial = rollout.partial_rollouts
+        # Partial rollouts: weights that arrived during a generate call, installed between its decoding steps.
+        self._lock = threading.Lock()
+        self._generating = False
+        self._pending: tuple[dict[str, torch.Tensor], int] | None = None
         self.bucket_bytes = int(rollout.sync_bucket_mb * 2**20)
         self._sync: BroadcastGroup | None = None
         self._manifest: list[TensorSpec] = []
@@ -55,12 +68,30 @@ class RolloutWorker:
         self.last: dict[str, float] = {}
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> float:
-        """Install new policy weights; returns the seconds it took."""
+        """Install new policy weights (or, while a partial rollout is generating, hand them to it: it installs them
+        after its current decoding step); returns the seconds it took."""
+        with self._lock:
+            if self._generating:
+                if self._pending is None or version > self._pending[1]:
+                    self._pending = (state_dict, version)
+                return 0.0
+            return self._install(state_dict, version)
+
+    def _install(self, state_dict: dict[str, torch.Tensor], version: int) -> float:
         start = time.perf_counter()
         self.engine.load_weights(state_dict)
         self.version = version
         self.last["load_weights_s"] = time.perf_counter() - start
         return self.last["load_weights_s"]
+
+    def _install_pending(self) -> bool:
+        """Install the weights that arrived during generation, if any (whether there were)."""
+        with self._lock:
+            if self._pending is None:
+                return False
+            self._install(*self._pending)
+            self._pending = None
+            return True
 
     def join_weight_sync(self, host: str, port: int, rank: int, size: int, generation: int,
                          manifest: list[TensorSpec], timeout_s: float) -> None:
@@ -118,6 +149,8 @@ class RolloutWorker:
 
     def generate(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float, greedy: bool,
                  expected_version: int) -> list[Sample]:
+        if self.partial and not greedy:  # the weights may be newer than when the batch was launched
+            return self._generate_partial(prompts, n, max_new_tokens, temperature, expected_version)
         if self.version != expected_version:
             raise StaleWeightsError(f"rollout worker holds weights v{self.version}, driver expects v{expected_version}")
         start = time.perf_counter()
@@ -126,6 +159,35 @@ class RolloutWorker:
         else:
             samples = self.multi_turn.run(lambda ids, k, new: self.engine.generate(ids, k, new, temperature, greedy),
                                           prompts, n, max_new_tokens)
+        self.last["generate_s"] = time.perf_counter() - start
+        self.last["response_tokens"] = float(sum(len(s.response_ids) for s in samples))
+        return samples
+
+    def _generate_partial(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
+                          expected_version: int) -> list[Sample]:
+        """A batch sampled across weight swaps (rollout/partial.py), each token's version recorded."""
+        with self._lock:
+            self._generating = True
+        try:
+            # The sync the batch was launched after runs in the weights group: it may still be on its way.
+            deadline = time.monotonic() + SYNC_ARRIVAL_S
+            while True:
+                self._install_pending()
+                if self.version >= expected_version:
+                    break
+                if time.monotonic() > deadline:
+                    raise StaleWeightsError(f"rollout worker holds weights v{self.version}, driver expects at least "
+                                            f"v{expected_version} (not arrived within {SYNC_ARRIVAL_S:.0f} s)")
+                time.sleep(0.005)
+            start = time.perf_counter()
+            samples = generate_partial(
+                lambda ps, k, new, stop: self.engine.generate(ps, k, new, temperature, False, stop_early=stop),
+                prompts, n, max_new_tokens, lambda: self.version, lambda: self._pending is not None,
+                self._install_pending, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
+        finally:
+            with self._lock:
+                self._generating = False
+            self._install_pending()  # weights that came with the last step: the next batch starts from them
         self.last["generate_s"] = time.perf_counter() - start
         self.last["response_tokens"] = float(sum(len(s.response_ids) for s in samples))
         return samples

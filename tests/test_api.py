@@ -153,11 +153,16 @@ def test_run_the_whole_pipeline_from_python(tmp_path):
         if line.startswith("step "):
             ray_procs.snapshot()
 
-    result = rlhf.run(rlhf.RunConfig(output_dir=str(tmp_path / "run"), **TINY), log=log)
+    # eval.every=1: a learning-curve point after step 1 (none after the last step: eval_after is that one)
+    result = rlhf.run(rlhf.RunConfig(output_dir=str(tmp_path / "run"), **{**TINY, "eval": {
+        "max_new_tokens": 16, "every": 1}}), log=log)
 
     assert isinstance(result, rlhf.RunResult) and result.output_dir == tmp_path / "run"
     assert result.summary == json.loads((result.output_dir / "summary.json").read_text())
     assert result.summary["steps"] == 2 and {"eval_before", "eval_after", "warmup"} <= set(result.summary)
+    curve = result.summary["eval_curve"]
+    assert [p["step"] for p in curve] == [1] and curve[0]["n"] == 20 and "1" in curve[0]["by_difficulty"]
+    assert any(line.startswith("eval at step 1: accuracy") for line in lines)
     assert result.policy_dir == result.output_dir / "policy" and (result.policy_dir / "model.safetensors").is_file()
     assert result.reward_model_dir is None
     assert [line.split()[1] for line in lines if line.startswith("step ")] == ["1/2", "2/2"]

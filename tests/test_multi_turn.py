@@ -113,6 +113,24 @@ def test_observation_tokens_carry_no_loss(model, tokenizer):
     assert torch.isclose(batch["loss_weights"].sum(), torch.tensor(1.0))  # token-mean over model tokens only
 
 
+class ShapedEcho(Echo):
+    """Echo whose every tool turn is worth -0.25 (per-turn shaping)."""
+
+    def step(self, turn: str) -> StepResult:
+        result = super().step(turn)
+        return result if result.done else StepResult(result.observation, False, {**result.info, "turn_reward": -0.25})
+
+
+def test_turn_rewards_add_up_over_a_trajectory(model, tokenizer):
+    engine = ENGINES["hf_compact"].from_model(model, tokenizer)
+    torch.manual_seed(1)
+    with _eos_likely(model, tokenizer.eos_token_id):
+        samples = _rollout(engine, tokenizer, lambda: ShapedEcho(3), MultiTurnConfig(max_turns=3, max_total_tokens=40))
+    for s in samples:  # every turn but a final answer was a tool turn
+        assert s.episode["turn_reward"] == pytest.approx(-0.25 * (s.episode["turns"] - (s.finish_reason == "stop")))
+    assert any(s.episode["turn_reward"] < 0 for s in samples)
+
+
 @pytest.mark.parametrize("make_env, limits, reason", [
     (lambda: Echo(1), MultiTurnConfig(), "stop"),
     (lambda: Echo(None), MultiTurnConfig(max_turns=2, max_total_tokens=200), "max_turns"),
@@ -195,3 +213,33 @@ def test_multi_turn_rollouts_replay_exactly_from_the_workers_rng_state(model, to
     assert [(s.response_ids, s.logprobs, s.loss_mask) for s in first] == \
         [(s.response_ids, s.logprobs, s.loss_mask) for s in again]
     assert len({tuple(s.response_ids) for s in first}) > 1  # real sampling, not one fixed answer
+
+
+def test_a_multi_turn_run_killed_after_a_checkpoint_resumes_to_the_same_metrics_and_weights(tmp_path):
+    """Through Ray and the sandboxed calculator: a run that dies (SIGKILL) after step 3, past the step-2
+    checkpoint, resumes to exactly what an uninterrupted run gives, tool-call figures included."""
+    import signal
+    import subprocess
+    import sys
+
+    from rlhf.cli import main
+    from tests.test_resume import KILLED_DRIVER, REPO, TINY, final_weights, metrics, without_timings
+
+    pytest.importorskip("deepspeed")
+    run = ["algorithm.steps=4", "save_every=2", "stages=[warmup, rl]", "rollout.environment=calculator",
+           "warmup.tool_fraction=1.0", "warmup.steps=20", "rollout.max_new_tokens=24", "trainer.lr=0.01"]
+    straight, out = tmp_path / "straight", tmp_path / "killed"
+    assert main(["run", TINY, f"output_dir={straight}", *run]) == 0
+    killed = subprocess.run([sys.executable, "-c", KILLED_DRIVER, TINY, f"output_dir={out}", *run], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+    assert main(["run", TINY, f"output_dir={out}", *run, "--resume"]) == 0
+    expected, resumed = metrics(straight), metrics(out)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    assert "episode/turns" in expected[-1]
+    for a, b in zip(expected, resumed):
+        assert without_timings(a).keys() == without_timings(b).keys()
+        for key, value in without_timings(a).items():
+            assert b[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (a["step"], key)
+    for name, weight in final_weights(straight).items():
+        torch.testing.assert_close(final_weights(out)[name], weight, rtol=0, atol=1e-6, msg=name)

@@ -35,15 +35,24 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def test_smollm2_with_lora_through_grpo_checkpoint_resume_and_export(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct imported once for this module's tests (about 25 s)."""
     from rlhf.cli import main
 
     gguf = smollm2_gguf()
+    model_dir = tmp_path_factory.mktemp("models") / "smollm2"
+    assert main(["import-model", str(gguf), str(model_dir)]) == 0
+    assert json.loads((model_dir / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    return model_dir
+
+
+def test_smollm2_with_lora_through_grpo_checkpoint_resume_and_export(tmp_path, capsys, smollm2):
+    from rlhf.cli import main
+
     if not GSM8K.is_file():
         pytest.skip(f"GSM8K prompts not found at {GSM8K}")
-    model_dir = tmp_path / "smollm2"
-    assert main(["import-model", str(gguf), str(model_dir)]) == 0
-    assert "LlamaForCausalLM" in capsys.readouterr().out
+    model_dir = smollm2
 
     out = tmp_path / "run"
     overrides = [
@@ -98,3 +107,24 @@ def test_smollm2_with_lora_through_grpo_checkpoint_resume_and_export(tmp_path, c
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     answer = exported.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert answer.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_smollm2_distil_recipe_end_to_end_at_smoke_size(tmp_path, smollm2):
+    """configs/smollm2_distil.yaml, every stage, every count cut down: traces -> matched selection -> LoRA SFT ->
+    reference-teacher labels -> the distilled RM on SmolLM2's Llama backbone (LoRA, quality/RV/CD heads) -> one GRPO
+    step rewarded by it -> held-out evaluation before and after, per level."""
+    from rlhf.cli import main
+
+    out = tmp_path / "distil"
+    assert main(["run", str(REPO / "configs" / "smollm2_distil.yaml"), f"output_dir={out}",
+                 f"model.model_name_or_path={smollm2}", "traces.prompts=16", "warmup.steps=2", "warmup.eval_every=0",
+                 "label.prompts=4", "label.eval_prompts=4", "label.samples_per_prompt=2", "reward_model.epochs=1",
+                 "algorithm.steps=1", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
+                 "rollout.max_new_tokens=12", "task.eval_prompts=6", "eval.max_new_tokens=12"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["eval_before"]["n"] == summary["eval_after"]["n"] == 6
+    assert set(summary["eval_after"]["by_difficulty"]) <= {"1", "2", "3"}
+    rm = json.loads((out / "reward_model" / "config.json").read_text())
+    assert rm["architectures"] == ["LlamaForSequenceClassification"] and rm["model_type"] == "llama"
+    step = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert "reward/rm" in step and step["perf/train_bf16"] in (0.0, 1.0)

@@ -68,8 +68,22 @@ def test_a_tool_cannot_reach_the_network_or_write_outside_its_directory(tmp_path
 ])
 def test_a_bad_tool_call_is_an_observation_not_an_exception(turn, says):
     result = _python_env().step(turn)
-    assert not result.done and result.info == {"tool_calls": 1, "tool_errors": 1, "tool_s": 0.0}
+    assert not result.done and result.info == {"tool_calls": 1, "tool_errors": 1, "tool_s": 0.0, "turn_reward": 0.0}
     assert says in result.observation
+
+
+def test_failed_calls_are_shaped_per_turn_when_asked():
+    """rollout.multi_turn.tool_error_reward: each failed call of a turn adds it to the turn's reward."""
+    from rlhf.core.algorithms.shaping import turn_rewards
+
+    env = _python_env(tool_error_reward=-0.25)
+    bad = '<tool_call>{"name": "shell", "arguments": {}}</tool_call>'
+    assert env.step(bad + bad).info["turn_reward"] == -0.5
+    assert env.step(_plain("print(2)")).info["turn_reward"] == 0.0
+    assert env.step("#4").info["turn_reward"] == 0.0
+    # summed per trajectory (rollout/multi_turn.py), then added to the rewards (RLStep._shaped)
+    assert turn_rewards([{"turn_reward": -0.75}, None, {"turns": 1}]).tolist() == [-0.75, 0.0, 0.0]
+    assert turn_rewards([{"turn_reward": 0.0}, None]) is None
 
 
 def test_calls_are_read_in_both_formats_and_answered_in_the_callers_format():

@@ -54,7 +54,10 @@ def make_rollout_workers(cfg: RunConfig, model_dir: str) -> WorkerPool:
     cluster.check_fits("rollout", cfg.rollout.num_workers, resources)
     # The transfer backend and vLLM's row bound follow the placement; what cannot work is refused here.
     settings = cluster.rollout_settings(cfg, cluster.role_resources(cfg, "trainer"), resources).rollout
-    actor = ray.remote(**resources.options())(RolloutWorker)
+    options = resources.options()
+    if cfg.rollout.partial_rollouts:  # weight syncs run beside generate (rollout/worker.py)
+        options["concurrency_groups"] = {"weights": 1}
+    actor = ray.remote(**options)(RolloutWorker)
     environment = None if cfg.rollout.environment == "none" else ENVIRONMENTS[cfg.rollout.environment]
     return WorkerPool("rollout", lambda i: actor.remote(model_dir, settings, cfg.seed + 1000 * (i + 1),
                                                      ENGINES[cfg.rollout.engine], environment),

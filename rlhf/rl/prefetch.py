@@ -25,6 +25,12 @@ trainer's weights after the last update; the in-flight batch is not part of it. 
 (``LaunchedRollout.rows``): a resume that must continue the same prompt order launches those rows again, from
 the restored weights (so that one batch is generated with staleness 0). No more batches are launched than the
 run has steps left (``next``'s ``remaining``), so the last step leaves nothing in flight.
+
+Fully asynchronous (``rollout.partial_rollouts``): the same launches, but a sync does not queue behind the
+generation in flight. Its calls run in the workers' ``weights`` concurrency group, beside ``generate``, which
+installs the new weights after its current decoding step and continues the unfinished responses from them
+(rollout/partial.py). A batch therefore carries tokens of several versions, each recorded; the step bounds their
+age token by token (rlhf/core/algorithms/staleness.py) instead of by the batch's launch version.
 """
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf.core.algorithms.shaping import informative_groups, overlong_penalty
+from rlhf.core.algorithms.shaping import informative_groups, overlong_penalty, turn_rewards
+from rlhf.core.algorithms.staleness import bound_staleness
 from rlhf.core.config.run_config import RunConfig
 from rlhf.core.data.datasets import PromptRow
 from rlhf.outputs.diagnostics import component_figures
@@ -63,7 +64,10 @@ class RLStep:
         samples = self.rollout.collect(launched) if launched else self.rollout.generate([r.prompt for r in rows], n,
                                                                                         greedy=False)
         generated_by = launched.version if launched else self.version  # weights version that sampled the batch
-        staleness = self.version - generated_by  # updates since: what the update is off-policy by
+        staleness = {"perf/staleness": self.version - generated_by}  # updates since: what the update is off-policy by
+        # Partial rollouts: versions per token, the old ones masked out of the loss (rlhf/core/algorithms/staleness.py).
+        samples, per_token = bound_staleness(samples, self.version, self.cfg.rollout.max_staleness)
+        staleness.update(per_token)
         timings["perf/generate_s"] = time.perf_counter() - t0  # asynchronous: only the wait the overlap left
 
         t = time.perf_counter()
@@ -101,7 +105,7 @@ class RLStep:
             **self._figures(rows, samples, scores, rewards),
             "charts/weights_version": self.version,
             "charts/rollout_weights_version": generated_by,
-            "perf/staleness": staleness,
+            **staleness,
             "faults/restarts": self.rollout.restarts + self.reward.restarts - restarts,
             "faults/skipped_batches": self.guard.skipped,
             **({"rm/version": rm_version} if rm_version is not None else {}),
@@ -119,13 +123,17 @@ class RLStep:
                         [given.get(id(s)) for s in samples], self.cfg.log_samples, self.cfg.seed + step)
 
     def _shaped(self, rewards: torch.Tensor, samples: list) -> tuple[torch.Tensor, dict]:
-        """DAPO's soft overlong punishment, added to the rewards where ``overlong_buffer`` is set."""
-        a = self.cfg.algorithm
-        if not a.overlong_buffer:
-            return rewards, {}
-        penalty = overlong_penalty(torch.tensor([len(s.response_ids) for s in samples]),
-                                   self.cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty)
-        return rewards + penalty, {"reward/overlong_penalty": penalty.mean().item()}
+        """Multi-turn trajectories' per-turn shaping (their environments' turn rewards), and DAPO's soft overlong
+        punishment where ``overlong_buffer`` is set, added to the rewards."""
+        a, shaping = self.cfg.algorithm, {}
+        turns = turn_rewards([s.episode for s in samples])
+        if turns is not None:
+            rewards, shaping["reward/turn_shaping"] = rewards + turns, turns.mean().item()
+        if a.overlong_buffer:
+            penalty = overlong_penalty(torch.tensor([len(s.response_ids) for s in samples]),
+                                       self.cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty)
+            rewards, shaping["reward/overlong_penalty"] = rewards + penalty, penalty.mean().item()
+        return rewards, shaping
 
     def _with_signal(self, samples: list, rewards: torch.Tensor, difficulties: list,
                      shaping: dict) -> tuple[list, torch.Tensor, list]:

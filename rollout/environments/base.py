@@ -19,7 +19,9 @@ ENVIRONMENTS: Registry = Registry("environment")
 class StepResult:
     observation: str              # text appended after the model's turn (its tokens carry no loss); "" when done
     done: bool                    # the episode is over: the turn was the model's final answer
-    info: dict = field(default_factory=dict)  # per turn: tool_calls, tool_errors, tool_s (summed per trajectory)
+    # per turn: tool_calls, tool_errors, tool_s, and turn_reward (per-turn shaping, added to the trajectory's reward);
+    # each summed over the trajectory
+    info: dict = field(default_factory=dict)
 
 
 class Environment:

@@ -25,20 +25,22 @@ class ToolEnvironment(Environment):
     def __init__(self, limits=None):
         super().__init__(limits)
         self.by_name = {tool.name: tool for tool in self.tools}
+        self.error_reward = limits.tool_error_reward if limits is not None else 0.0  # per failed call
         self.sandbox = SandboxLimits(limits.tool_seconds, limits.tool_memory_mb, limits.tool_output_bytes) \
             if limits is not None else SandboxLimits()
 
     def step(self, turn: str) -> StepResult:
         calls = parse_calls(turn, self.by_name)
         if not calls:
-            return StepResult("", True, {"tool_calls": 0, "tool_errors": 0, "tool_s": 0.0})
+            return StepResult("", True, {"tool_calls": 0, "tool_errors": 0, "tool_s": 0.0, "turn_reward": 0.0})
         results = [self._run(call) for call in calls[:MAX_CALLS_PER_TURN]]
         if len(calls) > MAX_CALLS_PER_TURN:
             results.append(ToolResult(False, f"error: at most {MAX_CALLS_PER_TURN} calls per turn", 0.0))
         template = _PLAIN_RESULT if calls[0].plain else _CHATML_RESULT
         observation = "".join(template.format(r.output) for r in results)
-        info = {"tool_calls": len(calls), "tool_errors": sum(not r.ok for r in results),
-                "tool_s": sum(r.seconds for r in results)}
+        errors = sum(not r.ok for r in results)
+        info = {"tool_calls": len(calls), "tool_errors": errors, "tool_s": sum(r.seconds for r in results),
+                "turn_reward": self.error_reward * errors}
         return StepResult(observation, False, info)
 
     def _run(self, call: ToolCall) -> ToolResult:

@@ -43,3 +43,10 @@ def informative_groups(rewards: torch.Tensor, group_size: int, rows_multiple: in
     keep_count = int(informative.sum()) // step * step
     keep = informative & (informative.cumsum(dim=0) <= keep_count)
     return keep.repeat_interleave(group_size)
+
+
+def turn_rewards(episodes: list[dict | None]) -> torch.Tensor | None:
+    """Per-turn shaping of multi-turn trajectories: each one's summed ``turn_reward`` (what its environment gave
+    its turns, e.g. a penalty per failed tool call), to add to its reward; None when no trajectory has any."""
+    values = [float((episode or {}).get("turn_reward", 0.0)) for episode in episodes]
+    return torch.tensor(values) if any(values) else None

@@ -149,3 +149,6 @@ class EvalConfig(_Section):
     """Longest greedy answer in held-out evaluation, in tokens."""
     batch_size: int = Field(256, gt=0)
     """Held-out prompts generated at once."""
+    every: int = Field(0, ge=0)
+    """RL steps between held-out evaluations during RL, a learning curve (0: before and after RL only); each is
+    logged as eval/* at its step and listed in summary.json's eval_curve."""

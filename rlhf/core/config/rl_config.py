@@ -32,6 +32,9 @@ class MultiTurnConfig(_Section):
     """Address-space limit of one tool call's process, in MB."""
     tool_output_bytes: int = Field(2000, gt=0)
     """Output limit of one tool call; more is an error observation, not a truncation."""
+    tool_error_reward: float = 0.0
+    """Per-turn shaping of the tool environments: added to a trajectory's reward for each tool call that failed
+    (e.g. -0.1; 0: off). Any environment may shape turns the same way, with a turn_reward in its StepResult info."""
 
 
 class RolloutConfig(_Section):
@@ -92,8 +95,16 @@ class RolloutConfig(_Section):
     batch k+1 (up to max_staleness batches ahead) from the weights they hold, which are then max_staleness updates
     behind. Logged as perf/staleness; pair it with algorithm.tis_cap to correct for the older sampler. Overlap needs
     cores for both at once: num_workers x threads + trainer.num_ranks x trainer.threads <= cores."""
-    max_staleness: int = Field(1, ge=1)
-    """batches generated ahead when asynchronous (their weights' lag, in updates)"""
+    max_staleness: int = Field(1, ge=0)
+    """Batches generated ahead when asynchronous (their weights' lag, in updates; 0: none ahead, the synchronous
+    schedule through the asynchronous path). With partial_rollouts, the bound on each trained token's age: tokens
+    sampled more than this many updates before the one that trains on them carry no loss."""
+    partial_rollouts: bool = False
+    """Fully asynchronous rollout (with asynchronous): generation never waits for an update; new weights reach a
+    rollout worker in the middle of a batch, are installed between two decoding steps, and the unfinished responses
+    continue from them (rollout/partial.py), each token's weights version recorded. Logged: perf/staleness (mean
+    per token), perf/staleness_max, perf/stale_tokens_masked, charts/versions_per_response. Needs an engine with
+    our own decode loop (hf_compact, hf_static), weight_sync object_store and single-turn rollouts."""
     environment: str = "none"
     """The multi-turn environment each sample is a trajectory in (rollout/environments/ ENVIRONMENTS: calculator,
     the arithmetic task with a calculator tool; tools, the calculator and a Python sandbox; or one a script

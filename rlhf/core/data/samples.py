@@ -17,6 +17,8 @@ class Sample:
     loss_mask: list[int] | None = None  # per response token: 1 sampled by the policy, 0 an observation's
     final_text: str | None = None       # the last model turn, what the verifier reads (None: the whole text)
     episode: dict | None = None         # turns, tool_calls, tool_errors, tool_s
+    # Partial rollouts (rollout/partial.py): the weights version each response token was sampled from.
+    token_versions: list[int] | None = None
 
     @property
     def verified_text(self) -> str:

@@ -61,6 +61,8 @@ class RolloutGroup:
         """``n`` samples per prompt now, in prompt order (greedy: held-out evaluation's length limit)."""
         r = self.cfg.rollout
         max_new = self.cfg.eval.max_new_tokens if greedy else r.max_new_tokens
+        if r.partial_rollouts:  # the sync's calls run beside generation: the latest weights must have arrived
+            self.finish_sync()
         # The think switch goes on the policy's prompts only; rewards and the teacher see the plain prompt.
         prompts = [think.with_switch(p, self.cfg.think.mode) for p in prompts]
         return generate(self.pool, prompts, n, max_new, r.temperature, greedy, self.version, self.timeout)
@@ -96,6 +98,11 @@ class RolloutGroup:
             self._syncing, self._syncing_names = self._syncing + refs, self._syncing_names + names
             return
         self._weights = self.trainer_weights()
+        if self.cfg.rollout.partial_rollouts:  # beside the generation in flight, which takes them between steps
+            self._syncing += [w.load_weights.options(concurrency_group="weights").remote(self._weights, self.version)
+                              for w in self.pool.workers]
+            self._syncing_names += [f"rollout worker {i}" for i in range(len(self.pool))]
+            return
         if self.cfg.rollout.asynchronous:
             self._syncing += [w.load_weights.remote(self._weights, self.version) for w in self.pool.workers]
             self._syncing_names += [f"rollout worker {i}" for i in range(len(self.pool))]

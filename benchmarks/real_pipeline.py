@@ -1,0 +1,131 @@
+"""The real-model recipe's figures (issue 31), read from finished runs of ``configs/smollm2_distil.yaml``: held-out
+accuracy of the base model, the SFT student, RL with the distilled RM, RL with the verifier (the oracle arm) and the
+adaptive-thinking variant, each with its standard error; the gains; the wall-clock; the issue's checks as booleans.
+
+    python benchmarks/real_pipeline.py --rm runs/smollm2_distil --oracle runs/smollm2_oracle \\
+        [--adaptive runs/smollm2_adaptive] [--base runs/smollm2_base] [--plot learning_curve.png]
+
+Each argument is a run directory with its summary.json (the commands are in the config's header). ``--base`` is a
+run with ``stages=[eval]`` on the base model. The SFT student's accuracy is the RM run's ``eval_before`` (its
+evaluation before the first RL step). Standard errors are those of a proportion over the held-out problems; a
+gain's is that of the difference of two independent proportions (conservative: the same problems are asked twice).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def se(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
+
+
+def gain(before: dict, after: dict) -> dict:
+    """after - before in accuracy points, with the standard error of the difference."""
+    diff = after["accuracy"] - before["accuracy"]
+    err = math.hypot(se(before["accuracy"], before["n"]), se(after["accuracy"], after["n"]))
+    return {"points": round(100 * diff, 1), "se_points": round(100 * err, 1),
+            "beyond_2se": diff > 2 * err}
+
+
+def figures(evaluation: dict) -> dict:
+    """Accuracy with its standard error, tokens, per difficulty."""
+    out = {"accuracy": evaluation["accuracy"], "se": round(se(evaluation["accuracy"], evaluation["n"]), 4),
+           "n": evaluation["n"], "mean_response_tokens": evaluation.get("mean_response_tokens")}
+    out["by_difficulty"] = {level: {"accuracy": f["accuracy"], "se": round(se(f["accuracy"], f["n"]), 4),
+                                    "mean_response_tokens": f.get("mean_response_tokens"), "n": f["n"]}
+                            for level, f in sorted((evaluation.get("by_difficulty") or {}).items())}
+    return out
+
+
+def summary(run: Path) -> dict:
+    path = run / "summary.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found: finish that run first (commands in configs/smollm2_distil.yaml)")
+    return json.loads(path.read_text())
+
+
+def adaptive_check(rm_after: dict, adaptive_after: dict) -> dict:
+    """The adaptive variant against RL with the RM alone: easiest-level tokens cut (>= 30%) at hardest-level
+    accuracy within 2 points."""
+    levels = sorted(rm_after.get("by_difficulty") or {}, key=float)
+    easy, hard = levels[0], levels[-1]
+    a, b = rm_after["by_difficulty"], adaptive_after["by_difficulty"]
+    cut = 1 - b[easy]["mean_response_tokens"] / a[easy]["mean_response_tokens"]
+    hard_diff = 100 * (b[hard]["accuracy"] - a[hard]["accuracy"])
+    return {"easiest_level": easy, "easiest_tokens_rm": a[easy]["mean_response_tokens"],
+            "easiest_tokens_adaptive": b[easy]["mean_response_tokens"], "easiest_tokens_cut": round(cut, 3),
+            "hardest_level": hard, "hardest_accuracy_diff_points": round(hard_diff, 1),
+            "ok": cut >= 0.30 and abs(hard_diff) <= 2.0}
+
+
+def curve(run: dict) -> list[tuple[int, float]]:
+    """(RL step, held-out accuracy): before RL, the eval.every points, after RL."""
+    points = [(0, run["eval_before"]["accuracy"])]
+    points += [(p["step"], p["accuracy"]) for p in run.get("eval_curve", [])]
+    return points + [(run["steps"], run["eval_after"]["accuracy"])]
+
+
+def plot(runs: dict[str, dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, run in runs.items():
+        steps, acc = zip(*curve(run))
+        ax.plot(steps, [100 * a for a in acc], marker="o", label=name)
+    n = next(iter(runs.values()))["eval_after"]["n"]
+    ax.set(xlabel="RL step", ylabel=f"held-out accuracy, % ({n} problems)",
+           title="SmolLM2-135M-Instruct on arithmetic in words")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rm", type=Path, required=True, help="the run of configs/smollm2_distil.yaml")
+    parser.add_argument("--oracle", type=Path, required=True, help="the same RL rewarded by the verifier")
+    parser.add_argument("--adaptive", type=Path, help="the RM plus the adaptive-thinking component")
+    parser.add_argument("--base", type=Path, help="stages=[eval] on the base model")
+    parser.add_argument("--plot", type=Path, help="write the learning curves here (PNG)")
+    args = parser.parse_args(argv)
+    rm, oracle = summary(args.rm), summary(args.oracle)
+    out: dict = {"accuracy": {}}
+    if args.base:
+        out["accuracy"]["base"] = figures(summary(args.base)["eval_after"])
+    out["accuracy"]["sft"] = figures(rm["eval_before"])
+    out["accuracy"]["rl_rm"] = figures(rm["eval_after"])
+    out["accuracy"]["rl_verifier"] = figures(oracle["eval_after"])
+    out["gain_rm"] = gain(rm["eval_before"], rm["eval_after"])
+    out["gain_verifier"] = gain(oracle["eval_before"], oracle["eval_after"])
+    ratio = out["gain_rm"]["points"] / out["gain_verifier"]["points"] if out["gain_verifier"]["points"] > 0 else None
+    out["gain_ratio_rm_to_verifier"] = None if ratio is None else round(ratio, 2)
+    out["wall_s"] = {"rm": rm["wall_s"], "verifier": oracle["wall_s"]}
+    out["stage_s"] = {"rm": rm.get("stage_s"), "verifier": oracle.get("stage_s")}
+    out["checks"] = {"pipeline_within_60_min": rm["wall_s"] <= 3600,
+                     "rm_gain_at_least_5_points_beyond_2se": out["gain_rm"]["points"] >= 5 and out["gain_rm"]["beyond_2se"],
+                     "rm_gain_at_least_0.8x_verifier": ratio is not None and ratio >= 0.8}
+    curves = {"RL, distilled RM": rm, "RL, verifier": oracle}
+    if args.adaptive:
+        adaptive = summary(args.adaptive)
+        out["accuracy"]["rl_adaptive"] = figures(adaptive["eval_after"])
+        out["wall_s"]["adaptive"] = adaptive["wall_s"]
+        out["adaptive"] = adaptive_check(rm["eval_after"], adaptive["eval_after"])
+        out["checks"]["adaptive_cuts_easiest_tokens_30pct_at_hardest_within_2"] = out["adaptive"]["ok"]
+        curves["RL, RM + adaptive"] = adaptive
+    if args.plot:
+        plot(curves, args.plot)
+    print("| | held-out accuracy | mean tokens |")
+    print("|---|---|---|")
+    for name, f in out["accuracy"].items():
+        print(f"| {name} | {100 * f['accuracy']:.1f} +- {100 * f['se']:.1f} | {f['mean_response_tokens']:.1f} |")
+    print(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()

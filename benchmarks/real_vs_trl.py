@@ -1,0 +1,232 @@
+"""distilrl against TRL's GRPOTrainer on a real model, for the same wall-clock budget: held-out accuracy against
+training seconds, both sides in one run (issue 31).
+
+    python benchmarks/real_vs_trl.py --model runs/smollm2_distil/warmup [--budget 600] [--eval-every 150]
+                                     [--eval-prompts 200] [--out runs/real_vs_trl] [--plot real_vs_trl.png]
+
+Both sides start from the same model (by default the SFT student of ``configs/smollm2_distil.yaml``), on the
+same task (``configs/data/arithmetic_words``, prompts rendered by the model's chat template, identical strings for
+both), with the same verifier reward (``last_number``), prompts per step and samples per prompt (8 x 8), max new
+tokens (48), temperature 1, learning rate (1e-4, AdamW, constant), LoRA shape (r 16, alpha 32, the seven
+projections), no KL term (TRL's beta 0, our kl_coef 0; neither needs the reference then), token-mean loss (TRL's
+"dapo", ours token-mean), one update per batch. Each side at its best setting on this CPU: bf16 where the CPU has
+bf16 units (TRL ``bf16=True``; ours ``trainer.precision: auto`` and ``rollout.dtype: bfloat16``), ours with the
+``hf_static`` engine, 2 threads each (the process's torch threads for TRL; our thread budget for our actors).
+
+The clock counts training only: each side stops at the first step that ends past ``--budget`` seconds of
+training, and every ``--eval-every`` seconds the held-out problems are answered greedily (48 tokens) with the
+clock stopped (TRL: the peft model's ``generate`` in this process; ours: the run's rollout worker). TRL runs first,
+then ours, one after the other on the same cores.
+
+Prints a table and one JSON object: each side's (seconds, accuracy) points, its final accuracy, and the seconds
+distilrl needed to reach TRL's final accuracy, as a fraction of TRL's budget (the issue's target: <= 0.5).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SETTINGS = dict(prompts=8, samples=8, max_new_tokens=48, lr=1e-4, r=16, alpha=32, seed=0, threads=2)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def task_rows(model: Path, eval_prompts: int):
+    """(train rows, held-out rows) of the arithmetic-words task, prompts rendered by the model's chat template."""
+    from rlhf.core.config.run_config import load_config
+    from rlhf.core.data.datasets import load_rows
+    from rlhf.core.models.build import load_tokenizer
+
+    cfg = load_config(str(ROOT / "configs" / "smollm2_distil.yaml"), [f"task.eval_prompts={eval_prompts}"])
+    return load_rows(cfg.task, cfg.seed, tokenizer=load_tokenizer(model))
+
+
+def correct(response: str, reference: str) -> bool:
+    from reward.scoring.verifiers import last_number_correct
+
+    return bool(last_number_correct(response, reference))
+
+
+def bf16_capable() -> bool:
+    from rlhf.core.models.precision import cpu_flags, resolve_precision
+
+    return resolve_precision("auto", cpu_flags(), cuda=False) == "bf16"
+
+
+def trl_side(model_dir: Path, train, held_out, budget: float, every: float, out: Path, log) -> list[tuple]:
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    s = SETTINGS
+    torch.set_num_threads(s["threads"])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    dataset = datasets.Dataset.from_list([{"prompt": r.prompt, "answer": r.answer} for r in train])
+
+    def reward(prompts, completions, answer, **_):
+        return [1.0 if correct(c, a) else 0.0 for c, a in zip(completions, answer)]
+
+    points: list[tuple] = []
+
+    def evaluate(model) -> float:
+        model.eval()
+        hits = 0
+        with torch.no_grad():
+            for start in range(0, len(held_out), 100):
+                rows = held_out[start:start + 100]
+                enc = tokenizer([r.prompt for r in rows], return_tensors="pt", padding=True, add_special_tokens=False)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_capable()):
+                    out = model.generate(**enc, max_new_tokens=s["max_new_tokens"], do_sample=False,
+                                         pad_token_id=tokenizer.pad_token_id)
+                texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                hits += sum(correct(t, r.answer) for t, r in zip(texts, rows))
+        model.train()
+        return hits / len(held_out)
+
+    class Clock(TrainerCallback):
+        """Training seconds only; held-out evaluations every ``every`` of them, with the clock stopped."""
+
+        def __init__(self):
+            self.trained, self.next_eval = 0.0, every
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.trained += time.perf_counter() - self.start
+            log(f"TRL step {state.global_step}: {self.trained:.0f} s trained")
+            if self.trained >= self.next_eval or self.trained >= budget:
+                points.append((round(self.trained, 1), state.global_step, evaluate(model)))
+                log(f"TRL at {self.trained:.0f} s: held-out accuracy {points[-1][2]:.3f}")
+                self.next_eval += every
+            if self.trained >= budget:
+                control.should_training_stop = True
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    rows = s["prompts"] * s["samples"]
+    args = GRPOConfig(
+        output_dir=str(out / "trl"), use_cpu=True, bf16=bf16_capable(), fp16=False, gradient_checkpointing=False,
+        use_vllm=False, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=s["seed"],
+        per_device_train_batch_size=rows, gradient_accumulation_steps=1, num_generations=s["samples"],
+        max_completion_length=s["max_new_tokens"], temperature=1.0, top_k=0, top_p=1.0, beta=0.0, loss_type="dapo",
+        learning_rate=s["lr"], weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="constant", warmup_steps=0,
+        max_steps=10_000, num_iterations=1, dataloader_num_workers=0)
+    lora = LoraConfig(r=s["r"], lora_alpha=s["alpha"], lora_dropout=0.0, target_modules=TARGETS, bias="none",
+                      task_type="CAUSAL_LM")
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
+                          processing_class=tokenizer, peft_config=lora, callbacks=[Clock()])
+    trainer.remove_callback(PrinterCallback)
+    points.insert(0, (0.0, 0, evaluate(trainer.model)))
+    log(f"TRL before training: held-out accuracy {points[0][2]:.3f}")
+    trainer.train()
+    return points
+
+
+def ours_side(model_dir: Path, eval_prompts: int, budget: float, every: float, out: Path, log) -> list[tuple]:
+    import rlhf
+    from rlhf.core.config.run_config import load_config
+
+    s = SETTINGS
+    bf16 = bf16_capable()
+    cfg = load_config(str(ROOT / "configs" / "smollm2_distil.yaml"), [
+        f"output_dir={out / 'ours'}", f"model.model_name_or_path={model_dir}", "stages=[rl, eval]",
+        f"model.lora={{r: {s['r']}, alpha: {s['alpha']}}}", "reward.components={verifier: 1.0}",
+        f"rollout.prompts_per_step={s['prompts']}", f"rollout.samples_per_prompt={s['samples']}",
+        f"rollout.max_new_tokens={s['max_new_tokens']}", "rollout.temperature=1.0", f"trainer.lr={s['lr']}",
+        "algorithm.kl_coef=0.0", "algorithm.steps=10000", "algorithm.loss_aggregation=token-mean",
+        f"task.eval_prompts={eval_prompts}", f"eval.max_new_tokens={s['max_new_tokens']}",
+        f"rollout.threads={s['threads']}", f"trainer.threads={s['threads']}", f"seed={s['seed']}",
+        *(["rollout.dtype=bfloat16"] if bf16 else [])])
+    points: list[tuple] = []
+    with rlhf.Trainer(cfg, log=lambda line: None) as trainer:
+        points.append((0.0, 0, trainer.evaluate()["accuracy"]))
+        log(f"distilrl before training: held-out accuracy {points[0][2]:.3f}")
+        trained, next_eval = 0.0, every
+        while trained < budget:
+            start = time.perf_counter()
+            trainer.step()
+            trained += time.perf_counter() - start
+            log(f"distilrl step {trainer.steps}: {trained:.0f} s trained")
+            if trained >= next_eval or trained >= budget:
+                points.append((round(trained, 1), trainer.steps, trainer.evaluate()["accuracy"]))
+                log(f"distilrl at {trained:.0f} s: held-out accuracy {points[-1][2]:.3f}")
+                next_eval += every
+    return points
+
+
+def seconds_to_reach(points: list[tuple], target: float) -> float | None:
+    """Training seconds at the first evaluation with accuracy >= ``target`` (None: never)."""
+    return next((sec for sec, _, acc in points if acc >= target), None)
+
+
+def plot(sides: dict[str, list[tuple]], n: int, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, points in sides.items():
+        ax.plot([p[0] for p in points], [100 * p[2] for p in points], marker="o", label=name)
+    ax.set(xlabel="training seconds (2-core CPU)", ylabel=f"held-out accuracy, % ({n} problems)",
+           title="GRPO with LoRA on SmolLM2-135M-Instruct, same budget")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=ROOT / "runs" / "smollm2_distil" / "warmup")
+    parser.add_argument("--budget", type=float, default=600.0, help="training seconds per side")
+    parser.add_argument("--eval-every", type=float, default=150.0, help="training seconds between evaluations")
+    parser.add_argument("--eval-prompts", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "real_vs_trl")
+    parser.add_argument("--plot", type=Path)
+    parser.add_argument("--only", choices=["trl", "ours"], help="run one side (a quick check)")
+    args = parser.parse_args(argv)
+    if not (args.model / "config.json").is_file():
+        raise SystemExit(f"error: {args.model} is not a model directory: run configs/smollm2_distil.yaml first "
+                         "(its SFT student is runs/smollm2_distil/warmup), or pass --model")
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    train, held_out = task_rows(args.model, args.eval_prompts)
+    sides: dict[str, list[tuple]] = {}
+    if args.only != "ours":
+        sides["TRL GRPOTrainer"] = trl_side(args.model, train, held_out, args.budget, args.eval_every, args.out, log)
+    if args.only != "trl":
+        sides["distilrl"] = ours_side(args.model, args.eval_prompts, args.budget, args.eval_every, args.out, log)
+    n = len(held_out)
+    result: dict = {"settings": {**SETTINGS, "budget_s": args.budget, "eval_prompts": n, "bf16": bf16_capable()},
+                    "points": {name: [{"train_s": s, "steps": k, "accuracy": a} for s, k, a in p]
+                               for name, p in sides.items()}}
+    if len(sides) == 2:
+        trl_final = sides["TRL GRPOTrainer"][-1][2]
+        reach = seconds_to_reach(sides["distilrl"], trl_final)
+        trl_time = sides["TRL GRPOTrainer"][-1][0]
+        result["trl_final_accuracy"] = trl_final
+        result["trl_final_se"] = round(math.sqrt(trl_final * (1 - trl_final) / n), 4)
+        result["distilrl_final_accuracy"] = sides["distilrl"][-1][2]
+        result["distilrl_seconds_to_trl_final"] = reach
+        result["fraction_of_trl_time"] = None if reach is None else round(reach / trl_time, 3)
+        result["target_met"] = reach is not None and reach <= 0.5 * trl_time
+    print("| side | train s | steps | held-out accuracy |")
+    print("|---|---|---|---|")
+    for name, points in sides.items():
+        for sec, steps, acc in points:
+            print(f"| {name} | {sec:.0f} | {steps} | {acc:.3f} |")
+    if args.plot:
+        plot(sides, n, args.plot)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
