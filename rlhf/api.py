@@ -50,6 +50,7 @@ from rlhf.core.checkpoints import resume as checkpoints
 from rlhf.core.checkpoints.atomic import write_json_atomic
 from rlhf.core.config.run_config import RunConfig
 from rlhf.outputs.metrics import RunMetrics, eval_scalars
+from rlhf.rl.evaluate import curve_point
 from rlhf.outputs.provenance import reward_model_record
 from rlhf.outputs.report import write_report
 from rlhf.outputs.samples import SAMPLES_DIR
@@ -219,25 +220,20 @@ class Trainer:
         """Greedy answers to the held-out prompts, checked by the verifier: ``accuracy``, ``mean_response_tokens``,
         ``n`` and ``by_difficulty`` where the prompts have a difficulty. Recorded in the summary as ``eval_before``
         (the first evaluation before any RL step) or ``eval_after`` (any later one, or a run's without RL)."""
-        loop = self._rl_loop()
-        with self._timer("eval"):
-            figures = loop.evaluate(self._eval_rows, self.log)
-        when = _evaluation_when(self.cfg, self.steps, self._summary)
+        figures, when = self._held_out(), _evaluation_when(self.cfg, self.steps, self._summary)
         self._summary[f"eval_{when}"] = figures
-        self.metrics.log(eval_scalars(figures), self.steps)
         self.log(f"eval{f' {when} RL' if 'rl' in self.cfg.stages else ''}: accuracy {figures['accuracy']:.3f}")
         return figures
 
-    def _curve_point(self) -> None:
-        """A held-out evaluation in the middle of RL: logged as eval/* and appended to the summary's eval_curve."""
+    def _held_out(self, curve: bool = False) -> dict:
+        """Held-out figures, logged as eval/*; ``curve``: a point of the summary's eval_curve (``eval.every``)."""
         with self._timer("eval"):
             figures = self._rl_loop().evaluate(self._eval_rows, self.log)
         self.metrics.log(eval_scalars(figures), self.steps)
-        point = {k: figures[k] for k in ("accuracy", "mean_response_tokens", "n") if k in figures}
-        point["by_difficulty"] = {level: {k: f[k] for k in ("accuracy", "mean_response_tokens") if k in f}
-                                  for level, f in (figures.get("by_difficulty") or {}).items()}
-        self._summary.setdefault("eval_curve", []).append({"step": self.steps, **point})
-        self.log(f"eval at step {self.steps}: accuracy {figures['accuracy']:.3f}")
+        if curve:
+            self._summary.setdefault("eval_curve", []).append(curve_point(self.steps, figures))
+            self.log(f"eval at step {self.steps}: accuracy {figures['accuracy']:.3f}")
+        return figures
 
     def step(self) -> dict:
         """One RL step on ``rollout.prompts_per_step`` prompts from the training pool; returns its metrics
@@ -249,21 +245,11 @@ class Trainer:
         return metrics
 
     def train(self, steps: int | None = None) -> list[dict]:
-        """The RL stage: ``steps`` RL steps (default: those left to ``algorithm.steps``), with a checkpoint in
-        ``output_dir/checkpoints/step_N`` every ``save_every`` steps (see ``save_checkpoint``); returns their
-        metrics."""
+        """The RL stage: ``steps`` RL steps (default: those left to ``algorithm.steps``), a checkpoint every
+        ``save_every`` steps (``save_checkpoint``), a held-out point every ``eval.every``; returns their metrics."""
         steps = max(self.cfg.algorithm.steps - self.steps, 0) if steps is None else steps
-        every = self.cfg.eval.every
-
-        def step_then_evaluate() -> dict:  # eval.every: a held-out point of the learning curve (not after the last)
-            metrics = self.step()
-            if every and self.steps % every == 0 and self.steps < self.cfg.algorithm.steps:
-                self._curve_point()
-            return metrics
-
-        history, stopped_at = self._schedule.train(steps, step_then_evaluate, self.save_checkpoint)
-        if stopped_at is not None:
-            self._summary["audit_stopped_at"] = stopped_at
+        history, stopped = self._schedule.train(steps, self.step, self.save_checkpoint, lambda: self._held_out(True))
+        self._summary.update({"audit_stopped_at": stopped} if stopped is not None else {})
         return history
 
     def save_checkpoint(self) -> Path:

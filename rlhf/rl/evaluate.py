@@ -85,6 +85,15 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str, log: Callable[[str], No
                            cfg.eval.batch_size, log, count_tokens, show)
 
 
+def curve_point(step: int, figures: dict) -> dict:
+    """One point of a run's held-out learning curve (``eval.every``): the step and the overall and per-difficulty
+    accuracy and response length."""
+    keep = ("accuracy", "mean_response_tokens", "n")
+    return {"step": step, **{k: figures[k] for k in keep if k in figures},
+            "by_difficulty": {level: {k: f[k] for k in keep[:2] if k in f}
+                              for level, f in (figures.get("by_difficulty") or {}).items()}}
+
+
 def score_eval(rows: list[PromptRow], samples: list[Sample], verdicts: list[dict],
                count_tokens: Callable[[str], int] | None = None) -> dict:
     """``verdicts`` are the reward workers' results for the samples (``correct`` is 1.0 or 0.0). Per-difficulty

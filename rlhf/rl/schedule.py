@@ -8,6 +8,7 @@ signs of a run that cannot learn, skipped batches), when the audit alarm stops R
         record metrics; warn on signs of a run that cannot learn; stop after max_bad_batches skipped in a row
         the audit alarm with reward.audit_stop_on_alarm -> stop RL here
         every save_every steps -> checkpoint (rlhf/rl/run_checkpoint.py)
+        every eval.every steps -> a held-out evaluation, a point of the learning curve
 
 ``rlhf.api.Trainer`` owns one ``RLSchedule`` and calls ``step`` (one step, from Python) and ``train`` (the stage).
 """
@@ -82,9 +83,11 @@ class RLSchedule:
         else:
             self.log(progress_line(self.steps, self.cfg.algorithm.steps, metrics))
 
-    def train(self, steps: int, step: Callable[[], dict], save_checkpoint: Callable[[], object]) -> tuple[list, int | None]:
-        """``steps`` calls of ``step``, a checkpoint every ``save_every`` steps (not after the last: the caller
-        saves the final policy); returns their metrics and the step the audit alarm stopped RL at (or None)."""
+    def train(self, steps: int, step: Callable[[], dict], save_checkpoint: Callable[[], object],
+              evaluate: Callable[[], object]) -> tuple[list, int | None]:
+        """``steps`` calls of ``step``, a checkpoint every ``save_every`` steps and an ``evaluate`` every
+        ``eval.every`` (neither after the run's last step: the caller saves and evaluates then); returns their
+        metrics and the step the audit alarm stopped RL at (or None)."""
         self.plan_end = self.steps + steps
         history: list[dict] = []
 
@@ -100,6 +103,9 @@ class RLSchedule:
                     return history, self.steps
                 if self.cfg.save_every and self.steps % self.cfg.save_every == 0 and i < steps:
                     save_checkpoint()
+                every = self.cfg.eval.every
+                if every and self.steps % every == 0 and self.steps < self.cfg.algorithm.steps:
+                    evaluate()
         finally:
             self._progress.close()
             self._progress = None

@@ -113,6 +113,19 @@ class RolloutConfig(_Section):
     multi_turn: MultiTurnConfig = MultiTurnConfig()
     """The limits of multi-turn rollouts and of their tool calls (with ``environment``)."""
 
+    @model_validator(mode="after")
+    def _partial_rollouts_fit(self) -> "RolloutConfig":
+        if not self.partial_rollouts:
+            return self
+        for wrong, why in ((not self.asynchronous, "it is a mode of asynchronous rollout: set rollout.asynchronous=true"),
+                           (self.weight_sync != "object_store", "weights reach the workers mid-batch through the "
+                            "object store only: set rollout.weight_sync=object_store"),
+                           (self.environment != "none", "multi-turn trajectories are not continued across weight "
+                            "swaps: set rollout.environment=none")):
+            if wrong:
+                raise ValueError(f"rollout.partial_rollouts: {why}")
+        return self
+
 
 class AdaptiveConfig(_Section):
     """The adaptive-length reward component (reward/scoring/adaptive.py; formula there): gated on correctness, 1 when the

@@ -130,20 +130,6 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _partial_rollouts_fit(self) -> "RunConfig":
-        r = self.rollout
-        if not r.partial_rollouts:
-            return self
-        for wrong, why in ((not r.asynchronous, "it is a mode of asynchronous rollout: set rollout.asynchronous=true"),
-                           (r.weight_sync != "object_store", "weights reach the workers mid-batch through the object "
-                            "store only: set rollout.weight_sync=object_store"),
-                           (r.environment != "none", "multi-turn trajectories are not continued across weight "
-                            "swaps: set rollout.environment=none")):
-            if wrong:
-                raise ValueError(f"rollout.partial_rollouts: {why}")
-        return self
-
-    @model_validator(mode="after")
     def _checkpoints_are_synchronous(self) -> "RunConfig":
         # A checkpoint taken while the next batch is already being generated would lose that batch's prompts on
         # resume (they are drawn, not yet trained on): exact resume needs the synchronous schedule for now.
