@@ -126,9 +126,9 @@ def _rollout_gap(trainer, samples, pad_id: int, new_tokens: int) -> float:
 
     zeros = torch.zeros(len(samples))
     batch = make_train_batch(samples, zeros, pad_id, "token-mean", new_tokens)
-    mask = batch["response_mask"].bool()
-    trainer_lp = trainer._logprobs(batch)
-    return float((trainer_lp - batch["rollout_logprobs"])[mask].abs().mean())
+    mask = batch.response_mask.bool()
+    trainer_lp = trainer._logprobs(batch.inputs())
+    return float((trainer_lp - batch.rollout_logprobs)[mask].abs().mean())
 
 
 def _update_and_sync(trainer, rollout, out, rows, samples: int, new_tokens: int, pad_id: int, sync):
@@ -154,7 +154,7 @@ def _update_and_sync(trainer, rollout, out, rows, samples: int, new_tokens: int,
     sync()
     sync_s = time.perf_counter() - start
     after = rollout.generate([r.prompt for r in rows[:4]], 2, new_tokens, 1.0, False)
-    return metrics, int(batch["attention_mask"].sum()), sync_s, _rollout_gap(trainer, after, pad_id, new_tokens)
+    return metrics, int(batch.attention_mask.sum()), sync_s, _rollout_gap(trainer, after, pad_id, new_tokens)
 
 
 RECIPE = "configs/recipes/qwen2.5-0.5b_grpo_1gpu.yaml"

@@ -143,8 +143,8 @@ def verifier_reward(prompts, completions, answer, **_) -> list[float]:
     return [1.0 if final_number_correct(c, a) else 0.0 for c, a in zip(completions, answer)]
 
 
-def signal_batch(tokenizer, prompts: list[str], response_tokens: int) -> dict:
-    """A trainer batch shaped like a step's (these prompts, responses of ``response_tokens`` random tokens) with a
+def signal_batch(tokenizer, prompts: list[str], response_tokens: int):
+    """A TrainBatch shaped like a step's (these prompts, responses of ``response_tokens`` random tokens) with a
     nonzero advantage in every row, so no row is left out of the update."""
     import torch
 

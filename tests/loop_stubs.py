@@ -21,10 +21,10 @@ class StubPolicy:
         return {"losses/policy_loss": 0.0}
 
     def reference_logprobs(self, batch):
-        return torch.full(batch["input_ids"].shape, -1.0)  # rollout log-probs are -0.5: k1 KL = 0.5 per token
+        return torch.full(batch.input_ids.shape, -1.0)  # rollout log-probs are -0.5: k1 KL = 0.5 per token
 
     def policy_logprobs(self, batch):
-        return torch.full(batch["input_ids"].shape, -0.5)  # the trainer's, here the sampler's own
+        return torch.full(batch.input_ids.shape, -0.5)  # the trainer's, here the sampler's own
 
 
 class StubCritic:
@@ -34,7 +34,7 @@ class StubCritic:
         self.batches = []
 
     def values(self, batch):
-        return torch.full(batch["input_ids"].shape, 0.25)
+        return torch.full(batch.input_ids.shape, 0.25)
 
     def train_step(self, batch):
         self.batches.append(batch)

@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
 from rlhf.core.algorithms.aggregation import loss_token_weights  # noqa: E402
+from rlhf.core.data.batch import TrainBatch  # noqa: E402
 from rlhf.cli import main  # noqa: E402
 from rlhf.rl.ranks.critic import CriticGroup  # noqa: E402
 # The tiny random causal LM that stands in for the warm-up student the critic starts from.
@@ -30,7 +31,8 @@ CFG = {"lr": 1e-2, "adam_eps": 1e-4, "micro_batch_size": 4, "value_clip": 0.5, "
 
 def _batch():
     """4 right-padded rows; returns 1.0 on the first two rows' responses, -1.0 on the others'. On one rank the
-    rows (8, 10, 3 and 11 tokens) pack into 3 (rlhf/core/data/packing.py); on two, each rank's pair stays padded."""
+    rows (8, 10, 3 and 11 tokens) pack into 3 (rlhf/core/data/packing.py); on two, each rank's pair stays padded.
+    Advantages and rollout log-probs 0: the critic reads neither."""
     g = torch.Generator().manual_seed(1)
     lengths = [(3, 5), (2, 8), (2, 1), (5, 6)]  # (prompt, response) tokens; one response of length one
     width = max(p + r for p, r in lengths) + 1
@@ -42,15 +44,17 @@ def _batch():
         attention_mask[row, :p + r] = 1
         response_mask[row, p:p + r] = 1
     returns = torch.tensor([1.0, 1.0, -1.0, -1.0]).unsqueeze(1) * response_mask
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
-            "returns": returns, "loss_weights": loss_token_weights(response_mask, "token-mean", 8)}
+    zeros = torch.zeros(len(lengths), width)
+    return TrainBatch(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
+                      rollout_logprobs=zeros, advantages=zeros,
+                      loss_weights=loss_token_weights(response_mask, "token-mean", 8), returns=returns)
 
 
 def _fit(model_dir: str, num_ranks: int, steps: int, save_to: str | None = None) -> tuple[list[float], list]:
     """Train a fresh critic group ``steps`` times towards the batch's returns; the mean |V - R| before each step
     and the values after the first."""
     batch = _batch()
-    mask = batch["response_mask"]
+    mask = batch.response_mask
     group = CriticGroup(model_dir, run_config(CFG, role="critic"), num_ranks, timeout_s=120)
     try:
         errors, first_values, clipfracs = [], None, []
@@ -58,8 +62,8 @@ def _fit(model_dir: str, num_ranks: int, steps: int, save_to: str | None = None)
             values = group.values(batch) * mask
             if step == 1:
                 first_values = values
-            errors.append(((values - batch["returns"]).abs() * mask).sum().item() / mask.sum().item())
-            metrics = group.train_step({**batch, "old_values": values})
+            errors.append(((values - batch.returns).abs() * mask).sum().item() / mask.sum().item())
+            metrics = group.train_step(batch.with_(old_values=values))
             clipfracs.append(metrics["losses/value_clipfrac"])
             assert metrics["losses/value_error"] == pytest.approx(errors[-1], abs=1e-4)
         if save_to:

@@ -19,6 +19,7 @@ deepspeed = pytest.importorskip("deepspeed")
 
 from rlhf.core.algorithms.policy_losses import clipped_policy_loss  # noqa: E402
 from rlhf.core.algorithms.tokens import token_logprobs  # noqa: E402
+from rlhf.core.data.batch import TrainBatch  # noqa: E402
 
 from rlhf.core.models import lora
 from rlhf.rl.ranks.policy import PolicyTrainer, TrainerGroup  # noqa: E402
@@ -34,7 +35,7 @@ def _gathered_state_dicts(group: TrainerGroup) -> dict[str, torch.Tensor]:
     return ray.get(calls)[0]
 
 
-def peft_updates(model_dir: str, batch: dict, initial: dict[str, torch.Tensor], steps: int) -> dict:
+def peft_updates(model_dir: str, batch: TrainBatch, initial: dict[str, torch.Tensor], steps: int) -> dict:
     """The reference: one process, peft's own model from ``initial`` (the trainer's starting adapters), ``steps``
     clipped AdamW steps over the adapters on the whole batch's GRPO loss."""
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -46,11 +47,11 @@ def peft_updates(model_dir: str, batch: dict, initial: dict[str, torch.Tensor], 
                                   weight_decay=CFG["weight_decay"])
     losses, norms = [], []
     for _ in range(steps):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logp = token_logprobs(logits, batch["input_ids"])
-        pg, _ = clipped_policy_loss(logp, logp.detach(), batch["advantages"], CFG["clip_low"],
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logp = token_logprobs(logits, batch.input_ids)
+        pg, _ = clipped_policy_loss(logp, logp.detach(), batch.advantages, CFG["clip_low"],
                                     CFG["clip_high"])
-        loss = (pg * batch["loss_weights"]).sum()
+        loss = (pg * batch.loss_weights).sum()
         optimizer.zero_grad()
         loss.backward()
         norms.append(torch.nn.utils.clip_grad_norm_(params, CFG["max_grad_norm"]).item())
@@ -111,12 +112,12 @@ def lora_rank(tmp_path_factory):
     deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups, for the next rank in this process
 
 
-def _small_batch(advantage: float) -> dict:
+def _small_batch(advantage: float) -> TrainBatch:
     ids = torch.tensor([[1, 2, 3, 4, 9], [5, 6, 7, 8, 3]])
     response = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 1, 1, 1]], dtype=torch.float32)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": response,
-            "rollout_logprobs": torch.zeros(2, 5), "advantages": response * advantage,
-            "loss_weights": response / response.sum()}
+    return TrainBatch(input_ids=ids, attention_mask=torch.ones_like(ids), response_mask=response,
+                      rollout_logprobs=torch.zeros(2, 5), advantages=response * advantage,
+                      loss_weights=response / response.sum())
 
 
 def test_the_reference_pass_runs_without_dropout_and_leaves_training_mode_as_it_was():
@@ -147,10 +148,10 @@ def test_reference_is_the_base_model_and_no_second_copy_is_loaded(lora_rank):
     batch = _small_batch(0.0)
     base = transformers.AutoModelForCausalLM.from_pretrained(lora_rank.model_dir, dtype=torch.float32)
     with torch.no_grad():
-        want = token_logprobs(base(input_ids=batch["input_ids"]).logits, batch["input_ids"])
-    got = lora_rank.reference_logprobs(batch)
+        want = token_logprobs(base(input_ids=batch.input_ids).logits, batch.input_ids)
+    got = lora_rank.reference_logprobs(batch.inputs())
     torch.testing.assert_close(got[:, 1:], want[:, 1:], rtol=0, atol=1e-6)
-    policy = lora_rank._logprobs(batch)
+    policy = lora_rank._logprobs(batch.inputs())
     assert (policy[:, 1:] - want[:, 1:]).abs().max() > 1e-4  # the trained policy differs from its reference
 
 

@@ -64,7 +64,7 @@ def test_lora_critic_trains_adapters_and_head_only_and_resumes_bit_exactly(model
     batch = critic_batch()
 
     def step() -> dict:
-        return rank.train_step({**batch, "old_values": rank.values(batch)})
+        return rank.train_step(batch.with_(old_values=rank.values(batch.inputs())))
 
     start = _state(rank)
     step()

@@ -280,7 +280,7 @@ def test_step_defaults_train_on_every_row_with_grpo_advantages():
     (batch,) = loop.update.policy.batches
     # groups [1, 0], [1, 1], [0, 0], [0, 1] -> +-0.707107 for the mixed ones, 0 for the equal ones;
     # one response token each, at column 1 after the 1-token prompt
-    close(batch["advantages"][:, 1], [0.707107, -0.707107, 0.0, 0.0, 0.0, 0.0, -0.707107, 0.707107])
+    close(batch.advantages[:, 1], [0.707107, -0.707107, 0.0, 0.0, 0.0, 0.0, -0.707107, 0.707107])
     assert "reward/dropped_groups" not in metrics and "reward/overlong_penalty" not in metrics
     assert metrics["reward/zero_signal_groups"] == 0.5 and loop.rollout.synced == 1
     # each reward component's own mean beside the total
@@ -301,10 +301,10 @@ def test_step_applies_the_overlong_penalty_then_drops_groups_without_signal():
     assert metrics["reward/overlong_penalty"] == pytest.approx(-0.25)
     assert metrics["reward/mean"] == pytest.approx(0.375)
     (batch,) = loop.update.policy.batches
-    assert batch["response_mask"].sum(dim=1).tolist() == [1, 4, 2, 2]  # rows of groups 1 and 3
+    assert batch.response_mask.sum(dim=1).tolist() == [1, 4, 2, 2]  # rows of groups 1 and 3
     # GRPO on [1, 0] and [0, 1]: +-0.707107, spread over each row's response tokens
-    close(batch["advantages"][:, 1], [0.707107, -0.707107, -0.707107, 0.707107])
-    close(batch["advantages"][1, 1:5], [-0.707107] * 4)  # all 4 tokens of the length-4 row
+    close(batch.advantages[:, 1], [0.707107, -0.707107, -0.707107, 0.707107])
+    close(batch.advantages[1, 1:5], [-0.707107] * 4)  # all 4 tokens of the length-4 row
 
 
 def test_step_with_no_group_left_skips_the_update_and_the_weight_sync():
@@ -342,8 +342,8 @@ def test_step_passes_token_level_reinforce_plus_plus_advantages_to_the_trainer()
     loop = _loop(["algorithm.advantage=reinforce_plus_plus"], rewards=[1, 0, 0, 0, 0, 0, 0, 0], lengths=[1] * 8)
     loop.step(1, ROWS)
     (batch,) = loop.update.policy.batches
-    close(batch["advantages"][:, 1], [2.645751] + [-0.377964] * 7)
-    assert (batch["advantages"][:, 0] == 0).all()  # the prompt column
+    close(batch.advantages[:, 1], [2.645751] + [-0.377964] * 7)
+    assert (batch.advantages[:, 0] == 0).all()  # the prompt column
 
 
 def test_the_kl_in_the_reward_is_taken_from_the_trainers_log_probs_not_the_samplers():
@@ -351,7 +351,7 @@ def test_the_kl_in_the_reward_is_taken_from_the_trainers_log_probs_not_the_sampl
     # k1 against the reference's -1 is 0.2 per token, so kl_coef 0.1 makes the penalty 0.02 (the sampler's: 0.05).
     loop = _loop(["algorithm.advantage=reinforce_plus_plus", "algorithm.kl_coef=0.1"],
                  rewards=[1, 0, 0, 0, 0, 0, 0, 0], lengths=[2] + [1] * 7)
-    loop.update.policy.policy_logprobs = lambda batch: torch.full(batch["input_ids"].shape, -0.8)
+    loop.update.policy.policy_logprobs = lambda batch: torch.full(batch.input_ids.shape, -0.8)
     metrics = loop.step(1, ROWS)
     assert metrics["reward/kl_penalty"] == pytest.approx(0.02)
 
@@ -367,5 +367,5 @@ def test_reinforce_plus_plus_takes_the_k1_kl_in_its_token_rewards():
     # row 0 has two tokens: rewards [-0.05, 0.95] -> returns [0.9, 0.95]; the others -0.05.
     returns = torch.tensor([0.9, 0.95] + [-0.05] * 7)
     expected = (returns - returns.mean()) / (returns.var(unbiased=False).sqrt() + 1e-6)
-    close(batch["advantages"][0, 1:3], expected[:2].tolist())
-    close(batch["advantages"][1:, 1], expected[2:].tolist())
+    close(batch.advantages[0, 1:3], expected[:2].tolist())
+    close(batch.advantages[1:, 1], expected[2:].tolist())

@@ -82,10 +82,10 @@ def test_trainer_logprobs_equal_the_samplers_on_model_tokens_where_retokenising_
     assert max(s.episode["turns"] for s in samples) >= 2  # observations really sit between model turns
     batch = make_train_batch(samples, torch.ones(len(samples)), tokenizer.pad_token_id, "token-mean", 40)
     with torch.no_grad(), _eos_likely(model, tokenizer.eos_token_id):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    recomputed = token_logprobs(logits / TEMPERATURE, batch["input_ids"])
-    mask = batch["response_mask"].bool()
-    torch.testing.assert_close(recomputed[mask], batch["rollout_logprobs"][mask], atol=2e-5, rtol=0)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    recomputed = token_logprobs(logits / TEMPERATURE, batch.input_ids)
+    mask = batch.response_mask.bool()
+    torch.testing.assert_close(recomputed[mask], batch.rollout_logprobs[mask], atol=2e-5, rtol=0)
     # The same conversation as text, tokenised again, is other tokens: an "a" sampled before the observation's
     # "b" merges into "ab", and the turns' end-of-sequence tokens are gone from the decoded text.
     retokenised = [tokenizer(tokenizer.decode(s.prompt_ids) + s.text, add_special_tokens=False).input_ids
@@ -107,10 +107,10 @@ def test_observation_tokens_carry_no_loss(model, tokenizer):
         env_positions = [start + i for i, m in enumerate(s.loss_mask) if m == 0]
         assert len(env_positions) == len(observation) * (s.episode["turns"] - (s.finish_reason == "stop"))
         for p in env_positions:
-            assert batch["response_mask"][row, p] == 0 and batch["loss_weights"][row, p] == 0
-            assert batch["advantages"][row, p] == 0 and batch["rollout_logprobs"][row, p] == 0
-        assert all(batch["response_mask"][row, start + i] == 1 for i, m in enumerate(s.loss_mask) if m)
-    assert torch.isclose(batch["loss_weights"].sum(), torch.tensor(1.0))  # token-mean over model tokens only
+            assert batch.response_mask[row, p] == 0 and batch.loss_weights[row, p] == 0
+            assert batch.advantages[row, p] == 0 and batch.rollout_logprobs[row, p] == 0
+        assert all(batch.response_mask[row, start + i] == 1 for i, m in enumerate(s.loss_mask) if m)
+    assert torch.isclose(batch.loss_weights.sum(), torch.tensor(1.0))  # token-mean over model tokens only
 
 
 class ShapedEcho(Echo):

@@ -85,7 +85,7 @@ def test_token_mean_weights_normalise_each_mini_batch_on_its_own():
     # 4 rows, response lengths 1, 3 | 2, 2 in two mini-batches: 4 tokens each -> 1/4 per token in both.
     # As one batch it would be 1/8 per token; each mini-batch's weights sum to 1, as its loss is a mean.
     batch = make_train_batch(_samples([1, 3, 2, 2]), torch.zeros(4), 0, "token-mean", 4, mini_batches=2)
-    weights = batch["loss_weights"]
+    weights = batch.loss_weights
     close(weights[:, 1:].sum(dim=1), [0.25, 0.75, 0.5, 0.5])
     close(weights[:2].sum().reshape(1), [1.0])
     close(weights[2:].sum().reshape(1), [1.0])
@@ -93,16 +93,16 @@ def test_token_mean_weights_normalise_each_mini_batch_on_its_own():
 
 def test_seq_mean_and_dr_grpo_weights_per_mini_batch():
     # seq-mean, 2 rows per mini-batch: each row's tokens share 1/2; row of 3 tokens -> 1/6 each
-    seq = make_train_batch(_samples([1, 3, 2, 2]), torch.zeros(4), 0, "seq-mean", 4, mini_batches=2)["loss_weights"]
+    seq = make_train_batch(_samples([1, 3, 2, 2]), torch.zeros(4), 0, "seq-mean", 4, mini_batches=2).loss_weights
     close(seq[1, 1:4], [1 / 6, 1 / 6, 1 / 6])
     close(seq[0, 1:2], [0.5])
     # dr-grpo: 1 / (rows in the mini-batch x max_response_tokens) = 1 / (2 x 4) per token
-    dr = make_train_batch(_samples([1, 3, 2, 2]), torch.zeros(4), 0, "dr-grpo", 4, mini_batches=2)["loss_weights"]
+    dr = make_train_batch(_samples([1, 3, 2, 2]), torch.zeros(4), 0, "dr-grpo", 4, mini_batches=2).loss_weights
     close(dr[1, 1:4], [0.125, 0.125, 0.125])
 
 
 def test_one_mini_batch_is_the_whole_batch_weights():
-    one = make_train_batch(_samples([1, 3, 2, 2]), torch.zeros(4), 0, "token-mean", 4)["loss_weights"]
+    one = make_train_batch(_samples([1, 3, 2, 2]), torch.zeros(4), 0, "token-mean", 4).loss_weights
     close(one[:, 1:].sum(dim=1), [0.125, 0.375, 0.25, 0.25])
 
 
@@ -216,4 +216,4 @@ def test_driver_step_logs_staleness_and_the_versions_of_a_launched_batch():
     assert metrics["charts/rollout_weights_version"] == 0 and metrics["charts/weights_version"] == 2
     # two mini-batches of 2 rows: row lengths 1, 2 then 1, 1 -> token-mean weights 1/3, 2/3 then 1/2, 1/2
     (batch,) = batches
-    close(batch["loss_weights"].sum(dim=1), [1 / 3, 2 / 3, 0.5, 0.5])
+    close(batch.loss_weights.sum(dim=1), [1 / 3, 2 / 3, 0.5, 0.5])

@@ -51,7 +51,7 @@ class StubTeacher:
     token): a reverse KL of 1.0 per token on the first prompt's samples, 0 on the second's."""
 
     def logprobs(self, batch):
-        out = torch.full(batch["input_ids"].shape, -0.5)
+        out = torch.full(batch.input_ids.shape, -0.5)
         out[:2] = -1.5
         return out
 
@@ -65,7 +65,7 @@ def _distillation_step(overrides: list[str], rewards: list[float]):
                                                                                      difficulty=2)]
     metrics = loop.step(1, rows)
     (batch,) = loop.update.policy.batches
-    return batch["advantages"], metrics
+    return batch.advantages, metrics
 
 
 def test_teacher_kl_advantage_is_each_tokens_centred_log_ratio_to_the_teacher():
@@ -89,7 +89,7 @@ def test_the_distillation_term_is_taken_from_the_trainers_log_probs_not_the_samp
                              "algorithm.advantage=on_policy_distillation", "reward.components={teacher_kl: 0.5}"])
     loop = stub_loop(cfg, [0.0] * 4, [2, 1, 3, 2])
     loop.update.teacher = StubTeacher()
-    loop.update.policy.policy_logprobs = lambda batch: torch.full(batch["input_ids"].shape, -0.7)
+    loop.update.policy.policy_logprobs = lambda batch: torch.full(batch.input_ids.shape, -0.7)
     rows = [SimpleNamespace(prompt="p0", answer="1", difficulty=1), SimpleNamespace(prompt="p1", answer="1",
                                                                                      difficulty=2)]
     metrics = loop.step(1, rows)
@@ -97,7 +97,7 @@ def test_the_distillation_term_is_taken_from_the_trainers_log_probs_not_the_samp
     assert metrics["difficulty/1/reverse_kl"] == pytest.approx(0.8)
     (batch,) = loop.update.policy.batches
     a = -0.5 * (0.8 - 0.175)  # the advantage falls with the log-ratio above its mean
-    assert batch["advantages"][0, 1:].tolist() == pytest.approx([a, a, 0.0])
+    assert batch.advantages[0, 1:].tolist() == pytest.approx([a, a, 0.0])
 
 
 def test_teacher_kl_adds_to_the_estimators_own_advantages():

@@ -9,6 +9,7 @@ transformers = pytest.importorskip("transformers")
 from rlhf.core.algorithms.tokens import token_logprobs  # noqa: E402
 
 from rlhf.core.data import packing
+from rlhf.core.data.batch import TrainBatch
 from rlhf.rl.ranks.critic import token_values  # noqa: E402
 
 
@@ -63,8 +64,10 @@ def test_micro_batches_pack_only_where_it_pays():
     first, mb, plan = out[0]
     # Rows 0-2 (6, 3, 3) pack into two rows of 6: the long one alone, the short ones side by side.
     assert first == 0 and plan is not None and mb["input_ids"].shape == (2, 6)
-    assert "attention_mask" not in mb and mb["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 2]]
-    assert torch.equal(plan.unpack(mb["response_mask"]), batch["response_mask"][:3, :6])
+    assert mb["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 2]]
+    for key in ("response_mask", "attention_mask"):
+        assert torch.equal(plan.unpack(mb[key]), batch[key][:3, :6]), key
+    assert packing.model_inputs(mb).keys() == {"input_ids", "position_ids", "use_cache"}
     # Rows 3-5 (6, 5, 4): no two fit in 6, so they stay padded, cut to their longest row.
     first, mb, plan = out[1]
     assert first == 3 and plan is None and mb["input_ids"].shape == (3, 6) and "position_ids" not in mb
@@ -73,6 +76,17 @@ def test_micro_batches_pack_only_where_it_pays():
     # All-padding rows stay as they are, one column wide.
     (_, mb, plan), = packing.micro_batches(batch_of([0, 0, 0], width=4), 3, "cpu", can_pack=True)
     assert plan is None and mb["input_ids"].shape == (3, 1)
+
+
+def test_a_train_batch_gives_train_batch_micro_batches():
+    rows = batch_of([6, 3, 3], width=8)
+    zeros = torch.zeros(3, 8)
+    batch = TrainBatch(**rows, rollout_logprobs=zeros, advantages=2 * rows["response_mask"], loss_weights=zeros)
+    (_, mb, plan), = packing.micro_batches(batch, 3, "cpu", can_pack=True)
+    assert isinstance(mb, TrainBatch) and plan is not None and mb.old_values is None
+    assert mb.position_ids.tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 2]]
+    assert torch.equal(plan.unpack(mb.advantages), batch.advantages[:, :6])
+    assert packing.model_inputs(mb).keys() == {"input_ids", "position_ids", "use_cache"}
 
 
 def test_zero_sequence_starts():

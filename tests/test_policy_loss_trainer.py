@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
 from rlhf.core.algorithms.aggregation import loss_token_weights  # noqa: E402
+from rlhf.core.data.batch import TrainBatch  # noqa: E402
 from rlhf.rl.ranks.policy import TrainerGroup  # noqa: E402
 from tests.configs import run_config  # noqa: E402
 from tests.test_trainer import CFG, assert_weights_equal, batch, model_dir, ray_cluster  # noqa: E402,F401
@@ -18,14 +19,14 @@ from tests.test_trainer import CFG, assert_weights_equal, batch, model_dir, ray_
 EPOCHS = 2
 
 
-def _logprobs(model, batch: dict) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    taken = torch.log_softmax(logits.float(), -1).gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
+def _logprobs(model, batch: TrainBatch) -> torch.Tensor:
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    taken = torch.log_softmax(logits.float(), -1).gather(-1, batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return torch.nn.functional.pad(taken, (1, 0))
 
 
-def _loss(name: str, logp, old, batch: dict) -> torch.Tensor:
-    mask, adv = batch["response_mask"], batch["advantages"]
+def _loss(name: str, logp, old, batch: TrainBatch) -> torch.Tensor:
+    mask, adv = batch.response_mask, batch.advantages
     low, high = CFG["clip_low"], CFG["clip_high"]
     if name == "gspo":
         # GSPO's sequence objective: s_i = exp(mean over y_i of log-ratios), the PPO clip on s_i, one advantage per
@@ -38,7 +39,7 @@ def _loss(name: str, logp, old, batch: dict) -> torch.Tensor:
     return (-weight * adv * logp * mask).sum() / mask.sum()
 
 
-def single_process(model_dir: str, batch: dict, name: str) -> dict:
+def single_process(model_dir: str, batch: TrainBatch, name: str) -> dict:
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
         old = _logprobs(model, batch)
@@ -58,7 +59,7 @@ def single_process(model_dir: str, batch: dict, name: str) -> dict:
 @pytest.mark.parametrize("name, aggregation", [("gspo", "seq-mean"), ("cispo", "token-mean")])
 def test_policy_loss_on_the_ranks_matches_the_papers_formula(ray_cluster, model_dir, batch, name, aggregation):
     """2 ZeRO-2 ranks x 4 rows in one packed micro-batch each (10 | 8 | 4+3 and 11 | 6+5 | 2 tokens)."""
-    batch = {**batch, "loss_weights": loss_token_weights(batch["response_mask"], aggregation, 8)}
+    batch = batch.with_(loss_weights=loss_token_weights(batch.response_mask, aggregation, 8))
     want = single_process(model_dir, batch, name)
     cfg = {**CFG, "zero_stage": 2, "micro_batch_size": 4, "epochs": EPOCHS, "policy_loss": name,
            "loss_aggregation": aggregation}
@@ -75,14 +76,14 @@ def test_sequence_level_masked_importance_weights_on_the_ranks(ray_cluster, mode
     """algorithm.tis_cap 2 with is_level geometric and is_mode mask, 2 ZeRO-2 ranks, packed micro-batches: each
     row's weight is the geometric mean of its trainer/sampler ratios, 0 outside [is_floor, tis_cap]."""
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    mask = batch["response_mask"]
+    mask = batch.response_mask
     with torch.no_grad():
         old = _logprobs(model, batch)
     # The sampler's log-probs are the trainer's shifted by one amount per row and +-0.3 from token to token, so
     # each row's geometric ratio is exp(-mean shift): rows outside [0.5, 2] are masked whole.
     shift = torch.rand(mask.shape[0], 1, generator=torch.Generator().manual_seed(3)) * 2 - 1
     shift = shift + 0.3 * (torch.arange(mask.shape[1]) % 2 * 2 - 1)
-    batch = {**batch, "rollout_logprobs": (old + shift) * mask}
+    batch = batch.with_(rollout_logprobs=(old + shift) * mask)
     ratio = ((-shift * mask).sum(1) / mask.sum(1)).exp()
     weight = torch.where((ratio >= 0.5) & (ratio <= 2.0), ratio, 0.0)
     assert 0 < int((weight == 0).sum()) < mask.shape[0]  # both kinds of rows
@@ -90,7 +91,7 @@ def test_sequence_level_masked_importance_weights_on_the_ranks(ray_cluster, mode
     assert ((token_kept != (weight > 0).unsqueeze(1)) & mask.bool()).any()  # per token it would differ
     # One update: the PPO ratio is 1, so the loss is -A * w per token, weighted by the batch's loss weights.
     logp = _logprobs(model, batch)
-    loss = (-batch["advantages"] * (logp - logp.detach()).exp() * weight.unsqueeze(1) * batch["loss_weights"]).sum()
+    loss = (-batch.advantages * (logp - logp.detach()).exp() * weight.unsqueeze(1) * batch.loss_weights).sum()
     optimizer = torch.optim.AdamW(model.parameters(), lr=CFG["lr"], betas=(0.9, 0.999), eps=CFG["adam_eps"],
                                   weight_decay=CFG["weight_decay"])
     loss.backward()

@@ -189,13 +189,13 @@ def test_ppo_step_trains_the_critic_on_gae_returns_and_the_policy_on_the_advanta
     metrics = loop.step(1, ROWS)
     critic, policy = loop.update.critic.batches[0], loop.update.policy.batches[0]
     # Row 0: prompt at 0, response at 1-2, reward 1: returns [0, 1, 1, 0], advantages 1 - 0.25 = 0.75 there.
-    close(critic["returns"][0], [0.0, 1.0, 1.0, 0.0])
-    close(critic["old_values"][0], [0.0, 0.25, 0.25, 0.0])
-    close(policy["advantages"][0], [0.0, 0.75, 0.75, 0.0])
+    close(critic.returns[0], [0.0, 1.0, 1.0, 0.0])
+    close(critic.old_values[0], [0.0, 0.25, 0.25, 0.0])
+    close(policy.advantages[0], [0.0, 0.75, 0.75, 0.0])
     # Row 1: one response token, reward 0: advantage -0.25.
-    close(policy["advantages"][1], [0.0, -0.25, 0.0, 0.0])
+    close(policy.advantages[1], [0.0, -0.25, 0.0, 0.0])
     # The value loss counts every response token equally (8 of them).
-    close(critic["loss_weights"][2], [0.0, 0.125, 0.125, 0.125])
+    close(critic.loss_weights[2], [0.0, 0.125, 0.125, 0.125])
     assert loop.rollout.synced == 1 and metrics["charts/weights_version"] == 1 and metrics["charts/policy_frozen"] == 0.0
     assert metrics["charts/values_mean"] == pytest.approx(0.25)
     assert metrics["charts/returns_mean"] == pytest.approx(5 / 8)  # returns 1 on rows 0 and 2 (2 + 3 tokens)
@@ -214,7 +214,7 @@ def test_ppo_kl_in_reward_enters_the_returns():
     loop = _ppo_loop(["algorithm.kl_coef=0.2", "algorithm.kl_in_reward=true",
                       "algorithm.lam=1.0"], [1.0, 0.0, 1.0, 0.0], [2, 1, 3, 2])
     metrics = loop.step(1, ROWS)
-    close(loop.update.critic.batches[0]["returns"][0], [0.0, 0.8, 0.9, 0.0])
+    close(loop.update.critic.batches[0].returns[0], [0.0, 0.8, 0.9, 0.0])
     assert metrics["reward/kl_penalty"] == pytest.approx(0.1)
 
 

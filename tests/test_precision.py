@@ -75,6 +75,7 @@ def test_a_bf16_update_keeps_float32_weights_and_reports_its_mfu(tmp_path):
     ray = pytest.importorskip("ray")
     pytest.importorskip("deepspeed")
     from rlhf.core.algorithms.aggregation import loss_token_weights
+    from rlhf.core.data.batch import TrainBatch
     from tests.configs import run_config
     from rlhf.rl.ranks.policy import TrainerGroup
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -85,9 +86,11 @@ def test_a_bf16_update_keeps_float32_weights_and_reports_its_mfu(tmp_path):
     Qwen2ForCausalLM(config).save_pretrained(tmp_path)
     g = torch.Generator().manual_seed(1)
     mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], dtype=torch.float32)  # responses after the prompt
-    rows = {"input_ids": torch.randint(1, 32, (2, 6), generator=g), "attention_mask": torch.ones(2, 6, dtype=torch.long),
-            "response_mask": mask, "rollout_logprobs": -torch.rand(2, 6, generator=g) * mask,
-            "advantages": torch.tensor([[1.0], [-1.0]]) * mask, "loss_weights": loss_token_weights(mask, "token-mean", 2)}
+    rows = TrainBatch(input_ids=torch.randint(1, 32, (2, 6), generator=g),
+                      attention_mask=torch.ones(2, 6, dtype=torch.long), response_mask=mask,
+                      rollout_logprobs=-torch.rand(2, 6, generator=g) * mask,
+                      advantages=torch.tensor([[1.0], [-1.0]]) * mask,
+                      loss_weights=loss_token_weights(mask, "token-mean", 2))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         metrics = {}

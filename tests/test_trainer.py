@@ -18,6 +18,7 @@ pytest.importorskip("deepspeed")
 from rlhf.core.algorithms.aggregation import loss_token_weights  # noqa: E402
 from rlhf.core.algorithms.policy_losses import clipped_policy_loss  # noqa: E402
 from rlhf.core.algorithms.tokens import masked_mean, token_logprobs  # noqa: E402
+from rlhf.core.data.batch import TrainBatch  # noqa: E402
 from rlhf.rl.ranks.policy import ASYNC_TRAINER_NICENESS, TrainerGroup  # noqa: E402
 from tests.configs import run_config  # noqa: E402
 
@@ -75,14 +76,14 @@ def batch():
         attention_mask[row, :p + r] = 1
         response_mask[row, p:p + r] = 1
     advantages = torch.randn(len(lengths), 1, generator=g).expand(-1, width) * response_mask
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "response_mask": response_mask,
-        "rollout_logprobs": (-torch.rand(len(lengths), width, generator=g)) * response_mask,
-        "advantages": advantages.contiguous(),
-        "loss_weights": loss_token_weights(response_mask, "token-mean", 8),
-    }
+    return TrainBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        response_mask=response_mask,
+        rollout_logprobs=(-torch.rand(len(lengths), width, generator=g)) * response_mask,
+        advantages=advantages.contiguous(),
+        loss_weights=loss_token_weights(response_mask, "token-mean", 8),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -98,23 +99,23 @@ def expected(model_dir, batch):
     return get
 
 
-def single_process_update(model_dir: str, batch: dict, entropy_coef: float) -> dict:
+def single_process_update(model_dir: str, batch: TrainBatch, entropy_coef: float) -> dict:
     """The whole batch in one process: loss, pre-clip grad norm, and the weights after one clipped AdamW step.
 
     Loss per token: pg - entropy_coef * H, with H from torch.distributions (not the trainer's own function)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logp = token_logprobs(logits, batch["input_ids"])
-    pg, _ = clipped_policy_loss(logp, logp.detach(), batch["advantages"], CFG["clip_low"],
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logp = token_logprobs(logits, batch.input_ids)
+    pg, _ = clipped_policy_loss(logp, logp.detach(), batch.advantages, CFG["clip_low"],
                                 CFG["clip_high"])
-    mask = batch["response_mask"]
+    mask = batch.response_mask
     # Token t is drawn from the distribution predicted at t-1: entropies shift right by one.
     entropy = torch.distributions.Categorical(logits=logits[:, :-1]).entropy()
     entropy = torch.nn.functional.pad(entropy, (1, 0))
-    loss = ((pg - entropy_coef * entropy) * batch["loss_weights"]).sum()
+    loss = ((pg - entropy_coef * entropy) * batch.loss_weights).sum()
     with torch.no_grad():
         mean_entropy = masked_mean(entropy, mask)
-        mismatch = masked_mean((logp - batch["rollout_logprobs"]).abs(), mask)
+        mismatch = masked_mean((logp - batch.rollout_logprobs).abs(), mask)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CFG["max_grad_norm"])
     assert grad_norm > CFG["max_grad_norm"]
@@ -165,8 +166,8 @@ def test_rows_without_advantage_are_left_out_and_the_update_is_the_whole_batchs(
     """Rows 1, 2 and 6 get advantage 0 (a GRPO group all right or all wrong): their gradient is exactly 0, so the
     group trains on the 5 others plus the shortest zero row (row 6, to split 6 rows over 2 ranks), and the loss,
     gradient norm and weights still equal the single-process update over all 8 rows."""
-    batch = {**batch, "advantages": batch["advantages"].clone()}
-    batch["advantages"][[1, 2, 6]] = 0.0
+    batch = batch.with_(advantages=batch.advantages.clone())
+    batch.advantages[[1, 2, 6]] = 0.0
     want = single_process_update(model_dir, batch, 0.0)
     group = TrainerGroup(model_dir, run_config({**CFG, "zero_stage": 2, "micro_batch_size": 2}), num_ranks=2,
                          timeout_s=120)
@@ -213,7 +214,7 @@ def test_kl_save_pretrained_and_uneven_batch(ray_cluster, model_dir, batch, expe
         assert metrics["losses/policy_loss"] == pytest.approx(want["loss"], rel=1e-5)
 
         with pytest.raises(ValueError, match="does not split evenly across 2 trainer ranks"):
-            group.train_step({k: v[:3] for k, v in batch.items()})
+            group.train_step(batch.rows(slice(0, 3)))
 
         weights = group.full_state_dict()
         assert_weights_equal(weights, want["weights"])
@@ -234,29 +235,29 @@ def test_kl_save_pretrained_and_uneven_batch(ray_cluster, model_dir, batch, expe
     assert not torch.equal(initial.model.embed_tokens.weight, loaded.model.embed_tokens.weight)
 
 
-def off_policy_updates(model_dir: str, batch: dict, mini_batches: int, epochs: int, tis_cap: float) -> dict:
+def off_policy_updates(model_dir: str, batch: TrainBatch, mini_batches: int, epochs: int, tis_cap: float) -> dict:
     """The reference for several optimizer steps per rollout batch, in one process: old log-probs from the initial
     weights, then ``epochs`` passes over ``mini_batches`` contiguous row blocks, each one clipped AdamW step on
     sum(w_tis * pg * loss_weights) with the ratio against the old log-probs and w_tis = min(exp(old - rollout), cap)
     written out here (not the library's function)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
-        old = token_logprobs(model(input_ids=batch["input_ids"],
-                                   attention_mask=batch["attention_mask"]).logits, batch["input_ids"])
+        old = token_logprobs(model(input_ids=batch.input_ids,
+                                   attention_mask=batch.attention_mask).logits, batch.input_ids)
     optimizer = torch.optim.AdamW(model.parameters(), lr=CFG["lr"], betas=(0.9, 0.999), eps=CFG["adam_eps"],
                                   weight_decay=CFG["weight_decay"])
-    mask = batch["response_mask"]
-    tis = torch.minimum((old - batch["rollout_logprobs"]).exp(), torch.tensor(tis_cap)) * mask
-    size = batch["input_ids"].shape[0] // mini_batches
+    mask = batch.response_mask
+    tis = torch.minimum((old - batch.rollout_logprobs).exp(), torch.tensor(tis_cap)) * mask
+    size = batch.input_ids.shape[0] // mini_batches
     losses, norms, clipped_tokens = [], [], 0.0
     for _ in range(epochs):
-        for first in range(0, batch["input_ids"].shape[0], size):
+        for first in range(0, batch.input_ids.shape[0], size):
             rows = slice(first, first + size)
-            logits = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows]).logits
-            logp = token_logprobs(logits, batch["input_ids"][rows])
-            pg, clipped = clipped_policy_loss(logp, old[rows], batch["advantages"][rows],
+            logits = model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows]).logits
+            logp = token_logprobs(logits, batch.input_ids[rows])
+            pg, clipped = clipped_policy_loss(logp, old[rows], batch.advantages[rows],
                                               CFG["clip_low"], CFG["clip_high"])
-            loss = (pg * tis[rows] * batch["loss_weights"][rows]).sum()
+            loss = (pg * tis[rows] * batch.loss_weights[rows]).sum()
             optimizer.zero_grad()
             loss.backward()
             norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CFG["max_grad_norm"]).item())
@@ -267,7 +268,7 @@ def off_policy_updates(model_dir: str, batch: dict, mini_batches: int, epochs: i
     return {"loss": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms),
             "clipfrac": clipped_tokens / (tokens * epochs), "tis_weight": tis.sum().item() / tokens,
             "tis_capped": ((tis >= tis_cap).float() * mask).sum().item() / tokens,
-            "mismatch": ((old - batch["rollout_logprobs"]).abs() * mask).sum().item() / tokens,
+            "mismatch": ((old - batch.rollout_logprobs).abs() * mask).sum().item() / tokens,
             "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
 
@@ -279,15 +280,15 @@ def test_mini_batches_epochs_and_tis_match_single_process_updates(ray_cluster, m
     the trainer's, so the cap (1.5) binds on some tokens and not on others."""
     with torch.no_grad():
         initial = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        old = token_logprobs(initial(input_ids=batch["input_ids"],
-                                     attention_mask=batch["attention_mask"]).logits, batch["input_ids"])
+        old = token_logprobs(initial(input_ids=batch.input_ids,
+                                     attention_mask=batch.attention_mask).logits, batch.input_ids)
     g = torch.Generator().manual_seed(2)
-    mask = batch["response_mask"]
-    off_policy = {**batch,
-                  "rollout_logprobs": (old + torch.rand(old.shape, generator=g) * 2 - 1) * mask,
-                  # each mini-batch's token-mean weights sum to 1 (what make_train_batch(..., mini_batches) gives)
-                  "loss_weights": torch.cat([loss_token_weights(part, "token-mean", 8)
-                                             for part in mask.split(len(mask) // mini_batches)])}
+    mask = batch.response_mask
+    off_policy = batch.with_(
+        rollout_logprobs=(old + torch.rand(old.shape, generator=g) * 2 - 1) * mask,
+        # each mini-batch's token-mean weights sum to 1 (what make_train_batch(..., mini_batches) gives)
+        loss_weights=torch.cat([loss_token_weights(part, "token-mean", 8)
+                                for part in mask.split(len(mask) // mini_batches)]))
     want = off_policy_updates(model_dir, off_policy, mini_batches=mini_batches, epochs=2, tis_cap=1.5)
     assert 0 < want["tis_capped"] < 1 and want["clipfrac"] > 0  # the cap and the PPO clip are both exercised
 

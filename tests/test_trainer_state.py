@@ -39,11 +39,13 @@ def one_rank(tmp_path_factory):
 def _batch(advantage: float):
     import torch
 
+    from rlhf.core.data.batch import TrainBatch
+
     ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
     response = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1]], dtype=torch.float32)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": response,
-            "rollout_logprobs": torch.zeros(2, 4), "advantages": response * advantage,
-            "loss_weights": response / response.sum()}
+    return TrainBatch(input_ids=ids, attention_mask=torch.ones_like(ids), response_mask=response,
+                      rollout_logprobs=torch.zeros(2, 4), advantages=response * advantage,
+                      loss_weights=response / response.sum())
 
 
 def test_a_nan_loss_gets_no_update_and_the_next_good_batch_does(one_rank):

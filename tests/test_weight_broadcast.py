@@ -18,6 +18,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("deepspeed")
 
 from rlhf.core.algorithms.aggregation import loss_token_weights  # noqa: E402
+from rlhf.core.data.batch import TrainBatch  # noqa: E402
 from rlhf.core.config.run_config import ModelConfig, RolloutConfig  # noqa: E402
 from rlhf.core.models.build import build_student, build_tokenizer, load_student, save_student  # noqa: E402
 from rlhf.core.distributed.weight_sync import (BroadcastGroup, TensorSpec, WeightSyncError, host_store,  # noqa: E402
@@ -195,15 +196,15 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
-def _batch(vocab: int, rows: int = 4, width: int = 8) -> dict:
+def _batch(vocab: int, rows: int = 4, width: int = 8) -> TrainBatch:
     g = torch.Generator().manual_seed(0)
     response_mask = torch.zeros(rows, width)
     response_mask[:, 3:] = 1
-    return {"input_ids": torch.randint(1, vocab, (rows, width), generator=g),
-            "attention_mask": torch.ones(rows, width, dtype=torch.long), "response_mask": response_mask,
-            "rollout_logprobs": -torch.rand(rows, width, generator=g) * response_mask,
-            "advantages": torch.randn(rows, 1, generator=g).expand(-1, width) * response_mask,
-            "loss_weights": loss_token_weights(response_mask, "token-mean", 1)}
+    return TrainBatch(input_ids=torch.randint(1, vocab, (rows, width), generator=g),
+                      attention_mask=torch.ones(rows, width, dtype=torch.long), response_mask=response_mask,
+                      rollout_logprobs=-torch.rand(rows, width, generator=g) * response_mask,
+                      advantages=torch.randn(rows, 1, generator=g).expand(-1, width) * response_mask,
+                      loss_weights=loss_token_weights(response_mask, "token-mean", 1))
 
 
 def _assert_workers_hold(pool, trainer, model_dir: str):

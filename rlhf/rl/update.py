@@ -18,7 +18,7 @@ from reward.scoring.components import TEACHER_KL
 from rlhf.core.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, whiten
 from rlhf.core.algorithms.aggregation import loss_token_weights
 from rlhf.core.algorithms.kl import distillation_advantages, kl_reward
-from rlhf.core.data.batch import make_train_batch
+from rlhf.core.data.batch import TrainBatch, make_train_batch
 from rlhf.core.config.run_config import RunConfig
 
 
@@ -43,7 +43,7 @@ class PolicyUpdate:
         # The batch layout first: values, the reference's log-probs and advantages are per token in it.
         batch = make_train_batch(samples, torch.zeros(len(samples)), self.pad_id, a.loss_aggregation,
                                  cfg.rollout.max_new_tokens, cfg.trainer.mini_batches_per_step)
-        mask = batch["response_mask"]
+        mask = batch.response_mask
         inputs = AdvantageInputs(rewards, mask, group_size, gamma=a.gamma, lam=a.lam)
         metrics: dict = {}
         if self.critic is not None:
@@ -64,21 +64,21 @@ class PolicyUpdate:
         if self.critic is not None:
             metrics.update(value_figures(inputs.values, returns, mask))
             # Every token's value error counts equally, whatever the policy loss's aggregation.
-            metrics.update(self.critic.train_step({
-                **batch, "old_values": inputs.values, "returns": returns,
-                "loss_weights": loss_token_weights(mask, "token-mean", cfg.rollout.max_new_tokens)}))
+            metrics.update(self.critic.train_step(batch.with_(
+                old_values=inputs.values, returns=returns,
+                loss_weights=loss_token_weights(mask, "token-mean", cfg.rollout.max_new_tokens))))
             metrics["charts/policy_frozen"] = float(step <= a.critic_warmup_steps)
         metrics["perf/advantages_s"] = time.perf_counter() - start
         if step <= a.critic_warmup_steps:
             return metrics, False
-        metrics.update(self.policy.train_step({**batch, "advantages": advantages * mask}))
+        metrics.update(self.policy.train_step(batch.with_(advantages=advantages * mask)))
         return metrics, True
 
-    def _distillation(self, batch: dict, student: torch.Tensor, difficulties: list | None,
+    def _distillation(self, batch: TrainBatch, student: torch.Tensor, difficulties: list | None,
                       metrics: dict) -> torch.Tensor:
         """The teacher_kl component's per-token advantage term (kl.distillation_advantages), with its figures, from
         the ``student``'s log-probs (the trainer's, before this update)."""
-        mask = batch["response_mask"]
+        mask = batch.response_mask
         teacher = self.teacher.logprobs(batch)
         failed = teacher.isnan().any(dim=1)  # a remote teacher's rows that failed: no distillation term
         metrics["distill/teacher_failed_rows"] = float(failed.sum())

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf.core.data.batch import TrainBatch
+
 # Pack when it removes at least this share of the padded batch's tokens. The reward model's pair packing
 # (reward/model/pair_packing.py) shares the bar, measured there; for a smaller saving the gather and scatter back are not
 # worth it.
@@ -97,27 +99,31 @@ def worth_packing(lengths: list[int], packing: RowPacking) -> bool:
 PACKABLE_ATTENTION = ("sdpa", "eager")
 
 
-def micro_batches(batch: dict[str, torch.Tensor], size: int, device, can_pack: bool):
-    """(first row, micro-batch on ``device``, RowPacking or None) over ``batch``'s right-padded (B, L) tensors.
+def micro_batches(batch: dict[str, torch.Tensor] | TrainBatch, size: int, device, can_pack: bool):
+    """(first row, micro-batch on ``device``, RowPacking or None) over ``batch``'s right-padded (B, L) tensors;
+    each micro-batch is of ``batch``'s kind, a dict or a TrainBatch.
 
     Each micro-batch is cut to its longest row, then packed when ``can_pack`` and packing saves enough: a packed
-    micro-batch holds every tensor in the packed layout, ``position_ids`` and no ``attention_mask`` (the model
-    derives the mask from the position ids). ``model_inputs`` turns either kind into the model's arguments, and a
-    per-token result computed on a packed micro-batch goes back to the padded layout with ``packing.unpack``.
+    micro-batch holds every tensor in the packed layout (the attention mask too, 1 on each real token) and
+    ``position_ids``, from which the model derives its attention mask. ``model_inputs`` turns either kind into the
+    model's arguments, and a per-token result computed on a packed micro-batch goes back to the padded layout with
+    ``packing.unpack``.
     """
-    for first in range(0, batch["input_ids"].shape[0], size):
-        mb = {k: v[first:first + size] for k, v in batch.items()}
+    tensors = _tensors(batch)
+    for first in range(0, tensors["input_ids"].shape[0], size):
+        mb = {k: v[first:first + size] for k, v in tensors.items()}
         lengths = mb["attention_mask"].sum(dim=1).tolist()
         # Rows are right-padded, so columns past the longest row in this micro-batch are pure padding.
         width = max(max(lengths), 1)
         mb = {k: v[:, :width] for k, v in mb.items()}
         plan = plan_packing(lengths, width) if can_pack else None
         if plan is not None and worth_packing(lengths, plan):
-            mb = {k: plan.pack(v) for k, v in mb.items() if k != "attention_mask"}
+            mb = {k: plan.pack(v) for k, v in mb.items()}
             mb["position_ids"] = plan.position_ids
         else:
             plan = None
-        yield first, {k: v.to(device) for k, v in mb.items()}, plan
+        mb = {k: v.to(device) for k, v in mb.items()}
+        yield first, mb if isinstance(batch, dict) else TrainBatch(**mb), plan
 
 
 def per_token(batch: dict[str, torch.Tensor], size: int, device, can_pack: bool, compute) -> torch.Tensor:
@@ -133,19 +139,26 @@ def per_token(batch: dict[str, torch.Tensor], size: int, device, can_pack: bool,
     return out
 
 
-def model_inputs(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def model_inputs(mb: dict[str, torch.Tensor] | TrainBatch) -> dict[str, torch.Tensor]:
     """The model's keyword arguments for a micro-batch from ``micro_batches``, packed or not."""
+    mb = _tensors(mb)
     if "position_ids" in mb:
         # Transformers looks for packed rows only where there is no KV cache (a training forward).
         return {"input_ids": mb["input_ids"], "position_ids": mb["position_ids"], "use_cache": False}
     return {"input_ids": mb["input_ids"], "attention_mask": mb["attention_mask"]}
 
 
-def zero_sequence_starts(x: torch.Tensor, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+def zero_sequence_starts(x: torch.Tensor, mb: dict[str, torch.Tensor] | TrainBatch) -> torch.Tensor:
     """``x`` (rows, L), a per-token result aligned as ``tokens.token_logprobs`` (position t from the model's
     output at t - 1), with each packed sequence's first token set to 0. There the output at t - 1 is the previous
     sequence's last token, unrelated to this one; 0 is what position 0 of a padded row holds. Unpacked micro-batches
     pass through."""
-    if "position_ids" not in mb:
+    position_ids = _tensors(mb).get("position_ids")
+    if position_ids is None:
         return x
-    return x.masked_fill(mb["position_ids"] == 0, 0.0)
+    return x.masked_fill(position_ids == 0, 0.0)
+
+
+def _tensors(batch: dict[str, torch.Tensor] | TrainBatch) -> dict[str, torch.Tensor]:
+    """A batch's tensors by name: the RL update's TrainBatch and every other stage's dict alike."""
+    return batch if isinstance(batch, dict) else dict(batch.tensors())

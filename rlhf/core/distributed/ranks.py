@@ -21,6 +21,7 @@ from rlhf.core.distributed import threads as thread_budget  # not ``threads``: R
 from rlhf.core.models import lora
 
 from rlhf.core.data import packing
+from rlhf.core.data.batch import TrainBatch
 from rlhf.core.checkpoints.atomic import atomic_dir
 from rlhf.core.config.run_config import EngineConfig
 from rlhf.core.checkpoints.resume import load_rng_file, set_torch_rng_state, torch_rng_state
@@ -98,7 +99,7 @@ class DeepSpeedRank:
                                                      config=ds_config, lr_scheduler=schedule)
         self.device = self.engine.device
 
-    def _micro_batches(self, batch: dict[str, torch.Tensor]):
+    def _micro_batches(self, batch: dict[str, torch.Tensor] | TrainBatch):
         """(first row, micro-batch on the device, RowPacking or None) over ``batch``'s right-padded rows
         (packing.micro_batches): padding-free where the model's attention kernel is known to take packed rows."""
         can_pack = self.engine.module.config._attn_implementation in packing.PACKABLE_ATTENTION
@@ -238,12 +239,16 @@ class RankGroup:
             self.shutdown()  # the ranks that did start would otherwise hold their CPUs/GPUs
             raise
 
-    def _shards(self, batch: dict[str, torch.Tensor], rows: int, hint: str) -> list[dict[str, torch.Tensor]]:
+    def _shards(self, batch: dict[str, torch.Tensor] | TrainBatch, rows: int,
+                hint: str) -> list[dict[str, torch.Tensor]] | list[TrainBatch]:
         """Contiguous equal row slices of every tensor in ``batch``, one per rank; ``hint`` ends the error."""
         if rows % self.num_ranks:
             raise ValueError(f"batch of {rows} rows does not split evenly across {self.num_ranks} trainer ranks: "
                              f"{hint}")
-        return [{k: v[part] for k, v in batch.items()} for part in row_slices(rows, self.num_ranks)]
+        parts = row_slices(rows, self.num_ranks)
+        if isinstance(batch, TrainBatch):
+            return [batch.rows(part) for part in parts]
+        return [{k: v[part] for k, v in batch.items()} for part in parts]
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self._get([actor.full_state_dict.remote() for actor in self.actors], "full_state_dict")[0]

@@ -9,6 +9,7 @@ import ray
 import torch
 
 from reward.teachers.logprobs import RemoteTeacherLogprobs, TeacherLogprobWorker
+from rlhf.core.data.batch import TrainBatch
 from rlhf.core.distributed import cluster, threads
 from rlhf.core.config.run_config import RunConfig
 from rlhf.core.distributed.worker_pool import WorkerPool
@@ -27,11 +28,11 @@ class TeacherGroup:
                                                                  cfg.trainer.micro_batch_size, cfg.rollout.temperature),
                                r.teacher_workers, cfg.call_timeout_s, cfg.max_worker_restarts)
 
-    def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The teacher's (B, L) log-probs of the batch's rows (input_ids, attention_mask)."""
-        rows = batch["input_ids"].shape[0]
-        args = [({k: batch[k][part] for k in ("input_ids", "attention_mask")},) if part.stop > part.start else None
-                for part in row_slices(rows, len(self.pool))]
+    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """The teacher's (B, L) log-probs of the batch's rows."""
+        inputs = batch.inputs()
+        args = [({k: v[part] for k, v in inputs.items()},) if part.stop > part.start else None
+                for part in row_slices(batch.input_ids.shape[0], len(self.pool))]
         return torch.cat([p for p in self.pool.call("logprobs", args, "teacher logprobs") if p is not None])
 
     def shutdown(self) -> None:
@@ -54,8 +55,8 @@ class RemoteTeacher:
     def __init__(self, client: RemoteTeacherLogprobs):
         self.client = client
 
-    def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.client.logprobs(batch)
+    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        return self.client.logprobs(batch.inputs())
 
     def shutdown(self) -> None:
         pass

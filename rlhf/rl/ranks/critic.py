@@ -27,14 +27,13 @@ from rlhf.core.models import lora
 from rlhf.core.models.safetensors_dir import load_pretrained
 
 from rlhf.core.data import packing
+from rlhf.core.data.batch import TrainBatch
 from rlhf.core.config.run_config import RunConfig
 from rlhf.core.distributed import threads
 from rlhf.core.distributed.ranks import DeepSpeedRank, RankGroup
 
-VALUE_KEYS = ("input_ids", "attention_mask")
 # The value head of Hugging Face's token classifiers (Qwen2, Llama: ``score``).
 VALUE_HEADS = ("score",)
-TRAIN_KEYS = ("input_ids", "attention_mask", "response_mask", "old_values", "returns", "loss_weights")
 
 # Per-rank sums, all-reduced into whole-batch figures.
 _SUMMED = ("value_loss", "clipped", "error", "response_tokens")
@@ -61,7 +60,7 @@ def load_value_model(init_dir: str):
     return model
 
 
-def token_values(model, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+def token_values(model, mb: dict[str, torch.Tensor] | TrainBatch) -> torch.Tensor:
     """(rows, L) values aligned with the micro-batch's ``input_ids`` (packed or not, see rlhf/core/data/packing.py):
     position t holds the head's output at t - 1, each sequence's first position gets 0."""
     head = model(**packing.model_inputs(mb)).logits[..., 0].float()
@@ -93,32 +92,29 @@ class CriticTrainer(DeepSpeedRank):
         self.engine.eval()
         return self._per_token(batch, lambda mb: token_values(self.engine, mb))
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer update of the value loss on this rank's rows. Collective: every rank calls it with a shard
-        of the same number of rows. ``batch``: input_ids, attention_mask (B, L) long; response_mask, old_values
-        (the values the advantages were computed with), returns, loss_weights (B, L) float. Returns whole-batch
-        metrics (the same on every rank)."""
-        missing = [k for k in TRAIN_KEYS if k not in batch]
-        if missing:
-            raise ValueError(f"critic batch lacks {missing}")
+        of the same number of rows. ``batch`` carries old_values and returns; its loss weights are the value
+        loss's. Returns whole-batch metrics (the same on every rank)."""
+        if batch.old_values is None or batch.returns is None:
+            raise ValueError("critic batch lacks old_values or returns")
         engine = self.engine
         start = time.perf_counter()
         engine.train()
         sums = torch.zeros(len(_SUMMED), dtype=torch.float64)
-        micro_batches = list(self._micro_batches({k: batch[k] for k in TRAIN_KEYS}))
+        micro_batches = list(self._micro_batches(batch))
         for i, (_, mb, _) in enumerate(micro_batches):
             values = token_values(engine, mb)
-            per_token, clipped = clipped_value_loss(values, mb["old_values"], mb["returns"],
-                                                    self.value_clip)
-            loss = (per_token * mb["loss_weights"]).sum()
+            per_token, clipped = clipped_value_loss(values, mb.old_values, mb.returns, self.value_clip)
+            loss = (per_token * mb.loss_weights).sum()
             engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             # x world_size undoes DeepSpeed's averaging over ranks (see PolicyTrainer._micro_step).
             engine.backward(loss * self.world_size, scale_wrt_gas=False)
             engine.step()
-            mask = mb["response_mask"]
+            mask = mb.response_mask
             with torch.no_grad():
                 sums += torch.stack([loss.detach(), (clipped * mask).sum(),
-                                     ((values.detach() - mb["returns"]).abs() * mask).sum(),
+                                     ((values.detach() - mb.returns).abs() * mask).sum(),
                                      mask.sum()]).double().cpu()
 
         total = dict(zip(_SUMMED, self._sum_across_ranks(sums).tolist()))
@@ -145,17 +141,15 @@ class CriticGroup(RankGroup):
         share = threads.run_budget(cfg).get("critic", cfg.critic.threads)
         super().__init__(CriticTrainer, (init_dir, cfg), share, num_ranks, timeout_s, role="critic", **placement)
 
-    def values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Values (B, L) of every row of ``batch`` (input_ids, attention_mask), split across the ranks."""
-        batch = {k: batch[k] for k in VALUE_KEYS}
-        shards = self._shards(batch, batch["input_ids"].shape[0],
+    def values(self, batch: TrainBatch) -> torch.Tensor:
+        """Values (B, L) of every row of ``batch``, split across the ranks."""
+        shards = self._shards(batch.inputs(), batch.input_ids.shape[0],
                               f"make rollout rows per step a multiple of critic.num_ranks={self.num_ranks}")
         return torch.cat(self._get([actor.values.remote(s) for actor, s in zip(self.actors, shards)],
                                    "critic values"))
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        batch = {k: batch[k] for k in TRAIN_KEYS}
-        shards = self._shards(batch, batch["input_ids"].shape[0],
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        shards = self._shards(batch, batch.input_ids.shape[0],
                               f"make rollout rows per step a multiple of critic.num_ranks={self.num_ranks}")
         metrics = self._get([actor.train_step.remote(s) for actor, s in zip(self.actors, shards)],
                             "critic train_step")

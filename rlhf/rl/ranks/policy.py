@@ -1,10 +1,10 @@
 """The policy trainer: one DeepSpeed (ZeRO-2/3) data-parallel rank per Ray actor, and the group that drives them.
 
 One call to ``train_step`` is the update on one rollout batch: one optimizer step per mini-batch (and epoch).
-The driver builds the batch (see ``PolicyTrainer.train_step`` for its fields) with loss weights from
-``loss_token_weights`` over each mini-batch, so a mini-batch's loss is sum(w * per_token_loss) however
-its rows are split across ranks and micro-batches; each rank scales its share so that DeepSpeed's gradient
-averaging yields exactly that mini-batch gradient.
+The driver builds the batch (a ``TrainBatch``, rlhf/core/data/batch.py, which states its fields) with loss weights
+from ``loss_token_weights`` over each mini-batch, so a mini-batch's loss is sum(w * per_token_loss) however its rows
+are split across ranks and micro-batches; each rank scales its share so that DeepSpeed's gradient averaging yields
+exactly that mini-batch gradient.
 
 ``PolicyTrainer`` is a plain class (usable in-process, one per process, e.g. under torchrun or in a test);
 ``TrainerGroup`` wraps it with ``ray.remote`` and starts one actor per rank. Their engine set-up, weight gathering,
@@ -25,7 +25,7 @@ from rlhf.core.models import lora, precision
 from rlhf.core.models.safetensors_dir import load_pretrained
 
 from rlhf.core.data import packing
-from rlhf.core.data.batch import without_zero_advantage_rows
+from rlhf.core.data.batch import TrainBatch, without_zero_advantage_rows
 from rlhf.core.config.run_config import AlgorithmConfig, RunConfig
 from rlhf.core.distributed.ranks import DeepSpeedRank, RankGroup
 from rlhf.core.distributed.weight_sync import WeightBroadcaster
@@ -45,8 +45,6 @@ def kl_in_loss(algorithm: AlgorithmConfig) -> bool:
     into the reward instead (``algorithm.reward_kl``)."""
     return algorithm.kl_coef > 0 and not algorithm.reward_kl
 
-
-BATCH_KEYS = ("input_ids", "attention_mask", "response_mask", "rollout_logprobs", "advantages", "loss_weights")
 
 # Per-rank sums, all-reduced across ranks before they become whole-batch metrics (means divide by response_tokens).
 _SUMMED = ("policy_loss", "kl", "clipped", "entropy", "mismatch", "tis_weight", "tis_capped", "response_tokens")
@@ -97,17 +95,16 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         finally:
             self.release_gpu()
 
-    def train_step(self, batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch | list[TrainBatch]) -> dict[str, float]:
         """The update on one rollout batch: one optimizer step per mini-batch, ``epochs`` passes over them.
         Collective: every rank must call it, each with a shard of the same number of rows per mini-batch (under
         ZeRO-3 each forward gathers parameters from all ranks).
 
-        ``batch``: one mini-batch, or a list of them in the order they are stepped on; each (CPU tensors, rows
-        right-padded) holds input_ids, attention_mask (B, L) long; response_mask, rollout_logprobs, advantages,
-        loss_weights (B, L) float, the weights summing that mini-batch's loss. Returns whole-batch metrics (the same
-        on all ranks): per-rank sums are all-reduced before they are turned into means over every optimizer step.
+        ``batch``: one mini-batch, or a list of them in the order they are stepped on, its loss weights summing
+        that mini-batch's loss. Returns whole-batch metrics (the same on all ranks): per-rank sums are all-reduced
+        before they are turned into means over every optimizer step.
         """
-        mini_batches = _checked_mini_batches(batch)
+        mini_batches = [batch] if isinstance(batch, TrainBatch) else list(batch)
         self.reclaim_gpu()  # colocated: the state went to host memory for the rollout
         algorithm, engine = self.algorithm, self.engine
         start = time.perf_counter()
@@ -116,7 +113,7 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         # update. With one update they are the update's own log-probs, detached; with several, the later updates
         # need them after the weights have moved, so they are computed first, in one pass without gradients.
         if updates > 1:
-            mini_batches = [{**mb, "old_logprobs": self._logprobs(mb)} for mb in mini_batches]
+            mini_batches = [mb.with_(old_logprobs=self._logprobs(mb.inputs())) for mb in mini_batches]
         engine.train()
         lr = engine.get_lr()[0]  # of this batch's first update (lr_warmup_steps moves it between updates)
         sums = torch.zeros(len(_SUMMED), dtype=torch.float64)
@@ -139,9 +136,9 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
             metrics.update(self._mfu(mini_batches, updates > 1, metrics["perf/train_s"]))
         return metrics
 
-    def _mfu(self, mini_batches: list[dict[str, torch.Tensor]], old_logprobs_pass: bool, seconds: float) -> dict:
+    def _mfu(self, mini_batches: list[TrainBatch], old_logprobs_pass: bool, seconds: float) -> dict:
         """This rank's update MFU against the GEMM rate of the precision it trains in, on its own threads."""
-        tokens, epochs = sum(int(mb["attention_mask"].sum()) for mb in mini_batches), self.algorithm.ppo_epochs
+        tokens, epochs = sum(int(mb.attention_mask.sum()) for mb in mini_batches), self.algorithm.ppo_epochs
         flops = precision.update_flops(self.params, tokens * epochs, self.lora,
                                        tokens * (epochs * (self.reference is not None) + old_logprobs_pass))
         if self.gemm_rate is None:
@@ -165,14 +162,14 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
 
         return self._per_token(batch, logprobs)
 
-    def _optimizer_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _optimizer_step(self, batch: TrainBatch) -> torch.Tensor:
         """Forward and backward over one mini-batch's micro-batches, then one optimizer step; returns its sums."""
         engine = self.engine
         sums = torch.zeros(len(_SUMMED), dtype=torch.float64)
         if self.policy_loss.sequence_level or (self.algorithm.tis_cap and self.algorithm.is_level != "token"):
             # Each token carries its row number into the micro-batches: a packed row holds several sequences.
-            rows, width = batch["input_ids"].shape
-            batch = {**batch, "sequence_ids": torch.arange(rows).unsqueeze(1).expand(rows, width)}
+            rows, width = batch.input_ids.shape
+            batch = batch.with_(sequence_ids=torch.arange(rows).unsqueeze(1).expand(rows, width))
         micro_batches = list(self._micro_batches(batch))
         for i, (_, mb, _) in enumerate(micro_batches):
             # Only the last micro-batch triggers the optimizer step, however many there are in this mini-batch.
@@ -181,23 +178,23 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
             engine.step()
         return sums
 
-    def _micro_step(self, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _micro_step(self, mb: TrainBatch) -> torch.Tensor:
         """Forward and backward on one micro-batch; returns its contribution to the ``_SUMMED`` sums."""
         a = self.algorithm
-        mask = mb["response_mask"]
+        mask = mb.response_mask
         with precision.autocast(self.precision):
             logits = self.engine(**packing.model_inputs(mb)).logits.float()
         logits = logits / self.temperature
-        logp = packing.zero_sequence_starts(token_logprobs(logits, mb["input_ids"]), mb)
+        logp = packing.zero_sequence_starts(token_logprobs(logits, mb.input_ids), mb)
         # Without precomputed old log-probs this is the batch's only update: the old policy is the current one and
         # the ratio starts at exactly 1.
-        old_logp = mb["old_logprobs"] if "old_logprobs" in mb else logp.detach()
+        old_logp = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()
         pg, clipped = self.policy_loss.compute(PolicyLossInputs(
-            logp, old_logp, mb["advantages"], mask, a.clip_low, a.clip_high, a.dual_clip, mb.get("sequence_ids")))
+            logp, old_logp, mb.advantages, mask, a.clip_low, a.clip_high, a.dual_clip, mb.sequence_ids))
         tis, corrected = torch.ones_like(logp), torch.zeros_like(logp)
         if a.tis_cap:
-            tis, corrected = off_policy_weights(old_logp, mb["rollout_logprobs"], mask, a.tis_cap, a.is_level,
-                                                a.is_mode, a.is_floor, mb.get("sequence_ids"))
+            tis, corrected = off_policy_weights(old_logp, mb.rollout_logprobs, mask, a.tis_cap, a.is_level,
+                                                a.is_mode, a.is_floor, mb.sequence_ids)
             pg = pg * tis
         kl = torch.zeros_like(logp)
         if self.reference is not None:
@@ -205,7 +202,7 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
                 with precision.autocast(self.precision):
                     ref_logits = self.reference(**packing.model_inputs(mb)).logits.float()
                 ref_logits = ref_logits / self.temperature
-                ref_logp = packing.zero_sequence_starts(token_logprobs(ref_logits, mb["input_ids"]), mb)
+                ref_logp = packing.zero_sequence_starts(token_logprobs(ref_logits, mb.input_ids), mb)
                 del ref_logits
             kl = kl_penalty(logp, ref_logp, a.kl_estimator)
         if a.entropy_coef:
@@ -218,7 +215,7 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         entropy = packing.zero_sequence_starts(entropy, mb)
         per_token = policy_token_loss(pg, entropy, kl, a.entropy_coef,
                                       a.kl_coef if kl_in_loss(a) else 0.0)
-        loss = (per_token * mb["loss_weights"]).sum()
+        loss = (per_token * mb.loss_weights).sum()
         # DeepSpeed averages gradients over data-parallel ranks; multiplying by world_size turns that average back
         # into the sum of the ranks' shares, i.e. the gradient of the whole-batch loss. scale_wrt_gas=False: the
         # weights already account for the micro-batch split, so DeepSpeed must not divide by its accumulation count.
@@ -231,7 +228,7 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
                 (clipped * mask).sum(),
                 (entropy.detach() * mask).sum(),
                 # Train/inference mismatch: the sampler's log-probs against the trainer's before this batch's update.
-                ((old_logp - mb["rollout_logprobs"]).abs() * mask).sum(),
+                ((old_logp - mb.rollout_logprobs).abs() * mask).sum(),
                 (tis * mask).sum(),
                 (corrected * mask).sum(),
                 mask.sum(),
@@ -270,16 +267,6 @@ def _reference_model(cfg: RunConfig, model_dir: str, policy, bf16: bool, device)
     return reference.to(device).eval().requires_grad_(False)
 
 
-def _checked_mini_batches(batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]) -> list[dict]:
-    """``train_step``'s batch as a list of mini-batches, each holding every key the update reads."""
-    mini_batches = [batch] if isinstance(batch, dict) else list(batch)
-    for mb in mini_batches:
-        missing = [k for k in BATCH_KEYS if k not in mb]
-        if missing:
-            raise ValueError(f"batch lacks {missing}")
-    return mini_batches
-
-
 def _update_metrics(total: dict[str, float], updates: int, lr: float, train_s: float, tis: bool, kl: bool,
                     grad_norms: list[float]) -> dict[str, float]:
     """Whole-batch figures from the ranks' summed ``_SUMMED`` values: means over response tokens, the policy loss
@@ -315,7 +302,7 @@ class TrainerGroup(RankGroup):
         # 0 to the gradient, so train_step leaves such rows out (batch.without_zero_advantage_rows).
         self.skip_zero_advantage_rows = not cfg.algorithm.entropy_coef and not kl_in_loss(cfg.algorithm)
 
-    def train_step(self, batch: dict[str, torch.Tensor], mini_batches: int | None = None) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, mini_batches: int | None = None) -> dict[str, float]:
         """The update on one rollout batch: its rows split into ``mini_batches`` (default: the config's) contiguous
         equal parts, one optimizer step each (the batch's loss weights must sum each part's loss, as
         ``make_train_batch(..., mini_batches)`` makes them), each part split evenly across the ranks.
@@ -324,18 +311,18 @@ class TrainerGroup(RankGroup):
         update is the same and the per-token means in the metrics (entropy, clip fraction, mismatch) are over the
         rows trained on; ``perf/skipped_rows`` counts the others."""
         mini_batches = mini_batches or self.mini_batches
-        rows = batch["input_ids"].shape[0]
+        rows = batch.input_ids.shape[0]
         if rows % mini_batches:
             raise ValueError(f"batch of {rows} rows does not split into {mini_batches} equal mini-batches")
         size = rows // mini_batches
         hint = f"make rollout rows per step a multiple of mini-batches x {self.num_ranks} ranks"
-        per_rank: list[list[dict[str, torch.Tensor]]] = [[] for _ in self.actors]
+        per_rank: list[list[TrainBatch]] = [[] for _ in self.actors]
         trained = 0
         for first in range(0, rows, size):
-            part = {k: v[first:first + size] for k, v in batch.items()}
+            part = batch.rows(slice(first, first + size))
             if self.skip_zero_advantage_rows and size % self.num_ranks == 0:  # an uneven part is refused below
                 part = without_zero_advantage_rows(part, self.num_ranks)
-            part_rows = part["input_ids"].shape[0]
+            part_rows = part.input_ids.shape[0]
             trained += part_rows
             for shards, shard in zip(per_rank, self._shards(part, part_rows, hint)):
                 shards.append(shard)
@@ -346,17 +333,16 @@ class TrainerGroup(RankGroup):
         return {**metrics[0], "perf/train_s": max(m["perf/train_s"] for m in metrics),
                 "perf/skipped_rows": float(rows - trained)}
 
-    def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def reference_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """The reference model's token log-probs (B, L) of the batch's rows, computed on the ranks that hold it."""
         return self._rank_logprobs("reference_logprobs", batch)
 
-    def policy_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def policy_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """The current policy's token log-probs (B, L) of the batch's rows (``PolicyTrainer.policy_logprobs``)."""
         return self._rank_logprobs("policy_logprobs", batch)
 
-    def _rank_logprobs(self, method: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = {k: batch[k] for k in ("input_ids", "attention_mask")}
-        shards = self._shards(batch, batch["input_ids"].shape[0],
+    def _rank_logprobs(self, method: str, batch: TrainBatch) -> torch.Tensor:
+        shards = self._shards(batch.inputs(), batch.input_ids.shape[0],
                               f"make rollout rows per step a multiple of {self.num_ranks}")
         parts = self._get([getattr(actor, method).remote(shard) for actor, shard in zip(self.actors, shards)],
                           method)
