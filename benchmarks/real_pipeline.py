@@ -3,12 +3,15 @@ accuracy of the base model, the SFT student, RL with the distilled RM, RL with t
 adaptive-thinking variant, each with its standard error; the gains; the wall-clock; the issue's checks as booleans.
 
     python benchmarks/real_pipeline.py --rm runs/smollm2_distil --oracle runs/smollm2_oracle \\
-        [--adaptive runs/smollm2_adaptive] [--base runs/smollm2_base] [--plot learning_curve.png]
+        [--adaptive runs/smollm2_adaptive] [--base runs/smollm2_base] [--plot learning_curve.png] \\
+        [--paired SFT.json RL.json [ORACLE.json]]
 
 Each argument is a run directory with its summary.json (the commands are in the config's header). ``--base`` is a
 run with ``stages=[eval]`` on the base model. The SFT student's accuracy is the RM run's ``eval_before`` (its
 evaluation before the first RL step). Standard errors are those of a proportion over the held-out problems; a
 gain's is that of the difference of two independent proportions (conservative: the same problems are asked twice).
+``--paired`` takes ``distilrl eval CHECKPOINT --show 400`` outputs (every answer with its verdict) of the SFT
+student, the RL policy with the RM (and the oracle arm's): a gain's paired standard error, over the same problems.
 """
 from __future__ import annotations
 
@@ -28,6 +31,20 @@ def gain(before: dict, after: dict) -> dict:
     err = math.hypot(se(before["accuracy"], before["n"]), se(after["accuracy"], after["n"]))
     return {"points": round(100 * diff, 1), "se_points": round(100 * err, 1),
             "beyond_2se": diff > 2 * err}
+
+
+def paired_gain(before: Path, after: Path) -> dict:
+    """The gain over the same problems, from two ``distilrl eval --show N`` outputs: its paired standard error
+    (of the mean per-problem difference) and how many problems each side alone got right."""
+    a, b = (json.loads(Path(p).read_text())["answers"] for p in (before, after))
+    if [x["prompt"] for x in a] != [x["prompt"] for x in b]:
+        raise SystemExit(f"error: {before} and {after} answered different problems: evaluate both on the same set")
+    diffs = [int(y["correct"]) - int(x["correct"]) for x, y in zip(a, b)]
+    mean = sum(diffs) / len(diffs)
+    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    err = math.sqrt(var / len(diffs))
+    return {"points": round(100 * mean, 1), "paired_se_points": round(100 * err, 1), "beyond_2se": mean > 2 * err,
+            "n": len(diffs), "only_after_right": diffs.count(1), "only_before_right": diffs.count(-1)}
 
 
 def figures(evaluation: dict) -> dict:
@@ -92,6 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--adaptive", type=Path, help="the RM plus the adaptive-thinking component")
     parser.add_argument("--base", type=Path, help="stages=[eval] on the base model")
     parser.add_argument("--plot", type=Path, help="write the learning curves here (PNG)")
+    parser.add_argument("--paired", type=Path, nargs="+", metavar="EVAL_JSON",
+                        help="distilrl eval --show N outputs: the SFT student, the RM arm's policy[, the oracle's]")
     args = parser.parse_args(argv)
     rm, oracle = summary(args.rm), summary(args.oracle)
     out: dict = {"accuracy": {}}
@@ -106,8 +125,13 @@ def main(argv: list[str] | None = None) -> dict:
     out["gain_ratio_rm_to_verifier"] = None if ratio is None else round(ratio, 2)
     out["wall_s"] = {"rm": rm["wall_s"], "verifier": oracle["wall_s"]}
     out["stage_s"] = {"rm": rm.get("stage_s"), "verifier": oracle.get("stage_s")}
+    if args.paired:
+        out["gain_rm"]["paired"] = paired_gain(args.paired[0], args.paired[1])
+        if len(args.paired) > 2:
+            out["gain_verifier"]["paired"] = paired_gain(args.paired[0], args.paired[2])
+    beyond = (out["gain_rm"].get("paired") or out["gain_rm"])["beyond_2se"]
     out["checks"] = {"pipeline_within_60_min": rm["wall_s"] <= 3600,
-                     "rm_gain_at_least_5_points_beyond_2se": out["gain_rm"]["points"] >= 5 and out["gain_rm"]["beyond_2se"],
+                     "rm_gain_at_least_5_points_beyond_2se": out["gain_rm"]["points"] >= 5 and beyond,
                      "rm_gain_at_least_0.8x_verifier": ratio is not None and ratio >= 0.8}
     curves = {"RL, distilled RM": rm, "RL, verifier": oracle}
     if args.adaptive:

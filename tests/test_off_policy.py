@@ -122,7 +122,7 @@ def test_config_refuses_mini_batches_that_do_not_divide_the_rollout_rows_across_
 
 
 @pytest.mark.parametrize("override", ["trainer.mini_batches_per_step=0", "algorithm.ppo_epochs=0",
-                                      "algorithm.tis_cap=0", "algorithm.tis_cap=-1", "rollout.max_staleness=0",
+                                      "algorithm.tis_cap=0", "algorithm.tis_cap=-1", "rollout.max_staleness=-1",
                                       "rollout.asynchronous=maybe"])
 def test_bad_off_policy_options_are_config_errors(override):
     with pytest.raises(ConfigError, match=override.split("=")[0]):
