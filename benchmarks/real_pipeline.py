@@ -78,26 +78,34 @@ def adaptive_check(rm_after: dict, adaptive_after: dict) -> dict:
             "ok": cut >= 0.30 and abs(hard_diff) <= 2.0}
 
 
-def curve(run: dict) -> list[tuple[int, float]]:
-    """(RL step, held-out accuracy): before RL, the eval.every points, after RL."""
-    points = [(0, run["eval_before"]["accuracy"])]
-    points += [(p["step"], p["accuracy"]) for p in run.get("eval_curve", [])]
-    return points + [(run["steps"], run["eval_after"]["accuracy"])]
+def rollout_accuracy(run: Path, window: int = 8) -> tuple[list[int], list[float]]:
+    """The verifier's accuracy on each RL step's rollouts (temperature 1), as a trailing mean over ``window`` steps."""
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    acc = [m["reward/accuracy"] for m in steps]
+    return [m["step"] for m in steps], [sum(acc[max(0, i - window + 1):i + 1]) / len(acc[max(0, i - window + 1):i + 1])
+                                        for i in range(len(acc))]
 
 
-def plot(runs: dict[str, dict], path: Path) -> None:
+def plot(runs: dict[str, Path], held_out: dict[str, dict], path: Path) -> None:
+    """Left: each arm's rollout accuracy over the RL steps; right: held-out accuracy with 1 standard error."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [3, 2]})
     for name, run in runs.items():
-        steps, acc = zip(*curve(run))
-        ax.plot(steps, [100 * a for a in acc], marker="o", label=name)
-    n = next(iter(runs.values()))["eval_after"]["n"]
-    ax.set(xlabel="RL step", ylabel=f"held-out accuracy, % ({n} problems)",
-           title="SmolLM2-135M-Instruct on arithmetic in words")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        steps, acc = rollout_accuracy(run)
+        left.plot(steps, [100 * a for a in acc], label=name)
+    left.set(xlabel="RL step", ylabel="rollout accuracy, % (8-step mean)", title="During RL (64 samples a step)")
+    left.grid(alpha=0.3)
+    left.legend()
+    names = list(held_out)
+    right.bar(names, [100 * f["accuracy"] for f in held_out.values()],
+              yerr=[100 * f["se"] for f in held_out.values()], capsize=4, color="tab:gray")
+    low = min(100 * f["accuracy"] for f in held_out.values())
+    right.set(ylim=(max(0, low - 15), None), ylabel=f"held-out accuracy, % ({next(iter(held_out.values()))['n']})",
+              title="Held out, greedy")
+    right.tick_params(axis="x", labelrotation=20)
+    fig.suptitle("SmolLM2-135M-Instruct, arithmetic in words, 2-core CPU")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -133,16 +141,18 @@ def main(argv: list[str] | None = None) -> dict:
     out["checks"] = {"pipeline_within_60_min": rm["wall_s"] <= 3600,
                      "rm_gain_at_least_5_points_beyond_2se": out["gain_rm"]["points"] >= 5 and beyond,
                      "rm_gain_at_least_0.8x_verifier": ratio is not None and ratio >= 0.8}
-    curves = {"RL, distilled RM": rm, "RL, verifier": oracle}
+    curves = {"RL, distilled RM": args.rm, "RL, verifier": args.oracle}
     if args.adaptive:
         adaptive = summary(args.adaptive)
         out["accuracy"]["rl_adaptive"] = figures(adaptive["eval_after"])
         out["wall_s"]["adaptive"] = adaptive["wall_s"]
         out["adaptive"] = adaptive_check(rm["eval_after"], adaptive["eval_after"])
         out["checks"]["adaptive_cuts_easiest_tokens_30pct_at_hardest_within_2"] = out["adaptive"]["ok"]
-        curves["RL, RM + adaptive"] = adaptive
+        curves["RL, RM + adaptive"] = args.adaptive
     if args.plot:
-        plot(curves, args.plot)
+        labels = {"base": "base", "sft": "SFT", "rl_rm": "RL, RM", "rl_verifier": "RL, verifier",
+                  "rl_adaptive": "RL, adaptive"}
+        plot(curves, {labels[k]: f for k, f in out["accuracy"].items()}, args.plot)
     print("| | held-out accuracy | mean tokens |")
     print("|---|---|---|")
     for name, f in out["accuracy"].items():
