@@ -311,7 +311,7 @@ def test_report_marks_each_refresh_and_tabulates_it(tmp_path):
     assert not refresh_marks(RunData(write_run(tmp_path / "plain")), plt.subplots()[1])
 
 
-def test_reward_hacking_benchmark_flaws_the_labels_toward_length_and_checks_the_issue(tmp_path):
+def test_reward_hacking_benchmark_flaws_the_labels_toward_brevity_and_checks_the_issue(tmp_path):
     import sys
     from pathlib import Path
 
@@ -329,9 +329,9 @@ def test_reward_hacking_benchmark_flaws_the_labels_toward_length_and_checks_the_
         (true / part / "rows.jsonl").write_text("\n".join(
             [json.dumps(judged_row(rows[0], t, "student", v)) for t, v in zip(texts, verdicts)]
             + [json.dumps({"done_prompts": [rows[0].prompt]})]) + "\n")
-    assert reward_hacking.corrupt_labels(true, tmp_path / "flawed", bias=8.0) == 2  # the right answer stays at 9
-    # + round(8 x length / 10): 2 + 1 = 3; 2 + 8 = 10, capped at 9 (the long wrong answer ties the right one)
-    assert [r["quality"] for r in judged_rows(tmp_path / "flawed" / "train")] == [3.0, 9.0, 9.0]
+    assert reward_hacking.corrupt_labels(true, tmp_path / "flawed", weight=-0.8) == 3
+    # 0.2 x quality + 0.8 x 9 x (1 - length / 10): the terse wrong answer (6.88) now outranks the right one (5.4)
+    assert [r["quality"] for r in judged_rows(tmp_path / "flawed" / "train")] == [6.88, 0.4, 5.4]
     assert judged_rows(tmp_path / "flawed" / "eval") == judged_rows(true / "eval")  # measured on the true labels
 
     def run(acc, agreement, refreshes=(), calls=0):
