@@ -36,8 +36,8 @@ export CUDA_VISIBLE_DEVICES="${visible%%,*}"
 tests_rc=0
 if [ "$engine" = "vllm" ]; then
     echo "== vllm engine tests"
-    timeout 300 "$PY" -m pytest -q -x -rs tests/test_vllm_engine.py tests/test_vllm_fake.py \
-        tests/test_vllm_signatures.py || tests_rc=$?
+    timeout 300 "$PY" -m pytest -q -x -rs tests/rollout/test_vllm_engine.py tests/rollout/test_vllm_fake.py \
+        tests/rollout/test_vllm_signatures.py || tests_rc=$?
 fi
 echo "== one colocated step, engine $engine (then, with vllm, one step of the 1-GPU recipe through Ray)"
 ray_step=""

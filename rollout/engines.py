@@ -6,7 +6,8 @@ holds the policy, samples ``n`` responses per prompt with the sampler's token lo
 RolloutWorker keeps the version and times each call. ``hf_compact`` (the default) and ``hf`` hold the policy as a
 transformers model (CPU and GPU): our decode loop that drops finished rows, and Hugging Face ``generate``;
 ``vllm`` (rollout/vllm_engine.py, optional) is vLLM on a GPU. A new engine is one class with this interface in
-its own module plus one ``ENGINES.register`` line; tests/test_engine_contract.py is the check every engine passes.
+its own module plus one ``ENGINES.register`` line; tests/rollout/test_engine_contract.py is the check every engine
+passes.
 """
 from __future__ import annotations
 

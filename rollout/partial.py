@@ -7,7 +7,7 @@ is a fresh call on the prompt plus the tokens sampled so far (token ids in, so n
 prefill recomputes the keys and values with the new weights, so every token is drawn from exactly one policy
 version given exactly its prefix, and that version is recorded per token (``Sample.token_versions``). The
 sampler's log-probs are therefore the behaviour policy's, token by token, which is what the importance-sampling
-correction (``algorithm.tis_cap``) needs, and what tests/test_partial_rollouts.py recomputes.
+correction (``algorithm.tis_cap``) needs, and what tests/rollout/test_partial_rollouts.py recomputes.
 
 The same idea runs in AReaL's interruptible generation and in the partial rollouts of Kimi k1.5 and slime; those
 keep the old keys and values after a swap, this recomputes them (one prefill per swap, exact behaviour log-probs).

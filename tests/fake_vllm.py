@@ -1,6 +1,6 @@
 """A stand-in for the parts of vLLM 0.34 the vllm engine uses, on CPU: ``LLM`` (generate, collective_rpc,
 reset_prefix_cache, sleep, wake_up and the weight-transfer calls of its RL mixin) and ``SamplingParams``, with the
-wheel's parameter names (tests/test_vllm_signatures.py checks them against the real vLLM where it is importable)
+wheel's parameter names (tests/rollout/test_vllm_signatures.py checks them against the real vLLM where it is importable)
 and the behaviour the engine depends on, as read in the wheel's source:
 
 - ``SamplingParams`` refuses a temperature outside [0, 2] and greedy sampling (temperature 0) with n > 1;

@@ -9,9 +9,9 @@ import pytest
 
 from rlhf.core.config.describe import _keys
 from rlhf.core.config.run_config import RunConfig
+from tests.paths import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.md"]
 PACKAGES = ("rlhf", "reward", "rollout")
 PATH = re.compile(r"^(?:rlhf|reward|rollout|configs|benchmarks|tests|docs)/[\w./-]*$")
 CONFIG_KEYS = set(_keys(RunConfig, ""))
@@ -44,7 +44,7 @@ def _module_problem(dotted: str) -> str | None:
     """None when ``dotted`` is a module of ours, or a name defined at the top of one (``pkg.mod.Name.attr``)."""
     parts = dotted.split(".")
     for i in range(len(parts), 0, -1):
-        base = ROOT.joinpath(*parts[:i])
+        base = REPO.joinpath(*parts[:i])
         module = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
         if base.is_dir() and not module.exists() and i == len(parts):
             return None  # a package folder without __init__ named as a whole
@@ -52,7 +52,7 @@ def _module_problem(dotted: str) -> str | None:
             rest = parts[i:]
             if not rest or rest[0] in _top_level_names(module) or (base.is_dir() and (base / rest[0]).exists()):
                 return None
-            return f"{dotted}: {module.relative_to(ROOT)} defines no {rest[0]}"
+            return f"{dotted}: {module.relative_to(REPO)} defines no {rest[0]}"
     return f"{dotted}: no such module"
 
 
@@ -63,9 +63,9 @@ def _problems(text: str) -> list[str]:
         first, _, rest = token.partition(".")
         if token in CONFIG_KEYS or (not PATH.match(token) and re.search(r"\.(py|md|yaml|jsonl?|sh|png)$", token)):
             continue  # a key that exists, or a file name
-        names_a_module = (ROOT / first / rest.split(".")[0]).exists() or (ROOT / first / f"{rest.split('.')[0]}.py").exists()
+        names_a_module = (REPO / first / rest.split(".")[0]).exists() or (REPO / first / f"{rest.split('.')[0]}.py").exists()
         if PATH.match(token):
-            if not (ROOT / token.rstrip("/")).exists() and "*" not in token:
+            if not (REPO / token.rstrip("/")).exists() and "*" not in token:
                 problems.append(f"{token}: no such path")
         elif re.match(r"^(rlhf|reward|rollout)\.[\w.]+$", token) and (names_a_module or first == "rlhf"):
             problem = _module_problem(token)
@@ -78,10 +78,10 @@ def _problems(text: str) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
 def test_docs_name_only_what_exists(doc):
     problems = _problems(doc.read_text())
-    assert not problems, f"{doc.relative_to(ROOT)} names what does not exist:\n" + "\n".join(problems)
+    assert not problems, f"{doc.relative_to(REPO)} names what does not exist:\n" + "\n".join(problems)
 
 
 def test_the_docs_check_can_fail():

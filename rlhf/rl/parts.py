@@ -1,6 +1,6 @@
 """What the RL step asks of its parts, as Protocols: the step (rlhf/rl/step.py) is written against these, so "go to
-definition" on ``self.reward.score`` lands here; tests/test_parts.py checks the real parts offer every member. The
-real parts: ``RolloutGroup`` (rlhf/rl/groups/rollout.py), ``RewardGroup`` (rlhf/rl/groups/reward.py),
+definition" on ``self.reward.score`` lands here; tests/rlhf/rl/test_parts.py checks the real parts offer every member.
+The real parts: ``RolloutGroup`` (rlhf/rl/groups/rollout.py), ``RewardGroup`` (rlhf/rl/groups/reward.py),
 ``PolicyUpdate`` (rlhf/rl/update.py) and a teacher from reward/teachers/ as the auditor."""
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ def kl_reward(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask:
     Always k1 here, whatever ``kl_estimator`` the loss uses: a reward enters the gradient through the score
     function, E[r * grad log pi], and only k1 makes that the gradient of KL(pi || ref). With k3 in the reward the
     expected gradient is that of KL(pi || ref) - KL(ref || pi), about 0 near the reference: it barely regularises
-    (tests/test_algorithms.py measures both on a small categorical)."""
+    (tests/rlhf/core/algorithms/test_algorithms.py measures both on a small categorical)."""
     return -kl_coef * (logprobs - ref_logprobs) * response_mask.float()
 
 
