@@ -19,7 +19,7 @@ from http import HTTPStatus
 from typing import Any
 
 from rlhf.core.http.json_handler import HttpError
-from rlhf.serve.tool_calls import offered_tools
+from rlhf.serve.tool_calls import check_tool_choice, offered_tools
 
 MAX_N = 64
 MAX_PROMPTS = 16  # prompts in one completions request
@@ -130,9 +130,13 @@ def _tools(body: dict[str, Any], request: GenerationRequest) -> None:
             raise bad("tool_choice needs tools: offer them in 'tools'", "tool_choice")
         return
     try:
-        offered = offered_tools(body["tools"], choice)
+        offered = offered_tools(body["tools"])
     except ValueError as err:
-        raise bad(str(err), "tool_choice" if "tool_choice" in str(err) else "tools") from None
+        raise bad(str(err), "tools") from None
+    try:
+        check_tool_choice(choice, offered)
+    except ValueError as err:
+        raise bad(str(err), "tool_choice") from None
     if choice not in (None, "auto", "none"):
         raise bad("tool_choice other than auto or none is not supported: the engines cannot force a call",
                   "tool_choice")

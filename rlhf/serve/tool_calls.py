@@ -29,12 +29,18 @@ def offered_tools(tools: Any, tool_choice: Any = None) -> dict[str, dict]:
         if not isinstance(function.get("parameters", {}), dict):
             raise ValueError(f"tools[{i}].function.parameters must be a JSON-schema object")
         by_name[function["name"]] = function
+    check_tool_choice(tool_choice, by_name)
+    return by_name
+
+
+def check_tool_choice(tool_choice: Any, offered: dict[str, dict]) -> None:
+    """Raises ValueError with one line unless ``tool_choice`` is absent, "auto", "none", "required" or names one
+    offered function."""
     if tool_choice not in (None, "auto", "none", "required"):
         named = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
-        if named not in by_name:
+        if named not in offered:
             raise ValueError("tool_choice must be auto, none, required, or {\"type\": \"function\", \"function\": "
                              "{\"name\": NAME}} naming an offered tool")
-    return by_name
 
 
 def split_tool_calls(text: str, offered: dict[str, dict]) -> tuple[str | None, list[dict]]:
