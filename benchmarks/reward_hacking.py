@@ -3,7 +3,8 @@ on-policy RM refresh (``reward.refresh``), against the verifier (the oracle), al
 
     python benchmarks/reward_hacking.py [--config configs/quickstart.yaml] [--out runs/reward_hacking]
                                         [--length-weight -0.8] [--audit-every 5] [--audit-samples 32]
-                                        [--refresh-calls 128] [--refresh-gap 10] [key=value ...]
+                                        [--refresh-calls 128] [--refresh-gap 10] [--runs a,b,c] [--reuse-base]
+                                        [key=value ...]
 
 Phase 0 (shared): warm-up, the oracle teacher labels student samples (true labels), and the RM is trained on a
 corrupted copy of those labels where a share ``|--length-weight|`` of each label's quality comes from a length rule
@@ -69,8 +70,8 @@ def phase0(args, out: Path) -> dict:
     return {"flawed_label_rows": changed, "rm_heldout_pairwise_accuracy": figures.get("pairwise_accuracy")}
 
 
-def rl_run(args, out: Path, name: str, overrides: list[str]) -> list[dict]:
-    """One RL run from phase 0's warm-up student; returns its metrics.jsonl lines (the summary is beside them)."""
+def rl_run(args, out: Path, name: str, overrides: list[str]) -> None:
+    """One RL run from phase 0's warm-up student, into ``out/name`` (metrics.jsonl, summary.json)."""
     base = out / "base"
     cfg = load_config(args.config, [*args.overrides, f"output_dir={out / name}", STAGES_RL,
                                     f"model.model_name_or_path={base / 'warmup'}", "label.teacher=oracle",
@@ -78,7 +79,6 @@ def rl_run(args, out: Path, name: str, overrides: list[str]) -> list[dict]:
     if cfg.reward.refresh.enabled:  # the replay: the teacher's own original labels, not the corrupted copy
         shutil.copytree(base / "labels" / "train", out / name / "labels" / "train")
     run(cfg, log=lambda line: print(f"[{name}] {line}", flush=True))
-    return [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
 
 
 def figures(out: Path, name: str, lines: list[dict]) -> dict:
@@ -121,13 +121,17 @@ def main() -> None:
     parser.add_argument("--audit-samples", type=int, default=32, help="reward.audit_samples: teacher calls per audit")
     parser.add_argument("--refresh-calls", type=int, default=128, help="reward.refresh.teacher_calls")
     parser.add_argument("--refresh-gap", type=int, default=10, help="reward.refresh.min_gap (steps)")
+    parser.add_argument("--runs", default="a,b,c", help="which of a, b, c to run; the others are read from --out")
+    parser.add_argument("--reuse-base", action="store_true", help="take phase 0 from --out (an earlier invocation)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     _quiet_libraries()
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-
-    result: dict = {"base": phase0(args, out)}
+    if not args.reuse_base:
+        shutil.rmtree(out, ignore_errors=True)
+        base = phase0(args, out)
+        (out / "base" / "phase0.json").write_text(json.dumps(base))
+    result: dict = {"base": json.loads((out / "base" / "phase0.json").read_text())}
     rm = [f"reward_model.path={out / 'base' / 'reward_model'}", "reward.components={rm: 1.0}",
           f"reward.audit_every={args.audit_every}", f"reward.audit_samples={args.audit_samples}"]
     runs = {"a_flawed": rm,
@@ -136,7 +140,11 @@ def main() -> None:
                           f"reward.refresh.min_gap={args.refresh_gap}"],
             "c_verifier": ["reward.components={verifier: 1.0}", "reward.audit_every=0"]}
     for name, overrides in runs.items():
-        result[name] = figures(out, name, rl_run(args, out, name, overrides))
+        if name[0] in args.runs.split(","):
+            shutil.rmtree(out / name, ignore_errors=True)
+            rl_run(args, out, name, overrides)
+        lines = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        result[name] = figures(out, name, lines)
     cfg = load_config(args.config, args.overrides)
     result["d_teacher_every_rollout"] = {"teacher_calls": cfg.rollout_rows * cfg.algorithm.steps}
     result["checks"] = checks(result, cfg.reward.audit_warn_below)

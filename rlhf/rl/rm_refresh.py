@@ -6,15 +6,18 @@ When a trigger fires after a step (an audit's alarm, an audit's agreement below 
 
     label  the teacher judges whole groups (one prompt's samples) of the latest rollouts, ``teacher_calls`` at most
     split  some groups are held out; the others give pairs within each group (reward/model/labelling.py)
-    train  the RM's own DeepSpeed ranks (reward/model/ranks.py) continue on those pairs plus a replay of its
-           original pairs (output_dir/labels/train)
-    check  RM-teacher agreement on the held-out groups, before and after: worse, and the ranks go back to the state
-           saved just before (weights and optimizer), logged; the reward workers never saw the candidate
+    train  the RM's own DeepSpeed ranks (reward/model/ranks.py) continue on the pairs of every group the teacher
+           has judged in this run's refreshes so far, plus a replay of its original pairs (output_dir/labels/train)
+    check  RM-teacher agreement on every held-out group so far, before and after: worse, and the ranks go back to
+           the state saved just before (weights and optimizer), logged; the reward workers never saw the candidate
     swap   otherwise the new weights reach the reward workers with the next version number, between two batches:
            no restart, and each batch is scored by one version (``rm/version``)
 
-The ranks live from the first refresh to the end of RL, so Adam's moments carry over from one refresh to the next;
-they, the version and the recent rollouts are part of every checkpoint (``save_state``/``load_state``).
+Judgments are kept from one refresh to the next: each teacher call is paid once, and a refresh with a few
+groups of its own would otherwise barely move an RM trained on thousands of pairs, and be checked on a slice too
+small to tell better from worse. The ranks live from the first refresh to the end of RL, so Adam's moments carry
+over too; they, the version, the judged groups and the recent rollouts are part of every checkpoint
+(``save_state``/``load_state``).
 """
 from __future__ import annotations
 
@@ -76,6 +79,8 @@ class RewardModelRefresh:
         self.version, self.teacher_calls_total, self.last_refresh = 0, 0, None
         self.recent = RecentRollouts(self.rc.recent_steps)
         self.trainer = None  # the RM's DeepSpeed ranks, from the first refresh on
+        self.judged_train: list[list[dict]] = []  # every group the teacher judged in a refresh: pairs to train on
+        self.judged_held: list[list[dict]] = []  # and those held out to check a refresh on
         self._originals: list[dict] | None = None
 
     def after_step(self, step: int, rows: list[PromptRow], samples: list, audit: dict) -> dict:
@@ -104,14 +109,17 @@ class RewardModelRefresh:
         train_groups, held_groups, calls = self._label(rng)
         self.teacher_calls_total += calls
         self.last_refresh = step
+        self.judged_train, self.judged_held = self.judged_train + train_groups, self.judged_held + held_groups
         new_pairs = make_pairs([row for group in train_groups for row in group], self.cfg.seed + step)
-        pairs = mix_replay(new_pairs, self._original_pairs(), self.rc.replay_fraction, rng)
-        before = self._agreement(held_groups)
+        judged_pairs = make_pairs([row for group in self.judged_train for row in group], self.cfg.seed + step)
+        pairs = mix_replay(judged_pairs, self._original_pairs(), self.rc.replay_fraction, rng)
+        before = self._agreement(self.judged_held)
         figures = {"rm_refresh/teacher_calls": calls, "rm_refresh/new_pairs": len(new_pairs),
-                   "rm_refresh/replay_pairs": len(pairs) - len(new_pairs), "rm_refresh/agreement_before": before}
+                   "rm_refresh/judged_pairs": len(judged_pairs),
+                   "rm_refresh/replay_pairs": len(pairs) - len(judged_pairs), "rm_refresh/agreement_before": before}
         accepted, after = False, math.nan
         if new_pairs:
-            accepted, after, loss = self._train_and_check(pairs, held_groups, before)
+            accepted, after, loss = self._train_and_check(pairs, self.judged_held, before)
             figures["rm_refresh/loss"] = loss
         seconds = time.perf_counter() - start
         figures.update({"rm_refresh/agreement_after": after, "rm_refresh/accepted": float(accepted),
@@ -210,10 +218,11 @@ class RewardModelRefresh:
     # ------------------------------------------------------------------------------------------ checkpoints
 
     def save_state(self, path: Path) -> None:
-        """The version, teacher calls, recent rollouts, and the RM ranks' state (weights, optimizer) once any
+        """The version, teacher calls, recent rollouts, judged groups, and the RM ranks' state (weights, optimizer) once any
         refresh has started them, under ``path``."""
         state = {"version": self.version, "teacher_calls_total": self.teacher_calls_total,
-                 "last_refresh": self.last_refresh, "recent": self.recent.state()}
+                 "last_refresh": self.last_refresh, "recent": self.recent.state(),
+                 "judged_train": self.judged_train, "judged_held": self.judged_held}
         (Path(path) / STATE_FILE).write_text(json.dumps(state))
         if self.trainer is not None:
             self.trainer.save_state(str(Path(path) / TRAINER_DIR))
@@ -225,6 +234,7 @@ class RewardModelRefresh:
         self.version, self.teacher_calls_total = state["version"], state["teacher_calls_total"]
         self.last_refresh = state["last_refresh"]
         self.recent.load(state["recent"])
+        self.judged_train, self.judged_held = state["judged_train"], state["judged_held"]
         if (Path(path) / TRAINER_DIR).is_dir():
             trainer = self._trainer()
             trainer.load_state(str(Path(path) / TRAINER_DIR))

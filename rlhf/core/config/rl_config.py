@@ -184,10 +184,12 @@ class RewardRefreshConfig(_Section):
     """The refresh draws its groups from the rollouts of this many latest RL steps."""
     replay_fraction: float = Field(0.5, ge=0, lt=1)
     """Share of the refresh's training pairs replayed from the RM's original labels (output_dir/labels/train), so
-    that it does not forget them; none where the run has no such labels."""
+    that it does not forget them; none where the run has no such labels. The rest are the pairs of every group
+    judged in this run's refreshes so far."""
     held_out_fraction: float = Field(0.25, gt=0, lt=1)
     """Share of the freshly labelled groups kept out of training to check the refreshed RM: its agreement with the
-    teacher there must not fall, or the refresh is rolled back (weights and optimizer state) and logged."""
+    teacher on them and on earlier refreshes' held-out groups must not fall, or the refresh is rolled back (weights
+    and optimizer state) and logged."""
     epochs: int = Field(2, gt=0)
     """Passes over the refresh's pairs, reward_model.batch_size pairs per optimizer step at reward_model.lr."""
 

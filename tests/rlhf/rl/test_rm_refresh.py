@@ -265,6 +265,8 @@ def test_resume_after_a_refresh_is_exact(ray_cluster, rm_dir, tmp_path):
         straight = run.after_step(2, *steps[1], {})  # draws from both steps' rollouts (recent_steps=2)
     finally:
         run.shutdown()
+    # The second refresh trains on the first one's judged groups too (kept in the checkpoint, so the resumed one does)
+    assert straight["rm_refresh/judged_pairs"] > straight["rm_refresh/new_pairs"] > 0
     second = InProcessRewardGroup(cfg, rm_dir)
     resumed = refresher_over(second)
     try:
