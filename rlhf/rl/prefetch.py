@@ -20,11 +20,17 @@ trainer's log-probs before the update to the sampler's (the behaviour policy's) 
 
 In the middle of a run: an evaluation, or any other generation the driver asks for, is queued on the rollout
 workers behind the in-flight batch and the latest weight sync, so it waits for both and always uses the current
-weights (those after every update so far), never the in-flight batch's older ones. A checkpoint holds the
-trainer's weights after the last update; the in-flight batch is not part of it. Its prompts were drawn already
-(``LaunchedRollout.rows``): a resume that must continue the same prompt order launches those rows again, from
-the restored weights (so that one batch is generated with staleness 0). No more batches are launched than the
-run has steps left (``next``'s ``remaining``), so the last step leaves nothing in flight.
+weights (those after every update so far), never the in-flight batch's older ones. No more batches are launched
+than the run has steps left (``next``'s ``remaining``), so the last step leaves nothing in flight.
+
+Checkpoints and resume: a checkpoint waits for the batches in flight (``wait_in_flight``) and stores their samples,
+rows and launch versions (rlhf/rl/run_checkpoint.py); the live run goes on with those samples, and a resumed run
+puts them back at the front of the queue (``put_back``), so both train the same batches in the same order. The
+rollout workers' RNG states and the weights the checkpoint holds come after those generations and after the last
+update's sync (a Ray actor runs one caller's calls in order), so the next launch samples exactly as it would have:
+one-step-off resume is bit-exact. Fully asynchronous runs (below) at max_staleness 0 have nothing in flight and are
+exact too; above 0, a sync lands at a decoding step that depends on timing, so such runs differ from run to run
+anyway, and what resume keeps is the accounting: no sample lost or repeated, each token's version as sampled.
 
 Fully asynchronous (``rollout.partial_rollouts``): the same launches, but a sync does not queue behind the
 generation in flight. Its calls run in the workers' ``weights`` concurrency group, beside ``generate``, which
@@ -41,11 +47,13 @@ from typing import Callable
 
 @dataclass
 class LaunchedRollout:
-    """A generation submitted to the rollout workers and not collected yet."""
+    """A generation submitted to the rollout workers and not trained on yet."""
 
     rows: list        # the PromptRows whose samples are being generated, in order
     version: int      # weights version (updates applied) the workers sample them from
     calls: list       # the workers' pending generate calls (Ray object refs), one per worker, in prompt order
+    samples: list | None = None  # the generated samples once waited for ahead of their step (a checkpoint), or
+                                 # put back by a resume; ``calls`` is then empty
 
 
 class RolloutPrefetch:
@@ -68,5 +76,16 @@ class RolloutPrefetch:
 
     @property
     def in_flight(self) -> list[LaunchedRollout]:
-        """Launched and not handed out yet (what a checkpoint would have to relaunch on resume)."""
+        """Launched and not handed out yet, oldest first."""
         return list(self._in_flight)
+
+    def wait_in_flight(self, wait: Callable[[LaunchedRollout], LaunchedRollout]) -> list[LaunchedRollout]:
+        """Each batch in flight generated to the end by ``wait`` (which returns it with its samples), kept in place
+        for the steps to come; returns them, oldest first, for a checkpoint to store."""
+        self._in_flight = deque(wait(launched) for launched in self._in_flight)
+        return self.in_flight
+
+    def put_back(self, batches: list[LaunchedRollout]) -> None:
+        """A resumed run's batches that were in flight at its checkpoint, ahead of any launched since: the next
+        steps take them first, in their order."""
+        self._in_flight.extendleft(reversed(batches))

@@ -23,7 +23,7 @@ from rlhf.core.guards import finite_metrics
 from rlhf.core.progress import Progress
 from rlhf.outputs import diagnostics
 from rlhf.rl.audit import audit_stop
-from rlhf.rl.prefetch import RolloutPrefetch
+from rlhf.rl.prefetch import LaunchedRollout, RolloutPrefetch
 from rlhf.rl.step import RLStep
 from rlhf.stages.run_dir import progress_line
 
@@ -38,19 +38,36 @@ class RLSchedule:
         self.steps = 0  # RL steps taken
         self.plan_end = cfg.algorithm.steps  # launch nothing ahead for steps beyond this one (rlhf/rl/prefetch.py)
         self._launched: RolloutPrefetch | None = None  # generations launched ahead (asynchronous rollout)
+        self._put_back: list[LaunchedRollout] = []  # a resumed run's batches that were in flight at its checkpoint
         self._progress: Progress | None = None  # the RL stage's progress bar, while train() runs
         self._last_metrics: dict = {}
         self._history: list[dict] = []  # recent steps' metrics, for the signs of a run that cannot learn
         self._warned: set[str] = set()  # those signs said on the console while they last
 
+    @property
+    def train_rows(self) -> list[PromptRow]:
+        return self._train_rows
+
     def draw(self) -> list[PromptRow]:
         return self.order.sample(self._train_rows, self.cfg.rollout.prompts_per_step)
 
     def start(self, loop: RLStep) -> None:
-        """Called once the step's actors run: asynchronous rollout launches generations ahead from here on."""
+        """Called once the step's actors run: asynchronous rollout launches generations ahead from here on, after
+        the batches a resumed run had in flight."""
         r = self.cfg.rollout
         if r.asynchronous:  # the synchronous schedule generates each batch in step() instead
             self._launched = RolloutPrefetch(lambda: loop.launch(self.draw()), r.max_staleness)
+            self._launched.put_back(self._put_back)
+            self._put_back = []
+
+    def put_back(self, batches: list[LaunchedRollout]) -> None:
+        """A checkpoint's batches in flight (with their samples): the first steps after ``start`` train them."""
+        self._put_back = batches
+
+    def in_flight(self, loop: RLStep) -> list[LaunchedRollout]:
+        """The batches launched ahead and not trained on yet, generated to the end (a checkpoint stores them; the
+        run goes on with them)."""
+        return self._launched.wait_in_flight(loop.rollout.wait) if self._launched is not None else []
 
     def step(self, loop: RLStep, record: Callable[[dict], None]) -> dict:
         """One RL step; ``record`` writes its metrics (before a guard may stop the run, so they are kept)."""

@@ -5,6 +5,8 @@ A checkpoint is a directory ``output_dir/checkpoints/step_N`` holding everything
     policy/      the policy, Hugging Face format (safetensors): usable on its own (``distilrl serve``)
     trainer/     every DeepSpeed rank's engine state (weights, optimizer, scheduler) and torch RNG state
     rng.pt       torch RNG states of the driver and of every rollout worker (they sample with them)
+    in_flight.json  asynchronous rollout: the batches launched ahead and not trained on yet, generated to the end
+                 (rows, launch version, samples), which the steps after the checkpoint train (rlhf/rl/prefetch.py)
     state.json   the driver: step, weights version, the prompt picker's state, the guard's counts, the summary so
                  far, the config the run had. Written last: a directory without it is not a checkpoint
 
@@ -34,6 +36,7 @@ from rlhf.core.config.run_config import ConfigError
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
 RNG_FILE = "rng.pt"
+IN_FLIGHT_FILE = "in_flight.json"
 
 # Keys whose change leaves the remaining steps' computation as it was (or changes it only in float rounding:
 # thread counts, micro-batch split, recomputed activations). Every other key must match the checkpoint's config.
@@ -116,12 +119,28 @@ def check_checkpoint_files(path: Path) -> None:
     if not isinstance(rng, dict) or "driver" not in rng or "rollout" not in rng:
         raise safe_load.DamagedCheckpointError(f"{path / RNG_FILE} does not hold the driver's and the rollout "
                                                f"workers' RNG states")
+    _check_in_flight(path)
     trainer = path / "trainer"
     models = list(trainer.rglob("*model_states.pt"))
     ranks = list(trainer.glob("rng_rank*.pt"))
     if not models or len(ranks) != len(models):
         raise safe_load.DamagedCheckpointError(f"{trainer} is incomplete: {len(models)} DeepSpeed model state "
                                                f"file(s) and {len(ranks)} rank RNG file(s)")
+
+
+def _check_in_flight(path: Path) -> None:
+    """``in_flight.json`` holds as many batches as state.json says were in flight (a lost or cut-short file would
+    make the resumed run skip those prompts)."""
+    expected = json.loads((path / STATE_FILE).read_text()).get("in_flight", 0)
+    if not expected:
+        return
+    try:
+        batches = json.loads((path / IN_FLIGHT_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise safe_load.DamagedCheckpointError(f"{path / IN_FLIGHT_FILE} cannot be read: {err}") from None
+    if not isinstance(batches, list) or len(batches) != expected:
+        raise safe_load.DamagedCheckpointError(f"{path / IN_FLIGHT_FILE} does not hold the {expected} batch(es) "
+                                               f"in flight that {STATE_FILE} names")
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int) -> None:

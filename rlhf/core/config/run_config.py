@@ -130,15 +130,6 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _checkpoints_are_synchronous(self) -> "RunConfig":
-        # A checkpoint taken while the next batch is already being generated would lose that batch's prompts on
-        # resume (they are drawn, not yet trained on): exact resume needs the synchronous schedule for now.
-        if self.rollout.asynchronous and self.save_every:
-            raise ValueError("rollout.asynchronous does not take checkpoints yet: set save_every=0, or turn "
-                             "asynchronous rollout off for a resumable run")
-        return self
-
-    @model_validator(mode="after")
     def _teacher_kl_fits_the_algorithm(self) -> "RunConfig":
         weighted = {name for name, weight in self.reward.components.items() if weight}
         if self.algorithm.advantage == "on_policy_distillation" and weighted != {"teacher_kl"}:

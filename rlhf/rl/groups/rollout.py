@@ -78,12 +78,28 @@ class RolloutGroup:
         return LaunchedRollout(rows, self.version, calls)
 
     def collect(self, launched: LaunchedRollout) -> list:
-        """The samples of a launched generation, after any weight sync still in flight."""
+        """The samples of a launched generation (waited for now, or earlier by ``wait``), after any weight sync
+        still in flight."""
+        if launched.samples is not None:
+            self.finish_sync()
+            return launched.samples
         refs = self._syncing + launched.calls
         names = self._syncing_names + [f"rollout worker {i}" for i in range(len(launched.calls))]
         results = get_all(refs, names, "weight sync and rollout generate", self.timeout)
         parts = results[len(self._syncing):]
         self._syncing, self._syncing_names, self._weights = [], [], None
+        return self._in_prompt_order(launched, parts)
+
+    def wait(self, launched: LaunchedRollout) -> LaunchedRollout:
+        """``launched`` with its samples, generated to the end (a checkpoint stores them); syncs are left in
+        flight, for ``collect`` to wait for at its step as it would have."""
+        if launched.samples is not None:
+            return launched
+        parts = get_all(launched.calls, [f"rollout worker {i}" for i in range(len(launched.calls))],
+                        "rollout generate", self.timeout)
+        return replace(launched, calls=[], samples=self._in_prompt_order(launched, parts))
+
+    def _in_prompt_order(self, launched: LaunchedRollout, parts: list) -> list:
         counts = [len(p) for p in shards(launched.rows, len(self.pool)) if p]
         return in_prompt_order(list(zip(counts, parts)))
 

@@ -6,6 +6,7 @@ arithmetic in the comment beside it.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -190,13 +191,31 @@ def test_two_steps_off_pipeline_bounds_staleness_by_its_depth():
     assert [b for b, _, _ in trained] == [1, 2, 3, 4, 5]  # prompts keep their order whatever the depth
 
 
-def test_pipeline_keeps_launched_rollouts_for_a_checkpoint_to_relaunch():
+def test_pipeline_keeps_launched_rollouts_for_a_checkpoint_to_wait_for():
     launcher = _Launcher()
     pipeline = RolloutPrefetch(launcher, 1)
     first = pipeline.next(remaining=10)
     assert first.rows == [1] and [r.rows for r in pipeline.in_flight] == [[2]]
+    waited = pipeline.wait_in_flight(lambda r: replace(r, calls=[], samples=[f"sample of {r.rows[0]}"]))
+    assert [r.samples for r in waited] == [["sample of 2"]]
+    assert pipeline.next(remaining=10) is waited[0]  # the live run trains the batch it waited for
     with pytest.raises(ValueError):
         RolloutPrefetch(launcher, -1)
+
+
+def test_batches_put_back_on_resume_come_first_in_their_order_then_launches_resume():
+    """Two steps off, resumed with batches 3 and 4 in flight: the uninterrupted run's order and versions."""
+    straight, _ = _run(depth=2, steps=6)
+    launcher = _Launcher()
+    launcher.launched, launcher.version = [None, None, None, None], 2  # launches 1-4 happened before the checkpoint
+    pipeline = RolloutPrefetch(launcher, 2)
+    pipeline.put_back([LaunchedRollout([3], 0, [], ["s3"]), LaunchedRollout([4], 1, [], ["s4"])])
+    resumed = []
+    for step in range(3, 7):
+        rollout = pipeline.next(remaining=6 - step)
+        resumed.append((rollout.rows[0], rollout.version, launcher.version - rollout.version))
+        launcher.version += 1
+    assert resumed == straight[2:]
 
 
 # ------------------------------------------------------------------------------- the driver step, stubbed

@@ -76,7 +76,8 @@ def test_a_tampered_newest_checkpoint_is_refused_not_passed_over(tmp_path):
     assert "\n" not in str(info.value) and not marker.exists()
 
 
-@pytest.mark.parametrize("damage", ["rng", "truncated_trainer", "lost_trainer_file", "rng_not_a_dict"])
+@pytest.mark.parametrize("damage", ["rng", "truncated_trainer", "lost_trainer_file", "rng_not_a_dict",
+                                    "lost_in_flight_batches"])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one_with_a_warning(tmp_path, damage):
     real_checkpoint(tmp_path, 2)
     newest = real_checkpoint(tmp_path, 4)
@@ -87,6 +88,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one_with_a_warni
         model_states.write_bytes(model_states.read_bytes()[:100])
     elif damage == "lost_trainer_file":
         os.remove(newest / "trainer" / "rng_rank0.pt")
+    elif damage == "lost_in_flight_batches":  # state.json names one batch in flight; in_flight.json is missing
+        (newest / STATE_FILE).write_text(json.dumps({"step": 4, "in_flight": 1}))
     else:
         torch.save([torch.zeros(1)], newest / RNG_FILE)
     lines = []
