@@ -253,11 +253,10 @@ class Trainer:
         return history
 
     def save_checkpoint(self) -> Path:
-        """Write ``output_dir/checkpoints/step_N``: the policy (``policy/``, Hugging Face format), every trainer
-        rank's optimizer state, the RNG states of the driver and the rollout workers, the batches asynchronous
-        rollout has in flight (waited for; rlhf/rl/prefetch.py) and the driver's state, so that
-        ``distilrl run CONFIG --resume`` continues exactly. Atomic: a run killed while writing leaves no
-        ``step_N``. Keeps the newest ``keep_checkpoints``; returns the path."""
+        """Write ``output_dir/checkpoints/step_N`` (policy, trainer ranks' optimizer state, RNG states, batches in
+        flight, the driver's state; rlhf/rl/run_checkpoint.py), so that ``distilrl run CONFIG --resume`` continues
+        exactly. Atomic: a run killed while writing leaves no ``step_N``. Keeps the newest ``keep_checkpoints``;
+        returns the path."""
         path = write_checkpoint(self.output_dir, self._rl_loop(), self._schedule, {
             "summary": self._summary,
             "stage_s": dict(self._timer.seconds),
