@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+from reward.model.labelling import judged_row
 from rlhf.core.config.run_config import RewardConfig
 from rlhf.core.data.datasets import PromptRow
 
@@ -29,9 +30,11 @@ def pairwise_agreement(groups: list[list[tuple[float, float]]]) -> tuple[float, 
     return (agree / pairs if pairs else float("nan")), pairs
 
 
-def audit(teacher, rows: list[PromptRow], samples: list, scores: list[dict], cfg: RewardConfig) -> dict:
+def audit(teacher, rows: list[PromptRow], samples: list, scores: list[dict], cfg: RewardConfig
+          ) -> tuple[dict, list[list[dict]]]:
     """Re-judge a sample of this step's rollouts with the teacher; RM-teacher agreement is the first sign of
-    reward hacking when it drops."""
+    reward hacking when it drops. Returns the audit's figures and the judged groups (one prompt's samples each, as
+    labelling writes rows: reward/model/labelling.py), which an RM refresh trains and checks on (paid for once)."""
     n = len(samples) // len(rows)
     groups = max(1, cfg.audit_samples // n)
     take = list(range(min(groups, len(rows)) * n))
@@ -46,9 +49,11 @@ def audit(teacher, rows: list[PromptRow], samples: list, scores: list[dict], cfg
     if alarm:
         logger.warning("teacher audit: RM-teacher agreement %.2f is below %.2f: the policy may be exploiting the "
                        "reward model", agreement, cfg.audit_warn_below)
+    groups = [[judged_row(rows[g], samples[i].text, "student", verdicts[i]) for i in range(g * n, (g + 1) * n)
+               if verdicts[i].quality is not None] for g in range(len(take) // n)]
     return {"audit/rm_teacher_agreement": agreement, "audit/pairs": pairs,
             "audit/teacher_quality": sum(judged) / max(1, len(judged)), "audit/alarm": float(alarm),
-            "audit/teacher_calls": len(take)}
+            "audit/teacher_calls": len(take)}, groups
 
 
 def audit_stop(metrics: dict, cfg: RewardConfig) -> str | None:

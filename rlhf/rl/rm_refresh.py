@@ -13,7 +13,8 @@ When a trigger fires after a step (an audit's alarm, an audit's agreement below 
     swap   otherwise the new weights reach the reward workers with the next version number, between two batches:
            no restart, and each batch is scored by one version (``rm/version``)
 
-Judgments are kept from one refresh to the next: each teacher call is paid once, and a refresh with a few
+Judgments are kept from one refresh to the next, the audits' among them: each teacher call is paid once (an
+audit's groups go to training or the held-out check as a refresh's own do), and a refresh with a few
 groups of its own would otherwise barely move an RM trained on thousands of pairs, and be checked on a slice too
 small to tell better from worse. The ranks live from the first refresh to the end of RL, so Adam's moments carry
 over too; they, the version, the judged groups and the recent rollouts are part of every checkpoint
@@ -83,9 +84,16 @@ class RewardModelRefresh:
         self.judged_held: list[list[dict]] = []  # and those held out to check a refresh on
         self._originals: list[dict] | None = None
 
-    def after_step(self, step: int, rows: list[PromptRow], samples: list, audit: dict) -> dict:
-        """Remember this step's rollouts; refresh when a trigger fires. Returns the refresh's figures, or {}."""
+    def after_step(self, step: int, rows: list[PromptRow], samples: list, audit: dict,
+                   audited_groups: list[list[dict]] = ()) -> dict:
+        """Remember this step's rollouts and the groups its audit judged (split between training and held out as a
+        refresh's own); refresh when a trigger fires. Returns the refresh's figures, or {}."""
         self.recent.add(step, rows, [s.text for s in samples])
+        if audited_groups:
+            train, held = split_groups(len(audited_groups), self.rc.held_out_fraction,
+                                       random.Random(f"rm-refresh audit {self.cfg.seed} {step}"))
+            self.judged_train = self.judged_train + [audited_groups[i] for i in train]
+            self.judged_held = self.judged_held + [audited_groups[i] for i in held]
         reason = self._trigger(step, audit)
         return self.refresh(step, reason) if reason else {}
 

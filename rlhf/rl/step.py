@@ -95,10 +95,10 @@ class RLStep:
         self.guard.record(fault)
         timings["perf/step_s"] = time.perf_counter() - t0
 
-        audited = {}
+        audited, judged = {}, []
         if self.auditor is not None and step % self.cfg.reward.audit_every == 0:
-            audited = audit(self.auditor, rows, samples, scores, self.cfg.reward)
-        refreshed = self.refresher.after_step(step, rows, samples, audited) if self.refresher else {}
+            audited, judged = audit(self.auditor, rows, samples, scores, self.cfg.reward)
+        refreshed = self.refresher.after_step(step, rows, samples, audited, judged) if self.refresher else {}
         self._save_samples(step, rows, samples, scores, rewards, trained)
         return {
             "step": step,

@@ -211,6 +211,21 @@ def test_a_refresh_changes_only_the_rm_weights_and_version(ray_cluster, rm_dir, 
         refresher.shutdown()
 
 
+def test_an_audits_judgments_are_kept_for_the_next_refresh(rm_dir, tmp_path):
+    from rlhf.rl.audit import audit
+
+    cfg = make_cfg(rm_dir, tmp_path, every=5, on_alarm=False)  # no refresh at step 1
+    rows, samples = batch(0)
+    figures, groups = audit(LetterTeacher(), rows, samples, [{"rm": float(len(s.text))} for s in samples], cfg.reward)
+    assert figures["audit/teacher_calls"] == 16 and [len(g) for g in groups] == [N] * 4
+    assert [r["quality"] for r in groups[0]] == [9.0, 0.0, 9.0, 0.0] and groups[0][0]["prompt"] == rows[0].prompt
+    refresher = RewardModelRefresh(cfg, LetterTeacher(), InProcessRewardGroup(cfg, rm_dir), rm_dir)
+    assert refresher.after_step(1, rows, samples, figures, groups) == {}
+    # Split as a refresh's own groups are (a quarter held out), to be trained and checked on when one fires.
+    assert len(refresher.judged_train) == 3 and len(refresher.judged_held) == 1
+    assert sorted(map(json.dumps, refresher.judged_train + refresher.judged_held)) == sorted(map(json.dumps, groups))
+
+
 def write_original_labels(out, prefer_y: bool) -> None:
     """Labels the RM was 'first trained on' (output_dir/labels/train), in the labelling stage's format."""
     lines, teacher = [], LetterTeacher(prefer_y)
