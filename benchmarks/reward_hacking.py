@@ -2,8 +2,9 @@
 on-policy RM refresh (``reward.refresh``), against the verifier (the oracle), all from one warm-up and seeds.
 
     python benchmarks/reward_hacking.py [--config configs/quickstart.yaml] [--out runs/reward_hacking]
-                                        [--length-weight -0.8] [--audit-every 5] [--audit-samples 32]
-                                        [--refresh-calls 128] [--refresh-gap 10] [--runs a,b,c] [--reuse-base]
+                                        [--length-weight -0.8] [--audit-every 2] [--audit-samples 16]
+                                        [--refresh-calls 128] [--refresh-gap 8] [--refresh-epochs 6]
+                                        [--replay 0.75] [--runs a,b,c] [--reuse-base]
                                         [key=value ...]
 
 Phase 0 (shared): warm-up, the oracle teacher labels student samples (true labels), and the RM is trained on a
@@ -117,10 +118,12 @@ def main() -> None:
     parser.add_argument("--out", default="runs/reward_hacking")
     parser.add_argument("--length-weight", type=float, default=-0.8,
                         help="share of each label from the length rule, in [-1, 1]: < 0 shorter is better")
-    parser.add_argument("--audit-every", type=int, default=5, help="reward.audit_every in runs a and b")
-    parser.add_argument("--audit-samples", type=int, default=32, help="reward.audit_samples: teacher calls per audit")
+    parser.add_argument("--audit-every", type=int, default=2, help="reward.audit_every in runs a and b")
+    parser.add_argument("--audit-samples", type=int, default=16, help="reward.audit_samples: teacher calls per audit")
     parser.add_argument("--refresh-calls", type=int, default=128, help="reward.refresh.teacher_calls")
-    parser.add_argument("--refresh-gap", type=int, default=10, help="reward.refresh.min_gap (steps)")
+    parser.add_argument("--refresh-gap", type=int, default=8, help="reward.refresh.min_gap (steps)")
+    parser.add_argument("--refresh-epochs", type=int, default=6, help="reward.refresh.epochs")
+    parser.add_argument("--replay", type=float, default=0.75, help="reward.refresh.replay_fraction")
     parser.add_argument("--runs", default="a,b,c", help="which of a, b, c to run; the others are read from --out")
     parser.add_argument("--reuse-base", action="store_true", help="take phase 0 from --out (an earlier invocation)")
     parser.add_argument("overrides", nargs="*")
@@ -137,7 +140,8 @@ def main() -> None:
     runs = {"a_flawed": rm,
             "b_refresh": [*rm, "reward.refresh.enabled=true", "reward.refresh.on_alarm=true",
                           "reward.refresh.agreement_below=0.85", f"reward.refresh.teacher_calls={args.refresh_calls}",
-                          f"reward.refresh.min_gap={args.refresh_gap}"],
+                          f"reward.refresh.min_gap={args.refresh_gap}", f"reward.refresh.epochs={args.refresh_epochs}",
+                          f"reward.refresh.replay_fraction={args.replay}"],
             "c_verifier": ["reward.components={verifier: 1.0}", "reward.audit_every=0"]}
     for name, overrides in runs.items():
         if name[0] in args.runs.split(","):
