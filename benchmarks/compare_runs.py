@@ -16,8 +16,8 @@ import re
 import sys
 from pathlib import Path
 
-# Timings, throughput, memory and where files went: not behaviour.
-IGNORED = re.compile(r"(_s$|_s/|_per_s|tokens_s|mfu|rss|memory|_mib$|_mb$|_dir$|path|wall|stage_s|student_dir)")
+# Timings, throughput (the measured GEMM rate among them), memory and where files went: not behaviour.
+IGNORED = re.compile(r"(_s$|_s/|_per_s|tokens_s|gflops|mfu|rss|memory|_mib$|_mb$|_dir$|path|wall|stage_s|student_dir)")
 
 
 def flatten(tree, prefix: str = "") -> dict:

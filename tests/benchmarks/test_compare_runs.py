@@ -11,7 +11,8 @@ from compare_runs import compare  # noqa: E402
 
 def _run(path: Path, reward: float, step_s: float) -> Path:
     path.mkdir()
-    (path / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/mean": reward, "perf/step_s": step_s}) + "\n")
+    (path / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/mean": reward, "perf/step_s": step_s,
+                                                    "perf/train_gemm_gflops": 100 / step_s}) + "\n")
     (path / "summary.json").write_text(json.dumps({"eval_after": {"accuracy": 0.5}, "wall_s": step_s}))
     return path
 
