@@ -67,6 +67,20 @@ def simpo_losses(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, gamm
     return -F.logsigmoid(beta * (chosen - rejected) - gamma)
 
 
+def with_sft_term(losses: torch.Tensor, chosen_per_token: torch.Tensor, weight: float) -> torch.Tensor:
+    """RPO (Pang et al., 2024, "Iterative Reasoning Preference Optimization"): each pair's preference loss plus
+    ``weight`` x the chosen response's negative log-likelihood, -``chosen_per_token``.
+
+    On offline pairs DPO may lower the likelihood of the chosen response together with the rejected one as long as
+    the gap between them grows ("likelihood displacement"); a small model then decodes neither. The NLL term keeps
+    the chosen answers likely. ``chosen_per_token`` (P,): the chosen response's summed log-prob divided by the
+    batch's mean chosen length, so that the mean over the batch's pairs is the mean log-prob over all its chosen
+    tokens, as TRL's DPOTrainer takes it (``loss_type=["sigmoid", "sft"]``, ``loss_weights=[1, weight]``;
+    ``rpo_alpha`` in older TRL; trl/trainer/dpo_trainer.py). Each pair's own mean instead weighs the tokens of a
+    short answer most: on the quickstart it taught the student to answer "#N" and nothing else."""
+    return losses - weight * chosen_per_token
+
+
 @dataclass
 class PreferenceInputs:
     """Per pair (P,): the policy's log-probs of the chosen and rejected responses, the reference's (None for a

@@ -28,6 +28,12 @@ class DPOConfig(_Section):
     """dpo only: each pair's required lead of the chosen implicit reward, margin_weight x the pair's margin (the
     teacher's quality difference / 9; your data's margin column): a clear preference pushes harder than a near
     tie. 0: plain DPO."""
+    sft_weight: float = Field(1.0, ge=0)
+    """RPO: the batch's loss plus sft_weight x the mean negative log-likelihood of its chosen responses' tokens
+    (TRL's ``sft`` loss beside ``sigmoid``; ``rpo_alpha`` in older TRL). Without it, DPO on the teacher's offline
+    pairs lowered the likelihood of the chosen answers with the rejected ones and the quickstart's student fell
+    from 0.548 to 0.408 held-out accuracy; with 1 (and 0.3) it rose to 0.652 (benchmarks/RESULTS.md, algorithm
+    arms). 0: plain DPO / IPO / SimPO."""
     teacher_pairs: bool = True
     """Train on the teacher's pairs from the labelling stage (labels/train) where the run directory has them."""
     train_file: str | None = None

@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from rlhf.core.algorithms.preference_losses import PREFERENCE_LOSSES, PreferenceInputs, sequence_logprobs
+from rlhf.core.algorithms.preference_losses import (PREFERENCE_LOSSES, PreferenceInputs, sequence_logprobs,
+                                                    with_sft_term)
 from rlhf.core.algorithms.tokens import token_logprobs
 from rlhf.core.config.run_config import RunConfig
 from rlhf.core.data import packing
@@ -25,7 +26,7 @@ from rlhf.core.models.safetensors_dir import load_pretrained
 
 ROW_KEYS = ("input_ids", "attention_mask", "response_mask")
 # Per-rank sums, all-reduced into whole-batch figures (means divide by pairs).
-_SUMMED = ("loss", "correct", "chosen_reward", "rejected_reward", "pairs")
+_SUMMED = ("loss", "correct", "chosen_reward", "rejected_reward", "pairs", "chosen_nll")
 
 
 def engine_settings(cfg: RunConfig):
@@ -65,10 +66,13 @@ class PreferenceTrainer(DeepSpeedRank):
             self.reference.config.use_cache = False
             self.reference.to(self.device).eval().requires_grad_(False)
 
-    def train_step(self, batch: dict[str, torch.Tensor], total_pairs: int) -> dict[str, float]:
+    def train_step(self, batch: dict[str, torch.Tensor], total_pairs: int, chosen_tokens: float
+                   ) -> dict[str, float]:
         """One optimizer update on this rank's pairs: ``batch`` holds input_ids, attention_mask (2p, L) long,
-        response_mask (2p, L) float, chosen then rejected row of each pair, and offset (p,) float. ``total_pairs``:
-        the whole batch's, across ranks. Collective. Returns whole-batch figures (the same on every rank)."""
+        response_mask (2p, L) float, chosen then rejected row of each pair, and offset (p,) float. ``total_pairs``,
+        ``chosen_tokens`` (response tokens of its chosen rows): the whole batch's, across ranks. Collective. Returns
+        whole-batch figures (the same on every rank); ``dpo/loss`` includes the SFT term, ``dpo/chosen_nll`` is
+        the chosen responses' mean negative log-likelihood per token."""
         missing = [k for k in ROW_KEYS + ("offset",) if k not in batch]
         if missing:
             raise ValueError(f"preference batch lacks {missing}")
@@ -87,7 +91,8 @@ class PreferenceTrainer(DeepSpeedRank):
             engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             pairs = slice(first // 2, (first + count) // 2)
             sums += self._micro_step(mb, first, count, reference[first:first + count] if reference is not None
-                                     else None, batch["offset"][pairs].to(self.device), total_pairs)
+                                     else None, batch["offset"][pairs].to(self.device), total_pairs,
+                                     chosen_tokens / total_pairs)
             engine.step()
         total = dict(zip(_SUMMED, self._sum_across_ranks(sums).tolist()))
         pairs = max(total["pairs"], 1.0)
@@ -95,6 +100,7 @@ class PreferenceTrainer(DeepSpeedRank):
                    "dpo/chosen_reward": total["chosen_reward"] / pairs,
                    "dpo/rejected_reward": total["rejected_reward"] / pairs,
                    "dpo/margin": (total["chosen_reward"] - total["rejected_reward"]) / pairs,
+                   "dpo/chosen_nll": total["chosen_nll"] / pairs,
                    "perf/train_s": time.perf_counter() - start}
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
@@ -102,24 +108,27 @@ class PreferenceTrainer(DeepSpeedRank):
         return metrics
 
     def _micro_step(self, mb: dict, first: int, count: int, reference: torch.Tensor | None, offset: torch.Tensor,
-                    total_pairs: int) -> torch.Tensor:
-        """Forward and backward on rows [first, first + count) (count/2 pairs); returns their ``_SUMMED`` sums."""
+                    total_pairs: int, chosen_length: float) -> torch.Tensor:
+        """Forward and backward on rows [first, first + count) (count/2 pairs); returns their ``_SUMMED`` sums.
+        ``chosen_length``: the whole batch's mean chosen response tokens, so the SFT term over all pairs is the mean
+        NLL over all the batch's chosen tokens (TRL's; a per-pair mean would weigh a terse answer's tokens most)."""
         logits = self.engine(**packing.model_inputs(mb)).logits
         logp = packing.zero_sequence_starts(token_logprobs(logits, mb["input_ids"]), mb)
-        sequences = sequence_logprobs(logp, mb["response_mask"], mb["row_ids"] - first, count,
-                                      self.loss.length_normalised)
+        sequences, chosen_sum = micro_batch_sequences(logp, mb, first, count, self.loss.length_normalised)
+        chosen_per_token = chosen_sum / chosen_length
         inputs = PreferenceInputs(sequences[0::2], sequences[1::2], beta=self.settings.beta,
                                   gamma=self.settings.gamma, offset=offset)
         if reference is not None:
             inputs.ref_chosen, inputs.ref_rejected = reference[0::2].to(self.device), reference[1::2].to(self.device)
-        losses = self.loss.compute(inputs)
+        losses = with_sft_term(self.loss.compute(inputs), chosen_per_token, self.settings.sft_weight)
         loss = losses.sum() / total_pairs
         # x world_size: DeepSpeed averages over ranks; scale_wrt_gas=False: the division by total_pairs already
         # accounts for the micro-batches.
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
         chosen, rejected = inputs.rewards()
         return torch.stack([loss.detach(), (chosen > rejected).float().sum(), chosen.sum(), rejected.sum(),
-                            torch.tensor(float(losses.numel()), device=losses.device)]).double().cpu()
+                            torch.tensor(float(losses.numel()), device=losses.device),
+                            -chosen_per_token.detach().sum()]).double().cpu()
 
     @torch.no_grad()
     def _reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -146,9 +155,22 @@ class PreferenceTrainerGroup(RankGroup):
         share = pairs // self.num_ranks
         shards = [{**{k: batch[k][2 * r * share:2 * (r + 1) * share] for k in ROW_KEYS},
                    "offset": batch["offset"][r * share:(r + 1) * share]} for r in range(self.num_ranks)]
-        metrics = self._get([actor.train_step.remote(shard, pairs) for actor, shard in zip(self.actors, shards)],
-                            "preference train_step")
+        chosen_tokens = float(batch["response_mask"][0::2].sum())
+        metrics = self._get([actor.train_step.remote(shard, pairs, chosen_tokens)
+                             for actor, shard in zip(self.actors, shards)], "preference train_step")
         return {**metrics[0], "perf/train_s": max(m["perf/train_s"] for m in metrics)}
+
+
+def micro_batch_sequences(logp: torch.Tensor, mb: dict[str, torch.Tensor], first: int, count: int,
+                          average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each row's sequence log-prob, summed or ``average``d, (count,); each chosen row's summed, (count/2,))
+    from a micro-batch's per-token log-probs, padded or packed: ``mb`` holds response_mask and row_ids (the batch
+    row of each token), its rows starting at batch row ``first``."""
+    # Padding slots of a packed micro-batch carry row id 0, which is -first here: clamped (their mask is 0).
+    rows = (mb["row_ids"] - first).clamp(min=0)
+    sequences = sequence_logprobs(logp, mb["response_mask"], rows, count, average)
+    sums = sequence_logprobs(logp, mb["response_mask"], rows, count) if average else sequences
+    return sequences, sums[0::2]
 
 
 def collate_preference_pairs(tokenizer, pairs: list[dict], max_length: int, margin_weight: float = 0.0

@@ -12,6 +12,7 @@ from rlhf.core.algorithms.preference_losses import (
     ipo_losses,
     sequence_logprobs,
     simpo_losses,
+    with_sft_term,
 )
 from tests.numeric import T, close
 
@@ -47,6 +48,31 @@ def test_dpo_matches_trls_sigmoid_loss_on_random_pairs():
     pc, pr, rc, rr = (torch.randn(16, generator=g) * 5 for _ in range(4))
     peer = -torch.nn.functional.logsigmoid(0.1 * ((pc - rc) - (pr - rr)))
     torch.testing.assert_close(dpo_losses(pc, pr, rc, rr, 0.1), peer)
+
+
+def test_sft_term_adds_weight_times_the_chosen_nll_per_batch_token():
+    # RPO: chosen sums -2 (4 tokens) and -4 (4 tokens), batch mean chosen length 4: per token -0.5 and -1;
+    # weight 1: 0.313262 + 0.5 = 0.813262 and 0.974077 + 1 = 1.974077; weight 0 leaves plain DPO
+    dpo = dpo_losses(CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED, 0.5)
+    close(with_sft_term(dpo, T([-2.0, -4.0]) / 4.0, 1.0), [0.813262, 1.974077])
+    close(with_sft_term(dpo, T([-2.0, -4.0]) / 4.0, 0.0), [0.313262, 0.974077])
+    # gradient on each chosen sum: -weight / mean length = -0.2 / 4 = -0.05, whatever the response's own length
+    sums = T([-2.0, -4.0]).requires_grad_()
+    with_sft_term(dpo, sums / 4.0, 0.2).sum().backward()
+    close(sums.grad, [-0.05, -0.05])
+
+
+def test_sft_term_averaged_over_pairs_is_trls_sft_loss_over_all_chosen_tokens():
+    # TRL (loss_type ["sigmoid", "sft"], loss_weights [1, 0.7]): loss = mean(dpo losses) + 0.7 * the mean NLL over
+    # all the batch's chosen tokens, -chosen_per_token_logps[chosen_mask].mean(); chosen lengths 1 to 4 here.
+    g = torch.Generator().manual_seed(1)
+    token_logp = -torch.rand(4, 4, generator=g) * 3
+    mask = T([[1.0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
+    pc, pr, rc, rr = (torch.randn(4, generator=g) * 5 for _ in range(4))
+    dpo = dpo_losses(pc, pr, rc, rr, 0.1)
+    peer = dpo.mean() + 0.7 * -token_logp[mask.bool()].mean()
+    chosen_per_token = sequence_logprobs(token_logp, mask) / (mask.sum() / 4)
+    torch.testing.assert_close(with_sft_term(dpo, chosen_per_token, 0.7).mean(), peer)
 
 
 def test_ipo_regresses_the_margin_onto_one_over_two_beta():
