@@ -8,6 +8,8 @@ estimators and policy losses (rlhf/core/algorithms/advantages.py, policy_losses.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from reward.scoring.components import REWARD_COMPONENTS
 from reward.teachers import TEACHERS
 from reward.scoring.verifiers import VERIFIERS
@@ -28,7 +30,16 @@ def check_registered(cfg: RunConfig) -> None:
     for key, name, registry in named:
         if name not in registry:
             raise ConfigError(f"config key {key}: {registry.unknown(name)}")
-    if cfg.rollout.partial_rollouts and not getattr(ENGINES[cfg.rollout.engine], "interruptible", False):
-        raise ConfigError(f"rollout.partial_rollouts needs an engine that takes new weights between decoding steps "
-                          f"(hf_compact, hf_static); {cfg.rollout.engine} does not: use one of those, or turn "
-                          f"partial_rollouts off for one-step-off asynchronous rollout")
+
+
+def fit_partial_rollouts(cfg: RunConfig, log: Callable[[str], None]) -> RunConfig:
+    """``cfg`` as it runs: partial rollouts on an engine that cannot take new weights between two decoding steps
+    (hf: transformers' generate; vllm) fall back to one-step-off asynchronous rollout, said at start, rather than
+    refusing a run whose only loss is the overlap within a batch."""
+    r = cfg.rollout
+    if not r.partial_rollouts or getattr(ENGINES[r.engine], "interruptible", False):
+        return cfg
+    log(f"rollout.partial_rollouts: the {r.engine} engine cannot take new weights between decoding steps (hf_compact "
+        f"and hf_static can); running one-step-off asynchronous rollout instead, up to {r.max_staleness} batch(es) "
+        f"ahead")
+    return cfg.model_copy(update={"rollout": r.model_copy(update={"partial_rollouts": False})})

@@ -24,7 +24,7 @@ from rlhf.core.models.hub import download_models
 from rlhf.core.models.memory import check_run_memory
 from rlhf.core.models.model_import import student_from_gguf
 from rlhf.outputs.metrics import check_wandb
-from rlhf.registered import check_registered
+from rlhf.registered import check_registered, fit_partial_rollouts
 from rlhf.stages import run_dir
 
 
@@ -46,6 +46,7 @@ class PreparedRun:
 def prepare_run(cfg: RunConfig, reward_fn: RewardFn | None, train_dataset, eval_dataset,
                 log: Callable[[str], None], resume: bool) -> PreparedRun:
     check_registered(cfg)
+    cfg = fit_partial_rollouts(cfg, log)  # an engine without a decode loop of ours: one-step-off, said here
     reward_fn = check_reward_fn(cfg, reward_fn)
     if cfg.reward.components.get("seqcls"):
         check_seqcls_dir(cfg.reward.seqcls_path)

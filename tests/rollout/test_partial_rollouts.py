@@ -12,10 +12,10 @@ import torch
 
 import rlhf
 from rlhf.core.algorithms.staleness import bound_staleness
-from rlhf.core.config.run_config import ConfigError, ModelConfig, RunConfig
+from rlhf.core.config.run_config import ModelConfig, RunConfig
 from rlhf.core.data.samples import Sample
 from rlhf.core.models.build import build_student, build_tokenizer
-from rlhf.registered import check_registered
+from rlhf.registered import check_registered, fit_partial_rollouts
 from rollout.engine import generate_compacting
 from rollout.partial import generate_partial
 from rollout.static_engine import generate_static
@@ -102,11 +102,17 @@ def test_partial_rollouts_refuse_what_they_cannot_do(overrides, says):
         RunConfig(**overrides)
 
 
-def test_an_engine_without_a_decode_loop_of_ours_is_refused():
-    cfg = RunConfig(rollout={"partial_rollouts": True, "asynchronous": True, "engine": "hf"})
-    with pytest.raises(ConfigError, match="hf_compact, hf_static"):
+def test_an_engine_without_a_decode_loop_of_ours_falls_back_to_one_step_off_and_says_so():
+    said = []
+    for engine in ("hf", "vllm"):
+        cfg = RunConfig(rollout={"partial_rollouts": True, "asynchronous": True, "engine": engine, "max_staleness": 2})
         check_registered(cfg)
-    check_registered(RunConfig(rollout={"partial_rollouts": True, "asynchronous": True, "engine": "hf_static"}))
+        fitted = fit_partial_rollouts(cfg, said.append)
+        assert not fitted.rollout.partial_rollouts and fitted.rollout.asynchronous and fitted.rollout.max_staleness == 2
+        assert cfg.rollout.partial_rollouts  # the caller's config is left as it was
+    assert len(said) == 2 and "vllm engine cannot take new weights" in said[1] and "one-step-off" in said[1]
+    kept = RunConfig(rollout={"partial_rollouts": True, "asynchronous": True, "engine": "hf_static"})
+    assert fit_partial_rollouts(kept, said.append) is kept and len(said) == 2
 
 
 def _run(out, save_every: int = 0, resume: bool = False, **rollout) -> tuple[list[dict], dict]:

@@ -103,8 +103,9 @@ class RolloutConfig(_Section):
     """Fully asynchronous rollout (with asynchronous): generation never waits for an update; new weights reach a
     rollout worker in the middle of a batch, are installed between two decoding steps, and the unfinished responses
     continue from them (rollout/partial.py), each token's weights version recorded. Logged: perf/staleness (mean
-    per token), perf/staleness_max, perf/stale_tokens_masked, charts/versions_per_response. Needs an engine with
-    our own decode loop (hf_compact, hf_static), weight_sync object_store and single-turn rollouts."""
+    per token), perf/staleness_max, perf/stale_tokens_masked, charts/versions_per_response. Needs weight_sync
+    object_store and single-turn rollouts; an engine with our own decode loop (hf_compact, hf_static): on hf and
+    vllm the run says so at start and runs one-step-off asynchronous rollout instead."""
     environment: str = "none"
     """The multi-turn environment each sample is a trajectory in (rollout/environments/ ENVIRONMENTS: calculator,
     the arithmetic task with a calculator tool; tools, the calculator and a Python sandbox; or one a script
