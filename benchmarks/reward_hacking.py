@@ -128,8 +128,14 @@ def main() -> None:
     parser.add_argument("--reuse-base", action="store_true", help="take phase 0 from --out (an earlier invocation)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    _quiet_libraries()
     out = Path(args.out)
+    if not -1.0 <= args.length_weight <= 1.0:
+        parser.error(f"--length-weight must be in [-1, 1] (a share of each label), not {args.length_weight}")
+    if args.reuse_base and not (out / "base" / "phase0.json").is_file():
+        parser.error(f"--reuse-base: {out / 'base' / 'phase0.json'} is missing: run once without --reuse-base first")
+    if not set(args.runs.split(",")) <= {"a", "b", "c"}:
+        parser.error(f"--runs takes a comma-separated subset of a,b,c, not {args.runs!r}")
+    _quiet_libraries()
     if not args.reuse_base:
         shutil.rmtree(out, ignore_errors=True)
         base = phase0(args, out)
@@ -143,6 +149,9 @@ def main() -> None:
                           f"reward.refresh.min_gap={args.refresh_gap}", f"reward.refresh.epochs={args.refresh_epochs}",
                           f"reward.refresh.replay_fraction={args.replay}"],
             "c_verifier": ["reward.components={verifier: 1.0}", "reward.audit_every=0"]}
+    for name in runs:
+        if name[0] not in args.runs.split(",") and not (out / name / "metrics.jsonl").is_file():
+            parser.error(f"--runs {args.runs}: run {name[0]} is not in {out} to read: add it to --runs")
     for name, overrides in runs.items():
         if name[0] in args.runs.split(","):
             shutil.rmtree(out / name, ignore_errors=True)
