@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
-
-def se(p: float, n: int) -> float:
-    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported by a test
+from accuracy_stats import se  # noqa: E402
 
 
 def gain(before: dict, after: dict) -> dict:

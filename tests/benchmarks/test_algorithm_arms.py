@@ -9,20 +9,21 @@ from rlhf.core.config.run_config import load_config
 from tests.paths import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
+import accuracy_stats as stats  # noqa: E402
 import algorithm_arms as arms  # noqa: E402
 
 
 def test_standard_errors_by_hand():
-    assert arms.se(0.5, 100) == pytest.approx(0.05)
+    assert stats.se(0.5, 100) == pytest.approx(0.05)
     # per-problem differences 0, -1, +1, +1: mean 0.25, sample variance 2.75 / 3, SE sqrt(variance / 4)
-    d = arms.paired_difference([True, True, False, False], [True, False, True, True])
+    d = stats.paired_difference([True, True, False, False], [True, False, True, True])
     assert d == {"points": 25.0, "se_points": round(100 * math.sqrt(2.75 / 3 / 4), 1), "paired": True, "n": 4,
                  "only_other_right": 2, "only_base_right": 1}
-    u = arms.unpaired_difference({"accuracy": 0.5, "n": 100}, {"accuracy": 0.6, "n": 100})
+    u = stats.unpaired_difference({"accuracy": 0.5, "n": 100}, {"accuracy": 0.6, "n": 100})
     assert u["points"] == 10.0 and u["se_points"] == round(100 * math.hypot(0.05, math.sqrt(0.24 / 100)), 1)
     assert not u["paired"]
     with pytest.raises(ValueError):
-        arms.paired_difference([True], [True, False])
+        stats.paired_difference([True], [True, False])
 
 
 def test_every_arm_is_a_valid_config(tmp_path):

@@ -361,3 +361,35 @@ def test_reward_hacking_benchmark_flaws_the_labels_toward_brevity_and_checks_the
     result["b_refresh"]["agreement"].append((15, 0.84))
     failed = {k for k, ok in reward_hacking.checks(result, warn=0.8).items() if not ok}
     assert failed == {"b_agreement_at_least_0.85_after_first_refresh", "b_at_most_10pct_of_d_calls"}
+    # several seeds: every seed's b is held to the checks, and b - c is the pooled paired difference
+    result["b_refresh"].update(teacher_calls=900, agreement=[(5, 0.7), (10, 0.9)])
+    result["b_refresh_seed1"] = run(0.60, [(5, 0.9)], [], 800)  # never refreshed: no agreement after a refresh
+    result["b_minus_c"] = {"pooled": {"points": -2.5}}
+    failed = {k for k, ok in reward_hacking.checks(result, warn=0.8).items() if not ok}
+    assert failed == {"b_agreement_at_least_0.85_after_first_refresh"}  # 0.60 vs 0.72 at seed 1 is pooled away
+    result["b_minus_c"]["pooled"]["points"] = -3.4
+    assert not reward_hacking.checks(result, warn=0.8)["b_within_3_points_of_c"]
+
+
+def test_reward_hacking_runs_b_and_c_at_every_seed_and_a_at_the_first(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import reward_hacking
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "phase0.json").write_text("{}")
+    args = reward_hacking.parse_args(["--out", str(tmp_path), "--seeds", "0,3"])
+    runs = reward_hacking.planned_runs(args, tmp_path)
+    assert list(runs) == ["a_flawed", "b_refresh", "c_verifier", "b_refresh_seed3", "c_verifier_seed3"]
+    assert runs["c_verifier_seed3"][-1] == "seed=3" and "reward.refresh.enabled=true" in runs["b_refresh_seed3"]
+    assert args.to_run == list(runs)
+    for name in runs:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("")
+    args = reward_hacking.parse_args(["--out", str(tmp_path), "--seeds", "0,3", "--runs", "c,b_refresh_seed3"])
+    assert args.to_run == ["c_verifier", "b_refresh_seed3", "c_verifier_seed3"]  # the rest is read from --out
+    (tmp_path / "a_flawed" / "metrics.jsonl").unlink()
+    for bad in (["--seeds", "0,x"], ["--seeds", "1,1"], ["--runs", "b", "--reuse-base"], ["--runs", "b_refresh_seed9"]):
+        with pytest.raises(SystemExit):  # one line from argparse: a bad seed list, a run missing from --out
+            reward_hacking.parse_args(["--out", str(tmp_path), *bad])
