@@ -3,6 +3,7 @@ training seconds, both sides in one run (issue 31).
 
     python benchmarks/real_vs_trl.py --model runs/smollm2_distil/warmup [--budget 600] [--eval-every 150]
                                      [--eval-prompts 200] [--out runs/real_vs_trl] [--plot real_vs_trl.png]
+                                     [--threads 2] [--only trl|ours]
 
 Both sides start from the same model (by default the SFT student of ``configs/smollm2_distil.yaml``), on the
 same task (``configs/data/arithmetic_words``, prompts rendered by the model's chat template, identical strings for
@@ -12,6 +13,9 @@ projections), no KL term (TRL's beta 0, our kl_coef 0; neither needs the referen
 "dapo", ours token-mean), one update per batch. Each side at its best setting on this CPU: bf16 where the CPU has
 bf16 units (TRL ``bf16=True``; ours ``trainer.precision: auto`` and ``rollout.dtype: bfloat16``), ours with the
 ``hf_static`` engine, 2 threads each (the process's torch threads for TRL; our thread budget for our actors).
+The rows are loaded once, as our run loads them, and TRL gets the same strings; each side draws its own order.
+``--threads 1`` where another job keeps the cores busy: there, two threads that wait on each other make
+generation tens of times slower (measured: 8 prompts x 48 tokens, 206 s at 2 threads, 4 s at 1).
 
 The clock counts training only: each side stops at the first step that ends past ``--budget`` seconds of
 training, and every ``--eval-every`` seconds the held-out problems are answered greedily (48 tokens) with the
@@ -24,6 +28,7 @@ distilrl needed to reach TRL's final accuracy, as a fraction of TRL's budget (th
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import sys
@@ -37,14 +42,12 @@ SETTINGS = dict(prompts=8, samples=8, max_new_tokens=48, lr=1e-4, r=16, alpha=32
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def task_rows(model: Path, eval_prompts: int):
-    """(train rows, held-out rows) of the arithmetic-words task, prompts rendered by the model's chat template."""
-    from rlhf.core.config.run_config import load_config
-    from rlhf.core.data.datasets import load_rows
-    from rlhf.core.models.build import load_tokenizer
+def task_rows(cfg):
+    """(train rows, held-out rows) of our run ``cfg`` (``ours_config``), loaded as the run loads them: the
+    arithmetic-words task, prompts rendered by the model's chat template. TRL gets these very strings."""
+    from rlhf.stages import run_dir
 
-    cfg = load_config(str(ROOT / "configs" / "smollm2_distil.yaml"), [f"task.eval_prompts={eval_prompts}"])
-    return load_rows(cfg.task, cfg.seed, tokenizer=load_tokenizer(model))
+    return run_dir.load_prompts(cfg, tokenizer=run_dir.load_tokenizer(cfg), log=lambda line: None)
 
 
 def correct(response: str, reference: str) -> bool:
@@ -59,14 +62,46 @@ def bf16_capable() -> bool:
     return resolve_precision("auto", cpu_flags(), cuda=False) == "bf16"
 
 
-def trl_side(model_dir: Path, train, held_out, budget: float, every: float, out: Path, log) -> list[tuple]:
+def trl_evaluate(model, tokenizer, held_out, s: dict) -> float:
+    """Held-out accuracy of the peft model, greedy, ``max_new_tokens`` tokens, 100 prompts a batch."""
+    import torch
+
+    model.eval()
+    hits = 0
+    with torch.no_grad():
+        for start in range(0, len(held_out), 100):
+            rows = held_out[start:start + 100]
+            enc = tokenizer([r.prompt for r in rows], return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_capable()):
+                out = model.generate(**enc, max_new_tokens=s["max_new_tokens"], do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            hits += sum(correct(t, r.answer) for t, r in zip(texts, rows))
+    model.train()
+    return hits / len(held_out)
+
+
+def trl_config(s: dict, out: Path):
+    """TRL's GRPOConfig for ``SETTINGS``: one batch of prompts x samples a step, no KL, token-mean ("dapo")."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=str(out / "trl"), use_cpu=True, bf16=bf16_capable(), fp16=False, gradient_checkpointing=False,
+        use_vllm=False, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=s["seed"],
+        per_device_train_batch_size=s["prompts"] * s["samples"], gradient_accumulation_steps=1,
+        num_generations=s["samples"], max_completion_length=s["max_new_tokens"], temperature=1.0, top_k=0,
+        top_p=1.0, beta=0.0, loss_type="dapo", learning_rate=s["lr"], weight_decay=0.0, max_grad_norm=1.0,
+        lr_scheduler_type="constant", warmup_steps=0, max_steps=10_000, num_iterations=1,
+        dataloader_num_workers=0)
+
+
+def trl_side(model_dir: Path, train, held_out, budget: float, every: float, out: Path, log, s: dict) -> list[tuple]:
     import datasets
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
-    s = SETTINGS
     torch.set_num_threads(s["threads"])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
@@ -76,21 +111,6 @@ def trl_side(model_dir: Path, train, held_out, budget: float, every: float, out:
         return [1.0 if correct(c, a) else 0.0 for c, a in zip(completions, answer)]
 
     points: list[tuple] = []
-
-    def evaluate(model) -> float:
-        model.eval()
-        hits = 0
-        with torch.no_grad():
-            for start in range(0, len(held_out), 100):
-                rows = held_out[start:start + 100]
-                enc = tokenizer([r.prompt for r in rows], return_tensors="pt", padding=True, add_special_tokens=False)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_capable()):
-                    out = model.generate(**enc, max_new_tokens=s["max_new_tokens"], do_sample=False,
-                                         pad_token_id=tokenizer.pad_token_id)
-                texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                hits += sum(correct(t, r.answer) for t, r in zip(texts, rows))
-        model.train()
-        return hits / len(held_out)
 
     class Clock(TrainerCallback):
         """Training seconds only; held-out evaluations every ``every`` of them, with the clock stopped."""
@@ -105,39 +125,30 @@ def trl_side(model_dir: Path, train, held_out, budget: float, every: float, out:
             self.trained += time.perf_counter() - self.start
             log(f"TRL step {state.global_step}: {self.trained:.0f} s trained")
             if self.trained >= self.next_eval or self.trained >= budget:
-                points.append((round(self.trained, 1), state.global_step, evaluate(model)))
+                accuracy = trl_evaluate(model, tokenizer, held_out, s)
+                points.append((round(self.trained, 1), state.global_step, accuracy))
                 log(f"TRL at {self.trained:.0f} s: held-out accuracy {points[-1][2]:.3f}")
                 self.next_eval += every
             if self.trained >= budget:
                 control.should_training_stop = True
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    rows = s["prompts"] * s["samples"]
-    args = GRPOConfig(
-        output_dir=str(out / "trl"), use_cpu=True, bf16=bf16_capable(), fp16=False, gradient_checkpointing=False,
-        use_vllm=False, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=s["seed"],
-        per_device_train_batch_size=rows, gradient_accumulation_steps=1, num_generations=s["samples"],
-        max_completion_length=s["max_new_tokens"], temperature=1.0, top_k=0, top_p=1.0, beta=0.0, loss_type="dapo",
-        learning_rate=s["lr"], weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="constant", warmup_steps=0,
-        max_steps=10_000, num_iterations=1, dataloader_num_workers=0)
     lora = LoraConfig(r=s["r"], lora_alpha=s["alpha"], lora_dropout=0.0, target_modules=TARGETS, bias="none",
                       task_type="CAUSAL_LM")
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=trl_config(s, out), train_dataset=dataset,
                           processing_class=tokenizer, peft_config=lora, callbacks=[Clock()])
     trainer.remove_callback(PrinterCallback)
-    points.insert(0, (0.0, 0, evaluate(trainer.model)))
+    points.insert(0, (0.0, 0, trl_evaluate(trainer.model, tokenizer, held_out, s)))
     log(f"TRL before training: held-out accuracy {points[0][2]:.3f}")
     trainer.train()
     return points
 
 
-def ours_side(model_dir: Path, eval_prompts: int, budget: float, every: float, out: Path, log) -> list[tuple]:
-    import rlhf
+def ours_config(model_dir: Path, eval_prompts: int, out: Path, s: dict):
+    """Our run config for ``SETTINGS``: configs/smollm2_distil.yaml's RL from ``model_dir``, verifier reward, no KL."""
     from rlhf.core.config.run_config import load_config
 
-    s = SETTINGS
-    bf16 = bf16_capable()
-    cfg = load_config(str(ROOT / "configs" / "smollm2_distil.yaml"), [
+    return load_config(str(ROOT / "configs" / "smollm2_distil.yaml"), [
         f"output_dir={out / 'ours'}", f"model.model_name_or_path={model_dir}", "stages=[rl, eval]",
         f"model.lora={{r: {s['r']}, alpha: {s['alpha']}}}", "reward.components={verifier: 1.0}",
         f"rollout.prompts_per_step={s['prompts']}", f"rollout.samples_per_prompt={s['samples']}",
@@ -145,7 +156,17 @@ def ours_side(model_dir: Path, eval_prompts: int, budget: float, every: float, o
         "algorithm.kl_coef=0.0", "algorithm.steps=10000", "algorithm.loss_aggregation=token-mean",
         f"task.eval_prompts={eval_prompts}", f"eval.max_new_tokens={s['max_new_tokens']}",
         f"rollout.threads={s['threads']}", f"trainer.threads={s['threads']}", f"seed={s['seed']}",
-        *(["rollout.dtype=bfloat16"] if bf16 else [])])
+        *(["rollout.dtype=bfloat16"] if bf16_capable() else [])])
+
+
+def ours_side(cfg, budget: float, every: float, log) -> list[tuple]:
+    import shutil
+
+    import rlhf
+
+    if Path(cfg.output_dir).exists():  # this benchmark's own run directory: a finished run there refuses a new one
+        log(f"removing the previous run in {cfg.output_dir}")
+        shutil.rmtree(cfg.output_dir)
     points: list[tuple] = []
     with rlhf.Trainer(cfg, log=lambda line: None) as trainer:
         points.append((0.0, 0, trainer.evaluate()["accuracy"]))
@@ -192,20 +213,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "real_vs_trl")
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--only", choices=["trl", "ours"], help="run one side (a quick check)")
+    parser.add_argument("--threads", type=int, default=SETTINGS["threads"],
+                        help="torch threads of each side (1 on a box another job keeps busy: two threads that "
+                             "wait on each other's descheduled core make generation ~50x slower)")
     args = parser.parse_args(argv)
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"error: {args.model} is not a model directory: run configs/smollm2_distil.yaml first "
                          "(its SFT student is runs/smollm2_distil/warmup), or pass --model")
+    s = {**SETTINGS, "threads": args.threads}
     log = lambda line: print(line, flush=True)  # noqa: E731
-    train, held_out = task_rows(args.model, args.eval_prompts)
+    cfg = ours_config(args.model, args.eval_prompts, args.out, s)
+    train, held_out = task_rows(cfg)  # the same rows for both sides
     sides: dict[str, list[tuple]] = {}
     if args.only != "ours":
-        sides["TRL GRPOTrainer"] = trl_side(args.model, train, held_out, args.budget, args.eval_every, args.out, log)
+        sides["TRL GRPOTrainer"] = trl_side(args.model, train, held_out, args.budget, args.eval_every, args.out,
+                                            log, s)
+        gc.collect()  # TRL's trainer, model and optimizer (reference cycles) go before our actors start
     if args.only != "trl":
-        sides["distilrl"] = ours_side(args.model, args.eval_prompts, args.budget, args.eval_every, args.out, log)
+        sides["distilrl"] = ours_side(cfg, args.budget, args.eval_every, log)
     n = len(held_out)
-    result: dict = {"settings": {**SETTINGS, "budget_s": args.budget, "eval_prompts": n, "bf16": bf16_capable()},
-                    "points": {name: [{"train_s": s, "steps": k, "accuracy": a} for s, k, a in p]
+    result: dict = {"settings": {**s, "budget_s": args.budget, "eval_prompts": n, "bf16": bf16_capable()},
+                    "points": {name: [{"train_s": sec, "steps": k, "accuracy": a} for sec, k, a in p]
                                for name, p in sides.items()}}
     if len(sides) == 2:
         trl_final = sides["TRL GRPOTrainer"][-1][2]
