@@ -19,8 +19,11 @@ generation tens of times slower (measured: 8 prompts x 48 tokens, 206 s at 2 thr
 
 The clock counts training only: each side stops at the first step that ends past ``--budget`` seconds of
 training, and every ``--eval-every`` seconds the held-out problems are answered greedily (48 tokens) with the
-clock stopped (TRL: the peft model's ``generate`` in this process; ours: the run's rollout worker). TRL runs first,
-then ours, one after the other on the same cores.
+clock stopped, by one evaluator for both: our rollout engine at our rollout dtype (ours: the run's rollout worker;
+TRL: a copy of its peft model with the adapters merged, saved and loaded by the same engine in this process). Two
+generate loops at bf16 differ in a greedy answer here and there (8 prompts: 0.625 against 0.500 from one model),
+which would be read as a difference between the trainers. TRL runs first, then ours, one after the other on the
+same cores.
 
 Prints a table and one JSON object: each side's (seconds, accuracy) points, its final accuracy, and the seconds
 distilrl needed to reach TRL's final accuracy, as a fraction of TRL's budget (the issue's target: <= 0.5).
@@ -62,23 +65,22 @@ def bf16_capable() -> bool:
     return resolve_precision("auto", cpu_flags(), cuda=False) == "bf16"
 
 
-def trl_evaluate(model, tokenizer, held_out, s: dict) -> float:
-    """Held-out accuracy of the peft model, greedy, ``max_new_tokens`` tokens, 100 prompts a batch."""
-    import torch
+def trl_evaluate(model, tokenizer, cfg, out: Path) -> float:
+    """Held-out accuracy of TRL's peft model by our evaluator, the one our side uses (the rollout engine and dtype
+    of ``cfg``, greedy, ``eval.max_new_tokens``): a copy with its adapters merged is saved (safetensors) and
+    evaluated, so a difference between the sides is not a difference between two generate loops' numerics."""
+    import copy
+    import shutil
 
-    model.eval()
-    hits = 0
-    with torch.no_grad():
-        for start in range(0, len(held_out), 100):
-            rows = held_out[start:start + 100]
-            enc = tokenizer([r.prompt for r in rows], return_tensors="pt", padding=True, add_special_tokens=False)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_capable()):
-                out = model.generate(**enc, max_new_tokens=s["max_new_tokens"], do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            hits += sum(correct(t, r.answer) for t, r in zip(texts, rows))
-    model.train()
-    return hits / len(held_out)
+    from rlhf.rl.evaluate import evaluate_checkpoint
+
+    target = out / "trl_eval_policy"
+    shutil.rmtree(target, ignore_errors=True)
+    merged = copy.deepcopy(model).merge_and_unload()
+    merged.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    del merged
+    return evaluate_checkpoint(cfg, str(target), log=lambda line: None)["accuracy"]
 
 
 def trl_config(s: dict, out: Path):
@@ -95,7 +97,8 @@ def trl_config(s: dict, out: Path):
         dataloader_num_workers=0)
 
 
-def trl_side(model_dir: Path, train, held_out, budget: float, every: float, out: Path, log, s: dict) -> list[tuple]:
+def trl_side(cfg, train, budget: float, every: float, out: Path, log, s: dict) -> list[tuple]:
+    """TRL's GRPOTrainer with peft LoRA from ``cfg``'s model; (training seconds, steps, held-out accuracy) points."""
     import datasets
     import torch
     from peft import LoraConfig
@@ -103,6 +106,7 @@ def trl_side(model_dir: Path, train, held_out, budget: float, every: float, out:
     from trl import GRPOTrainer
 
     torch.set_num_threads(s["threads"])
+    model_dir = cfg.model.model_name_or_path
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
     dataset = datasets.Dataset.from_list([{"prompt": r.prompt, "answer": r.answer} for r in train])
@@ -125,7 +129,7 @@ def trl_side(model_dir: Path, train, held_out, budget: float, every: float, out:
             self.trained += time.perf_counter() - self.start
             log(f"TRL step {state.global_step}: {self.trained:.0f} s trained")
             if self.trained >= self.next_eval or self.trained >= budget:
-                accuracy = trl_evaluate(model, tokenizer, held_out, s)
+                accuracy = trl_evaluate(model, tokenizer, cfg, out)
                 points.append((round(self.trained, 1), state.global_step, accuracy))
                 log(f"TRL at {self.trained:.0f} s: held-out accuracy {points[-1][2]:.3f}")
                 self.next_eval += every
@@ -138,7 +142,7 @@ def trl_side(model_dir: Path, train, held_out, budget: float, every: float, out:
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=trl_config(s, out), train_dataset=dataset,
                           processing_class=tokenizer, peft_config=lora, callbacks=[Clock()])
     trainer.remove_callback(PrinterCallback)
-    points.insert(0, (0.0, 0, trl_evaluate(trainer.model, tokenizer, held_out, s)))
+    points.insert(0, (0.0, 0, trl_evaluate(trainer.model, tokenizer, cfg, out)))
     log(f"TRL before training: held-out accuracy {points[0][2]:.3f}")
     trainer.train()
     return points
@@ -226,8 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     train, held_out = task_rows(cfg)  # the same rows for both sides
     sides: dict[str, list[tuple]] = {}
     if args.only != "ours":
-        sides["TRL GRPOTrainer"] = trl_side(args.model, train, held_out, args.budget, args.eval_every, args.out,
-                                            log, s)
+        sides["TRL GRPOTrainer"] = trl_side(cfg, train, args.budget, args.eval_every, args.out, log, s)
         gc.collect()  # TRL's trainer, model and optimizer (reference cycles) go before our actors start
     if args.only != "trl":
         sides["distilrl"] = ours_side(cfg, args.budget, args.eval_every, log)
