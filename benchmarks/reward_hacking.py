@@ -2,7 +2,7 @@
 on-policy RM refresh (``reward.refresh``), against the verifier (the oracle), all from one warm-up and seeds.
 
     python benchmarks/reward_hacking.py [--config configs/quickstart.yaml] [--out runs/reward_hacking]
-                                        [--length-weight -0.8] [--audit-every 2] [--audit-samples 16]
+                                        [--length-weight -0.8] [--audit-every 2] [--audit-samples 32]
                                         [--refresh-calls 128] [--refresh-gap 8] [--refresh-epochs 6]
                                         [--replay 0.75] [--runs a,b,c] [--reuse-base] [--seeds 0,1,2]
                                         [key=value ...]
@@ -167,7 +167,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--length-weight", type=float, default=-0.8,
                         help="share of each label from the length rule, in [-1, 1]: < 0 shorter is better")
     parser.add_argument("--audit-every", type=int, default=2, help="reward.audit_every in runs a and b")
-    parser.add_argument("--audit-samples", type=int, default=16, help="reward.audit_samples: teacher calls per audit")
+    parser.add_argument("--audit-samples", type=int, default=32,
+                        help="reward.audit_samples: teacher calls per audit (32: 4 groups; 16 dipped more often)")
     parser.add_argument("--refresh-calls", type=int, default=128, help="reward.refresh.teacher_calls")
     parser.add_argument("--refresh-gap", type=int, default=8, help="reward.refresh.min_gap (steps)")
     parser.add_argument("--refresh-epochs", type=int, default=6, help="reward.refresh.epochs")
