@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported by a test
-from accuracy_stats import se  # noqa: E402
+from accuracy_stats import paired_difference, se  # noqa: E402
 
 
 def gain(before: dict, after: dict) -> dict:
@@ -39,12 +39,9 @@ def paired_gain(before: Path, after: Path) -> dict:
     a, b = (json.loads(Path(p).read_text())["answers"] for p in (before, after))
     if [x["prompt"] for x in a] != [x["prompt"] for x in b]:
         raise SystemExit(f"error: {before} and {after} answered different problems: evaluate both on the same set")
-    diffs = [int(y["correct"]) - int(x["correct"]) for x, y in zip(a, b)]
-    mean = sum(diffs) / len(diffs)
-    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
-    err = math.sqrt(var / len(diffs))
-    return {"points": round(100 * mean, 1), "paired_se_points": round(100 * err, 1), "beyond_2se": mean > 2 * err,
-            "n": len(diffs), "only_after_right": diffs.count(1), "only_before_right": diffs.count(-1)}
+    d = paired_difference([x["correct"] for x in a], [y["correct"] for y in b])
+    return {"points": d["points"], "paired_se_points": d["se_points"], "beyond_2se": d["points"] > 2 * d["se_points"],
+            "n": d["n"], "only_after_right": d["only_other_right"], "only_before_right": d["only_base_right"]}
 
 
 def figures(evaluation: dict) -> dict:

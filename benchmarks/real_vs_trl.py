@@ -33,13 +33,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # run as a script or imported by a test
+from accuracy_stats import se  # noqa: E402
 
 SETTINGS = dict(prompts=8, samples=8, max_new_tokens=48, lr=1e-4, r=16, alpha=32, seed=0, threads=2)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
         reach = seconds_to_reach(sides["distilrl"], trl_final)
         trl_time = sides["TRL GRPOTrainer"][-1][0]
         result["trl_final_accuracy"] = trl_final
-        result["trl_final_se"] = round(math.sqrt(trl_final * (1 - trl_final) / n), 4)
+        result["trl_final_se"] = round(se(trl_final, n), 4)
         result["distilrl_final_accuracy"] = sides["distilrl"][-1][2]
         result["distilrl_seconds_to_trl_final"] = reach
         result["fraction_of_trl_time"] = None if reach is None else round(reach / trl_time, 3)

@@ -121,9 +121,10 @@ def figures(out: Path, name: str, lines: list[dict]) -> dict:
             "teacher_calls": calls, "wall_s": summary["wall_s"]}
 
 
-def paired_b_minus_c(args, out: Path, seeds: list[int]) -> dict:
+def paired_b_minus_c(args, out: Path, seeds: list[int], runs: dict) -> dict:
     """Each seed's b and c policies evaluated again on that seed's held-out problems, every answer kept: b - c
-    paired per seed and pooled over the seeds; whether each re-evaluation gave its run's own accuracy."""
+    paired per seed and pooled over the seeds; whether each re-evaluation gave its run's own accuracy (``runs``:
+    each run's figures)."""
     from rlhf.rl.evaluate import evaluate_checkpoint
 
     result: dict = {"per_seed": {}, "reevaluation_matches_run": {}}
@@ -136,8 +137,7 @@ def paired_b_minus_c(args, out: Path, seeds: list[int]) -> dict:
             figures = evaluate_checkpoint(cfg, str(out / name / "policy"), log=lambda line: None,
                                           show=cfg.task.eval_prompts)
             verdicts[kind] = [a["correct"] for a in figures["answers"]]
-            summary = json.loads((out / name / "summary.json").read_text())
-            result["reevaluation_matches_run"][name] = figures["accuracy"] == summary["eval_after"]["accuracy"]
+            result["reevaluation_matches_run"][name] = figures["accuracy"] == runs[name]["accuracy_after"]
             pooled[kind] += verdicts[kind]
         result["per_seed"][str(seed)] = paired_difference(verdicts["c"], verdicts["b"])
     result["pooled"] = paired_difference(pooled["c"], pooled["b"])
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         result[name] = figures(out, name, lines)
     cfg = load_config(args.config, args.overrides)
     result["d_teacher_every_rollout"] = {"teacher_calls": cfg.rollout_rows * cfg.algorithm.steps}
-    result["b_minus_c"] = paired_b_minus_c(args, out, args.seeds)
+    result["b_minus_c"] = paired_b_minus_c(args, out, args.seeds, result)
     result["checks"] = checks(result, cfg.reward.audit_warn_below)
     (out / "result.json").write_text(json.dumps(result, indent=1))
     print(table(result, list(runs)))
