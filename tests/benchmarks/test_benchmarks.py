@@ -110,3 +110,24 @@ def test_grpo_benchmark_realistic_student_is_the_warmed_up_one_with_natural_leng
     asynchronous = grpo_vs_trl.ours_config(workload, tmp_path / "student", tmp_path / "ours", 3, 1, bf16=False,
                                            asynchronous=True)
     assert asynchronous.rollout.asynchronous and asynchronous.rollout.threads == 1
+
+
+def test_update_head_batch_marks_the_solution_and_eos_as_the_response(tmp_path):
+    from benchmarks.update_head import micro_batch
+
+    class Characters:  # a tokenizer of one id per character, with a chat template of "<q>...>"
+        pad_token_id, eos_token_id = 0, 1
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return f"<{messages[0]['content']}>"
+
+        def __call__(self, text, add_special_tokens):
+            return {"input_ids": [ord(c) for c in text]}
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"question": "1+2", "answer": "3"}\n{"question": "10+20", "answer": "30"}\n{"x": 0}\n')
+    batch = micro_batch(Characters(), data, rows=2)
+    assert batch["input_ids"].tolist() == [[60, 49, 43, 50, 62, 51, 1, 0, 0, 0],
+                                           [60, 49, 48, 43, 50, 48, 62, 51, 48, 1]]
+    assert batch["attention_mask"].sum(dim=1).tolist() == [7, 10]
+    assert batch["response_mask"].tolist() == [[0] * 5 + [1, 1] + [0] * 3, [0] * 7 + [1, 1, 1]]

@@ -9,10 +9,7 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
 
     ``logits`` (B, L, V) from a causal LM over ``input_ids`` (B, L).
     """
-    logits = logits[:, :-1].float()
-    # gather minus logsumexp instead of a full log_softmax: with a 151k vocabulary that saves a (B, L, V) copy.
-    taken = logits.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return torch.nn.functional.pad(taken, (1, 0), value=0.0)
+    return torch.nn.functional.pad(logprob_of(logits[:, :-1].float(), input_ids[:, 1:]), (1, 0), value=0.0)
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -22,9 +19,18 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     H = logsumexp(z) - sum_v softmax(z)_v * z_v, which stays finite where probabilities underflow to 0
     (-sum p log p would meet 0 * -inf there). Differentiable, for the entropy bonus.
     """
-    logits = logits[:, :-1].float()
-    entropy = torch.logsumexp(logits, dim=-1) - (logits.softmax(dim=-1) * logits).sum(dim=-1)
-    return torch.nn.functional.pad(entropy, (1, 0), value=0.0)
+    return torch.nn.functional.pad(entropy_of(logits[:, :-1].float()), (1, 0), value=0.0)
+
+
+def logprob_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] over the last dimension: ``logits`` (..., V), ``targets`` (...)."""
+    # gather minus logsumexp instead of a full log_softmax: with a 151k vocabulary that saves a (..., V) copy.
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_of(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) over the last dimension, as ``token_entropy`` takes it."""
+    return torch.logsumexp(logits, dim=-1) - (logits.softmax(dim=-1) * logits).sum(dim=-1)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -131,8 +131,9 @@ def per_token(batch: dict[str, torch.Tensor], size: int, device, can_pack: bool,
     micro-batches of ``size`` rows, packed where that pays: back in the batch's padded layout, (B, L) on the CPU, 0
     at padding. The forward every per-token figure shares (log-probs, values, a teacher's log-probs)."""
     out = torch.zeros(batch["input_ids"].shape)
-    for first, mb, plan in micro_batches({k: batch[k] for k in ("input_ids", "attention_mask")}, size, device,
-                                         can_pack):
+    # A response mask travels along, for a compute that reads only the response (rlhf/core/models/response_head.py).
+    keys = [k for k in ("input_ids", "attention_mask", "response_mask") if k in batch]
+    for first, mb, plan in micro_batches({k: batch[k] for k in keys}, size, device, can_pack):
         values = compute(mb).float()
         values = plan.unpack(values) if plan is not None else values * mb["attention_mask"]
         out[first:first + values.shape[0], :values.shape[1]] = values.cpu()

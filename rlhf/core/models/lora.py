@@ -52,6 +52,19 @@ def wrap(model, settings: dict, heads: tuple[str, ...] = (), key: str = "model.l
     return peft_model
 
 
+def cast_inputs(peft_model, cast: bool) -> None:
+    """Whether each adapter casts its input to its weights' dtype before the adapter's matrix products (peft's
+    default). Under CPU bf16 autocast the adapters' fp32 weights make that a cast of every adapted layer's input to
+    fp32 and straight back to bf16 for the product, forward and backward, for nothing: autocast computes the
+    product in bf16 either way (tests/rlhf/core/models/test_lora.py). Turned off for a bf16 CPU update only; without
+    autocast a dtype mismatch needs the cast."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = cast
+
+
 def scaling(peft_model) -> float:
     """LoRA's factor on B @ A (alpha / r) of the model's adapter."""
     config = peft_model.peft_config["default"]
@@ -75,6 +88,10 @@ class AdaptersOff:
 
     def __init__(self, peft_model):
         self.model = peft_model
+
+    def get_output_embeddings(self):
+        """The head, shared with the policy (rlhf/core/models/response_head.py cuts its input)."""
+        return self.model.get_output_embeddings()
 
     @torch.no_grad()
     def __call__(self, **inputs):

@@ -79,6 +79,12 @@ def mfu_metrics(flops: float, seconds: float, precision: str, rate: float) -> di
             "perf/train_bf16": float(precision == "bf16")}
 
 
+def head_params(model: torch.nn.Module) -> int:
+    """The parameters of the output head (the vocabulary projection), as ``model_params`` counts them."""
+    output = model.get_output_embeddings()
+    return 0 if output is None else getattr(output.weight, "ds_numel", output.weight.numel())
+
+
 def model_params(model: torch.nn.Module) -> int:
     """The parameters a forward multiplies by: all of them (whole under ZeRO-3, whose partitioned parameters carry
     their full size as ``ds_numel``) but an input embedding that is only looked up (one tied to the output layer

@@ -19,9 +19,10 @@ import torch
 from rlhf.core.algorithms.kl import kl_penalty
 from rlhf.core.algorithms.policy_losses import (POLICY_LOSSES, PolicyLossInputs, off_policy_weights,
                                                policy_token_loss)
-from rlhf.core.algorithms.tokens import token_entropy, token_logprobs
+from rlhf.core.algorithms.tokens import token_logprobs
 
 from rlhf.core.models import lora, precision
+from rlhf.core.models.response_head import response_entropy, response_logits, response_logprobs
 from rlhf.core.models.safetensors_dir import load_pretrained
 
 from rlhf.core.data import packing
@@ -80,6 +81,8 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         self.precision = precision.resolve_precision(cfg.trainer.precision, precision.cpu_flags(),
                                                      torch.cuda.is_available())
         self.params, self.lora = precision.model_params(policy), bool(lora_settings)
+        if self.lora and self.precision == "bf16":  # autocast makes peft's casts of adapter inputs redundant
+            lora.cast_inputs(policy, False)
         self.gemm_rate: float | None = None  # FLOP/s in self.precision, measured at the first update
 
         self.reference = _reference_model(cfg, model_dir, self.engine.module, self.bf16, self.device)
@@ -113,7 +116,8 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         # update. With one update they are the update's own log-probs, detached; with several, the later updates
         # need them after the weights have moved, so they are computed first, in one pass without gradients.
         if updates > 1:
-            mini_batches = [mb.with_(old_logprobs=self._logprobs(mb.inputs())) for mb in mini_batches]
+            mini_batches = [mb.with_(old_logprobs=self._logprobs({**mb.inputs(), "response_mask": mb.response_mask}))
+                            for mb in mini_batches]
         engine.train()
         lr = engine.get_lr()[0]  # of this batch's first update (lr_warmup_steps moves it between updates)
         sums = torch.zeros(len(_SUMMED), dtype=torch.float64)
@@ -139,8 +143,12 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
     def _mfu(self, mini_batches: list[TrainBatch], old_logprobs_pass: bool, seconds: float) -> dict:
         """This rank's update MFU against the GEMM rate of the precision it trains in, on its own threads."""
         tokens, epochs = sum(int(mb.attention_mask.sum()) for mb in mini_batches), self.algorithm.ppo_epochs
-        flops = precision.update_flops(self.params, tokens * epochs, self.lora,
-                                       tokens * (epochs * (self.reference is not None) + old_logprobs_pass))
+        forwards = epochs * (self.reference is not None) + old_logprobs_pass
+        # The output head runs only at the response tokens (rlhf/core/models/response_head.py): counted there only.
+        head = precision.head_params(self.engine.module)
+        response = sum(int(mb.response_mask.sum()) for mb in mini_batches)
+        flops = (precision.update_flops(self.params - head, tokens * epochs, self.lora, tokens * forwards)
+                 + precision.update_flops(head, response * epochs, self.lora, response * forwards))
         if self.gemm_rate is None:
             self.gemm_rate = precision.gemm_rate(self.precision)
         return precision.mfu_metrics(flops, seconds, self.precision, self.gemm_rate)
@@ -156,9 +164,13 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
 
         def logprobs(mb):
             with precision.autocast(self.precision):
-                logits = model(**packing.model_inputs(mb)).logits.float()
-            return packing.zero_sequence_starts(
-                token_logprobs(logits / self.temperature, mb["input_ids"]), mb)
+                if "response_mask" in mb:  # only the response's log-probs are read: the head runs only there
+                    logits = response_logits(model, packing.model_inputs(mb), mb["response_mask"])
+                    logp = response_logprobs(logits / self.temperature, mb["input_ids"], mb["response_mask"])
+                else:
+                    logits = model(**packing.model_inputs(mb)).logits.float()
+                    logp = token_logprobs(logits / self.temperature, mb["input_ids"])
+            return packing.zero_sequence_starts(logp, mb)
 
         return self._per_token(batch, logprobs)
 
@@ -183,9 +195,9 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         a = self.algorithm
         mask = mb.response_mask
         with precision.autocast(self.precision):
-            logits = self.engine(**packing.model_inputs(mb)).logits.float()
+            logits = response_logits(self.engine, packing.model_inputs(mb), mask)
         logits = logits / self.temperature
-        logp = packing.zero_sequence_starts(token_logprobs(logits, mb.input_ids), mb)
+        logp = packing.zero_sequence_starts(response_logprobs(logits, mb.input_ids, mask), mb)
         # Without precomputed old log-probs this is the batch's only update: the old policy is the current one and
         # the ratio starts at exactly 1.
         old_logp = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()
@@ -200,18 +212,17 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         if self.reference is not None:
             with torch.no_grad():
                 with precision.autocast(self.precision):
-                    ref_logits = self.reference(**packing.model_inputs(mb)).logits.float()
+                    ref_logits = response_logits(self.reference, packing.model_inputs(mb), mask)
                 ref_logits = ref_logits / self.temperature
-                ref_logp = packing.zero_sequence_starts(token_logprobs(ref_logits, mb.input_ids), mb)
+                ref_logp = packing.zero_sequence_starts(response_logprobs(ref_logits, mb.input_ids, mask), mb)
                 del ref_logits
             kl = kl_penalty(logp, ref_logp, a.kl_estimator)
         if a.entropy_coef:
-            # In the graph only for the bonus: its backward keeps a float softmax of all logits alive.
-            entropy = token_entropy(logits)
+            # In the graph only for the bonus: its backward keeps a float softmax of the logits alive.
+            entropy = response_entropy(logits, mask)
         else:
             with torch.no_grad():
-                # Row by row: a float copy of all logits at once can be as large as the activations (151k vocab).
-                entropy = torch.cat([token_entropy(row) for row in logits.detach().split(1)])
+                entropy = response_entropy(logits.detach(), mask)
         entropy = packing.zero_sequence_starts(entropy, mb)
         per_token = policy_token_loss(pg, entropy, kl, a.entropy_coef,
                                       a.kl_coef if kl_in_loss(a) else 0.0)

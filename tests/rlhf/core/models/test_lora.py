@@ -195,3 +195,42 @@ def test_merged_export_loads_with_plain_transformers_and_generates_the_same_toke
         torch.testing.assert_close(with_adapter(input_ids=prompt).logits, exported(input_ids=prompt).logits,
                                    rtol=1e-5, atol=1e-6)
     assert torch.equal(got, want)
+
+
+def test_adapter_input_casts_change_nothing_under_bf16_autocast():
+    from rlhf.core.models import precision
+
+    config = transformers.Qwen2Config(vocab_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    model = lora.wrap(transformers.Qwen2ForCausalLM(config), LORA)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCopies(TorchDispatchMode):
+        copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.copies += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.randint(0, 32, (2, 6))
+    results, copies = [], []
+    for cast in (True, False):
+        lora.cast_inputs(model, cast)
+        model.zero_grad()
+        with CountCopies() as counter:
+            with precision.autocast("bf16"):
+                logits = model(input_ids=ids).logits
+        copies.append(counter.copies)
+        logits.float().square().mean().backward()
+        results.append((logits, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (want, want_grads), (got, got_grads) = results
+    # Of the 4 adapted layers only down_proj gets a bf16 input (the MLP's product; the others read the float32
+    # norm), which peft sent to float32 and autocast back to bf16: 2 copies fewer.
+    assert copies[0] - copies[1] == 2
+    assert torch.equal(got, want)
+    for name, grad in want_grads.items():
+        assert torch.equal(got_grads[name], grad), name

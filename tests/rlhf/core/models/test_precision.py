@@ -52,6 +52,7 @@ def test_model_params_count_a_tied_output_layer_once_and_no_lookup_only_embeddin
     everything = sum(p.numel() for p in untied.parameters())
     assert precision.model_params(untied) == everything - 50 * 8  # the input embedding is a lookup
     assert precision.model_params(tied) == everything - 50 * 8  # the shared matrix counted once, as the output
+    assert precision.head_params(tied) == precision.head_params(untied) == 50 * 8
 
 
 def test_autocast_runs_matrix_products_in_bf16_and_leaves_weights_float32():
