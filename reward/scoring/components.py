@@ -22,6 +22,7 @@ import torch
 from reward.scoring.custom import call_reward_fn
 from rlhf.core.config.run_config import RunConfig
 from rlhf.core.config.registry import Registry
+from rlhf.core.models import precision
 from rlhf.core.tasks.arithmetic import MAX_LEVEL, MIN_LEVEL
 
 
@@ -182,6 +183,7 @@ class RewardModelScores:
         self.batch_size = cfg.rollout_rows
         self.reference = cfg.reward_model.use_reference
         self.remote = self.model = None
+        self.precision = "fp32"
         if remote:
             from reward.scoring.remote import RemoteRewardClient
 
@@ -196,6 +198,8 @@ class RewardModelScores:
         self.model = DistilledRewardModel.from_pretrained(rm_path).eval()
         if torch.cuda.is_available():  # a GPU given to this worker by cluster.reward.num_gpus
             self.model.to("cuda")
+        self.precision = precision.resolve_precision(cfg.reward_model.scoring_precision, precision.cpu_flags(),
+                                                     torch.cuda.is_available())
         self.tokenizer = AutoTokenizer.from_pretrained(rm_path)
         self.reference = uses_reference(self.model)
 
@@ -208,7 +212,8 @@ class RewardModelScores:
         try:
             if self.remote is not None:
                 return [{"quality": float(s)} for s in self.remote.score(prompts, responses)]
-            scores = score_texts(self.model, self.tokenizer, prompts, responses, self.batch_size)
+            with precision.autocast(self.precision):
+                scores = score_texts(self.model, self.tokenizer, prompts, responses, self.batch_size)
         except Exception as err:  # noqa: BLE001 - re-raised with the batch's first sample for context
             raise RewardError(f"reward model failed on a batch starting with prompt {prompts[0]!r}: {err}") from err
         return [{name: float(value) for name, value in s.items()} for s in scores]

@@ -131,3 +131,11 @@ def test_update_head_batch_marks_the_solution_and_eos_as_the_response(tmp_path):
                                            [60, 49, 48, 43, 50, 48, 62, 51, 48, 1]]
     assert batch["attention_mask"].sum(dim=1).tolist() == [7, 10]
     assert batch["response_mask"].tolist() == [[0] * 5 + [1, 1] + [0] * 3, [0] * 7 + [1, 1, 1]]
+
+
+def test_rm_scoring_precision_counts_order_flips_within_groups_only():
+    from benchmarks.rm_scoring_precision import order_flips
+
+    # Groups of 2: (1, 2) keeps its order, (5, 4) flips to (4, 5) in b; the tie (7, 7) has no order to flip. Across
+    # groups (2 against 5) nothing is counted.
+    assert order_flips([1, 2, 5, 4, 7, 7], [1, 2, 4, 5, 8, 6], group=2) == (1, 2)

@@ -164,6 +164,21 @@ def test_reward_workers_hot_swap_and_say_which_version_scored(rm_dir, tmp_path):
         batch_rm_version(group.score(rows, samples))
 
 
+def test_reward_model_scores_in_bf16_when_asked_close_to_fp32(rm_dir, tmp_path):
+    from reward.scoring.components import RewardModelScores
+
+    texts = (["1+2=", "3+4-1=", "9-9+5="], ["#3", "3+4=7;7-1=6;#6", "#5"], ["3", "6", "5"])
+    scores = {}
+    for setting in ("fp32", "bf16"):
+        cfg = make_cfg(rm_dir, tmp_path)
+        cfg.reward_model = cfg.reward_model.model_copy(update={"scoring_precision": setting})
+        rm = RewardModelScores(cfg, rm_dir, remote=False)
+        assert rm.precision == setting  # on a CPU
+        scores[setting] = [s["quality"] for s in rm(*texts)]
+    assert scores["bf16"] != scores["fp32"]  # computed in bf16, not quietly in fp32
+    assert scores["bf16"] == pytest.approx(scores["fp32"], abs=0.05)
+
+
 def test_the_reward_group_swaps_weights_into_every_ray_worker_and_a_restarted_one(ray_cluster, rm_dir, tmp_path):
     from rlhf.rl.groups.reward import RewardGroup
     from rlhf.rl.launch import make_reward_workers
