@@ -70,6 +70,11 @@ def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_ma
     return spread(logprob_of(logits, targets), response_mask)
 
 
+# Response tokens per piece of the entropy: its softmax and product are two more float copies of the logits, and
+# with a 151k vocabulary and long responses those would be gigabytes at once.
+ENTROPY_CHUNK = 1024
+
+
 def response_entropy(logits: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Entropy (B, L) of the distributions the response tokens were drawn from; 0 off the response."""
-    return spread(entropy_of(logits), response_mask)
+    return spread(torch.cat([entropy_of(piece) for piece in logits.split(ENTROPY_CHUNK)]), response_mask)
