@@ -14,7 +14,9 @@ import argparse
 import itertools
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -45,6 +47,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if not (Path(args.rm) / "config.json").is_file():
+        sys.exit(f"rm_scoring_precision: --rm {args.rm} is not a model directory (no config.json): give a trained "
+                 f"distilled RM, e.g. runs/smollm2_distil/reward_model")
+    if not Path(args.rows).is_file():
+        sys.exit(f"rm_scoring_precision: --rows {args.rows} does not exist: give a labels rows.jsonl "
+                 f"(prompt, response, reference), e.g. runs/smollm2_distil/labels/eval/rows.jsonl")
     from transformers import AutoTokenizer
 
     torch.set_num_threads(args.threads)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -91,6 +92,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     args = parser.parse_args()
+    if not (Path(args.model) / "config.json").is_file():
+        sys.exit(f"update_head: --model {args.model} is not a model directory (no config.json): give a local causal "
+                 f"LM, e.g. runs/smollm2_distil/warmup")
+    if not Path(args.data).is_file():
+        sys.exit(f"update_head: --data {args.data} does not exist: give a JSONL file with question and answer fields")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)

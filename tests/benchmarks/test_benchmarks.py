@@ -139,3 +139,16 @@ def test_rm_scoring_precision_counts_order_flips_within_groups_only():
     # Groups of 2: (1, 2) keeps its order, (5, 4) flips to (4, 5) in b; the tie (7, 7) has no order to flip. Across
     # groups (2 against 5) nothing is counted.
     assert order_flips([1, 2, 5, 4, 7, 7], [1, 2, 4, 5, 8, 6], group=2) == (1, 2)
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("update_head", ["--model", "/nonexistent"]),
+    ("rm_scoring_precision", ["--rm", "/nonexistent", "--rows", "rows.jsonl"]),
+])
+def test_speed_benchmarks_refuse_a_missing_model_in_one_line(monkeypatch, script, argv):
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{script}")
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit, match=r"/nonexistent is not a model directory \(no config.json\)"):
+        module.main()
