@@ -142,13 +142,9 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
 
     def _mfu(self, mini_batches: list[TrainBatch], old_logprobs_pass: bool, seconds: float) -> dict:
         """This rank's update MFU against the GEMM rate of the precision it trains in, on its own threads."""
-        tokens, epochs = sum(int(mb.attention_mask.sum()) for mb in mini_batches), self.algorithm.ppo_epochs
-        forwards = epochs * (self.reference is not None) + old_logprobs_pass
-        # The output head runs only at the response tokens (rlhf/core/models/response_head.py): counted there only.
-        head = precision.head_params(self.engine.module)
-        response = sum(int(mb.response_mask.sum()) for mb in mini_batches)
-        flops = (precision.update_flops(self.params - head, tokens * epochs, self.lora, tokens * forwards)
-                 + precision.update_flops(head, response * epochs, self.lora, response * forwards))
+        epochs = self.algorithm.ppo_epochs
+        flops = _update_flops(mini_batches, self.params, precision.head_params(self.engine.module), self.lora,
+                              epochs, epochs * (self.reference is not None) + old_logprobs_pass)
         if self.gemm_rate is None:
             self.gemm_rate = precision.gemm_rate(self.precision)
         return precision.mfu_metrics(flops, seconds, self.precision, self.gemm_rate)
@@ -164,13 +160,7 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
 
         def logprobs(mb):
             with precision.autocast(self.precision):
-                if "response_mask" in mb:  # only the response's log-probs are read: the head runs only there
-                    logits = response_logits(model, packing.model_inputs(mb), mb["response_mask"])
-                    logp = response_logprobs(logits / self.temperature, mb["input_ids"], mb["response_mask"])
-                else:
-                    logits = model(**packing.model_inputs(mb)).logits.float()
-                    logp = token_logprobs(logits / self.temperature, mb["input_ids"])
-            return packing.zero_sequence_starts(logp, mb)
+                return packing.zero_sequence_starts(_logprobs_at(model, mb, self.temperature), mb)
 
         return self._per_token(batch, logprobs)
 
@@ -261,6 +251,25 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         self.reclaim_gpu()  # with LoRA the reference is the engine's own model
         return self._token_logprobs(self.reference, batch)
 
+
+
+def _logprobs_at(model, mb: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """``model``'s token log-probs at ``temperature`` over a micro-batch; with a response mask only the response's
+    (the head runs only there, rlhf/core/models/response_head.py), 0 elsewhere."""
+    if "response_mask" in mb:
+        logits = response_logits(model, packing.model_inputs(mb), mb["response_mask"])
+        return response_logprobs(logits / temperature, mb["input_ids"], mb["response_mask"])
+    return token_logprobs(model(**packing.model_inputs(mb)).logits.float() / temperature, mb["input_ids"])
+
+
+def _update_flops(mini_batches: list[TrainBatch], params: int, head: int, lora: bool, epochs: int,
+                  forwards: int) -> float:
+    """Model FLOPs of an update: the body over every token, the output head only over the response tokens (where
+    it runs), ``epochs`` trained passes and ``forwards`` without gradient (reference, old log-probs)."""
+    tokens = sum(int(mb.attention_mask.sum()) for mb in mini_batches)
+    response = sum(int(mb.response_mask.sum()) for mb in mini_batches)
+    return (precision.update_flops(params - head, tokens * epochs, lora, tokens * forwards)
+            + precision.update_flops(head, response * epochs, lora, response * forwards))
 
 
 def _reference_model(cfg: RunConfig, model_dir: str, policy, bf16: bool, device):
