@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import random
+import time
 
 import pytest
 import torch
@@ -194,7 +195,16 @@ def test_the_reward_group_swaps_weights_into_every_ray_worker_and_a_restarted_on
         after = group.score(rows, samples)
         assert batch_rm_version(before) == 0 and batch_rm_version(after) == 3
         assert [s["rm"] for s in after] != [s["rm"] for s in before]
-        ray.kill(group.pool.workers[1])  # a replacement must score with the refreshed RM too
+        victim = group.pool.workers[1]
+        ray.kill(victim)  # a replacement must score with the refreshed RM too
+        # ray.kill only asks: on a loaded box the next call can still reach the old process (CI saw restarts 0).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                ray.get(victim.__ray_ready__.remote(), timeout=10)
+            except ray.exceptions.RayActorError:
+                break
+            time.sleep(0.1)
         again = group.score(rows, samples)
         assert group.pool.restarts == 1 and batch_rm_version(again) == 3
         assert [s["rm"] for s in again] == pytest.approx([s["rm"] for s in after])
