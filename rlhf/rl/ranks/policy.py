@@ -81,6 +81,7 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
         self.precision = precision.resolve_precision(cfg.trainer.precision, precision.cpu_flags(),
                                                      torch.cuda.is_available())
         self.params, self.lora = precision.model_params(policy), bool(lora_settings)
+        self.head_params = precision.head_params(policy)  # counted at response tokens only (_update_flops)
         if self.lora and self.precision == "bf16":  # autocast makes peft's casts of adapter inputs redundant
             lora.cast_inputs(policy, False)
         self.gemm_rate: float | None = None  # FLOP/s in self.precision, measured at the first update
@@ -143,7 +144,7 @@ class PolicyTrainer(WeightBroadcaster, DeepSpeedRank):
     def _mfu(self, mini_batches: list[TrainBatch], old_logprobs_pass: bool, seconds: float) -> dict:
         """This rank's update MFU against the GEMM rate of the precision it trains in, on its own threads."""
         epochs = self.algorithm.ppo_epochs
-        flops = _update_flops(mini_batches, self.params, precision.head_params(self.engine.module), self.lora,
+        flops = _update_flops(mini_batches, self.params, self.head_params, self.lora,
                               epochs, epochs * (self.reference is not None) + old_logprobs_pass)
         if self.gemm_rate is None:
             self.gemm_rate = precision.gemm_rate(self.precision)
